@@ -1,0 +1,68 @@
+/*
+ * Dirty-page trackers: which pages of guest RAM were written since the last
+ * sync.  Two implementations behind one interface:
+ *
+ *   uffd-wp      userfaultfd write-protect in async mode (UFFD_FEATURE_WP_ASYNC,
+ *                the kernel resolves the fault itself and just marks the PTE
+ *                written) read with the PAGEMAP_SCAN ioctl, which reports the
+ *                written pages and write-protects them again in one atomic
+ *                step.  Needs no cooperation from the writers.  Only sees
+ *                writes through this process's mapping.
+ *   cooperative  the program reports writes (lm_ram_mark_dirty); they land in
+ *                an atomic per-block log that sync moves into the caller's
+ *                bitmap.
+ *
+ * Lifetime: lm_dirty_new() when the context picks a tracker; start() when a
+ * migration begins (after which every page counts as written once more, see
+ * below); sync() from the migration thread only; stop() when the migration
+ * ends (writes are no longer tracked, protection removed); lm_dirty_free() in
+ * lm_free().  lm_dirty_mark() may be called from any thread at any time.
+ *
+ * The first sync after start() need not report anything: the caller starts
+ * with an all-set bitmap, exactly as QEMU does.
+ */
+#ifndef LM_DIRTY_DIRTY_H
+#define LM_DIRTY_DIRTY_H
+
+#include <stdint.h>
+#include "livemig/livemig.h"
+
+typedef struct lm_dirty_region {
+    uint8_t *host;       /* page aligned */
+    uint64_t length;     /* multiple of page_size */
+    uint64_t page_size;  /* 4096 */
+} lm_dirty_region;
+
+typedef struct lm_dirty lm_dirty;
+
+/*
+ * Create a tracker for `n` regions.  name: "uffd-wp", "cooperative" or "auto".
+ * "auto" probes uffd-wp (open userfaultfd, API handshake with WP_ASYNC, one
+ * PAGEMAP_SCAN with PM_SCAN_CHECK_WPASYNC on a scratch page) and falls back to
+ * cooperative.  A named tracker that cannot work here fails with a message
+ * saying why (e.g. "uffd-wp: kernel lacks UFFD_FEATURE_WP_ASYNC").
+ */
+lm_dirty *lm_dirty_new(const char *name, const lm_dirty_region *regions, int n,
+                       lm_error *err);
+void lm_dirty_free(lm_dirty *d);
+
+/* "uffd-wp" or "cooperative": the tracker actually chosen. */
+const char *lm_dirty_name(const lm_dirty *d);
+
+/* Begin tracking all regions (uffd-wp: register + write-protect everything). */
+int lm_dirty_start(lm_dirty *d, lm_error *err);
+
+/*
+ * OR the pages of region `r` written since the previous sync (or start) into
+ * `bitmap` (one bit per page), and re-arm tracking for them.  Returns the
+ * number of bits that were newly set in `bitmap`, or a negative errno.
+ */
+int64_t lm_dirty_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err);
+
+/* End tracking: unprotect and unregister.  Idempotent. */
+void lm_dirty_stop(lm_dirty *d);
+
+/* Cooperative reports; ignored unless started and cooperative. Lock-free. */
+void lm_dirty_mark(lm_dirty *d, int r, uint64_t offset, uint64_t len);
+
+#endif

@@ -1,0 +1,181 @@
+/*
+ * The destination's incoming thread.
+ *
+ *   accept    on the listening socket (or open fd/exec/file), interruptible
+ *             by lm_cancel through cancel_fd.
+ *   load      loadvm_run over the whole stream: "ram" and every registered
+ *             device as section handlers; OPEN_RETURN_PATH and PING commands.
+ *   resume    only after the EOF record: vm ops start (the program may check
+ *             the guest there), run state running, then SHUT(0) on the return
+ *             path -- the source measures downtime up to that message.
+ *   drain     read until the source closes, so the SHUT is never lost to a
+ *             reset caused by closing a socket with unread bytes.
+ *
+ * On any error the guest is NOT started: status failed, the error names what
+ * was wrong and where, SHUT(1) goes back if a return path is open.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
+#include <endian.h>
+
+#include "migration/migration.h"
+#include "savevm/savevm.h"
+#include "util/error.h"
+#include "util/time.h"
+
+#define LM_DRAIN_MS 10000
+
+typedef struct incoming {
+    lm_mig *m;
+    lm_stream *s;
+    bool rp;
+    int64_t last_publish_ns;
+    lm_stats st;
+} incoming;
+
+static void in_publish(incoming *in)
+{
+    in->st.transferred = lm_stream_offset(in->s);
+    in->st.duplicate = 0;
+    mig_publish(in->m, &in->st);
+}
+
+static int in_rp_send(incoming *in, uint16_t type, uint32_t value)
+{
+    uint8_t msg[8];
+    uint16_t t = htobe16(type), l = htobe16(4);
+    uint32_t v = htobe32(value);
+    ssize_t w;
+
+    memcpy(msg, &t, 2);
+    memcpy(msg + 2, &l, 2);
+    memcpy(msg + 4, &v, 4);
+    do {
+        w = send(in->m->conn.fd, msg, sizeof(msg), MSG_NOSIGNAL);
+    } while (w < 0 && errno == EINTR);
+    return w == (ssize_t)sizeof(msg) ? 0 : -EIO;
+}
+
+static int in_open_rp(void *opaque)
+{
+    incoming *in = opaque;
+
+    if (!in->m->conn.is_socket)
+        return -ENOTSUP;    /* a return path needs a bidirectional channel */
+    in->rp = true;
+    return 0;
+}
+
+static int in_ping(void *opaque, uint32_t value)
+{
+    incoming *in = opaque;
+
+    if (!in->rp)
+        return -ENOTCONN;
+    return in_rp_send(in, LM_RP_PONG, value);
+}
+
+static int in_load_ram(lm_stream *s, void *opaque, uint32_t version, int type)
+{
+    incoming *in = opaque;
+    int ret = ram_load(&in->m->ram, s, type);
+    int64_t now = lm_now_ns();
+
+    if (now - in->last_publish_ns > 100 * 1000000LL) {
+        in->last_publish_ns = now;
+        in_publish(in);
+    }
+    (void)version;
+    return ret ? -EINVAL : 0;
+}
+
+/* Read and discard until the source closes (bounded). */
+static void in_drain(incoming *in)
+{
+    int64_t deadline = lm_now_ms() + LM_DRAIN_MS;
+    char buf[4096];
+
+    while (lm_now_ms() < deadline) {
+        struct pollfd pfd = { .fd = in->m->conn.fd, .events = POLLIN };
+        if (poll(&pfd, 1, (int)(deadline - lm_now_ms())) <= 0)
+            return;
+        ssize_t r = read(in->m->conn.fd, buf, sizeof(buf));
+        if (r <= 0 && !(r < 0 && errno == EINTR))
+            return;
+    }
+}
+
+void *incoming_thread(void *arg)
+{
+    lm_mig *m = arg;
+    incoming in = { .m = m };
+    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    lm_error err = { 0 };
+    int ret;
+
+    if (!lv)
+        abort();
+    ret = lm_transport_accept(&m->listen, &m->conn, m->cancel_fd, -1, &err);
+    lm_transport_unlisten(&m->listen);
+    if (ret) {
+        if (ret == -ECANCELED)
+            lm_error_set(&err, ret, "incoming migration cancelled before a source connected");
+        goto fail;
+    }
+    if (mig_cancelled(m)) {   /* a cancel that raced with accept */
+        ret = lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
+        goto fail;
+    }
+    mig_set_status(m, LM_STATUS_ACTIVE);
+    in.s = lm_stream_new_reader(m->conn.fd, m->conn.is_socket);
+    lv->open_return_path = in_open_rp;
+    lv->ping = in_ping;
+    lv->cmd_opaque = &in;
+    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, in_load_ram, &in);
+    for (int i = 0; i < m->ndevices; i++)
+        loadvm_add_handler(lv, m->devices[i].idstr, m->devices[i].instance,
+                           m->devices[i].version, m->devices[i].ops.load,
+                           m->devices[i].opaque);
+    ram_load_start(&m->ram);
+    if (loadvm_run(lv, in.s)) {
+        ret = lm_stream_error(in.s);
+        if (mig_cancelled(m))
+            lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
+        else
+            lm_error_set(&err, ret, "%s", lm_stream_error_msg(in.s));
+        goto fail;
+    }
+    in_publish(&in);
+
+    /* The stream ended cleanly: this is the only path that starts the guest. */
+    if (m->vm.start)
+        m->vm.start(m->vm_opaque);
+    mig_set_runstate(m, LM_RUN_RUNNING);
+    if (in.rp && in_rp_send(&in, LM_RP_SHUT, 0))
+        lm_log("could not confirm to the source (return path write failed); the guest "
+               "runs here anyway");
+    mig_set_status(m, LM_STATUS_COMPLETED);
+    if (in.rp)
+        in_drain(&in);
+    mig_conn_close(m, NULL);
+    lm_stream_free(in.s);
+    free(lv);
+    return NULL;
+
+fail:
+    if (in.rp)
+        in_rp_send(&in, LM_RP_SHUT, 1);
+    if (in.s)
+        in_publish(&in);
+    mig_conn_close(m, NULL);
+    mig_set_error(m, &err);
+    mig_set_status(m, LM_STATUS_FAILED);
+    lm_stream_free(in.s);
+    free(lv);
+    return NULL;
+}

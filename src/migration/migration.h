@@ -1,0 +1,142 @@
+/*
+ * The migration context (struct lm_mig) and what its threads share.
+ *
+ * One lm_mig is one endpoint: the source of an outgoing migration or the
+ * destination of an incoming one (a context can do one, then another).
+ * Everything lives here; there are no process globals, so several contexts
+ * coexist in one process (the unit tests run both ends in one binary).
+ *
+ * Threads and ownership
+ * ---------------------
+ *   caller threads   register blocks and devices (before any migration),
+ *                    set caps/params, query, cancel, wait.
+ *   migration thread (source, precopy.c) owns the stream, the RAM save state
+ *                    (dirty bitmaps, scan position), the dirty tracker's sync
+ *                    side, and the connection until it exits.
+ *   incoming thread  (destination, incoming.c) owns the listening socket, the
+ *                    connection, the read stream and the load state.
+ *
+ *   m->lock protects: status, runstate, stats, error, params, caps,
+ *   listeners, the `thread_running` flag.  Threads never hold it across I/O
+ *   or across a vm op / listener call (listeners are called after unlock,
+ *   from the thread that changed the state).
+ *
+ * Waking
+ * ------
+ *   Every blocking point of a migration thread can be interrupted by
+ *   lm_cancel(): it sets `cancel` (atomic), writes `cancel_fd` (an eventfd
+ *   that connect/accept/rate-limit sleeps poll on) and shuts the connection
+ *   down, so a blocked read/write returns at once.  A thread that fails
+ *   records the first error (later ones are only logged) and does the same.
+ *   lm_wait() sleeps on m->cond, which every status change broadcasts.
+ *   The thread is joined by the next lm_migrate/lm_incoming, lm_wait after
+ *   the end, or lm_free.
+ */
+#ifndef LM_MIGRATION_MIGRATION_H
+#define LM_MIGRATION_MIGRATION_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+
+#include "livemig/livemig.h"
+#include "stream/stream.h"
+#include "stream/transport.h"
+#include "dirty/dirty.h"
+#include "ram/ram.h"
+
+#define LM_MAX_LISTENERS 8
+#define LM_MAX_DEVICES 64
+
+enum lm_cap {
+    LM_CAP_EVENTS,
+    LM_CAP_AUTO_CONVERGE,
+    LM_CAP__MAX,
+};
+
+typedef struct lm_params {
+    int64_t downtime_limit;            /* ms */
+    int64_t max_bandwidth;             /* bytes/s, 0 = unlimited */
+    int64_t avail_switchover_bandwidth;/* bytes/s, 0 = use measured */
+    int64_t cpu_throttle_initial;
+    int64_t cpu_throttle_increment;
+    int64_t max_cpu_throttle;
+    int64_t throttle_trigger_threshold;
+} lm_params;
+
+typedef struct lm_device {
+    char idstr[256];
+    uint32_t instance, version;
+    uint32_t section_id;
+    lm_device_ops ops;
+    void *opaque;
+} lm_device;
+
+struct lm_mig {
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+
+    /* --- under lock --- */
+    lm_status status;
+    bool incoming;
+    lm_runstate runstate;
+    lm_params params;
+    bool caps[LM_CAP__MAX];
+    lm_stats stats;                    /* published snapshot for lm_query */
+    lm_error error;                    /* first error of the current migration */
+    bool thread_running;               /* a thread exists and is not yet joined */
+    int64_t start_ms;                  /* lm_migrate / lm_incoming time */
+    lm_listener listeners[LM_MAX_LISTENERS];
+    void *listener_opaque[LM_MAX_LISTENERS];
+    int nlisteners;
+
+    /* --- set before a migration, read-only while one runs --- */
+    lm_vm_ops vm;
+    void *vm_opaque;
+    lm_ram ram;                        /* blocks; save/load state is the thread's */
+    lm_device devices[LM_MAX_DEVICES];
+    int ndevices;
+    char tracker_req[32];              /* "auto", "uffd-wp", "cooperative" */
+    lm_dirty *_Atomic dirty;           /* created at first migration, freed by lm_free */
+
+    /* --- the running migration --- */
+    pthread_t thread;
+    atomic_bool cancel;
+    bool committed;                    /* under lock: EOF sent, cancel refused */
+    int cancel_fd;                     /* eventfd, readable once cancelled */
+    lm_uri uri;
+    lm_conn conn;                      /* owned by the thread; shutdown by anyone */
+    pthread_mutex_t conn_lock;         /* guards conn.fd against close vs shutdown */
+    lm_listen listen;
+};
+
+/* ---- migration.c: state shared by both directions ---- */
+
+/* Move to `s` (broadcast, listeners).  Never leaves a final state except
+ * through a new migration. */
+void mig_set_status(lm_mig *m, lm_status s);
+void mig_set_runstate(lm_mig *m, lm_runstate r);
+/* Record the first error of this migration (later ones are logged only). */
+void mig_set_error(lm_mig *m, const lm_error *err);
+/* Interrupt every blocking wait of the migration thread. */
+void mig_kick(lm_mig *m);
+bool mig_cancelled(lm_mig *m);
+/* Publish counters for lm_query (takes the lock briefly). */
+void mig_publish(lm_mig *m, const lm_stats *st);
+lm_params mig_params(lm_mig *m);
+bool mig_cap(lm_mig *m, enum lm_cap c);
+/* Close the connection under conn_lock (so a concurrent kick is safe). */
+void mig_conn_close(lm_mig *m, lm_error *err);
+
+/* ---- params.c ---- */
+void params_init(lm_params *p);
+
+/* ---- precopy.c / incoming.c: thread entry points ---- */
+void *precopy_thread(void *arg);
+void *incoming_thread(void *arg);
+
+/* Return-path messages (destination to source): be16 type, be16 len, data. */
+enum { LM_RP_SHUT = 1, LM_RP_PONG = 2 };
+/* Main-stream commands (QEMU_VM_COMMAND). */
+enum { LM_CMD_OPEN_RETURN_PATH = 1, LM_CMD_PING = 2 };
+
+#endif

@@ -1,0 +1,170 @@
+/*
+ * Capabilities and parameters: one table each, used by lm_cap_* /
+ * lm_param_* and therefore by QMP and the CLI alike.  Names, defaults and
+ * ranges are QEMU's, except max-bandwidth, which defaults to unlimited (0)
+ * instead of QEMU's 128 MiB/s (see docs/format.md, "Differences").
+ */
+#include <errno.h>
+#include <stddef.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "migration/migration.h"
+#include "util/error.h"
+
+static const char *const cap_names[LM_CAP__MAX] = {
+    [LM_CAP_EVENTS] = "events",
+    [LM_CAP_AUTO_CONVERGE] = "auto-converge",
+};
+
+typedef struct param_def {
+    const char *name;
+    lm_param_type type;
+    size_t offset;          /* into lm_params, int64_t fields */
+    int64_t min, max, def;
+    bool live;              /* may change while a migration runs */
+} param_def;
+
+#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(lm_params, f), lo, hi, d, l }
+static const param_def param_defs[] = {
+    P("downtime-limit", downtime_limit, 0, 2000000, 300, true),
+    P("max-bandwidth", max_bandwidth, 0, INT64_MAX, 0, true),
+    P("avail-switchover-bandwidth", avail_switchover_bandwidth, 0, INT64_MAX, 0, true),
+    P("cpu-throttle-initial", cpu_throttle_initial, 1, 99, 20, true),
+    P("cpu-throttle-increment", cpu_throttle_increment, 1, 99, 10, true),
+    P("max-cpu-throttle", max_cpu_throttle, 1, 99, 99, true),
+    P("throttle-trigger-threshold", throttle_trigger_threshold, 1, 100, 50, true),
+};
+#undef P
+#define NPARAMS ((int)(sizeof(param_defs) / sizeof(param_defs[0])))
+
+void params_init(lm_params *p)
+{
+    for (int i = 0; i < NPARAMS; i++)
+        *(int64_t *)((char *)p + param_defs[i].offset) = param_defs[i].def;
+}
+
+const char *lm_cap_name(int i)
+{
+    return i >= 0 && i < LM_CAP__MAX ? cap_names[i] : NULL;
+}
+
+static int cap_index(const char *name)
+{
+    for (int i = 0; i < LM_CAP__MAX; i++)
+        if (!strcmp(cap_names[i], name))
+            return i;
+    return -1;
+}
+
+static bool mig_busy(lm_mig *m)
+{
+    return m->status == LM_STATUS_SETUP || m->status == LM_STATUS_ACTIVE ||
+           m->status == LM_STATUS_DEVICE || m->status == LM_STATUS_CANCELLING;
+}
+
+int lm_cap_set(lm_mig *m, const char *name, bool on, lm_error *err)
+{
+    int i = cap_index(name), ret = 0;
+
+    if (i < 0)
+        return lm_error_set(err, -ENOENT, "Capability '%s' not found", name);
+    pthread_mutex_lock(&m->lock);
+    if (mig_busy(m))
+        ret = lm_error_set(err, -EBUSY, "There's a migration process in progress");
+    else
+        m->caps[i] = on;
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+int lm_cap_get(lm_mig *m, const char *name, bool *on)
+{
+    int i = cap_index(name);
+
+    if (i < 0)
+        return -ENOENT;
+    pthread_mutex_lock(&m->lock);
+    *on = m->caps[i];
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
+const char *lm_param_name(int i)
+{
+    return i >= 0 && i < NPARAMS ? param_defs[i].name : NULL;
+}
+
+lm_param_type lm_param_type_of(int i)
+{
+    return i >= 0 && i < NPARAMS ? param_defs[i].type : LM_PARAM_INT;
+}
+
+static const param_def *param_find(const char *name)
+{
+    for (int i = 0; i < NPARAMS; i++)
+        if (!strcmp(param_defs[i].name, name))
+            return &param_defs[i];
+    return NULL;
+}
+
+int lm_param_set_int(lm_mig *m, const char *name, int64_t v, lm_error *err)
+{
+    const param_def *d = param_find(name);
+    int ret = 0;
+
+    if (!d)
+        return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
+    if (d->type != LM_PARAM_INT)
+        return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                            name, d->type == LM_PARAM_BOOL ? "boolean" : "string");
+    if (v < d->min || v > d->max)
+        return lm_error_set(err, -ERANGE, "Parameter '%s' expects a value between %lld "
+                            "and %lld", name, (long long)d->min, (long long)d->max);
+    pthread_mutex_lock(&m->lock);
+    if (!d->live && mig_busy(m))
+        ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
+                           name);
+    else
+        *(int64_t *)((char *)&m->params + d->offset) = v;
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
+int lm_param_set_bool(lm_mig *m, const char *name, bool v, lm_error *err)
+{
+    const param_def *d = param_find(name);
+
+    if (!d)
+        return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
+    return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                        name, d->type == LM_PARAM_INT ? "integer" : "string");
+    (void)v;
+}
+
+int lm_param_set_str(lm_mig *m, const char *name, const char *v, lm_error *err)
+{
+    const param_def *d = param_find(name);
+
+    if (!d)
+        return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
+    return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                        name, d->type == LM_PARAM_INT ? "integer" : "boolean");
+    (void)v;
+}
+
+int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, size_t svlen)
+{
+    const param_def *d = param_find(name);
+
+    (void)bv;
+    (void)sv;
+    (void)svlen;
+    if (!d)
+        return -ENOENT;
+    pthread_mutex_lock(&m->lock);
+    if (iv)
+        *iv = *(const int64_t *)((const char *)&m->params + d->offset);
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}

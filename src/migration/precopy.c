@@ -1,0 +1,507 @@
+/*
+ * The source's migration thread: precopy.
+ *
+ *   setup     header, configuration, OPEN_RETURN_PATH (sockets), start dirty
+ *             tracking, every page marked dirty, the ram START section.
+ *   iterate   PART sections of at most ~50 ms each, until the dirty-bitmap
+ *             walk wraps (one pass); then sync the bitmap from the tracker
+ *             and decide: go on, throttle (auto-converge), or switch over.
+ *   complete  stop the guest, final sync, END section with every remaining
+ *             page, device state (FULL sections), EOF; then wait for the
+ *             destination's SHUT on the return path: that is the moment the
+ *             guest runs there, so downtime = stop .. SHUT, measured.
+ *
+ * Switch-over rule.  QEMU stops the guest as soon as the remainder fits in
+ * the downtime budget.  We keep iterating live while an extra pass still
+ * shrinks the remainder, and stop when it is tiny (sendable in
+ * LM_SWITCHOVER_SMALL_MS) or stopped shrinking (less than 20% smaller than
+ * at the previous pass that also fitted).  An idle guest therefore stops
+ * with nothing left to send, and a dirtying one at its smallest remainder.
+ *
+ * Failure and cancel.  Any error or lm_cancel ends the thread through one
+ * path (precopy_finish): tracking stopped, throttle released, the guest
+ * restarted if we had stopped it, the socket shut down and closed, status
+ * failed / cancelled with the first error kept.  Once the last byte was
+ * sent (`committed`), cancel is refused: the destination may already run.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <endian.h>
+
+#include "migration/migration.h"
+#include "savevm/savevm.h"
+#include "util/error.h"
+#include "util/time.h"
+
+#define LM_RAM_SECTION_ID 1
+#define LM_SECTION_MAX_MS 50           /* one PART section, like QEMU's MAX_WAIT */
+#define LM_CHUNK_BYTES (256 * 1024)    /* rate-limit / time check granularity */
+#define LM_SWITCHOVER_SMALL_MS 1       /* "tiny remainder" for the switch-over rule */
+#define LM_RP_WAIT_MS (300 * 1000)     /* destination load + resume confirmation */
+
+typedef struct precopy {
+    lm_mig *m;
+    lm_stream *s;
+    lm_ram *ram;
+    lm_dirty *dirty;
+    lm_params p;
+    bool rp;                    /* return path open: destination will SHUT */
+    bool vm_stopped;            /* we stopped the guest (restart on failure) */
+    int throttle;               /* percent currently applied */
+    int64_t stop_ns;
+
+    /* rate limit: 100 ms windows of max_bandwidth/10 bytes */
+    int64_t win_ns;
+    uint64_t win_bytes;
+    /* bandwidth of the last pass, bytes per ms */
+    int64_t pass_ns;
+    uint64_t pass_bytes;
+    double bw;
+    uint64_t prev_fit;          /* remainder at the previous pass that fitted */
+    /* auto-converge / dirty rate period (>= 1 s) */
+    int64_t period_ms;
+    uint64_t period_dirtied, period_bytes;
+    int high_count;
+    /* mbps window */
+    int64_t rate_ns;
+    uint64_t rate_bytes, rate_pages;
+
+    uint64_t setup_bytes;
+    uint8_t rpbuf[64];
+    size_t rplen;
+    int dest_status;            /* SHUT value, -1 until received */
+    lm_stats st;
+} precopy;
+
+static uint64_t pc_bytes(precopy *pc)
+{
+    return lm_stream_offset(pc->s);
+}
+
+static int pc_stream_err(precopy *pc, lm_error *err)
+{
+    int e = lm_stream_error(pc->s);
+
+    if (!e)
+        return 0;
+    if (mig_cancelled(pc->m))
+        return lm_error_set(err, -ECANCELED, "migration cancelled");
+    return lm_error_set(err, e, "%s", lm_stream_error_msg(pc->s));
+}
+
+static void pc_publish(precopy *pc)
+{
+    int64_t now = lm_now_ns();
+    uint64_t bytes = pc_bytes(pc);
+    uint64_t pages = pc->ram->zero_pages + pc->ram->normal_pages;
+
+    if (now - pc->rate_ns >= 100 * 1000000LL) {
+        double secs = (double)(now - pc->rate_ns) / 1e9;
+        pc->st.mbps = (double)(bytes - pc->rate_bytes) * 8 / 1e6 / secs;
+        pc->st.pages_per_second = (uint64_t)((double)(pages - pc->rate_pages) / secs);
+        pc->rate_ns = now;
+        pc->rate_bytes = bytes;
+        pc->rate_pages = pages;
+    }
+    pc->st.transferred = bytes;
+    pc->st.remaining = pc->ram->dirty * LM_PAGE_SIZE;
+    pc->st.duplicate = pc->ram->zero_pages;
+    pc->st.normal = pc->ram->normal_pages;
+    pc->st.normal_bytes = pc->ram->normal_pages * LM_PAGE_SIZE;
+    pc->st.cpu_throttle_percentage = pc->throttle;
+    if (pc->vm_stopped)
+        pc->st.downtime_bytes = bytes - pc->st.precopy_bytes;
+    else
+        pc->st.precopy_bytes = bytes;
+    mig_publish(pc->m, &pc->st);
+}
+
+/* ------------------------------------------------------------ return path */
+
+/*
+ * Consume return-path messages.  Non-blocking unless wait_ms > 0.  Returns 0,
+ * or an error: the destination reported failure, closed, or sent garbage.
+ */
+static int pc_rp_poll(precopy *pc, int wait_ms, lm_error *err)
+{
+    int64_t deadline = lm_now_ms() + wait_ms;
+
+    for (;;) {
+        while (pc->rplen >= 4) {
+            uint16_t type = (uint16_t)(pc->rpbuf[0] << 8 | pc->rpbuf[1]);
+            uint16_t len = (uint16_t)(pc->rpbuf[2] << 8 | pc->rpbuf[3]);
+            uint32_t v;
+
+            if (len > sizeof(pc->rpbuf) - 4 ||
+                ((type == LM_RP_SHUT || type == LM_RP_PONG) && len != 4))
+                return lm_error_set(err, -EPROTO, "return path: bad message type %u length "
+                                    "%u", type, len);
+            if (pc->rplen < 4u + len)
+                break;
+            if (type != LM_RP_SHUT && type != LM_RP_PONG)
+                return lm_error_set(err, -EPROTO, "return path: unexpected message type %u",
+                                    type);
+            memcpy(&v, pc->rpbuf + 4, 4);
+            v = be32toh(v);
+            memmove(pc->rpbuf, pc->rpbuf + 4 + len, pc->rplen - 4 - len);
+            pc->rplen -= 4u + len;
+            if (type == LM_RP_SHUT) {
+                pc->dest_status = (int)v;
+                if (v)
+                    return lm_error_set(err, -EIO, "the destination failed to load the "
+                                        "migration (it reported status %u; see its log)", v);
+                return 0;
+            }
+        }
+        if (pc->dest_status >= 0)
+            return 0;
+        int left = wait_ms > 0 ? (int)(deadline - lm_now_ms()) : 0;
+        struct pollfd pfd[1] = { { .fd = pc->m->conn.fd, .events = POLLIN } };
+        int n;
+
+        if (wait_ms > 0 && left <= 0)
+            return lm_error_set(err, -ETIMEDOUT, "the destination did not confirm within %d s",
+                                wait_ms / 1000);
+        n = poll(pfd, 1, wait_ms > 0 ? left : 0);
+        if (n < 0 && errno != EINTR)
+            return lm_error_set_errno(err, -errno, "return path poll");
+        if (n <= 0)
+            return 0;
+        if (pfd[0].revents) {
+            ssize_t r = recv(pc->m->conn.fd, pc->rpbuf + pc->rplen,
+                             sizeof(pc->rpbuf) - pc->rplen, MSG_DONTWAIT);
+            if (r == 0)
+                return lm_error_set(err, -ECONNRESET, "the destination closed the connection "
+                                    "without confirming (it failed or was killed)");
+            if (r < 0 && errno != EAGAIN && errno != EINTR)
+                return lm_error_set_errno(err, -errno, "return path read");
+            if (r > 0)
+                pc->rplen += (size_t)r;
+        }
+        if (wait_ms == 0 && pc->rplen < 4)
+            return 0;
+    }
+}
+
+/* ------------------------------------------------------------ rate limiting */
+
+/* Sleep out the rest of the 100 ms window if it is used up.  Interruptible. */
+static int pc_rate_limit(precopy *pc, lm_error *err)
+{
+    int64_t now = lm_now_ns(), limit = pc->p.max_bandwidth;
+    uint64_t sent = pc_bytes(pc) - pc->win_bytes;
+
+    if (now - pc->win_ns >= 100 * 1000000LL) {
+        pc->win_ns = now;
+        pc->win_bytes = pc_bytes(pc);
+        return 0;
+    }
+    if (limit <= 0 || sent < (uint64_t)limit / 10)
+        return 0;
+    if (lm_stream_flush(pc->s))
+        return pc_stream_err(pc, err);
+    struct pollfd pfd = { .fd = pc->m->cancel_fd, .events = POLLIN };
+    int ms = (int)((pc->win_ns + 100 * 1000000LL - now + 999999) / 1000000);
+    if (ms > 0)
+        poll(&pfd, 1, ms);
+    pc->win_ns = lm_now_ns();
+    pc->win_bytes = pc_bytes(pc);
+    return 0;
+}
+
+/* ------------------------------------------------------------ phases */
+
+static int pc_setup(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int ret;
+
+    savevm_put_header(pc->s);
+    if (m->conn.is_socket) {
+        savevm_put_command(pc->s, LM_CMD_OPEN_RETURN_PATH, 0, NULL);
+        pc->rp = true;
+    }
+    ret = lm_dirty_start(pc->dirty, err);
+    if (ret)
+        return ret;
+    ram_save_start(pc->ram);
+    savevm_section_header(pc->s, LM_VM_SECTION_START, LM_RAM_SECTION_ID, "ram", 0,
+                          LM_RAM_SECTION_VERSION);
+    ram_save_setup(pc->ram, pc->s);
+    savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    for (int i = 0; i < m->ndevices; i++) {
+        lm_device *d = &m->devices[i];
+        if (!d->ops.save_iterate)
+            continue;
+        savevm_section_header(pc->s, LM_VM_SECTION_START, d->section_id, d->idstr,
+                              d->instance, d->version);
+        ret = d->ops.save_setup ? d->ops.save_setup(pc->s, d->opaque) : 0;
+        if (ret)
+            return lm_error_set(err, ret, "device '%s': setup failed", d->idstr);
+        savevm_section_footer(pc->s, d->section_id);
+    }
+    lm_stream_flush(pc->s);
+    pc->setup_bytes = pc_bytes(pc);
+    return pc_stream_err(pc, err);
+}
+
+/* One PART section.  Sets *wrapped when the bitmap walk completed a pass. */
+static int pc_part(precopy *pc, bool *wrapped, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int64_t t0 = lm_now_ns();
+    int ret;
+
+    *wrapped = false;
+    savevm_section_header(pc->s, LM_VM_SECTION_PART, LM_RAM_SECTION_ID, NULL, 0, 0);
+    while (!*wrapped) {
+        *wrapped = ram_save_some(pc->ram, pc->s, LM_CHUNK_BYTES);
+        if ((ret = pc_rate_limit(pc, err)))
+            return ret;
+        if (mig_cancelled(m) || lm_stream_error(pc->s))
+            break;
+        if (lm_now_ns() - t0 > LM_SECTION_MAX_MS * 1000000LL)
+            break;
+    }
+    ram_put_eos(pc->s);
+    savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    for (int i = 0; i < m->ndevices; i++) {
+        lm_device *d = &m->devices[i];
+        if (!d->ops.save_iterate)
+            continue;
+        savevm_section_header(pc->s, LM_VM_SECTION_PART, d->section_id, NULL, 0, 0);
+        if ((ret = d->ops.save_iterate(pc->s, d->opaque)))
+            return lm_error_set(err, ret, "device '%s': iterate failed", d->idstr);
+        savevm_section_footer(pc->s, d->section_id);
+    }
+    if (mig_cancelled(m))
+        return lm_error_set(err, -ECANCELED, "migration cancelled");
+    if (pc->rp && (ret = pc_rp_poll(pc, 0, err)))
+        return ret;
+    return pc_stream_err(pc, err);
+}
+
+static void pc_set_throttle(precopy *pc, int pct)
+{
+    if (pct == pc->throttle)
+        return;
+    pc->throttle = pct;
+    if (pc->m->vm.throttle)
+        pc->m->vm.throttle(pc->m->vm_opaque, pct);
+}
+
+/*
+ * After a sync: dirty-rate bookkeeping and auto-converge, over periods of at
+ * least one second as QEMU does (two periods in which the guest dirtied more
+ * than throttle-trigger-threshold% of what we sent raise the throttle).
+ */
+static void pc_period(precopy *pc, uint64_t newly_dirty)
+{
+    int64_t now = lm_now_ms(), el = now - pc->period_ms;
+    uint64_t xfer, dirtied;
+
+    pc->period_dirtied += newly_dirty;
+    if (el < 1000)
+        return;
+    dirtied = pc->period_dirtied * LM_PAGE_SIZE;
+    xfer = pc_bytes(pc) - pc->period_bytes;
+    pc->st.dirty_pages_rate = (uint64_t)((double)pc->period_dirtied * 1000.0 / (double)el);
+    if (mig_cap(pc->m, LM_CAP_AUTO_CONVERGE) &&
+        (double)dirtied > (double)xfer * (double)pc->p.throttle_trigger_threshold / 100.0 &&
+        ++pc->high_count >= 2) {
+        int pct = pc->throttle ? pc->throttle + (int)pc->p.cpu_throttle_increment
+                               : (int)pc->p.cpu_throttle_initial;
+        if (pct > pc->p.max_cpu_throttle)
+            pct = (int)pc->p.max_cpu_throttle;
+        pc_set_throttle(pc, pct);
+        pc->high_count = 0;
+    }
+    pc->period_ms = now;
+    pc->period_dirtied = 0;
+    pc->period_bytes = pc_bytes(pc);
+}
+
+/* End of a pass: sync, measure, decide.  Sets *switchover. */
+static int pc_pass_done(precopy *pc, bool *switchover, lm_error *err)
+{
+    int64_t now = lm_now_ns(), el = now - pc->pass_ns;
+    uint64_t sent = pc_bytes(pc) - pc->pass_bytes, remaining;
+    int64_t newly = ram_sync(pc->ram, pc->dirty, err);
+    double bw, expected;
+
+    if (newly < 0)
+        return (int)newly;
+    pc->st.dirty_sync_count++;
+    pc_period(pc, (uint64_t)newly);
+    if (el > 0 && sent > 0)
+        pc->bw = (double)sent / ((double)el / 1e6);
+    bw = pc->p.avail_switchover_bandwidth > 0 ? (double)pc->p.avail_switchover_bandwidth / 1000
+                                              : pc->bw;
+    pc->pass_ns = lm_now_ns();
+    pc->pass_bytes = pc_bytes(pc);
+
+    remaining = pc->ram->dirty * LM_PAGE_SIZE;
+    expected = bw > 0 ? (double)remaining / bw : 1e12;
+    pc->st.expected_downtime = (int64_t)expected;
+    *switchover = false;
+    if (expected <= (double)pc->p.downtime_limit) {
+        if (expected <= LM_SWITCHOVER_SMALL_MS ||
+            (pc->prev_fit && (double)remaining >= 0.8 * (double)pc->prev_fit))
+            *switchover = true;
+        pc->prev_fit = remaining ? remaining : 1;
+    } else {
+        pc->prev_fit = 0;
+    }
+    return 0;
+}
+
+static int pc_iterate(precopy *pc, lm_error *err)
+{
+    int ret;
+
+    pc->pass_ns = pc->win_ns = pc->rate_ns = lm_now_ns();
+    pc->period_ms = lm_now_ms();
+    pc->pass_bytes = pc->win_bytes = pc->rate_bytes = pc->period_bytes = pc_bytes(pc);
+    for (;;) {
+        bool wrapped, switchover = false;
+
+        pc->p = mig_params(pc->m);   /* live-changeable parameters */
+        if ((ret = pc_part(pc, &wrapped, err)))
+            return ret;
+        lm_stream_flush(pc->s);
+        if ((ret = pc_stream_err(pc, err)))
+            return ret;
+        if (wrapped) {
+            if ((ret = pc_pass_done(pc, &switchover, err)))
+                return ret;
+            if (switchover)
+                return 0;
+        }
+        pc_publish(pc);
+    }
+}
+
+static int pc_complete(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int64_t newly;
+    int ret;
+
+    if (m->vm.stop)
+        m->vm.stop(m->vm_opaque);
+    pc->stop_ns = lm_now_ns();
+    pc->vm_stopped = true;
+    mig_set_runstate(m, LM_RUN_FINISH_MIGRATE);
+    mig_set_status(m, LM_STATUS_DEVICE);
+    pc->st.precopy_bytes = pc_bytes(pc);
+
+    newly = ram_sync(pc->ram, pc->dirty, err);
+    if (newly < 0)
+        return (int)newly;
+    pc->st.dirty_sync_count++;
+    savevm_section_header(pc->s, LM_VM_SECTION_END, LM_RAM_SECTION_ID, NULL, 0, 0);
+    while (!ram_save_some(pc->ram, pc->s, UINT64_MAX) && !lm_stream_error(pc->s))
+        ;
+    ram_put_eos(pc->s);
+    savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    for (int i = 0; i < m->ndevices; i++) {
+        lm_device *d = &m->devices[i];
+        uint8_t type = d->ops.save_iterate ? LM_VM_SECTION_END : LM_VM_SECTION_FULL;
+
+        savevm_section_header(pc->s, type, d->section_id, d->idstr, d->instance, d->version);
+        if ((ret = d->ops.save(pc->s, d->opaque)))
+            return lm_error_set(err, ret, "device '%s': save failed", d->idstr);
+        savevm_section_footer(pc->s, d->section_id);
+    }
+    /*
+     * Commit point: once EOF is on its way the destination may resume the
+     * guest, so from here lm_cancel is refused (m->committed, under m->lock,
+     * pairs with the check in lm_cancel).  Before it, a cancel means the
+     * destination never sees EOF and never runs.
+     */
+    pthread_mutex_lock(&m->lock);
+    if (!mig_cancelled(m))
+        m->committed = true;
+    pthread_mutex_unlock(&m->lock);
+    if (!m->committed)
+        return lm_error_set(err, -ECANCELED, "migration cancelled");
+    savevm_put_eof(pc->s);
+    lm_stream_flush(pc->s);
+    if ((ret = pc_stream_err(pc, err)))
+        return ret;
+    pc_publish(pc);
+
+    if (pc->rp) {
+        ret = pc_rp_poll(pc, LM_RP_WAIT_MS, err);
+        if (ret)
+            return ret;
+    }
+    pc->st.downtime = (lm_now_ns() - pc->stop_ns + 999999) / 1000000;
+    return 0;
+}
+
+static void pc_finish(precopy *pc, int ret, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    lm_error cerr = { 0 };
+
+    lm_dirty_stop(pc->dirty);
+    pc_set_throttle(pc, 0);
+    ram_save_finish(pc->ram);
+    if (ret) {
+        mig_kick(m);                    /* shut the socket: the peer sees the end */
+        if (pc->vm_stopped) {
+            if (m->vm.start)
+                m->vm.start(m->vm_opaque);
+            mig_set_runstate(m, LM_RUN_RUNNING);
+        }
+    }
+    mig_conn_close(m, &cerr);
+    if (!ret && cerr.code) {            /* e.g. exec: command exited non-zero */
+        ret = cerr.code;
+        *err = cerr;
+        if (m->vm.start)
+            m->vm.start(m->vm_opaque);
+        mig_set_runstate(m, LM_RUN_RUNNING);
+    }
+    pc_publish(pc);
+    if (!ret) {
+        mig_set_runstate(m, LM_RUN_POSTMIGRATE);
+        mig_set_status(m, LM_STATUS_COMPLETED);
+    } else if (mig_cancelled(m) && ret == -ECANCELED) {
+        mig_set_status(m, LM_STATUS_CANCELLED);
+    } else {
+        mig_set_error(m, err);
+        mig_set_status(m, LM_STATUS_FAILED);
+    }
+}
+
+void *precopy_thread(void *arg)
+{
+    lm_mig *m = arg;
+    precopy pc = { .m = m, .ram = &m->ram, .dirty = m->dirty, .dest_status = -1 };
+    lm_error err = { 0 };
+    int64_t t0 = lm_now_ms();
+    int ret;
+
+    pc.p = mig_params(m);
+    pc.s = lm_stream_new_writer(m->conn.fd, m->conn.is_socket);
+    ret = pc_setup(&pc, &err);
+    pc.st.setup_time = lm_now_ms() - t0;
+    if (!ret) {
+        mig_set_status(m, LM_STATUS_ACTIVE);
+        pc_publish(&pc);
+        ret = pc_iterate(&pc, &err);
+    }
+    if (!ret)
+        ret = pc_complete(&pc, &err);
+    if (ret && mig_cancelled(m) && !err.code)
+        lm_error_set(&err, -ECANCELED, "migration cancelled");
+    pc_finish(&pc, ret, &err);
+    lm_stream_free(pc.s);
+    return NULL;
+}

@@ -1,0 +1,296 @@
+/*
+ * The `ram` section, both directions; see ram.h for the design.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "ram/ram.h"
+#include "util/bitmap.h"
+#include "util/error.h"
+#include "util/zero.h"
+
+int ram_register(lm_ram *r, const char *idstr, void *host, uint64_t length,
+                 uint64_t page_size, lm_error *err)
+{
+    lm_ramblock *b;
+
+    if (!idstr || !*idstr || strlen(idstr) > 255)
+        return lm_error_set(err, -EINVAL, "RAM block name must be 1 to 255 bytes");
+    if (ram_find(r, idstr) >= 0)
+        return lm_error_set(err, -EEXIST, "RAM block '%s' is already registered", idstr);
+    if (page_size != LM_PAGE_SIZE)
+        return lm_error_set(err, -EINVAL, "RAM block '%s': page size %" PRIu64
+                            " not supported (only 4096)", idstr, page_size);
+    if (!host || ((uintptr_t)host & (LM_PAGE_SIZE - 1)) || !length ||
+        (length & (LM_PAGE_SIZE - 1)))
+        return lm_error_set(err, -EINVAL, "RAM block '%s': host address and length must "
+                            "be page aligned and non-zero", idstr);
+    if (r->nblocks == LM_RAM_MAX_BLOCKS)
+        return lm_error_set(err, -ENOSPC, "too many RAM blocks (max %d)", LM_RAM_MAX_BLOCKS);
+    b = &r->blocks[r->nblocks++];
+    memset(b, 0, sizeof(*b));
+    snprintf(b->idstr, sizeof(b->idstr), "%s", idstr);
+    b->host = host;
+    b->length = length;
+    b->npages = length / LM_PAGE_SIZE;
+    r->total += length;
+    return 0;
+}
+
+int ram_find(const lm_ram *r, const char *idstr)
+{
+    for (int i = 0; i < r->nblocks; i++)
+        if (!strcmp(r->blocks[i].idstr, idstr))
+            return i;
+    return -1;
+}
+
+/* ------------------------------------------------------------ source */
+
+void ram_save_start(lm_ram *r)
+{
+    r->dirty = 0;
+    for (int i = 0; i < r->nblocks; i++) {
+        lm_ramblock *b = &r->blocks[i];
+        lm_bitmap_free(b->bmap);
+        b->bmap = lm_bitmap_new(b->npages);
+        lm_bitmap_fill(b->bmap, b->npages);
+        r->dirty += b->npages;
+    }
+    r->cur_block = 0;
+    r->cur_page = 0;
+    r->last_sent = NULL;
+    r->zero_pages = r->normal_pages = 0;
+}
+
+void ram_save_finish(lm_ram *r)
+{
+    for (int i = 0; i < r->nblocks; i++) {
+        lm_bitmap_free(r->blocks[i].bmap);
+        r->blocks[i].bmap = NULL;
+    }
+}
+
+void ram_put_eos(lm_stream *s)
+{
+    lm_put_be64(s, LM_RAM_EOS);
+}
+
+void ram_save_setup(lm_ram *r, lm_stream *s)
+{
+    lm_put_be64(s, r->total | LM_RAM_MEM_SIZE);
+    for (int i = 0; i < r->nblocks; i++) {
+        lm_stream_put_counted(s, r->blocks[i].idstr);
+        lm_put_be64(s, r->blocks[i].length);
+    }
+    ram_put_eos(s);
+}
+
+/* One page record header: the idstr only when the block changed. */
+static void ram_put_header(lm_ram *r, lm_stream *s, const lm_ramblock *b,
+                           uint64_t offset, uint64_t flags)
+{
+    if (b == r->last_sent) {
+        lm_put_be64(s, offset | flags | LM_RAM_CONTINUE);
+        return;
+    }
+    lm_put_be64(s, offset | flags);
+    lm_stream_put_counted(s, b->idstr);
+    r->last_sent = b;
+}
+
+static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+{
+    uint64_t offset = page * LM_PAGE_SIZE;
+    const uint8_t *p = b->host + offset;
+
+    if (lm_is_zero(p, LM_PAGE_SIZE)) {
+        ram_put_header(r, s, b, offset, LM_RAM_ZERO);
+        lm_put_u8(s, 0);
+        r->zero_pages++;
+    } else {
+        ram_put_header(r, s, b, offset, LM_RAM_PAGE);
+        lm_stream_put_page(s, p, LM_PAGE_SIZE);
+        r->normal_pages++;
+    }
+}
+
+bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
+{
+    uint64_t start = lm_stream_offset(s);
+
+    while (!lm_stream_error(s)) {
+        lm_ramblock *b;
+        uint64_t page;
+
+        if (r->cur_block >= r->nblocks) {
+            r->cur_block = 0;
+            r->cur_page = 0;
+            return true;
+        }
+        b = &r->blocks[r->cur_block];
+        page = lm_bitmap_next_set(b->bmap, b->npages, r->cur_page);
+        if (page >= b->npages) {
+            r->cur_block++;
+            r->cur_page = 0;
+            continue;
+        }
+        lm_bitmap_clear(b->bmap, page);
+        r->dirty--;
+        ram_save_page(r, s, b, page);
+        r->cur_page = page + 1;
+        if (lm_stream_offset(s) - start >= budget)
+            break;
+    }
+    return false;
+}
+
+int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err)
+{
+    int64_t total = 0;
+
+    for (int i = 0; i < r->nblocks; i++) {
+        int64_t n = lm_dirty_sync(d, i, r->blocks[i].bmap, err);
+        if (n < 0)
+            return n;
+        total += n;
+    }
+    r->dirty += (uint64_t)total;
+    return total;
+}
+
+/* ------------------------------------------------------------ destination */
+
+void ram_load_start(lm_ram *r)
+{
+    r->last_recv = NULL;
+    r->seen_block_list = false;
+}
+
+static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t at)
+{
+    uint64_t sum = 0;
+    char name[256];
+
+    if (total != r->total) {
+        lm_stream_set_error(s, -EINVAL, "ram: stream has %" PRIu64 " bytes of RAM, this "
+                            "guest has %" PRIu64 " (MEM_SIZE record at byte offset %" PRIu64 ")",
+                            total, r->total, at);
+        return -1;
+    }
+    while (sum < total) {
+        uint64_t where = lm_stream_offset(s), len;
+        int i;
+
+        if (lm_stream_get_counted(s, name) || lm_get_be64(s, &len))
+            return -1;
+        i = ram_find(r, name);
+        if (i < 0) {
+            lm_stream_set_error(s, -ENOENT, "ram: unknown RAM block '%s' at byte offset %"
+                                PRIu64, name, where);
+            return -1;
+        }
+        if (len != r->blocks[i].length) {
+            lm_stream_set_error(s, -EINVAL, "ram: RAM block '%s' is %" PRIu64 " bytes in "
+                                "the stream but %" PRIu64 " here (byte offset %" PRIu64 ")",
+                                name, len, r->blocks[i].length, where);
+            return -1;
+        }
+        sum += len;
+    }
+    if (sum != total) {
+        lm_stream_set_error(s, -EINVAL, "ram: block lengths add up to %" PRIu64 ", not the "
+                            "announced %" PRIu64, sum, total);
+        return -1;
+    }
+    r->seen_block_list = true;
+    return 0;
+}
+
+/* Resolve the block of a page record (reading its idstr unless CONTINUE). */
+static const lm_ramblock *ram_load_block(lm_ram *r, lm_stream *s, uint64_t flags,
+                                         uint64_t at)
+{
+    char name[256];
+    int i;
+
+    if (flags & LM_RAM_CONTINUE) {
+        if (!r->last_recv)
+            lm_stream_set_error(s, -EINVAL, "ram: CONTINUE record with no previous block "
+                                "at byte offset %" PRIu64, at);
+        return r->last_recv;
+    }
+    if (lm_stream_get_counted(s, name))
+        return NULL;
+    i = ram_find(r, name);
+    if (i < 0) {
+        lm_stream_set_error(s, -ENOENT, "ram: unknown RAM block '%s' at byte offset %" PRIu64,
+                            name, at);
+        return NULL;
+    }
+    r->last_recv = &r->blocks[i];
+    return r->last_recv;
+}
+
+int ram_load(lm_ram *r, lm_stream *s, int section_type)
+{
+    for (;;) {
+        uint64_t at = lm_stream_offset(s), word, flags, offset;
+        const lm_ramblock *b;
+        uint8_t fill;
+
+        if (lm_get_be64(s, &word))
+            return -1;
+        flags = word & ~LM_PAGE_MASK;
+        offset = word & LM_PAGE_MASK;
+
+        if (flags == LM_RAM_EOS)
+            return 0;
+        if (flags == LM_RAM_MEM_SIZE) {
+            if (section_type != LM_SECTION_START || r->seen_block_list) {
+                lm_stream_set_error(s, -EINVAL, "ram: unexpected MEM_SIZE record at byte "
+                                    "offset %" PRIu64, at);
+                return -1;
+            }
+            if (ram_load_block_list(r, s, offset, at))
+                return -1;
+            continue;
+        }
+        if (!r->seen_block_list) {
+            lm_stream_set_error(s, -EINVAL, "ram: page record before the block list at "
+                                "byte offset %" PRIu64, at);
+            return -1;
+        }
+        switch (flags & ~(uint64_t)LM_RAM_CONTINUE) {
+        case LM_RAM_ZERO:
+        case LM_RAM_PAGE:
+            break;
+        default:
+            lm_stream_set_error(s, -EINVAL, "ram: unsupported record flags 0x%" PRIx64
+                                " at byte offset %" PRIu64, flags, at);
+            return -1;
+        }
+        b = ram_load_block(r, s, flags, at);
+        if (!b)
+            return -1;
+        if (offset >= b->length) {
+            lm_stream_set_error(s, -ERANGE, "ram: page offset 0x%" PRIx64 " is outside RAM "
+                                "block '%s' (length 0x%" PRIx64 ") at byte offset %" PRIu64,
+                                offset, b->idstr, b->length, at);
+            return -1;
+        }
+        if (flags & LM_RAM_PAGE) {
+            if (lm_get_buffer(s, b->host + offset, LM_PAGE_SIZE))
+                return -1;
+            continue;
+        }
+        if (lm_get_u8(s, &fill))
+            return -1;
+        /* A zero page that is already zero is not written: that keeps fresh
+         * destination memory untouched (QEMU 7.2 also accepts a fill byte). */
+        if (fill || !lm_is_zero(b->host + offset, LM_PAGE_SIZE))
+            memset(b->host + offset, fill, LM_PAGE_SIZE);
+    }
+}

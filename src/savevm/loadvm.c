@@ -1,0 +1,256 @@
+/*
+ * The main-stream loader: a parser that distrusts its input.  Every count,
+ * length and id read from the wire is checked before use; every error names
+ * what was wrong and the byte offset where the offending item starts.
+ * See savevm.h for the grammar.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "savevm/savevm.h"
+
+int loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
+                       uint32_t version,
+                       int (*load)(lm_stream *, void *, uint32_t, int), void *opaque)
+{
+    lm_load_handler *h;
+
+    if (lv->nhandlers == LM_LOAD_MAX_HANDLERS)
+        return -ENOSPC;
+    h = &lv->handlers[lv->nhandlers++];
+    snprintf(h->idstr, sizeof(h->idstr), "%s", idstr);
+    h->instance = instance;
+    h->version = version;
+    h->load = load;
+    h->opaque = opaque;
+    return 0;
+}
+
+static int loadvm_header(lm_stream *s)
+{
+    uint32_t magic, version, len;
+    char name[64];
+
+    if (lm_get_be32(s, &magic))
+        return -1;
+    if (magic != LM_QEVM_MAGIC) {
+        lm_stream_set_error(s, -EINVAL, "bad magic 0x%08x at byte offset 0 (expected "
+                            "0x%08x, \"QEVM\"): not a migration stream", magic, LM_QEVM_MAGIC);
+        return -1;
+    }
+    if (lm_get_be32(s, &version))
+        return -1;
+    if (version != LM_QEVM_VERSION) {
+        lm_stream_set_error(s, -EINVAL, "unsupported stream version %u at byte offset 4 "
+                            "(expected %u)", version, LM_QEVM_VERSION);
+        return -1;
+    }
+    {
+        uint8_t type;
+        uint64_t at = lm_stream_offset(s);
+        if (lm_get_u8(s, &type))
+            return -1;
+        if (type != LM_VM_CONFIGURATION) {
+            lm_stream_set_error(s, -EINVAL, "expected the configuration section (0x07) at "
+                                "byte offset %" PRIu64 ", found 0x%02x", at, type);
+            return -1;
+        }
+    }
+    if (lm_get_be32(s, &len))
+        return -1;
+    if (len == 0 || len >= sizeof(name)) {
+        lm_stream_set_error(s, -EINVAL, "configuration: machine name length %u out of range "
+                            "at byte offset %" PRIu64, len, lm_stream_offset(s) - 4);
+        return -1;
+    }
+    if (lm_get_buffer(s, name, len))
+        return -1;
+    name[len] = 0;
+    if (strcmp(name, LM_MACHINE_NAME)) {
+        lm_stream_set_error(s, -EINVAL, "configuration: machine type '%s' is not '%s'",
+                            name, LM_MACHINE_NAME);
+        return -1;
+    }
+    if (lm_stream_peek_u8(s) == LM_VM_SUBSECTION) {
+        lm_stream_set_error(s, -EINVAL, "configuration: subsections are not supported "
+                            "(byte offset %" PRIu64 ")", lm_stream_offset(s));
+        return -1;
+    }
+    return 0;
+}
+
+static int loadvm_find_handler(lm_loadvm *lv, const char *idstr, uint32_t instance)
+{
+    for (int i = 0; i < lv->nhandlers; i++)
+        if (lv->handlers[i].instance == instance && !strcmp(lv->handlers[i].idstr, idstr))
+            return i;
+    return -1;
+}
+
+static int loadvm_find_section(lm_loadvm *lv, uint32_t id)
+{
+    for (int i = 0; i < lv->nsections; i++)
+        if (lv->sections[i].id == id)
+            return i;
+    return -1;
+}
+
+/* START/FULL header: bind the sender's id to a handler.  Returns the index
+ * into lv->sections, or -1. */
+static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
+{
+    uint32_t id, instance, version;
+    char idstr[256];
+    int h, sec;
+
+    if (lm_get_be32(s, &id) || lm_stream_get_counted(s, idstr) ||
+        lm_get_be32(s, &instance) || lm_get_be32(s, &version))
+        return -1;
+    h = loadvm_find_handler(lv, idstr, instance);
+    if (h < 0) {
+        lm_stream_set_error(s, -ENOENT, "unknown section '%s' instance %u (section id %u) "
+                            "at byte offset %" PRIu64, idstr, instance, id, at);
+        return -1;
+    }
+    if (version > lv->handlers[h].version || version == 0) {
+        lm_stream_set_error(s, -EINVAL, "section '%s' has version %u, this side loads up "
+                            "to %u (byte offset %" PRIu64 ")", idstr, version,
+                            lv->handlers[h].version, at);
+        return -1;
+    }
+    sec = loadvm_find_section(lv, id);
+    if (sec >= 0) {
+        if (lv->sections[sec].handler != h) {
+            lm_stream_set_error(s, -EINVAL, "section id %u reused for '%s' at byte offset %"
+                                PRIu64, id, idstr, at);
+            return -1;
+        }
+        if (type == LM_VM_SECTION_START) {
+            lm_stream_set_error(s, -EINVAL, "second START for section '%s' at byte offset %"
+                                PRIu64, idstr, at);
+            return -1;
+        }
+        return sec;
+    }
+    if (lv->nsections == LM_LOAD_MAX_SECTIONS) {
+        lm_stream_set_error(s, -ENOSPC, "too many sections (max %d)", LM_LOAD_MAX_SECTIONS);
+        return -1;
+    }
+    sec = lv->nsections++;
+    lv->sections[sec].id = id;
+    lv->sections[sec].handler = h;
+    lv->sections[sec].version = version;
+    return sec;
+}
+
+static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
+{
+    int sec, ret;
+    lm_load_handler *h;
+    uint8_t ftype;
+    uint32_t fid, id;
+    uint64_t fat;
+
+    if (type == LM_VM_SECTION_START || type == LM_VM_SECTION_FULL) {
+        sec = loadvm_section_start(lv, s, type, at);
+    } else {
+        if (lm_get_be32(s, &id))
+            return -1;
+        sec = loadvm_find_section(lv, id);
+        if (sec < 0)
+            lm_stream_set_error(s, -ENOENT, "section id %u at byte offset %" PRIu64
+                                " was never started", id, at);
+    }
+    if (sec < 0)
+        return -1;
+    h = &lv->handlers[lv->sections[sec].handler];
+    ret = h->load(s, h->opaque, lv->sections[sec].version, type);
+    if (ret && !lm_stream_error(s))
+        lm_stream_set_error(s, ret, "loading section '%s' failed near byte offset %" PRIu64
+                            ": %s", h->idstr, lm_stream_offset(s), strerror(-ret));
+    if (lm_stream_error(s))
+        return -1;
+    fat = lm_stream_offset(s);
+    if (lm_get_u8(s, &ftype) || lm_get_be32(s, &fid))
+        return -1;
+    if (ftype != LM_VM_SECTION_FOOTER || fid != lv->sections[sec].id) {
+        lm_stream_set_error(s, -EINVAL, "section '%s' (id %u): bad footer at byte offset %"
+                            PRIu64 " (found 0x%02x id %u): the section's data did not "
+                            "parse to its end", h->idstr, lv->sections[sec].id, fat, ftype, fid);
+        return -1;
+    }
+    return 0;
+}
+
+static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
+{
+    uint16_t cmd, len;
+    uint32_t value;
+    int ret = 0;
+
+    if (lm_get_be16(s, &cmd) || lm_get_be16(s, &len))
+        return -1;
+    switch (cmd) {
+    case 1: /* OPEN_RETURN_PATH */
+        if (len != 0)
+            goto bad_len;
+        if (lv->open_return_path)
+            ret = lv->open_return_path(lv->cmd_opaque);
+        break;
+    case 2: /* PING */
+        if (len != 4)
+            goto bad_len;
+        if (lm_get_be32(s, &value))
+            return -1;
+        if (lv->ping)
+            ret = lv->ping(lv->cmd_opaque, value);
+        break;
+    default:
+        lm_stream_set_error(s, -ENOTSUP, "unsupported command %u (length %u) at byte offset %"
+                            PRIu64, cmd, len, at);
+        return -1;
+    }
+    if (ret)
+        lm_stream_set_error(s, ret, "command %u at byte offset %" PRIu64 " failed: %s",
+                            cmd, at, strerror(-ret));
+    return ret ? -1 : 0;
+bad_len:
+    lm_stream_set_error(s, -EINVAL, "command %u with bad length %u at byte offset %" PRIu64,
+                        cmd, len, at);
+    return -1;
+}
+
+int loadvm_run(lm_loadvm *lv, lm_stream *s)
+{
+    lv->nsections = 0;
+    if (loadvm_header(s))
+        return -1;
+    for (;;) {
+        uint64_t at = lm_stream_offset(s);
+        uint8_t type;
+
+        if (lm_get_u8(s, &type))
+            return -1;
+        switch (type) {
+        case LM_VM_EOF:
+            return 0;
+        case LM_VM_SECTION_START:
+        case LM_VM_SECTION_PART:
+        case LM_VM_SECTION_END:
+        case LM_VM_SECTION_FULL:
+            if (loadvm_section(lv, s, type, at))
+                return -1;
+            break;
+        case LM_VM_COMMAND:
+            if (loadvm_command(lv, s, at))
+                return -1;
+            break;
+        default:
+            lm_stream_set_error(s, -EINVAL, "unknown record type 0x%02x at byte offset %"
+                                PRIu64, type, at);
+            return -1;
+        }
+    }
+}

@@ -1,0 +1,47 @@
+/*
+ * Writing the main stream's framing; see savevm.h for the grammar.
+ */
+#include <string.h>
+
+#include "savevm/savevm.h"
+
+void savevm_put_header(lm_stream *s)
+{
+    lm_put_be32(s, LM_QEVM_MAGIC);
+    lm_put_be32(s, LM_QEVM_VERSION);
+    lm_put_u8(s, LM_VM_CONFIGURATION);
+    lm_put_be32(s, (uint32_t)strlen(LM_MACHINE_NAME));
+    lm_put_buffer(s, LM_MACHINE_NAME, strlen(LM_MACHINE_NAME));
+}
+
+void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *idstr,
+                           uint32_t instance, uint32_t version)
+{
+    lm_put_u8(s, type);
+    lm_put_be32(s, id);
+    if (type == LM_VM_SECTION_START || type == LM_VM_SECTION_FULL) {
+        lm_stream_put_counted(s, idstr);
+        lm_put_be32(s, instance);
+        lm_put_be32(s, version);
+    }
+}
+
+void savevm_section_footer(lm_stream *s, uint32_t id)
+{
+    lm_put_u8(s, LM_VM_SECTION_FOOTER);
+    lm_put_be32(s, id);
+}
+
+void savevm_put_command(lm_stream *s, uint16_t cmd, uint16_t len, const void *data)
+{
+    lm_put_u8(s, LM_VM_COMMAND);
+    lm_put_be16(s, cmd);
+    lm_put_be16(s, len);
+    if (len)
+        lm_put_buffer(s, data, len);
+}
+
+void savevm_put_eof(lm_stream *s)
+{
+    lm_put_u8(s, LM_VM_EOF);
+}

@@ -1,0 +1,90 @@
+/*
+ * The main stream's grammar (QEMU's "QEVM" format, version 3) -- writer
+ * helpers and the loader.
+ *
+ *   stream   := header CONFIGURATION record* EOF
+ *   header   := be32 0x5145564d ("QEVM") be32 3
+ *   config   := 0x07 be32 len machine-name[len]      (no subsections written)
+ *   record   := START|FULL  be32 id  counted-idstr be32 instance be32 version
+ *                            payload footer
+ *             | PART|END    be32 id  payload footer
+ *             | COMMAND     be16 cmd be16 len data[len]
+ *   footer   := 0x7e be32 id
+ *
+ * A section's payload has no length: only its handler can parse it.  So the
+ * loader looks the handler up by (idstr, instance) at START/FULL, remembers
+ * the sender's section id for PART/END, checks the footer after the handler
+ * returns, and treats anything it cannot account for as an error that names
+ * the byte offset.  The loader never resumes anything itself: it returns 0
+ * only after it has parsed the EOF record.
+ *
+ * Threads: the writer helpers run on the migration thread, the loader on the
+ * incoming thread (or a test); they keep no state outside their arguments.
+ */
+#ifndef LM_SAVEVM_SAVEVM_H
+#define LM_SAVEVM_SAVEVM_H
+
+#include <stdint.h>
+
+#include "livemig/livemig.h"
+#include "stream/stream.h"
+
+#define LM_QEVM_MAGIC 0x5145564dU
+#define LM_QEVM_VERSION 3U
+/* The configuration section's machine name: livemig guests are not QEMU
+ * machines, so a QEMU destination refuses our stream here, early and clearly. */
+#define LM_MACHINE_NAME "livemig-1"
+
+enum {
+    LM_VM_EOF = 0x00,
+    LM_VM_SECTION_START = 0x01,
+    LM_VM_SECTION_PART = 0x02,
+    LM_VM_SECTION_END = 0x03,
+    LM_VM_SECTION_FULL = 0x04,
+    LM_VM_SUBSECTION = 0x05,
+    LM_VM_VMDESCRIPTION = 0x06,
+    LM_VM_CONFIGURATION = 0x07,
+    LM_VM_COMMAND = 0x08,
+    LM_VM_SECTION_FOOTER = 0x7e,
+};
+
+/* ---- writing ---- */
+void savevm_put_header(lm_stream *s);
+void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *idstr,
+                           uint32_t instance, uint32_t version);  /* any type */
+void savevm_section_footer(lm_stream *s, uint32_t id);
+void savevm_put_command(lm_stream *s, uint16_t cmd, uint16_t len, const void *data);
+void savevm_put_eof(lm_stream *s);
+
+/* ---- loading ---- */
+typedef struct lm_load_handler {
+    char idstr[256];
+    uint32_t instance;
+    uint32_t version;         /* highest version we can load */
+    int (*load)(lm_stream *s, void *opaque, uint32_t version, int section_type);
+    void *opaque;
+} lm_load_handler;
+
+#define LM_LOAD_MAX_HANDLERS 72
+#define LM_LOAD_MAX_SECTIONS 256
+
+typedef struct lm_loadvm {
+    lm_load_handler handlers[LM_LOAD_MAX_HANDLERS];
+    int nhandlers;
+    /* Commands: return 0 or a negative errno (the loader reports it). */
+    int (*open_return_path)(void *opaque);
+    int (*ping)(void *opaque, uint32_t value);
+    void *cmd_opaque;
+
+    /* parse state: sender's section id -> handler, and version in use */
+    struct { uint32_t id; int handler; uint32_t version; } sections[LM_LOAD_MAX_SECTIONS];
+    int nsections;
+} lm_loadvm;
+
+int loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
+                       uint32_t version,
+                       int (*load)(lm_stream *, void *, uint32_t, int), void *opaque);
+/* Parse the whole stream.  0 = clean EOF; -1 = error latched on s. */
+int loadvm_run(lm_loadvm *lv, lm_stream *s);
+
+#endif

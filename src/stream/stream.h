@@ -1,0 +1,88 @@
+/*
+ * lm_stream: the byte stream of one migration channel, buffered, with
+ * zero-copy page references.
+ *
+ * Writing.  Small items (record headers, ids, device state) are copied into
+ * a fixed buffer; guest pages are NOT copied: lm_stream_put_page() records
+ * a pointer to guest RAM as its own iovec, and lm_stream_flush() hands the
+ * whole list to one writev/sendmsg.  So a page costs 2 iovecs and no memcpy
+ * on the source, and one system call carries ~2 MiB.  The price: a page's
+ * bytes are read at flush time, not at put time.  That is fine for precopy
+ * (a page written after its dirty bit was cleared is dirty again and will be
+ * resent), and the final pass runs with the guest stopped.  Invariant: the
+ * caller keeps every referenced page mapped until the next flush.
+ *
+ * Reading.  A buffer refilled with readv(); a large read (a page) that finds
+ * the buffer empty lands directly in its destination, with the rest of the
+ * readv filling the buffer, so most pages are not copied twice.
+ *
+ * Errors are latched: the first failure (I/O error, EOF in the middle of an
+ * item, or a parse error reported with lm_stream_set_error) is kept with the
+ * byte offset where it happened; every later operation is a no-op, getters
+ * return -1.  Callers check lm_stream_error() at natural boundaries.
+ *
+ * Threads: a stream belongs to one thread at a time (the migration thread,
+ * or the incoming thread).  The only cross-thread operation is shutting the
+ * descriptor down (lm_conn_shutdown), which makes a blocked call return.
+ * The stream never owns the descriptor: the caller closes it.
+ */
+#ifndef LM_STREAM_STREAM_H
+#define LM_STREAM_STREAM_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/uio.h>
+
+#include "livemig/livemig.h"
+
+#define LM_STREAM_BUF_SIZE (256 * 1024)
+#define LM_STREAM_IOV_MAX 1024     /* kernel IOV_MAX */
+
+struct lm_stream {
+    int fd;
+    bool is_socket;
+    bool writer;
+    /* Memory reader: data/len is the whole stream, fd is -1. */
+    const uint8_t *mem;
+    size_t mem_len;
+
+    uint64_t pos;            /* logical offset of the next byte read/written */
+    uint64_t io_bytes;       /* bytes that really crossed the descriptor */
+
+    uint8_t *buf;
+    size_t buf_cap;
+    /* writer: buf[0..len) holds copied bytes, buf[seg..len) not yet in iov */
+    size_t len, seg;
+    struct iovec *iov;
+    int niov;
+    /* reader: buf[rpos..rlen) is unread */
+    size_t rpos, rlen;
+
+    int err;                 /* 0 or the first negative errno */
+    char errmsg[LM_ERROR_MAX];
+};
+
+lm_stream *lm_stream_new_writer(int fd, bool is_socket);
+lm_stream *lm_stream_new_reader(int fd, bool is_socket);
+/* A reader over bytes in memory (tests, fuzzing).  `data` must outlive it. */
+lm_stream *lm_stream_new_mem(const void *data, size_t len);
+void lm_stream_free(lm_stream *s);
+
+/* Queue a reference to `len` bytes at `p` (a guest page). See invariant above. */
+void lm_stream_put_page(lm_stream *s, const void *p, size_t len);
+/* Put a counted string: u8 length then the bytes (no NUL); len <= 255. */
+void lm_stream_put_counted(lm_stream *s, const char *str);
+/* Write out everything queued.  Returns 0 or the latched error. */
+int lm_stream_flush(lm_stream *s);
+/* Bytes queued but not yet written (the caller flushes past a threshold). */
+size_t lm_stream_pending(const lm_stream *s);
+
+/* Read a counted string into str (size >= 256, NUL-terminated). */
+int lm_stream_get_counted(lm_stream *s, char *str);
+/* Next byte without consuming it, or -1 on error/EOF (EOF is NOT latched). */
+int lm_stream_peek_u8(lm_stream *s);
+/* True at a clean end of stream (nothing buffered, the peer closed). */
+bool lm_stream_at_eof(lm_stream *s);
+
+#endif

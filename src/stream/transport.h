@@ -1,0 +1,83 @@
+/*
+ * Transports: turn a migration URI into a file descriptor.
+ *
+ *   tcp:HOST:PORT    IPv4, hostname, or [IPv6]:PORT.  Port 0 when listening
+ *                    picks a free port (reported in lm_listen.address).
+ *   unix:PATH        AF_UNIX stream socket.  Listening removes a stale socket
+ *                    file only if nobody answers on it.
+ *   fd:N             an already open descriptor (socket, pipe or file) that
+ *                    the caller hands over; it is dup'ed, so the caller keeps N.
+ *   exec:COMMAND     /bin/sh -c COMMAND; outgoing writes to its stdin,
+ *                    incoming reads its stdout.  The child is reaped on close
+ *                    and a non-zero exit is an error.
+ *   file:PATH        outgoing creates/truncates PATH, incoming opens it; plain
+ *                    stream (mapped-ram comes later).  ",offset=N" is parsed.
+ *
+ * Every blocking step (connect, accept) polls an extra `cancel_fd` (an
+ * eventfd; readable = give up) and has a timeout, so cancellation and dead
+ * peers never hang a thread.  Error messages name the URI and the cause
+ * ("tcp:127.0.0.1:1: connect: Connection refused").
+ *
+ * Threads: all functions are plain calls with no shared state; the caller
+ * owns every lm_conn / lm_listen it gets.
+ */
+#ifndef LM_STREAM_TRANSPORT_H
+#define LM_STREAM_TRANSPORT_H
+
+#include <stdbool.h>
+#include <stdint.h>
+#include <sys/types.h>
+#include "livemig/livemig.h"
+
+typedef enum lm_uri_kind {
+    LM_URI_TCP, LM_URI_UNIX, LM_URI_FD, LM_URI_EXEC, LM_URI_FILE,
+} lm_uri_kind;
+
+typedef struct lm_uri {
+    lm_uri_kind kind;
+    char host[256];       /* tcp: without brackets */
+    char port[16];        /* tcp */
+    char path[4096];      /* unix, file */
+    char cmd[4096];       /* exec */
+    int fd;               /* fd */
+    uint64_t offset;      /* file: ,offset=N */
+} lm_uri;
+
+/* Parse; "bad URI" errors say which part was wrong. */
+int lm_uri_parse(const char *s, lm_uri *u, lm_error *err);
+
+typedef struct lm_conn {
+    int fd;               /* -1 when closed */
+    bool is_socket;       /* shutdown(2) works, sendmsg(MSG_NOSIGNAL) works */
+    bool seekable;        /* regular file */
+    pid_t child;          /* exec: the shell, 0 otherwise */
+    char peer[160];       /* printable peer address, for messages */
+} lm_conn;
+
+/* Outgoing.  timeout_ms bounds connect (tcp/unix); -1 = no limit. */
+int lm_transport_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_ms,
+                         lm_error *err);
+
+typedef struct lm_listen {
+    lm_uri uri;
+    int fd;               /* listening socket; -1 for fd/exec/file */
+    char address[160];    /* "tcp:127.0.0.1:40123", "unix:/path", ... */
+} lm_listen;
+
+/* Incoming: bind + listen (tcp/unix); nothing to do yet for fd/exec/file. */
+int lm_transport_listen(const lm_uri *u, lm_listen *l, lm_error *err);
+/*
+ * Wait for the connection (tcp/unix accept; fd/exec/file open at once).
+ * Returns -ECANCELED when cancel_fd fires, -ETIMEDOUT after timeout_ms (-1 =
+ * forever).
+ */
+int lm_transport_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
+                        lm_error *err);
+void lm_transport_unlisten(lm_listen *l);   /* close, unlink a unix path */
+
+/* Make blocked reads/writes on c return (socket: shutdown; others: no-op). */
+void lm_conn_shutdown(lm_conn *c);
+/* Close; for exec waits for the child and reports a failed exit in err. */
+int lm_conn_close(lm_conn *c, lm_error *err);
+
+#endif

@@ -1,0 +1,77 @@
+/*
+ * Error and log helpers; see error.h.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <string.h>
+
+#include "util/error.h"
+
+int lm_error_setv(lm_error *err, int code, const char *fmt, va_list ap)
+{
+    if (err) {
+        err->code = code ? code : -EINVAL;
+        vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+    }
+    return code ? code : -EINVAL;
+}
+
+int lm_error_set(lm_error *err, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    code = lm_error_setv(err, code, fmt, ap);
+    va_end(ap);
+    return code;
+}
+
+int lm_error_set_errno(lm_error *err, int code, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    code = lm_error_setv(err, code, fmt, ap);
+    va_end(ap);
+    if (err) {
+        size_t n = strlen(err->msg);
+        snprintf(err->msg + n, sizeof(err->msg) - n, ": %s", strerror(-code));
+    }
+    return code;
+}
+
+void lm_error_prefix(lm_error *err, const char *fmt, ...)
+{
+    char old[LM_ERROR_MAX];
+    size_t n;
+    va_list ap;
+
+    if (!err)
+        return;
+    memcpy(old, err->msg, sizeof(old));
+    va_start(ap, fmt);
+    vsnprintf(err->msg, sizeof(err->msg), fmt, ap);
+    va_end(ap);
+    n = strlen(err->msg);
+    /* "prefix: old", cut at the buffer's end */
+    if (n + 2 < sizeof(err->msg)) {
+        memcpy(err->msg + n, ": ", 3);
+        n += 2;
+        strncat(err->msg + n, old, sizeof(err->msg) - n - 1);
+    }
+}
+
+void lm_error_copy(lm_error *dst, const lm_error *src)
+{
+    if (dst && src)
+        *dst = *src;
+}
+
+void lm_log(const char *fmt, ...)
+{
+    char buf[1024];
+    va_list ap;
+
+    va_start(ap, fmt);
+    vsnprintf(buf, sizeof(buf), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "livemig: %s\n", buf);
+}

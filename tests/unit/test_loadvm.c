@@ -1,0 +1,509 @@
+/*
+ * The stream format and its loader: encode/decode round trips, and every
+ * rejection the loader promises (bad magic, version, unknown section, block
+ * or id, out-of-range offsets, oversized lengths, truncation at every byte,
+ * corruption of every byte), each checked for the words of its message.
+ * Streams are built with the real writer into a memfd and fed back through
+ * the in-memory reader.
+ */
+#include <stdarg.h>
+#include <stddef.h>
+#include <setjmp.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
+#include "ram/ram.h"
+#include "savevm/savevm.h"
+#include "stream/stream.h"
+
+#define NPAGES 16
+#define BLOCK_LEN (NPAGES * LM_PAGE_SIZE)
+
+typedef struct buf {
+    uint8_t *data;
+    size_t len;
+} buf;
+
+/* Run `fn` against a writer, return the bytes it produced. */
+static buf build(void (*fn)(lm_stream *, void *), void *arg)
+{
+    int fd = memfd_create("stream", 0);
+    lm_stream *s;
+    buf b;
+    off_t end;
+
+    assert_true(fd >= 0);
+    s = lm_stream_new_writer(fd, false);
+    fn(s, arg);
+    assert_int_equal(lm_stream_flush(s), 0);
+    lm_stream_free(s);
+    end = lseek(fd, 0, SEEK_END);
+    b.len = (size_t)end;
+    b.data = malloc(b.len + 1);
+    assert_int_equal(pread(fd, b.data, b.len, 0), (ssize_t)b.len);
+    close(fd);
+    return b;
+}
+
+/* ---- a destination: one RAM block and one device ---- */
+
+typedef struct dest {
+    lm_ram ram;
+    uint8_t *mem;
+    uint32_t dev_value;
+    int dev_loads;
+} dest;
+
+static int dev_load(lm_stream *s, void *opaque, uint32_t version, int type)
+{
+    dest *d = opaque;
+    d->dev_loads++;
+    return lm_get_be32(s, &d->dev_value) ? -EIO : 0;
+}
+
+static int ram_handler(lm_stream *s, void *opaque, uint32_t version, int type)
+{
+    dest *d = opaque;
+    return ram_load(&d->ram, s, type) ? -EINVAL : 0;
+}
+
+static void dest_init(dest *d)
+{
+    memset(d, 0, sizeof(*d));
+    d->mem = mmap(NULL, BLOCK_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(d->mem != MAP_FAILED);
+    assert_int_equal(ram_register(&d->ram, "pc.ram", d->mem, BLOCK_LEN, LM_PAGE_SIZE, NULL), 0);
+}
+
+static void dest_fini(dest *d)
+{
+    munmap(d->mem, BLOCK_LEN);
+}
+
+/* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
+static int load(const buf *b, dest *d, char *msg, size_t msglen)
+{
+    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    lm_stream *s = lm_stream_new_mem(b->data, b->len);
+    int ret;
+
+    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, ram_handler, d);
+    loadvm_add_handler(lv, "dev", 0, 2, dev_load, d);
+    ram_load_start(&d->ram);
+    ret = loadvm_run(lv, s);
+    if (msg)
+        snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
+    if (ret)
+        assert_true(lm_stream_error(s) != 0);
+    lm_stream_free(s);
+    free(lv);
+    return ret;
+}
+
+/* ---- a source: the same block with known content ---- */
+
+typedef struct src {
+    lm_ram ram;
+    uint8_t *mem;
+} src;
+
+static void src_init(src *sr)
+{
+    memset(sr, 0, sizeof(*sr));
+    sr->mem = mmap(NULL, BLOCK_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(sr->mem != MAP_FAILED);
+    for (int p = 0; p < NPAGES; p++)
+        if (p % 3)    /* every third page stays zero */
+            memset(sr->mem + p * LM_PAGE_SIZE, 0x40 + p, LM_PAGE_SIZE);
+    assert_int_equal(ram_register(&sr->ram, "pc.ram", sr->mem, BLOCK_LEN, LM_PAGE_SIZE, NULL),
+                     0);
+}
+
+static void write_good(lm_stream *s, void *arg)
+{
+    src *sr = arg;
+
+    savevm_put_header(s);
+    savevm_put_command(s, 1, 0, NULL);                 /* OPEN_RETURN_PATH */
+    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
+    ram_save_setup(&sr->ram, s);
+    savevm_section_footer(s, 1);
+    ram_save_start(&sr->ram);
+    savevm_section_header(s, LM_VM_SECTION_PART, 1, NULL, 0, 0);
+    while (!ram_save_some(&sr->ram, s, 3 * LM_PAGE_SIZE))
+        ;
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+    savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+    lm_put_be32(s, 0xdeadbeef);
+    savevm_section_footer(s, 2);
+    savevm_put_eof(s);
+    ram_save_finish(&sr->ram);
+}
+
+static buf good_stream(src *sr)
+{
+    src_init(sr);
+    return build(write_good, sr);
+}
+
+static void test_round_trip(void **state)
+{
+    src sr;
+    dest d;
+    char msg[512];
+    buf b = good_stream(&sr);
+
+    dest_init(&d);
+    assert_int_equal(load(&b, &d, msg, sizeof(msg)), 0);
+    assert_memory_equal(d.mem, sr.mem, BLOCK_LEN);
+    assert_int_equal(d.dev_value, 0xdeadbeef);
+    assert_int_equal(d.dev_loads, 1);
+    /* 16 pages, 6 zero: zero records are 9 bytes, CONTINUE after the first */
+    assert_int_equal(sr.ram.zero_pages, 6);
+    assert_int_equal(sr.ram.normal_pages, 10);
+    assert_memory_equal(b.data, "QEVM\0\0\0\3", 8);
+    dest_fini(&d);
+    free(b.data);
+}
+
+static void test_primitives(void **state)
+{
+    static const uint8_t want[] = { 0x12, 0x12, 0x34, 0x12, 0x34, 0x56, 0x78, 0x01, 0x02,
+                                    0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 3, 'a', 'b', 'c' };
+    int fd = memfd_create("p", 0);
+    lm_stream *s = lm_stream_new_writer(fd, false);
+    uint8_t got[sizeof(want)];
+    lm_stream *r;
+    uint8_t v8;
+    uint16_t v16;
+    uint32_t v32;
+    uint64_t v64;
+    char str[256];
+
+    lm_put_u8(s, 0x12);
+    lm_put_be16(s, 0x1234);
+    lm_put_be32(s, 0x12345678);
+    lm_put_be64(s, 0x0102030405060708ULL);
+    lm_stream_put_counted(s, "abc");
+    assert_int_equal(lm_stream_offset(s), sizeof(want));
+    assert_int_equal(lm_stream_flush(s), 0);
+    assert_int_equal(pread(fd, got, sizeof(got), 0), sizeof(want));
+    assert_memory_equal(got, want, sizeof(want));
+    lm_stream_free(s);
+
+    r = lm_stream_new_mem(want, sizeof(want));
+    assert_int_equal(lm_get_u8(r, &v8), 0);
+    assert_int_equal(v8, 0x12);
+    assert_int_equal(lm_get_be16(r, &v16), 0);
+    assert_int_equal(v16, 0x1234);
+    assert_int_equal(lm_get_be32(r, &v32), 0);
+    assert_int_equal(v32, 0x12345678);
+    assert_int_equal(lm_get_be64(r, &v64), 0);
+    assert_true(v64 == 0x0102030405060708ULL);
+    assert_int_equal(lm_stream_get_counted(r, str), 0);
+    assert_string_equal(str, "abc");
+    assert_true(lm_stream_at_eof(r));
+    assert_int_equal(lm_get_u8(r, &v8), -1);
+    assert_non_null(strstr(lm_stream_error_msg(r), "truncated at byte offset 19"));
+    lm_stream_free(r);
+    close(fd);
+}
+
+/* ---- malformed streams ---- */
+
+static void expect_error(const buf *b, const char *words1, const char *words2)
+{
+    dest d;
+    char msg[512];
+
+    dest_init(&d);
+    assert_int_equal(load(b, &d, msg, sizeof(msg)), -1);
+    if (!strstr(msg, words1) || (words2 && !strstr(msg, words2)))
+        fail_msg("error '%s' lacks '%s' / '%s'", msg, words1, words2 ? words2 : "");
+    dest_fini(&d);
+}
+
+static void test_bad_magic(void **state)
+{
+    src sr;
+    buf b = good_stream(&sr);
+
+    b.data[0] = 'X';
+    expect_error(&b, "bad magic", "byte offset 0");
+    free(b.data);
+}
+
+static void test_bad_version(void **state)
+{
+    src sr;
+    buf b = good_stream(&sr);
+
+    b.data[7] = 2;
+    expect_error(&b, "unsupported stream version 2", "byte offset 4");
+    free(b.data);
+}
+
+static void w_unknown_section(lm_stream *s, void *arg)
+{
+    savevm_put_header(s);
+    savevm_section_header(s, LM_VM_SECTION_FULL, 7, "nosuch", 0, 1);
+    savevm_section_footer(s, 7);
+    savevm_put_eof(s);
+}
+
+static void test_unknown_section(void **state)
+{
+    buf b = build(w_unknown_section, NULL);
+    expect_error(&b, "unknown section 'nosuch'", "byte offset 22");
+    free(b.data);
+}
+
+static void w_unknown_instance(lm_stream *s, void *arg)
+{
+    savevm_put_header(s);
+    savevm_section_header(s, LM_VM_SECTION_FULL, 7, "dev", 3, 1);
+    savevm_put_eof(s);
+}
+
+static void test_unknown_instance(void **state)
+{
+    buf b = build(w_unknown_instance, NULL);
+    expect_error(&b, "unknown section 'dev' instance 3", NULL);
+    free(b.data);
+}
+
+static void w_new_version(lm_stream *s, void *arg)
+{
+    savevm_put_header(s);
+    savevm_section_header(s, LM_VM_SECTION_FULL, 7, "dev", 0, 3);
+    savevm_put_eof(s);
+}
+
+static void test_version_too_new(void **state)
+{
+    buf b = build(w_new_version, NULL);
+    expect_error(&b, "version 3", "up to 2");
+    free(b.data);
+}
+
+/* A ram START with the block list, then whatever `extra` writes. */
+typedef void (*extra_fn)(lm_stream *s);
+
+static void w_ram(lm_stream *s, void *arg)
+{
+    extra_fn extra = (extra_fn)arg;
+
+    savevm_put_header(s);
+    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
+    lm_put_be64(s, BLOCK_LEN | LM_RAM_MEM_SIZE);
+    lm_stream_put_counted(s, "pc.ram");
+    lm_put_be64(s, BLOCK_LEN);
+    extra(s);
+}
+
+static void x_unknown_block(lm_stream *s)
+{
+    lm_put_be64(s, 0 | LM_RAM_PAGE);
+    lm_stream_put_counted(s, "other.ram");
+}
+
+static void x_page_out_of_range(lm_stream *s)
+{
+    lm_put_be64(s, BLOCK_LEN | LM_RAM_ZERO);
+    lm_stream_put_counted(s, "pc.ram");
+    lm_put_u8(s, 0);
+}
+
+static void x_huge_offset(lm_stream *s)
+{
+    lm_put_be64(s, 0xfffffffffffff000ULL | LM_RAM_PAGE);
+    lm_stream_put_counted(s, "pc.ram");
+}
+
+static void x_continue_first(lm_stream *s)
+{
+    lm_put_be64(s, 0 | LM_RAM_PAGE | LM_RAM_CONTINUE);
+}
+
+static void x_bad_flags(lm_stream *s)
+{
+    lm_put_be64(s, 0 | LM_RAM_XBZRLE);
+}
+
+static void x_bad_footer(lm_stream *s)
+{
+    ram_put_eos(s);
+    savevm_section_footer(s, 9);
+}
+
+static void x_part_unknown_id(lm_stream *s)
+{
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+    savevm_section_header(s, LM_VM_SECTION_PART, 5, NULL, 0, 0);
+}
+
+static void x_unknown_record(lm_stream *s)
+{
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+    lm_put_u8(s, 0x42);
+}
+
+static void x_bad_command(lm_stream *s)
+{
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+    savevm_put_command(s, 2, 7, "1234567");   /* PING must be 4 bytes */
+}
+
+static void x_unknown_command(lm_stream *s)
+{
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+    savevm_put_command(s, 99, 0, NULL);
+}
+
+static void x_second_mem_size(lm_stream *s)
+{
+    lm_put_be64(s, BLOCK_LEN | LM_RAM_MEM_SIZE);
+}
+
+static void x_no_eof(lm_stream *s)
+{
+    ram_put_eos(s);
+    savevm_section_footer(s, 1);
+}
+
+static void ram_case(extra_fn fn, const char *w1, const char *w2)
+{
+    buf b = build(w_ram, (void *)fn);
+    expect_error(&b, w1, w2);
+    free(b.data);
+}
+
+static void test_ram_rejections(void **state)
+{
+    ram_case(x_unknown_block, "unknown RAM block 'other.ram'", "byte offset 62");
+    ram_case(x_page_out_of_range, "outside RAM block 'pc.ram'", "byte offset 62");
+    ram_case(x_huge_offset, "outside RAM block", NULL);
+    ram_case(x_continue_first, "CONTINUE record with no previous block", "byte offset 62");
+    ram_case(x_bad_flags, "unsupported record flags 0x40", "byte offset 62");
+    ram_case(x_bad_footer, "bad footer", "byte offset 70");
+    ram_case(x_part_unknown_id, "section id 5", "never started");
+    ram_case(x_unknown_record, "unknown record type 0x42", "byte offset 75");
+    ram_case(x_bad_command, "bad length 7", NULL);
+    ram_case(x_unknown_command, "unsupported command 99", NULL);
+    ram_case(x_second_mem_size, "unexpected MEM_SIZE", NULL);
+    ram_case(x_no_eof, "truncated", "byte offset 75");
+}
+
+static void w_wrong_total(lm_stream *s, void *arg)
+{
+    savevm_put_header(s);
+    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
+    lm_put_be64(s, (uint64_t)arg | LM_RAM_MEM_SIZE);
+    lm_stream_put_counted(s, "pc.ram");
+    lm_put_be64(s, 2 * BLOCK_LEN);
+}
+
+static void test_oversized_lengths(void **state)
+{
+    buf b = build(w_wrong_total, (void *)(uintptr_t)(2 * BLOCK_LEN));
+    expect_error(&b, "stream has 131072 bytes of RAM", "this guest has 65536");
+    free(b.data);
+    b = build(w_wrong_total, (void *)(uintptr_t)BLOCK_LEN);
+    expect_error(&b, "RAM block 'pc.ram' is 131072 bytes in the stream but 65536 here", NULL);
+    free(b.data);
+}
+
+static void w_wrong_machine(lm_stream *s, void *arg)
+{
+    lm_put_be32(s, LM_QEVM_MAGIC);
+    lm_put_be32(s, 3);
+    lm_put_u8(s, LM_VM_CONFIGURATION);
+    lm_put_be32(s, 10);
+    lm_put_buffer(s, "pc-q35-7.2", 10);
+    savevm_put_eof(s);
+}
+
+static void test_wrong_machine(void **state)
+{
+    buf b = build(w_wrong_machine, NULL);
+    expect_error(&b, "machine type 'pc-q35-7.2'", NULL);
+    free(b.data);
+}
+
+/* Every strict prefix of a valid stream fails, and says "truncated". */
+static void test_truncated_everywhere(void **state)
+{
+    src sr;
+    buf b = good_stream(&sr);
+
+    for (size_t n = 0; n < b.len; n++) {
+        buf t = { b.data, n };
+        dest d;
+        char msg[512];
+
+        dest_init(&d);
+        if (load(&t, &d, msg, sizeof(msg)) != -1)
+            fail_msg("prefix of %zu bytes loaded", n);
+        if (!strstr(msg, "truncated") && !strstr(msg, "bad magic"))
+            fail_msg("prefix %zu: '%s'", n, msg);
+        dest_fini(&d);
+    }
+    free(b.data);
+}
+
+/* Flipping any byte never crashes or writes outside the block (ASan
+ * watches); a load that still succeeds must have changed only page data. */
+static void test_corrupted_everywhere(void **state)
+{
+    src sr;
+    buf b = good_stream(&sr);
+    int failed = 0;
+
+    for (size_t i = 0; i < b.len; i += (i < 200 ? 1 : 97)) {
+        dest d;
+        uint8_t saved = b.data[i];
+
+        b.data[i] ^= 0x5a;
+        dest_init(&d);
+        if (load(&b, &d, NULL, 0))
+            failed++;
+        dest_fini(&d);
+        b.data[i] = saved;
+    }
+    assert_true(failed > 100);
+    free(b.data);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_primitives),
+        cmocka_unit_test(test_round_trip),
+        cmocka_unit_test(test_bad_magic),
+        cmocka_unit_test(test_bad_version),
+        cmocka_unit_test(test_unknown_section),
+        cmocka_unit_test(test_unknown_instance),
+        cmocka_unit_test(test_version_too_new),
+        cmocka_unit_test(test_ram_rejections),
+        cmocka_unit_test(test_oversized_lengths),
+        cmocka_unit_test(test_wrong_machine),
+        cmocka_unit_test(test_truncated_everywhere),
+        cmocka_unit_test(test_corrupted_everywhere),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
