@@ -19,7 +19,25 @@
  * lm_free().  lm_dirty_mark() may be called from any thread at any time.
  *
  * The first sync after start() need not report anything: the caller starts
- * with an all-set bitmap, exactly as QEMU does.
+ * with an all-set bitmap, exactly as QEMU does.  (Both trackers in fact
+ * report exactly the pages written since start().)
+ *
+ * Threads and ownership:
+ *   new, free            the context's owner; free must not race with mark.
+ *   start, sync, stop    one thread at a time (the migration thread).
+ *   mark                 any thread, any time between new and free;
+ *                        lock-free, never blocks, never allocates.
+ *   The tracker copies the region array; the memory stays the caller's.
+ *   `bitmap` in sync is the caller's, written only during the call.
+ *
+ * Errors: a failed sync may already have re-armed some pages it could not
+ * report, so the tracker no longer knows what is dirty: the migration must
+ * fail (or stop, start again and resend everything).
+ *
+ * Limits of uffd-wp: only writes through this process's mapping of the
+ * regions are seen (not another process's mapping of shared memory, not
+ * pwrite() to a memfd); a region already registered with another
+ * userfaultfd (e.g. a second tracker) makes start() fail with EBUSY.
  */
 #ifndef LM_DIRTY_DIRTY_H
 #define LM_DIRTY_DIRTY_H

@@ -120,6 +120,7 @@ void *incoming_thread(void *arg)
 
     if (!lv)
         abort();
+    pthread_setname_np(pthread_self(), "lm-incoming");
     ret = lm_transport_accept(&m->listen, &m->conn, m->cancel_fd, -1, &err);
     lm_transport_unlisten(&m->listen);
     if (ret) {

@@ -128,9 +128,7 @@ lm_runstate lm_runstate_get(lm_mig *m)
 
 void mig_set_runstate(lm_mig *m, lm_runstate r)
 {
-    lm_listener ls[LM_MAX_LISTENERS];
-    void *lo[LM_MAX_LISTENERS];
-    int n;
+    lm_listeners ls;
 
     pthread_mutex_lock(&m->lock);
     if (m->runstate == r) {
@@ -138,13 +136,11 @@ void mig_set_runstate(lm_mig *m, lm_runstate r)
         return;
     }
     m->runstate = r;
-    n = m->nlisteners;
-    memcpy(ls, m->listeners, sizeof(ls));
-    memcpy(lo, m->listener_opaque, sizeof(lo));
+    ls = m->listeners;
     pthread_mutex_unlock(&m->lock);
-    for (int i = 0; i < n; i++)
-        if (ls[i].runstate_changed)
-            ls[i].runstate_changed(lo[i], r);
+    for (int i = 0; i < ls.n; i++)
+        if (ls.l[i].runstate_changed)
+            ls.l[i].runstate_changed(ls.opaque[i], r);
 }
 
 void lm_runstate_set_running(lm_mig *m)
@@ -290,12 +286,12 @@ int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque)
     int ret = 0;
 
     pthread_mutex_lock(&m->lock);
-    if (m->nlisteners == LM_MAX_LISTENERS) {
+    if (m->listeners.n == LM_MAX_LISTENERS) {
         ret = -ENOSPC;
     } else {
-        m->listeners[m->nlisteners] = *l;
-        m->listener_opaque[m->nlisteners] = opaque;
-        m->nlisteners++;
+        m->listeners.l[m->listeners.n] = *l;
+        m->listeners.opaque[m->listeners.n] = opaque;
+        m->listeners.n++;
     }
     pthread_mutex_unlock(&m->lock);
     return ret;
@@ -305,9 +301,7 @@ int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque)
 
 void mig_set_status(lm_mig *m, lm_status s)
 {
-    lm_listener ls[LM_MAX_LISTENERS];
-    void *lo[LM_MAX_LISTENERS];
-    int n;
+    lm_listeners ls;
 
     pthread_mutex_lock(&m->lock);
     if (m->status == s) {
@@ -319,13 +313,11 @@ void mig_set_status(lm_mig *m, lm_status s)
     if (status_final(s))
         m->stats.total_time = lm_now_ms() - m->start_ms;
     pthread_cond_broadcast(&m->cond);
-    n = m->nlisteners;
-    memcpy(ls, m->listeners, sizeof(ls));
-    memcpy(lo, m->listener_opaque, sizeof(lo));
+    ls = m->listeners;
     pthread_mutex_unlock(&m->lock);
-    for (int i = 0; i < n; i++)
-        if (ls[i].status_changed)
-            ls[i].status_changed(lo[i], s);
+    for (int i = 0; i < ls.n; i++)
+        if (ls.l[i].status_changed)
+            ls.l[i].status_changed(ls.opaque[i], s);
 }
 
 void mig_set_error(lm_mig *m, const lm_error *err)

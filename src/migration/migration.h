@@ -63,6 +63,13 @@ typedef struct lm_params {
     int64_t throttle_trigger_threshold;
 } lm_params;
 
+/* Copied by value under the lock, then called without it. */
+typedef struct lm_listeners {
+    lm_listener l[LM_MAX_LISTENERS];
+    void *opaque[LM_MAX_LISTENERS];
+    int n;
+} lm_listeners;
+
 typedef struct lm_device {
     char idstr[256];
     uint32_t instance, version;
@@ -85,9 +92,7 @@ struct lm_mig {
     lm_error error;                    /* first error of the current migration */
     bool thread_running;               /* a thread exists and is not yet joined */
     int64_t start_ms;                  /* lm_migrate / lm_incoming time */
-    lm_listener listeners[LM_MAX_LISTENERS];
-    void *listener_opaque[LM_MAX_LISTENERS];
-    int nlisteners;
+    lm_listeners listeners;
 
     /* --- set before a migration, read-only while one runs --- */
     lm_vm_ops vm;

@@ -30,6 +30,7 @@
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 #include <endian.h>
 
 #include "migration/migration.h"
@@ -433,6 +434,9 @@ static int pc_complete(precopy *pc, lm_error *err)
     lm_stream_flush(pc->s);
     if ((ret = pc_stream_err(pc, err)))
         return ret;
+    /* A saved file is complete only when it is durable. */
+    if (m->conn.seekable && fdatasync(m->conn.fd))
+        return lm_error_set_errno(err, -errno, "fdatasync of the migration file");
     pc_publish(pc);
 
     if (pc->rp) {
@@ -488,6 +492,7 @@ void *precopy_thread(void *arg)
     int64_t t0 = lm_now_ms();
     int ret;
 
+    pthread_setname_np(pthread_self(), "lm-migrate");
     pc.p = mig_params(m);
     pc.s = lm_stream_new_writer(m->conn.fd, m->conn.is_socket);
     ret = pc_setup(&pc, &err);

@@ -55,7 +55,11 @@ void lm_error_prefix(lm_error *err, const char *fmt, ...)
     if (n + 2 < sizeof(err->msg)) {
         memcpy(err->msg + n, ": ", 3);
         n += 2;
-        strncat(err->msg + n, old, sizeof(err->msg) - n - 1);
+        size_t k = strnlen(old, sizeof(old));
+        if (k > sizeof(err->msg) - n - 1)
+            k = sizeof(err->msg) - n - 1;
+        memcpy(err->msg + n, old, k);
+        err->msg[n + k] = 0;
     }
 }
 

@@ -1,0 +1,60 @@
+/*
+ * Private to src/dirty/: the tracker object and the backend interface.
+ *
+ * dirty.c owns the public functions (argument checks, the started/stopped
+ * state, the "auto" choice); each backend (uffd_wp.c, coop.c) fills one
+ * lm_dirty_backend table and keeps its own state in the lm_dirty fields
+ * marked for it.  Backends are called only after dirty.c checked the
+ * arguments, and only in the order init, (start, sync*, stop)*, fini.
+ *
+ * Threads: init/fini/start/sync/stop run on the tracker's owner (the
+ * context's caller for new/free, the migration thread for the rest); mark
+ * runs on any thread at any time between init and fini.
+ */
+#ifndef LM_DIRTY_DIRTY_IMPL_H
+#define LM_DIRTY_DIRTY_IMPL_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "dirty/dirty.h"
+
+struct lm_dirty_uffd;
+
+typedef struct lm_dirty_backend {
+    const char *name;
+    /* Check that the backend works here and allocate its state. */
+    int (*init)(lm_dirty *d, lm_error *err);
+    void (*fini)(lm_dirty *d);
+    int (*start)(lm_dirty *d, lm_error *err);
+    /* OR region r's written pages into bitmap; newly set count or -errno. */
+    int64_t (*sync)(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err);
+    void (*stop)(lm_dirty *d);
+    /* NULL when the backend ignores cooperative reports. */
+    void (*mark)(lm_dirty *d, int r, uint64_t offset, uint64_t len);
+} lm_dirty_backend;
+
+struct lm_dirty {
+    const lm_dirty_backend *be;
+    lm_dirty_region *regions;    /* owned copy of the caller's array */
+    uint64_t *npages;            /* pages per region */
+    int n;
+    bool started;                /* owner thread only */
+
+    /* uffd-wp backend */
+    struct lm_dirty_uffd *uffd;
+
+    /*
+     * cooperative backend: one log bitmap per region, written by any thread
+     * with lm_bitmap_set_range_atomic and drained by sync.  coop_on is read
+     * by markers with an acquire load: it is set (release) only after the
+     * logs were cleared, so a mark that sees it lands in a live log.
+     */
+    unsigned long **coop_log;
+    int coop_on;
+};
+
+extern const lm_dirty_backend lm_dirty_backend_uffd_wp;
+extern const lm_dirty_backend lm_dirty_backend_coop;
+
+#endif
