@@ -2,21 +2,30 @@
  * Transports: turn a migration URI into a file descriptor.
  *
  *   tcp:HOST:PORT    IPv4, hostname, or [IPv6]:PORT.  Port 0 when listening
- *                    picks a free port (reported in lm_listen.address).
+ *                    picks a free port (reported in lm_listen.address and
+ *                    lm_listen.uri.port).
  *   unix:PATH        AF_UNIX stream socket.  Listening removes a stale socket
  *                    file only if nobody answers on it.
  *   fd:N             an already open descriptor (socket, pipe or file) that
  *                    the caller hands over; it is dup'ed, so the caller keeps N.
+ *                    It must be open in the right direction, and is made
+ *                    blocking (the flag is shared with the caller's N).
  *   exec:COMMAND     /bin/sh -c COMMAND; outgoing writes to its stdin,
  *                    incoming reads its stdout.  The child is reaped on close
- *                    and a non-zero exit is an error.
+ *                    and a non-zero exit is an error.  Our end is one end of
+ *                    an AF_UNIX socketpair, so lm_conn_shutdown works on it;
+ *                    is_socket is false all the same (no return path: the
+ *                    command is not a livemig peer).
  *   file:PATH        outgoing creates/truncates PATH, incoming opens it; plain
- *                    stream (mapped-ram comes later).  ",offset=N" is parsed.
+ *                    stream (mapped-ram comes later).  ",offset=N": outgoing
+ *                    does not truncate; both start at byte N.
  *
  * Every blocking step (connect, accept) polls an extra `cancel_fd` (an
- * eventfd; readable = give up) and has a timeout, so cancellation and dead
- * peers never hang a thread.  Error messages name the URI and the cause
- * ("tcp:127.0.0.1:1: connect: Connection refused").
+ * eventfd; readable = give up; -1 = none; never read, so one eventfd can
+ * cancel several waiters) and has a timeout, so cancellation and dead peers
+ * never hang a thread.  Error messages name the URI and the cause
+ * ("tcp:127.0.0.1:1: connect: Connection refused").  Descriptors handed out
+ * are blocking and close-on-exec; tcp ones have TCP_NODELAY set.
  *
  * Threads: all functions are plain calls with no shared state; the caller
  * owns every lm_conn / lm_listen it gets.
@@ -48,13 +57,17 @@ int lm_uri_parse(const char *s, lm_uri *u, lm_error *err);
 
 typedef struct lm_conn {
     int fd;               /* -1 when closed */
-    bool is_socket;       /* shutdown(2) works, sendmsg(MSG_NOSIGNAL) works */
+    bool is_socket;       /* a socket with a peer that can answer (tcp, unix,
+                             fd: socket): sendmsg(MSG_NOSIGNAL) works, a
+                             return path is possible.  false for exec: */
     bool seekable;        /* regular file */
     pid_t child;          /* exec: the shell, 0 otherwise */
-    char peer[160];       /* printable peer address, for messages */
+    char peer[160];       /* printable peer, for messages: "tcp:ADDR:PORT",
+                             "unix:PATH", "exec:CMD", "fd:N", "file:PATH" */
 } lm_conn;
 
-/* Outgoing.  timeout_ms bounds connect (tcp/unix); -1 = no limit. */
+/* Outgoing.  timeout_ms bounds connect (tcp/unix, all addresses together);
+ * -1 = no limit.  Returns -ECANCELED / -ETIMEDOUT like accept. */
 int lm_transport_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_ms,
                          lm_error *err);
 
@@ -64,7 +77,11 @@ typedef struct lm_listen {
     char address[160];    /* "tcp:127.0.0.1:40123", "unix:/path", ... */
 } lm_listen;
 
-/* Incoming: bind + listen (tcp/unix); nothing to do yet for fd/exec/file. */
+/*
+ * Incoming: bind + listen (tcp/unix); for fd/file only checks that the
+ * descriptor / file is there, so mistakes are reported at once.  A unix path
+ * held by a live listener is refused; finding out connects to it once.
+ */
 int lm_transport_listen(const lm_uri *u, lm_listen *l, lm_error *err);
 /*
  * Wait for the connection (tcp/unix accept; fd/exec/file open at once).
@@ -73,11 +90,17 @@ int lm_transport_listen(const lm_uri *u, lm_listen *l, lm_error *err);
  */
 int lm_transport_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
                         lm_error *err);
-void lm_transport_unlisten(lm_listen *l);   /* close, unlink a unix path */
+/* Close, unlink a unix path.  Idempotent; not concurrently with accept. */
+void lm_transport_unlisten(lm_listen *l);
 
-/* Make blocked reads/writes on c return (socket: shutdown; others: no-op). */
+/* Make blocked reads/writes on c return (socket, exec: shutdown; others:
+ * no-op).  Safe from another thread while one is blocked on c. */
 void lm_conn_shutdown(lm_conn *c);
-/* Close; for exec waits for the child and reports a failed exit in err. */
+/*
+ * Close; for exec waits for the child and reports a failed exit in err.
+ * That wait is bounded: after 10 s the command's process group is killed
+ * (-ETIMEDOUT).  Idempotent.
+ */
 int lm_conn_close(lm_conn *c, lm_error *err);
 
 #endif
