@@ -92,8 +92,15 @@ lm_runstate lm_runstate_get(lm_mig *m);
 int lm_vm_stop(lm_mig *m, lm_error *err);
 int lm_vm_start(lm_mig *m, lm_error *err);
 
-/* Mark the guest running without calling ops->start (it started on its own). */
+/*
+ * A context starts in run state "prelaunch".  A program whose guest is
+ * running calls lm_runstate_set_running() (ops->start is not called); one that
+ * will receive a migration later (QEMU's "-incoming defer") calls
+ * lm_runstate_set_inmigrate() so query-status says so.  lm_incoming() sets
+ * inmigrate itself.
+ */
 void lm_runstate_set_running(lm_mig *m);
+void lm_runstate_set_inmigrate(lm_mig *m);
 
 /* ---------------------------------------------------------------- RAM */
 
@@ -284,6 +291,13 @@ typedef struct lm_listener {
 } lm_listener;
 
 int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque);
+
+/*
+ * Remove a listener added with the same callbacks and opaque.  When it
+ * returns, no call to it is in progress or will start.  Must not be called
+ * from a listener callback (it would wait for itself).  0 or -ENOENT.
+ */
+int lm_remove_listener(lm_mig *m, const lm_listener *l, void *opaque);
 
 /* Parse a size like "1G", "512M", "4096" (binary units).  -1 on error. */
 int64_t lm_parse_size(const char *s);

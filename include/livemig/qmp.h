@@ -1,19 +1,29 @@
 /*
  * livemig QMP server: a QEMU-compatible control socket for one lm_mig.
  *
- * The server speaks QMP as QEMU does (greeting, capabilities negotiation,
- * {"execute":...} / {"return":...} / {"error":{"class","desc"}}, events with
- * timestamps), so scripts written for QEMU's migration commands work
- * unchanged.  It serves the migration commands itself (migrate,
- * migrate-incoming, migrate_cancel / migrate-cancel, query-migrate,
- * migrate-set-capabilities, query-migrate-capabilities,
- * migrate-set-parameters, query-migrate-parameters, query-status, stop, cont)
- * and emits MIGRATION, STOP and RESUME events.  The program adds its own
- * commands (quit, x-guest-verify, ...) with lm_qmp_register().
+ * The server speaks QMP as QEMU 7.2 does (greeting, capabilities negotiation,
+ * {"execute":...} / {"return":...} / {"error":{"class","desc"}}, "id" echoed,
+ * events with wall-clock timestamps, one message per line), so scripts
+ * written for QEMU's migration commands work unchanged.  It serves the
+ * migration commands itself (migrate, migrate-incoming, migrate_cancel /
+ * migrate-cancel, query-migrate, migrate-set-capabilities,
+ * query-migrate-capabilities, migrate-set-parameters,
+ * query-migrate-parameters, query-status, stop, cont, query-commands,
+ * query-version, getfd / closefd for "fd:NAME" URIs) and emits MIGRATION
+ * (only with capability "events", as QEMU), STOP and RESUME events.  The
+ * program adds its own commands (quit, x-guest-verify, ...) with
+ * lm_qmp_register().  The server uses only the public lm_* API.
+ *
+ * Several clients may be connected at once (up to 32; more wait in the
+ * listen backlog); each negotiates on its own and gets every event after
+ * that.  A client that sends garbage gets errors; one that sends an
+ * unfinished value over 1 MiB, nests deeper than 1024, or leaves 16 MiB of
+ * replies unread is disconnected.  None of this affects other clients.
  *
  * Threads: one server thread owns the listening socket and every client
  * connection; command handlers (built-in and registered) run on it, one at a
- * time.  lm_qmp_event() may be called from any thread.
+ * time, so a slow handler delays every client.  lm_qmp_event() and
+ * lm_qmp_register() may be called from any thread.
  */
 #ifndef LIVEMIG_QMP_H
 #define LIVEMIG_QMP_H
@@ -27,25 +37,49 @@ extern "C" {
 typedef struct lm_qmp lm_qmp;
 
 /*
- * A program-defined command.  `args_json` is the "arguments" object as JSON
- * text ("{}" when absent).  On success return 0 and set *reply_json to a
- * malloc'ed JSON value (NULL means {}); the server frees it.  On failure
- * return a negative errno and fill err; err->msg becomes the error "desc" and
- * the class is GenericError.
+ * A program-defined command, run on the server thread.  `args_json` is the
+ * "arguments" object as JSON text ("{}" when absent); it is only valid during
+ * the call.  On success return 0 and set *reply_json to a malloc'ed JSON value
+ * (NULL means {}); the server frees it (also on failure).  On failure return
+ * a negative errno and fill err; err->msg becomes the error "desc" and the
+ * class is GenericError.  A handler may call lm_qmp_event() and any lm_*
+ * function, but not lm_qmp_stop() (it would join its own thread): a "quit"
+ * handler tells the program's own thread to stop the server instead; its
+ * reply and queued events are still flushed to clients by lm_qmp_stop().
  */
 typedef int (*lm_qmp_handler)(void *opaque, const char *args_json,
                               char **reply_json, lm_error *err);
 
-/* Listen on `uri` (unix:PATH) and start the server thread. */
+/*
+ * Listen on `uri` (unix:PATH only) and start the server thread.  A stale
+ * socket file (nobody answering) is replaced; a live one, or a path that is
+ * not a socket, is an error.  Subscribes to `m` with lm_add_listener (one of
+ * its listener slots, for good: the API has no way to remove it).  Returns
+ * NULL and fills err on failure.
+ */
 lm_qmp *lm_qmp_start(lm_mig *m, const char *uri, lm_error *err);
 
-/* Add or replace a command.  Call before clients may use it. */
+/*
+ * Add or replace a command (0, or -EINVAL / -ENOMEM).  A program command
+ * takes precedence over a built-in one of the same name; qmp_capabilities
+ * cannot be replaced.  Takes effect for the next request.
+ */
 int lm_qmp_register(lm_qmp *q, const char *name, lm_qmp_handler fn, void *opaque);
 
-/* Send an event to every client that finished negotiation. */
+/*
+ * Send an event to every client that finished negotiation.  `data_json` is
+ * the "data" member as JSON text, or NULL for an event without data (like
+ * STOP).  Never blocks: the event is stamped and queued now, written by the
+ * server thread.  Invalid JSON is logged and dropped.
+ */
 void lm_qmp_event(lm_qmp *q, const char *name, const char *data_json);
 
-/* Stop the server: closes all clients, joins the thread, removes the socket. */
+/*
+ * Stop the server: delivers queued events, gives clients up to one second to
+ * read what is pending, closes all clients, joins the thread and removes the
+ * socket file (if it is still ours).  `m` stays usable; after this, its
+ * status changes reach no QMP client.  Frees q; NULL is a no-op.
+ */
 void lm_qmp_stop(lm_qmp *q);
 
 #ifdef __cplusplus

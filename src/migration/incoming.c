@@ -121,7 +121,15 @@ void *incoming_thread(void *arg)
     if (!lv)
         abort();
     pthread_setname_np(pthread_self(), "lm-incoming");
-    ret = lm_transport_accept(&m->listen, &m->conn, m->cancel_fd, -1, &err);
+    {
+        /* Accept into a local and publish it under conn_lock: lm_cancel may
+         * be shutting m->conn down concurrently. */
+        lm_conn c = { .fd = -1 };
+        ret = lm_transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
+        pthread_mutex_lock(&m->conn_lock);
+        m->conn = c;
+        pthread_mutex_unlock(&m->conn_lock);
+    }
     lm_transport_unlisten(&m->listen);
     if (ret) {
         if (ret == -ECANCELED)

@@ -68,7 +68,7 @@ lm_mig *lm_new(void)
     pthread_cond_init(&m->cond, &ca);
     pthread_condattr_destroy(&ca);
     params_init(&m->params);
-    m->runstate = LM_RUN_RUNNING;
+    m->runstate = LM_RUN_PRELAUNCH;
     m->conn.fd = -1;
     m->listen.fd = -1;
     m->cancel_fd = -1;
@@ -126,6 +126,15 @@ lm_runstate lm_runstate_get(lm_mig *m)
     return r;
 }
 
+/* A thread finished calling its listener snapshot (see lm_remove_listener). */
+static void mig_listeners_done(lm_mig *m)
+{
+    pthread_mutex_lock(&m->lock);
+    if (--m->listener_calls == 0)
+        pthread_cond_broadcast(&m->cond);
+    pthread_mutex_unlock(&m->lock);
+}
+
 void mig_set_runstate(lm_mig *m, lm_runstate r)
 {
     lm_listeners ls;
@@ -137,15 +146,22 @@ void mig_set_runstate(lm_mig *m, lm_runstate r)
     }
     m->runstate = r;
     ls = m->listeners;
+    m->listener_calls++;
     pthread_mutex_unlock(&m->lock);
     for (int i = 0; i < ls.n; i++)
         if (ls.l[i].runstate_changed)
             ls.l[i].runstate_changed(ls.opaque[i], r);
+    mig_listeners_done(m);
 }
 
 void lm_runstate_set_running(lm_mig *m)
 {
     mig_set_runstate(m, LM_RUN_RUNNING);
+}
+
+void lm_runstate_set_inmigrate(lm_mig *m)
+{
+    mig_set_runstate(m, LM_RUN_INMIGRATE);
 }
 
 int lm_vm_stop(lm_mig *m, lm_error *err)
@@ -297,6 +313,31 @@ int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque)
     return ret;
 }
 
+int lm_remove_listener(lm_mig *m, const lm_listener *l, void *opaque)
+{
+    int ret = -ENOENT;
+
+    pthread_mutex_lock(&m->lock);
+    for (int i = 0; i < m->listeners.n; i++) {
+        if (m->listeners.opaque[i] != opaque ||
+            m->listeners.l[i].status_changed != l->status_changed ||
+            m->listeners.l[i].runstate_changed != l->runstate_changed)
+            continue;
+        for (int j = i + 1; j < m->listeners.n; j++) {
+            m->listeners.l[j - 1] = m->listeners.l[j];
+            m->listeners.opaque[j - 1] = m->listeners.opaque[j];
+        }
+        m->listeners.n--;
+        ret = 0;
+        break;
+    }
+    /* Snapshots taken before the removal may still call it: wait them out. */
+    while (m->listener_calls > 0)
+        pthread_cond_wait(&m->cond, &m->lock);
+    pthread_mutex_unlock(&m->lock);
+    return ret;
+}
+
 /* ------------------------------------------------------------ state */
 
 void mig_set_status(lm_mig *m, lm_status s)
@@ -314,10 +355,12 @@ void mig_set_status(lm_mig *m, lm_status s)
         m->stats.total_time = lm_now_ms() - m->start_ms;
     pthread_cond_broadcast(&m->cond);
     ls = m->listeners;
+    m->listener_calls++;
     pthread_mutex_unlock(&m->lock);
     for (int i = 0; i < ls.n; i++)
         if (ls.l[i].status_changed)
             ls.l[i].status_changed(ls.opaque[i], s);
+    mig_listeners_done(m);
 }
 
 void mig_set_error(lm_mig *m, const lm_error *err)
@@ -373,6 +416,7 @@ void mig_publish(lm_mig *m, const lm_stats *st)
     m->stats.total_time = status_final(status) ? total_time : lm_now_ms() - m->start_ms;
     memcpy(m->stats.error_desc, err, sizeof(err));
     memcpy(m->stats.socket_address, addr, sizeof(addr));
+    m->stats.incoming = m->incoming;
     pthread_mutex_unlock(&m->lock);
 }
 

@@ -93,6 +93,7 @@ struct lm_mig {
     bool thread_running;               /* a thread exists and is not yet joined */
     int64_t start_ms;                  /* lm_migrate / lm_incoming time */
     lm_listeners listeners;
+    int listener_calls;                /* threads calling a snapshot right now */
 
     /* --- set before a migration, read-only while one runs --- */
     lm_vm_ops vm;

@@ -51,9 +51,11 @@ typedef struct precopy {
     lm_dirty *dirty;
     lm_params p;
     bool rp;                    /* return path open: destination will SHUT */
-    bool vm_stopped;            /* we stopped the guest (restart on failure) */
+    bool vm_stopped;            /* we entered finish-migrate */
+    lm_runstate prev_runstate;  /* to restore on failure; running = restart */
     int throttle;               /* percent currently applied */
     int64_t stop_ns;
+    int64_t start_ms;
 
     /* rate limit: 100 ms windows of max_bandwidth/10 bytes */
     int64_t win_ns;
@@ -392,7 +394,10 @@ static int pc_complete(precopy *pc, lm_error *err)
     int64_t newly;
     int ret;
 
-    if (m->vm.stop)
+    /* Only a running guest is stopped (and restarted on failure), as QEMU's
+     * vm_was_running: a paused or never-started guest stays as it was. */
+    pc->prev_runstate = lm_runstate_get(m);
+    if (pc->prev_runstate == LM_RUN_RUNNING && m->vm.stop)
         m->vm.stop(m->vm_opaque);
     pc->stop_ns = lm_now_ns();
     pc->vm_stopped = true;
@@ -448,6 +453,19 @@ static int pc_complete(precopy *pc, lm_error *err)
     return 0;
 }
 
+/* Undo finish-migrate after a failure. */
+static void pc_restore_guest(precopy *pc)
+{
+    lm_mig *m = pc->m;
+
+    if (!pc->vm_stopped)
+        return;
+    pc->vm_stopped = false;
+    if (pc->prev_runstate == LM_RUN_RUNNING && m->vm.start)
+        m->vm.start(m->vm_opaque);
+    mig_set_runstate(m, pc->prev_runstate);
+}
+
 static void pc_finish(precopy *pc, int ret, lm_error *err)
 {
     lm_mig *m = pc->m;
@@ -458,22 +476,25 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     ram_save_finish(pc->ram);
     if (ret) {
         mig_kick(m);                    /* shut the socket: the peer sees the end */
-        if (pc->vm_stopped) {
-            if (m->vm.start)
-                m->vm.start(m->vm_opaque);
-            mig_set_runstate(m, LM_RUN_RUNNING);
-        }
+        pc_restore_guest(pc);
     }
     mig_conn_close(m, &cerr);
     if (!ret && cerr.code) {            /* e.g. exec: command exited non-zero */
         ret = cerr.code;
         *err = cerr;
-        if (m->vm.start)
-            m->vm.start(m->vm_opaque);
-        mig_set_runstate(m, LM_RUN_RUNNING);
+        pc_restore_guest(pc);
     }
     pc_publish(pc);
     if (!ret) {
+        /* Completed: report averages over the whole migration, as QEMU does. */
+        lm_stats avg = pc->st;
+        double secs = (double)(lm_now_ms() - pc->start_ms) / 1000.0;
+        if (secs > 0) {
+            avg.mbps = (double)pc_bytes(pc) * 8 / 1e6 / secs;
+            avg.pages_per_second = (uint64_t)((double)(pc->ram->zero_pages +
+                                                       pc->ram->normal_pages) / secs);
+        }
+        mig_publish(m, &avg);
         mig_set_runstate(m, LM_RUN_POSTMIGRATE);
         mig_set_status(m, LM_STATUS_COMPLETED);
     } else if (mig_cancelled(m) && ret == -ECANCELED) {
@@ -492,6 +513,8 @@ void *precopy_thread(void *arg)
     int64_t t0 = lm_now_ms();
     int ret;
 
+    pc.start_ms = t0;
+    pc.rate_ns = lm_now_ns();
     pthread_setname_np(pthread_self(), "lm-migrate");
     pc.p = mig_params(m);
     pc.s = lm_stream_new_writer(m->conn.fd, m->conn.is_socket);

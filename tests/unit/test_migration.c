@@ -130,6 +130,7 @@ static void guest_init(guest *g, bool source, const char *tracker, uint64_t mem)
         g->coop = !strcmp(tracker, "cooperative");
     }
     if (source) {
+        lm_runstate_set_running(g->m);
         atomic_store(&g->running, true);
         assert_int_equal(pthread_create(&g->writer, NULL, writer_main, g), 0);
     }
