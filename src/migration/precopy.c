@@ -26,8 +26,10 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <jansson.h>
 #include <poll.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
 #include <unistd.h>
@@ -388,6 +390,49 @@ static int pc_iterate(precopy *pc, lm_error *err)
     }
 }
 
+/*
+ * VMDESCRIPTION after EOF, as QEMU writes it: tools such as an analyzer can
+ * skip each device section by its size without knowing the device.  Every
+ * device is described as one opaque buffer (QEMU does the same for devices
+ * that are not VMState-described).
+ */
+static void pc_put_vmdesc(precopy *pc, const uint64_t *sizes)
+{
+    lm_mig *m = pc->m;
+    json_t *root = json_object(), *devs = json_array();
+    char *text;
+
+    json_object_set_new(root, "page_size", json_integer((json_int_t)LM_PAGE_SIZE));
+    for (int i = 0; i < m->ndevices; i++) {
+        const lm_device *d = &m->devices[i];
+        json_t *dev = json_object(), *fields = json_array(), *f = json_object();
+
+        if (d->ops.save_iterate)
+            continue;
+        json_object_set_new(f, "name", json_string("data"));
+        json_object_set_new(f, "type", json_string("buffer"));
+        json_object_set_new(f, "size", json_integer((json_int_t)sizes[i]));
+        json_array_append_new(fields, f);
+        json_object_set_new(dev, "name", json_string(d->idstr));
+        json_object_set_new(dev, "instance_id", json_integer(d->instance));
+        json_object_set_new(dev, "vmsd_name", json_string(d->idstr));
+        json_object_set_new(dev, "version", json_integer(d->version));
+        json_object_set_new(dev, "fields", fields);
+        json_array_append_new(devs, dev);
+    }
+    json_object_set_new(root, "devices", devs);
+    text = json_dumps(root, JSON_COMPACT);
+    json_decref(root);
+    if (!text) {
+        lm_stream_set_error(pc->s, -ENOMEM, "cannot build the VMDESCRIPTION");
+        return;
+    }
+    lm_put_u8(pc->s, LM_VM_VMDESCRIPTION);
+    lm_put_be32(pc->s, (uint32_t)strlen(text));
+    lm_put_buffer(pc->s, text, strlen(text));
+    free(text);
+}
+
 static int pc_complete(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
@@ -414,13 +459,17 @@ static int pc_complete(precopy *pc, lm_error *err)
         ;
     ram_put_eos(pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    uint64_t sizes[LM_MAX_DEVICES];
     for (int i = 0; i < m->ndevices; i++) {
         lm_device *d = &m->devices[i];
         uint8_t type = d->ops.save_iterate ? LM_VM_SECTION_END : LM_VM_SECTION_FULL;
+        uint64_t at;
 
         savevm_section_header(pc->s, type, d->section_id, d->idstr, d->instance, d->version);
+        at = lm_stream_offset(pc->s);
         if ((ret = d->ops.save(pc->s, d->opaque)))
             return lm_error_set(err, ret, "device '%s': save failed", d->idstr);
+        sizes[i] = lm_stream_offset(pc->s) - at;
         savevm_section_footer(pc->s, d->section_id);
     }
     /*
@@ -436,6 +485,7 @@ static int pc_complete(precopy *pc, lm_error *err)
     if (!m->committed)
         return lm_error_set(err, -ECANCELED, "migration cancelled");
     savevm_put_eof(pc->s);
+    pc_put_vmdesc(pc, sizes);
     lm_stream_flush(pc->s);
     if ((ret = pc_stream_err(pc, err)))
         return ret;
