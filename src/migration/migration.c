@@ -98,6 +98,9 @@ void lm_free(lm_mig *m)
     if (!m)
         return;
     lm_cancel(m, NULL);
+    /* Also wake a thread that finished its migration but still drains or
+     * waits on its connection (the destination after SHUT). */
+    mig_kick(m);
     mig_join(m);
     if (m->dirty)
         lm_dirty_free(m->dirty);

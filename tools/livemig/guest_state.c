@@ -1,0 +1,85 @@
+/*
+ * Device state of the demo guest: the version table on the wire.  See
+ * guest_state.h for the encoding.  The table goes out in chunks converted to
+ * big-endian in a bounce buffer, so a 1 GiB guest (256 Ki pages, 1 MiB of
+ * table) costs a few lm_put_buffer calls, not one call per page.
+ */
+#include "guest_state.h"
+
+#include <endian.h>
+#include <errno.h>
+#include <stdint.h>
+#include <stdlib.h>
+
+#include "guest.h"
+
+#define TABLE_CHUNK 16384      /* versions converted per buffer call */
+
+static int state_save(lm_stream *s, void *opaque)
+{
+    struct guest *g = opaque;
+    const uint32_t *v = guest_versions(g);
+    uint64_t pages = guest_pages(g);
+    uint32_t *buf = malloc(TABLE_CHUNK * sizeof(uint32_t));
+
+    if (!buf)
+        return -ENOMEM;
+    lm_put_be64(s, pages);
+    lm_put_be32(s, (uint32_t)guest_fill(g));
+    for (uint64_t i = 0; i < pages && !lm_stream_error(s); i += TABLE_CHUNK) {
+        uint64_t n = pages - i < TABLE_CHUNK ? pages - i : TABLE_CHUNK;
+        for (uint64_t j = 0; j < n; j++)
+            buf[j] = htobe32(v[i + j]);
+        lm_put_buffer(s, buf, n * sizeof(uint32_t));
+    }
+    free(buf);
+    return lm_stream_error(s);
+}
+
+static int state_load(lm_stream *s, void *opaque, uint32_t version, int section_type)
+{
+    struct guest *g = opaque;
+    uint32_t *v = guest_versions(g);
+    uint64_t pages, mine = guest_pages(g);
+    uint32_t fill, *buf;
+
+    uint64_t at = lm_stream_offset(s);     /* where the state begins, for messages */
+
+    if (version != GUEST_STATE_VERSION || section_type != LM_SECTION_FULL) {
+        lm_stream_set_error(s, -EINVAL, "guest: unexpected device section (version %u, "
+                            "type %d) at byte offset %llu", version, section_type,
+                            (unsigned long long)at);
+        return -EINVAL;
+    }
+    if (lm_get_be64(s, &pages) || lm_get_be32(s, &fill))
+        return lm_stream_error(s);
+    if (pages != mine) {
+        lm_stream_set_error(s, -EINVAL, "guest: the source has %llu pages (byte offset %llu), "
+                            "this guest %llu (start both with the same --mem)",
+                            (unsigned long long)pages, (unsigned long long)at,
+                            (unsigned long long)mine);
+        return -EINVAL;
+    }
+    if (fill > GUEST_FILL_ZERO) {
+        lm_stream_set_error(s, -EINVAL, "guest: unknown fill kind %u at byte offset %llu", fill,
+                            (unsigned long long)(at + 8));
+        return -EINVAL;
+    }
+    buf = malloc(TABLE_CHUNK * sizeof(uint32_t));
+    if (!buf) {
+        lm_stream_set_error(s, -ENOMEM, "guest: out of memory");
+        return -ENOMEM;
+    }
+    for (uint64_t i = 0; i < pages; i += TABLE_CHUNK) {
+        uint64_t n = pages - i < TABLE_CHUNK ? pages - i : TABLE_CHUNK;
+        if (lm_get_buffer(s, buf, n * sizeof(uint32_t)))
+            break;
+        for (uint64_t j = 0; j < n; j++)
+            v[i + j] = be32toh(buf[j]);
+    }
+    free(buf);
+    guest_set_fill(g, (enum guest_fill)fill);
+    return lm_stream_error(s);
+}
+
+const lm_device_ops guest_state_ops = { .save = state_save, .load = state_load };
