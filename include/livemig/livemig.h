@@ -272,6 +272,7 @@ typedef struct lm_stats {
     double mbps;                 /* throughput, megabits/s, recent window */
     uint64_t pages_per_second;
     uint64_t precopy_bytes, downtime_bytes;
+    uint64_t multifd_bytes;      /* part of transferred that went over multifd */
     uint64_t page_size;
     char dirty_tracker[32];      /* tracker actually in use */
     char socket_address[160];    /* destination: the address listened on */

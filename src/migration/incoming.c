@@ -24,11 +24,13 @@
 #include <endian.h>
 
 #include "migration/migration.h"
+#include "multifd/multifd.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
 #include "util/time.h"
 
 #define LM_DRAIN_MS 10000
+#define LM_CHANNELS_MS 30000     /* all channels must arrive within this */
 
 typedef struct incoming {
     lm_mig *m;
@@ -36,11 +38,27 @@ typedef struct incoming {
     bool rp;
     int64_t last_publish_ns;
     lm_stats st;
+    lm_multifd_recv *mfr;
+    uint64_t mf_bytes;
 } incoming;
+
+static void in_multifd_finish(incoming *in, bool failed)
+{
+    if (!in->mfr)
+        return;
+    if (failed)
+        multifd_recv_kick(in->mfr);
+    in->mf_bytes = multifd_recv_bytes(in->mfr);
+    multifd_recv_finish(in->mfr);
+    in->mfr = in->m->ram.mfr = NULL;
+}
 
 static void in_publish(incoming *in)
 {
-    in->st.transferred = lm_stream_offset(in->s);
+    if (in->mfr)
+        in->mf_bytes = multifd_recv_bytes(in->mfr);
+    in->st.multifd_bytes = in->mf_bytes;
+    in->st.transferred = lm_stream_offset(in->s) + in->mf_bytes;
     in->st.duplicate = 0;
     mig_publish(in->m, &in->st);
 }
@@ -124,11 +142,21 @@ void *incoming_thread(void *arg)
     {
         /* Accept into a local and publish it under conn_lock: lm_cancel may
          * be shutting m->conn down concurrently. */
-        lm_conn c = { .fd = -1 };
-        ret = lm_transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
+        lm_conn c = { .fd = -1 }, chans[LM_MULTIFD_MAX_CHANNELS];
+        int n = (int)mig_params(m).multifd_channels;
+
+        if (mig_cap(m, LM_CAP_MULTIFD))
+            ret = multifd_accept(&m->listen, n, m->cancel_fd, LM_CHANNELS_MS, &c, chans, &err);
+        else
+            ret = lm_transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
+        if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
+            in.mfr = multifd_recv_start(chans, n, &m->ram, &m->cancel, mig_fail, m, &err);
+            if (!in.mfr)
+                ret = err.code ? err.code : -EIO;
+        }
     }
     lm_transport_unlisten(&m->listen);
     if (ret) {
@@ -151,6 +179,7 @@ void *incoming_thread(void *arg)
                            m->devices[i].version, m->devices[i].ops.load,
                            m->devices[i].opaque);
     ram_load_start(&m->ram);
+    m->ram.mfr = in.mfr;
     if (loadvm_run(lv, in.s)) {
         ret = lm_stream_error(in.s);
         if (mig_cancelled(m))
@@ -159,6 +188,8 @@ void *incoming_thread(void *arg)
             lm_error_set(&err, ret, "%s", lm_stream_error_msg(in.s));
         goto fail;
     }
+    /* The last EOS was a multifd barrier: every page is in place. */
+    in_multifd_finish(&in, false);
     in_publish(&in);
 
     /* The stream ended cleanly: this is the only path that starts the guest. */
@@ -177,6 +208,7 @@ void *incoming_thread(void *arg)
     return NULL;
 
 fail:
+    in_multifd_finish(&in, true);
     if (in.rp)
         in_rp_send(&in, LM_RP_SHUT, 1);
     if (in.s)

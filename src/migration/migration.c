@@ -393,6 +393,34 @@ void mig_kick(lm_mig *m)
     pthread_mutex_unlock(&m->conn_lock);
 }
 
+void mig_fail(void *opaque, const lm_error *err)
+{
+    lm_mig *m = opaque;
+
+    mig_set_error(m, err);
+    mig_kick(m);
+}
+
+bool mig_has_error(lm_mig *m)
+{
+    bool has;
+
+    pthread_mutex_lock(&m->lock);
+    has = m->error.code != 0;
+    pthread_mutex_unlock(&m->lock);
+    return has;
+}
+
+bool mig_user_cancelled(lm_mig *m)
+{
+    bool c;
+
+    pthread_mutex_lock(&m->lock);
+    c = m->user_cancel;
+    pthread_mutex_unlock(&m->lock);
+    return c;
+}
+
 bool mig_cancelled(lm_mig *m)
 {
     return atomic_load(&m->cancel);
@@ -504,6 +532,7 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
         return lm_error_set_errno(err, -errno, "eventfd");
     atomic_store(&m->cancel, false);
     m->committed = false;
+    m->user_cancel = false;
 
     pthread_mutex_lock(&m->lock);
     memset(&m->stats, 0, sizeof(m->stats));
@@ -535,11 +564,24 @@ static int mig_spawn(lm_mig *m, void *(*fn)(void *), lm_error *err)
     return 0;
 }
 
-int lm_migrate(lm_mig *m, const char *uri, lm_error *err)
+/* Capability / URI combinations refused before anything starts. */
+static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
 {
-    int ret = mig_begin(m, uri, false, err);
+    lm_uri u;
+    int ret = lm_uri_parse(uri, &u, err);
 
     if (ret)
+        return ret;
+    if (mig_cap(m, LM_CAP_MULTIFD) && u.kind != LM_URI_TCP && u.kind != LM_URI_UNIX)
+        return lm_error_set(err, -EINVAL, "multifd needs a tcp: or unix: URI, not '%s'", uri);
+    return 0;
+}
+
+int lm_migrate(lm_mig *m, const char *uri, lm_error *err)
+{
+    int ret = mig_check_uri(m, uri, err);
+
+    if (ret || (ret = mig_begin(m, uri, false, err)))
         return ret;
     mig_set_status(m, LM_STATUS_SETUP);
     /* Connect here so "refused" / "bad address" reach the caller directly. */
@@ -560,9 +602,9 @@ int lm_migrate(lm_mig *m, const char *uri, lm_error *err)
 
 int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
 {
-    int ret = mig_begin(m, uri, true, err);
+    int ret = mig_check_uri(m, uri, err);
 
-    if (ret)
+    if (ret || (ret = mig_begin(m, uri, true, err)))
         return ret;
     ret = lm_transport_listen(&m->uri, &m->listen, err);
     if (ret)
@@ -589,8 +631,10 @@ int lm_cancel(lm_mig *m, lm_error *err)
     pthread_mutex_lock(&m->lock);
     active = !status_final(m->status);
     committed = m->committed;
-    if (active && !committed)
+    if (active && !committed) {
         atomic_store(&m->cancel, true);
+        m->user_cancel = true;
+    }
     pthread_mutex_unlock(&m->lock);
     if (!active)
         return 0;

@@ -50,6 +50,7 @@
 enum lm_cap {
     LM_CAP_EVENTS,
     LM_CAP_AUTO_CONVERGE,
+    LM_CAP_MULTIFD,
     LM_CAP__MAX,
 };
 
@@ -61,6 +62,11 @@ typedef struct lm_params {
     int64_t cpu_throttle_increment;
     int64_t max_cpu_throttle;
     int64_t throttle_trigger_threshold;
+    int64_t multifd_channels;
+    int64_t multifd_compression;       /* index into its choices: none, zlib, zstd */
+    int64_t multifd_zlib_level;
+    int64_t multifd_zstd_level;
+    int64_t zero_page_detection;       /* lm_zero_detect: none, legacy, multifd */
 } lm_params;
 
 /* Copied by value under the lock, then called without it. */
@@ -108,6 +114,7 @@ struct lm_mig {
     pthread_t thread;
     atomic_bool cancel;
     bool committed;                    /* under lock: EOF sent, cancel refused */
+    bool user_cancel;                  /* under lock: lm_cancel asked (vs. a failure) */
     int cancel_fd;                     /* eventfd, readable once cancelled */
     lm_uri uri;
     lm_conn conn;                      /* owned by the thread; shutdown by anyone */
@@ -125,6 +132,10 @@ void mig_set_runstate(lm_mig *m, lm_runstate r);
 void mig_set_error(lm_mig *m, const lm_error *err);
 /* Interrupt every blocking wait of the migration thread. */
 void mig_kick(lm_mig *m);
+/* A helper thread (multifd channel) failed: record the error, then kick. */
+void mig_fail(void *m, const lm_error *err);
+bool mig_has_error(lm_mig *m);
+bool mig_user_cancelled(lm_mig *m);
 bool mig_cancelled(lm_mig *m);
 /* Publish counters for lm_query (takes the lock briefly). */
 void mig_publish(lm_mig *m, const lm_stats *st);

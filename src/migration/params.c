@@ -10,11 +10,13 @@
 #include <string.h>
 
 #include "migration/migration.h"
+#include "multifd/multifd.h"
 #include "util/error.h"
 
 static const char *const cap_names[LM_CAP__MAX] = {
     [LM_CAP_EVENTS] = "events",
     [LM_CAP_AUTO_CONVERGE] = "auto-converge",
+    [LM_CAP_MULTIFD] = "multifd",
 };
 
 typedef struct param_def {
@@ -23,9 +25,14 @@ typedef struct param_def {
     size_t offset;          /* into lm_params, int64_t fields */
     int64_t min, max, def;
     bool live;              /* may change while a migration runs */
+    const char *const *choices;   /* LM_PARAM_STR: the value is the index */
 } param_def;
 
-#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(lm_params, f), lo, hi, d, l }
+static const char *const compression_choices[] = { "none", "zlib", "zstd", NULL };
+static const char *const zero_choices[] = { "none", "legacy", "multifd", NULL };
+
+#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(lm_params, f), lo, hi, d, l, NULL }
+#define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(lm_params, f), 0, 0, d, false, c }
 static const param_def param_defs[] = {
     P("downtime-limit", downtime_limit, 0, 2000000, 300, true),
     P("max-bandwidth", max_bandwidth, 0, INT64_MAX, 0, true),
@@ -34,8 +41,14 @@ static const param_def param_defs[] = {
     P("cpu-throttle-increment", cpu_throttle_increment, 1, 99, 10, true),
     P("max-cpu-throttle", max_cpu_throttle, 1, 99, 99, true),
     P("throttle-trigger-threshold", throttle_trigger_threshold, 1, 100, 50, true),
+    P("multifd-channels", multifd_channels, 1, LM_MULTIFD_MAX_CHANNELS, 2, false),
+    S("multifd-compression", multifd_compression, 0, compression_choices),
+    P("multifd-zlib-level", multifd_zlib_level, 0, 9, 1, false),
+    P("multifd-zstd-level", multifd_zstd_level, 0, 20, 1, false),
+    S("zero-page-detection", zero_page_detection, 2, zero_choices),
 };
 #undef P
+#undef S
 #define NPARAMS ((int)(sizeof(param_defs) / sizeof(param_defs[0])))
 
 void params_init(lm_params *p)
@@ -145,26 +158,51 @@ int lm_param_set_bool(lm_mig *m, const char *name, bool v, lm_error *err)
 int lm_param_set_str(lm_mig *m, const char *name, const char *v, lm_error *err)
 {
     const param_def *d = param_find(name);
+    int ret = 0, idx = -1;
 
     if (!d)
         return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
-    return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                        name, d->type == LM_PARAM_INT ? "integer" : "boolean");
-    (void)v;
+    if (d->type != LM_PARAM_STR)
+        return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                            name, d->type == LM_PARAM_INT ? "integer" : "boolean");
+    for (int i = 0; d->choices[i]; i++)
+        if (!strcmp(d->choices[i], v))
+            idx = i;
+    if (idx < 0) {
+        char list[128] = "";
+        for (int i = 0; d->choices[i]; i++)
+            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", i ? ", " : "",
+                     d->choices[i]);
+        return lm_error_set(err, -EINVAL, "Parameter '%s' does not accept value '%s' "
+                            "(expected one of: %s)", name, v, list);
+    }
+    pthread_mutex_lock(&m->lock);
+    if (mig_busy(m))
+        ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
+                           name);
+    else
+        *(int64_t *)((char *)&m->params + d->offset) = idx;
+    pthread_mutex_unlock(&m->lock);
+    return ret;
 }
 
 int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, size_t svlen)
 {
     const param_def *d = param_find(name);
 
+    int64_t v;
+
     (void)bv;
-    (void)sv;
-    (void)svlen;
     if (!d)
         return -ENOENT;
     pthread_mutex_lock(&m->lock);
-    if (iv)
-        *iv = *(const int64_t *)((const char *)&m->params + d->offset);
+    v = *(const int64_t *)((const char *)&m->params + d->offset);
     pthread_mutex_unlock(&m->lock);
+    if (d->type == LM_PARAM_STR) {
+        if (sv && svlen)
+            snprintf(sv, svlen, "%s", d->choices[v]);
+    } else if (iv) {
+        *iv = v;
+    }
     return 0;
 }

@@ -36,8 +36,10 @@
 #include <endian.h>
 
 #include "migration/migration.h"
+#include "multifd/multifd.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
+#include "util/fault.h"
 #include "util/time.h"
 
 #define LM_RAM_SECTION_ID 1
@@ -80,11 +82,25 @@ typedef struct precopy {
     size_t rplen;
     int dest_status;            /* SHUT value, -1 until received */
     lm_stats st;
+    lm_multifd_send *mfs;
+    lm_multifd_stats mf_final;          /* kept when the channels are gone */
 } precopy;
 
+static void pc_mf_stats(precopy *pc, lm_multifd_stats *mf)
+{
+    if (pc->mfs)
+        multifd_send_stats(pc->mfs, mf);
+    else
+        *mf = pc->mf_final;
+}
+
+/* Bytes sent on all channels: the main stream plus multifd. */
 static uint64_t pc_bytes(precopy *pc)
 {
-    return lm_stream_offset(pc->s);
+    lm_multifd_stats mf;
+
+    pc_mf_stats(pc, &mf);
+    return lm_stream_offset(pc->s) + mf.bytes;
 }
 
 static int pc_stream_err(precopy *pc, lm_error *err)
@@ -112,11 +128,15 @@ static void pc_publish(precopy *pc)
         pc->rate_bytes = bytes;
         pc->rate_pages = pages;
     }
+    lm_multifd_stats mf;
+
+    pc_mf_stats(pc, &mf);
+    pc->st.multifd_bytes = mf.bytes;
     pc->st.transferred = bytes;
     pc->st.remaining = pc->ram->dirty * LM_PAGE_SIZE;
-    pc->st.duplicate = pc->ram->zero_pages;
-    pc->st.normal = pc->ram->normal_pages;
-    pc->st.normal_bytes = pc->ram->normal_pages * LM_PAGE_SIZE;
+    pc->st.duplicate = pc->ram->zero_pages + mf.zero_pages;
+    pc->st.normal = pc->ram->normal_pages - mf.zero_pages;
+    pc->st.normal_bytes = pc->st.normal * LM_PAGE_SIZE;
     pc->st.cpu_throttle_percentage = pc->throttle;
     if (pc->vm_stopped)
         pc->st.downtime_bytes = bytes - pc->st.precopy_bytes;
@@ -220,6 +240,35 @@ static int pc_rate_limit(precopy *pc, lm_error *err)
 
 /* ------------------------------------------------------------ phases */
 
+static int pc_multifd_start(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int n = (int)pc->p.multifd_channels, ret = 0;
+    lm_conn conns[LM_MULTIFD_MAX_CHANNELS];
+
+    for (int i = 0; i < n; i++) {
+        conns[i].fd = -1;
+        if (lm_fault_hit("src", "connect", i))
+            ret = lm_error_set(err, -ECONNREFUSED, "multifd channel %d: injected connect "
+                               "failure", i);
+        else
+            ret = lm_transport_connect(&m->uri, &conns[i], m->cancel_fd, 10000, err);
+        if (ret) {
+            lm_error_prefix(err, "multifd channel %d", i);
+            for (int j = 0; j < i; j++)
+                lm_conn_close(&conns[j], NULL);
+            return ret;
+        }
+    }
+    pc->mfs = multifd_send_start(conns, n, (lm_zero_detect)pc->p.zero_page_detection,
+                                 &m->cancel, mig_fail, m, err);
+    if (!pc->mfs)
+        return err->code ? err->code : -EIO;
+    pc->ram->mfs = pc->mfs;
+    pc->ram->zd = (int)pc->p.zero_page_detection;
+    return 0;
+}
+
 static int pc_setup(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
@@ -230,6 +279,12 @@ static int pc_setup(precopy *pc, lm_error *err)
         savevm_put_command(pc->s, LM_CMD_OPEN_RETURN_PATH, 0, NULL);
         pc->rp = true;
     }
+    /* The main stream's header is on the wire before any channel connects:
+     * QEMU 7.2 destinations take the first connection as the main one. */
+    if (lm_stream_flush(pc->s))
+        return pc_stream_err(pc, err);
+    if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err)))
+        return ret;
     ret = lm_dirty_start(pc->dirty, err);
     if (ret)
         return ret;
@@ -272,7 +327,7 @@ static int pc_part(precopy *pc, bool *wrapped, lm_error *err)
         if (lm_now_ns() - t0 > LM_SECTION_MAX_MS * 1000000LL)
             break;
     }
-    ram_put_eos(pc->s);
+    ram_put_eos(pc->ram, pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
     for (int i = 0; i < m->ndevices; i++) {
         lm_device *d = &m->devices[i];
@@ -457,7 +512,7 @@ static int pc_complete(precopy *pc, lm_error *err)
     savevm_section_header(pc->s, LM_VM_SECTION_END, LM_RAM_SECTION_ID, NULL, 0, 0);
     while (!ram_save_some(pc->ram, pc->s, UINT64_MAX) && !lm_stream_error(pc->s))
         ;
-    ram_put_eos(pc->s);
+    ram_put_eos(pc->ram, pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
     uint64_t sizes[LM_MAX_DEVICES];
     for (int i = 0; i < m->ndevices; i++) {
@@ -523,11 +578,20 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
 
     lm_dirty_stop(pc->dirty);
     pc_set_throttle(pc, 0);
-    ram_save_finish(pc->ram);
     if (ret) {
         mig_kick(m);                    /* shut the socket: the peer sees the end */
+        if (pc->mfs)
+            multifd_send_kick(pc->mfs);
         pc_restore_guest(pc);
     }
+    if (pc->mfs) {
+        lm_multifd_stats mf;
+        multifd_send_stats(pc->mfs, &mf);
+        pc->mf_final = mf;
+        multifd_send_finish(pc->mfs);
+        pc->mfs = pc->ram->mfs = NULL;
+    }
+    ram_save_finish(pc->ram);
     mig_conn_close(m, &cerr);
     if (!ret && cerr.code) {            /* e.g. exec: command exited non-zero */
         ret = cerr.code;
@@ -547,10 +611,12 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         mig_publish(m, &avg);
         mig_set_runstate(m, LM_RUN_POSTMIGRATE);
         mig_set_status(m, LM_STATUS_COMPLETED);
-    } else if (mig_cancelled(m) && ret == -ECANCELED) {
+    } else if (mig_user_cancelled(m) && !mig_has_error(m)) {
         mig_set_status(m, LM_STATUS_CANCELLED);
     } else {
-        mig_set_error(m, err);
+        /* A channel's failure was recorded first; our -ECANCELED is its echo. */
+        if (!(ret == -ECANCELED && mig_has_error(m)))
+            mig_set_error(m, err);
         mig_set_status(m, LM_STATUS_FAILED);
     }
 }

@@ -7,6 +7,7 @@
 #include <string.h>
 
 #include "ram/ram.h"
+#include "multifd/multifd.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 #include "util/zero.h"
@@ -73,8 +74,10 @@ void ram_save_finish(lm_ram *r)
     }
 }
 
-void ram_put_eos(lm_stream *s)
+void ram_put_eos(lm_ram *r, lm_stream *s)
 {
+    if (r->mfs && !lm_stream_error(s) && multifd_send_sync(r->mfs))
+        lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
     lm_put_be64(s, LM_RAM_EOS);
 }
 
@@ -85,7 +88,7 @@ void ram_save_setup(lm_ram *r, lm_stream *s)
         lm_stream_put_counted(s, r->blocks[i].idstr);
         lm_put_be64(s, r->blocks[i].length);
     }
-    ram_put_eos(s);
+    ram_put_eos(r, s);
 }
 
 /* One page record header: the idstr only when the block changed. */
@@ -106,10 +109,20 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
     uint64_t offset = page * LM_PAGE_SIZE;
     const uint8_t *p = b->host + offset;
 
-    if (lm_is_zero(p, LM_PAGE_SIZE)) {
+    if (r->mfs && r->zd != LM_ZERO_LEGACY) {
+        if (multifd_send_page(r->mfs, b, offset))
+            lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
+        r->normal_pages++;
+        return;
+    }
+    if ((!r->mfs || r->zd == LM_ZERO_LEGACY) && lm_is_zero(p, LM_PAGE_SIZE)) {
         ram_put_header(r, s, b, offset, LM_RAM_ZERO);
         lm_put_u8(s, 0);
         r->zero_pages++;
+    } else if (r->mfs) {
+        if (multifd_send_page(r->mfs, b, offset))
+            lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
+        r->normal_pages++;
     } else {
         ram_put_header(r, s, b, offset, LM_RAM_PAGE);
         lm_stream_put_page(s, p, LM_PAGE_SIZE);
@@ -246,8 +259,14 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
         flags = word & ~LM_PAGE_MASK;
         offset = word & LM_PAGE_MASK;
 
-        if (flags == LM_RAM_EOS)
+        if (flags == LM_RAM_EOS) {
+            if (r->mfr && multifd_recv_sync(r->mfr)) {
+                lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed (barrier at "
+                                    "byte offset %" PRIu64 ")", at);
+                return -1;
+            }
             return 0;
+        }
         if (flags == LM_RAM_MEM_SIZE) {
             if (section_type != LM_SECTION_START || r->seen_block_list) {
                 lm_stream_set_error(s, -EINVAL, "ram: unexpected MEM_SIZE record at byte "

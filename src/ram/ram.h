@@ -49,6 +49,9 @@ enum {
 #define LM_RAM_SECTION_VERSION 4
 #define LM_RAM_MAX_BLOCKS 64
 
+struct lm_multifd_send;
+struct lm_multifd_recv;
+
 typedef struct lm_ramblock {
     char idstr[256];
     uint8_t *host;
@@ -68,10 +71,15 @@ typedef struct lm_ram {
     const lm_ramblock *last_sent;   /* for CONTINUE */
     uint64_t dirty;             /* bits set in all bitmaps */
     uint64_t zero_pages, normal_pages;
+    /* multifd (set by the migration thread around a migration): pages go to
+     * the channels; zd says who checks for zero pages (lm_zero_detect). */
+    struct lm_multifd_send *mfs;
+    int zd;
 
     /* destination load state */
     const lm_ramblock *last_recv;
     bool seen_block_list;
+    struct lm_multifd_recv *mfr;    /* every EOS is a sync barrier when set */
 } lm_ram;
 
 int ram_register(lm_ram *r, const char *idstr, void *host, uint64_t length,
@@ -88,7 +96,9 @@ void ram_save_setup(lm_ram *r, lm_stream *s); /* START payload incl. EOS */
  * writes EOS (ram_put_eos) when it closes the section.
  */
 bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget);
-void ram_put_eos(lm_stream *s);
+/* End a ram payload: with multifd, first SYNC every channel (per-section
+ * sync, QEMU 7.2 placement), then EOS. */
+void ram_put_eos(lm_ram *r, lm_stream *s);
 /* Sync every block from the tracker; returns pages newly dirtied or -errno. */
 int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err);
 

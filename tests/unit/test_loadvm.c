@@ -139,10 +139,10 @@ static void write_good(lm_stream *s, void *arg)
     savevm_section_header(s, LM_VM_SECTION_PART, 1, NULL, 0, 0);
     while (!ram_save_some(&sr->ram, s, 3 * LM_PAGE_SIZE))
         ;
-    ram_put_eos(s);
+    ram_put_eos(&sr->ram, s);
     savevm_section_footer(s, 1);
     savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
-    ram_put_eos(s);
+    ram_put_eos(&sr->ram, s);
     savevm_section_footer(s, 1);
     savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
     lm_put_be32(s, 0xdeadbeef);
@@ -343,34 +343,34 @@ static void x_bad_flags(lm_stream *s)
 
 static void x_bad_footer(lm_stream *s)
 {
-    ram_put_eos(s);
+    lm_put_be64(s, LM_RAM_EOS);
     savevm_section_footer(s, 9);
 }
 
 static void x_part_unknown_id(lm_stream *s)
 {
-    ram_put_eos(s);
+    lm_put_be64(s, LM_RAM_EOS);
     savevm_section_footer(s, 1);
     savevm_section_header(s, LM_VM_SECTION_PART, 5, NULL, 0, 0);
 }
 
 static void x_unknown_record(lm_stream *s)
 {
-    ram_put_eos(s);
+    lm_put_be64(s, LM_RAM_EOS);
     savevm_section_footer(s, 1);
     lm_put_u8(s, 0x42);
 }
 
 static void x_bad_command(lm_stream *s)
 {
-    ram_put_eos(s);
+    lm_put_be64(s, LM_RAM_EOS);
     savevm_section_footer(s, 1);
     savevm_put_command(s, 2, 7, "1234567");   /* PING must be 4 bytes */
 }
 
 static void x_unknown_command(lm_stream *s)
 {
-    ram_put_eos(s);
+    lm_put_be64(s, LM_RAM_EOS);
     savevm_section_footer(s, 1);
     savevm_put_command(s, 99, 0, NULL);
 }
@@ -382,7 +382,7 @@ static void x_second_mem_size(lm_stream *s)
 
 static void x_no_eof(lm_stream *s)
 {
-    ram_put_eos(s);
+    lm_put_be64(s, LM_RAM_EOS);
     savevm_section_footer(s, 1);
 }
 

@@ -151,7 +151,8 @@ static void sock_path(char *buf, size_t n, const char *tag)
     snprintf(buf, n, "unix:/tmp/lm-test-%d-%s.sock", getpid(), tag);
 }
 
-static void migrate_ok(const char *tracker, bool tcp)
+/* multifd: 0 = off, else the channel count; zpd = zero-page-detection */
+static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char *zpd)
 {
     guest src, dst;
     lm_error err = { 0 };
@@ -160,6 +161,14 @@ static void migrate_ok(const char *tracker, bool tcp)
 
     guest_init(&src, true, tracker, MEM);
     guest_init(&dst, false, NULL, MEM);
+    if (multifd) {
+        for (guest *g = &src; g; g = g == &src ? &dst : NULL) {
+            assert_int_equal(lm_cap_set(g->m, "multifd", true, &err), 0);
+            assert_int_equal(lm_param_set_int(g->m, "multifd-channels", multifd, &err), 0);
+            if (zpd)
+                assert_int_equal(lm_param_set_str(g->m, "zero-page-detection", zpd, &err), 0);
+        }
+    }
     if (tcp)
         snprintf(uri, sizeof(uri), "tcp:127.0.0.1:0");
     else
@@ -190,11 +199,53 @@ static void migrate_ok(const char *tracker, bool tcp)
     lm_query(src.m, &st);
     assert_true(st.dirty_sync_count >= 2);
     assert_true(st.downtime >= 0 && st.downtime < 5000);
-    assert_true(st.normal > 0 && st.duplicate > 0);
+    assert_true(st.normal > 0);
+    if (zpd && !strcmp(zpd, "none"))
+        assert_int_equal(st.duplicate, 0);
+    else
+        assert_true(st.duplicate > 0);
     if (tracker)
         assert_string_equal(st.dirty_tracker, tracker);
+    if (multifd)
+        assert_true(st.multifd_bytes > MEM / 2 && st.multifd_bytes < st.transferred);
+    else
+        assert_int_equal(st.multifd_bytes, 0);
     guest_fini(&src, MEM);
     guest_fini(&dst, MEM);
+}
+
+static void migrate_ok(const char *tracker, bool tcp)
+{
+    migrate_ok_mf(tracker, tcp, 0, NULL);
+}
+
+static void test_multifd_channels(void **state)
+{
+    migrate_ok_mf(NULL, false, 1, NULL);
+    migrate_ok_mf(NULL, true, 2, NULL);
+    migrate_ok_mf("cooperative", false, 4, NULL);
+    migrate_ok_mf(NULL, true, 8, NULL);
+}
+
+static void test_multifd_zero_detection(void **state)
+{
+    migrate_ok_mf(NULL, false, 2, "none");
+    migrate_ok_mf(NULL, false, 2, "legacy");
+    migrate_ok_mf(NULL, true, 3, "multifd");
+}
+
+static void test_multifd_bad_uri(void **state)
+{
+    guest src;
+    lm_error err = { 0 };
+
+    guest_init(&src, true, NULL, MEM);
+    assert_int_equal(lm_cap_set(src.m, "multifd", true, &err), 0);
+    assert_int_not_equal(lm_migrate(src.m, "file:/tmp/lm-mf-never", &err), 0);
+    assert_non_null(strstr(err.msg, "multifd needs a tcp: or unix: URI"));
+    assert_int_not_equal(lm_param_set_str(src.m, "zero-page-detection", "sometimes", &err), 0);
+    assert_non_null(strstr(err.msg, "none, legacy, multifd"));
+    guest_fini(&src, MEM);
 }
 
 static void test_unix_uffd(void **state)
@@ -330,6 +381,9 @@ int main(void)
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_destination_refuses),
         cmocka_unit_test(test_refused_and_bad_uri),
+        cmocka_unit_test(test_multifd_channels),
+        cmocka_unit_test(test_multifd_zero_detection),
+        cmocka_unit_test(test_multifd_bad_uri),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

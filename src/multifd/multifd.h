@@ -1,0 +1,178 @@
+/*
+ * multifd: RAM pages over N parallel channels, each a socket with its own
+ * thread, kept in order across dirty-sync rounds by SYNC packets.
+ *
+ * Wire (docs/format.md, section 6): every channel starts with a 64-byte
+ * handshake (magic 0x11223344, version 1, the source's 16-byte UUID -- zero,
+ * as QEMU without -uuid --, channel id), then packets: a 1344-byte header
+ * (magic, version, flags, pages_alloc=128, normal_pages, next_packet_size,
+ * packet_num, zero_pages, the block's idstr in 256 bytes, 128 be64 offsets:
+ * normal ones first, then zero ones) followed by the normal pages' data.
+ * Sync is per section, as QEMU 7.2 does it: before every EOS of the `ram`
+ * section each channel sends a packet with the SYNC flag, and the destination
+ * treats every EOS as a barrier.  No MULTIFD_FLUSH record is ever written.
+ *
+ * Source threads and ownership
+ * ----------------------------
+ *   migration thread  owns `ms->batch` (the pages being collected) and is the
+ *                     only producer.  multifd_send_page() appends an offset;
+ *                     a full batch, or a page of another block, is handed to
+ *                     an idle channel by SWAPPING batch pointers with it.
+ *   channel thread i  owns `c->batch` from the moment it sees pending_job=1
+ *                     (acquire, via c->sem) until it stores pending_job=0
+ *                     (release) and posts ms->ready.
+ *   Barriers: the migration thread's store-release of pending_job=1 and
+ *   lm_sem_post(c->sem) pair with the channel's lm_sem_wait (acquire) and its
+ *   load-acquire of pending_job; the channel's store-release of pending_job=0
+ *   and post of ms->ready pair with the migration thread's wait on ms->ready
+ *   and load-acquire of pending_job.  `ms->ready` counts idle channels.
+ *   Sync: the migration thread sets every pending_sync and posts every c->sem;
+ *   a channel always finishes its pending job before it sends SYNC, then posts
+ *   c->sem_sync; the migration thread waits for all of them before it writes
+ *   EOS on the main stream.
+ *
+ * Destination threads
+ * -------------------
+ *   channel thread i  reads packets and writes their pages straight into guest
+ *                     RAM (readv into the pages, adjacent pages coalesced);
+ *                     on SYNC it posts mr->synced and parks on c->release.
+ *   incoming thread   at every `ram` EOS calls multifd_recv_sync(): waits for
+ *                     every channel's SYNC, then releases them all.  So every
+ *                     page sent before a sync is in RAM before the main stream
+ *                     goes on, and no channel applies a page of the next round
+ *                     early: round N can never overwrite round N+1.
+ *
+ * Errors: whichever thread fails first reports through `fail` (which keeps
+ * the first error, sets the shared abort flag and shuts every socket down),
+ * so every wait -- lm_sem_wait checks `abort`, blocked I/O returns on
+ * shutdown -- ends; multifd_*_finish() joins every thread it started and
+ * closes every socket.  No path waits forever.
+ */
+#ifndef LM_MULTIFD_MULTIFD_H
+#define LM_MULTIFD_MULTIFD_H
+
+#include <pthread.h>
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "livemig/livemig.h"
+#include "ram/ram.h"
+#include "stream/transport.h"
+#include "util/sem.h"
+
+#define LM_MULTIFD_MAGIC 0x11223344U
+#define LM_MULTIFD_VERSION 1U
+#define LM_MULTIFD_PAGES 128
+#define LM_MULTIFD_INIT_SIZE 64
+#define LM_MULTIFD_HDR_SIZE (320 + 8 * LM_MULTIFD_PAGES)   /* 1344 */
+#define LM_MULTIFD_MAX_CHANNELS 64
+
+enum {
+    LM_MULTIFD_FLAG_SYNC = 0x01,
+    LM_MULTIFD_FLAG_COMP_MASK = 0x0e,
+    LM_MULTIFD_FLAG_ZLIB = 0x02,
+    LM_MULTIFD_FLAG_ZSTD = 0x04,
+};
+
+typedef enum lm_zero_detect {
+    LM_ZERO_NONE,       /* every page sent in full */
+    LM_ZERO_LEGACY,     /* migration thread checks; ZERO records on the main stream */
+    LM_ZERO_MULTIFD,    /* channel threads check; the packet's zero list */
+} lm_zero_detect;
+
+/* Reports the first error of a channel thread; provided by the migration. */
+typedef void (*lm_multifd_fail_fn)(void *opaque, const lm_error *err);
+
+/* One batch: up to 128 offsets of one block. */
+typedef struct lm_mf_batch {
+    const lm_ramblock *block;
+    uint32_t num;
+    uint64_t offsets[LM_MULTIFD_PAGES];
+} lm_mf_batch;
+
+/* ---- packet encoding (packet.c) ---- */
+
+typedef struct lm_mf_header {
+    uint32_t flags;
+    uint32_t pages_alloc;
+    uint32_t normal, zero;
+    uint32_t next_size;
+    uint64_t packet_num;
+    char idstr[256];
+    uint64_t offsets[LM_MULTIFD_PAGES];
+} lm_mf_header;
+
+void multifd_put_init(uint8_t out[LM_MULTIFD_INIT_SIZE], uint8_t id);
+/* Check a handshake; fills *id.  Errors name the channel's peer. */
+int multifd_check_init(const uint8_t in[LM_MULTIFD_INIT_SIZE], int nchannels, uint8_t *id,
+                       lm_error *err);
+void multifd_put_header(uint8_t out[LM_MULTIFD_HDR_SIZE], const lm_mf_header *h);
+/*
+ * Decode and validate a header against the destination's RAM: magic,
+ * version, compression method, counts, block name, every offset inside the
+ * block and page aligned.  *block is NULL only when the packet has no pages.
+ */
+int multifd_get_header(const uint8_t in[LM_MULTIFD_HDR_SIZE], lm_mf_header *h,
+                       const lm_ram *ram, uint32_t comp_flags, const lm_ramblock **block,
+                       lm_error *err);
+
+/* ---- source (send.c) ---- */
+
+typedef struct lm_multifd_send lm_multifd_send;
+
+/*
+ * Start one thread per connected channel in `conns` (ownership of the
+ * descriptors passes to the multifd state).  Each thread first sends its
+ * handshake.  `abort` is the migration's cancel flag.
+ */
+lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
+                                    atomic_bool *stop, lm_multifd_fail_fn fail,
+                                    void *fail_opaque, lm_error *err);
+/* Migration thread: queue one dirty page (not checked for zeros by caller
+ * unless zd == LEGACY).  0 or -ECANCELED when the channels failed. */
+int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset);
+/* Migration thread: hand off the partial batch, SYNC every channel, wait. */
+int multifd_send_sync(lm_multifd_send *ms);
+/* Any thread: make every channel thread and wait return (failure path). */
+void multifd_send_kick(lm_multifd_send *ms);
+/* Migration thread: stop and join all channels, close their sockets, free. */
+void multifd_send_finish(lm_multifd_send *ms);
+
+typedef struct lm_multifd_stats {
+    uint64_t bytes;          /* on the wire, headers included */
+    uint64_t normal_pages;
+    uint64_t zero_pages;     /* found by the channel threads */
+    uint64_t packets;
+} lm_multifd_stats;
+void multifd_send_stats(lm_multifd_send *ms, lm_multifd_stats *st);
+
+/* ---- destination (recv.c) ---- */
+
+typedef struct lm_multifd_recv lm_multifd_recv;
+
+/*
+ * Take `n` channel connections whose handshakes were checked (conns[id] is
+ * channel id) and start their threads.
+ */
+lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram,
+                                    atomic_bool *stop, lm_multifd_fail_fn fail,
+                                    void *fail_opaque, lm_error *err);
+/*
+ * Incoming thread: accept the main connection and `n` channels in whatever
+ * order they arrive.  Each connection is classified by its first 4 bytes
+ * ("QEVM" = main, 0x11223344 = a channel, anything else is refused); a
+ * channel's handshake is read and checked (magic, version, UUID, id in
+ * range, no duplicate).  The first accept waits for a source (cancel_fd
+ * interrupts it); everything after it is bounded by timeout_ms.
+ */
+int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *main_conn,
+                   lm_conn *chans, lm_error *err);
+/* Incoming thread, at every ram EOS: the barrier described above. */
+int multifd_recv_sync(lm_multifd_recv *mr);
+void multifd_recv_kick(lm_multifd_recv *mr);
+/* Shut the channels down (the stream ended), join, close, free. */
+void multifd_recv_finish(lm_multifd_recv *mr);
+uint64_t multifd_recv_bytes(lm_multifd_recv *mr);
+
+#endif

@@ -1,0 +1,373 @@
+/*
+ * multifd, destination side: one thread per channel reads packets straight
+ * into guest RAM; the incoming thread's multifd_recv_sync() is the barrier
+ * at every `ram` EOS.  See multifd.h.
+ */
+#include <errno.h>
+#include <inttypes.h>
+#include <poll.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "multifd/multifd.h"
+#include "util/error.h"
+#include "util/fault.h"
+#include "util/time.h"
+#include "util/zero.h"
+
+typedef struct mf_recv_chan {
+    lm_multifd_recv *mr;
+    int id;
+    lm_conn conn;
+    pthread_t thread;
+    bool started;
+    lm_sem release;              /* posted by the incoming thread after a sync */
+    uint8_t hdr[LM_MULTIFD_HDR_SIZE];
+    struct iovec iov[LM_MULTIFD_PAGES];
+    _Atomic uint64_t bytes;
+} mf_recv_chan;
+
+struct lm_multifd_recv {
+    int n;
+    mf_recv_chan *chans;
+    const lm_ram *ram;
+    lm_sem synced;               /* one post per channel that reached SYNC */
+    atomic_bool *abort;
+    atomic_bool finishing;       /* the main stream ended: EOF is expected */
+    lm_multifd_fail_fn fail;
+    void *fail_opaque;
+};
+
+static void mr_fail(mf_recv_chan *c, const lm_error *why)
+{
+    lm_error err;
+
+    if (atomic_load(&c->mr->finishing))
+        return;
+    lm_error_set(&err, why->code, "multifd channel %d: %s", c->id, why->msg);
+    c->mr->fail(c->mr->fail_opaque, &err);
+    multifd_recv_kick(c->mr);
+}
+
+/* Read all of iov; 0, 1 at a clean EOF before the first byte, or -errno. */
+static int mr_readv_all(int fd, struct iovec *iov, int n, uint64_t *count)
+{
+    bool any = false;
+
+    while (n > 0) {
+        ssize_t r = readv(fd, iov, n);
+        if (r < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        if (r == 0)
+            return any ? -EPIPE : 1;
+        any = true;
+        *count += (uint64_t)r;
+        while (n > 0 && (size_t)r >= iov->iov_len) {
+            r -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + r;
+            iov->iov_len -= (size_t)r;
+        }
+    }
+    return 0;
+}
+
+static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
+{
+    const lm_ramblock *b;
+    struct iovec hiov = { c->hdr, sizeof(c->hdr) };
+    uint64_t got = 0;
+    int niov = 0, ret;
+
+    ret = mr_readv_all(c->conn.fd, &hiov, 1, &got);
+    atomic_fetch_add(&c->bytes, got);
+    if (ret == 1)
+        return 1;
+    if (ret)
+        return lm_error_set(err, ret, "reading a packet header: %s",
+                            ret == -EPIPE ? "the channel ended in the middle of a packet"
+                                          : strerror(-ret));
+    if ((ret = multifd_get_header(c->hdr, h, c->mr->ram, 0, &b, err)))
+        return ret;
+    for (uint32_t i = 0; i < h->normal; i++) {
+        uint8_t *p = b->host + h->offsets[i];
+        if (niov && (uint8_t *)c->iov[niov - 1].iov_base + c->iov[niov - 1].iov_len == p) {
+            c->iov[niov - 1].iov_len += LM_PAGE_SIZE;
+        } else {
+            c->iov[niov].iov_base = p;
+            c->iov[niov].iov_len = LM_PAGE_SIZE;
+            niov++;
+        }
+    }
+    if (niov) {
+        got = 0;
+        ret = mr_readv_all(c->conn.fd, c->iov, niov, &got);
+        atomic_fetch_add(&c->bytes, got);
+        if (ret)
+            return lm_error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64
+                                " pages: the channel ended in the middle of a packet",
+                                h->packet_num);
+    }
+    for (uint32_t i = h->normal; i < h->normal + h->zero; i++) {
+        uint8_t *p = b->host + h->offsets[i];
+        if (!lm_is_zero(p, LM_PAGE_SIZE))
+            memset(p, 0, LM_PAGE_SIZE);
+    }
+    return 0;
+}
+
+static void *mr_thread(void *arg)
+{
+    mf_recv_chan *c = arg;
+    lm_multifd_recv *mr = c->mr;
+    char name[16];
+
+    snprintf(name, sizeof(name), "lm-mfrecv-%d", c->id);
+    pthread_setname_np(pthread_self(), name);
+    for (;;) {
+        lm_mf_header h;
+        lm_error err = { 0 };
+        int ret = mr_packet(c, &h, &err);
+
+        if (ret == 1) {
+            if (!atomic_load(&mr->finishing)) {
+                lm_error_set(&err, -EPIPE, "the source closed the channel before the "
+                             "migration ended");
+                mr_fail(c, &err);
+            }
+            break;
+        }
+        if (ret) {
+            mr_fail(c, &err);
+            break;
+        }
+        if (h.flags & LM_MULTIFD_FLAG_SYNC) {
+            if (lm_fault_hit("dst", "sync", c->id)) {
+                lm_error_set(&err, -EIO, "injected fault at the SYNC barrier");
+                mr_fail(c, &err);
+                break;
+            }
+            lm_sem_post(&mr->synced);
+            if (lm_sem_wait(&c->release, mr->abort, -1))
+                break;
+        }
+        if (lm_fault_hit("dst", "packet", c->id)) {
+            lm_error_set(&err, -EIO, "injected fault after packet %" PRIu64, h.packet_num);
+            mr_fail(c, &err);
+            break;
+        }
+    }
+    return NULL;
+}
+
+lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram,
+                                    atomic_bool *stop, lm_multifd_fail_fn fail,
+                                    void *fail_opaque, lm_error *err)
+{
+    lm_multifd_recv *mr = calloc(1, sizeof(*mr));
+
+    if (!mr)
+        abort();
+    mr->n = n;
+    mr->ram = ram;
+    mr->abort = stop;
+    mr->fail = fail;
+    mr->fail_opaque = fail_opaque;
+    lm_sem_init(&mr->synced, 0);
+    mr->chans = calloc((size_t)n, sizeof(*mr->chans));
+    if (!mr->chans)
+        abort();
+    for (int i = 0; i < n; i++) {
+        mr->chans[i].mr = mr;
+        mr->chans[i].id = i;
+        mr->chans[i].conn = conns[i];
+        conns[i].fd = -1;
+        lm_sem_init(&mr->chans[i].release, 0);
+    }
+    for (int i = 0; i < n; i++) {
+        int ret = pthread_create(&mr->chans[i].thread, NULL, mr_thread, &mr->chans[i]);
+        if (ret) {
+            lm_error_set(err, -ret, "cannot start multifd receive thread %d: %s", i,
+                         strerror(ret));
+            multifd_recv_kick(mr);
+            multifd_recv_finish(mr);
+            return NULL;
+        }
+        mr->chans[i].started = true;
+    }
+    return mr;
+}
+
+int multifd_recv_sync(lm_multifd_recv *mr)
+{
+    for (int i = 0; i < mr->n; i++)
+        if (lm_sem_wait(&mr->synced, mr->abort, -1))
+            return -ECANCELED;
+    for (int i = 0; i < mr->n; i++)
+        lm_sem_post(&mr->chans[i].release);
+    return 0;
+}
+
+void multifd_recv_kick(lm_multifd_recv *mr)
+{
+    atomic_store(mr->abort, true);
+    for (int i = 0; i < mr->n; i++) {
+        lm_conn_shutdown(&mr->chans[i].conn);
+        lm_sem_kick(&mr->chans[i].release);
+    }
+    lm_sem_kick(&mr->synced);
+}
+
+void multifd_recv_finish(lm_multifd_recv *mr)
+{
+    if (!mr)
+        return;
+    atomic_store(&mr->finishing, true);
+    for (int i = 0; i < mr->n; i++) {
+        lm_conn_shutdown(&mr->chans[i].conn);
+        lm_sem_post(&mr->chans[i].release);
+    }
+    for (int i = 0; i < mr->n; i++) {
+        if (mr->chans[i].started)
+            pthread_join(mr->chans[i].thread, NULL);
+        lm_conn_close(&mr->chans[i].conn, NULL);
+    }
+    free(mr->chans);
+    free(mr);
+}
+
+uint64_t multifd_recv_bytes(lm_multifd_recv *mr)
+{
+    uint64_t sum = 0;
+
+    for (int i = 0; mr && i < mr->n; i++)
+        sum += atomic_load(&mr->chans[i].bytes);
+    return sum;
+}
+
+/* Read exactly len bytes (peek: leave them queued) before deadline. */
+static int mr_read_deadline(int fd, void *buf, size_t len, bool peek, int64_t deadline,
+                            int cancel_fd)
+{
+    size_t got = 0;
+
+    while (got < len) {
+        struct pollfd pfd[2] = { { .fd = fd, .events = POLLIN },
+                                 { .fd = cancel_fd, .events = POLLIN } };
+        int64_t left = deadline - lm_now_ms();
+        ssize_t r;
+
+        if (left <= 0)
+            return -ETIMEDOUT;
+        if (poll(pfd, cancel_fd >= 0 ? 2 : 1, (int)left) < 0 && errno != EINTR)
+            return -errno;
+        if (cancel_fd >= 0 && pfd[1].revents)
+            return -ECANCELED;
+        if (!pfd[0].revents)
+            continue;
+        if (peek) {
+            r = recv(fd, buf, len, MSG_PEEK | MSG_DONTWAIT);
+            if (r == (ssize_t)len)
+                return 0;
+            if (r == 0)
+                return -EPIPE;
+            if (r > 0) {        /* not all there yet: don't spin on it */
+                struct timespec ts = { 0, 1000000 };
+                nanosleep(&ts, NULL);
+                continue;
+            }
+        } else {
+            r = read(fd, (uint8_t *)buf + got, len - got);
+            if (r == 0)
+                return -EPIPE;
+            if (r > 0) {
+                got += (size_t)r;
+                continue;
+            }
+        }
+        if (errno != EINTR && errno != EAGAIN)
+            return -errno;
+    }
+    return 0;
+}
+
+int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *main_conn,
+                   lm_conn *chans, lm_error *err)
+{
+    bool have_main = false;
+    int have = 0, ret = 0;
+    int64_t deadline = 0;
+
+    for (int i = 0; i < n; i++)
+        chans[i].fd = -1;
+    main_conn->fd = -1;
+    while (!have_main || have < n) {
+        lm_conn c = { .fd = -1 };
+        uint8_t magic[4], init[LM_MULTIFD_INIT_SIZE];
+        uint8_t id;
+
+        ret = lm_transport_accept(l, &c, cancel_fd, deadline ? (int)(deadline - lm_now_ms())
+                                                              : -1, err);
+        if (ret) {
+            if (ret == -ETIMEDOUT)
+                lm_error_set(err, ret, "multifd: only %d of %d channels%s connected within "
+                             "%d ms", have, n, have_main ? "" : " and no main stream",
+                             timeout_ms);
+            goto fail;
+        }
+        if (!deadline)
+            deadline = lm_now_ms() + timeout_ms;
+        ret = mr_read_deadline(c.fd, magic, 4, true, deadline, cancel_fd);
+        if (ret) {
+            lm_error_set(err, ret, "multifd: a connection from %s sent nothing usable: %s",
+                         c.peer, strerror(-ret));
+            lm_conn_close(&c, NULL);
+            goto fail;
+        }
+        if (!memcmp(magic, "QEVM", 4) && !have_main) {
+            *main_conn = c;
+            have_main = true;
+            continue;
+        }
+        if (memcmp(magic, "\x11\x22\x33\x44", 4)) {
+            ret = lm_error_set(err, -EPROTO, "multifd: a connection from %s is neither the "
+                               "main stream nor a channel (first bytes %02x %02x %02x %02x)",
+                               c.peer, magic[0], magic[1], magic[2], magic[3]);
+            lm_conn_close(&c, NULL);
+            goto fail;
+        }
+        ret = mr_read_deadline(c.fd, init, sizeof(init), false, deadline, cancel_fd);
+        if (!ret && lm_fault_hit("dst", "handshake", have))
+            ret = -EPROTO;
+        if (ret || (ret = multifd_check_init(init, n, &id, err))) {
+            if (!err || !err->msg[0] || ret != -EPROTO)
+                lm_error_set(err, ret, "multifd: channel handshake from %s failed: %s",
+                             c.peer, strerror(-ret));
+            lm_conn_close(&c, NULL);
+            goto fail;
+        }
+        if (chans[id].fd >= 0) {
+            ret = lm_error_set(err, -EPROTO, "multifd: channel id %u connected twice", id);
+            lm_conn_close(&c, NULL);
+            goto fail;
+        }
+        chans[id] = c;
+        have++;
+    }
+    return 0;
+fail:
+    lm_conn_close(main_conn, NULL);
+    for (int i = 0; i < n; i++)
+        lm_conn_close(&chans[i], NULL);
+    return ret;
+}

@@ -1,0 +1,334 @@
+/*
+ * multifd, source side: the migration thread collects batches of page
+ * offsets and hands each to an idle channel thread, which writes header and
+ * pages with one vectored write.  Ownership, barriers and the sync protocol
+ * are described in multifd.h.
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+#include "multifd/multifd.h"
+#include "util/error.h"
+#include "util/fault.h"
+#include "util/zero.h"
+
+typedef struct mf_send_chan {
+    lm_multifd_send *ms;
+    int id;
+    lm_conn conn;
+    pthread_t thread;
+    bool started;
+    lm_sem sem;                 /* posted for a job, a sync or quit */
+    lm_sem sem_sync;            /* posted when the SYNC packet is out */
+    atomic_int pending_job;     /* 1: `batch` belongs to this thread */
+    atomic_int pending_sync;
+    lm_mf_batch *batch;
+    uint8_t hdr[LM_MULTIFD_HDR_SIZE];
+    struct iovec iov[1 + LM_MULTIFD_PAGES];
+    _Atomic uint64_t bytes, packets, normal, zero;
+} mf_send_chan;
+
+struct lm_multifd_send {
+    int n;
+    mf_send_chan *chans;
+    lm_mf_batch *batch;         /* the migration thread's */
+    lm_sem ready;               /* counts channels without a pending job */
+    int next;
+    atomic_bool *abort;
+    atomic_bool quit;
+    _Atomic uint64_t packet_num;
+    lm_zero_detect zd;
+    lm_multifd_fail_fn fail;
+    void *fail_opaque;
+};
+
+static void mf_fail(mf_send_chan *c, int code, const char *what)
+{
+    lm_error err;
+
+    lm_error_set(&err, code, "multifd channel %d: %s", c->id, what);
+    if (code && code != -EPIPE && code != -ECANCELED)
+        lm_error_set(&err, code, "multifd channel %d: %s: %s", c->id, what, strerror(-code));
+    c->ms->fail(c->ms->fail_opaque, &err);
+    multifd_send_kick(c->ms);
+}
+
+/* Write every byte of iov[0..n), advancing it in place. */
+static int mf_writev_all(int fd, struct iovec *iov, int n)
+{
+    while (n > 0) {
+        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
+        ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+
+        if (w < 0) {
+            if (errno == EINTR)
+                continue;
+            return -errno;
+        }
+        while (n > 0 && (size_t)w >= iov->iov_len) {
+            w -= (ssize_t)iov->iov_len;
+            iov++;
+            n--;
+        }
+        if (n > 0) {
+            iov->iov_base = (uint8_t *)iov->iov_base + w;
+            iov->iov_len -= (size_t)w;
+        }
+    }
+    return 0;
+}
+
+/* Build and write one packet for c->batch (may be empty: a SYNC packet). */
+static int mf_send_packet(mf_send_chan *c, uint32_t flags)
+{
+    lm_multifd_send *ms = c->ms;
+    const lm_mf_batch *b = c->batch;
+    lm_mf_header h = { .flags = flags, .pages_alloc = LM_MULTIFD_PAGES };
+    uint64_t zeros[LM_MULTIFD_PAGES];
+    int niov = 1, ret;
+
+    h.packet_num = atomic_fetch_add(&ms->packet_num, 1);
+    if (b && b->num) {
+        snprintf(h.idstr, sizeof(h.idstr), "%s", b->block->idstr);
+        for (uint32_t i = 0; i < b->num; i++) {
+            uint64_t off = b->offsets[i];
+            const uint8_t *p = b->block->host + off;
+
+            if (ms->zd == LM_ZERO_MULTIFD && lm_is_zero(p, LM_PAGE_SIZE)) {
+                zeros[h.zero++] = off;
+                continue;
+            }
+            h.offsets[h.normal++] = off;
+            /* Adjacent pages travel as one iovec: fewer, larger copies. */
+            if (niov > 1 && (uint8_t *)c->iov[niov - 1].iov_base + c->iov[niov - 1].iov_len == p) {
+                c->iov[niov - 1].iov_len += LM_PAGE_SIZE;
+            } else {
+                c->iov[niov].iov_base = (void *)p;
+                c->iov[niov].iov_len = LM_PAGE_SIZE;
+                niov++;
+            }
+        }
+        memcpy(h.offsets + h.normal, zeros, h.zero * sizeof(zeros[0]));
+        h.next_size = h.normal * (uint32_t)LM_PAGE_SIZE;
+    }
+    multifd_put_header(c->hdr, &h);
+    c->iov[0].iov_base = c->hdr;
+    c->iov[0].iov_len = LM_MULTIFD_HDR_SIZE;
+    if (lm_fault_hit("src", "packet", c->id)) {
+        /* Half a header, then the failure: the peer sees a torn packet. */
+        c->iov[0].iov_len = LM_MULTIFD_HDR_SIZE / 2;
+        mf_writev_all(c->conn.fd, c->iov, 1);
+        return -EIO;
+    }
+    ret = mf_writev_all(c->conn.fd, c->iov, niov);
+    if (ret)
+        return ret;
+    atomic_fetch_add(&c->bytes, LM_MULTIFD_HDR_SIZE + (uint64_t)h.next_size);
+    atomic_fetch_add(&c->packets, 1);
+    atomic_fetch_add(&c->normal, h.normal);
+    atomic_fetch_add(&c->zero, h.zero);
+    return 0;
+}
+
+static void *mf_send_thread(void *arg)
+{
+    mf_send_chan *c = arg;
+    lm_multifd_send *ms = c->ms;
+    uint8_t init[LM_MULTIFD_INIT_SIZE];
+    struct iovec iov = { init, sizeof(init) };
+    char name[16];
+    int ret;
+
+    snprintf(name, sizeof(name), "lm-mfsend-%d", c->id);
+    pthread_setname_np(pthread_self(), name);
+    multifd_put_init(init, (uint8_t)c->id);
+    if (lm_fault_hit("src", "handshake", c->id))
+        init[0] ^= 0xff;
+    if ((ret = mf_writev_all(c->conn.fd, &iov, 1))) {
+        mf_fail(c, ret, "sending the handshake failed");
+        return NULL;
+    }
+    atomic_fetch_add(&c->bytes, sizeof(init));
+    for (;;) {
+        if (lm_sem_wait(&c->sem, ms->abort, -1))
+            break;
+        if (atomic_load_explicit(&c->pending_job, memory_order_acquire)) {
+            ret = mf_send_packet(c, 0);
+            c->batch->num = 0;
+            atomic_store_explicit(&c->pending_job, 0, memory_order_release);
+            lm_sem_post(&ms->ready);
+            if (ret) {
+                mf_fail(c, ret, "writing a packet failed");
+                break;
+            }
+        } else if (atomic_load_explicit(&c->pending_sync, memory_order_acquire)) {
+            const lm_mf_batch *saved = c->batch;
+            if (lm_fault_hit("src", "sync", c->id)) {
+                mf_fail(c, -EIO, "injected fault before the SYNC packet");
+                break;
+            }
+            c->batch = NULL;
+            ret = mf_send_packet(c, LM_MULTIFD_FLAG_SYNC);
+            c->batch = (lm_mf_batch *)saved;
+            atomic_store_explicit(&c->pending_sync, 0, memory_order_release);
+            if (ret) {
+                mf_fail(c, ret, "writing the SYNC packet failed");
+                break;
+            }
+            lm_sem_post(&c->sem_sync);
+        } else if (atomic_load(&ms->quit)) {
+            break;
+        }
+    }
+    return NULL;
+}
+
+lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
+                                    atomic_bool *stop, lm_multifd_fail_fn fail,
+                                    void *fail_opaque, lm_error *err)
+{
+    lm_multifd_send *ms = calloc(1, sizeof(*ms));
+
+    if (!ms)
+        abort();
+    ms->n = n;
+    ms->zd = zd;
+    ms->abort = stop;
+    ms->fail = fail;
+    ms->fail_opaque = fail_opaque;
+    ms->chans = calloc((size_t)n, sizeof(*ms->chans));
+    ms->batch = calloc(1, sizeof(*ms->batch));
+    if (!ms->chans || !ms->batch)
+        abort();
+    lm_sem_init(&ms->ready, (unsigned)n);
+    for (int i = 0; i < n; i++) {
+        mf_send_chan *c = &ms->chans[i];
+
+        c->ms = ms;
+        c->id = i;
+        c->conn = conns[i];
+        conns[i].fd = -1;
+        lm_sem_init(&c->sem, 0);
+        lm_sem_init(&c->sem_sync, 0);
+        c->batch = calloc(1, sizeof(*c->batch));
+        if (!c->batch)
+            abort();
+    }
+    for (int i = 0; i < n; i++) {
+        int ret = pthread_create(&ms->chans[i].thread, NULL, mf_send_thread, &ms->chans[i]);
+        if (ret) {
+            lm_error_set(err, -ret, "cannot start multifd channel thread %d: %s", i,
+                         strerror(ret));
+            multifd_send_kick(ms);
+            multifd_send_finish(ms);
+            return NULL;
+        }
+        ms->chans[i].started = true;
+    }
+    return ms;
+}
+
+static int mf_hand_off(lm_multifd_send *ms)
+{
+    mf_send_chan *c = NULL;
+    lm_mf_batch *tmp;
+
+    if (lm_sem_wait(&ms->ready, ms->abort, -1))
+        return -ECANCELED;
+    for (int k = 0; k < ms->n; k++) {
+        int i = (ms->next + k) % ms->n;
+        if (!atomic_load_explicit(&ms->chans[i].pending_job, memory_order_acquire)) {
+            c = &ms->chans[i];
+            ms->next = (i + 1) % ms->n;
+            break;
+        }
+    }
+    if (!c)     /* cannot happen: a ready token means an idle channel */
+        return -EIO;
+    tmp = c->batch;
+    c->batch = ms->batch;
+    ms->batch = tmp;
+    atomic_store_explicit(&c->pending_job, 1, memory_order_release);
+    lm_sem_post(&c->sem);
+    return 0;
+}
+
+int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset)
+{
+    lm_mf_batch *bt = ms->batch;
+
+    if (atomic_load(ms->abort))
+        return -ECANCELED;
+    if (bt->num && (bt->block != b || bt->num == LM_MULTIFD_PAGES)) {
+        int ret = mf_hand_off(ms);
+        if (ret)
+            return ret;
+        bt = ms->batch;
+    }
+    bt->block = b;
+    bt->offsets[bt->num++] = offset;
+    return 0;
+}
+
+int multifd_send_sync(lm_multifd_send *ms)
+{
+    int ret;
+
+    if (ms->batch->num && (ret = mf_hand_off(ms)))
+        return ret;
+    for (int i = 0; i < ms->n; i++) {
+        atomic_store_explicit(&ms->chans[i].pending_sync, 1, memory_order_release);
+        lm_sem_post(&ms->chans[i].sem);
+    }
+    for (int i = 0; i < ms->n; i++)
+        if (lm_sem_wait(&ms->chans[i].sem_sync, ms->abort, -1))
+            return -ECANCELED;
+    return 0;
+}
+
+void multifd_send_kick(lm_multifd_send *ms)
+{
+    atomic_store(ms->abort, true);
+    for (int i = 0; i < ms->n; i++) {
+        mf_send_chan *c = &ms->chans[i];
+        lm_conn_shutdown(&c->conn);
+        lm_sem_kick(&c->sem);
+        lm_sem_kick(&c->sem_sync);
+    }
+    lm_sem_kick(&ms->ready);
+}
+
+void multifd_send_finish(lm_multifd_send *ms)
+{
+    if (!ms)
+        return;
+    atomic_store(&ms->quit, true);
+    for (int i = 0; i < ms->n; i++)
+        lm_sem_post(&ms->chans[i].sem);
+    for (int i = 0; i < ms->n; i++) {
+        mf_send_chan *c = &ms->chans[i];
+        if (c->started)
+            pthread_join(c->thread, NULL);
+        lm_conn_close(&c->conn, NULL);
+        free(c->batch);
+    }
+    free(ms->chans);
+    free(ms->batch);
+    free(ms);
+}
+
+void multifd_send_stats(lm_multifd_send *ms, lm_multifd_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    for (int i = 0; ms && i < ms->n; i++) {
+        st->bytes += atomic_load(&ms->chans[i].bytes);
+        st->packets += atomic_load(&ms->chans[i].packets);
+        st->normal_pages += atomic_load(&ms->chans[i].normal);
+        st->zero_pages += atomic_load(&ms->chans[i].zero);
+    }
+}

@@ -1,0 +1,58 @@
+/*
+ * lm_sem: a counting semaphore on a futex that spins briefly before it
+ * sleeps, and whose every wait can be interrupted.
+ *
+ * Why not sem_t: on these machines waking a thread on the other CPU costs
+ * ~30 us, so a hand-off per multifd packet must avoid the sleep when the
+ * partner is about to post anyway (spin LM_SEM_SPIN_NS first), and the
+ * poster must skip the wake-up system call when nobody sleeps (the `sleepers`
+ * count).  And every wait must end when the migration fails: waiters pass an
+ * `abort` flag; lm_sem_kick() wakes every sleeper so they re-check it.
+ *
+ * Ordering: post increments `count` (seq_cst) and then reads `sleepers`;
+ * a waiter increments `sleepers` (seq_cst) and then futex-waits on
+ * `count == 0`.  Either the poster sees the sleeper and wakes it, or the
+ * sleeper's futex_wait sees count != 0 and returns at once: no lost wake-up.
+ * A successful wait is an acquire (CAS on count), a post a release, so data
+ * written before post is visible after the matching wait.
+ */
+#ifndef LM_UTIL_SEM_H
+#define LM_UTIL_SEM_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+
+static inline void lm_cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#else
+    atomic_signal_fence(memory_order_seq_cst);
+#endif
+}
+
+/* How long a waiter spins before sleeping (one hand-off round trip here). */
+#define LM_SEM_SPIN_NS 20000
+
+typedef struct lm_sem {
+    _Atomic unsigned count;
+    _Atomic unsigned sleepers;
+} lm_sem;
+
+static inline void lm_sem_init(lm_sem *s, unsigned v)
+{
+    atomic_init(&s->count, v);
+    atomic_init(&s->sleepers, 0);
+}
+
+void lm_sem_post(lm_sem *s);
+/*
+ * Wait for a post.  Returns 0 when one was taken, -ECANCELED as soon as
+ * *abort is true (checked after every wake-up), -ETIMEDOUT after timeout_ms
+ * (-1 = no limit).
+ */
+int lm_sem_wait(lm_sem *s, const atomic_bool *abort, int timeout_ms);
+/* Wake every sleeper so it re-checks its abort flag. */
+void lm_sem_kick(lm_sem *s);
+
+#endif
