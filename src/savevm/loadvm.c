@@ -69,8 +69,8 @@ static int loadvm_header(lm_stream *s)
         return -1;
     name[len] = 0;
     if (strcmp(name, LM_MACHINE_NAME)) {
-        lm_stream_set_error(s, -EINVAL, "configuration: machine type '%s' is not '%s'",
-                            name, LM_MACHINE_NAME);
+        lm_stream_set_error(s, -EINVAL, "configuration: machine type '%s' at byte offset 13 "
+                            "is not '%s'", name, LM_MACHINE_NAME);
         return -1;
     }
     if (lm_stream_peek_u8(s) == LM_VM_SUBSECTION) {
