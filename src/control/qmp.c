@@ -765,7 +765,7 @@ static json_t *qmp_ram_info(const lm_stats *st)
                      "dirty-sync-count", (json_int_t)st->dirty_sync_count,
                      "postcopy-requests", (json_int_t)0,
                      "page-size", (json_int_t)st->page_size,
-                     "multifd-bytes", (json_int_t)0,
+                     "multifd-bytes", (json_int_t)st->multifd_bytes,
                      "pages-per-second", (json_int_t)st->pages_per_second,
                      "precopy-bytes", (json_int_t)st->precopy_bytes,
                      "downtime-bytes", (json_int_t)st->downtime_bytes,

@@ -153,7 +153,8 @@ void *incoming_thread(void *arg)
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
         if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
-            in.mfr = multifd_recv_start(chans, n, &m->ram, &m->cancel, mig_fail, m, &err);
+            in.mfr = multifd_recv_start(chans, n, &m->ram, (int)mig_params(m).multifd_compression,
+                                        &m->cancel, mig_fail, m, &err);
             if (!in.mfr)
                 ret = err.code ? err.code : -EIO;
         }

@@ -260,8 +260,10 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
             return ret;
         }
     }
-    pc->mfs = multifd_send_start(conns, n, (lm_zero_detect)pc->p.zero_page_detection,
-                                 &m->cancel, mig_fail, m, err);
+    int method = (int)pc->p.multifd_compression;
+    int level = (int)(method == LM_MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
+    pc->mfs = multifd_send_start(conns, n, (lm_zero_detect)pc->p.zero_page_detection, method,
+                                 level, &m->cancel, mig_fail, m, err);
     if (!pc->mfs)
         return err->code ? err->code : -EIO;
     pc->ram->mfs = pc->mfs;

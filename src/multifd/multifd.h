@@ -75,6 +75,25 @@ enum {
     LM_MULTIFD_FLAG_ZSTD = 0x04,
 };
 
+/* multifd-compression, in the order of its parameter choices */
+enum { LM_MF_NONE, LM_MF_ZLIB, LM_MF_ZSTD };
+
+/* Per-channel streaming (de)compression (codec.c); owned by one thread. */
+typedef struct lm_mf_codec lm_mf_codec;
+lm_mf_codec *mf_codec_new(int method, int level, bool compress, lm_error *err);
+void mf_codec_free(lm_mf_codec *c);
+size_t mf_codec_bound(int method);      /* largest payload of one packet */
+/* Compress one page; `last` ends the packet with a flush.  *outlen = bytes out. */
+int mf_codec_compress(lm_mf_codec *c, const uint8_t *page, bool last, uint8_t *out,
+                      size_t cap, size_t *outlen, lm_error *err);
+int mf_codec_decompress(lm_mf_codec *c, const uint8_t *in, size_t len, uint8_t *const *pages,
+                        uint32_t n, lm_error *err);
+static inline uint32_t mf_comp_flags(int method)
+{
+    return method == LM_MF_ZLIB ? LM_MULTIFD_FLAG_ZLIB
+         : method == LM_MF_ZSTD ? LM_MULTIFD_FLAG_ZSTD : 0;
+}
+
 typedef enum lm_zero_detect {
     LM_ZERO_NONE,       /* every page sent in full */
     LM_ZERO_LEGACY,     /* migration thread checks; ZERO records on the main stream */
@@ -127,6 +146,7 @@ typedef struct lm_multifd_send lm_multifd_send;
  * handshake.  `abort` is the migration's cancel flag.
  */
 lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
+                                    int method, int level,
                                     atomic_bool *stop, lm_multifd_fail_fn fail,
                                     void *fail_opaque, lm_error *err);
 /* Migration thread: queue one dirty page (not checked for zeros by caller
@@ -141,6 +161,7 @@ void multifd_send_finish(lm_multifd_send *ms);
 
 typedef struct lm_multifd_stats {
     uint64_t bytes;          /* on the wire, headers included */
+    uint64_t compressed_bytes;   /* payload after compression (0 without) */
     uint64_t normal_pages;
     uint64_t zero_pages;     /* found by the channel threads */
     uint64_t packets;
@@ -155,7 +176,7 @@ typedef struct lm_multifd_recv lm_multifd_recv;
  * Take `n` channel connections whose handshakes were checked (conns[id] is
  * channel id) and start their threads.
  */
-lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram,
+lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, int method,
                                     atomic_bool *stop, lm_multifd_fail_fn fail,
                                     void *fail_opaque, lm_error *err);
 /*

@@ -29,12 +29,15 @@ typedef struct mf_recv_chan {
     uint8_t hdr[LM_MULTIFD_HDR_SIZE];
     struct iovec iov[LM_MULTIFD_PAGES];
     _Atomic uint64_t bytes;
+    lm_mf_codec *codec;          /* NULL without compression */
+    uint8_t *cbuf;               /* one packet's compressed payload */
 } mf_recv_chan;
 
 struct lm_multifd_recv {
     int n;
     mf_recv_chan *chans;
     const lm_ram *ram;
+    int method;
     lm_sem synced;               /* one post per channel that reached SYNC */
     atomic_bool *abort;
     atomic_bool finishing;       /* the main stream ended: EOF is expected */
@@ -82,6 +85,33 @@ static int mr_readv_all(int fd, struct iovec *iov, int n, uint64_t *count)
     return 0;
 }
 
+/* Read next_packet_size bytes (bounded) and inflate them page by page. */
+static int mr_decompress(mf_recv_chan *c, const lm_mf_header *h, const lm_ramblock *b,
+                         lm_error *err)
+{
+    uint8_t *pages[LM_MULTIFD_PAGES];
+    struct iovec iov = { c->cbuf, h->next_size };
+    uint64_t got = 0;
+    int ret;
+
+    if (h->next_size == 0 || h->next_size > mf_codec_bound(c->mr->method))
+        return lm_error_set(err, -EPROTO, "packet %" PRIu64 ": compressed size %u out of "
+                            "range (1..%zu)", h->packet_num, h->next_size,
+                            mf_codec_bound(c->mr->method));
+    ret = mr_readv_all(c->conn.fd, &iov, 1, &got);
+    atomic_fetch_add(&c->bytes, got);
+    if (ret)
+        return lm_error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64 ": the "
+                            "channel ended in the middle of a packet", h->packet_num);
+    for (uint32_t i = 0; i < h->normal; i++)
+        pages[i] = b->host + h->offsets[i];
+    if (mf_codec_decompress(c->codec, c->cbuf, h->next_size, pages, h->normal, err)) {
+        lm_error_prefix(err, "packet %" PRIu64 " (block '%s')", h->packet_num, b->idstr);
+        return -EBADMSG;
+    }
+    return 0;
+}
+
 static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
 {
     const lm_ramblock *b;
@@ -97,8 +127,15 @@ static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
         return lm_error_set(err, ret, "reading a packet header: %s",
                             ret == -EPIPE ? "the channel ended in the middle of a packet"
                                           : strerror(-ret));
-    if ((ret = multifd_get_header(c->hdr, h, c->mr->ram, 0, &b, err)))
+    if ((ret = multifd_get_header(c->hdr, h, c->mr->ram, mf_comp_flags(c->mr->method), &b, err)))
         return ret;
+    if (c->codec && h->normal) {
+        ret = mr_decompress(c, h, b, err);
+        if (ret)
+            return ret;
+        niov = 0;
+        goto zeros;
+    }
     for (uint32_t i = 0; i < h->normal; i++) {
         uint8_t *p = b->host + h->offsets[i];
         if (niov && (uint8_t *)c->iov[niov - 1].iov_base + c->iov[niov - 1].iov_len == p) {
@@ -118,6 +155,7 @@ static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
                                 " pages: the channel ended in the middle of a packet",
                                 h->packet_num);
     }
+zeros:
     for (uint32_t i = h->normal; i < h->normal + h->zero; i++) {
         uint8_t *p = b->host + h->offsets[i];
         if (!lm_is_zero(p, LM_PAGE_SIZE))
@@ -170,7 +208,7 @@ static void *mr_thread(void *arg)
     return NULL;
 }
 
-lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram,
+lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, int method,
                                     atomic_bool *stop, lm_multifd_fail_fn fail,
                                     void *fail_opaque, lm_error *err)
 {
@@ -179,6 +217,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram,
     if (!mr)
         abort();
     mr->n = n;
+    mr->method = method;
     mr->ram = ram;
     mr->abort = stop;
     mr->fail = fail;
@@ -193,6 +232,15 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram,
         mr->chans[i].conn = conns[i];
         conns[i].fd = -1;
         lm_sem_init(&mr->chans[i].release, 0);
+    }
+    for (int i = 0; i < n && method != LM_MF_NONE; i++) {
+        mf_recv_chan *c = &mr->chans[i];
+        c->codec = mf_codec_new(method, 0, false, err);
+        c->cbuf = malloc(mf_codec_bound(method));
+        if (!c->codec || !c->cbuf) {
+            multifd_recv_finish(mr);
+            return NULL;
+        }
     }
     for (int i = 0; i < n; i++) {
         int ret = pthread_create(&mr->chans[i].thread, NULL, mr_thread, &mr->chans[i]);
@@ -241,6 +289,8 @@ void multifd_recv_finish(lm_multifd_recv *mr)
         if (mr->chans[i].started)
             pthread_join(mr->chans[i].thread, NULL);
         lm_conn_close(&mr->chans[i].conn, NULL);
+        mf_codec_free(mr->chans[i].codec);
+        free(mr->chans[i].cbuf);
     }
     free(mr->chans);
     free(mr);

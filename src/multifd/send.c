@@ -30,7 +30,10 @@ typedef struct mf_send_chan {
     lm_mf_batch *batch;
     uint8_t hdr[LM_MULTIFD_HDR_SIZE];
     struct iovec iov[1 + LM_MULTIFD_PAGES];
-    _Atomic uint64_t bytes, packets, normal, zero;
+    _Atomic uint64_t bytes, packets, normal, zero, comp_bytes;
+    lm_mf_codec *codec;         /* NULL without compression */
+    uint8_t *cbuf;              /* compressed payload, mf_codec_bound bytes */
+    uint8_t *bounce;            /* one page: the guest keeps writing */
 } mf_send_chan;
 
 struct lm_multifd_send {
@@ -43,6 +46,7 @@ struct lm_multifd_send {
     atomic_bool quit;
     _Atomic uint64_t packet_num;
     lm_zero_detect zd;
+    int method;
     lm_multifd_fail_fn fail;
     void *fail_opaque;
 };
@@ -83,6 +87,35 @@ static int mf_writev_all(int fd, struct iovec *iov, int n)
     return 0;
 }
 
+/*
+ * Replace the page iovecs by the compressed payload.  Each page is copied to
+ * a bounce page first: the codec must not see the guest change it mid-read.
+ */
+static int mf_compress(mf_send_chan *c, lm_mf_header *h, int *niov)
+{
+    const lm_ramblock *b = c->batch->block;
+    size_t len = 0;
+    lm_error err;
+
+    for (uint32_t i = 0; i < h->normal; i++) {
+        size_t part;
+
+        memcpy(c->bounce, b->host + h->offsets[i], LM_PAGE_SIZE);
+        if (mf_codec_compress(c->codec, c->bounce, i + 1 == h->normal, c->cbuf + len,
+                              mf_codec_bound(c->ms->method) - len, &part, &err)) {
+            lm_log("multifd channel %d: %s", c->id, err.msg);
+            return -EIO;
+        }
+        len += part;
+    }
+    h->next_size = (uint32_t)len;
+    c->iov[1].iov_base = c->cbuf;
+    c->iov[1].iov_len = len;
+    *niov = 2;
+    atomic_fetch_add(&c->comp_bytes, len);
+    return 0;
+}
+
 /* Build and write one packet for c->batch (may be empty: a SYNC packet). */
 static int mf_send_packet(mf_send_chan *c, uint32_t flags)
 {
@@ -115,6 +148,8 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
         }
         memcpy(h.offsets + h.normal, zeros, h.zero * sizeof(zeros[0]));
         h.next_size = h.normal * (uint32_t)LM_PAGE_SIZE;
+        if (c->codec && h.normal && (ret = mf_compress(c, &h, &niov)))
+            return ret;
     }
     multifd_put_header(c->hdr, &h);
     c->iov[0].iov_base = c->hdr;
@@ -158,7 +193,7 @@ static void *mf_send_thread(void *arg)
         if (lm_sem_wait(&c->sem, ms->abort, -1))
             break;
         if (atomic_load_explicit(&c->pending_job, memory_order_acquire)) {
-            ret = mf_send_packet(c, 0);
+            ret = mf_send_packet(c, mf_comp_flags(ms->method));
             c->batch->num = 0;
             atomic_store_explicit(&c->pending_job, 0, memory_order_release);
             lm_sem_post(&ms->ready);
@@ -173,7 +208,7 @@ static void *mf_send_thread(void *arg)
                 break;
             }
             c->batch = NULL;
-            ret = mf_send_packet(c, LM_MULTIFD_FLAG_SYNC);
+            ret = mf_send_packet(c, LM_MULTIFD_FLAG_SYNC | mf_comp_flags(ms->method));
             c->batch = (lm_mf_batch *)saved;
             atomic_store_explicit(&c->pending_sync, 0, memory_order_release);
             if (ret) {
@@ -189,6 +224,7 @@ static void *mf_send_thread(void *arg)
 }
 
 lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
+                                    int method, int level,
                                     atomic_bool *stop, lm_multifd_fail_fn fail,
                                     void *fail_opaque, lm_error *err)
 {
@@ -198,6 +234,7 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
         abort();
     ms->n = n;
     ms->zd = zd;
+    ms->method = method;
     ms->abort = stop;
     ms->fail = fail;
     ms->fail_opaque = fail_opaque;
@@ -218,6 +255,17 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
         c->batch = calloc(1, sizeof(*c->batch));
         if (!c->batch)
             abort();
+    }
+    for (int i = 0; i < n && method != LM_MF_NONE; i++) {
+        mf_send_chan *c = &ms->chans[i];
+
+        c->codec = mf_codec_new(method, level, true, err);
+        c->cbuf = malloc(mf_codec_bound(method));
+        c->bounce = aligned_alloc(LM_PAGE_SIZE, LM_PAGE_SIZE);
+        if (!c->codec || !c->cbuf || !c->bounce) {
+            multifd_send_finish(ms);     /* no thread started: closes the sockets */
+            return NULL;
+        }
     }
     for (int i = 0; i < n; i++) {
         int ret = pthread_create(&ms->chans[i].thread, NULL, mf_send_thread, &ms->chans[i]);
@@ -316,6 +364,9 @@ void multifd_send_finish(lm_multifd_send *ms)
             pthread_join(c->thread, NULL);
         lm_conn_close(&c->conn, NULL);
         free(c->batch);
+        mf_codec_free(c->codec);
+        free(c->cbuf);
+        free(c->bounce);
     }
     free(ms->chans);
     free(ms->batch);
@@ -330,5 +381,6 @@ void multifd_send_stats(lm_multifd_send *ms, lm_multifd_stats *st)
         st->packets += atomic_load(&ms->chans[i].packets);
         st->normal_pages += atomic_load(&ms->chans[i].normal);
         st->zero_pages += atomic_load(&ms->chans[i].zero);
+        st->compressed_bytes += atomic_load(&ms->chans[i].comp_bytes);
     }
 }

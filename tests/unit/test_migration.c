@@ -17,6 +17,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "livemig/livemig.h"
@@ -33,6 +34,7 @@ typedef struct guest {
     pthread_t writer;
     atomic_bool quit, paused_req, parked, running;
     atomic_int throttle;
+    atomic_int nap_us;          /* writer pause every 64 page writes */
     atomic_ulong writes;
     uint32_t dev_value;
     int starts, stops;
@@ -52,7 +54,8 @@ static void *writer_main(void *arg)
             continue;
         }
         x ^= x << 13; x ^= x >> 7; x ^= x << 17;
-        uint64_t page = x % (MEM / PAGE);
+        /* pages below 16 are never written: some of them stay zero */
+        uint64_t page = 16 + x % (MEM / PAGE - 16);
         uint64_t *p = (uint64_t *)(g->mem + page * PAGE);
         for (int i = 0; i < 8; i++)
             p[(x >> (i * 3)) % (PAGE / 8)] = x + (uint64_t)i;
@@ -60,7 +63,7 @@ static void *writer_main(void *arg)
             lm_ram_mark_dirty_idx(g->m, g->block, page * PAGE, PAGE);
         atomic_fetch_add(&g->writes, 1);
         if (atomic_load(&g->writes) % 64 == 0)
-            usleep(50);   /* a dirtying guest, not a saturating one */
+            usleep((useconds_t)atomic_load(&g->nap_us));  /* dirtying, not saturating */
     }
     return NULL;
 }
@@ -111,13 +114,14 @@ static void guest_init(guest *g, bool source, const char *tracker, uint64_t mem)
     lm_error err = { 0 };
 
     memset(g, 0, sizeof(*g));
+    atomic_init(&g->nap_us, 50);
     g->m = lm_new();
     g->mem = mmap(NULL, mem, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     assert_true(g->mem != MAP_FAILED);
     if (source) {
         for (uint64_t i = 0; i < mem / 8; i += 3)
             ((uint64_t *)g->mem)[i] = i * 0x9e3779b97f4a7c15ULL;
-        memset(g->mem + PAGE * 7, 0, PAGE);
+        memset(g->mem + PAGE * 7, 0, PAGE * 9);     /* zero pages 7..15 */
         g->dev_value = 0x1234abcd;
     }
     if (lm_ram_register(g->m, "guest.ram", g->mem, mem, PAGE, &err))
@@ -152,7 +156,8 @@ static void sock_path(char *buf, size_t n, const char *tag)
 }
 
 /* multifd: 0 = off, else the channel count; zpd = zero-page-detection */
-static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char *zpd)
+static void migrate_ok_mfc(const char *tracker, bool tcp, int multifd, const char *zpd,
+                           const char *comp)
 {
     guest src, dst;
     lm_error err = { 0 };
@@ -161,12 +166,16 @@ static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char
 
     guest_init(&src, true, tracker, MEM);
     guest_init(&dst, false, NULL, MEM);
+    if (comp)
+        atomic_store(&src.nap_us, 20000);   /* zlib runs at ~0.1 GB/s per core here */
     if (multifd) {
         for (guest *g = &src; g; g = g == &src ? &dst : NULL) {
             assert_int_equal(lm_cap_set(g->m, "multifd", true, &err), 0);
             assert_int_equal(lm_param_set_int(g->m, "multifd-channels", multifd, &err), 0);
             if (zpd)
                 assert_int_equal(lm_param_set_str(g->m, "zero-page-detection", zpd, &err), 0);
+            if (comp)
+                assert_int_equal(lm_param_set_str(g->m, "multifd-compression", comp, &err), 0);
         }
     }
     if (tcp)
@@ -178,6 +187,10 @@ static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char
     lm_query(dst.m, &st);
     assert_true(st.socket_address[0]);
     assert_int_equal(lm_runstate_get(dst.m), LM_RUN_INMIGRATE);
+    /* the guest is really dirtying memory when the migration starts */
+    for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
+        usleep(1000);
+    assert_true(atomic_load(&src.writes) >= 1000);
     if (lm_migrate(src.m, st.socket_address, &err)) {
         if (tracker && !strcmp(tracker, "uffd-wp") && strstr(err.msg, "uffd")) {
             guest_fini(&src, MEM);
@@ -206,12 +219,39 @@ static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char
         assert_true(st.duplicate > 0);
     if (tracker)
         assert_string_equal(st.dirty_tracker, tracker);
-    if (multifd)
+    if (multifd && comp)
+        assert_true(st.multifd_bytes > 0 && st.multifd_bytes < MEM / 2);  /* compressible */
+    else if (multifd)
         assert_true(st.multifd_bytes > MEM / 2 && st.multifd_bytes < st.transferred);
     else
         assert_int_equal(st.multifd_bytes, 0);
     guest_fini(&src, MEM);
     guest_fini(&dst, MEM);
+}
+
+static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char *zpd)
+{
+    migrate_ok_mfc(tracker, tcp, multifd, zpd, NULL);
+}
+
+static void test_multifd_compression(void **state)
+{
+    migrate_ok_mfc(NULL, false, 2, NULL, "zlib");
+    migrate_ok_mfc(NULL, true, 3, NULL, "zstd");
+    migrate_ok_mfc(NULL, false, 1, "legacy", "zstd");
+}
+
+/* Many short migrations back to back, random channel counts and modes. */
+static void test_multifd_stress(void **state)
+{
+    static const char *const zpd[] = { "none", "legacy", "multifd" };
+    unsigned seed = (unsigned)time(NULL);
+
+    print_message("stress seed %u\n", seed);
+    for (int i = 0; i < 16; i++) {
+        int channels = 1 + rand_r(&seed) % 8;
+        migrate_ok_mf(NULL, rand_r(&seed) % 2, channels, zpd[rand_r(&seed) % 3]);
+    }
 }
 
 static void migrate_ok(const char *tracker, bool tcp)
@@ -384,6 +424,8 @@ int main(void)
         cmocka_unit_test(test_multifd_channels),
         cmocka_unit_test(test_multifd_zero_detection),
         cmocka_unit_test(test_multifd_bad_uri),
+        cmocka_unit_test(test_multifd_compression),
+        cmocka_unit_test(test_multifd_stress),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
