@@ -113,6 +113,7 @@ typedef struct lm_an_block {
 
 typedef struct lm_analysis {
     uint64_t file_size;
+    uint64_t stream_offset;     /* where the stream starts (opts->offset) */
     uint32_t magic, version;    /* as read (valid only if header_ok) */
     bool header_ok;
 
@@ -153,11 +154,13 @@ typedef struct lm_analysis {
 
 typedef struct lm_analyze_opts {
     const char *extract_dir;    /* NULL: do not extract; created if missing */
+    uint64_t offset;            /* the stream starts here (file:PATH,offset=N);
+                                 * every offset reported stays absolute */
 } lm_analyze_opts;
 
 /*
  * Analyze the file at `path` (a regular file).  *out always receives a
- * result (opts may be NULL).  Returns 0 when the whole file was understood,
+ * result, to be freed with lm_analysis_free() (out and opts may be NULL).  Returns 0 when the whole file was understood,
  * else a negative errno with the message in err (and in (*out)->error).
  */
 int lm_analyze_file(const char *path, const lm_analyze_opts *opts,

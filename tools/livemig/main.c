@@ -16,6 +16,8 @@
 
 #include "commands.h"
 
+int cmd_analyze(int argc, char **argv);   /* analyze.c */
+
 static const struct {
     const char *name;
     int (*fn)(int argc, char **argv);
@@ -24,6 +26,7 @@ static const struct {
     { "guest", cmd_guest, "run a self-verifying demo guest with a QMP socket" },
     { "migrate", cmd_migrate, "migrate a running source guest over QMP, showing progress" },
     { "demo", cmd_demo, "migrate a demo guest between two child processes and verify it" },
+    { "analyze", cmd_analyze, "describe a migration file; --json, --extract-ram DIR" },
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))
@@ -39,6 +42,7 @@ static void usage(FILE *f)
         "\n"
         "Examples:\n"
         "  livemig demo --mem 1G --dirty-rate 20000\n"
+        "  livemig analyze /tmp/saved.mig --extract-ram /tmp/ram\n"
         "  livemig guest --mem 1G --dirty-rate 50000 --qmp unix:/tmp/src.qmp &\n"
         "  livemig guest --mem 1G --incoming tcp:127.0.0.1:4444 --qmp unix:/tmp/dst.qmp &\n"
         "  livemig migrate --qmp /tmp/src.qmp --cap auto-converge=on tcp:127.0.0.1:4444\n");
