@@ -24,6 +24,7 @@
 #include <endian.h>
 
 #include "migration/migration.h"
+#include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
@@ -44,6 +45,12 @@ typedef struct incoming {
 
 static void in_multifd_finish(incoming *in, bool failed)
 {
+    if (in->m->ram.mapped) {
+        if (failed)
+            mapped_ram_interrupt(in->m->ram.mapped);
+        mapped_ram_close(in->m->ram.mapped);
+        in->m->ram.mapped = NULL;
+    }
     if (!in->mfr)
         return;
     if (failed)
@@ -145,14 +152,21 @@ void *incoming_thread(void *arg)
         lm_conn c = { .fd = -1 }, chans[LM_MULTIFD_MAX_CHANNELS];
         int n = (int)mig_params(m).multifd_channels;
 
-        if (mig_cap(m, LM_CAP_MULTIFD))
+        if (mig_cap(m, LM_CAP_MULTIFD) && !mig_cap(m, LM_CAP_MAPPED_RAM))
             ret = multifd_accept(&m->listen, n, m->cancel_fd, LM_CHANNELS_MS, &c, chans, &err);
         else
             ret = lm_transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
-        if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
+        if (!ret && mig_cap(m, LM_CAP_MAPPED_RAM)) {
+            lm_params p = mig_params(m);
+            int nch = mig_cap(m, LM_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
+            m->ram.mapped = mapped_ram_open(m->uri.path, m->uri.offset, c.fd, nch,
+                                            p.direct_io, false, &err);
+            if (!m->ram.mapped)
+                ret = err.code ? err.code : -EIO;
+        } else if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
             in.mfr = multifd_recv_start(chans, n, &m->ram, (int)mig_params(m).multifd_compression,
                                         &m->cancel, mig_fail, m, &err);
             if (!in.mfr)
@@ -171,6 +185,7 @@ void *incoming_thread(void *arg)
     }
     mig_set_status(m, LM_STATUS_ACTIVE);
     in.s = lm_stream_new_reader(m->conn.fd, m->conn.is_socket);
+    lv->mapped_ram = mig_cap(m, LM_CAP_MAPPED_RAM);
     lv->open_return_path = in_open_rp;
     lv->ping = in_ping;
     lv->cmd_opaque = &in;

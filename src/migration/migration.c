@@ -572,8 +572,18 @@ static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
 
     if (ret)
         return ret;
-    if (mig_cap(m, LM_CAP_MULTIFD) && u.kind != LM_URI_TCP && u.kind != LM_URI_UNIX)
-        return lm_error_set(err, -EINVAL, "multifd needs a tcp: or unix: URI, not '%s'", uri);
+    lm_params p = mig_params(m);
+    bool mapped = mig_cap(m, LM_CAP_MAPPED_RAM);
+
+    if (mapped && u.kind != LM_URI_FILE)
+        return lm_error_set(err, -EINVAL, "mapped-ram needs a file: URI, not '%s'", uri);
+    if (mapped && p.multifd_compression)
+        return lm_error_set(err, -EINVAL, "Cannot use compression with mapped-ram");
+    if (mig_cap(m, LM_CAP_MULTIFD) && !mapped && u.kind != LM_URI_TCP && u.kind != LM_URI_UNIX)
+        return lm_error_set(err, -EINVAL, "multifd needs a tcp: or unix: URI (or file: with "
+                            "mapped-ram), not '%s'", uri);
+    if (p.direct_io && !mapped)
+        return lm_error_set(err, -EINVAL, "direct-io needs the mapped-ram capability");
     return 0;
 }
 

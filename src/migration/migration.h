@@ -51,6 +51,7 @@ enum lm_cap {
     LM_CAP_EVENTS,
     LM_CAP_AUTO_CONVERGE,
     LM_CAP_MULTIFD,
+    LM_CAP_MAPPED_RAM,
     LM_CAP__MAX,
 };
 
@@ -67,6 +68,7 @@ typedef struct lm_params {
     int64_t multifd_zlib_level;
     int64_t multifd_zstd_level;
     int64_t zero_page_detection;       /* lm_zero_detect: none, legacy, multifd */
+    int64_t direct_io;                 /* bool: O_DIRECT for mapped-ram page I/O */
 } lm_params;
 
 /* Copied by value under the lock, then called without it. */

@@ -17,6 +17,7 @@ static const char *const cap_names[LM_CAP__MAX] = {
     [LM_CAP_EVENTS] = "events",
     [LM_CAP_AUTO_CONVERGE] = "auto-converge",
     [LM_CAP_MULTIFD] = "multifd",
+    [LM_CAP_MAPPED_RAM] = "mapped-ram",
 };
 
 typedef struct param_def {
@@ -33,6 +34,7 @@ static const char *const zero_choices[] = { "none", "legacy", "multifd", NULL };
 
 #define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(lm_params, f), lo, hi, d, l, NULL }
 #define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(lm_params, f), 0, 0, d, false, c }
+#define B(n, f, d) { n, LM_PARAM_BOOL, offsetof(lm_params, f), 0, 1, d, false, NULL }
 static const param_def param_defs[] = {
     P("downtime-limit", downtime_limit, 0, 2000000, 300, true),
     P("max-bandwidth", max_bandwidth, 0, INT64_MAX, 0, true),
@@ -46,9 +48,11 @@ static const param_def param_defs[] = {
     P("multifd-zlib-level", multifd_zlib_level, 0, 9, 1, false),
     P("multifd-zstd-level", multifd_zstd_level, 0, 20, 1, false),
     S("zero-page-detection", zero_page_detection, 2, zero_choices),
+    B("direct-io", direct_io, 0),
 };
 #undef P
 #undef S
+#undef B
 #define NPARAMS ((int)(sizeof(param_defs) / sizeof(param_defs[0])))
 
 void params_init(lm_params *p)
@@ -147,12 +151,21 @@ int lm_param_set_int(lm_mig *m, const char *name, int64_t v, lm_error *err)
 int lm_param_set_bool(lm_mig *m, const char *name, bool v, lm_error *err)
 {
     const param_def *d = param_find(name);
+    int ret = 0;
 
     if (!d)
         return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
-    return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                        name, d->type == LM_PARAM_INT ? "integer" : "string");
-    (void)v;
+    if (d->type != LM_PARAM_BOOL)
+        return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                            name, d->type == LM_PARAM_INT ? "integer" : "string");
+    pthread_mutex_lock(&m->lock);
+    if (mig_busy(m))
+        ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
+                           name);
+    else
+        *(int64_t *)((char *)&m->params + d->offset) = v;
+    pthread_mutex_unlock(&m->lock);
+    return ret;
 }
 
 int lm_param_set_str(lm_mig *m, const char *name, const char *v, lm_error *err)
@@ -192,7 +205,6 @@ int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, s
 
     int64_t v;
 
-    (void)bv;
     if (!d)
         return -ENOENT;
     pthread_mutex_lock(&m->lock);
@@ -201,6 +213,9 @@ int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, s
     if (d->type == LM_PARAM_STR) {
         if (sv && svlen)
             snprintf(sv, svlen, "%s", d->choices[v]);
+    } else if (d->type == LM_PARAM_BOOL) {
+        if (bv)
+            *bv = v != 0;
     } else if (iv) {
         *iv = v;
     }

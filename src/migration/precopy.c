@@ -36,6 +36,7 @@
 #include <endian.h>
 
 #include "migration/migration.h"
+#include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
@@ -276,7 +277,7 @@ static int pc_setup(precopy *pc, lm_error *err)
     lm_mig *m = pc->m;
     int ret;
 
-    savevm_put_header(pc->s);
+    savevm_put_header(pc->s, mig_cap(m, LM_CAP_MAPPED_RAM));
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, LM_CMD_OPEN_RETURN_PATH, 0, NULL);
         pc->rp = true;
@@ -285,8 +286,17 @@ static int pc_setup(precopy *pc, lm_error *err)
      * QEMU 7.2 destinations take the first connection as the main one. */
     if (lm_stream_flush(pc->s))
         return pc_stream_err(pc, err);
-    if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err)))
+    if (mig_cap(m, LM_CAP_MAPPED_RAM)) {
+        int n = mig_cap(m, LM_CAP_MULTIFD) ? (int)pc->p.multifd_channels : 1;
+        pc->ram->mapped = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, n,
+                                          pc->p.direct_io, true, err);
+        if (!pc->ram->mapped)
+            return err->code ? err->code : -EIO;
+        pc->ram->zd = pc->p.zero_page_detection == LM_ZERO_NONE ? LM_ZERO_NONE
+                                                                 : LM_ZERO_LEGACY;
+    } else if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
         return ret;
+    }
     ret = lm_dirty_start(pc->dirty, err);
     if (ret)
         return ret;
@@ -516,6 +526,10 @@ static int pc_complete(precopy *pc, lm_error *err)
         ;
     ram_put_eos(pc->ram, pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    /* mapped-ram: every page write is done (the EOS synced): the bitmaps last */
+    if (pc->ram->mapped && !lm_stream_error(pc->s) &&
+        (ret = mapped_ram_put_bitmaps(pc->ram->mapped, pc->ram, err)))
+        return ret;
     uint64_t sizes[LM_MAX_DEVICES];
     for (int i = 0; i < m->ndevices; i++) {
         lm_device *d = &m->devices[i];
@@ -592,6 +606,12 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         pc->mf_final = mf;
         multifd_send_finish(pc->mfs);
         pc->mfs = pc->ram->mfs = NULL;
+    }
+    if (pc->ram->mapped) {
+        if (ret)
+            mapped_ram_interrupt(pc->ram->mapped);
+        mapped_ram_close(pc->ram->mapped);
+        pc->ram->mapped = NULL;
     }
     ram_save_finish(pc->ram);
     mig_conn_close(m, &cerr);

@@ -8,6 +8,7 @@
 
 #include "ram/ram.h"
 #include "multifd/multifd.h"
+#include "mappedram/mappedram.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 #include "util/zero.h"
@@ -70,14 +71,19 @@ void ram_save_finish(lm_ram *r)
 {
     for (int i = 0; i < r->nblocks; i++) {
         lm_bitmap_free(r->blocks[i].bmap);
-        r->blocks[i].bmap = NULL;
+        lm_bitmap_free(r->blocks[i].file_bmap);
+        r->blocks[i].bmap = r->blocks[i].file_bmap = NULL;
     }
 }
 
 void ram_put_eos(lm_ram *r, lm_stream *s)
 {
+    lm_error err;
+
     if (r->mfs && !lm_stream_error(s) && multifd_send_sync(r->mfs))
         lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
+    if (r->mapped && !lm_stream_error(s) && mapped_ram_sync(r->mapped, &err))
+        lm_stream_set_error(s, err.code, "%s", err.msg);
     lm_put_be64(s, LM_RAM_EOS);
 }
 
@@ -87,6 +93,8 @@ void ram_save_setup(lm_ram *r, lm_stream *s)
     for (int i = 0; i < r->nblocks; i++) {
         lm_stream_put_counted(s, r->blocks[i].idstr);
         lm_put_be64(s, r->blocks[i].length);
+        if (r->mapped)
+            mapped_ram_put_block(r->mapped, s, &r->blocks[i]);
     }
     ram_put_eos(r, s);
 }
@@ -109,6 +117,15 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
     uint64_t offset = page * LM_PAGE_SIZE;
     const uint8_t *p = b->host + offset;
 
+    if (r->mapped) {
+        bool zero = r->zd != LM_ZERO_NONE && lm_is_zero(p, LM_PAGE_SIZE);
+        mapped_ram_save_page(r->mapped, b, page, zero);
+        if (zero)
+            r->zero_pages++;
+        else
+            r->normal_pages++;
+        return;
+    }
     if (r->mfs && r->zd != LM_ZERO_LEGACY) {
         if (multifd_send_page(r->mfs, b, offset))
             lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
@@ -211,6 +228,8 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
                                 name, len, r->blocks[i].length, where);
             return -1;
         }
+        if (r->mapped && mapped_ram_load_block(r->mapped, s, &r->blocks[i]))
+            return -1;
         sum += len;
     }
     if (sum != total) {
@@ -219,6 +238,14 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
         return -1;
     }
     r->seen_block_list = true;
+    /* mapped-ram: all of RAM is loaded once the block list is (one sync). */
+    if (r->mapped) {
+        lm_error err;
+        if (mapped_ram_sync(r->mapped, &err)) {
+            lm_stream_set_error(s, err.code, "%s", err.msg);
+            return -1;
+        }
+    }
     return 0;
 }
 
@@ -276,6 +303,11 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
             if (ram_load_block_list(r, s, offset, at))
                 return -1;
             continue;
+        }
+        if (r->mapped) {
+            lm_stream_set_error(s, -EINVAL, "ram: page record (flags 0x%" PRIx64 ") in a "
+                                "mapped-ram stream at byte offset %" PRIu64, flags, at);
+            return -1;
         }
         if (!r->seen_block_list) {
             lm_stream_set_error(s, -EINVAL, "ram: page record before the block list at "

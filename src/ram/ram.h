@@ -50,6 +50,7 @@ enum {
 #define LM_RAM_MAX_BLOCKS 64
 
 struct lm_multifd_send;
+struct lm_mapped_ram;
 struct lm_multifd_recv;
 
 typedef struct lm_ramblock {
@@ -58,6 +59,9 @@ typedef struct lm_ramblock {
     uint64_t length;
     uint64_t npages;
     unsigned long *bmap;        /* source: pages still to send */
+    /* mapped-ram: absolute file offsets and the pages present in the file */
+    uint64_t mr_bitmap_offset, mr_pages_offset;
+    unsigned long *file_bmap;
 } lm_ramblock;
 
 typedef struct lm_ram {
@@ -75,6 +79,8 @@ typedef struct lm_ram {
      * the channels; zd says who checks for zero pages (lm_zero_detect). */
     struct lm_multifd_send *mfs;
     int zd;
+    /* mapped-ram (both directions): pages go to / come from fixed file offsets */
+    struct lm_mapped_ram *mapped;
 
     /* destination load state */
     const lm_ramblock *last_recv;

@@ -28,7 +28,58 @@ int loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
     return 0;
 }
 
-static int loadvm_header(lm_stream *s)
+/*
+ * Configuration subsections: only configuration/capabilities is known (its
+ * data has a length we can parse); the validated capability mapped-ram must
+ * be set identically on both sides, as in QEMU.
+ */
+static int loadvm_config_caps(lm_loadvm *lv, lm_stream *s)
+{
+    bool mapped = false;
+
+    while (lm_stream_peek_u8(s) == LM_VM_SUBSECTION) {
+        uint64_t at = lm_stream_offset(s);
+        char name[256], cap[256];
+        uint32_t version, count;
+        uint8_t type;
+
+        if (lm_get_u8(s, &type) || lm_stream_get_counted(s, name) || lm_get_be32(s, &version))
+            return -1;
+        if (strcmp(name, "configuration/capabilities") || version != 1) {
+            lm_stream_set_error(s, -EINVAL, "configuration: unsupported subsection '%s' "
+                                "version %u at byte offset %" PRIu64, name, version, at);
+            return -1;
+        }
+        if (lm_get_be32(s, &count))
+            return -1;
+        if (count > 64) {
+            lm_stream_set_error(s, -EINVAL, "configuration: %u capabilities at byte offset %"
+                                PRIu64 " (at most 64)", count, at);
+            return -1;
+        }
+        for (uint32_t i = 0; i < count; i++) {
+            uint64_t cat = lm_stream_offset(s);
+            if (lm_stream_get_counted(s, cap))
+                return -1;
+            if (!strcmp(cap, "mapped-ram")) {
+                mapped = true;
+            } else {
+                lm_stream_set_error(s, -EINVAL, "configuration: the stream needs capability "
+                                    "'%s' (byte offset %" PRIu64 "), unknown here", cap, cat);
+                return -1;
+            }
+        }
+    }
+    if (mapped != lv->mapped_ram) {
+        lm_stream_set_error(s, -EINVAL, "configuration: the stream was saved %s mapped-ram "
+                            "but this side has the capability %s", mapped ? "with" : "without",
+                            lv->mapped_ram ? "on" : "off");
+        return -1;
+    }
+    return 0;
+}
+
+static int loadvm_header(lm_loadvm *lv, lm_stream *s)
 {
     uint32_t magic, version, len;
     char name[64];
@@ -73,12 +124,7 @@ static int loadvm_header(lm_stream *s)
                             "is not '%s'", name, LM_MACHINE_NAME);
         return -1;
     }
-    if (lm_stream_peek_u8(s) == LM_VM_SUBSECTION) {
-        lm_stream_set_error(s, -EINVAL, "configuration: subsections are not supported "
-                            "(byte offset %" PRIu64 ")", lm_stream_offset(s));
-        return -1;
-    }
-    return 0;
+    return loadvm_config_caps(lv, s);
 }
 
 static int loadvm_find_handler(lm_loadvm *lv, const char *idstr, uint32_t instance)
@@ -225,7 +271,7 @@ bad_len:
 int loadvm_run(lm_loadvm *lv, lm_stream *s)
 {
     lv->nsections = 0;
-    if (loadvm_header(s))
+    if (loadvm_header(lv, s))
         return -1;
     for (;;) {
         uint64_t at = lm_stream_offset(s);

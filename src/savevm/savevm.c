@@ -5,13 +5,20 @@
 
 #include "savevm/savevm.h"
 
-void savevm_put_header(lm_stream *s)
+void savevm_put_header(lm_stream *s, bool mapped_ram)
 {
     lm_put_be32(s, LM_QEVM_MAGIC);
     lm_put_be32(s, LM_QEVM_VERSION);
     lm_put_u8(s, LM_VM_CONFIGURATION);
     lm_put_be32(s, (uint32_t)strlen(LM_MACHINE_NAME));
     lm_put_buffer(s, LM_MACHINE_NAME, strlen(LM_MACHINE_NAME));
+    if (mapped_ram) {
+        lm_put_u8(s, LM_VM_SUBSECTION);
+        lm_stream_put_counted(s, "configuration/capabilities");
+        lm_put_be32(s, 1);          /* subsection version */
+        lm_put_be32(s, 1);          /* one capability */
+        lm_stream_put_counted(s, "mapped-ram");
+    }
 }
 
 void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *idstr,

@@ -24,6 +24,7 @@
 #ifndef LM_SAVEVM_SAVEVM_H
 #define LM_SAVEVM_SAVEVM_H
 
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "livemig/livemig.h"
@@ -49,7 +50,9 @@ enum {
 };
 
 /* ---- writing ---- */
-void savevm_put_header(lm_stream *s);
+/* Header and configuration; with mapped-ram the configuration carries QEMU's
+ * configuration/capabilities subsection listing it (a validated capability). */
+void savevm_put_header(lm_stream *s, bool mapped_ram);
 void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *idstr,
                            uint32_t instance, uint32_t version);  /* any type */
 void savevm_section_footer(lm_stream *s, uint32_t id);
@@ -75,6 +78,7 @@ typedef struct lm_loadvm {
     int (*open_return_path)(void *opaque);
     int (*ping)(void *opaque, uint32_t value);
     void *cmd_opaque;
+    bool mapped_ram;          /* this side loads a mapped-ram file */
 
     /* parse state: sender's section id -> handler, and version in use */
     struct { uint32_t id; int handler; uint32_t version; } sections[LM_LOAD_MAX_SECTIONS];

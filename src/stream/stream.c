@@ -325,6 +325,38 @@ int lm_get_buffer(lm_stream *s, void *buf, size_t len)
     return 0;
 }
 
+void lm_stream_seek(lm_stream *s, uint64_t pos)
+{
+    off_t delta;
+
+    if (s->err)
+        return;
+    if (s->mem) {
+        if (pos > s->mem_len)
+            stream_eof_error(s, (size_t)(pos - s->mem_len));
+        else
+            s->pos = pos;
+        return;
+    }
+    if (s->writer) {
+        if (lm_stream_flush(s))
+            return;
+        delta = (off_t)(pos - s->pos);
+    } else {
+        /* the descriptor is ahead of pos by what is still buffered */
+        delta = (off_t)(pos - s->pos) - (off_t)(s->rlen - s->rpos);
+        s->rpos = s->rlen = 0;
+    }
+    if (lseek(s->fd, delta, SEEK_CUR) < 0) {
+        lm_stream_set_error(s, -errno, "seek to stream offset %llu failed: %s",
+                            (unsigned long long)pos, strerror(errno));
+        return;
+    }
+    s->pos = pos;
+    if (s->writer)
+        s->io_bytes = pos;
+}
+
 int lm_stream_peek_u8(lm_stream *s)
 {
     if (s->err)

@@ -82,6 +82,12 @@ size_t lm_stream_pending(const lm_stream *s);
 int lm_stream_get_counted(lm_stream *s, char *str);
 /* Next byte without consuming it, or -1 on error/EOF (EOF is NOT latched). */
 int lm_stream_peek_u8(lm_stream *s);
+/*
+ * Seekable files only (mapped-ram): continue at logical offset `pos`.  A
+ * writer flushes first; a reader drops what it had buffered.  Positions are
+ * relative, so a stream that starts at file offset N keeps working.
+ */
+void lm_stream_seek(lm_stream *s, uint64_t pos);
 /* True at a clean end of stream (nothing buffered, the peer closed). */
 bool lm_stream_at_eof(lm_stream *s);
 

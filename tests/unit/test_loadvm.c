@@ -130,7 +130,7 @@ static void write_good(lm_stream *s, void *arg)
 {
     src *sr = arg;
 
-    savevm_put_header(s);
+    savevm_put_header(s, false);
     savevm_put_command(s, 1, 0, NULL);                 /* OPEN_RETURN_PATH */
     savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, s);
@@ -256,7 +256,7 @@ static void test_bad_version(void **state)
 
 static void w_unknown_section(lm_stream *s, void *arg)
 {
-    savevm_put_header(s);
+    savevm_put_header(s, false);
     savevm_section_header(s, LM_VM_SECTION_FULL, 7, "nosuch", 0, 1);
     savevm_section_footer(s, 7);
     savevm_put_eof(s);
@@ -271,7 +271,7 @@ static void test_unknown_section(void **state)
 
 static void w_unknown_instance(lm_stream *s, void *arg)
 {
-    savevm_put_header(s);
+    savevm_put_header(s, false);
     savevm_section_header(s, LM_VM_SECTION_FULL, 7, "dev", 3, 1);
     savevm_put_eof(s);
 }
@@ -285,7 +285,7 @@ static void test_unknown_instance(void **state)
 
 static void w_new_version(lm_stream *s, void *arg)
 {
-    savevm_put_header(s);
+    savevm_put_header(s, false);
     savevm_section_header(s, LM_VM_SECTION_FULL, 7, "dev", 0, 3);
     savevm_put_eof(s);
 }
@@ -304,7 +304,7 @@ static void w_ram(lm_stream *s, void *arg)
 {
     extra_fn extra = (extra_fn)arg;
 
-    savevm_put_header(s);
+    savevm_put_header(s, false);
     savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
     lm_put_be64(s, BLOCK_LEN | LM_RAM_MEM_SIZE);
     lm_stream_put_counted(s, "pc.ram");
@@ -411,7 +411,7 @@ static void test_ram_rejections(void **state)
 
 static void w_wrong_total(lm_stream *s, void *arg)
 {
-    savevm_put_header(s);
+    savevm_put_header(s, false);
     savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
     lm_put_be64(s, (uint64_t)arg | LM_RAM_MEM_SIZE);
     lm_stream_put_counted(s, "pc.ram");

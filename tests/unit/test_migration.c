@@ -16,7 +16,10 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <endian.h>
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -274,6 +277,161 @@ static void test_multifd_stress(void **state)
     }
 }
 
+/* ---- files: plain stream and mapped-ram ---- */
+
+static void set_file_caps(lm_mig *m, bool mapped, int channels, bool direct)
+{
+    lm_error err = { 0 };
+
+    if (!mapped)
+        return;
+    assert_int_equal(lm_cap_set(m, "mapped-ram", true, &err), 0);
+    if (channels) {
+        assert_int_equal(lm_cap_set(m, "multifd", true, &err), 0);
+        assert_int_equal(lm_param_set_int(m, "multifd-channels", channels, &err), 0);
+    }
+    if (direct)
+        assert_int_equal(lm_param_set_bool(m, "direct-io", true, &err), 0);
+}
+
+/* Save src to `path`, restore into a fresh guest, compare memory.  */
+static void file_round_trip(bool mapped, int channels, bool direct, bool live)
+{
+    guest src, dst;
+    lm_error err = { 0 };
+    lm_stats st;
+    char path[128], uri[160];
+    struct stat sb;
+
+    snprintf(path, sizeof(path), "/tmp/lm-test-%d.mig", getpid());
+    snprintf(uri, sizeof(uri), "file:%s", path);
+    unlink(path);
+    guest_init(&src, true, NULL, MEM);
+    for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
+        usleep(1000);
+    if (!live)
+        g_stop(&src);
+    set_file_caps(src.m, mapped, channels, direct);
+    if (lm_migrate(src.m, uri, &err))
+        fail_msg("save: %s", err.msg);
+    if (lm_wait(src.m, WAIT_MS) != LM_STATUS_COMPLETED) {
+        lm_query(src.m, &st);
+        fail_msg("save ended %s: %s", lm_status_name(st.status), st.error_desc);
+    }
+    assert_int_equal(stat(path, &sb), 0);
+    if (mapped)   /* one copy of each page at most, plus headers and device state */
+        assert_true((uint64_t)sb.st_size <= MEM + (4u << 20));
+
+    guest_init(&dst, false, NULL, MEM);
+    set_file_caps(dst.m, mapped, channels, direct);
+    if (lm_incoming(dst.m, uri, &err))
+        fail_msg("restore: %s", err.msg);
+    if (lm_wait(dst.m, WAIT_MS) != LM_STATUS_COMPLETED) {
+        lm_query(dst.m, &st);
+        fail_msg("restore ended %s: %s", lm_status_name(st.status), st.error_desc);
+    }
+    assert_memory_equal(src.mem, dst.mem, MEM);
+    assert_int_equal(dst.dev_value, 0x1234abcd);
+    guest_fini(&src, MEM);
+    guest_fini(&dst, MEM);
+    unlink(path);
+}
+
+static void test_file_plain(void **state)
+{
+    file_round_trip(false, 0, false, false);
+    file_round_trip(false, 0, false, true);
+}
+
+static void test_file_mapped_ram(void **state)
+{
+    file_round_trip(true, 0, false, false);
+    file_round_trip(true, 0, false, true);
+    file_round_trip(true, 2, false, true);
+    file_round_trip(true, 4, false, false);
+    file_round_trip(true, 2, true, true);
+    file_round_trip(true, 1, true, false);
+}
+
+/* Damage a mapped-ram file: each refusal names the block and offset. */
+static void mapped_refused(const char *path, const char *words)
+{
+    guest dst;
+    lm_error err = { 0 };
+    lm_stats st;
+    char uri[160];
+
+    snprintf(uri, sizeof(uri), "file:%s", path);
+    guest_init(&dst, false, NULL, MEM);
+    set_file_caps(dst.m, true, 2, false);
+    assert_int_equal(lm_incoming(dst.m, uri, &err), 0);
+    assert_int_equal(lm_wait(dst.m, WAIT_MS), LM_STATUS_FAILED);
+    lm_query(dst.m, &st);
+    if (!strstr(st.error_desc, words))
+        fail_msg("error '%s' lacks '%s'", st.error_desc, words);
+    assert_int_equal(dst.starts, 0);
+    guest_fini(&dst, MEM);
+}
+
+static void patch_be64(const char *path, off_t off, uint64_t v)
+{
+    int fd = open(path, O_WRONLY);
+    v = htobe64(v);
+    assert_int_equal(pwrite(fd, &v, 8, off), 8);
+    close(fd);
+}
+
+static void test_file_mapped_ram_malformed(void **state)
+{
+    guest src;
+    lm_error err = { 0 };
+    char path[128], copy[160], uri[160], cmd[400];
+    /* header(22) + caps subsection(47) + START(17) + MEM_SIZE(8) + "guest.ram"(10) + len(8) */
+    const off_t hdr = 22 + 47 + 17 + 8 + 10 + 8;
+
+    snprintf(path, sizeof(path), "/tmp/lm-test-%d-mal.mig", getpid());
+    snprintf(copy, sizeof(copy), "%s.copy", path);
+    snprintf(uri, sizeof(uri), "file:%s", path);
+    guest_init(&src, true, NULL, MEM);
+    g_stop(&src);
+    set_file_caps(src.m, true, 2, false);
+    assert_int_equal(lm_migrate(src.m, uri, &err), 0);
+    assert_int_equal(lm_wait(src.m, WAIT_MS), LM_STATUS_COMPLETED);
+
+#define COPY() do { snprintf(cmd, sizeof(cmd), "cp %s %s", path, copy); \
+                    assert_int_equal(system(cmd), 0); } while (0)
+    COPY();
+    assert_int_equal(truncate(copy, 1 << 20), 0);
+    mapped_refused(copy, "truncated");
+    COPY();
+    patch_be64(copy, hdr + 4, 8192);                   /* page size */
+    mapped_refused(copy, "page size 8192");
+    COPY();
+    patch_be64(copy, hdr + 12, 10);                    /* bitmap offset inside the stream */
+    mapped_refused(copy, "block 'guest.ram'");
+    COPY();
+    patch_be64(copy, hdr + 20, 0);                     /* pages overlap the bitmap */
+    mapped_refused(copy, "overlaps the bitmap");
+    COPY();
+    patch_be64(copy, hdr + 20, 1ULL << 40);            /* pages past the end */
+    mapped_refused(copy, "truncated");
+#undef COPY
+    /* without the capability, the file is refused at the configuration */
+    {
+        guest dst;
+        lm_stats st;
+        guest_init(&dst, false, NULL, MEM);
+        assert_int_equal(lm_incoming(dst.m, uri, &err), 0);
+        assert_int_equal(lm_wait(dst.m, WAIT_MS), LM_STATUS_FAILED);
+        lm_query(dst.m, &st);
+        assert_non_null(strstr(st.error_desc, "saved with mapped-ram"));
+        guest_fini(&dst, MEM);
+    }
+    guest_fini(&src, MEM);
+    unlink(path);
+    unlink(copy);
+}
+
 static void migrate_ok(const char *tracker, bool tcp)
 {
     migrate_ok_mf(tracker, tcp, 0, NULL);
@@ -446,6 +604,9 @@ int main(void)
         cmocka_unit_test(test_multifd_bad_uri),
         cmocka_unit_test(test_multifd_compression),
         cmocka_unit_test(test_multifd_stress),
+        cmocka_unit_test(test_file_plain),
+        cmocka_unit_test(test_file_mapped_ram),
+        cmocka_unit_test(test_file_mapped_ram_malformed),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -1,0 +1,525 @@
+/*
+ * zlib page compression and decompression on worker pools; the contract is
+ * in compress.h.
+ *
+ * Each worker owns one zlib stream (deflate or inflate state, set up by the
+ * pool's init callback on the creating thread) and resets it per page, so a
+ * page costs no allocation and each page is an independent zlib stream, as
+ * the format requires.
+ *
+ * Source: a request is the page's bounce copy plus an output buffer one
+ * byte shorter than a page.  deflate(Z_FINISH) into it either ends the
+ * stream (the compressed form is smaller: send it) or runs out of room
+ * (not smaller: send the bounce copy); zlib stops writing at the end of the
+ * buffer, so an incompressible page costs no more than one page of output.
+ * Finished requests are KEPT by the pool's done callback on a FIFO until
+ * poll/flush emits them, so the data handed to emit is the request's own
+ * buffer (no copy) and emit runs on the thread that polls.
+ *
+ * Destination: a request carries a copy of the record's data and the
+ * destination pointer; inflate gets avail_out = one page, so it cannot write
+ * past the page whatever the input says.  The page is good only if the
+ * stream ends exactly there: Z_STREAM_END with no output room left and no
+ * input left.  Anything else is a corrupt page, reported with the record's
+ * stream offset; the first error is latched and returned by every later
+ * submit and wait.
+ */
+#include <errno.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <zlib.h>
+
+#include "compress/compress.h"
+#include "util/error.h"
+#include "util/pool.h"
+
+#define PAGE LM_COMPRESS_PAGE_SIZE
+#define RELAXED memory_order_relaxed
+
+_Static_assert(PAGE + (PAGE >> 12) + (PAGE >> 14) + (PAGE >> 25) + 13 == LM_COMPRESS_BOUND,
+               "LM_COMPRESS_BOUND is zlib's compressBound(4096)");
+
+static int zlib_bound_check(lm_error *err)
+{
+    /* A zlib whose bound differs would make us reject valid pages. */
+    if (compressBound(PAGE) != LM_COMPRESS_BOUND)
+        return lm_error_set(err, -ENOTSUP, "zlib %s: compressBound(%d) = %lu, expected %d",
+                            zlibVersion(), PAGE, (unsigned long)compressBound(PAGE),
+                            LM_COMPRESS_BOUND);
+    return 0;
+}
+
+/*
+ * Get a free request into *out, waiting for workers if all are busy.
+ * `drain` (may be NULL) runs after each poll of the pool and must recycle
+ * what was kept (the compressor emits there).  *busy is set when none was
+ * free even after polling.  0 or a negative errno with err set.
+ */
+static int get_req(lm_pool *pool, int (*drain)(void *arg), void *arg, lm_pool_req **out,
+                   bool *busy, lm_error *err)
+{
+    lm_pool_req *req = lm_pool_submit_prepare(pool);
+    int rc;
+
+    *busy = false;
+    while (!req) {
+        if (lm_pool_poll_done(pool) == 0 && *busy) {
+            /* Only requests in the workers can come back: wait for half of
+             * them, not one, so each wake-up of this thread refills
+             * several worker slots (see pool.c). */
+            rc = lm_pool_wait_any(pool, lm_pool_outstanding(pool) / 2, LM_COMPRESS_WAIT_MS,
+                                  err);
+            if (rc < 0)
+                return rc;
+        }
+        if (drain && (rc = drain(arg)) < 0)
+            return lm_error_set(err, rc, "emitting a finished page: %s", strerror(-rc));
+        req = lm_pool_submit_prepare(pool);
+        if (!req)
+            *busy = true;
+    }
+    *out = req;
+    return 0;
+}
+
+/* ================================================================== source */
+
+typedef struct comp_req {
+    lm_pool_req req;              /* first: the pool's header */
+    struct comp_req *next;        /* owner's FIFO of finished pages */
+    uint64_t tag;
+    uint32_t len;                 /* of the data to emit */
+    bool compressed;
+    _Alignas(64) unsigned char page[PAGE];  /* bounce copy */
+    unsigned char out[PAGE];      /* zlib output; only PAGE - 1 used */
+} comp_req;
+
+struct lm_compress {
+    lm_pool *pool;
+    int level;
+    comp_req *ready_head, *ready_tail;     /* owner only */
+    _Atomic uint64_t submitted, busy, pages, compressed_size, not_smaller;
+};
+
+static int comp_init(void *opaque, unsigned worker, void **wctx, lm_error *err)
+{
+    lm_compress *c = opaque;
+    z_stream *zs = calloc(1, sizeof(*zs));
+    int r;
+
+    if (!zs)
+        return lm_error_set(err, -ENOMEM, "out of memory");
+    r = deflateInit(zs, c->level);
+    if (r != Z_OK) {
+        free(zs);
+        return lm_error_set(err, r == Z_MEM_ERROR ? -ENOMEM : -EINVAL,
+                            "zlib deflateInit(level %d): %s", c->level, zError(r));
+    }
+    *wctx = zs;
+    return 0;
+}
+
+static void comp_uninit(void *opaque, unsigned worker, void *wctx)
+{
+    z_stream *zs = wctx;
+
+    if (zs) {
+        deflateEnd(zs);
+        free(zs);
+    }
+}
+
+static void comp_handler(void *opaque, void *wctx, lm_pool_req *preq)
+{
+    comp_req *r = (comp_req *)preq;
+    z_stream *zs = wctx;
+    int rc;
+
+    deflateReset(zs);
+    zs->next_in = r->page;
+    zs->avail_in = PAGE;
+    zs->next_out = r->out;
+    zs->avail_out = PAGE - 1;  /* a result that needs a whole page is no gain */
+    rc = deflate(zs, Z_FINISH);
+    if (rc == Z_STREAM_END) {
+        r->compressed = true;
+        r->len = (uint32_t)zs->total_out;
+    } else {
+        /* Z_OK / Z_BUF_ERROR: out of room, i.e. not smaller.  Nothing else
+         * can happen with a valid stream; sending the page raw is right
+         * in every case. */
+        r->compressed = false;
+        r->len = PAGE;
+    }
+}
+
+static lm_pool_disposition comp_done(void *opaque, lm_pool_req *preq)
+{
+    lm_compress *c = opaque;
+    comp_req *r = (comp_req *)preq;
+
+    r->next = NULL;
+    if (c->ready_tail)
+        c->ready_tail->next = r;
+    else
+        c->ready_head = r;
+    c->ready_tail = r;
+    return LM_POOL_KEEP;
+}
+
+static const lm_pool_ops comp_ops = {
+    .init = comp_init,
+    .uninit = comp_uninit,
+    .handler = comp_handler,
+    .done = comp_done,
+};
+
+lm_compress *lm_compress_new(int threads, int level, lm_error *err)
+{
+    return lm_compress_new_tuned(threads, level, 0, NULL, err);
+}
+
+lm_compress *lm_compress_new_tuned(int threads, int level, unsigned ring_size,
+                                   const lm_pool_tuning *tuning, lm_error *err)
+{
+    lm_compress *c;
+
+    if (threads < 1 || threads > LM_COMPRESS_MAX_THREADS) {
+        lm_error_set(err, -EINVAL, "compress-threads %d out of range 1..%d", threads,
+                     LM_COMPRESS_MAX_THREADS);
+        return NULL;
+    }
+    if (level < 0 || level > 9) {
+        lm_error_set(err, -EINVAL, "compress-level %d out of range 0..9", level);
+        return NULL;
+    }
+    if (zlib_bound_check(err) < 0)
+        return NULL;
+    c = calloc(1, sizeof(*c));
+    if (!c) {
+        lm_error_set(err, -ENOMEM, "out of memory");
+        return NULL;
+    }
+    c->level = level;
+    c->pool = lm_pool_create_tuned((unsigned)threads, ring_size ? ring_size : LM_COMPRESS_RING,
+                                   sizeof(comp_req), "compress", &comp_ops, c, tuning, err);
+    if (!c->pool) {
+        free(c);
+        return NULL;
+    }
+    return c;
+}
+
+lm_pool *lm_compress_pool(lm_compress *c)
+{
+    return c->pool;
+}
+
+void lm_compress_free(lm_compress *c)
+{
+    if (!c)
+        return;
+    lm_pool_destroy(c->pool);
+    free(c);
+}
+
+static int emit_ready(lm_compress *c, lm_compress_emit_fn emit, void *opaque)
+{
+    int n = 0;
+
+    while (c->ready_head) {
+        comp_req *r = c->ready_head;
+        int rc;
+
+        c->ready_head = r->next;
+        if (!c->ready_head)
+            c->ready_tail = NULL;
+        if (r->compressed) {
+            atomic_fetch_add_explicit(&c->pages, 1, RELAXED);
+            atomic_fetch_add_explicit(&c->compressed_size, r->len, RELAXED);
+            rc = emit(opaque, r->tag, r->out, r->len, true);
+        } else {
+            atomic_fetch_add_explicit(&c->not_smaller, 1, RELAXED);
+            rc = emit(opaque, r->tag, r->page, PAGE, false);
+        }
+        lm_pool_req_release(c->pool, &r->req);
+        if (rc < 0)
+            return rc;
+        n++;
+    }
+    return n;
+}
+
+typedef struct drain_arg {
+    lm_compress *c;
+    lm_compress_emit_fn emit;
+    void *opaque;
+} drain_arg;
+
+static int drain_emit(void *arg)
+{
+    drain_arg *a = arg;
+    int rc = emit_ready(a->c, a->emit, a->opaque);
+
+    return rc < 0 ? rc : 0;
+}
+
+int lm_compress_submit(lm_compress *c, const void *page, uint64_t tag,
+                       lm_compress_emit_fn emit, void *opaque, lm_error *err)
+{
+    drain_arg da = { c, emit, opaque };
+    lm_pool_req *req = NULL;
+    comp_req *r;
+    bool busy;
+    int rc = get_req(c->pool, drain_emit, &da, &req, &busy, err);
+
+    if (busy)
+        atomic_fetch_add_explicit(&c->busy, 1, RELAXED);
+    if (rc < 0) {
+        lm_error_prefix(err, "compress");
+        return rc;
+    }
+    r = (comp_req *)req;
+    memcpy(r->page, page, PAGE);
+    r->tag = tag;
+    lm_pool_submit_commit(c->pool, &r->req);
+    atomic_fetch_add_explicit(&c->submitted, 1, RELAXED);
+    return 0;
+}
+
+int lm_compress_poll(lm_compress *c, lm_compress_emit_fn emit, void *opaque)
+{
+    lm_pool_poll_done(c->pool);
+    return emit_ready(c, emit, opaque);
+}
+
+int lm_compress_flush(lm_compress *c, lm_compress_emit_fn emit, void *opaque, lm_error *err)
+{
+    int rc = lm_pool_wait_done(c->pool, LM_COMPRESS_WAIT_MS, err);
+
+    if (rc < 0) {
+        lm_error_prefix(err, "compress");
+        return rc;
+    }
+    rc = emit_ready(c, emit, opaque);
+    return rc < 0 ? rc : 0;
+}
+
+void lm_compress_interrupt(lm_compress *c)
+{
+    lm_pool_interrupt(c->pool);
+}
+
+void lm_compress_get_stats(lm_compress *c, lm_compress_stats *st)
+{
+    memset(st, 0, sizeof(*st));
+    st->submitted = atomic_load_explicit(&c->submitted, RELAXED);
+    st->busy = atomic_load_explicit(&c->busy, RELAXED);
+    st->pages = atomic_load_explicit(&c->pages, RELAXED);
+    st->compressed_size = atomic_load_explicit(&c->compressed_size, RELAXED);
+    st->not_smaller = atomic_load_explicit(&c->not_smaller, RELAXED);
+    if (st->submitted)
+        st->busy_rate = (double)st->busy / (double)st->submitted;
+    if (st->compressed_size)
+        st->compression_rate = (double)st->pages * PAGE / (double)st->compressed_size;
+}
+
+/* ================================================================== destination */
+
+typedef struct decomp_req {
+    lm_pool_req req;              /* first: the pool's header */
+    unsigned char *dest;
+    uint64_t where;
+    uint32_t len;
+    int rc;                       /* 0 or -EINVAL, set by the worker */
+    char why[120];                /* the zlib-level reason when rc < 0 */
+    _Alignas(64) unsigned char in[LM_COMPRESS_BOUND];
+} decomp_req;
+
+struct lm_decompress {
+    lm_pool *pool;
+    lm_error first;               /* owner only; code 0 = no error yet */
+};
+
+static int decomp_init(void *opaque, unsigned worker, void **wctx, lm_error *err)
+{
+    z_stream *zs = calloc(1, sizeof(*zs));
+    int r;
+
+    if (!zs)
+        return lm_error_set(err, -ENOMEM, "out of memory");
+    r = inflateInit(zs);
+    if (r != Z_OK) {
+        free(zs);
+        return lm_error_set(err, r == Z_MEM_ERROR ? -ENOMEM : -EINVAL,
+                            "zlib inflateInit: %s", zError(r));
+    }
+    *wctx = zs;
+    return 0;
+}
+
+static void decomp_uninit(void *opaque, unsigned worker, void *wctx)
+{
+    z_stream *zs = wctx;
+
+    if (zs) {
+        inflateEnd(zs);
+        free(zs);
+    }
+}
+
+static void decomp_handler(void *opaque, void *wctx, lm_pool_req *preq)
+{
+    decomp_req *r = (decomp_req *)preq;
+    z_stream *zs = wctx;
+    int rc;
+
+    inflateReset(zs);
+    zs->next_in = r->in;
+    zs->avail_in = r->len;
+    zs->next_out = r->dest;
+    zs->avail_out = PAGE;  /* the only bound on what is written: one page */
+    rc = inflate(zs, Z_FINISH);
+    r->rc = -EINVAL;
+    if (rc == Z_STREAM_END) {
+        if (zs->avail_out != 0)
+            snprintf(r->why, sizeof(r->why), "decompressed to %lu bytes, not %d",
+                     (unsigned long)zs->total_out, PAGE);
+        else if (zs->avail_in != 0)
+            snprintf(r->why, sizeof(r->why), "%u bytes after the end of the zlib stream",
+                     zs->avail_in);
+        else
+            r->rc = 0;
+    } else if (rc == Z_BUF_ERROR || rc == Z_OK) {
+        unsigned char extra;
+
+        /* Out of input or out of room.  A full page does not tell which:
+         * ask for one more byte, into a scratch byte, not the page. */
+        if (zs->avail_out == 0) {
+            zs->next_out = &extra;
+            zs->avail_out = 1;
+            rc = inflate(zs, Z_FINISH);
+        }
+        if (zs->avail_out == 0 || rc == Z_STREAM_END)
+            snprintf(r->why, sizeof(r->why), "decompresses to more than %d bytes", PAGE);
+        else if (rc == Z_BUF_ERROR || rc == Z_OK)
+            snprintf(r->why, sizeof(r->why), "stream truncated after %lu bytes of output",
+                     (unsigned long)zs->total_out);
+        else
+            snprintf(r->why, sizeof(r->why), "%s", zs->msg ? zs->msg : zError(rc));
+    } else {
+        snprintf(r->why, sizeof(r->why), "%s", zs->msg ? zs->msg : zError(rc));
+    }
+}
+
+static lm_pool_disposition decomp_done(void *opaque, lm_pool_req *preq)
+{
+    lm_decompress *d = opaque;
+    decomp_req *r = (decomp_req *)preq;
+
+    if (r->rc < 0 && d->first.code == 0)
+        lm_error_set(&d->first, r->rc, "corrupt compressed page at byte offset %llu: zlib: %s",
+                     (unsigned long long)r->where, r->why);
+    return LM_POOL_RECYCLE;
+}
+
+static const lm_pool_ops decomp_ops = {
+    .init = decomp_init,
+    .uninit = decomp_uninit,
+    .handler = decomp_handler,
+    .done = decomp_done,
+};
+
+lm_decompress *lm_decompress_new(int threads, lm_error *err)
+{
+    lm_decompress *d;
+
+    if (threads < 1 || threads > LM_COMPRESS_MAX_THREADS) {
+        lm_error_set(err, -EINVAL, "decompress-threads %d out of range 1..%d", threads,
+                     LM_COMPRESS_MAX_THREADS);
+        return NULL;
+    }
+    if (zlib_bound_check(err) < 0)
+        return NULL;
+    d = calloc(1, sizeof(*d));
+    if (!d) {
+        lm_error_set(err, -ENOMEM, "out of memory");
+        return NULL;
+    }
+    d->pool = lm_pool_create((unsigned)threads, LM_COMPRESS_RING, sizeof(decomp_req),
+                             "decompress", &decomp_ops, d, err);
+    if (!d->pool) {
+        free(d);
+        return NULL;
+    }
+    return d;
+}
+
+void lm_decompress_free(lm_decompress *d)
+{
+    if (!d)
+        return;
+    lm_pool_destroy(d->pool);
+    free(d);
+}
+
+static int decomp_failed(lm_decompress *d, lm_error *err)
+{
+    lm_error_copy(err, &d->first);
+    return d->first.code;
+}
+
+int lm_decompress_submit(lm_decompress *d, void *dest_page, const void *data, uint32_t len,
+                         uint64_t where, lm_error *err)
+{
+    lm_pool_req *req = NULL;
+    decomp_req *r;
+    bool busy;
+    int rc;
+
+    if (d->first.code)
+        return decomp_failed(d, err);
+    if (len > LM_COMPRESS_BOUND) {
+        lm_error_set(&d->first, -EINVAL,
+                     "compressed page at byte offset %llu has length %u > bound %d",
+                     (unsigned long long)where, len, LM_COMPRESS_BOUND);
+        return decomp_failed(d, err);
+    }
+    rc = get_req(d->pool, NULL, NULL, &req, &busy, err);
+    if (rc < 0) {
+        lm_error_prefix(err, "decompress");
+        return rc;
+    }
+    r = (decomp_req *)req;
+    /* A page that failed while we waited: stop feeding workers. */
+    if (d->first.code) {
+        lm_pool_req_release(d->pool, &r->req);
+        return decomp_failed(d, err);
+    }
+    memcpy(r->in, data, len);
+    r->len = len;
+    r->dest = dest_page;
+    r->where = where;
+    lm_pool_submit_commit(d->pool, &r->req);
+    return 0;
+}
+
+int lm_decompress_wait(lm_decompress *d, lm_error *err)
+{
+    int rc = lm_pool_wait_done(d->pool, LM_COMPRESS_WAIT_MS, err);
+
+    if (rc < 0) {
+        lm_error_prefix(err, "decompress");
+        return rc;
+    }
+    if (d->first.code)
+        return decomp_failed(d, err);
+    return 0;
+}
+
+void lm_decompress_interrupt(lm_decompress *d)
+{
+    lm_pool_interrupt(d->pool);
+}

@@ -1,0 +1,317 @@
+/*
+ * mapped-ram file layout and its parallel page I/O; see mappedram.h.
+ */
+#include <endian.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "mappedram/mappedram.h"
+#include "util/bitmap.h"
+#include "util/error.h"
+#include "util/pool.h"
+
+typedef struct mr_req {
+    lm_pool_req req;            /* first: the pool's header */
+    uint8_t *host;
+    size_t len;
+    uint64_t off;               /* absolute file offset */
+    int err;                    /* 0 or -errno, set by the worker */
+} mr_req;
+
+struct lm_mapped_ram {
+    char path[4096];
+    int flags;                  /* open flags of the workers' descriptors */
+    bool write;
+    uint64_t base;
+    int main_fd;
+    lm_pool *pool;
+    int err;                    /* first I/O error (owner only) */
+    uint64_t err_off;
+    /* the run being collected (source) */
+    uint8_t *run_host;
+    size_t run_len;
+    uint64_t run_off;
+};
+
+/* ------------------------------------------------------------ the pool */
+
+static int mr_worker_init(void *opaque, unsigned worker, void **wctx, lm_error *err)
+{
+    lm_mapped_ram *mr = opaque;
+    int fd = open(mr->path, mr->flags | O_CLOEXEC);
+
+    if (fd < 0) {
+        if (errno == EINVAL && (mr->flags & O_DIRECT))
+            return lm_error_set(err, -EINVAL, "direct-io: the file system refuses O_DIRECT "
+                                "for %s", mr->path);
+        return lm_error_set_errno(err, -errno, "mapped-ram: cannot open %s", mr->path);
+    }
+    *wctx = (void *)(intptr_t)fd;
+    (void)worker;
+    return 0;
+}
+
+static void mr_worker_uninit(void *opaque, unsigned worker, void *wctx)
+{
+    close((int)(intptr_t)wctx);
+}
+
+static void mr_handler(void *opaque, void *wctx, lm_pool_req *preq)
+{
+    lm_mapped_ram *mr = opaque;
+    mr_req *r = (mr_req *)preq;
+    int fd = (int)(intptr_t)wctx;
+    size_t done = 0;
+
+    r->err = 0;
+    while (done < r->len) {
+        ssize_t n = mr->write ? pwrite(fd, r->host + done, r->len - done, (off_t)(r->off + done))
+                              : pread(fd, r->host + done, r->len - done, (off_t)(r->off + done));
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            r->err = n < 0 ? -errno : -EPIPE;   /* EOF inside the pages region */
+            return;
+        }
+        done += (size_t)n;
+    }
+}
+
+static lm_pool_disposition mr_done(void *opaque, lm_pool_req *preq)
+{
+    lm_mapped_ram *mr = opaque;
+    mr_req *r = (mr_req *)preq;
+
+    if (r->err && !mr->err) {
+        mr->err = r->err;
+        mr->err_off = r->off;
+    }
+    return LM_POOL_RECYCLE;
+}
+
+static const lm_pool_ops mr_ops = {
+    .init = mr_worker_init,
+    .uninit = mr_worker_uninit,
+    .handler = mr_handler,
+    .done = mr_done,
+};
+
+lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
+                               bool direct, bool write, lm_error *err)
+{
+    lm_mapped_ram *mr = calloc(1, sizeof(*mr));
+
+    if (!mr)
+        abort();
+    if (direct && (base & (LM_PAGE_SIZE - 1))) {
+        lm_error_set(err, -EINVAL, "direct-io needs a file offset aligned to 4096 (offset=%"
+                     PRIu64 ")", base);
+        free(mr);
+        return NULL;
+    }
+    snprintf(mr->path, sizeof(mr->path), "%s", path);
+    mr->flags = (write ? O_WRONLY : O_RDONLY) | (direct ? O_DIRECT : 0);
+    mr->write = write;
+    mr->base = base;
+    mr->main_fd = main_fd;
+    mr->pool = lm_pool_create((unsigned)channels, 0, sizeof(mr_req), "lm-mapram", &mr_ops, mr,
+                              err);
+    if (!mr->pool) {
+        free(mr);
+        return NULL;
+    }
+    return mr;
+}
+
+void mapped_ram_interrupt(lm_mapped_ram *mr)
+{
+    if (mr)
+        lm_pool_interrupt(mr->pool);
+}
+
+void mapped_ram_close(lm_mapped_ram *mr)
+{
+    if (!mr)
+        return;
+    if (!lm_pool_interrupted(mr->pool))
+        lm_pool_wait_done(mr->pool, 60000, NULL);
+    lm_pool_destroy(mr->pool);
+    free(mr);
+}
+
+/* Queue one run.  Waits for a free request when every worker is busy. */
+static int mr_submit(lm_mapped_ram *mr, uint8_t *host, size_t len, uint64_t off)
+{
+    lm_pool_req *preq;
+
+    while (!(preq = lm_pool_submit_prepare(mr->pool))) {
+        int ret = lm_pool_wait_any(mr->pool, 1, -1, NULL);
+        if (ret < 0)
+            return ret;
+    }
+    mr_req *r = (mr_req *)preq;
+    r->host = host;
+    r->len = len;
+    r->off = off;
+    r->err = 0;
+    lm_pool_submit_commit(mr->pool, preq);
+    lm_pool_poll_done(mr->pool);
+    return 0;
+}
+
+static int mr_flush_run(lm_mapped_ram *mr)
+{
+    int ret = 0;
+
+    if (mr->run_len)
+        ret = mr_submit(mr, mr->run_host, mr->run_len, mr->run_off);
+    mr->run_len = 0;
+    return ret;
+}
+
+static int mr_error(lm_mapped_ram *mr, int ret, lm_error *err)
+{
+    if (mr->err)
+        return lm_error_set(err, mr->err, "mapped-ram: %s at file offset %" PRIu64 ": %s",
+                            mr->write ? "write" : "read", mr->err_off,
+                            mr->err == -EPIPE ? "the file ends inside a pages region"
+                                              : strerror(-mr->err));
+    if (ret)
+        return lm_error_set(err, ret, "mapped-ram: I/O interrupted");
+    return 0;
+}
+
+int mapped_ram_sync(lm_mapped_ram *mr, lm_error *err)
+{
+    int ret = mr_flush_run(mr);
+
+    if (!ret)
+        ret = lm_pool_wait_done(mr->pool, -1, NULL);
+    return mr_error(mr, ret, err);
+}
+
+/* ------------------------------------------------------------ source */
+
+static uint64_t mr_bitmap_bytes(const lm_ramblock *b)
+{
+    return LM_BITMAP_WORDS(b->npages) * sizeof(unsigned long);
+}
+
+void mapped_ram_put_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b)
+{
+    uint64_t here = mr->base + lm_stream_offset(s);
+
+    b->mr_bitmap_offset = here + LM_MAPPED_RAM_HDR_SIZE;
+    b->mr_pages_offset = (b->mr_bitmap_offset + mr_bitmap_bytes(b) + LM_MAPPED_RAM_ALIGN - 1) &
+                         ~(LM_MAPPED_RAM_ALIGN - 1);
+    lm_bitmap_free(b->file_bmap);
+    b->file_bmap = lm_bitmap_new(b->npages);
+    lm_put_be32(s, LM_MAPPED_RAM_VERSION);
+    lm_put_be64(s, LM_PAGE_SIZE);
+    lm_put_be64(s, b->mr_bitmap_offset);
+    lm_put_be64(s, b->mr_pages_offset);
+    /* The bitmap is written at the end; the stream resumes after the pages. */
+    lm_stream_seek(s, b->mr_pages_offset + b->length - mr->base);
+}
+
+void mapped_ram_save_page(lm_mapped_ram *mr, lm_ramblock *b, uint64_t page, bool zero)
+{
+    uint64_t off = b->mr_pages_offset + page * LM_PAGE_SIZE;
+    uint8_t *host = b->host + page * LM_PAGE_SIZE;
+
+    if (zero) {
+        /* Its old bytes may stay in the file; a clear bit means "zero". */
+        lm_bitmap_clear(b->file_bmap, page);
+        return;
+    }
+    lm_bitmap_set(b->file_bmap, page);
+    if (mr->run_len && mr->run_host + mr->run_len == host && mr->run_off + mr->run_len == off &&
+        mr->run_len < LM_MAPPED_RAM_CHUNK) {
+        mr->run_len += LM_PAGE_SIZE;
+        return;
+    }
+    if (mr_flush_run(mr))
+        return;     /* interrupted: mapped_ram_sync reports it */
+    mr->run_host = host;
+    mr->run_off = off;
+    mr->run_len = LM_PAGE_SIZE;
+}
+
+int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err)
+{
+    for (int i = 0; i < r->nblocks; i++) {
+        lm_ramblock *b = &r->blocks[i];
+        size_t len = mr_bitmap_bytes(b);
+
+        if (pwrite(mr->main_fd, b->file_bmap, len, (off_t)b->mr_bitmap_offset) != (ssize_t)len)
+            return lm_error_set_errno(err, -errno, "mapped-ram: writing the bitmap of '%s'",
+                                      b->idstr);
+    }
+    return 0;
+}
+
+/* ------------------------------------------------------------ destination */
+
+int mapped_ram_load_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b)
+{
+    uint64_t at = lm_stream_offset(s), here = mr->base + at + LM_MAPPED_RAM_HDR_SIZE;
+    uint32_t version;
+    uint64_t page_size, bmap_off, pages_off, bytes = mr_bitmap_bytes(b);
+    struct stat st;
+    unsigned long *bmap;
+
+    if (lm_get_be32(s, &version) || lm_get_be64(s, &page_size) || lm_get_be64(s, &bmap_off) ||
+        lm_get_be64(s, &pages_off))
+        return -1;
+#define BAD(...) do { lm_stream_set_error(s, -EINVAL, "mapped-ram: block '%s' (header at " \
+                      "byte offset %" PRIu64 "): " __VA_ARGS__); return -1; } while (0)
+    if (version == 0 || version > LM_MAPPED_RAM_VERSION)
+        BAD("unsupported version %u", b->idstr, at, version);
+    if (page_size != LM_PAGE_SIZE)
+        BAD("page size %" PRIu64 ", expected 4096", b->idstr, at, page_size);
+    if (bmap_off < here || bmap_off > UINT64_MAX - bytes)
+        BAD("bitmap offset %" PRIu64 " overlaps the stream", b->idstr, at, bmap_off);
+    if (pages_off & (LM_PAGE_SIZE - 1))
+        BAD("pages offset %" PRIu64 " is not page aligned", b->idstr, at, pages_off);
+    if (pages_off < bmap_off + bytes || pages_off > UINT64_MAX - b->length)
+        BAD("pages offset %" PRIu64 " overlaps the bitmap (%" PRIu64 " bytes at %" PRIu64 ")",
+            b->idstr, at, pages_off, bytes, bmap_off);
+    if (fstat(mr->main_fd, &st) == 0 && (uint64_t)st.st_size < pages_off + b->length)
+        BAD("the file is truncated: its pages region ends at %" PRIu64 " but the file has %"
+            PRIu64 " bytes", b->idstr, at, pages_off + b->length, (uint64_t)st.st_size);
+    bmap = lm_bitmap_new(b->npages);
+    if (pread(mr->main_fd, bmap, bytes, (off_t)bmap_off) != (ssize_t)bytes) {
+        lm_bitmap_free(bmap);
+        BAD("cannot read the bitmap at file offset %" PRIu64, b->idstr, at, bmap_off);
+    }
+    if (b->npages % LM_BITS_PER_LONG &&
+        bmap[b->npages / LM_BITS_PER_LONG] >> (b->npages % LM_BITS_PER_LONG)) {
+        lm_bitmap_free(bmap);
+        BAD("the bitmap at file offset %" PRIu64 " has pages past the block's end", b->idstr,
+            at, bmap_off);
+    }
+#undef BAD
+    /* Each run of present pages, in chunks of at most 1 MiB. */
+    for (uint64_t p = lm_bitmap_next_set(bmap, b->npages, 0); p < b->npages;) {
+        uint64_t end = lm_bitmap_next_clear(bmap, b->npages, p);
+        uint64_t max = p + LM_MAPPED_RAM_CHUNK / LM_PAGE_SIZE;
+        if (end > max)
+            end = max;
+        if (mr_submit(mr, b->host + p * LM_PAGE_SIZE, (end - p) * LM_PAGE_SIZE,
+                      pages_off + p * LM_PAGE_SIZE) < 0) {
+            lm_bitmap_free(bmap);
+            lm_stream_set_error(s, -ECANCELED, "mapped-ram: loading interrupted");
+            return -1;
+        }
+        p = lm_bitmap_next_set(bmap, b->npages, end);
+    }
+    lm_bitmap_free(bmap);
+    lm_stream_seek(s, pages_off + b->length - mr->base);
+    return lm_stream_error(s) ? -1 : 0;
+}

@@ -1,0 +1,76 @@
+/*
+ * mapped-ram: guest RAM in a file, every page at its own fixed offset
+ * (QEMU 9.0+ layout, reference section 5; docs/format.md section 7).
+ *
+ * In the `ram` START section each block's idstr and length are followed by a
+ * 28-byte header (be32 version 1, be64 page size, be64 bitmap offset, be64
+ * pages offset -- absolute file offsets); the bitmap (host-endian unsigned
+ * longs, bit i = page i present) sits right after the header, the pages
+ * region starts at the next 1 MiB boundary, and the main stream continues
+ * after the pages region.  No page records travel in the stream; PART and
+ * END carry only EOS.  A page rewritten because it got dirty again lands on
+ * the same spot, so the file never holds two copies of a page.  The bitmaps
+ * are written last, after the final sync.
+ *
+ * The page I/O runs on an lm_pool (src/util/pool.h) of `channels` workers,
+ * each with its own descriptor on the file (O_DIRECT with direct-io): one
+ * worker without multifd, multifd-channels with it.  A request is one
+ * contiguous run of pages: at most 1 MiB, one pwrite/pread straight from or
+ * into guest RAM.  The owner -- the migration thread on the source, the
+ * incoming thread on the destination -- is the only one that submits and
+ * polls; the first I/O error is kept and reported by mapped_ram_sync().
+ *
+ * Ordering: mapped_ram_sync() waits for every queued request.  The source
+ * calls it at every `ram` EOS, so a page queued in one pass is on disk
+ * before the same page can be queued again in the next (two workers could
+ * otherwise reorder the two writes).
+ */
+#ifndef LM_MAPPEDRAM_MAPPEDRAM_H
+#define LM_MAPPEDRAM_MAPPEDRAM_H
+
+#include <stdatomic.h>
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "livemig/livemig.h"
+#include "ram/ram.h"
+#include "stream/stream.h"
+
+#define LM_MAPPED_RAM_HDR_SIZE 28
+#define LM_MAPPED_RAM_VERSION 1
+#define LM_MAPPED_RAM_ALIGN (1ULL << 20)
+#define LM_MAPPED_RAM_CHUNK (1ULL << 20)
+
+typedef struct lm_mapped_ram lm_mapped_ram;
+
+/*
+ * Open `channels` workers on `path` (write: O_WRONLY, read: O_RDONLY; both
+ * plus O_DIRECT when `direct`).  `base` is the file offset the stream starts
+ * at (file:PATH,offset=N); `main_fd` the stream's own descriptor, used for
+ * the bitmaps.
+ */
+lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
+                               bool direct, bool write, lm_error *err);
+void mapped_ram_close(lm_mapped_ram *mr);
+/* Make the owner's current and later waits return (cancel). Any thread. */
+void mapped_ram_interrupt(lm_mapped_ram *mr);
+
+/* ---- source ---- */
+/* START: the block's header, then seek the stream past its pages region. */
+void mapped_ram_put_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b);
+/* A dirty page: zero pages clear their bit and are not written. */
+void mapped_ram_save_page(lm_mapped_ram *mr, lm_ramblock *b, uint64_t page, bool zero);
+/* Submit the pending run and wait for all writes.  0 or the first error. */
+int mapped_ram_sync(lm_mapped_ram *mr, lm_error *err);
+/* After the final sync: write every block's bitmap. */
+int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err);
+
+/* ---- destination ---- */
+/*
+ * START, after the block's idstr and length: read and check the header and
+ * bitmap, queue the reads of every present page, seek past the pages region.
+ * Errors are latched on s and name the block and offset.
+ */
+int mapped_ram_load_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b);
+
+#endif
