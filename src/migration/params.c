@@ -125,78 +125,72 @@ static const param_def *param_find(const char *name)
     return NULL;
 }
 
-int lm_param_set_int(lm_mig *m, const char *name, int64_t v, lm_error *err)
+static const char *const type_names[] = {
+    [LM_PARAM_INT] = "integer", [LM_PARAM_BOOL] = "boolean", [LM_PARAM_STR] = "string",
+};
+
+/* Look the parameter up and check its type: the one place for both errors. */
+static const param_def *param_lookup(const char *name, lm_param_type type, lm_error *err)
 {
     const param_def *d = param_find(name);
-    int ret = 0;
 
     if (!d)
-        return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
-    if (d->type != LM_PARAM_INT)
-        return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                            name, d->type == LM_PARAM_BOOL ? "boolean" : "string");
-    if (v < d->min || v > d->max)
-        return lm_error_set(err, -ERANGE, "Parameter '%s' expects a value between %lld "
-                            "and %lld", name, (long long)d->min, (long long)d->max);
+        lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
+    else if (d->type != type)
+        lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s", name,
+                     type_names[d->type]);
+    return d && d->type == type ? d : NULL;
+}
+
+/* Store a checked value; parameters QEMU lets change live are `live`. */
+static int param_store(lm_mig *m, const param_def *d, int64_t v, lm_error *err)
+{
+    int ret = 0;
+
     pthread_mutex_lock(&m->lock);
     if (!d->live && mig_busy(m))
         ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
-                           name);
+                           d->name);
     else
         *(int64_t *)((char *)&m->params + d->offset) = v;
     pthread_mutex_unlock(&m->lock);
     return ret;
+}
+
+int lm_param_set_int(lm_mig *m, const char *name, int64_t v, lm_error *err)
+{
+    const param_def *d = param_lookup(name, LM_PARAM_INT, err);
+
+    if (!d)
+        return err && err->code ? err->code : -EINVAL;
+    if (v < d->min || v > d->max)
+        return lm_error_set(err, -ERANGE, "Parameter '%s' expects a value between %lld "
+                            "and %lld", name, (long long)d->min, (long long)d->max);
+    return param_store(m, d, v, err);
 }
 
 int lm_param_set_bool(lm_mig *m, const char *name, bool v, lm_error *err)
 {
-    const param_def *d = param_find(name);
-    int ret = 0;
+    const param_def *d = param_lookup(name, LM_PARAM_BOOL, err);
 
-    if (!d)
-        return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
-    if (d->type != LM_PARAM_BOOL)
-        return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                            name, d->type == LM_PARAM_INT ? "integer" : "string");
-    pthread_mutex_lock(&m->lock);
-    if (mig_busy(m))
-        ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
-                           name);
-    else
-        *(int64_t *)((char *)&m->params + d->offset) = v;
-    pthread_mutex_unlock(&m->lock);
-    return ret;
+    return d ? param_store(m, d, v, err) : (err && err->code ? err->code : -EINVAL);
 }
 
 int lm_param_set_str(lm_mig *m, const char *name, const char *v, lm_error *err)
 {
-    const param_def *d = param_find(name);
-    int ret = 0, idx = -1;
+    const param_def *d = param_lookup(name, LM_PARAM_STR, err);
+    char list[128] = "";
 
     if (!d)
-        return lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
-    if (d->type != LM_PARAM_STR)
-        return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                            name, d->type == LM_PARAM_INT ? "integer" : "boolean");
-    for (int i = 0; d->choices[i]; i++)
+        return err && err->code ? err->code : -EINVAL;
+    for (int i = 0; d->choices[i]; i++) {
         if (!strcmp(d->choices[i], v))
-            idx = i;
-    if (idx < 0) {
-        char list[128] = "";
-        for (int i = 0; d->choices[i]; i++)
-            snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", i ? ", " : "",
-                     d->choices[i]);
-        return lm_error_set(err, -EINVAL, "Parameter '%s' does not accept value '%s' "
-                            "(expected one of: %s)", name, v, list);
+            return param_store(m, d, i, err);
+        snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", i ? ", " : "",
+                 d->choices[i]);
     }
-    pthread_mutex_lock(&m->lock);
-    if (mig_busy(m))
-        ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
-                           name);
-    else
-        *(int64_t *)((char *)&m->params + d->offset) = idx;
-    pthread_mutex_unlock(&m->lock);
-    return ret;
+    return lm_error_set(err, -EINVAL, "Parameter '%s' does not accept value '%s' (expected "
+                        "one of: %s)", name, v, list);
 }
 
 int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, size_t svlen)
