@@ -270,7 +270,7 @@ static void test_multifd_stress(void **state)
     static const char *const zpd[] = { "none", "legacy", "multifd" };
     unsigned seed = (unsigned)time(NULL);
 
-    print_message("stress seed %u\n", seed);
+    print_message("# stress seed %u\n", seed);
     for (int i = 0; i < 16; i++) {
         int channels = 1 + rand_r(&seed) % 8;
         migrate_ok_mf(NULL, rand_r(&seed) % 2, channels, zpd[rand_r(&seed) % 3]);

@@ -161,7 +161,7 @@ static int split_assign(const char *arg, char *name, size_t nlen, const char **v
 int migrate_opt_cap(struct migrate_opts *o, const char *arg, lm_error *err)
 {
     char name[128];
-    const char *v;
+    const char *v = NULL;
     int rc = split_assign(arg, name, sizeof(name), &v, "--cap", err);
     if (rc)
         return rc;
@@ -177,7 +177,7 @@ int migrate_opt_cap(struct migrate_opts *o, const char *arg, lm_error *err)
 int migrate_opt_param(struct migrate_opts *o, const char *arg, lm_error *err)
 {
     char name[128];
-    const char *v;
+    const char *v = NULL;
     int rc = split_assign(arg, name, sizeof(name), &v, "--param", err);
     if (rc)
         return rc;
