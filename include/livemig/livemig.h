@@ -273,6 +273,13 @@ typedef struct lm_stats {
     uint64_t pages_per_second;
     uint64_t precopy_bytes, downtime_bytes;
     uint64_t multifd_bytes;      /* part of transferred that went over multifd */
+    /* the `compress` capability (QEMU 7.2's "compression" object) */
+    bool compression;            /* the figures below are meaningful */
+    uint64_t compress_pages;     /* pages sent compressed */
+    uint64_t compress_busy;      /* pages that found every worker busy */
+    double compress_busy_rate;
+    uint64_t compressed_size;    /* bytes of compressed data sent */
+    double compression_rate;     /* uncompressed / compressed */
     uint64_t page_size;
     char dirty_tracker[32];      /* tracker actually in use */
     char socket_address[160];    /* destination: the address listened on */

@@ -818,6 +818,14 @@ static json_t *qmp_cmd_query_migrate(qmp_call *call)
         if (st.cpu_throttle_percentage > 0)
             json_object_set_new(r, "cpu-throttle-percentage",
                                 json_integer(st.cpu_throttle_percentage));
+        if (st.compression)     /* QEMU 7.2's CompressionStats */
+            json_object_set_new(r, "compression", json_pack(
+                "{s:I, s:I, s:f, s:I, s:f}",
+                "pages", (json_int_t)st.compress_pages,
+                "busy", (json_int_t)st.compress_busy,
+                "busy-rate", st.compress_busy_rate,
+                "compressed-size", (json_int_t)st.compressed_size,
+                "compression-rate", st.compression_rate));
         break;
     case LM_STATUS_FAILED:
         if (st.error_desc[0])

@@ -24,6 +24,7 @@
 #include <endian.h>
 
 #include "migration/migration.h"
+#include "compress/compress.h"
 #include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
 #include "savevm/savevm.h"
@@ -45,6 +46,12 @@ typedef struct incoming {
 
 static void in_multifd_finish(incoming *in, bool failed)
 {
+    if (in->m->ram.decomp) {
+        if (failed)
+            lm_decompress_interrupt(in->m->ram.decomp);
+        lm_decompress_free(in->m->ram.decomp);
+        in->m->ram.decomp = NULL;
+    }
     if (in->m->ram.mapped) {
         if (failed)
             mapped_ram_interrupt(in->m->ram.mapped);
@@ -165,6 +172,10 @@ void *incoming_thread(void *arg)
             m->ram.mapped = mapped_ram_open(m->uri.path, m->uri.offset, c.fd, nch,
                                             p.direct_io, false, &err);
             if (!m->ram.mapped)
+                ret = err.code ? err.code : -EIO;
+        } else if (!ret && mig_cap(m, LM_CAP_COMPRESS)) {
+            m->ram.decomp = lm_decompress_new((int)mig_params(m).decompress_threads, &err);
+            if (!m->ram.decomp)
                 ret = err.code ? err.code : -EIO;
         } else if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
             in.mfr = multifd_recv_start(chans, n, &m->ram, (int)mig_params(m).multifd_compression,

@@ -582,6 +582,9 @@ static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
     if (mig_cap(m, LM_CAP_MULTIFD) && !mapped && u.kind != LM_URI_TCP && u.kind != LM_URI_UNIX)
         return lm_error_set(err, -EINVAL, "multifd needs a tcp: or unix: URI (or file: with "
                             "mapped-ram), not '%s'", uri);
+    if (mig_cap(m, LM_CAP_COMPRESS) && (mapped || mig_cap(m, LM_CAP_MULTIFD)))
+        return lm_error_set(err, -EINVAL, "the compress capability cannot be combined with "
+                            "multifd or mapped-ram (use multifd-compression)");
     if (p.direct_io && !mapped)
         return lm_error_set(err, -EINVAL, "direct-io needs the mapped-ram capability");
     return 0;

@@ -52,6 +52,7 @@ enum lm_cap {
     LM_CAP_AUTO_CONVERGE,
     LM_CAP_MULTIFD,
     LM_CAP_MAPPED_RAM,
+    LM_CAP_COMPRESS,
     LM_CAP__MAX,
 };
 
@@ -69,6 +70,9 @@ typedef struct lm_params {
     int64_t multifd_zstd_level;
     int64_t zero_page_detection;       /* lm_zero_detect: none, legacy, multifd */
     int64_t direct_io;                 /* bool: O_DIRECT for mapped-ram page I/O */
+    int64_t compress_level;
+    int64_t compress_threads;
+    int64_t decompress_threads;
 } lm_params;
 
 /* Copied by value under the lock, then called without it. */

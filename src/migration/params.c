@@ -18,6 +18,7 @@ static const char *const cap_names[LM_CAP__MAX] = {
     [LM_CAP_AUTO_CONVERGE] = "auto-converge",
     [LM_CAP_MULTIFD] = "multifd",
     [LM_CAP_MAPPED_RAM] = "mapped-ram",
+    [LM_CAP_COMPRESS] = "compress",
 };
 
 typedef struct param_def {
@@ -49,6 +50,9 @@ static const param_def param_defs[] = {
     P("multifd-zstd-level", multifd_zstd_level, 0, 20, 1, false),
     S("zero-page-detection", zero_page_detection, 2, zero_choices),
     B("direct-io", direct_io, 0),
+    P("compress-level", compress_level, 0, 9, 1, false),
+    P("compress-threads", compress_threads, 1, 255, 8, false),
+    P("decompress-threads", decompress_threads, 1, 255, 2, false),
 };
 #undef P
 #undef S

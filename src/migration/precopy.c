@@ -36,6 +36,7 @@
 #include <endian.h>
 
 #include "migration/migration.h"
+#include "compress/compress.h"
 #include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
 #include "savevm/savevm.h"
@@ -138,6 +139,16 @@ static void pc_publish(precopy *pc)
     pc->st.duplicate = pc->ram->zero_pages + mf.zero_pages;
     pc->st.normal = pc->ram->normal_pages - mf.zero_pages;
     pc->st.normal_bytes = pc->st.normal * LM_PAGE_SIZE;
+    if (pc->ram->comp) {
+        lm_compress_stats cs;
+        lm_compress_get_stats(pc->ram->comp, &cs);
+        pc->st.compression = true;
+        pc->st.compress_pages = cs.pages;
+        pc->st.compress_busy = cs.busy;
+        pc->st.compress_busy_rate = cs.busy_rate;
+        pc->st.compressed_size = cs.compressed_size;
+        pc->st.compression_rate = cs.compression_rate;
+    }
     pc->st.cpu_throttle_percentage = pc->throttle;
     if (pc->vm_stopped)
         pc->st.downtime_bytes = bytes - pc->st.precopy_bytes;
@@ -296,6 +307,11 @@ static int pc_setup(precopy *pc, lm_error *err)
                                                                  : LM_ZERO_LEGACY;
     } else if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
         return ret;
+    } else if (mig_cap(m, LM_CAP_COMPRESS)) {
+        pc->ram->comp = lm_compress_new((int)pc->p.compress_threads, (int)pc->p.compress_level,
+                                        err);
+        if (!pc->ram->comp)
+            return err->code ? err->code : -EIO;
     }
     ret = lm_dirty_start(pc->dirty, err);
     if (ret)
@@ -606,6 +622,13 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         pc->mf_final = mf;
         multifd_send_finish(pc->mfs);
         pc->mfs = pc->ram->mfs = NULL;
+    }
+    if (pc->ram->comp) {
+        pc_publish(pc);     /* the compression figures, while the pool exists */
+        if (ret)
+            lm_compress_interrupt(pc->ram->comp);
+        lm_compress_free(pc->ram->comp);
+        pc->ram->comp = NULL;
     }
     if (pc->ram->mapped) {
         if (ret)

@@ -9,6 +9,7 @@
 #include "ram/ram.h"
 #include "multifd/multifd.h"
 #include "mappedram/mappedram.h"
+#include "compress/compress.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 #include "util/zero.h"
@@ -76,10 +77,44 @@ void ram_save_finish(lm_ram *r)
     }
 }
 
+/*
+ * A page finished by the compression pool, written by the migration thread
+ * (the pool calls this on the thread that polls).  It always carries
+ * CONTINUE: pages are only submitted while the stream's last named block is
+ * theirs, and the pool is flushed before the block changes (ram_save_page).
+ */
+static int ram_emit_compressed(void *opaque, uint64_t tag, const void *data, uint32_t len,
+                               bool compressed)
+{
+    lm_ram *r = opaque;
+    lm_stream *s = r->comp_stream;
+
+    if (compressed) {
+        lm_put_be64(s, tag | LM_RAM_COMPRESS_PAGE | LM_RAM_CONTINUE);
+        lm_put_be32(s, len);
+        lm_put_buffer(s, data, len);
+    } else {
+        /* not smaller: a normal page, from the bounce copy */
+        lm_put_be64(s, tag | LM_RAM_PAGE | LM_RAM_CONTINUE);
+        lm_put_buffer(s, data, LM_PAGE_SIZE);
+    }
+    return lm_stream_error(s);
+}
+
+static void ram_compress_flush(lm_ram *r, lm_stream *s)
+{
+    lm_error err;
+
+    if (r->comp && !lm_stream_error(s) &&
+        lm_compress_flush(r->comp, ram_emit_compressed, r, &err))
+        lm_stream_set_error(s, err.code, "compress: %s", err.msg);
+}
+
 void ram_put_eos(lm_ram *r, lm_stream *s)
 {
     lm_error err;
 
+    ram_compress_flush(r, s);
     if (r->mfs && !lm_stream_error(s) && multifd_send_sync(r->mfs))
         lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
     if (r->mapped && !lm_stream_error(s) && mapped_ram_sync(r->mapped, &err))
@@ -124,6 +159,23 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
             r->zero_pages++;
         else
             r->normal_pages++;
+        return;
+    }
+    if (r->comp && !lm_is_zero(p, LM_PAGE_SIZE)) {
+        lm_error err;
+        r->normal_pages++;
+        if (b == r->last_sent) {
+            r->comp_stream = s;
+            if (lm_compress_submit(r->comp, p, offset, ram_emit_compressed, r, &err) ||
+                lm_compress_poll(r->comp, ram_emit_compressed, r) < 0)
+                lm_stream_set_error(s, err.code ? err.code : -EIO, "compress: %s", err.msg);
+            return;
+        }
+        /* A new block: its first page is a named PAGE record, after every
+         * page of the previous block (CONTINUE must keep meaning "that one"). */
+        ram_compress_flush(r, s);
+        ram_put_header(r, s, b, offset, LM_RAM_PAGE);
+        lm_stream_put_page(s, p, LM_PAGE_SIZE);
         return;
     }
     if (r->mfs && r->zd != LM_ZERO_LEGACY) {
@@ -274,6 +326,34 @@ static const lm_ramblock *ram_load_block(lm_ram *r, lm_stream *s, uint64_t flags
     return r->last_recv;
 }
 
+/* COMPRESS_PAGE: be32 len then len bytes of one complete zlib stream. */
+static int ram_load_compressed(lm_ram *r, lm_stream *s, uint8_t *page, uint64_t at)
+{
+    uint8_t data[LM_COMPRESS_BOUND];
+    uint32_t len;
+    lm_error err;
+
+    if (!r->decomp) {
+        lm_stream_set_error(s, -EINVAL, "ram: compressed page at byte offset %" PRIu64 " but "
+                            "the compress capability is off here", at);
+        return -1;
+    }
+    if (lm_get_be32(s, &len))
+        return -1;
+    if (len == 0 || len > LM_COMPRESS_BOUND) {
+        lm_stream_set_error(s, -EINVAL, "compressed page at byte offset %" PRIu64 " has "
+                            "length %u (1..%d)", at, len, LM_COMPRESS_BOUND);
+        return -1;
+    }
+    if (lm_get_buffer(s, data, len))
+        return -1;
+    if (lm_decompress_submit(r->decomp, page, data, len, at, &err)) {
+        lm_stream_set_error(s, err.code, "%s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
 int ram_load(lm_ram *r, lm_stream *s, int section_type)
 {
     for (;;) {
@@ -287,6 +367,14 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
         offset = word & LM_PAGE_MASK;
 
         if (flags == LM_RAM_EOS) {
+            /* every page of this section is in place before the next one */
+            if (r->decomp) {
+                lm_error err;
+                if (lm_decompress_wait(r->decomp, &err)) {
+                    lm_stream_set_error(s, err.code, "%s", err.msg);
+                    return -1;
+                }
+            }
             if (r->mfr && multifd_recv_sync(r->mfr)) {
                 lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed (barrier at "
                                     "byte offset %" PRIu64 ")", at);
@@ -317,6 +405,7 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
         switch (flags & ~(uint64_t)LM_RAM_CONTINUE) {
         case LM_RAM_ZERO:
         case LM_RAM_PAGE:
+        case LM_RAM_COMPRESS_PAGE:
             break;
         default:
             lm_stream_set_error(s, -EINVAL, "ram: unsupported record flags 0x%" PRIx64
@@ -334,6 +423,11 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
         }
         if (flags & LM_RAM_PAGE) {
             if (lm_get_buffer(s, b->host + offset, LM_PAGE_SIZE))
+                return -1;
+            continue;
+        }
+        if (flags & LM_RAM_COMPRESS_PAGE) {
+            if (ram_load_compressed(r, s, b->host + offset, at))
                 return -1;
             continue;
         }

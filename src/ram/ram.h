@@ -51,6 +51,8 @@ enum {
 
 struct lm_multifd_send;
 struct lm_mapped_ram;
+struct lm_compress;
+struct lm_decompress;
 struct lm_multifd_recv;
 
 typedef struct lm_ramblock {
@@ -81,6 +83,11 @@ typedef struct lm_ram {
     int zd;
     /* mapped-ram (both directions): pages go to / come from fixed file offsets */
     struct lm_mapped_ram *mapped;
+    /* `compress` capability: the source's compression pool, the
+     * destination's decompression pool (QEMU 7.2 COMPRESS_PAGE records) */
+    struct lm_compress *comp;
+    struct lm_decompress *decomp;
+    lm_stream *comp_stream;     /* where emitted pages go (the save's stream) */
 
     /* destination load state */
     const lm_ramblock *last_recv;

@@ -40,7 +40,7 @@
  *   ---------+----------------------------+-------------------------+--------------------
  *   owner    | p->owner_sleeping futex,   | the worker whose push   | free and kept
  *   (one,    | in lm_pool_wait_*() only,  | reaches what the owner  | requests; the done
- *   fixed)   | bounded by a timeout       | waits for; interrupt()  | ring's consumer side
+ *   fixed)   | until its timeout at most  | waits for; interrupt()  | ring's consumer side
  *   worker i | w->sleeping futex when its | commit() on its ring;   | the request it is
  *            | ring stayed empty for the  | destroy()               | running; its ring's
  *            | spin budget                |                         | consumer side

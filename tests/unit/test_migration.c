@@ -307,6 +307,7 @@ static void file_round_trip(bool mapped, int channels, bool direct, bool live)
     snprintf(uri, sizeof(uri), "file:%s", path);
     unlink(path);
     guest_init(&src, true, NULL, MEM);
+    atomic_store(&src.nap_us, 2000);    /* a disk is slower than a socket */
     for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
         usleep(1000);
     if (!live)
@@ -430,6 +431,54 @@ static void test_file_mapped_ram_malformed(void **state)
     guest_fini(&src, MEM);
     unlink(path);
     unlink(copy);
+}
+
+/* The `compress` capability: COMPRESS_PAGE records in the main stream. */
+static void compress_ok(int threads, int dthreads)
+{
+    guest src, dst;
+    lm_error err = { 0 };
+    lm_stats st;
+    char uri[160];
+
+    guest_init(&src, true, NULL, MEM);
+    guest_init(&dst, false, NULL, MEM);
+    atomic_store(&src.nap_us, 20000);
+    assert_int_equal(lm_cap_set(src.m, "compress", true, &err), 0);
+    assert_int_equal(lm_param_set_int(src.m, "compress-threads", threads, &err), 0);
+    assert_int_equal(lm_cap_set(dst.m, "compress", true, &err), 0);
+    assert_int_equal(lm_param_set_int(dst.m, "decompress-threads", dthreads, &err), 0);
+    sock_path(uri, sizeof(uri), "compress");
+    assert_int_equal(lm_incoming(dst.m, uri, &err), 0);
+    for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
+        usleep(1000);
+    assert_int_equal(lm_migrate(src.m, uri, &err), 0);
+    if (lm_wait(src.m, WAIT_MS) != LM_STATUS_COMPLETED) {
+        lm_query(src.m, &st);
+        fail_msg("source %s: %s", lm_status_name(st.status), st.error_desc);
+    }
+    assert_int_equal(lm_wait(dst.m, WAIT_MS), LM_STATUS_COMPLETED);
+    assert_memory_equal(src.mem, dst.mem, MEM);
+    lm_query(src.m, &st);
+    assert_true(st.compression && st.compress_pages > 0);
+    assert_true(st.compression_rate > 1.5);
+    guest_fini(&src, MEM);
+    guest_fini(&dst, MEM);
+}
+
+static void test_compress_capability(void **state)
+{
+    lm_error err = { 0 };
+    lm_mig *m = lm_new();
+
+    compress_ok(1, 1);
+    compress_ok(2, 2);
+    /* not with multifd (QEMU's rule) */
+    assert_int_equal(lm_cap_set(m, "compress", true, &err), 0);
+    assert_int_equal(lm_cap_set(m, "multifd", true, &err), 0);
+    assert_int_not_equal(lm_migrate(m, "unix:/tmp/lm-never", &err), 0);
+    assert_non_null(strstr(err.msg, "cannot be combined"));
+    lm_free(m);
 }
 
 static void migrate_ok(const char *tracker, bool tcp)
@@ -604,6 +653,7 @@ int main(void)
         cmocka_unit_test(test_multifd_bad_uri),
         cmocka_unit_test(test_multifd_compression),
         cmocka_unit_test(test_multifd_stress),
+        cmocka_unit_test(test_compress_capability),
         cmocka_unit_test(test_file_plain),
         cmocka_unit_test(test_file_mapped_ram),
         cmocka_unit_test(test_file_mapped_ram_malformed),

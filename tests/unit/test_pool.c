@@ -1,0 +1,744 @@
+/*
+ * Unit tests for src/util/pool.c: the two rings on their own, then the pool.
+ *
+ * Rings: full and empty are detected exactly, items come out in order, and
+ * all of it holds when the free-running indices cross 2^32 (every ring test
+ * starts a few items before the wrap).  The MPSC ring gets a stress run:
+ * several producers push tagged items through a small ring (so "full" is
+ * hit constantly) while the consumer pops; the sum and xor of everything
+ * pushed and popped must match, every item must arrive exactly once and
+ * each producer's items in the order it pushed them.
+ *
+ * Pool: every request comes back once with its handler's result (also with
+ * the indices starting near 2^32); a worker stuck in its handler does not
+ * stop the others from getting work; destroy works with work queued,
+ * running, finished-unpolled, kept and held; wait_done is bounded by its
+ * timeout and ended by lm_pool_interrupt() from another thread; the
+ * producer makes no wake-up call while workers spin and one per sleeping
+ * worker otherwise; create reports bad arguments and init failures.
+ *
+ * No test sleeps to synchronise: threads meet on atomics and condition
+ * variables, and every wait has a deadline that fails the test.
+ */
+#include <errno.h>
+#include <pthread.h>
+#include <sched.h>
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <cmocka.h>
+
+#include "util/pool.h"
+#include "util/time.h"
+
+#define WRAP_START (UINT32_MAX - 5u)
+#define DEADLINE_MS 20000
+
+static void *item_of(uint64_t v)
+{
+    return (void *)(uintptr_t)(v + 1);  /* never NULL */
+}
+
+static uint64_t value_of(void *p)
+{
+    return (uint64_t)(uintptr_t)p - 1;
+}
+
+/* ------------------------------------------------------------------ SPSC */
+
+static void spsc_check(uint32_t size, uint32_t start)
+{
+    lm_spsc r;
+    uint64_t in = 0, out = 0;
+
+    assert_int_equal(lm_spsc_init(&r, size, start), 0);
+    assert_null(lm_spsc_peek(&r));
+    assert_int_equal(lm_spsc_count(&r), 0);
+    /* Several full/empty rounds so head and tail both cross 2^32. */
+    for (int round = 0; round < 8; round++) {
+        for (uint32_t k = 0; k < size; k++)
+            assert_true(lm_spsc_push(&r, item_of(in++)));
+        assert_int_equal(lm_spsc_count(&r), size);
+        assert_false(lm_spsc_push(&r, item_of(999999)));
+        for (uint32_t k = 0; k < size; k++) {
+            void *p = lm_spsc_peek(&r);
+
+            assert_non_null(p);
+            assert_ptr_equal(lm_spsc_peek(&r), p);  /* peek leaves it */
+            assert_int_equal(value_of(p), out++);
+            lm_spsc_pop(&r);
+            /* Room again after every pop. */
+            assert_true(lm_spsc_push(&r, item_of(in++)));
+            assert_false(lm_spsc_push(&r, item_of(999999)));
+        }
+        while (lm_spsc_peek(&r)) {
+            assert_int_equal(value_of(lm_spsc_peek(&r)), out++);
+            lm_spsc_pop(&r);
+        }
+        assert_int_equal(lm_spsc_count(&r), 0);
+        assert_int_equal(in, out);
+    }
+    lm_spsc_destroy(&r);
+}
+
+static void test_spsc_full_empty(void **state)
+{
+    spsc_check(1, 0);
+    spsc_check(4, 0);
+    spsc_check(16, 12345);
+}
+
+static void test_spsc_wrap(void **state)
+{
+    for (uint32_t s = 1; s <= 64; s *= 2) {
+        spsc_check(s, WRAP_START);
+        spsc_check(s, UINT32_MAX);
+        spsc_check(s, UINT32_MAX - s + 1);
+    }
+}
+
+static void test_ring_bad_size(void **state)
+{
+    lm_spsc s;
+    lm_mpsc m;
+
+    assert_int_equal(lm_spsc_init(&s, 0, 0), -EINVAL);
+    assert_int_equal(lm_spsc_init(&s, 3, 0), -EINVAL);
+    assert_int_equal(lm_mpsc_init(&m, 1, 0), -EINVAL);  /* needs two cells */
+    assert_int_equal(lm_mpsc_init(&m, 6, 0), -EINVAL);
+}
+
+/* ------------------------------------------------------------------ MPSC */
+
+static void mpsc_check(uint32_t size, uint32_t start)
+{
+    lm_mpsc r;
+    uint64_t in = 0, out = 0;
+
+    assert_int_equal(lm_mpsc_init(&r, size, start), 0);
+    assert_null(lm_mpsc_pop(&r));
+    for (int round = 0; round < 8; round++) {
+        for (uint32_t k = 0; k < size; k++)
+            assert_true(lm_mpsc_push(&r, item_of(in++)));
+        assert_false(lm_mpsc_push(&r, item_of(999999)));
+        for (uint32_t k = 0; k < size / 2; k++)
+            assert_int_equal(value_of(lm_mpsc_pop(&r)), out++);
+        for (uint32_t k = 0; k < size / 2; k++)
+            assert_true(lm_mpsc_push(&r, item_of(in++)));
+        assert_false(lm_mpsc_push(&r, item_of(999999)));
+        for (void *p; (p = lm_mpsc_pop(&r));)
+            assert_int_equal(value_of(p), out++);
+        assert_int_equal(in, out);
+    }
+    lm_mpsc_destroy(&r);
+}
+
+static void test_mpsc_full_empty(void **state)
+{
+    mpsc_check(2, 0);
+    mpsc_check(8, 77);
+}
+
+static void test_mpsc_wrap(void **state)
+{
+    for (uint32_t s = 2; s <= 64; s *= 2) {
+        mpsc_check(s, WRAP_START);
+        mpsc_check(s, UINT32_MAX);
+        mpsc_check(s, UINT32_MAX - s + 1);
+    }
+}
+
+#define STRESS_PRODUCERS 4
+#define STRESS_ITEMS 200000   /* per producer */
+
+typedef struct stress {
+    lm_mpsc ring;
+    atomic_int go;
+    uint64_t sum[STRESS_PRODUCERS], xor[STRESS_PRODUCERS];
+    atomic_bool timed_out;
+} stress;
+
+typedef struct stress_arg {
+    stress *s;
+    unsigned id;
+} stress_arg;
+
+/* Item: producer id in the top byte, sequence below, scrambled payload bits. */
+static uint64_t stress_item(unsigned id, uint64_t seq)
+{
+    return ((uint64_t)id << 56) | (seq << 16) | ((seq * 0x9e37u + id) & 0xffff);
+}
+
+static void *stress_producer(void *arg)
+{
+    stress_arg *a = arg;
+    stress *s = a->s;
+    int64_t deadline = lm_now_ms() + DEADLINE_MS;
+
+    while (!atomic_load(&s->go))
+        sched_yield();
+    for (uint64_t i = 0; i < STRESS_ITEMS; i++) {
+        uint64_t v = stress_item(a->id, i);
+
+        while (!lm_mpsc_push(&s->ring, item_of(v))) {
+            if (lm_now_ms() > deadline) {
+                atomic_store(&s->timed_out, true);
+                return NULL;
+            }
+            sched_yield();
+        }
+        s->sum[a->id] += v;
+        s->xor[a->id] ^= v;
+    }
+    return NULL;
+}
+
+static void test_mpsc_stress(void **state)
+{
+    stress *s = calloc(1, sizeof(*s));
+    stress_arg args[STRESS_PRODUCERS];
+    pthread_t th[STRESS_PRODUCERS];
+    uint64_t next[STRESS_PRODUCERS] = { 0 };
+    uint64_t sum = 0, xor = 0, n = 0, want_sum = 0, want_xor = 0;
+    int64_t deadline = lm_now_ms() + DEADLINE_MS;
+
+    assert_non_null(s);
+    /* 8 cells, starting so the indices cross 2^32 early in the run. */
+    assert_int_equal(lm_mpsc_init(&s->ring, 8, UINT32_MAX - 1000), 0);
+    for (unsigned i = 0; i < STRESS_PRODUCERS; i++) {
+        args[i] = (stress_arg){ s, i };
+        assert_int_equal(pthread_create(&th[i], NULL, stress_producer, &args[i]), 0);
+    }
+    atomic_store(&s->go, 1);
+    while (n < (uint64_t)STRESS_PRODUCERS * STRESS_ITEMS) {
+        void *p = lm_mpsc_pop(&s->ring);
+
+        if (!p) {
+            if (lm_now_ms() > deadline || atomic_load(&s->timed_out))
+                break;
+            sched_yield();
+            continue;
+        }
+        uint64_t v = value_of(p);
+        unsigned id = (unsigned)(v >> 56);
+
+        assert_true(id < STRESS_PRODUCERS);
+        /* Per producer, FIFO and nothing lost or doubled. */
+        if (v != stress_item(id, next[id]))
+            fail_msg("producer %u: got %#llx, expected item %llu", id,
+                     (unsigned long long)v, (unsigned long long)next[id]);
+        next[id]++;
+        sum += v;
+        xor ^= v;
+        n++;
+    }
+    for (unsigned i = 0; i < STRESS_PRODUCERS; i++)
+        pthread_join(th[i], NULL);
+    assert_false(atomic_load(&s->timed_out));
+    assert_int_equal(n, (uint64_t)STRESS_PRODUCERS * STRESS_ITEMS);
+    assert_null(lm_mpsc_pop(&s->ring));
+    for (unsigned i = 0; i < STRESS_PRODUCERS; i++) {
+        want_sum += s->sum[i];
+        want_xor ^= s->xor[i];
+    }
+    assert_int_equal(sum, want_sum);
+    assert_int_equal(xor, want_xor);
+    lm_mpsc_destroy(&s->ring);
+    free(s);
+}
+
+/* ------------------------------------------------------------------ pool */
+
+typedef struct job {
+    lm_pool_req req;     /* first */
+    uint64_t in, out;
+    unsigned worker;     /* who ran it */
+    uint64_t seq;        /* owner's submission number */
+} job;
+
+/* Per-worker context and test-wide state. */
+typedef struct wctx {
+    unsigned index;
+} wctx;
+
+typedef struct fixture {
+    /* Gate that a handler on `gated_worker` waits at until opened. */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    bool gate_open;
+    int gated_worker;          /* -1: none */
+    atomic_int in_gate;
+    atomic_bool gate_timeout;
+    /* Results, checked by done(). */
+    uint64_t done_count, done_sum;
+    bool *seen;
+    size_t nseen;
+    bool bad;
+    lm_pool_disposition disposition;
+    job *kept[64];
+    unsigned nkept;
+    atomic_int inits, uninits;
+    int fail_init_worker;      /* -1: none */
+    uint64_t spin_work_ns;
+} fixture;
+
+static uint64_t mix(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    return x;
+}
+
+static int fx_init(void *opaque, unsigned worker, void **ctx, lm_error *err)
+{
+    fixture *f = opaque;
+    wctx *w;
+
+    if ((int)worker == f->fail_init_worker) {
+        err->code = -EIO;
+        snprintf(err->msg, sizeof(err->msg), "no luck");
+        return -EIO;
+    }
+    w = calloc(1, sizeof(*w));
+    w->index = worker;
+    *ctx = w;
+    atomic_fetch_add(&f->inits, 1);
+    return 0;
+}
+
+static void fx_uninit(void *opaque, unsigned worker, void *ctx)
+{
+    fixture *f = opaque;
+
+    assert_int_equal(((wctx *)ctx)->index, worker);
+    free(ctx);
+    atomic_fetch_add(&f->uninits, 1);
+}
+
+static void fx_handler(void *opaque, void *ctx, lm_pool_req *req)
+{
+    fixture *f = opaque;
+    job *j = (job *)req;
+    wctx *w = ctx;
+
+    j->worker = w->index;
+    if ((int)w->index == f->gated_worker) {
+        struct timespec ts = lm_deadline_ms(DEADLINE_MS);
+
+        atomic_fetch_add(&f->in_gate, 1);
+        pthread_mutex_lock(&f->lock);
+        while (!f->gate_open)
+            if (pthread_cond_timedwait(&f->cond, &f->lock, &ts) == ETIMEDOUT) {
+                atomic_store(&f->gate_timeout, true);
+                break;
+            }
+        pthread_mutex_unlock(&f->lock);
+    }
+    if (f->spin_work_ns) {
+        int64_t end = lm_now_ns() + (int64_t)f->spin_work_ns;
+
+        while (lm_now_ns() < end)
+            ;
+    }
+    j->out = mix(j->in);
+}
+
+static lm_pool_disposition fx_done(void *opaque, lm_pool_req *req)
+{
+    fixture *f = opaque;
+    job *j = (job *)req;
+
+    if (j->out != mix(j->in))
+        f->bad = true;
+    if (f->seen) {
+        if (j->seq >= f->nseen || f->seen[j->seq])
+            f->bad = true;
+        else
+            f->seen[j->seq] = true;
+    }
+    f->done_count++;
+    f->done_sum += j->out;
+    if (f->disposition == LM_POOL_KEEP && f->nkept < 64)
+        f->kept[f->nkept++] = j;
+    return f->disposition;
+}
+
+static const lm_pool_ops fx_ops = {
+    .init = fx_init, .uninit = fx_uninit, .handler = fx_handler, .done = fx_done,
+};
+
+static void fx_setup(fixture *f)
+{
+    pthread_condattr_t ca;
+
+    memset(f, 0, sizeof(*f));
+    pthread_mutex_init(&f->lock, NULL);
+    /* The gate's deadline comes from lm_deadline_ms(): CLOCK_MONOTONIC. */
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&f->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    f->gated_worker = -1;
+    f->fail_init_worker = -1;
+}
+
+static void fx_open_gate(fixture *f)
+{
+    pthread_mutex_lock(&f->lock);
+    f->gate_open = true;
+    pthread_cond_broadcast(&f->cond);
+    pthread_mutex_unlock(&f->lock);
+}
+
+static void fx_teardown(fixture *f)
+{
+    pthread_mutex_destroy(&f->lock);
+    pthread_cond_destroy(&f->cond);
+    free(f->seen);
+}
+
+/* Submit n jobs, waiting when all workers are busy; returns the expected sum. */
+static uint64_t submit_n(lm_pool *p, uint64_t n, uint64_t first_seq)
+{
+    uint64_t sum = 0;
+    lm_error err = { 0 };
+
+    for (uint64_t i = 0; i < n; i++) {
+        job *j;
+
+        while (!(j = (job *)lm_pool_submit_prepare(p))) {
+            int rc = lm_pool_wait_any(p, 1, DEADLINE_MS, &err);
+
+            if (rc < 0)
+                fail_msg("wait_any: %s", err.msg);
+        }
+        j->seq = first_seq + i;
+        j->in = mix(j->seq + 12345);
+        j->out = 0;
+        sum += mix(j->in);
+        lm_pool_submit_commit(p, &j->req);
+    }
+    return sum;
+}
+
+static void run_all(unsigned nworkers, unsigned ring, uint32_t start, int64_t spin_ns, uint64_t n)
+{
+    fixture f;
+    lm_error err = { 0 };
+    lm_pool_tuning t = { .spin_ns = spin_ns, .start_index = start };
+    lm_pool_stats st;
+    lm_pool *p;
+    uint64_t sum;
+
+    fx_setup(&f);
+    f.seen = calloc(n, 1);
+    f.nseen = n;
+    p = lm_pool_create_tuned(nworkers, ring, sizeof(job), "test", &fx_ops, &f, &t, &err);
+    assert_non_null(p);
+    assert_int_equal(atomic_load(&f.inits), nworkers);
+    sum = submit_n(p, n, 0);
+    assert_int_equal(lm_pool_wait_done(p, DEADLINE_MS, &err), 0);
+    assert_int_equal(lm_pool_outstanding(p), 0);
+    assert_false(f.bad);
+    assert_int_equal(f.done_count, n);
+    assert_int_equal(f.done_sum, sum);
+    for (uint64_t i = 0; i < n; i++)
+        assert_true(f.seen[i]);
+    lm_pool_get_stats(p, &st);
+    assert_int_equal(st.submitted, n);
+    assert_int_equal(st.completed, n);
+    lm_pool_destroy(p);
+    assert_int_equal(atomic_load(&f.uninits), nworkers);
+    fx_teardown(&f);
+}
+
+static void test_pool_all_done(void **state)
+{
+    run_all(1, 0, 0, LM_POOL_SPIN_NS, 20000);
+    run_all(2, 4, 0, LM_POOL_SPIN_NS, 20000);
+    run_all(3, 2, 0, LM_POOL_SPIN_NS, 20000);
+    /* No spinning at all: every idle moment is a sleep, so every commit
+     * and completion races with a sleeper announcing itself. */
+    run_all(2, 4, 0, 0, 20000);
+    run_all(1, 1, 0, 0, 20000);
+}
+
+static void test_pool_wrap(void **state)
+{
+    /* The request rings and the done ring all start 5 before 2^32. */
+    run_all(1, 4, WRAP_START, LM_POOL_SPIN_NS, 5000);
+    run_all(2, 4, WRAP_START, 0, 5000);
+    run_all(4, 8, UINT32_MAX, LM_POOL_SPIN_NS, 5000);
+}
+
+static void test_pool_slow_worker(void **state)
+{
+    fixture f;
+    lm_error err = { 0 };
+    lm_pool *p;
+    const uint64_t n = 5000;
+    const unsigned ring = 4;
+    uint64_t sum;
+
+    fx_setup(&f);
+    f.gated_worker = 0;  /* worker 0 blocks in its first handler */
+    p = lm_pool_create(2, ring, sizeof(job), "slow", &fx_ops, &f, &err);
+    assert_non_null(p);
+    sum = submit_n(p, n, 0);
+    /* Everything was submitted with worker 0 stuck: it got only the
+     * requests it owns, worker 1 all the rest, which it can finish. */
+    while (lm_pool_outstanding(p) > ring)
+        assert_true(lm_pool_wait_any(p, 1, DEADLINE_MS, &err) > 0);
+    assert_int_equal(lm_pool_outstanding(p), ring);
+    /* Worker 0 may not even have reached its first handler yet. */
+    for (int64_t deadline = lm_now_ms() + DEADLINE_MS; atomic_load(&f.in_gate) == 0;) {
+        assert_true(lm_now_ms() < deadline);
+        sched_yield();
+    }
+    assert_int_equal(atomic_load(&f.in_gate), 1);
+    assert_int_equal(lm_pool_worker_handled(p, 0), 0);
+    assert_int_equal(lm_pool_worker_handled(p, 1), n - ring);
+    print_message("# worker 1 ran %llu of %llu while worker 0 was stuck\n",
+                  (unsigned long long)lm_pool_worker_handled(p, 1), (unsigned long long)n);
+    fx_open_gate(&f);
+    assert_int_equal(lm_pool_wait_done(p, DEADLINE_MS, &err), 0);
+    assert_false(atomic_load(&f.gate_timeout));
+    assert_int_equal(f.done_count, n);
+    assert_int_equal(f.done_sum, sum);
+    assert_int_equal(lm_pool_worker_handled(p, 0) + lm_pool_worker_handled(p, 1), n);
+    assert_int_equal(lm_pool_worker_handled(p, 0), ring);
+    lm_pool_destroy(p);
+    fx_teardown(&f);
+}
+
+static void test_pool_destroy_outstanding(void **state)
+{
+    for (int variant = 0; variant < 3; variant++) {
+        fixture f;
+        lm_error err = { 0 };
+        lm_pool *p;
+        job *held;
+
+        fx_setup(&f);
+        f.spin_work_ns = 200000;  /* 0.2 ms per request: plenty still queued */
+        f.disposition = LM_POOL_KEEP;
+        p = lm_pool_create(2, 4, sizeof(job), "destroy", &fx_ops, &f, &err);
+        assert_non_null(p);
+        if (variant >= 1) {
+            /* Some finished and kept, one more waiting unpolled. */
+            submit_n(p, 3, 0);
+            assert_true(lm_pool_wait_any(p, 3, DEADLINE_MS, &err) >= 3);
+            assert_int_equal(f.nkept, 3);
+        }
+        if (variant == 2) {
+            held = (job *)lm_pool_submit_prepare(p);  /* held, never committed */
+            assert_non_null(held);
+        }
+        /* Fill every remaining request: queued and running at destroy. */
+        for (job *j; (j = (job *)lm_pool_submit_prepare(p));) {
+            j->in = 1;
+            lm_pool_submit_commit(p, &j->req);
+        }
+        assert_true(lm_pool_outstanding(p) > 0);
+        lm_pool_destroy(p);   /* must neither hang nor leak (ASan) */
+        assert_int_equal(atomic_load(&f.uninits), 2);
+        fx_teardown(&f);
+    }
+}
+
+static void test_pool_keep_release(void **state)
+{
+    fixture f;
+    lm_error err = { 0 };
+    lm_pool *p;
+
+    fx_setup(&f);
+    f.disposition = LM_POOL_KEEP;
+    p = lm_pool_create(2, 2, sizeof(job), "keep", &fx_ops, &f, &err);
+    assert_non_null(p);
+    submit_n(p, 4, 0);
+    assert_int_equal(lm_pool_wait_done(p, DEADLINE_MS, &err), 0);
+    assert_int_equal(f.nkept, 4);
+    /* Every request is kept: nothing to prepare. */
+    assert_null(lm_pool_submit_prepare(p));
+    lm_pool_req_release(p, &f.kept[0]->req);
+    job *j = (job *)lm_pool_submit_prepare(p);
+    assert_ptr_equal(j, f.kept[0]);
+    lm_pool_req_release(p, &j->req);  /* give back a held one */
+    for (unsigned i = 1; i < 4; i++)
+        lm_pool_req_release(p, &f.kept[i]->req);
+    f.disposition = LM_POOL_RECYCLE;
+    submit_n(p, 100, 0);
+    assert_int_equal(lm_pool_wait_done(p, DEADLINE_MS, &err), 0);
+    assert_int_equal(f.done_count, 104);
+    lm_pool_destroy(p);
+    fx_teardown(&f);
+}
+
+typedef struct interrupter {
+    lm_pool *p;
+    atomic_bool fired;
+    atomic_bool gave_up;
+} interrupter;
+
+static void *interrupt_main(void *arg)
+{
+    interrupter *it = arg;
+    lm_pool_stats st;
+    int64_t deadline = lm_now_ms() + DEADLINE_MS;
+
+    /* Wait until the owner is really asleep in its futex, then interrupt. */
+    do {
+        if (lm_now_ms() > deadline) {
+            atomic_store(&it->gave_up, true);
+            break;
+        }
+        sched_yield();
+        lm_pool_get_stats(it->p, &st);
+    } while (st.owner_sleeps == 0);
+    atomic_store(&it->fired, true);
+    lm_pool_interrupt(it->p);
+    return NULL;
+}
+
+static void test_pool_wait_bounded(void **state)
+{
+    fixture f;
+    lm_error err = { 0 };
+    lm_pool *p;
+    interrupter it = { 0 };
+    pthread_t th;
+    int64_t t0, ms;
+
+    fx_setup(&f);
+    f.gated_worker = 0;
+    p = lm_pool_create(1, 4, sizeof(job), "bounded", &fx_ops, &f, &err);
+    assert_non_null(p);
+    submit_n(p, 2, 0);
+
+    /* Bounded by its timeout, with a message. */
+    t0 = lm_now_ms();
+    assert_int_equal(lm_pool_wait_done(p, 150, &err), -ETIMEDOUT);
+    ms = lm_now_ms() - t0;
+    assert_true(ms >= 150 && ms < 5000);
+    assert_non_null(strstr(err.msg, "pool bounded: 2 request(s) still running after 150 ms"));
+    assert_int_equal(lm_pool_wait_any(p, 1, 0, &err), -ETIMEDOUT);
+
+    /* Unbounded, ended by an interrupt from another thread. */
+    it.p = p;
+    assert_int_equal(pthread_create(&th, NULL, interrupt_main, &it), 0);
+    assert_int_equal(lm_pool_wait_done(p, -1, &err), -ECANCELED);
+    pthread_join(th, NULL);
+    assert_false(atomic_load(&it.gave_up));
+    assert_true(atomic_load(&it.fired));
+    assert_non_null(strstr(err.msg, "interrupted"));
+    assert_true(lm_pool_interrupted(p));
+    /* Sticky. */
+    assert_int_equal(lm_pool_wait_any(p, 1, 1000, &err), -ECANCELED);
+
+    fx_open_gate(&f);
+    lm_pool_destroy(p);
+    assert_false(atomic_load(&f.gate_timeout));
+    fx_teardown(&f);
+}
+
+static void test_pool_wakeups(void **state)
+{
+    fixture f;
+    lm_error err = { 0 };
+    lm_pool_tuning t = { .spin_ns = 10LL * 1000000000, .start_index = 0 };
+    lm_pool_stats st;
+    lm_pool *p;
+    int64_t deadline;
+
+    /* Workers that spin (10 s budget) never sleep while work keeps coming,
+     * so the producer never makes a wake-up call. */
+    fx_setup(&f);
+    p = lm_pool_create_tuned(2, 4, sizeof(job), "spin", &fx_ops, &f, &t, &err);
+    assert_non_null(p);
+    submit_n(p, 2000, 0);
+    assert_int_equal(lm_pool_wait_done(p, DEADLINE_MS, &err), 0);
+    lm_pool_get_stats(p, &st);
+    assert_int_equal(st.worker_sleeps, 0);
+    assert_int_equal(st.worker_wakes, 0);
+    lm_pool_destroy(p);   /* ends the spin at once */
+    fx_teardown(&f);
+
+    /* With no spin the worker sleeps as soon as it is idle; a commit to a
+     * sleeping worker wakes it -- exactly one call. */
+    fx_setup(&f);
+    t.spin_ns = 0;
+    p = lm_pool_create_tuned(1, 4, sizeof(job), "sleep", &fx_ops, &f, &t, &err);
+    assert_non_null(p);
+    for (int round = 0; round < 20; round++) {
+        lm_pool_stats before;
+
+        deadline = lm_now_ms() + DEADLINE_MS;
+        do {
+            assert_true(lm_now_ms() < deadline);
+            sched_yield();
+            lm_pool_get_stats(p, &before);
+        } while (before.worker_sleeps < (uint64_t)round + 1);
+        submit_n(p, 1, 0);
+        assert_int_equal(lm_pool_wait_done(p, DEADLINE_MS, &err), 0);
+        lm_pool_get_stats(p, &st);
+        assert_int_equal(st.worker_wakes, before.worker_wakes + 1);
+    }
+    lm_pool_destroy(p);
+    fx_teardown(&f);
+}
+
+static void test_pool_create_errors(void **state)
+{
+    fixture f;
+    lm_error err = { 0 };
+    lm_pool_ops no_handler = fx_ops;
+
+    fx_setup(&f);
+    assert_null(lm_pool_create(0, 4, sizeof(job), "x", &fx_ops, &f, &err));
+    assert_int_equal(err.code, -EINVAL);
+    assert_non_null(strstr(err.msg, "0 workers"));
+    assert_null(lm_pool_create(1, 3, sizeof(job), "x", &fx_ops, &f, &err));
+    assert_non_null(strstr(err.msg, "ring size 3"));
+    assert_null(lm_pool_create(1, 4, 4, "x", &fx_ops, &f, &err));
+    assert_non_null(strstr(err.msg, "request size"));
+    no_handler.handler = NULL;
+    assert_null(lm_pool_create(1, 4, sizeof(job), "x", &no_handler, &f, &err));
+    assert_non_null(strstr(err.msg, "no handler"));
+
+    /* init fails on worker 2: the two that succeeded are uninit'ed. */
+    f.fail_init_worker = 2;
+    assert_null(lm_pool_create(3, 4, sizeof(job), "x", &fx_ops, &f, &err));
+    assert_int_equal(err.code, -EIO);
+    assert_string_equal(err.msg, "pool x: worker 2: no luck");
+    assert_int_equal(atomic_load(&f.inits), 2);
+    assert_int_equal(atomic_load(&f.uninits), 2);
+    fx_teardown(&f);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_spsc_full_empty),
+        cmocka_unit_test(test_spsc_wrap),
+        cmocka_unit_test(test_ring_bad_size),
+        cmocka_unit_test(test_mpsc_full_empty),
+        cmocka_unit_test(test_mpsc_wrap),
+        cmocka_unit_test(test_mpsc_stress),
+        cmocka_unit_test(test_pool_all_done),
+        cmocka_unit_test(test_pool_wrap),
+        cmocka_unit_test(test_pool_slow_worker),
+        cmocka_unit_test(test_pool_destroy_outstanding),
+        cmocka_unit_test(test_pool_keep_release),
+        cmocka_unit_test(test_pool_wait_bounded),
+        cmocka_unit_test(test_pool_wakeups),
+        cmocka_unit_test(test_pool_create_errors),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
