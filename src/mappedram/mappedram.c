@@ -32,6 +32,7 @@ struct lm_mapped_ram {
     int main_fd;
     lm_pool *pool;
     int err;                    /* first I/O error (owner only) */
+    uint64_t bytes;             /* page bytes queued (owner only) */
     uint64_t err_off;
     /* the run being collected (source) */
     uint8_t *run_host;
@@ -129,6 +130,11 @@ lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int
     return mr;
 }
 
+uint64_t mapped_ram_bytes(const lm_mapped_ram *mr)
+{
+    return mr ? mr->bytes : 0;
+}
+
 void mapped_ram_interrupt(lm_mapped_ram *mr)
 {
     if (mr)
@@ -160,6 +166,7 @@ static int mr_submit(lm_mapped_ram *mr, uint8_t *host, size_t len, uint64_t off)
     r->len = len;
     r->off = off;
     r->err = 0;
+    mr->bytes += len;   /* counted when queued: the rate limit sees it at once */
     lm_pool_submit_commit(mr->pool, preq);
     lm_pool_poll_done(mr->pool);
     return 0;

@@ -52,6 +52,8 @@ typedef struct lm_mapped_ram lm_mapped_ram;
 lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
                                bool direct, bool write, lm_error *err);
 void mapped_ram_close(lm_mapped_ram *mr);
+/* Page bytes queued for writing or reading so far (owner thread). */
+uint64_t mapped_ram_bytes(const lm_mapped_ram *mr);
 /* Make the owner's current and later waits return (cancel). Any thread. */
 void mapped_ram_interrupt(lm_mapped_ram *mr);
 

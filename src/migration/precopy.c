@@ -86,6 +86,7 @@ typedef struct precopy {
     lm_stats st;
     lm_multifd_send *mfs;
     lm_multifd_stats mf_final;          /* kept when the channels are gone */
+    uint64_t mapped_final;              /* mapped-ram page bytes, kept likewise */
 } precopy;
 
 static void pc_mf_stats(precopy *pc, lm_multifd_stats *mf)
@@ -102,7 +103,8 @@ static uint64_t pc_bytes(precopy *pc)
     lm_multifd_stats mf;
 
     pc_mf_stats(pc, &mf);
-    return lm_stream_offset(pc->s) + mf.bytes;
+    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->ram->mapped) +
+           pc->mapped_final;
 }
 
 static int pc_stream_err(precopy *pc, lm_error *err)
@@ -633,6 +635,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     if (pc->ram->mapped) {
         if (ret)
             mapped_ram_interrupt(pc->ram->mapped);
+        pc->mapped_final = mapped_ram_bytes(pc->ram->mapped);   /* all synced by now */
         mapped_ram_close(pc->ram->mapped);
         pc->ram->mapped = NULL;
     }

@@ -65,7 +65,7 @@ void ram_save_start(lm_ram *r)
     r->cur_block = 0;
     r->cur_page = 0;
     r->last_sent = NULL;
-    r->zero_pages = r->normal_pages = 0;
+    r->zero_pages = r->normal_pages = r->offstream_bytes = 0;
 }
 
 void ram_save_finish(lm_ram *r)
@@ -155,10 +155,12 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
     if (r->mapped) {
         bool zero = r->zd != LM_ZERO_NONE && lm_is_zero(p, LM_PAGE_SIZE);
         mapped_ram_save_page(r->mapped, b, page, zero);
-        if (zero)
+        if (zero) {
             r->zero_pages++;
-        else
+        } else {
             r->normal_pages++;
+            r->offstream_bytes += LM_PAGE_SIZE;
+        }
         return;
     }
     if (r->comp && !lm_is_zero(p, LM_PAGE_SIZE)) {
@@ -182,6 +184,7 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
         if (multifd_send_page(r->mfs, b, offset))
             lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
         r->normal_pages++;
+        r->offstream_bytes += LM_PAGE_SIZE;
         return;
     }
     if ((!r->mfs || r->zd == LM_ZERO_LEGACY) && lm_is_zero(p, LM_PAGE_SIZE)) {
@@ -192,6 +195,7 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
         if (multifd_send_page(r->mfs, b, offset))
             lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
         r->normal_pages++;
+        r->offstream_bytes += LM_PAGE_SIZE;
     } else {
         ram_put_header(r, s, b, offset, LM_RAM_PAGE);
         lm_stream_put_page(s, p, LM_PAGE_SIZE);
@@ -199,9 +203,15 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
     }
 }
 
+/* Work done so far: main-stream bytes plus pages handed to channels/files. */
+static uint64_t ram_progress(const lm_ram *r, lm_stream *s)
+{
+    return lm_stream_offset(s) + r->offstream_bytes;
+}
+
 bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
 {
-    uint64_t start = lm_stream_offset(s);
+    uint64_t start = ram_progress(r, s);
 
     while (!lm_stream_error(s)) {
         lm_ramblock *b;
@@ -223,7 +233,7 @@ bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
         r->dirty--;
         ram_save_page(r, s, b, page);
         r->cur_page = page + 1;
-        if (lm_stream_offset(s) - start >= budget)
+        if (ram_progress(r, s) - start >= budget)
             break;
     }
     return false;

@@ -352,9 +352,11 @@ void lm_stream_seek(lm_stream *s, uint64_t pos)
                             (unsigned long long)pos, strerror(errno));
         return;
     }
-    s->pos = pos;
-    if (s->writer)
+    if (s->writer) {
+        s->skipped += pos - s->pos;
         s->io_bytes = pos;
+    }
+    s->pos = pos;
 }
 
 int lm_stream_peek_u8(lm_stream *s)

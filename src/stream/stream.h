@@ -49,6 +49,7 @@ struct lm_stream {
 
     uint64_t pos;            /* logical offset of the next byte read/written */
     uint64_t io_bytes;       /* bytes that really crossed the descriptor */
+    uint64_t skipped;        /* bytes jumped over by lm_stream_seek (writer) */
 
     uint8_t *buf;
     size_t buf_cap;
@@ -88,6 +89,8 @@ int lm_stream_peek_u8(lm_stream *s);
  * relative, so a stream that starts at file offset N keeps working.
  */
 void lm_stream_seek(lm_stream *s, uint64_t pos);
+/* Bytes put into the stream: the offset minus what seeks jumped over. */
+static inline uint64_t lm_stream_bytes(const lm_stream *s) { return s->pos - s->skipped; }
 /* True at a clean end of stream (nothing buffered, the peer closed). */
 bool lm_stream_at_eof(lm_stream *s);
 
