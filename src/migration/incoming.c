@@ -179,7 +179,7 @@ void *incoming_thread(void *arg)
                 ret = err.code ? err.code : -EIO;
         } else if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
             in.mfr = multifd_recv_start(chans, n, &m->ram, (int)mig_params(m).multifd_compression,
-                                        &m->cancel, mig_fail, m, &err);
+                                        c.fd, &m->cancel, mig_fail, m, &err);
             if (!in.mfr)
                 ret = err.code ? err.code : -EIO;
         }

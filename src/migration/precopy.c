@@ -228,15 +228,39 @@ static int pc_rp_poll(precopy *pc, int wait_ms, lm_error *err)
 
 /* ------------------------------------------------------------ rate limiting */
 
+/*
+ * Bytes as the rate limit counts them: what went on the wire (compressed,
+ * for multifd) plus what is queued but not written yet, at the compression
+ * ratio seen so far -- without the backlog the limit would be overrun by the
+ * channels' queue.
+ * mapped-ram page bytes count when queued.
+ */
+static uint64_t pc_rate_bytes(precopy *pc)
+{
+    lm_multifd_stats mf;
+    uint64_t done;
+
+    double per_page = LM_PAGE_SIZE;
+
+    pc_mf_stats(pc, &mf);
+    done = mf.normal_pages + mf.zero_pages;
+    /* with compression the backlog will go out at the ratio seen so far */
+    if (mf.compressed_bytes && mf.normal_pages)
+        per_page = (double)mf.compressed_bytes / (double)mf.normal_pages;
+    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->ram->mapped) +
+           (uint64_t)((double)(pc->ram->mf_queued_pages > done ? pc->ram->mf_queued_pages - done
+                                                              : 0) * per_page);
+}
+
 /* Sleep out the rest of the 100 ms window if it is used up.  Interruptible. */
 static int pc_rate_limit(precopy *pc, lm_error *err)
 {
     int64_t now = lm_now_ns(), limit = pc->p.max_bandwidth;
-    uint64_t sent = pc_bytes(pc) - pc->win_bytes;
+    uint64_t sent = pc_rate_bytes(pc) - pc->win_bytes;
 
     if (now - pc->win_ns >= 100 * 1000000LL) {
         pc->win_ns = now;
-        pc->win_bytes = pc_bytes(pc);
+        pc->win_bytes = pc_rate_bytes(pc);
         return 0;
     }
     if (limit <= 0 || sent < (uint64_t)limit / 10)
@@ -248,7 +272,7 @@ static int pc_rate_limit(precopy *pc, lm_error *err)
     if (ms > 0)
         poll(&pfd, 1, ms);
     pc->win_ns = lm_now_ns();
-    pc->win_bytes = pc_bytes(pc);
+    pc->win_bytes = pc_rate_bytes(pc);
     return 0;
 }
 
@@ -455,7 +479,8 @@ static int pc_iterate(precopy *pc, lm_error *err)
 
     pc->pass_ns = pc->win_ns = pc->rate_ns = lm_now_ns();
     pc->period_ms = lm_now_ms();
-    pc->pass_bytes = pc->win_bytes = pc->rate_bytes = pc->period_bytes = pc_bytes(pc);
+    pc->pass_bytes = pc->rate_bytes = pc->period_bytes = pc_bytes(pc);
+    pc->win_bytes = pc_rate_bytes(pc);
     for (;;) {
         bool wrapped, switchover = false;
 

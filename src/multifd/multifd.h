@@ -176,8 +176,10 @@ typedef struct lm_multifd_recv lm_multifd_recv;
  * Take `n` channel connections whose handshakes were checked (conns[id] is
  * channel id) and start their threads.
  */
+/* main_fd: the main stream, watched while the incoming thread waits at a
+ * barrier (a source that goes away is noticed even if no channel reads). */
 lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, int method,
-                                    atomic_bool *stop, lm_multifd_fail_fn fail,
+                                    int main_fd, atomic_bool *stop, lm_multifd_fail_fn fail,
                                     void *fail_opaque, lm_error *err);
 /*
  * Incoming thread: accept the main connection and `n` channels in whatever

@@ -38,6 +38,7 @@ struct lm_multifd_recv {
     mf_recv_chan *chans;
     const lm_ram *ram;
     int method;
+    int main_fd;
     lm_sem synced;               /* one post per channel that reached SYNC */
     atomic_bool *abort;
     atomic_bool finishing;       /* the main stream ended: EOF is expected */
@@ -51,6 +52,10 @@ static void mr_fail(mf_recv_chan *c, const lm_error *why)
 
     if (atomic_load(&c->mr->finishing))
         return;
+    if (atomic_load(c->mr->abort)) {     /* an echo of a cancel or earlier failure */
+        multifd_recv_kick(c->mr);
+        return;
+    }
     lm_error_set(&err, why->code, "multifd channel %d: %s", c->id, why->msg);
     c->mr->fail(c->mr->fail_opaque, &err);
     multifd_recv_kick(c->mr);
@@ -209,7 +214,7 @@ static void *mr_thread(void *arg)
 }
 
 lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, int method,
-                                    atomic_bool *stop, lm_multifd_fail_fn fail,
+                                    int main_fd, atomic_bool *stop, lm_multifd_fail_fn fail,
                                     void *fail_opaque, lm_error *err)
 {
     lm_multifd_recv *mr = calloc(1, sizeof(*mr));
@@ -218,6 +223,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
         abort();
     mr->n = n;
     mr->method = method;
+    mr->main_fd = main_fd;
     mr->ram = ram;
     mr->abort = stop;
     mr->fail = fail;
@@ -258,9 +264,32 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
 
 int multifd_recv_sync(lm_multifd_recv *mr)
 {
-    for (int i = 0; i < mr->n; i++)
-        if (lm_sem_wait(&mr->synced, mr->abort, -1))
+    /*
+     * Channels parked at an earlier barrier do not read their sockets, and a
+     * stalled channel may never deliver its SYNC: so while waiting, watch the
+     * main stream.  The source only closes it after our SHUT, which comes
+     * after the last barrier, so a hang-up here means the source is gone.
+     */
+    for (int i = 0; i < mr->n;) {
+        int ret = lm_sem_wait(&mr->synced, mr->abort, 100);
+        struct pollfd pfd = { .fd = mr->main_fd, .events = POLLRDHUP };
+
+        if (ret == 0) {
+            i++;
+            continue;
+        }
+        if (ret != -ETIMEDOUT)
             return -ECANCELED;
+        if (mr->main_fd >= 0 && poll(&pfd, 1, 0) == 1 &&
+            (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
+            lm_error err;
+            lm_error_set(&err, -ECONNRESET, "the source closed the main stream while %d of %d "
+                         "channels had not reached the SYNC barrier", mr->n - i, mr->n);
+            mr->fail(mr->fail_opaque, &err);
+            multifd_recv_kick(mr);
+            return -ECANCELED;
+        }
+    }
     for (int i = 0; i < mr->n; i++)
         lm_sem_post(&mr->chans[i].release);
     return 0;

@@ -55,6 +55,12 @@ static void mf_fail(mf_send_chan *c, int code, const char *what)
 {
     lm_error err;
 
+    /* Already aborting (a cancel, or another thread's failure): this error
+     * is the echo of the shutdown, not a cause. */
+    if (atomic_load(c->ms->abort)) {
+        multifd_send_kick(c->ms);
+        return;
+    }
     lm_error_set(&err, code, "multifd channel %d: %s", c->id, what);
     if (code && code != -EPIPE && code != -ECANCELED)
         lm_error_set(&err, code, "multifd channel %d: %s: %s", c->id, what, strerror(-code));

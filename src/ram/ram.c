@@ -65,7 +65,7 @@ void ram_save_start(lm_ram *r)
     r->cur_block = 0;
     r->cur_page = 0;
     r->last_sent = NULL;
-    r->zero_pages = r->normal_pages = r->offstream_bytes = 0;
+    r->zero_pages = r->normal_pages = r->offstream_bytes = r->mf_queued_pages = 0;
 }
 
 void ram_save_finish(lm_ram *r)
@@ -185,6 +185,7 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
             lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
         r->normal_pages++;
         r->offstream_bytes += LM_PAGE_SIZE;
+        r->mf_queued_pages++;
         return;
     }
     if ((!r->mfs || r->zd == LM_ZERO_LEGACY) && lm_is_zero(p, LM_PAGE_SIZE)) {
@@ -196,6 +197,7 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
             lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
         r->normal_pages++;
         r->offstream_bytes += LM_PAGE_SIZE;
+        r->mf_queued_pages++;
     } else {
         ram_put_header(r, s, b, offset, LM_RAM_PAGE);
         lm_stream_put_page(s, p, LM_PAGE_SIZE);

@@ -78,6 +78,7 @@ typedef struct lm_ram {
     uint64_t dirty;             /* bits set in all bitmaps */
     uint64_t zero_pages, normal_pages;
     uint64_t offstream_bytes;   /* page bytes routed to multifd / mapped-ram */
+    uint64_t mf_queued_pages;   /* pages handed to multifd */
     /* multifd (set by the migration thread around a migration): pages go to
      * the channels; zd says who checks for zero pages (lm_zero_detect). */
     struct lm_multifd_send *mfs;
