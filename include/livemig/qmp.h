@@ -60,6 +60,15 @@ typedef int (*lm_qmp_handler)(void *opaque, const char *args_json,
 lm_qmp *lm_qmp_start(lm_mig *m, const char *uri, lm_error *err);
 
 /*
+ * lm_qmp_start in two steps, for a program that adds commands: lm_qmp_new()
+ * listens and starts the thread but serves nobody (connections wait in the
+ * kernel's backlog) until lm_qmp_open(), so no client ever sees the command
+ * set before the program's own commands are registered.
+ */
+lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err);
+void lm_qmp_open(lm_qmp *q);
+
+/*
  * Add or replace a command (0, or -EINVAL / -ENOMEM).  A program command
  * takes precedence over a built-in one of the same name; qmp_capabilities
  * cannot be replaced.  Takes effect for the next request.

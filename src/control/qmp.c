@@ -150,6 +150,7 @@ struct lm_qmp {
     qmp_event *ev_head, **ev_tail;
     int n_events;
     lm_runstate runstate;        /* last seen, to tell STOP from RESUME */
+    bool open;                   /* accepting clients (lm_qmp_open) */
 
     /* Server thread only. */
     qmp_client *clients[QMP_MAX_CLIENTS];
@@ -1649,12 +1650,16 @@ static void *qmp_thread(void *arg)
 
     for (;;) {
         int np = q->n_clients;
-        bool stop = false;
+        bool stop = false, open;
 
+        pthread_mutex_lock(&q->lock);
+        open = q->open;
+        pthread_mutex_unlock(&q->lock);
         pfd[0] = (struct pollfd){ .fd = q->wake_fd, .events = POLLIN };
         /* A negative fd is ignored by poll: full or out of descriptors. */
         pfd[1] = (struct pollfd){
-            .fd = (q->n_clients < QMP_MAX_CLIENTS && !q->accept_paused) ? q->listen.fd : -1,
+            .fd = (open && q->n_clients < QMP_MAX_CLIENTS && !q->accept_paused) ? q->listen.fd
+                                                                                : -1,
             .events = POLLIN,
         };
         for (int i = 0; i < np; i++) {
@@ -1717,6 +1722,26 @@ static void *qmp_thread(void *arg)
 /* ---------------------------------------------------------------- start / stop */
 
 lm_qmp *lm_qmp_start(lm_mig *m, const char *uri, lm_error *err)
+{
+    lm_qmp *q = lm_qmp_new(m, uri, err);
+
+    if (q)
+        lm_qmp_open(q);
+    return q;
+}
+
+void lm_qmp_open(lm_qmp *q)
+{
+    uint64_t one = 1;
+
+    pthread_mutex_lock(&q->lock);
+    q->open = true;
+    pthread_mutex_unlock(&q->lock);
+    if (write(q->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
+        lm_log("QMP: cannot wake the server thread: %s", strerror(errno));
+}
+
+lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
 {
     lm_qmp *q = NULL;
     sigset_t all, old;

@@ -460,7 +460,7 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
         return rc;
 
     if (a->qmp) {
-        gc->q = lm_qmp_start(gc->m, a->qmp, err);
+        gc->q = lm_qmp_new(gc->m, a->qmp, err);
         if (!gc->q)
             return err->code ? err->code : -EIO;
         if (lm_qmp_register(gc->q, "quit", qmp_quit, gc) ||
@@ -468,6 +468,7 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
             lm_qmp_register(gc->q, "x-guest-info", qmp_info, gc) ||
             lm_qmp_register(gc->q, "x-guest-set-dirty-rate", qmp_set_rate, gc))
             return tool_error(err, -ENOMEM, "cannot register the guest's QMP commands");
+        lm_qmp_open(gc->q);     /* only now can a client see the command set */
     }
 
     if (!a->incoming) {
