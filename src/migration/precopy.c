@@ -87,6 +87,7 @@ typedef struct precopy {
     lm_multifd_send *mfs;
     lm_multifd_stats mf_final;          /* kept when the channels are gone */
     uint64_t mapped_final;              /* mapped-ram page bytes, kept likewise */
+    bool multifd_file;                  /* mapped-ram pages written by multifd channels */
 } precopy;
 
 static void pc_mf_stats(precopy *pc, lm_multifd_stats *mf)
@@ -136,6 +137,9 @@ static void pc_publish(precopy *pc)
 
     pc_mf_stats(pc, &mf);
     pc->st.multifd_bytes = mf.bytes;
+    /* mapped-ram with multifd: the channels' page writes, as QEMU 9+ counts */
+    if (pc->multifd_file)
+        pc->st.multifd_bytes += mapped_ram_bytes(pc->ram->mapped) + pc->mapped_final;
     pc->st.transferred = bytes;
     pc->st.remaining = pc->ram->dirty * LM_PAGE_SIZE;
     pc->st.duplicate = pc->ram->zero_pages + mf.zero_pages;
@@ -325,6 +329,7 @@ static int pc_setup(precopy *pc, lm_error *err)
         return pc_stream_err(pc, err);
     if (mig_cap(m, LM_CAP_MAPPED_RAM)) {
         int n = mig_cap(m, LM_CAP_MULTIFD) ? (int)pc->p.multifd_channels : 1;
+        pc->multifd_file = mig_cap(m, LM_CAP_MULTIFD);
         pc->ram->mapped = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, n,
                                           pc->p.direct_io, true, err);
         if (!pc->ram->mapped)

@@ -21,7 +21,20 @@ same URI.
                appended: the live cases also demand that pages really were
                sent more than once); the destination completed, its
                arrival check and a fresh x-guest-verify report 0 bad, it
-               runs (and its writers progress after a live save).
+               runs (and its writers progress after a live save).  Also: a
+               direct-io save at an unaligned offset is refused and the
+               guest runs on; a file saved with N channels restores with
+               other counts and with direct-io; a save at offset=N over an
+               older, fuller save leaves stale bytes in the slots of pages
+               that are now zero, which the restore and the analyzer must
+               ignore; a cancelled live save leaves a file that is refused,
+               and the guest saves again fine; on a full file system (a
+               small tmpfs in a private mount namespace, skipped where
+               unshare/mount are refused) every kind of save fails with
+               ENOSPC and the offset, and the guest runs on.
+  accounting   a live mapped-ram save counts the pages it writes in
+               ram.transferred and switches over after a few passes; a
+               mapped-ram save obeys max-bandwidth like a plain one.
   analyzer     `livemig analyze --json` on a mapped-ram save of a stopped
                guest whose RAM is partly zero: the block, its header /
                bitmap / pages offsets as this file's own parser finds them,
@@ -35,8 +48,8 @@ same URI.
                end of the file, bitmap bits past the block's end, a wrong
                page size, a pages region overlapping the bitmap, a bitmap
                overlapping the stream, versions 2 and 0; a mapped-ram file
-               loaded without the capability and a plain file loaded with
-               it.  Each must make `livemig guest --incoming defer` exit 1
+               loaded without the capability, a plain file loaded with it,
+               a 64 MiB file loaded into a 128 MiB guest.  Each must make `livemig guest --incoming defer` exit 1
                with "incoming migration failed: ..." naming the block and
                the header's offset (or a byte offset / the capability, where
                the damage is in the stream), with no RESUME event, no
@@ -74,6 +87,9 @@ BLOCK = "guest.ram"
 # bitmap padded to 1 MiB, the device state (4 bytes a page), VMDESCRIPTION.
 FILE_SLACK = 2 << 20
 LIVE_RATE = 30000             # pages/s written during a live save
+# With direct-io every dirty page is a synchronous 4 KiB O_DIRECT write (one
+# worker does ~25k a second here): a rate that one channel can outrun.
+LIVE_RATE_DIRECT = 5000
 HDR_SIZE = 28
 MR_ALIGN = 1 << 20
 SAVE_TIMEOUT = 60
@@ -362,7 +378,7 @@ def check_analysis(env, path, lay, base=0, tag="analyze"):
 # ----------------------------------------------------------------- round trips
 
 def round_trip(env, fill="random", live=False, channels=None, direct=None, mapped=True,
-               offset=None):
+               offset=None, rate=LIVE_RATE):
     """Save one guest to a file and restore it into a fresh one.  With an
     offset, the file first holds `offset` random bytes the save must keep."""
     if direct:
@@ -374,7 +390,7 @@ def round_trip(env, fill="random", live=False, channels=None, direct=None, mappe
         with open(path, "wb") as f:
             f.write(prefix)
     if live:
-        src = env.guest("src", mem=MEM, fill=fill, dirty_rate=LIVE_RATE, seed=5)
+        src = env.guest("src", mem=MEM, fill=fill, dirty_rate=rate, seed=5)
         check_writes_advance(src, min_delta=1000)
     else:
         src = stopped_source(env, fill=fill, writes=2000)
@@ -421,13 +437,13 @@ rt_case("mapped-ram, live guest, multifd 4 channels, text", live=True, fill="tex
 rt_case("mapped-ram + direct-io, stopped guest, no multifd", direct=True)
 rt_case("mapped-ram + direct-io, stopped guest, multifd 2 channels", direct=True, channels=2)
 rt_case("mapped-ram + direct-io, live guest, multifd 1 channel", live=True, direct=True,
-        channels=1)
+        channels=1, rate=LIVE_RATE_DIRECT)
 rt_case("mapped-ram + direct-io, live guest, multifd 4 channels, text", live=True, direct=True,
-        fill="text", channels=4)
+        fill="text", channels=4, rate=LIVE_RATE_DIRECT)
 rt_case("mapped-ram, offset=N (unaligned), multifd 2: bytes before N untouched", channels=2,
         offset=123457)
 rt_case("mapped-ram + direct-io, offset=N (4 KiB aligned), live, multifd 2", live=True,
-        direct=True, channels=2, offset=3 << 20)
+        direct=True, channels=2, offset=3 << 20, rate=LIVE_RATE_DIRECT)
 rt_case("plain stream to a file, stopped guest", mapped=False)
 rt_case("plain stream to a file, live guest", mapped=False, live=True, fill="text")
 
@@ -496,7 +512,7 @@ def _(env):
           "page writes", mapped["total-time"], limit, want, plain["total-time"])
 
 
-@test("cancelled live mapped-ram save: guest runs on, the partial file is refused, a new save works")
+@test("cancelled live mapped-ram save: guest runs on, partial file refused, a new save works")
 def _(env):
     src = env.guest("src", mem=MEM, dirty_rate="max", seed=11)
     check_writes_advance(src, min_delta=1000)
@@ -566,6 +582,54 @@ def _(env):
         restore(env, files["mapped"], channels=2, direct=True, name="dio")
     else:
         note("direct-io part skipped: O_DIRECT refused here")
+
+
+def small_fs_livemig(env, size="16m"):
+    """A wrapper that runs livemig in a private mount namespace with a
+    `size` tmpfs on env.path("small") (gone with the process); skips the
+    case where unshare or mount is not permitted."""
+    small = env.path("small")
+    os.mkdir(small)
+    probe = spawn(["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs %s" % small],
+                  open(os.devnull, "wb"), open(os.devnull, "wb"))
+    if reap(probe, 30) != 0:
+        skip("cannot mount a tmpfs in a private mount namespace (unshare -m) here")
+    wrap = env.path("small-fs.sh")
+    with open(wrap, "w") as f:
+        f.write("#!/bin/sh\nexec unshare -m sh -c 'mount -t tmpfs -o size=%s tmpfs \"$0\" && "
+                "exec \"$@\"' %s %s \"$@\"\n" % (size, small, env.livemig))
+    os.chmod(wrap, 0o755)
+    return wrap, small
+
+
+@test("a full file system: each kind of save fails naming ENOSPC and the offset; the guest runs on")
+def _(env):
+    wrap, small = small_fs_livemig(env)
+    real, env.livemig = env.livemig, wrap
+    try:
+        src = env.guest("src", mem=MEM, dirty_rate=2000)
+    finally:
+        env.livemig = real
+    for label, mapped, channels, direct in (("plain stream", False, None, None),
+                                            ("mapped-ram", True, None, None),
+                                            ("mapped-ram, 2 channels", True, 2, None),
+                                            ("mapped-ram, 2 channels, direct-io", True, 2, True)):
+        if direct and odirect_refused(env.dir):
+            continue
+        configure(src, mapped, channels, direct)
+        src.cmd("migrate", {"uri": uri_of(os.path.join(small, "save.mig"))})
+        info = wait_migration(src, until=("failed",), timeout=SAVE_TIMEOUT)
+        msg = info.get("error-desc") or ""
+        check("No space left on device" in msg and re.search(r"offset \d+", msg),
+              "%s on a full file system: error-desc %r", label, msg)
+        check_runstate(src, "running")
+        check_writes_advance(src)
+        note("%s: %s" % (label, msg))
+    # The guest is whole: saved where there is room, it restores and verifies.
+    configure(src, True, 2, False)
+    path = env.path("save.mig")
+    save(src, path, timeout=LIVE_SAVE_TIMEOUT)
+    restore(env, path, channels=2, dirtying=True)
 
 
 # ----------------------------------------------------------------- analyzer
@@ -736,13 +800,14 @@ def _(env):
     doc = analyze_json(env, src)
     size = os.path.getsize(src)
     end_pages = lay["pages"] + RAM
-    # In the block's region: the header itself, the bitmap, the padding, the
-    # pages region (first page, middle, last byte).
-    for cut in (lay["header"] + 10, lay["bitmap"] + 100, lay["pages"] - 1, lay["pages"] + 4096,
-                lay["pages"] + RAM // 2 + 123, end_pages - 1):
+    # An empty file, the QEVM header, then in the block's region: the
+    # header itself, the bitmap, the padding, the pages region (first page,
+    # middle, last byte).
+    for cut in (0, 5, lay["header"] + 10, lay["bitmap"] + 100, lay["pages"] - 1,
+                lay["pages"] + 4096, lay["pages"] + RAM // 2 + 123, end_pages - 1):
         msg = refused(env, damaged(env, src, "cut%d" % cut, size=cut), name="d%d" % cut)
         if cut < lay["bitmap"]:
-            check_names_offset(msg, "cut at %d (inside the header)" % cut, 0, cut)
+            check_names_offset(msg, "cut at %d (before the bitmap)" % cut, 0, cut)
         else:
             check_names_block(msg, lay, "cut at %d" % cut)
     # In the stream after the pages: the ram sections, the device state,
@@ -843,7 +908,7 @@ def _(env):
         check("version" in msg and str(v) in msg, "version %d: %r", v, msg)
 
 
-@test("capability mismatch: mapped-ram file without the capability, plain file with it")
+@test("mismatch: mapped-ram file without the capability, plain file with it, another RAM size")
 def _(env):
     files = sample(env)
     msg = refused(env, files["mapped"], mapped=False, name="nocap")
@@ -854,6 +919,11 @@ def _(env):
     note("plain file, capability on: %s" % msg)
     msg = refused(env, files["plain"], mapped=True, channels=2, name="cap2")
     check("mapped-ram" in msg, "plain file, capability on, 2 channels: %r", msg)
+    # A guest of another size refuses the file before reading any page.
+    msg = refused(env, files["mapped"], mem="128M", name="big")
+    check("67108864" in msg and re.search(r"offset \d+", msg),
+          "a 64 MiB save into a 128 MiB guest: %r", msg)
+    note("64 MiB file, 128 MiB guest: %s" % msg)
     # And the untouched files do load with the right settings.
     restore(env, files["mapped"], name="ok-mapped")
     restore(env, files["plain"], mapped=False, name="ok-plain")
