@@ -33,10 +33,18 @@ PACKAGES=(
     python3
 )
 
+# Only the test suite needs these (scripts/test.sh asks for them with
+# --test-deps): the analyzer's tests run a real QEMU 7.2 and compare its
+# stream with its own memory dump.
+TEST_PACKAGES=(
+    qemu-system-x86
+)
+
 deps_only=0
 for arg in "$@"; do
     case "$arg" in
     --deps-only) deps_only=1 ;;
+    --test-deps) PACKAGES+=("${TEST_PACKAGES[@]}") ;;
     -h|--help)
         sed -n '3,7p' "$0" | sed 's/^# \{0,1\}//'
         exit 0 ;;

@@ -64,7 +64,7 @@ setup_dir() {
     fi
 }
 
-./scripts/setup.sh --deps-only || summary_fail "installing the build dependencies failed"
+./scripts/setup.sh --deps-only --test-deps || summary_fail "installing the build dependencies failed"
 
 suite_args=()
 case $mode in
