@@ -314,9 +314,11 @@ void multifd_recv_finish(lm_multifd_recv *mr)
         lm_conn_shutdown(&mr->chans[i].conn);
         lm_sem_post(&mr->chans[i].release);
     }
-    for (int i = 0; i < mr->n; i++) {
+    /* Join all before closing any socket (a running thread may kick them). */
+    for (int i = 0; i < mr->n; i++)
         if (mr->chans[i].started)
             pthread_join(mr->chans[i].thread, NULL);
+    for (int i = 0; i < mr->n; i++) {
         lm_conn_close(&mr->chans[i].conn, NULL);
         mf_codec_free(mr->chans[i].codec);
         free(mr->chans[i].cbuf);
@@ -413,7 +415,13 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
             lm_conn_close(&c, NULL);
             goto fail;
         }
-        if (!memcmp(magic, "QEVM", 4) && !have_main) {
+        if (!memcmp(magic, "QEVM", 4)) {
+            if (have_main) {
+                ret = lm_error_set(err, -EPROTO, "multifd: a second main stream connection "
+                                   "from %s", c.peer);
+                lm_conn_close(&c, NULL);
+                goto fail;
+            }
             *main_conn = c;
             have_main = true;
             continue;
@@ -426,9 +434,11 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
             goto fail;
         }
         ret = mr_read_deadline(c.fd, init, sizeof(init), false, deadline, cancel_fd);
-        if (!ret && lm_fault_hit("dst", "handshake", have))
-            ret = -EPROTO;
-        if (ret || (ret = multifd_check_init(init, n, &id, err))) {
+        if (!ret && (ret = multifd_check_init(init, n, &id, err)) == 0 &&
+            lm_fault_hit("dst", "handshake", id))
+            ret = lm_error_set(err, -EPROTO, "multifd channel %u: injected handshake fault",
+                               id);
+        if (ret) {
             if (!err || !err->msg[0] || ret != -EPROTO)
                 lm_error_set(err, ret, "multifd: channel handshake from %s failed: %s",
                              c.peer, strerror(-ret));

@@ -364,10 +364,13 @@ void multifd_send_finish(lm_multifd_send *ms)
     atomic_store(&ms->quit, true);
     for (int i = 0; i < ms->n; i++)
         lm_sem_post(&ms->chans[i].sem);
+    /* Join every thread before closing any socket: a thread still running
+     * may be kicking (shutting down) all of them. */
+    for (int i = 0; i < ms->n; i++)
+        if (ms->chans[i].started)
+            pthread_join(ms->chans[i].thread, NULL);
     for (int i = 0; i < ms->n; i++) {
         mf_send_chan *c = &ms->chans[i];
-        if (c->started)
-            pthread_join(c->thread, NULL);
         lm_conn_close(&c->conn, NULL);
         free(c->batch);
         mf_codec_free(c->codec);
