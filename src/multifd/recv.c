@@ -228,7 +228,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
     mr->abort = stop;
     mr->fail = fail;
     mr->fail_opaque = fail_opaque;
-    lm_sem_init(&mr->synced, 0);
+    lm_sem_init(&mr->synced, 0, n + 1);
     mr->chans = calloc((size_t)n, sizeof(*mr->chans));
     if (!mr->chans)
         abort();
@@ -237,7 +237,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
         mr->chans[i].id = i;
         mr->chans[i].conn = conns[i];
         conns[i].fd = -1;
-        lm_sem_init(&mr->chans[i].release, 0);
+        lm_sem_init(&mr->chans[i].release, 0, n + 1);
     }
     for (int i = 0; i < n && method != LM_MF_NONE; i++) {
         mf_recv_chan *c = &mr->chans[i];

@@ -248,7 +248,7 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
     ms->batch = calloc(1, sizeof(*ms->batch));
     if (!ms->chans || !ms->batch)
         abort();
-    lm_sem_init(&ms->ready, (unsigned)n);
+    lm_sem_init(&ms->ready, (unsigned)n, n + 1);
     for (int i = 0; i < n; i++) {
         mf_send_chan *c = &ms->chans[i];
 
@@ -256,8 +256,8 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
         c->id = i;
         c->conn = conns[i];
         conns[i].fd = -1;
-        lm_sem_init(&c->sem, 0);
-        lm_sem_init(&c->sem_sync, 0);
+        lm_sem_init(&c->sem, 0, n + 1);
+        lm_sem_init(&c->sem_sync, 0, n + 1);
         c->batch = calloc(1, sizeof(*c->batch));
         if (!c->batch)
             abort();

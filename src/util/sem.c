@@ -4,6 +4,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <linux/futex.h>
+#include <sched.h>
 #include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
@@ -33,6 +34,16 @@ static bool sem_try(lm_sem *s)
     return false;
 }
 
+void lm_sem_init(lm_sem *s, unsigned v, int threads)
+{
+    cpu_set_t set;
+    int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+
+    atomic_init(&s->count, v);
+    atomic_init(&s->sleepers, 0);
+    s->spin_ns = threads < cpus ? LM_SEM_SPIN_NS : 0;
+}
+
 void lm_sem_post(lm_sem *s)
 {
     atomic_fetch_add(&s->count, 1);
@@ -58,7 +69,7 @@ int lm_sem_wait(lm_sem *s, const atomic_bool *abort, int timeout_ms)
         int64_t now = lm_now_ns();
         if (now >= deadline)
             return -ETIMEDOUT;
-        if (now - start < LM_SEM_SPIN_NS) {
+        if (now - start < s->spin_ns) {
             lm_cpu_relax();
             continue;
         }
