@@ -44,7 +44,9 @@ typedef struct incoming {
     uint64_t mf_bytes;
 } incoming;
 
-static void in_multifd_finish(incoming *in, bool failed)
+/* Stop the helpers of the load (decompression pool, mapped-ram I/O workers,
+ * multifd channels): interrupted on failure, drained on success. */
+static void in_workers_finish(incoming *in, bool failed)
 {
     if (in->m->ram.decomp) {
         if (failed)
@@ -216,7 +218,7 @@ void *incoming_thread(void *arg)
         goto fail;
     }
     /* The last EOS was a multifd barrier: every page is in place. */
-    in_multifd_finish(&in, false);
+    in_workers_finish(&in, false);
     in_publish(&in);
 
     /* The stream ended cleanly: this is the only path that starts the guest. */
@@ -235,7 +237,7 @@ void *incoming_thread(void *arg)
     return NULL;
 
 fail:
-    in_multifd_finish(&in, true);
+    in_workers_finish(&in, true);
     if (in.rp)
         in_rp_send(&in, LM_RP_SHUT, 1);
     if (in.s)

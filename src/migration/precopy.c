@@ -221,8 +221,11 @@ static int pc_rp_poll(precopy *pc, int wait_ms, lm_error *err)
         n = poll(pfd, 1, wait_ms > 0 ? left : 0);
         if (n < 0 && errno != EINTR)
             return lm_error_set_errno(err, -errno, "return path poll");
-        if (n <= 0)
-            return 0;
+        if (n <= 0) {
+            if (wait_ms == 0)
+                return 0;       /* a non-blocking look found nothing */
+            continue;           /* EINTR or the slice ran out: the deadline decides */
+        }
         if (pfd[0].revents) {
             ssize_t r = recv(pc->m->conn.fd, pc->rpbuf + pc->rplen,
                              sizeof(pc->rpbuf) - pc->rplen, MSG_DONTWAIT);

@@ -180,14 +180,8 @@ static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page
         lm_stream_put_page(s, p, LM_PAGE_SIZE);
         return;
     }
-    if (r->mfs && r->zd != LM_ZERO_LEGACY) {
-        if (multifd_send_page(r->mfs, b, offset))
-            lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
-        r->normal_pages++;
-        r->offstream_bytes += LM_PAGE_SIZE;
-        r->mf_queued_pages++;
-        return;
-    }
+    /* Without multifd, or with legacy detection, this thread checks for
+     * zero pages; otherwise the channels do (or nobody, with "none"). */
     if ((!r->mfs || r->zd == LM_ZERO_LEGACY) && lm_is_zero(p, LM_PAGE_SIZE)) {
         ram_put_header(r, s, b, offset, LM_RAM_ZERO);
         lm_put_u8(s, 0);
