@@ -193,7 +193,7 @@ const char *lm_dirty_name(const lm_dirty *d)
     return d->be->name;
 }
 
-int lm_dirty_start(lm_dirty *d, lm_error *err)
+int lm_dirty_start_unarmed(lm_dirty *d, lm_error *err)
 {
     int ret;
 
@@ -204,6 +204,31 @@ int lm_dirty_start(lm_dirty *d, lm_error *err)
         return ret;
     d->started = true;
     return 0;
+}
+
+int lm_dirty_start(lm_dirty *d, lm_error *err)
+{
+    int ret = lm_dirty_start_unarmed(d, err);
+
+    if (ret < 0)
+        return ret;
+    for (int r = 0; r < d->n; r++) {
+        ret = lm_dirty_arm(d, r, d->regions[r].length, err);
+        if (ret < 0) {
+            lm_dirty_stop(d);
+            return ret;
+        }
+    }
+    return 0;
+}
+
+int lm_dirty_arm(lm_dirty *d, int r, uint64_t end, lm_error *err)
+{
+    if (!d || !d->started || r < 0 || r >= d->n || !d->be->arm)
+        return 0;
+    if (end > d->regions[r].length)
+        end = d->regions[r].length;
+    return d->be->arm(d, r, end, err);
 }
 
 int64_t lm_dirty_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err)

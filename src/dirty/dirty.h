@@ -12,8 +12,8 @@
  *                an atomic per-block log that sync moves into the caller's
  *                bitmap.
  *
- * Lifetime: lm_dirty_new() when the context picks a tracker; start() when a
- * migration begins (after which every page counts as written once more, see
+ * Lifetime: lm_dirty_new() when the context picks a tracker; start() (or
+ * start_unarmed() and arm()) when a migration begins (after which every page counts as written once more, see
  * below); sync() from the migration thread only; stop() when the migration
  * ends (writes are no longer tracked, protection removed); lm_dirty_free() in
  * lm_free().  lm_dirty_mark() may be called from any thread at any time.
@@ -24,7 +24,8 @@
  *
  * Threads and ownership:
  *   new, free            the context's owner; free must not race with mark.
- *   start, sync, stop    one thread at a time (the migration thread).
+ *   start, arm, sync,    one thread at a time (the migration thread).
+ *   stop
  *   mark                 any thread, any time between new and free;
  *                        lock-free, never blocks, never allocates.
  *   The tracker copies the region array; the memory stays the caller's.
@@ -69,6 +70,22 @@ const char *lm_dirty_name(const lm_dirty *d);
 
 /* Begin tracking all regions (uffd-wp: register + write-protect everything). */
 int lm_dirty_start(lm_dirty *d, lm_error *err);
+/*
+ * Lazy arming, for a caller whose first pass sends every page anyway.
+ * start_unarmed() begins tracking, but with uffd-wp a page is tracked only
+ * once its range is armed: lm_dirty_arm(d, r, end) arms region r from where
+ * the last arm stopped up to byte `end` (clamped to the region; arming
+ * backwards is a no-op), and sync() arms whatever is left of its region
+ * first.  Write-protecting costs ~70 ns a page here (~35 ms for 2 GiB), so
+ * arming each chunk just before the first pass reads it takes that cost
+ * off the critical path.  Invariant the caller keeps: a page is read for
+ * sending only after its range was armed, or is still due to be sent
+ * after the arm -- a write before the arm is then in what is sent.
+ * The cooperative tracker counts from start; arm is a no-op for it.
+ * 0 or a negative errno (the migration must fail: tracking is incomplete).
+ */
+int lm_dirty_start_unarmed(lm_dirty *d, lm_error *err);
+int lm_dirty_arm(lm_dirty *d, int r, uint64_t end, lm_error *err);
 
 /*
  * OR the pages of region `r` written since the previous sync (or start) into

@@ -5,7 +5,7 @@
  * state, the "auto" choice); each backend (uffd_wp.c, coop.c) fills one
  * lm_dirty_backend table and keeps its own state in the lm_dirty fields
  * marked for it.  Backends are called only after dirty.c checked the
- * arguments, and only in the order init, (start, sync*, stop)*, fini.
+ * arguments, and only in the order init, (start, (arm | sync)*, stop)*, fini.
  *
  * Threads: init/fini/start/sync/stop run on the tracker's owner (the
  * context's caller for new/free, the migration thread for the rest); mark
@@ -29,6 +29,9 @@ typedef struct lm_dirty_backend {
     int (*start)(lm_dirty *d, lm_error *err);
     /* OR region r's written pages into bitmap; newly set count or -errno. */
     int64_t (*sync)(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err);
+    /* Start tracking writes to region r's bytes [armed so far, end); NULL
+     * when the backend tracks everything from start() on. */
+    int (*arm)(lm_dirty *d, int r, uint64_t end, lm_error *err);
     void (*stop)(lm_dirty *d);
     /* NULL when the backend ignores cooperative reports. */
     void (*mark)(lm_dirty *d, int r, uint64_t offset, uint64_t len);

@@ -864,6 +864,44 @@ static void test_sync_cost_1g(void **state)
     munmap(mem, len);
 }
 
+/*
+ * Lazy arming (lm_dirty_start_unarmed + lm_dirty_arm), as the first pass of
+ * a migration uses it: writes after a range's arm are reported; sync arms
+ * whatever is left, so writes after it are reported everywhere; arming
+ * backwards or past the end is harmless.
+ */
+static void test_lazy_arm(void **state)
+{
+    struct fixture f;
+    lm_error err = { 0 };
+    uint64_t npages = 1024;
+    unsigned long *map = lm_bitmap_new(npages);
+
+    fixture_open(&f, state, npages * PS, true);
+    if (lm_dirty_start_unarmed(f.d, &err) < 0)
+        fail_msg("lm_dirty_start_unarmed: %s", err.msg);
+    assert_int_equal(lm_dirty_arm(f.d, 0, 512 * PS, &err), 0);
+    assert_int_equal(lm_dirty_arm(f.d, 0, 100 * PS, &err), 0);     /* backwards */
+    write_at(&f, 0, f.mem, 5 * PS, 8, 1);        /* armed */
+    write_at(&f, 0, f.mem, 700 * PS, 8, 1);      /* not armed yet */
+    assert_true(sync_ok(f.d, 0, map) >= 1);
+    assert_true(lm_bitmap_test(map, 5));
+    if (!f.coop)   /* written before its arm: the caller sends it anyway */
+        assert_false(lm_bitmap_test(map, 700));
+    /* The sync armed the rest: every later write is seen. */
+    lm_bitmap_zero(map, npages);
+    write_at(&f, 0, f.mem, 50 * PS, 8, 2);
+    write_at(&f, 0, f.mem, 900 * PS, 8, 2);
+    write_at(&f, 0, f.mem, (npages - 1) * PS, 8, 2);
+    assert_int_equal(sync_ok(f.d, 0, map), 3);
+    assert_true(lm_bitmap_test(map, 50) && lm_bitmap_test(map, 900) &&
+                lm_bitmap_test(map, npages - 1));
+    assert_int_equal(lm_dirty_arm(f.d, 0, 4 * npages * PS, &err), 0);   /* clamped */
+    assert_int_equal(lm_dirty_arm(f.d, 5, PS, &err), 0);                /* no region 5 */
+    lm_bitmap_free(map);
+    fixture_close(&f);
+}
+
 /* One case per tracker, named so the TAP output says which one failed. */
 #define PER_TRACKER(fn) \
     { .name = #fn "(uffd-wp)", .test_func = fn, .initial_state = (void *)"uffd-wp" }, \
@@ -879,6 +917,7 @@ int main(void)
         PER_TRACKER(test_restart),
         PER_TRACKER(test_two_regions),
         PER_TRACKER(test_concurrent_writer),
+        PER_TRACKER(test_lazy_arm),
         cmocka_unit_test(test_coop_mark_rules),
         cmocka_unit_test(test_uffd_ignores_marks_and_busy),
         cmocka_unit_test(test_uffd_kernel_writes),
