@@ -25,9 +25,10 @@ typedef struct mf_send_chan {
     bool started;
     lm_sem sem;                 /* posted for a job, a sync or quit */
     lm_sem sem_sync;            /* posted when the SYNC packet is out */
-    atomic_int pending_job;     /* 1: `batch` belongs to this thread */
+    atomic_int pending_job;     /* 1: `next` holds a job and belongs to this thread */
     atomic_int pending_sync;
-    lm_mf_batch *batch;
+    lm_mf_batch *batch;         /* the packet being sent; this thread's */
+    lm_mf_batch *next;          /* the hand-off slot, see multifd.h */
     uint8_t hdr[LM_MULTIFD_HDR_SIZE];
     struct iovec iov[1 + LM_MULTIFD_PAGES];
     _Atomic uint64_t bytes, packets, normal, zero, comp_bytes;
@@ -122,6 +123,15 @@ static int mf_compress(mf_send_chan *c, lm_mf_header *h, int *niov)
     return 0;
 }
 
+/* Pages ahead of the zero check; lm_is_zero reads 256 bytes first. */
+#define MF_PREFETCH_AHEAD 4
+
+static inline void mf_prefetch_head(const uint8_t *p)
+{
+    for (int l = 0; l < 256; l += 64)
+        __builtin_prefetch(p + l);
+}
+
 /* Build and write one packet for c->batch (may be empty: a SYNC packet). */
 static int mf_send_packet(mf_send_chan *c, uint32_t flags)
 {
@@ -138,6 +148,11 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
             uint64_t off = b->offsets[i];
             const uint8_t *p = b->block->host + off;
 
+            /* The zero check's first read of a page is a cache miss that
+             * the hardware prefetcher (which stops at page boundaries)
+             * cannot hide: start a later page's first lines now. */
+            if (ms->zd == LM_ZERO_MULTIFD && i + MF_PREFETCH_AHEAD < b->num)
+                mf_prefetch_head(b->block->host + b->offsets[i + MF_PREFETCH_AHEAD]);
             if (ms->zd == LM_ZERO_MULTIFD && lm_is_zero(p, LM_PAGE_SIZE)) {
                 zeros[h.zero++] = off;
                 continue;
@@ -199,10 +214,17 @@ static void *mf_send_thread(void *arg)
         if (lm_sem_wait(&c->sem, ms->abort, -1))
             break;
         if (atomic_load_explicit(&c->pending_job, memory_order_acquire)) {
-            ret = mf_send_packet(c, mf_comp_flags(ms->method));
+            lm_mf_batch *job = c->next;
+
+            /* Take the job and free the slot at once, so the migration
+             * thread can park the next batch here while this one is on
+             * its way: the channel then never sleeps between packets. */
             c->batch->num = 0;
+            c->next = c->batch;
+            c->batch = job;
             atomic_store_explicit(&c->pending_job, 0, memory_order_release);
             lm_sem_post(&ms->ready);
+            ret = mf_send_packet(c, mf_comp_flags(ms->method));
             if (ret) {
                 mf_fail(c, ret, "writing a packet failed");
                 break;
@@ -259,7 +281,8 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
         lm_sem_init(&c->sem, 0, n + 1);
         lm_sem_init(&c->sem_sync, 0, n + 1);
         c->batch = calloc(1, sizeof(*c->batch));
-        if (!c->batch)
+        c->next = calloc(1, sizeof(*c->next));
+        if (!c->batch || !c->next)
             abort();
     }
     for (int i = 0; i < n && method != LM_MF_NONE; i++) {
@@ -304,8 +327,8 @@ static int mf_hand_off(lm_multifd_send *ms)
     }
     if (!c)     /* cannot happen: a ready token means an idle channel */
         return -EIO;
-    tmp = c->batch;
-    c->batch = ms->batch;
+    tmp = c->next;
+    c->next = ms->batch;
     ms->batch = tmp;
     atomic_store_explicit(&c->pending_job, 1, memory_order_release);
     lm_sem_post(&c->sem);
@@ -373,6 +396,7 @@ void multifd_send_finish(lm_multifd_send *ms)
         mf_send_chan *c = &ms->chans[i];
         lm_conn_close(&c->conn, NULL);
         free(c->batch);
+        free(c->next);
         mf_codec_free(c->codec);
         free(c->cbuf);
         free(c->bounce);
