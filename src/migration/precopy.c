@@ -355,10 +355,12 @@ static int pc_setup(precopy *pc, lm_error *err)
         if (!pc->ram->comp)
             return err->code ? err->code : -EIO;
     }
-    ret = lm_dirty_start(pc->dirty, err);
+    /* Unarmed: the first pass arms the tracker chunk by chunk as it goes
+     * (ram_save_start), instead of write-protecting all RAM here first. */
+    ret = lm_dirty_start_unarmed(pc->dirty, err);
     if (ret)
         return ret;
-    ram_save_start(pc->ram);
+    ram_save_start(pc->ram, pc->dirty);
     savevm_section_header(pc->s, LM_VM_SECTION_START, LM_RAM_SECTION_ID, "ram", 0,
                           LM_RAM_SECTION_VERSION);
     ram_save_setup(pc->ram, pc->s);
@@ -651,7 +653,6 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     lm_mig *m = pc->m;
     lm_error cerr = { 0 };
 
-    lm_dirty_stop(pc->dirty);
     pc_set_throttle(pc, 0);
     if (ret) {
         mig_kick(m);                    /* shut the socket: the peer sees the end */
@@ -708,6 +709,14 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
             mig_set_error(m, err);
         mig_set_status(m, LM_STATUS_FAILED);
     }
+    /*
+     * Last, after the final status: unregistering uffd-wp from a large guest
+     * clears every PTE's protection (~40 ms per GiB here) and is cleanup,
+     * not migration -- QEMU also stops dirty logging after COMPLETED.  A
+     * guest restarted above meanwhile only takes in-kernel (async) faults.
+     * The next lm_migrate joins this thread before it touches the tracker.
+     */
+    lm_dirty_stop(pc->dirty);
 }
 
 void *precopy_thread(void *arg)

@@ -52,14 +52,16 @@ int ram_find(const lm_ram *r, const char *idstr)
 
 /* ------------------------------------------------------------ source */
 
-void ram_save_start(lm_ram *r)
+void ram_save_start(lm_ram *r, lm_dirty *arm)
 {
     r->dirty = 0;
+    r->arm = arm;
     for (int i = 0; i < r->nblocks; i++) {
         lm_ramblock *b = &r->blocks[i];
         lm_bitmap_free(b->bmap);
         b->bmap = lm_bitmap_new(b->npages);
         lm_bitmap_fill(b->bmap, b->npages);
+        b->arm_next = arm ? 0 : b->npages;
         r->dirty += b->npages;
     }
     r->cur_block = 0;
@@ -205,6 +207,24 @@ static uint64_t ram_progress(const lm_ram *r, lm_stream *s)
     return lm_stream_offset(s) + r->offstream_bytes;
 }
 
+/* Arm tracking of the chunk holding `page` (see ram_save_start). */
+static int ram_arm(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+{
+    uint64_t end = (page / LM_RAM_ARM_PAGES + 1) * LM_RAM_ARM_PAGES;
+    lm_error err = { 0 };
+    int ret;
+
+    if (end > b->npages)
+        end = b->npages;
+    ret = lm_dirty_arm(r->arm, (int)(b - r->blocks), end * LM_PAGE_SIZE, &err);
+    if (ret < 0) {
+        lm_stream_set_error(s, ret, "%s", err.msg);
+        return ret;
+    }
+    b->arm_next = end;
+    return 0;
+}
+
 bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
 {
     uint64_t start = ram_progress(r, s);
@@ -225,6 +245,8 @@ bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
             r->cur_page = 0;
             continue;
         }
+        if (page >= b->arm_next && ram_arm(r, s, b, page))
+            break;
         lm_bitmap_clear(b->bmap, page);
         r->dirty--;
         ram_save_page(r, s, b, page);

@@ -61,6 +61,7 @@ typedef struct lm_ramblock {
     uint64_t length;
     uint64_t npages;
     unsigned long *bmap;        /* source: pages still to send */
+    uint64_t arm_next;          /* source: first page whose tracking is not armed */
     /* mapped-ram: absolute file offsets and the pages present in the file */
     uint64_t mr_bitmap_offset, mr_pages_offset;
     unsigned long *file_bmap;
@@ -79,6 +80,7 @@ typedef struct lm_ram {
     uint64_t zero_pages, normal_pages;
     uint64_t offstream_bytes;   /* page bytes routed to multifd / mapped-ram */
     uint64_t mf_queued_pages;   /* pages handed to multifd */
+    lm_dirty *arm;              /* the tracker, started unarmed; NULL: all armed */
     /* multifd (set by the migration thread around a migration): pages go to
      * the channels; zd says who checks for zero pages (lm_zero_detect). */
     struct lm_multifd_send *mfs;
@@ -102,7 +104,14 @@ int ram_register(lm_ram *r, const char *idstr, void *host, uint64_t length,
 int ram_find(const lm_ram *r, const char *idstr);
 
 /* ---- source ---- */
-void ram_save_start(lm_ram *r);
+/*
+ * `arm`: a tracker started with lm_dirty_start_unarmed(), or NULL.  The
+ * first pass then arms each LM_RAM_ARM_PAGES chunk just before it queues
+ * the chunk's first page: every page of a chunk not reached yet is still set
+ * in the all-set bitmap, so it is read after its arm (dirty.h's invariant).
+ */
+void ram_save_start(lm_ram *r, lm_dirty *arm);
+#define LM_RAM_ARM_PAGES 16384
 void ram_save_finish(lm_ram *r);          /* frees the bitmaps */
 void ram_save_setup(lm_ram *r, lm_stream *s); /* START payload incl. EOS */
 /*

@@ -135,7 +135,7 @@ static void write_good(lm_stream *s, void *arg)
     savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, s);
     savevm_section_footer(s, 1);
-    ram_save_start(&sr->ram);
+    ram_save_start(&sr->ram, NULL);
     savevm_section_header(s, LM_VM_SECTION_PART, 1, NULL, 0, 0);
     while (!ram_save_some(&sr->ram, s, 3 * LM_PAGE_SIZE))
         ;
