@@ -1,16 +1,39 @@
 /*
- * Fault injection for tests: make a chosen channel fail at a chosen point.
+ * Fault injection for tests: make a chosen channel fail at a chosen point,
+ * on a chosen hit of that point.
  *
- * LIVEMIG_FAULT="SIDE:POINT:CHANNEL[,...]", e.g. "src:packet:1" or
- * "dst:sync:0".  SIDE is src or dst; POINT is one of connect, handshake,
- * packet (in the middle of a packet), sync (just before the SYNC packet /
- * while waiting at the SYNC barrier); CHANNEL is the multifd channel id.
- * Each listed fault fires once per process.  Compiled in only with the
- * meson option fault_injection (on for development builds, off for release
- * packages); otherwise lm_fault_hit() is constant false.
+ * LIVEMIG_FAULT="SIDE:POINT:CHANNEL[:N][,...]", e.g. "src:packet:1",
+ * "src:packet:1:100" or "dst:sync:0".  SIDE is src or dst; POINT is one of
+ * connect, handshake, packet (in the middle of a packet), sync (just before
+ * the SYNC packet / while waiting at the SYNC barrier); CHANNEL is the
+ * multifd channel id.  N (default 1) picks the hit that fails: the fault
+ * fires on the N-th time lm_fault_hit() is reached for that side, point and
+ * channel, and never again, so each listed fault fires at most once per
+ * process.  Hits are counted per process, across migrations: a source that
+ * migrates twice keeps counting from where its first migration stopped.
  *
- * The parsed list is the one process-wide state in livemig: it is set once
- * from the environment and then only read (and its `fired` flags set).
+ * What one hit is, per point (src/multifd, src/migration/precopy.c):
+ *   src connect     one per channel and migration, before it connects
+ *   src handshake   one per channel and migration, before it is sent
+ *   src packet      every packet the channel writes, data and SYNC alike
+ *                   (a channel's first packet is the setup SYNC): the
+ *                   packet is torn after half its header
+ *   src sync        every SYNC the channel is asked for, before it is sent
+ *   dst handshake   one per accepted channel and migration
+ *   dst packet      every packet the channel has read, data and SYNC alike
+ *   dst sync        every SYNC packet read, before the barrier
+ * So "src:packet:1:100" tears the 100th packet of channel 1: with 512 KiB
+ * packets that is ~50 MiB into that channel's share of the first pass.
+ *
+ * Compiled in only with the meson option fault_injection (on for
+ * development builds, off for release packages); otherwise lm_fault_hit() is
+ * constant false.
+ *
+ * Threads: lm_fault_hit() may be called from any thread, concurrently.  The
+ * parsed list is the one process-wide state in livemig: it is set once from
+ * the environment (pthread_once) and then only read, except for each
+ * fault's hit counter, which is atomic: two threads hitting the same fault
+ * get distinct hit numbers, so exactly one of them sees the N-th.
  */
 #ifndef LM_UTIL_FAULT_H
 #define LM_UTIL_FAULT_H

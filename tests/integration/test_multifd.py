@@ -33,7 +33,13 @@ destinations started with `--incoming defer`), gives both sides the same
              descriptor but the two lasting ones (see LASTING); the
              destination exits non-zero without running, naming its own
              injected fault; and the same source then migrates to a fresh
-             destination, leaving no more descriptors than before.
+             destination, leaving no more descriptors than before.  Then
+             src:packet and dst:packet again with LIVEMIG_FAULT's 4th field
+             (SIDE:POINT:CHANNEL:N, the N-th hit) on a 256 MiB guest, N a
+             quarter into the channel's share of the first pass: the same
+             checks, and the faulted process logs that very hit; the
+             destination's reason names a packet number inside the first
+             pass (query-migrate has no ram figures once failed).
   network    a proxy cuts a channel (in the middle of a packet, of a zstd
              payload) or the main stream mid-migration, or stalls a channel
              and then the source is cancelled (must end `cancelled`), the
@@ -72,6 +78,7 @@ PAGES = mem_bytes(MEM) // PAGE_SIZE
 DIRTY_RATE = 2000            # pages/s: low, so every run converges quickly
 MF_MAGIC = 0x11223344
 MF_VERSION = 1
+MF_PACKET_PAGES = 128        # pages in a full multifd packet
 FAIL_BOUND_S = 15            # a faulted migration must end within this
 
 
@@ -145,8 +152,9 @@ def summary(info):
              ram(info, "dirty-sync-count")))
 
 
-def migrate_ok(src, dst, uri, dirtying, timeout=90):
-    """Migrate src to dst (already listening on uri) and check both ends."""
+def migrate_ok(src, dst, uri, dirtying, timeout=90, pages=PAGES):
+    """Migrate src to dst (already listening on uri) and check both ends
+    (guests of `pages` pages)."""
     w0 = src.info()["writes"]
     src.cmd("migrate", {"uri": uri})
     info = wait_migration(src, timeout=timeout)
@@ -158,10 +166,10 @@ def migrate_ok(src, dst, uri, dirtying, timeout=90):
           "multifd-bytes %d > transferred %d", ram(info, "multifd-bytes"),
           ram(info, "transferred"))
     sent = ram(info, "normal") + ram(info, "duplicate")
-    check(sent >= PAGES, "source sent %d pages (normal+duplicate), the guest has %d", sent, PAGES)
+    check(sent >= pages, "source sent %d pages (normal+duplicate), the guest has %d", sent, pages)
     if dirtying:
         check(src.info()["writes"] > w0, "the source did not write during the migration")
-    check_destination(dst, PAGES, dirtying=dirtying)
+    check_destination(dst, pages, dirtying=dirtying)
     return info
 
 
@@ -695,15 +703,15 @@ def check_no_leak(src, tasks0, fds0, what):
     return extra
 
 
-def check_source_survived(src):
+def check_source_survived(src, pages=PAGES):
     check_runstate(src, "running")
     check_writes_advance(src)
-    check_verified(src, PAGES, cached=False)
+    check_verified(src, pages, cached=False)
 
 
-def prepare_source(env, n, fault=None, compression=None):
+def prepare_source(env, n, fault=None, compression=None, mem=MEM):
     with fault_env(fault):
-        src = env.guest("src", mem=MEM, dirty_rate=DIRTY_RATE)
+        src = env.guest("src", mem=mem, dirty_rate=DIRTY_RATE)
     configure([src], n, compression)
     wait_until(lambda: src.info()["writes"] >= 200, 30, "the source's writers to dirty")
     return src, proc_tasks(src.pid), proc_fds(src.pid)
@@ -724,13 +732,13 @@ def check_source_ended(src, t0, until, desc_pat=None):
     return info
 
 
-def migrate_again(env, src, n, tasks0, fds0, transport, compression=None):
+def migrate_again(env, src, n, tasks0, fds0, transport, compression=None, mem=MEM):
     """After a failure: the same source migrates to a fresh destination,
     and that leaves no more descriptors than the failure did."""
     uri = unix_uri(env, "again.sock") if transport == "tcp" else tcp_uri()
-    dst2 = new_dst(env, "dst2", n, compression, uri=uri, dirty_rate=DIRTY_RATE)
+    dst2 = new_dst(env, "dst2", n, compression, uri=uri, dirty_rate=DIRTY_RATE, mem=mem)
     fds1 = proc_fds(src.pid)
-    migrate_ok(src, dst2, uri, dirtying=True)
+    migrate_ok(src, dst2, uri, dirtying=True, pages=mem_bytes(mem) // PAGE_SIZE)
     check_no_leak(src, tasks0, fds0, "after the second migration")
     grown = new_fds(fds1, proc_fds(src.pid))
     check(len(proc_fds(src.pid)) == len(fds1), "the successful migration left %d descriptors "
@@ -760,29 +768,43 @@ FAULTS = [
 ]
 
 
-def fault_case(env, side, point, n, ch, src_pat, dst_pat, transport):
-    spec = "%s:%s:%d" % (side, point, ch)
-    note("LIVEMIG_FAULT=%s on the %s, %d channels, %s" % (spec, side, n, transport))
+def fault_case(env, side, point, n, ch, src_pat, dst_pat, transport, nth=None, mem=MEM):
+    """nth: the hit of the point that fails (LIVEMIG_FAULT's 4th field;
+    None = the first).  The faulted process must log that very hit, and a
+    destination that drops a channel after a packet must name a packet
+    number that lies inside the first pass (at least nth - 1: numbers are
+    global, and below the guest's size in packets)."""
+    spec = "%s:%s:%d" % (side, point, ch) + (":%d" % nth if nth else "")
+    pages = mem_bytes(mem) // PAGE_SIZE
+    note("LIVEMIG_FAULT=%s on the %s, %d channels, %s, %s guest" % (spec, side, n, transport,
+                                                                    mem))
     uri = tcp_uri() if transport == "tcp" else unix_uri(env)
-    dst = new_dst(env, "dst", n, uri=uri, fault=spec if side == "dst" else None)
-    src, tasks0, fds0 = prepare_source(env, n, fault=spec if side == "src" else None)
+    dst = new_dst(env, "dst", n, uri=uri, fault=spec if side == "dst" else None, mem=mem)
+    src, tasks0, fds0 = prepare_source(env, n, fault=spec if side == "src" else None, mem=mem)
 
     t0 = time.monotonic()
     src.cmd("migrate", {"uri": uri})
     check_source_ended(src, t0, "failed", src_pat and src_pat.format(ch=ch))
-    check_source_survived(src)
+    check_source_survived(src, pages)
     extra = check_no_leak(src, tasks0, fds0, "after the failure")
     note("descriptors the source keeps after its first migration: %s" % sorted(extra.values()))
     reason = check_dst_failed(dst, dst_pat.format(ch=ch))
     faulted = src if side == "src" else dst
-    check("injected fault: %s %s on channel %d" % (side, point, ch) in faulted.stderr(),
-          "%s never logged the injected fault %s:\n%s", faulted.name, spec,
-          faulted.stderr_tail())
+    logged = "injected fault: %s %s on channel %d" % (side, point, ch)
+    if nth:
+        logged += " (hit %d)" % nth
+    check(logged in faulted.stderr(), "%s never logged %r for %s:\n%s", faulted.name, logged,
+          spec, faulted.stderr_tail())
+    if nth and side == "dst" and point == "packet":
+        m = re.search(r"injected fault after packet (\d+)", reason)
+        check(m and nth - 1 <= int(m.group(1)) < pages // MF_PACKET_PAGES,
+              "%s: the destination's reason %r names no packet between %d and %d (the first "
+              "pass)", spec, reason, nth - 1, pages // MF_PACKET_PAGES)
     if side == "dst":
         check("injected" in reason or "handshake" in reason,
               "destination's reason does not name the injected fault: %r", reason)
     # The fault fired once per process: the same source migrates again.
-    migrate_again(env, src, n, tasks0, fds0, transport)
+    migrate_again(env, src, n, tasks0, fds0, transport, mem=mem)
 
 
 def _fault_test(side, point, n, ch, src_pat, dst_pat, transport):
@@ -797,6 +819,29 @@ for _i, (_side, _point, _sp, _dp) in enumerate(FAULTS):
     _fault_test(_side, _point, _n, (_i * 5 + 1) % _n, _sp, _dp, ("tcp", "unix")[_i % 2])
     _fault_test(_side, _point, 4, (_i + 2) % 4 if _point != "connect" else 3, _sp, _dp,
                 ("unix", "tcp")[_i % 2])
+
+
+# The same faults on a later hit (LIVEMIG_FAULT=SIDE:POINT:CHANNEL:N): a
+# channel torn by the source, or dropped by the destination, in the middle
+# of a 256 MiB migration -- a quarter into that channel's share of the first
+# pass, with 512 KiB packets -- instead of at its setup SYNC.
+MID_MEM = "256M"
+
+
+def _mid_fault_test(side, point, n, ch, transport):
+    src_pat, dst_pat = [(sp, dp) for s_, p_, sp, dp in FAULTS if (s_, p_) == (side, point)][0]
+    nth = mem_bytes(MID_MEM) // PAGE_SIZE // MF_PACKET_PAGES // n // 4
+
+    @test("fault %s:%s:%d:%d mid-migration, %d channels, %s guest (%s)"
+          % (side, point, ch, nth, n, MID_MEM, transport), timeout=180)
+    def _(env):
+        fault_case(env, side, point, n, ch, src_pat, dst_pat, transport, nth=nth, mem=MID_MEM)
+
+
+_mid_fault_test("src", "packet", 2, 1, "tcp")
+_mid_fault_test("src", "packet", 4, 2, "unix")
+_mid_fault_test("dst", "packet", 3, 0, "unix")
+_mid_fault_test("dst", "packet", 2, 1, "tcp")
 
 
 # ------------------------------------------------------- broken connections
