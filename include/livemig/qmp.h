@@ -54,7 +54,8 @@ typedef int (*lm_qmp_handler)(void *opaque, const char *args_json,
  * Listen on `uri` (unix:PATH only) and start the server thread.  A stale
  * socket file (nobody answering) is replaced; a live one, or a path that is
  * not a socket, is an error.  Subscribes to `m` with lm_add_listener (one of
- * its listener slots, for good: the API has no way to remove it).  Returns
+ * its listener slots, given back by lm_qmp_stop, which must therefore run
+ * before lm_free(m) and never from inside a listener callback).  Returns
  * NULL and fills err on failure.
  */
 lm_qmp *lm_qmp_start(lm_mig *m, const char *uri, lm_error *err);

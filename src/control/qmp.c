@@ -32,12 +32,19 @@
  * runs are delivered before its reply, as QEMU does: its events are emitted
  * synchronously, so a client sees STOP before the reply to "stop".
  *
- * Listener lifetime.  The API has no lm_remove_listener(), yet a server can
- * stop while its lm_mig lives on and keeps calling listeners.  So the
- * listener's opaque is a small hub that points at the server: stop clears the
- * pointer under the hub's lock, after which no callback can reach the freed
- * server, and the hub is parked in a process-wide list (a few dozen bytes per
- * stopped server; parked rather than leaked so leak checkers stay quiet).
+ * Listener lifetime.  The server subscribes to its lm_mig with the server
+ * itself as the listener's opaque, and lm_qmp_stop() unsubscribes
+ * (lm_remove_listener) before it frees anything.  That is safe because of
+ * lm_remove_listener's contract: when it returns, no call to the listener is
+ * in progress and none will start -- the library calls listeners from a
+ * snapshot of the list and counts the threads inside a snapshot
+ * (listener_calls, under m->lock), and removal waits for that count to drop
+ * to zero.  So after the removal nothing outside this file can reach the
+ * server, and freeing it cannot race with a callback.  The slot goes back to
+ * the lm_mig: a program may start and stop servers on one context as often
+ * as it likes.  The price is that lm_qmp_stop() must not run inside a
+ * listener callback (it would wait for itself) and must run before
+ * lm_free(m).
  *
  * Listening is the transport's (lm_transport_listen): the same unix socket
  * rules as a migration URI, stale-file removal included.
@@ -128,20 +135,12 @@ typedef struct qmp_event {
     char *line;          /* serialised, without the newline */
 } qmp_event;
 
-/* The listeners' view of a server; outlives it (see top of file). */
-typedef struct qmp_hub {
-    pthread_mutex_t lock;
-    lm_qmp *q;           /* NULL once the server stopped; under lock */
-    lm_mig *m;           /* immutable */
-    struct qmp_hub *next_retired;
-} qmp_hub;
-
 struct lm_qmp {
     lm_mig *m;
     lm_listen listen;    /* the transport's unix listener (stale-file logic) */
     int wake_fd;         /* eventfd: readable = look at `stopping` and events */
     pthread_t thread;
-    qmp_hub *hub;
+    bool subscribed;             /* our listener is on m (new .. stop) */
 
     pthread_mutex_t lock;        /* guards the block below */
     bool stopping;
@@ -157,9 +156,6 @@ struct lm_qmp {
     int n_clients;
     bool accept_paused;          /* out of fds: wait for a client to leave */
 };
-
-static pthread_mutex_t qmp_retired_lock = PTHREAD_MUTEX_INITIALIZER;
-static qmp_hub *qmp_retired;
 
 /* ---------------------------------------------------------------- output */
 
@@ -370,6 +366,21 @@ static void qmp_queue_event(lm_qmp *q, const char *name, json_t *data)
         lm_log("QMP: cannot wake the server thread: %s", strerror(errno));
 }
 
+/* Drop undelivered events.  Only once no other thread can queue any. */
+static void qmp_free_events(lm_qmp *q)
+{
+    qmp_event *ev, *next;
+
+    for (ev = q->ev_head; ev; ev = next) {
+        next = ev->next;
+        free(ev->line);
+        free(ev);
+    }
+    q->ev_head = NULL;
+    q->ev_tail = &q->ev_head;
+    q->n_events = 0;
+}
+
 /* Server thread: copy queued events to every negotiated client. */
 static void qmp_deliver_events(lm_qmp *q)
 {
@@ -416,52 +427,46 @@ void lm_qmp_event(lm_qmp *q, const char *name, const char *data_json)
     qmp_queue_event(q, name, data);
 }
 
-/* Library threads.  MIGRATION only with capability "events", as QEMU. */
+/*
+ * Library threads, while subscribed: q is alive for the whole call, since
+ * lm_qmp_stop() unsubscribes -- and lm_remove_listener() waits for calls in
+ * progress -- before it frees q (see top of file).
+ * MIGRATION only with capability "events", as QEMU.
+ */
 static void qmp_on_status(void *opaque, lm_status s)
 {
-    qmp_hub *h = opaque;
+    lm_qmp *q = opaque;
     bool events = false;
-    json_t *data;
 
     /* Asked each time: the capability may be switched on at any moment. */
-    if (lm_cap_get(h->m, "events", &events) < 0 || !events)
+    if (lm_cap_get(q->m, "events", &events) < 0 || !events)
         return;
-    data = json_pack("{s:o}", "status", qmp_string(lm_status_name(s)));
-    pthread_mutex_lock(&h->lock);
-    if (h->q)
-        qmp_queue_event(h->q, "MIGRATION", data);
-    else
-        json_decref(data);
-    pthread_mutex_unlock(&h->lock);
+    qmp_queue_event(q, "MIGRATION", json_pack("{s:o}", "status",
+                                              qmp_string(lm_status_name(s))));
 }
 
-/* Library threads.  STOP / RESUME when the guest stops or starts running. */
+/* Library threads, while subscribed.  STOP / RESUME when the guest stops or
+ * starts running. */
 static void qmp_on_runstate(void *opaque, lm_runstate rs)
 {
-    qmp_hub *h = opaque;
+    lm_qmp *q = opaque;
     lm_runstate prev;
 
-    pthread_mutex_lock(&h->lock);
-    if (h->q) {
-        lm_qmp *q = h->q;
-
-        pthread_mutex_lock(&q->lock);
-        prev = q->runstate;
-        q->runstate = rs;
-        pthread_mutex_unlock(&q->lock);
-        /*
-         * finish-migrate -> postmigrate is no new stop: no second event.
-         * Becoming a destination (inmigrate) is not a STOP either: QEMU's
-         * destinations are in that state from startup and never report one,
-         * while an lm_mig starts out "running".
-         */
-        if (prev != LM_RUN_RUNNING && rs == LM_RUN_RUNNING)
-            qmp_queue_event(q, "RESUME", NULL);
-        else if (prev == LM_RUN_RUNNING && rs != LM_RUN_RUNNING &&
-                 rs != LM_RUN_INMIGRATE && rs != LM_RUN_PRELAUNCH)
-            qmp_queue_event(q, "STOP", NULL);
-    }
-    pthread_mutex_unlock(&h->lock);
+    pthread_mutex_lock(&q->lock);
+    prev = q->runstate;
+    q->runstate = rs;
+    pthread_mutex_unlock(&q->lock);
+    /*
+     * finish-migrate -> postmigrate is no new stop: no second event.
+     * Becoming a destination (inmigrate) is not a STOP either: QEMU's
+     * destinations are in that state from startup and never report one,
+     * while an lm_mig starts out "running".
+     */
+    if (prev != LM_RUN_RUNNING && rs == LM_RUN_RUNNING)
+        qmp_queue_event(q, "RESUME", NULL);
+    else if (prev == LM_RUN_RUNNING && rs != LM_RUN_RUNNING &&
+             rs != LM_RUN_INMIGRATE && rs != LM_RUN_PRELAUNCH)
+        qmp_queue_event(q, "STOP", NULL);
 }
 
 static const lm_listener qmp_listener = {
@@ -469,17 +474,14 @@ static const lm_listener qmp_listener = {
     .runstate_changed = qmp_on_runstate,
 };
 
-/* After this returns no listener callback can reach the server. */
-static void qmp_hub_retire(qmp_hub *h)
+/* After this returns no listener callback runs on q, or ever will. */
+static void qmp_unsubscribe(lm_qmp *q)
 {
-    pthread_mutex_lock(&h->lock);
-    h->q = NULL;
-    pthread_mutex_unlock(&h->lock);
-
-    pthread_mutex_lock(&qmp_retired_lock);
-    h->next_retired = qmp_retired;
-    qmp_retired = h;
-    pthread_mutex_unlock(&qmp_retired_lock);
+    if (!q->subscribed)
+        return;
+    if (lm_remove_listener(q->m, &qmp_listener, q) < 0)
+        lm_log("QMP: our listener was no longer registered on the context");
+    q->subscribed = false;
 }
 
 /* ---------------------------------------------------------------- commands */
@@ -1782,23 +1784,13 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
         goto fail;
     }
 
-    q->hub = calloc(1, sizeof(*q->hub));
-    if (!q->hub) {
-        lm_error_set(err, -ENOMEM, "QMP: out of memory");
-        goto fail;
-    }
-    pthread_mutex_init(&q->hub->lock, NULL);
-    q->hub->q = q;
-    q->hub->m = m;
     q->runstate = lm_runstate_get(m);
-    rc = lm_add_listener(m, &qmp_listener, q->hub);
+    rc = lm_add_listener(m, &qmp_listener, q);
     if (rc < 0) {
         lm_error_set_errno(err, rc, "QMP: cannot subscribe to migration events");
-        pthread_mutex_destroy(&q->hub->lock);
-        free(q->hub);
-        q->hub = NULL;
         goto fail;
     }
+    q->subscribed = true;
 
     /* Signals belong to the program's threads, not to the server. */
     sigfillset(&all);
@@ -1807,12 +1799,14 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
         lm_error_set_errno(err, -rc, "QMP: cannot start the server thread");
-        qmp_hub_retire(q->hub);
         goto fail;
     }
     return q;
 
 fail:
+    /* Unsubscribed before q goes: a listener call may be running right now. */
+    qmp_unsubscribe(q);
+    qmp_free_events(q);
     lm_transport_unlisten(&q->listen);
     if (q->wake_fd >= 0)
         close(q->wake_fd);
@@ -1862,7 +1856,6 @@ out:
 void lm_qmp_stop(lm_qmp *q)
 {
     uint64_t one = 1;
-    qmp_event *ev, *next;
 
     if (!q)
         return;
@@ -1871,8 +1864,13 @@ void lm_qmp_stop(lm_qmp *q)
         lm_log("QMP: lm_qmp_stop() called from a command handler; ignored");
         return;
     }
-    /* First, so no listener is still adding events to a dying server. */
-    qmp_hub_retire(q->hub);
+    /*
+     * First, so no listener is still adding events to a dying server: when
+     * this returns no listener call is in flight on q and none can start
+     * (lm_remove_listener waits out the calls already made), so no library
+     * thread can reach q any more and it may be freed below.
+     */
+    qmp_unsubscribe(q);
 
     pthread_mutex_lock(&q->lock);
     q->stopping = true;
@@ -1884,11 +1882,7 @@ void lm_qmp_stop(lm_qmp *q)
     lm_transport_unlisten(&q->listen);     /* closes, removes the socket file */
     close(q->wake_fd);
 
-    for (ev = q->ev_head; ev; ev = next) {
-        next = ev->next;
-        free(ev->line);
-        free(ev);
-    }
+    qmp_free_events(q);
     for (int i = 0; i < q->n_cmds; i++)
         free(q->cmds[i].name);
     free(q->cmds);

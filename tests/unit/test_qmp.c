@@ -10,8 +10,11 @@
  * parameter round trips, query-status with stop/cont and their events,
  * program commands and events, several clients at once, clients that send
  * garbage, oversize or over-deep input or vanish mid-command, descriptor
- * passing (getfd), listening edge cases, stop() with clients attached, and
- * one whole migration between two contexts driven only through QMP.
+ * passing (getfd), listening edge cases, stop() with clients attached,
+ * servers started and stopped on one context more often than it has
+ * listener slots (stop gives its slot back) and while another thread keeps
+ * firing the listeners, and one whole migration between two contexts driven
+ * only through QMP.
  */
 #include <stdarg.h>
 #include <stddef.h>
@@ -23,6 +26,8 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <sched.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -1201,6 +1206,119 @@ static void test_slow_reader_dropped(void **state)
 
 #define MIG_RAM (4u << 20)
 
+/*
+ * A server's listener slot is given back by lm_qmp_stop(): a program can
+ * restart its server on one context far more often than the context has
+ * slots (8), and every new server gets the events.
+ */
+#define RESTARTS (3 * 8 + 1)
+
+static void test_restart_many(void **state)
+{
+    fx *f = *state;
+    lm_error err = { 0 };
+
+    lm_runstate_set_running(f->m);
+    for (int i = 0; i < RESTARTS; i++) {
+        bool stop = i % 2 == 0;
+        client c;
+        json_t *ev;
+
+        lm_qmp_stop(f->q);
+        f->q = lm_qmp_start(f->m, f->uri, &err);
+        if (!f->q)
+            fail_msg("server #%d on the same context: %s", i + 2, err.msg);
+        client_ready(&c, f->path);
+        expect_ok(&c, stop ? "{\"execute\":\"stop\"}" : "{\"execute\":\"cont\"}");
+        /* Synchronous, as in test_status_stop_cont: already stashed. */
+        ev = client_event(&c, stop ? "STOP" : "RESUME", 0);
+        if (!ev)
+            fail_msg("server #%d: no %s event: its listener is not subscribed", i + 2,
+                     stop ? "STOP" : "RESUME");
+        json_decref(ev);
+        /* Exactly one: a stopped server's listener must not be called, and
+         * this one is subscribed once. */
+        assert_int_equal(json_array_size(c.events), 0);
+        client_close(&c);
+    }
+    assert_int_equal(f->stops, (RESTARTS + 1) / 2);
+    assert_int_equal(f->starts, RESTARTS / 2);
+}
+
+/* Flips the run state as fast as it can: every flip calls the listeners. */
+typedef struct flipper {
+    lm_mig *m;
+    atomic_bool done;
+    atomic_ulong flips;
+} flipper;
+
+static void *flip_thread(void *arg)
+{
+    flipper *fl = arg;
+
+    while (!atomic_load(&fl->done)) {
+        lm_vm_stop(fl->m, NULL);
+        lm_vm_start(fl->m, NULL);
+        atomic_fetch_add(&fl->flips, 1);
+    }
+    return NULL;
+}
+
+/*
+ * Stop and start servers while another thread keeps calling the listeners:
+ * lm_qmp_stop() frees the server right after it unsubscribes, so a callback
+ * still running on it would be a use after free (ASan) and a stop that
+ * waits for a callback that never ends a hang.  Each server lives until the
+ * flipper has flipped at least once more, so callbacks really do run on it.
+ */
+#define FLIP_ROUNDS 200
+#define FLIP_BOUND_S 120
+
+static void test_stop_while_notifying(void **state)
+{
+    fx *f = *state;
+    flipper fl = { .m = f->m };
+    lm_error err = { 0 };
+    pthread_t t;
+    int64_t deadline;
+
+    /* A stop that hangs fails the test (SIGALRM ends the process) instead of
+     * running into meson's timeout. */
+    alarm(FLIP_BOUND_S);
+    lm_runstate_set_running(f->m);
+    assert_int_equal(pthread_create(&t, NULL, flip_thread, &fl), 0);
+    deadline = now_ms() + FLIP_BOUND_S * 1000 / 2;
+    for (int i = 0; i < FLIP_ROUNDS; i++) {
+        unsigned long seen = atomic_load(&fl.flips);
+
+        lm_qmp_stop(f->q);
+        f->q = lm_qmp_start(f->m, f->uri, &err);
+        if (!f->q)
+            fail_msg("round %d: %s", i, err.msg);
+        while (atomic_load(&fl.flips) < seen + 2) {
+            if (now_ms() > deadline)
+                fail_msg("round %d: the flipper stopped flipping", i);
+            sched_yield();
+        }
+    }
+    atomic_store(&fl.done, true);
+    assert_int_equal(pthread_join(t, NULL), 0);
+    alarm(0);
+    /* The last server still works, and reports a plain stop. */
+    {
+        client c;
+        json_t *ev;
+
+        lm_runstate_set_running(f->m);
+        client_ready(&c, f->path);
+        expect_ok(&c, "{\"execute\":\"stop\"}");
+        ev = client_event(&c, "STOP", WAIT_MS);
+        assert_non_null(ev);
+        json_decref(ev);
+        client_close(&c);
+    }
+}
+
 static void test_migration(void **state)
 {
     fx *dst = *state;
@@ -1414,6 +1532,8 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_listen_errors, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_stop_with_clients, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_slow_reader_dropped, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_restart_many, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_stop_while_notifying, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_migration, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_migration_failure, fx_setup, fx_teardown),
     };
