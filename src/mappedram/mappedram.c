@@ -1,5 +1,13 @@
 /*
  * mapped-ram file layout and its parallel page I/O; see mappedram.h.
+ *
+ * The owner blocks in exactly two places, both lm_pool waits without a
+ * timeout: mr_submit() when every worker has all its requests out (the
+ * file is slower than the scan), and mapped_ram_sync() until every queued
+ * request is done.  mapped_ram_interrupt() ends both at once, and from then
+ * on mr_submit() queues nothing more, so a cancelled save stops writing
+ * after the requests already running (at most one chunk per worker) instead
+ * of draining the queue or finishing the pass.
  */
 #include <endian.h>
 #include <errno.h>
@@ -151,11 +159,15 @@ void mapped_ram_close(lm_mapped_ram *mr)
     free(mr);
 }
 
-/* Queue one run.  Waits for a free request when every worker is busy. */
+/* Queue one run.  Waits for a free request when every worker is busy.
+ * 0, or -ECANCELED once interrupted (then nothing is queued). */
 static int mr_submit(lm_mapped_ram *mr, uint8_t *host, size_t len, uint64_t off)
 {
     lm_pool_req *preq;
 
+    /* A free request would be taken even after a cancel: check first. */
+    if (lm_pool_interrupted(mr->pool))
+        return -ECANCELED;
     while (!(preq = lm_pool_submit_prepare(mr->pool))) {
         int ret = lm_pool_wait_any(mr->pool, 1, -1, NULL);
         if (ret < 0)

@@ -24,6 +24,18 @@
  * calls it at every `ram` EOS, so a page queued in one pass is on disk
  * before the same page can be queued again in the next (two workers could
  * otherwise reorder the two writes).
+ *
+ * Cancel: the owner's waits (a free request, mapped_ram_sync) have no
+ * timeout -- a slow file is not an error -- so a cancel must interrupt them:
+ * mapped_ram_interrupt(), from any thread, makes the current and every later
+ * wait return at once with an error and stops all further queueing (pages
+ * passed to mapped_ram_save_page are dropped, mapped_ram_load_block fails
+ * with "loading interrupted").  The migration's cancel path (mig_kick) calls
+ * it; it is the one function of this module another thread may call, and
+ * the caller must keep mr from being closed meanwhile (publish the pointer
+ * under the lock that the cancel path takes).  mapped_ram_close()
+ * after an interrupt waits only for the requests the workers are running
+ * (one each, at most LM_MAPPED_RAM_CHUNK bytes), not for the queued ones.
  */
 #ifndef LM_MAPPEDRAM_MAPPEDRAM_H
 #define LM_MAPPEDRAM_MAPPEDRAM_H
@@ -54,7 +66,8 @@ lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int
 void mapped_ram_close(lm_mapped_ram *mr);
 /* Page bytes queued for writing or reading so far (owner thread). */
 uint64_t mapped_ram_bytes(const lm_mapped_ram *mr);
-/* Make the owner's current and later waits return (cancel). Any thread. */
+/* Make the owner's current and later waits return, queue nothing more
+ * (cancel; see above).  Any thread; sticky; NULL is a no-op. */
 void mapped_ram_interrupt(lm_mapped_ram *mr);
 
 /* ---- source ---- */

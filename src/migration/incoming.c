@@ -55,10 +55,14 @@ static void in_workers_finish(incoming *in, bool failed)
         in->m->ram.decomp = NULL;
     }
     if (in->m->ram.mapped) {
+        lm_mapped_ram *mr = in->m->ram.mapped;
+
         if (failed)
-            mapped_ram_interrupt(in->m->ram.mapped);
-        mapped_ram_close(in->m->ram.mapped);
+            mapped_ram_interrupt(mr);
+        pthread_mutex_lock(&in->m->conn_lock);     /* mig_kick no longer sees it */
         in->m->ram.mapped = NULL;
+        pthread_mutex_unlock(&in->m->conn_lock);
+        mapped_ram_close(mr);
     }
     if (!in->mfr)
         return;
@@ -171,10 +175,16 @@ void *incoming_thread(void *arg)
         if (!ret && mig_cap(m, LM_CAP_MAPPED_RAM)) {
             lm_params p = mig_params(m);
             int nch = mig_cap(m, LM_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
-            m->ram.mapped = mapped_ram_open(m->uri.path, m->uri.offset, c.fd, nch,
-                                            p.direct_io, false, &err);
-            if (!m->ram.mapped)
+            lm_mapped_ram *mr = mapped_ram_open(m->uri.path, m->uri.offset, c.fd, nch,
+                                                p.direct_io, false, &err);
+            if (!mr)
                 ret = err.code ? err.code : -EIO;
+            /* Published where mig_kick looks for it (see precopy.c). */
+            pthread_mutex_lock(&m->conn_lock);
+            m->ram.mapped = mr;
+            if (mr && mig_cancelled(m))
+                mapped_ram_interrupt(mr);
+            pthread_mutex_unlock(&m->conn_lock);
         } else if (!ret && mig_cap(m, LM_CAP_COMPRESS)) {
             m->ram.decomp = lm_decompress_new((int)mig_params(m).decompress_threads, &err);
             if (!m->ram.decomp)
@@ -220,6 +230,20 @@ void *incoming_thread(void *arg)
     /* The last EOS was a multifd barrier: every page is in place. */
     in_workers_finish(&in, false);
     in_publish(&in);
+    /*
+     * Commit point of the destination: a cancel that got here first wins
+     * (the guest never runs); after it lm_cancel is refused, as on the
+     * source.  m->committed under m->lock pairs with the check in lm_cancel.
+     */
+    pthread_mutex_lock(&m->lock);
+    if (!mig_cancelled(m))
+        m->committed = true;
+    pthread_mutex_unlock(&m->lock);
+    if (!m->committed) {
+        lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
+        ret = -ECANCELED;
+        goto fail;
+    }
 
     /* The stream ended cleanly: this is the only path that starts the guest. */
     if (m->vm.start)

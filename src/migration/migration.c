@@ -12,6 +12,7 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
+#include "mappedram/mappedram.h"
 #include "migration/migration.h"
 #include "util/error.h"
 #include "util/time.h"
@@ -390,6 +391,9 @@ void mig_kick(lm_mig *m)
     }
     pthread_mutex_lock(&m->conn_lock);
     lm_conn_shutdown(&m->conn);
+    /* A file cannot be shut down: wake the mapped-ram I/O waits instead.
+     * The thread sets and clears m->ram.mapped under conn_lock. */
+    mapped_ram_interrupt(m->ram.mapped);
     pthread_mutex_unlock(&m->conn_lock);
 }
 
@@ -652,8 +656,11 @@ int lm_cancel(lm_mig *m, lm_error *err)
     if (!active)
         return 0;
     if (committed)
-        return lm_error_set(err, -EBUSY, "too late to cancel: the destination has the whole "
-                            "stream and may be running the guest");
+        return lm_error_set(err, -EBUSY, m->incoming
+                            ? "too late to cancel: the whole stream arrived and the guest "
+                              "is starting here"
+                            : "too late to cancel: the destination has the whole "
+                              "stream and may be running the guest");
     if (!m->incoming)
         mig_set_status(m, LM_STATUS_CANCELLING);
     mig_kick(m);

@@ -341,10 +341,17 @@ static int pc_setup(precopy *pc, lm_error *err)
     if (mig_cap(m, LM_CAP_MAPPED_RAM)) {
         int n = mig_cap(m, LM_CAP_MULTIFD) ? (int)pc->p.multifd_channels : 1;
         pc->multifd_file = mig_cap(m, LM_CAP_MULTIFD);
-        pc->ram->mapped = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, n,
-                                          pc->p.direct_io, true, err);
-        if (!pc->ram->mapped)
+        lm_mapped_ram *mr = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, n,
+                                            pc->p.direct_io, true, err);
+        if (!mr)
             return err->code ? err->code : -EIO;
+        /* Published where mig_kick looks for it; a cancel that came first
+         * has set m->cancel before it took conn_lock. */
+        pthread_mutex_lock(&m->conn_lock);
+        pc->ram->mapped = mr;
+        if (mig_cancelled(m))
+            mapped_ram_interrupt(mr);
+        pthread_mutex_unlock(&m->conn_lock);
         pc->ram->zd = pc->p.zero_page_detection == LM_ZERO_NONE ? LM_ZERO_NONE
                                                                  : LM_ZERO_LEGACY;
     } else if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
@@ -675,11 +682,15 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         pc->ram->comp = NULL;
     }
     if (pc->ram->mapped) {
+        lm_mapped_ram *mr = pc->ram->mapped;
+
         if (ret)
-            mapped_ram_interrupt(pc->ram->mapped);
-        pc->mapped_final = mapped_ram_bytes(pc->ram->mapped);   /* all synced by now */
-        mapped_ram_close(pc->ram->mapped);
+            mapped_ram_interrupt(mr);
+        pc->mapped_final = mapped_ram_bytes(mr);   /* all synced by now */
+        pthread_mutex_lock(&m->conn_lock);         /* mig_kick no longer sees it */
         pc->ram->mapped = NULL;
+        pthread_mutex_unlock(&m->conn_lock);
+        mapped_ram_close(mr);
     }
     ram_save_finish(pc->ram);
     mig_conn_close(m, &cerr);

@@ -32,6 +32,15 @@ same URI.
                small tmpfs in a private mount namespace, skipped where
                unshare/mount are refused) every kind of save fails with
                ENOSPC and the offset, and the guest runs on.
+  slow file    a direct-io mapped-ram save to, and a restore from, a file
+               whose block device the process may only use at SLOW_BPS (a
+               blkio / io cgroup throttle; skipped where there is none, or
+               no block device under the test directory): migrate_cancel
+               mid-way must end the save (status cancelled) or the restore
+               (the destination exits 1 naming the cancel) within
+               CANCEL_BOUND_S -- the writes or reads already queued behind
+               the one running are dropped, not waited for -- and leave no
+               I/O worker behind; the guest then saves and restores fine.
   accounting   a live mapped-ram save counts the pages it writes in
                ram.transferred and switches over after a few passes; a
                mapped-ram save obeys max-bandwidth like a plain one.
@@ -72,6 +81,7 @@ import os
 import random
 import re
 import struct
+import time
 
 import lmtest
 from lmtest import (PAGE_SIZE, QMPError, TestFailure, check, check_destination,
@@ -630,6 +640,207 @@ def _(env):
     path = env.path("save.mig")
     save(src, path, timeout=LIVE_SAVE_TIMEOUT)
     restore(env, path, channels=2, dirtying=True)
+
+
+# A slow file: the block throttle of a cgroup.  Only direct I/O is charged
+# to the process that issues it (buffered writes are written back later by
+# kernel threads), hence direct-io in these cases.
+
+SLOW_BPS = 1 << 20
+# A mapped-ram worker has up to 4 requests of at most 1 MiB out (the pool's
+# ring): waiting for the queue takes ~4 s at SLOW_BPS, interrupting it only
+# the request being written (<= 1 s).
+CANCEL_BOUND_S = 2.5
+
+
+def block_device(directory):
+    """"MAJ:MIN" of the whole disk under directory, or skip."""
+    st = os.stat(directory)
+    sysdir = "/sys/dev/block/%d:%d" % (os.major(st.st_dev), os.minor(st.st_dev))
+    if not os.path.exists(sysdir):
+        skip("%s is not on a block device (device %d:%d)"
+             % (directory, os.major(st.st_dev), os.minor(st.st_dev)))
+    sysdir = os.path.realpath(sysdir)
+    if os.path.exists(os.path.join(sysdir, "partition")):
+        sysdir = os.path.dirname(sysdir)        # throttles apply to whole disks
+    with open(os.path.join(sysdir, "dev")) as f:
+        return f.read().strip()
+
+
+def cgroup_mounts():
+    """{"v1": blkio hierarchy, "v2": unified hierarchy} as mounted here."""
+    out = {}
+    with open("/proc/self/mounts") as f:
+        for line in f:
+            _dev, mnt, fstype, opts = line.split()[:4]
+            if fstype == "cgroup" and "blkio" in opts.split(","):
+                out.setdefault("v1", mnt)
+            elif fstype == "cgroup2":
+                out.setdefault("v2", mnt)
+    return out
+
+
+class Throttle:
+    """A cgroup whose processes get at most `bps` bytes a second of `op`
+    ("read" or "write") I/O on the disk under `directory`: cgroup v1 blkio,
+    or v2 where the io controller is enabled for children of its root.
+    Skips the case where neither is usable (no block device, no controller,
+    not permitted).  add(pid) moves a process in, with all its threads and
+    the ones it starts later; close() moves them back where they were and
+    removes the group."""
+
+    def __init__(self, env, directory, bps, op):
+        dev = block_device(directory)
+        mounts = cgroup_mounts()
+        self.pids = []
+        self.dir = None
+        if "v1" in mounts and os.path.exists(os.path.join(
+                mounts["v1"], "blkio.throttle.%s_bps_device" % op)):
+            self.v, self.root = 1, mounts["v1"]
+            knob, value = "blkio.throttle.%s_bps_device" % op, "%s %d" % (dev, bps)
+        elif "v2" in mounts and "io" in self._read(mounts["v2"], "cgroup.subtree_control"):
+            self.v, self.root = 2, mounts["v2"]
+            knob, value = "io.max", "%s %sbps=%d" % (dev, op[0], bps)
+        else:
+            skip("no blkio (cgroup v1) or io (cgroup v2) controller to throttle I/O with")
+        path = os.path.join(self.root, "lmtest-%d-%s" % (os.getpid(), os.path.basename(env.dir)))
+        try:
+            os.mkdir(path)
+        except OSError as e:
+            skip("cannot create a cgroup under %s: %s" % (self.root, e))
+        self.dir = path
+        try:
+            with open(os.path.join(path, knob), "w") as f:
+                f.write(value + "\n")
+        except OSError as e:
+            self.close()
+            skip("cannot throttle %s to %d B/s (%s = %r): %s" % (dev, bps, knob, value, e))
+        note("cgroup v%d %s: %s %s at %d B/s" % (self.v, path, op, dev, bps))
+
+    @staticmethod
+    def _read(d, name):
+        try:
+            with open(os.path.join(d, name)) as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def _cgroup_of(self, pid):
+        with open("/proc/%d/cgroup" % pid) as f:
+            for line in f:
+                _n, ctrls, path = line.rstrip("\n").split(":", 2)
+                if (self.v == 1 and "blkio" in ctrls.split(",")) or (self.v == 2 and not ctrls):
+                    return os.path.join(self.root, path.lstrip("/"))
+        raise TestFailure("pid %d has no cgroup v%d entry" % (pid, self.v))
+
+    def add(self, pid):
+        self.pids.append((pid, self._cgroup_of(pid)))
+        with open(os.path.join(self.dir, "cgroup.procs"), "w") as f:
+            f.write("%d\n" % pid)
+
+    def close(self):
+        for pid, home in self.pids:
+            try:
+                with open(os.path.join(home, "cgroup.procs"), "w") as f:
+                    f.write("%d\n" % pid)
+            except OSError:
+                pass            # it exited
+        self.pids = []
+        if self.dir:
+            # An exited process may linger in the group for a moment.
+            wait_until(lambda: not self._read(self.dir, "cgroup.procs").strip(), 10,
+                       "%s to empty" % self.dir)
+            os.rmdir(self.dir)
+            self.dir = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def io_workers(g):
+    """Names of g's mapped-ram I/O threads (the pool names them lm-mapram/N)."""
+    names = []
+    for t in os.listdir("/proc/%d/task" % g.pid):
+        try:
+            with open("/proc/%d/task/%s/comm" % (g.pid, t)) as f:
+                comm = f.read().strip()
+        except OSError:
+            continue            # gone meanwhile
+        if comm.startswith("lm-mapram"):
+            names.append(comm)
+    return names
+
+
+@test("cancel a direct-io mapped-ram save to a slow file: cancelled at once, no queue drained")
+def _(env):
+    need_odirect(env)
+    src = stopped_source(env, fill="random")
+    configure(src, True, None, True)        # one I/O worker, every page write throttled
+    path = env.path("slow.mig")
+    with Throttle(env, env.dir, SLOW_BPS, "write") as thr:
+        thr.add(src.pid)
+        src.cmd("migrate", {"uri": uri_of(path)})
+        # Pages land at SLOW_BPS, so the worker's queue is full by now.
+        wait_until(lambda: os.stat(path).st_blocks * 512 >= 2 << 20, 30,
+                   "2 MiB of pages in %s" % path)
+        info = src.query_migrate()
+        check(info.get("status") == "active", "save status %r with 2 MiB of %d written",
+              info.get("status"), RAM)
+        t0 = time.monotonic()
+        src.cmd("migrate_cancel")
+        info = wait_migration(src, until=("cancelled",), timeout=60)
+        took = time.monotonic() - t0
+        note("cancelled after %.2f s with %d MiB of pages on disk (bound %.1f s)"
+             % (took, os.stat(path).st_blocks * 512 >> 20, CANCEL_BOUND_S))
+        check(took <= CANCEL_BOUND_S, "migrate_cancel took %.2f s on a file written at %d "
+              "B/s (bound %.1f s): the save waited for its queued page writes", took,
+              SLOW_BPS, CANCEL_BOUND_S)
+        check(not io_workers(src), "I/O workers left after the cancel: %s", io_workers(src))
+    check_runstate(src, "paused")
+    # Unthrottled, the same guest saves over the partial file and restores.
+    save(src, path)
+    check_file_size(path)
+    restore(env, path)
+
+
+@test("cancel a direct-io mapped-ram restore from a slow file: the destination gives up at once")
+def _(env):
+    need_odirect(env)
+    src = stopped_source(env, fill="random")
+    configure(src, True)
+    path = env.path("save.mig")
+    save(src, path)
+    dst = env.guest("dst", mem=MEM, incoming="defer")
+    configure(dst, True, None, True)        # every page read throttled
+    with Throttle(env, env.dir, SLOW_BPS, "read") as thr:
+        thr.add(dst.pid)
+        dst.cmd("migrate-incoming", {"uri": uri_of(path)})
+        wait_until(lambda: dst.query_migrate().get("status") == "active", 30,
+                   "the destination to be loading")
+        wait_until(lambda: len(io_workers(dst)) == 1, 10, "its I/O worker")
+        t0 = time.monotonic()
+        dst.cmd("migrate_cancel")
+        try:
+            rc = wait_incoming_exit(dst, timeout=CANCEL_BOUND_S + 10)
+        except lmtest.Timeout:
+            raise TestFailure("the destination still loads %.0f s after migrate_cancel, from "
+                              "a file read at %d B/s (bound %.1f s): the cancel did not "
+                              "interrupt its reads" % (time.monotonic() - t0, SLOW_BPS,
+                                                       CANCEL_BOUND_S))
+        took = time.monotonic() - t0
+    note("destination exited %.2f s after migrate_cancel (bound %.1f s)" % (took, CANCEL_BOUND_S))
+    check(rc == 1, "destination: %s after migrate_cancel, expected 1; stderr:\n%s",
+          describe_exit(rc), dst.stderr_tail())
+    m = ERR_LINE.search(dst.stderr())
+    check(m and "cancel" in m.group(1), "destination's reason does not name the cancel:\n%s",
+          dst.stderr_tail())
+    check(took <= CANCEL_BOUND_S, "the destination took %.2f s to give up a load from a file "
+          "read at %d B/s (bound %.1f s): it read on after the cancel", took, SLOW_BPS,
+          CANCEL_BOUND_S)
+    restore(env, path, direct=True, name="dst2")
 
 
 # ----------------------------------------------------------------- analyzer
