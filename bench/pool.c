@@ -14,17 +14,29 @@
  *          the next page and signals it, and waits on a shared condition
  *          variable when no thread is done.
  *   ring   lm_compress (src/compress) on lm_pool: per-worker SPSC rings of
- *          4 requests, one MPSC done ring, bounded spin before futex sleep.
+ *          LM_COMPRESS_RING requests, one MPSC done ring, bounded spin
+ *          before futex sleep.
  *
- * Also measured in the same run, as the machine's limit: the same pages
- * compressed inline on one thread (no hand-off at all).
+ * Also measured in the same run, as the machine's limits: the same pages
+ * compressed inline on one thread (no hand-off at all, results copied into
+ * the sink), and "zlib": compression alone on one thread, no copy in or out
+ * -- the work one worker cannot avoid, so the ceiling of any 1-worker model.
+ *
+ * The pool under test is whatever liblivemig was built with: the ring pool
+ * (-Dpool_model=ring, rows "ring") or, with -Dpool_model=mutex, the mutex
+ * model of src/util/pool_mutex.c (rows "pool-mx"), which then runs against
+ * this file's own mutex model as a check that the two behave alike.
  *
  * Printed per model and worker count: pages/s, CPU use ((user+sys) / wall,
- * getrusage RUSAGE_SELF: every thread of the process), voluntary and
+ * getrusage RUSAGE_SELF: every thread of the process), the workers' own
+ * CPU per worker (/proc/self/task: a worker at ~100% is saturated, so the
+ * model can only go faster by making the per-page work cheaper), voluntary and
  * involuntary context switches per 1000 pages (ru_nvcsw, ru_nivcsw, whole
  * process), futex sleeps of the pool's workers and owner per 1000 pages,
- * then ring/mutex ratios.  Each figure is from the fastest of --reps runs.
- * Every run checks that the total compressed size equals the inline one.
+ * then ring/mutex ratios.  The models run interleaved, repetition by
+ * repetition, so that a burst of other work hits all of them alike; each
+ * figure is from the fastest of --reps runs.  Every run checks that the
+ * total compressed size equals the inline one.
  *
  * Compression is CPU-bound: zlib -1 does ~0.1 GB/s per core here and the
  * machine has 2 cores, so 2 workers plus the producer compete for 2 CPUs.
@@ -40,6 +52,7 @@
  *                            write): with N near a page's compression time
  *                            the workers run dry and the spin budget matters
  */
+#include <dirent.h>
 #include <errno.h>
 #include <pthread.h>
 #include <stdbool.h>
@@ -59,6 +72,10 @@
 #define PAGE 4096
 #define SINK_SIZE (1 << 20)
 #define MAX_RUNS 16
+
+#ifndef LM_POOL_MODEL            /* bench/meson.build passes -Dpool_model */
+#define LM_POOL_MODEL "ring"
+#endif
 
 /* ------------------------------------------------------------------ input and sink */
 
@@ -116,6 +133,7 @@ static void sink_put(sink *s, const void *data, uint32_t len, bool compressed)
 
 typedef struct result {
     double secs, pages_per_s, cpu, vcsw_k, ivcsw_k;
+    double wcpu;                /* CPU of the worker threads / wall / workers; < 0: none */
     double wsleep_k, osleep_k;  /* ring: worker / owner futex sleeps per 1000 pages */
     int64_t spin_used;          /* ring: the pool's spin budget */
     uint64_t bytes;
@@ -151,7 +169,49 @@ static result meter_stop(meter *m, uint64_t pages, uint64_t bytes)
     r.ivcsw_k = (double)(r1.ru_nivcsw - m->r0.ru_nivcsw) * 1000.0 / (double)pages;
     r.bytes = bytes;
     r.wsleep_k = r.osleep_k = -1;
+    r.wcpu = -1;
     return r;
+}
+
+/*
+ * CPU seconds (user + sys) of this process's threads whose name starts
+ * with `prefix`, from /proc/self/task/TID/stat (clock ticks: 10 ms here,
+ * fine for runs of seconds).  The workers are named by their pool
+ * ("compress/0") or by run_mutex ("mutex/0").
+ */
+static double threads_cpu(const char *prefix)
+{
+    DIR *d = opendir("/proc/self/task");
+    struct dirent *e;
+    double ticks = 0;
+
+    if (!d)
+        return 0;
+    while ((e = readdir(d))) {
+        char path[64], buf[512], *p;
+        unsigned long long ut, st;
+        FILE *f;
+        size_t n;
+
+        if (e->d_name[0] == '.')
+            continue;
+        snprintf(path, sizeof(path), "/proc/self/task/%.20s/stat", e->d_name);
+        if (!(f = fopen(path, "r")))
+            continue;
+        n = fread(buf, 1, sizeof(buf) - 1, f);
+        fclose(f);
+        buf[n] = 0;
+        /* "tid (comm) state ...": comm may hold spaces, ends at the last ')'. */
+        p = strchr(buf, '(');
+        if (!p || strncmp(p + 1, prefix, strlen(prefix)) || !(p = strrchr(buf, ')')))
+            continue;
+        /* Fields after comm: state(3) ... utime(14) stime(15). */
+        if (sscanf(p + 2, "%*c %*d %*d %*d %*d %*d %*u %*u %*u %*u %*u %llu %llu", &ut,
+                   &st) == 2)
+            ticks += (double)(ut + st);
+    }
+    closedir(d);
+    return ticks / (double)sysconf(_SC_CLK_TCK);
 }
 
 /* Compress one page the way both models do; len, or PAGE when not smaller. */
@@ -185,6 +245,28 @@ static result run_inline(const unsigned char *pages, uint64_t n, int level, sink
         sink_put(out, comp ? buf : pages + i * PAGE, len, comp);
     }
     result r = meter_stop(&m, n, out->bytes);
+    deflateEnd(&zs);
+    return r;
+}
+
+/*
+ * Compression alone: no sink, no copy of the result.  What one worker must
+ * spend per page whatever the hand-off, hence the 1-worker ceiling.
+ */
+static result run_zlib(const unsigned char *pages, uint64_t n, int level)
+{
+    static unsigned char buf[PAGE];
+    z_stream zs;
+    meter m;
+    bool comp;
+    uint64_t bytes = 0;
+
+    memset(&zs, 0, sizeof(zs));
+    deflateInit(&zs, level);
+    meter_start(&m);
+    for (uint64_t i = 0; i < n; i++)
+        bytes += zpage(&zs, pages + i * PAGE, buf, &comp);
+    result r = meter_stop(&m, n, bytes);
     deflateEnd(&zs);
     return r;
 }
@@ -266,6 +348,10 @@ static result run_mutex(const unsigned char *pages, uint64_t n, int nthreads, in
         pthread_cond_init(&t->cond, NULL);
         deflateInit(&t->zs, level);
         pthread_create(&t->th, NULL, mthread_main, t);
+        char name[32];
+        snprintf(name, sizeof(name), "mutex/%d", i);
+        name[15] = 0;  /* the kernel's limit */
+        pthread_setname_np(t->th, name);
     }
     out->bytes = out->pages = out->compressed = 0;
     meter_start(&mt);
@@ -301,6 +387,7 @@ static result run_mutex(const unsigned char *pages, uint64_t n, int nthreads, in
     }
     pthread_mutex_unlock(&m.done_lock);
     r = meter_stop(&mt, n, out->bytes);
+    r.wcpu = threads_cpu("mutex/") / r.secs / nthreads;
 
     for (int i = 0; i < nthreads; i++) {
         mthread *t = &m.t[i];
@@ -358,6 +445,7 @@ static result run_ring(const unsigned char *pages, uint64_t n, int nthreads, int
         exit(1);
     }
     r = meter_stop(&m, n, out->bytes);
+    r.wcpu = threads_cpu("compress/") / r.secs / nthreads;
     lm_pool_get_stats(lm_compress_pool(c), &st);
     r.spin_used = lm_pool_spin_ns(lm_compress_pool(c));
     r.wsleep_k = (double)st.worker_sleeps * 1000.0 / (double)n;
@@ -429,7 +517,7 @@ static result best(const result *r, int n)
 
 static void row(const char *model, int workers, unsigned ring, int64_t spin, const result *r)
 {
-    char rs[16] = "-", ss[24] = "-", ws[16] = "-", os[16] = "-";
+    char rs[16] = "-", ss[24] = "-", ws[16] = "-", os[16] = "-", wc[16] = "-";
 
     if (ring)
         snprintf(rs, sizeof(rs), "%u", ring);
@@ -441,8 +529,10 @@ static void row(const char *model, int workers, unsigned ring, int64_t spin, con
         snprintf(ws, sizeof(ws), "%.1f", r->wsleep_k);
         snprintf(os, sizeof(os), "%.1f", r->osleep_k);
     }
-    printf("%-7s %7d %4s %8s %9.0f %6.3f %5.0f%% %9.1f %9.1f %8s %8s\n", model, workers, rs,
-           ss, r->pages_per_s, r->pages_per_s * PAGE / 1e9, r->cpu * 100, r->vcsw_k,
+    if (r->wcpu >= 0)
+        snprintf(wc, sizeof(wc), "%.0f%%", r->wcpu * 100);
+    printf("%-7s %7d %4s %8s %9.0f %6.3f %5.0f%% %6s %9.1f %9.1f %8s %8s\n", model, workers,
+           rs, ss, r->pages_per_s, r->pages_per_s * PAGE / 1e9, r->cpu * 100, wc, r->vcsw_k,
            r->ivcsw_k, ws, os);
 }
 
@@ -470,8 +560,11 @@ int main(int argc, char **argv)
     unsigned char *pages;
     uint64_t n;
     sink out;
-    result runs[MAX_RUNS], base, mres, rres;
+    static result rg[8 * 16 * MAX_RUNS];  /* ring rows: [ring x spin][rep] */
+    result inl[MAX_RUNS], zl[MAX_RUNS], mx[MAX_RUNS], base, zres, mres, rres;
     uint64_t ref_bytes;
+    /* The label of the lm_compress rows: the pool this build links. */
+    const char *plabel = strcmp(LM_POOL_MODEL, "ring") ? "pool-mx" : "ring";
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -533,55 +626,67 @@ int main(int argc, char **argv)
                (long long)produce_ns);
     if (idle_wait > 0)
         wait_idle(idle_wait);
-    for (int k = 0; k < reps; k++)
-        runs[k] = run_inline(pages, n, (int)level, &out);
-    base = best(runs, (int)reps);
-    ref_bytes = base.bytes;
+    /* The reference size; every later run must produce the same. */
+    run_inline(pages, n, (int)level, &out);
+    ref_bytes = out.bytes;
     printf("# compressed size %llu bytes (ratio %.2f), %llu of %llu pages compressed\n",
            (unsigned long long)ref_bytes, (double)n * PAGE / (double)ref_bytes,
            (unsigned long long)out.compressed, (unsigned long long)n);
-    printf("%-7s %7s %4s %8s %9s %6s %6s %9s %9s %8s %8s\n", "model", "workers", "ring",
-           "spin-ns", "pages/s", "GB/s", "CPU", "vcsw/1kp", "ivcsw/1kp", "wslp/1kp",
+    printf("# models run interleaved, rep by rep (inline, zlib, mutex, %s...), so that each "
+           "sees the same machine; best of %lld each\n", plabel, (long long)reps);
+    printf("%-7s %7s %4s %8s %9s %6s %6s %6s %9s %9s %8s %8s\n", "model", "workers", "ring",
+           "spin-ns", "pages/s", "GB/s", "CPU", "wkCPU", "vcsw/1kp", "ivcsw/1kp", "wslp/1kp",
            "oslp/1kp");
-    row("inline", 0, 0, -1, &base);
-    if (base.cpu < 0.9)
-        printf("# WARNING: the inline run got %.0f%% of a CPU: other processes are "
-               "running, figures are not reliable\n", base.cpu * 100);
 
     for (int w = 0; w < nworkers; w++) {
+        int nr = nrings * nspins;
+
         for (int k = 0; k < reps; k++) {
-            runs[k] = run_mutex(pages, n, (int)workers[w], (int)level, &out);
-            if (runs[k].bytes != ref_bytes) {
+            inl[k] = run_inline(pages, n, (int)level, &out);
+            zl[k] = run_zlib(pages, n, (int)level);
+            mx[k] = run_mutex(pages, n, (int)workers[w], (int)level, &out);
+            if (mx[k].bytes != ref_bytes) {
                 fprintf(stderr, "pool: mutex model produced %llu bytes, inline %llu\n",
-                        (unsigned long long)runs[k].bytes, (unsigned long long)ref_bytes);
+                        (unsigned long long)mx[k].bytes, (unsigned long long)ref_bytes);
                 return 1;
             }
-        }
-        mres = best(runs, (int)reps);
-        row("mutex", (int)workers[w], 0, -1, &mres);
-        for (int g = 0; g < nrings; g++) {
-            for (int s = 0; s < nspins; s++) {
-                for (int k = 0; k < reps; k++) {
-                    runs[k] = run_ring(pages, n, (int)workers[w], (int)level, (unsigned)rings[g],
-                                       spins[s], &out);
-                    if (runs[k].bytes != ref_bytes) {
-                        fprintf(stderr, "pool: ring model produced %llu bytes, inline %llu\n",
-                                (unsigned long long)runs[k].bytes,
-                                (unsigned long long)ref_bytes);
-                        return 1;
-                    }
+            for (int g = 0; g < nr; g++) {
+                result *rr = &rg[g * MAX_RUNS + k];
+
+                *rr = run_ring(pages, n, (int)workers[w], (int)level,
+                               (unsigned)rings[g / nspins], spins[g % nspins], &out);
+                if (rr->bytes != ref_bytes) {
+                    fprintf(stderr, "pool: %s model produced %llu bytes, inline %llu\n",
+                            plabel, (unsigned long long)rr->bytes,
+                            (unsigned long long)ref_bytes);
+                    return 1;
                 }
-                rres = best(runs, (int)reps);
-                /* "a:N": the pool's automatic choice, N ns. */
-                row("ring", (int)workers[w], (unsigned)rings[g],
-                    spins[s] < 0 ? -2 - rres.spin_used : spins[s], &rres);
-                printf("    ring/mutex: pages/s x%.2f, voluntary switches x%.3f",
-                       rres.pages_per_s / mres.pages_per_s,
-                       mres.vcsw_k > 0 ? rres.vcsw_k / mres.vcsw_k : 0.0);
-                if (rres.vcsw_k > 0)
-                    printf(" (%.1f times fewer)", mres.vcsw_k / rres.vcsw_k);
-                printf("; ring/inline: pages/s x%.2f\n", rres.pages_per_s / base.pages_per_s);
             }
+        }
+        base = best(inl, (int)reps);
+        zres = best(zl, (int)reps);
+        mres = best(mx, (int)reps);
+        row("inline", 0, 0, -1, &base);
+        if (base.cpu < 0.9)
+            printf("# WARNING: the inline run got %.0f%% of a CPU: other processes are "
+                   "running, figures are not reliable\n", base.cpu * 100);
+        row("zlib", 0, 0, -1, &zres);
+        row("mutex", (int)workers[w], 0, -1, &mres);
+        for (int g = 0; g < nr; g++) {
+            int64_t spin = spins[g % nspins];
+
+            rres = best(&rg[g * MAX_RUNS], (int)reps);
+            /* "a:N": the pool's automatic choice, N ns. */
+            row(plabel, (int)workers[w], (unsigned)rings[g / nspins],
+                spin < 0 ? -2 - rres.spin_used : spin, &rres);
+            printf("    %s/mutex: pages/s x%.2f, voluntary switches x%.3f", plabel,
+                   rres.pages_per_s / mres.pages_per_s,
+                   mres.vcsw_k > 0 ? rres.vcsw_k / mres.vcsw_k : 0.0);
+            if (rres.vcsw_k > 0)
+                printf(" (%.1f times fewer)", mres.vcsw_k / rres.vcsw_k);
+            printf("; %s/inline x%.2f; %s/zlib x%.2f\n", plabel,
+                   rres.pages_per_s / base.pages_per_s, plabel,
+                   rres.pages_per_s / zres.pages_per_s);
         }
     }
     free(pages);
