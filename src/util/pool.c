@@ -47,7 +47,6 @@
 #include <linux/futex.h>
 #include <pthread.h>
 #include <sched.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -57,6 +56,7 @@
 
 #include "util/error.h"
 #include "util/pool.h"
+#include "util/pool_common.h"
 #include "util/sem.h"
 #include "util/time.h"
 
@@ -417,24 +417,8 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
         name = "pool";
     if (ring_size == 0)
         ring_size = LM_POOL_RING_DEFAULT;
-    if (nworkers < 1 || nworkers > LM_POOL_MAX_WORKERS) {
-        lm_error_set(err, -EINVAL, "pool %s: %u workers (must be 1..%d)", name, nworkers,
-                     LM_POOL_MAX_WORKERS);
+    if (pool_check_args(nworkers, ring_size, req_size, name, ops, err))
         return NULL;
-    }
-    if (!is_pow2(ring_size) || ring_size > 65536) {
-        lm_error_set(err, -EINVAL, "pool %s: ring size %u is not a power of two in 1..65536",
-                     name, ring_size);
-        return NULL;
-    }
-    if (req_size < sizeof(lm_pool_req) || req_size > (1u << 30)) {
-        lm_error_set(err, -EINVAL, "pool %s: request size %zu out of range", name, req_size);
-        return NULL;
-    }
-    if (!ops || !ops->handler) {
-        lm_error_set(err, -EINVAL, "pool %s: no handler", name);
-        return NULL;
-    }
     if (t.spin_ns < 0)
         t.spin_ns = nworkers + 1 <= online_cpus() ? LM_POOL_SPIN_NS : 0;
 
@@ -490,22 +474,9 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
         p->w[i].inited = true;
     }
     for (i = 0; i < nworkers; i++) {
-        char tname[32];
-        sigset_t all, old;
-
-        /* Workers take no signals: the program's handlers run elsewhere. */
-        sigfillset(&all);
-        pthread_sigmask(SIG_BLOCK, &all, &old);
-        r = pthread_create(&p->w[i].thread, NULL, pool_worker_main, &p->w[i]);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
-        if (r) {
-            lm_error_set_errno(err, -r, "pool %s: cannot start worker %u", p->name, i);
+        if (pool_thread_start(&p->w[i].thread, pool_worker_main, &p->w[i], p->name, i, err))
             goto fail;
-        }
         p->w[i].started = true;
-        snprintf(tname, sizeof(tname), "%s/%u", p->name, i);
-        tname[15] = 0;  /* the kernel's limit */
-        pthread_setname_np(p->w[i].thread, tname);  /* cosmetic: ignore failure */
     }
     return p;
 
