@@ -111,6 +111,8 @@ int ram_find(const lm_ram *r, const char *idstr);
  * in the all-set bitmap, so it is read after its arm (dirty.h's invariant).
  */
 void ram_save_start(lm_ram *r, lm_dirty *arm);
+/* 64 MiB, ~1 ms of write-protecting: few enough arms that their TLB
+ * flushes (IPIs to the CPUs running the channel threads) stay negligible. */
 #define LM_RAM_ARM_PAGES 16384
 void ram_save_finish(lm_ram *r);          /* frees the bitmaps */
 void ram_save_setup(lm_ram *r, lm_stream *s); /* START payload incl. EOS */
