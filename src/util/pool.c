@@ -209,9 +209,7 @@ typedef struct pool_worker {
     /* Fixed after create. */
     lm_pool *pool;
     unsigned index;
-    void *wctx;
-    bool inited, started;
-    pthread_t thread;
+    pool_thread pt;
 } pool_worker;
 
 struct lm_pool {
@@ -352,7 +350,7 @@ static void *pool_worker_main(void *arg)
         /* Free the slot first: we hold the request, and the owner may queue
          * the next one while we work. */
         lm_spsc_pop(&w->ring);
-        p->ops.handler(p->opaque, w->wctx, req);
+        p->ops.handler(p->opaque, w->pt.wctx, req);
         atomic_fetch_add_explicit(&w->handled, 1, RELAXED);
         worker_finish(p, req);
         if (atomic_load_explicit(&p->exiting, RELAXED))
@@ -367,16 +365,11 @@ static void pool_teardown(lm_pool *p)
 
     atomic_store(&p->exiting, 1);                      /* W3 */
     for (i = 0; i < p->nworkers; i++)
-        if (p->w[i].started)
+        if (p->w[i].pt.started)
             wake_if_sleeping(&p->w[i].sleeping);
+    pool_threads_stop(&p->w[0].pt, sizeof(p->w[0]), p->nworkers, &p->ops, p->opaque);
     for (i = 0; i < p->nworkers; i++)
-        if (p->w[i].started)
-            pthread_join(p->w[i].thread, NULL);
-    for (i = 0; i < p->nworkers; i++) {
-        if (p->w[i].inited && p->ops.uninit)
-            p->ops.uninit(p->opaque, i, p->w[i].wctx);
         lm_spsc_destroy(&p->w[i].ring);
-    }
     lm_mpsc_destroy(&p->done);
     free(p->w);
     free(p->reqmem);
@@ -411,7 +404,6 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
     lm_pool_tuning t = tuning ? *tuning : LM_POOL_TUNING_DEFAULT;
     lm_pool *p;
     unsigned i, k;
-    int r;
 
     if (!name)
         name = "pool";
@@ -463,21 +455,9 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
             w->free = req;
         }
     }
-    for (i = 0; i < nworkers; i++) {
-        if (ops->init) {
-            r = ops->init(opaque, i, &p->w[i].wctx, err);
-            if (r < 0) {
-                lm_error_prefix(err, "pool %s: worker %u", p->name, i);
-                goto fail;
-            }
-        }
-        p->w[i].inited = true;
-    }
-    for (i = 0; i < nworkers; i++) {
-        if (pool_thread_start(&p->w[i].thread, pool_worker_main, &p->w[i], p->name, i, err))
-            goto fail;
-        p->w[i].started = true;
-    }
+    if (pool_threads_start(p->w, &p->w[0].pt, sizeof(p->w[0]), nworkers, ops, opaque, p->name,
+                           pool_worker_main, err))
+        goto fail;
     return p;
 
 fail:

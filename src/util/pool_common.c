@@ -33,21 +33,53 @@ int pool_check_args(unsigned nworkers, unsigned ring_size, size_t req_size, cons
     return 0;
 }
 
-int pool_thread_start(pthread_t *thread, void *(*fn)(void *), void *arg, const char *name,
-                      unsigned index, lm_error *err)
+static pool_thread *pt_at(pool_thread *pt0, size_t stride, unsigned i)
 {
-    char tname[32];
-    sigset_t all, old;
+    return (pool_thread *)((char *)pt0 + (size_t)i * stride);
+}
+
+int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
+                       const lm_pool_ops *ops, void *opaque, const char *name,
+                       void *(*fn)(void *), lm_error *err)
+{
+    unsigned i;
     int r;
 
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    r = pthread_create(thread, NULL, fn, arg);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    if (r)
-        return lm_error_set_errno(err, -r, "pool %s: cannot start worker %u", name, index);
-    snprintf(tname, sizeof(tname), "%s/%u", name, index);
-    tname[15] = 0;  /* the kernel's limit */
-    pthread_setname_np(*thread, tname);  /* cosmetic: ignore failure */
+    for (i = 0; i < n; i++) {
+        pool_thread *pt = pt_at(pt0, stride, i);
+
+        if (ops->init && (r = ops->init(opaque, i, &pt->wctx, err)) < 0) {
+            lm_error_prefix(err, "pool %s: worker %u", name, i);
+            return r;
+        }
+        pt->inited = true;
+    }
+    for (i = 0; i < n; i++) {
+        pool_thread *pt = pt_at(pt0, stride, i);
+        char tname[32];
+        sigset_t all, old;
+
+        sigfillset(&all);
+        pthread_sigmask(SIG_BLOCK, &all, &old);
+        r = pthread_create(&pt->thread, NULL, fn, (char *)w0 + (size_t)i * stride);
+        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        if (r)
+            return lm_error_set_errno(err, -r, "pool %s: cannot start worker %u", name, i);
+        pt->started = true;
+        snprintf(tname, sizeof(tname), "%s/%u", name, i);
+        tname[15] = 0;  /* the kernel's limit */
+        pthread_setname_np(pt->thread, tname);  /* cosmetic: ignore failure */
+    }
     return 0;
+}
+
+void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const lm_pool_ops *ops,
+                       void *opaque)
+{
+    for (unsigned i = 0; i < n; i++)
+        if (pt_at(pt0, stride, i)->started)
+            pthread_join(pt_at(pt0, stride, i)->thread, NULL);
+    for (unsigned i = 0; i < n; i++)
+        if (pt_at(pt0, stride, i)->inited && ops->uninit)
+            ops->uninit(opaque, i, pt_at(pt0, stride, i)->wctx);
 }

@@ -1,13 +1,14 @@
 /*
  * What both lm_pool implementations (pool.c, pool_mutex.c; see pool.h) do
- * the same way: checking create()'s arguments, and starting a worker
- * thread.  One copy, so a caller can never pass in one build what the other
+ * the same way: checking create()'s arguments, and the workers' threads and
+ * per-worker contexts from start to join.  One copy, so a caller can never pass in one build what the other
  * refuses, and both name and mask their threads alike.  Private to the pool.
  */
 #ifndef LM_UTIL_POOL_COMMON_H
 #define LM_UTIL_POOL_COMMON_H
 
 #include <pthread.h>
+#include <stdbool.h>
 #include <stddef.h>
 
 #include "util/pool.h"
@@ -16,12 +17,26 @@
 int pool_check_args(unsigned nworkers, unsigned ring_size, size_t req_size, const char *name,
                     const lm_pool_ops *ops, lm_error *err);
 
+/* The thread part of a worker; each implementation's worker struct has one. */
+typedef struct pool_thread {
+    pthread_t thread;
+    void *wctx;             /* ops->init's context, passed to the handler */
+    bool inited, started;   /* what pool_threads_stop must undo */
+} pool_thread;
+
 /*
- * Start worker `index` of pool `name` running fn(arg), named "<name>/<index>"
- * and with every signal blocked (the program's handlers run elsewhere).
- * 0 or a negative errno with err filled.
+ * For n workers `stride` bytes apart starting at w0, whose pool_thread
+ * members start at pt0: run ops->init for each, then start each thread
+ * running fn(worker), named "<name>/<i>" and with every signal blocked (the
+ * program's handlers run elsewhere).  0, or a negative errno with err filled
+ * -- what did start is recorded for pool_threads_stop.
  */
-int pool_thread_start(pthread_t *thread, void *(*fn)(void *), void *arg, const char *name,
-                      unsigned index, lm_error *err);
+int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
+                       const lm_pool_ops *ops, void *opaque, const char *name,
+                       void *(*fn)(void *), lm_error *err);
+/* Join the started threads (the caller has told them to exit), then
+ * ops->uninit every inited context. */
+void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const lm_pool_ops *ops,
+                       void *opaque);
 
 #endif

@@ -72,9 +72,8 @@ typedef struct mworker {
     _Atomic uint64_t handled, sleeps;
     /* Fixed after create. */
     lm_pool *pool;
-    void *wctx;
-    bool locks_ready, inited, started;
-    pthread_t thread;
+    pool_thread pt;
+    bool locks_ready;
 } mworker;
 
 struct lm_pool {
@@ -130,7 +129,7 @@ static void *mworker_main(void *arg)
         w->pending = NULL;
         pthread_mutex_unlock(&w->lock);
 
-        p->ops.handler(p->opaque, w->wctx, req);
+        p->ops.handler(p->opaque, w->pt.wctx, req);
         atomic_fetch_add_explicit(&w->handled, 1, RELAXED);
 
         pthread_mutex_lock(&p->done_lock);
@@ -157,21 +156,17 @@ static void pool_teardown(lm_pool *p)
     for (i = 0; i < p->nworkers; i++) {
         mworker *w = &p->w[i];
 
-        if (!w->started)
+        if (!w->pt.started)
             continue;
         pthread_mutex_lock(&w->lock);
         w->quit = true;
         pthread_cond_signal(&w->cond);
         pthread_mutex_unlock(&w->lock);
     }
-    for (i = 0; i < p->nworkers; i++)
-        if (p->w[i].started)
-            pthread_join(p->w[i].thread, NULL);
+    pool_threads_stop(&p->w[0].pt, sizeof(p->w[0]), p->nworkers, &p->ops, p->opaque);
     for (i = 0; i < p->nworkers; i++) {
         mworker *w = &p->w[i];
 
-        if (w->inited && p->ops.uninit)
-            p->ops.uninit(p->opaque, i, w->wctx);
         if (w->locks_ready) {
             pthread_mutex_destroy(&w->lock);
             pthread_cond_destroy(&w->cond);
@@ -251,21 +246,9 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
         req->pool_next = NULL;
         w->free = req;
     }
-    for (i = 0; i < nworkers; i++) {
-        if (ops->init) {
-            r = ops->init(opaque, i, &p->w[i].wctx, err);
-            if (r < 0) {
-                lm_error_prefix(err, "pool %s: worker %u", p->name, i);
-                goto fail;
-            }
-        }
-        p->w[i].inited = true;
-    }
-    for (i = 0; i < nworkers; i++) {
-        if (pool_thread_start(&p->w[i].thread, mworker_main, &p->w[i], p->name, i, err))
-            goto fail;
-        p->w[i].started = true;
-    }
+    if (pool_threads_start(p->w, &p->w[0].pt, sizeof(p->w[0]), nworkers, ops, opaque, p->name,
+                           mworker_main, err))
+        goto fail;
     return p;
 
 fail:
