@@ -228,6 +228,23 @@ static int join_all(stream *st, int started)
     return failed ? -1 : 0;
 }
 
+/*
+ * End streams [0, n): shutting the sockets down first makes any thread still
+ * running (a failed start) return from its I/O, so the join cannot hang.
+ */
+static void streams_close(stream *st, int n, int started)
+{
+    for (int i = 0; i < n; i++)
+        if (st[i].fd >= 0)
+            shutdown(st[i].fd, SHUT_RDWR);
+    join_all(st, started);
+    for (int i = 0; i < n; i++) {
+        if (st[i].fd >= 0)
+            close(st[i].fd);
+        free(st[i].buf);
+    }
+}
+
 static int run_recv(const char *host, int n, size_t span)
 {
     struct addrinfo *ai = resolve(host, "0", 1);
@@ -286,20 +303,11 @@ static int run_recv(const char *host, int n, size_t span)
         rc = 0;
     }
 out:
-    /* A failed start: closing the sockets ends the running threads' reads. */
-    for (int i = 0; i < n; i++)
-        if (st[i].fd >= 0)
-            shutdown(st[i].fd, SHUT_RDWR);
-    join_all(st, started);
-    for (int i = 0; i < n; i++)
-        if (st[i].fd >= 0)
-            close(st[i].fd);
+    streams_close(st, n, started);
     if (ls >= 0)
         close(ls);
     if (ai)
         freeaddrinfo(ai);
-    for (int i = 0; i < n; i++)
-        free(st[i].buf);
     return rc;
 }
 
@@ -343,17 +351,9 @@ static int run_send(const char *host, const char *port, int n, uint64_t bytes, s
         rc = 0;
     }
 out:
-    for (int i = 0; i < n; i++)
-        if (st[i].fd >= 0)
-            shutdown(st[i].fd, SHUT_RDWR);
-    join_all(st, started);
-    for (int i = 0; i < n; i++)
-        if (st[i].fd >= 0)
-            close(st[i].fd);
+    streams_close(st, n, started);
     if (ai)
         freeaddrinfo(ai);
-    for (int i = 0; i < n; i++)
-        free(st[i].buf);
     return rc;
 }
 
