@@ -915,6 +915,18 @@ static void test_structural_errors(void **state)
     }
 }
 
+/* Start `b` afresh: header, a ram START section and its block list -- one
+ * block "r" of one page -- with no EOS yet, for the records under test. */
+static void b_ram_one_page(buf *b)
+{
+    b->len = 0;
+    b_header(b, "m");
+    b_section(b, 1, 1, "ram", 0, 4);
+    b_be64(b, PS | 0x04);
+    b_str(b, "r");
+    b_be64(b, PS);
+}
+
 static void test_more_errors(void **state)
 {
     fixture *f = *state;
@@ -922,23 +934,14 @@ static void test_more_errors(void **state)
     buf b = { 0 };
 
     /* CONTINUE before any named record. */
-    b_header(&b, "m");
-    b_section(&b, 1, 1, "ram", 0, 4);
-    b_be64(&b, PS | 0x04);
-    b_str(&b, "r");
-    b_be64(&b, PS);
+    b_ram_one_page(&b);
     b_be64(&b, 0x08 | 0x20);
     a = analyze(f, &b, false, false);
     assert_refused(a, "CONTINUE record with no previous block");
     lm_analysis_free(a);
 
     /* A compressed page that is not zlib. */
-    b.len = 0;
-    b_header(&b, "m");
-    b_section(&b, 1, 1, "ram", 0, 4);
-    b_be64(&b, PS | 0x04);
-    b_str(&b, "r");
-    b_be64(&b, PS);
+    b_ram_one_page(&b);
     b_be64(&b, 0x100);
     b_str(&b, "r");
     b_be32(&b, 8);
@@ -948,12 +951,7 @@ static void test_more_errors(void **state)
     lm_analysis_free(a);
 
     /* XBZRLE runs past the page. */
-    b.len = 0;
-    b_header(&b, "m");
-    b_section(&b, 1, 1, "ram", 0, 4);
-    b_be64(&b, PS | 0x04);
-    b_str(&b, "r");
-    b_be64(&b, PS);
+    b_ram_one_page(&b);
     b_be64(&b, 0x40);
     b_str(&b, "r");
     b_u8(&b, 1);
