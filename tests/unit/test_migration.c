@@ -171,6 +171,29 @@ static void sock_path(char *buf, size_t n, const char *tag)
     snprintf(buf, n, "unix:/tmp/lm-test-%d-%s.sock", getpid(), tag);
 }
 
+/* Bounded wait until g's writers have really dirtied memory. */
+static void wait_dirtying(guest *g)
+{
+    for (int i = 0; i < 5000 && atomic_load(&g->writes) < 1000; i++)
+        usleep(1000);
+    assert_true(atomic_load(&g->writes) >= 1000);
+}
+
+/* lm_wait for COMPLETED (bounded by WAIT_MS), or fail saying where it stood. */
+static void wait_completed(lm_mig *m, const char *what)
+{
+    lm_stats st;
+
+    if (lm_wait(m, WAIT_MS) == LM_STATUS_COMPLETED)
+        return;
+    lm_query(m, &st);
+    fail_msg("%s %s after %d ms: syncs %llu remaining %llu expected downtime %lld "
+             "transferred %llu error '%s'", what, lm_status_name(st.status), WAIT_MS,
+             (unsigned long long)st.dirty_sync_count, (unsigned long long)st.remaining,
+             (long long)st.expected_downtime, (unsigned long long)st.transferred,
+             st.error_desc);
+}
+
 /* multifd: 0 = off, else the channel count; zpd = zero-page-detection */
 static void migrate_ok_mfc(const char *tracker, bool tcp, int multifd, const char *zpd,
                            const char *comp)
@@ -204,9 +227,7 @@ static void migrate_ok_mfc(const char *tracker, bool tcp, int multifd, const cha
     assert_true(st.socket_address[0]);
     assert_int_equal(lm_runstate_get(dst.m), LM_RUN_INMIGRATE);
     /* the guest is really dirtying memory when the migration starts */
-    for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
-        usleep(1000);
-    assert_true(atomic_load(&src.writes) >= 1000);
+    wait_dirtying(&src);
     if (lm_migrate(src.m, st.socket_address, &err)) {
         if (tracker && !strcmp(tracker, "uffd-wp") && strstr(err.msg, "uffd")) {
             guest_fini(&src, MEM);
@@ -215,15 +236,8 @@ static void migrate_ok_mfc(const char *tracker, bool tcp, int multifd, const cha
         }
         fail_msg("migrate: %s", err.msg);
     }
-    if (lm_wait(src.m, WAIT_MS) != LM_STATUS_COMPLETED) {
-        lm_query(src.m, &st);
-        fail_msg("source %s after %d ms: syncs %llu remaining %llu expected downtime %lld "
-                 "transferred %llu error '%s'", lm_status_name(st.status), WAIT_MS,
-                 (unsigned long long)st.dirty_sync_count, (unsigned long long)st.remaining,
-                 (long long)st.expected_downtime, (unsigned long long)st.transferred,
-                 st.error_desc);
-    }
-    assert_int_equal(lm_wait(dst.m, WAIT_MS), LM_STATUS_COMPLETED);
+    wait_completed(src.m, "source");
+    wait_completed(dst.m, "destination");
 
     /* The source is stopped (postmigrate): its memory is final. */
     assert_int_equal(lm_runstate_get(src.m), LM_RUN_POSTMIGRATE);
@@ -299,7 +313,6 @@ static void file_round_trip(bool mapped, int channels, bool direct, bool live)
 {
     guest src, dst;
     lm_error err = { 0 };
-    lm_stats st;
     char path[128], uri[160];
     struct stat sb;
 
@@ -308,17 +321,13 @@ static void file_round_trip(bool mapped, int channels, bool direct, bool live)
     unlink(path);
     guest_init(&src, true, NULL, MEM);
     atomic_store(&src.nap_us, 2000);    /* a disk is slower than a socket */
-    for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
-        usleep(1000);
+    wait_dirtying(&src);
     if (!live)
         g_stop(&src);
     set_file_caps(src.m, mapped, channels, direct);
     if (lm_migrate(src.m, uri, &err))
         fail_msg("save: %s", err.msg);
-    if (lm_wait(src.m, WAIT_MS) != LM_STATUS_COMPLETED) {
-        lm_query(src.m, &st);
-        fail_msg("save ended %s: %s", lm_status_name(st.status), st.error_desc);
-    }
+    wait_completed(src.m, "save");
     assert_int_equal(stat(path, &sb), 0);
     if (mapped)   /* one copy of each page at most, plus headers and device state */
         assert_true((uint64_t)sb.st_size <= MEM + (4u << 20));
@@ -327,10 +336,7 @@ static void file_round_trip(bool mapped, int channels, bool direct, bool live)
     set_file_caps(dst.m, mapped, channels, direct);
     if (lm_incoming(dst.m, uri, &err))
         fail_msg("restore: %s", err.msg);
-    if (lm_wait(dst.m, WAIT_MS) != LM_STATUS_COMPLETED) {
-        lm_query(dst.m, &st);
-        fail_msg("restore ended %s: %s", lm_status_name(st.status), st.error_desc);
-    }
+    wait_completed(dst.m, "restore");
     assert_memory_equal(src.mem, dst.mem, MEM);
     assert_int_equal(dst.dev_value, 0x1234abcd);
     guest_fini(&src, MEM);
@@ -450,14 +456,10 @@ static void compress_ok(int threads, int dthreads)
     assert_int_equal(lm_param_set_int(dst.m, "decompress-threads", dthreads, &err), 0);
     sock_path(uri, sizeof(uri), "compress");
     assert_int_equal(lm_incoming(dst.m, uri, &err), 0);
-    for (int i = 0; i < 5000 && atomic_load(&src.writes) < 1000; i++)
-        usleep(1000);
+    wait_dirtying(&src);
     assert_int_equal(lm_migrate(src.m, uri, &err), 0);
-    if (lm_wait(src.m, WAIT_MS) != LM_STATUS_COMPLETED) {
-        lm_query(src.m, &st);
-        fail_msg("source %s: %s", lm_status_name(st.status), st.error_desc);
-    }
-    assert_int_equal(lm_wait(dst.m, WAIT_MS), LM_STATUS_COMPLETED);
+    wait_completed(src.m, "source");
+    wait_completed(dst.m, "destination");
     assert_memory_equal(src.mem, dst.mem, MEM);
     lm_query(src.m, &st);
     assert_true(st.compression && st.compress_pages > 0);
