@@ -33,6 +33,14 @@ int pool_check_args(unsigned nworkers, unsigned ring_size, size_t req_size, cons
     return 0;
 }
 
+/* The same in both models: the defaults are create_tuned's. */
+lm_pool *lm_pool_create(unsigned nworkers, unsigned ring_size, size_t req_size,
+                        const char *name, const lm_pool_ops *ops, void *opaque,
+                        lm_error *err)
+{
+    return lm_pool_create_tuned(nworkers, ring_size, req_size, name, ops, opaque, NULL, err);
+}
+
 static pool_thread *pt_at(pool_thread *pt0, size_t stride, unsigned i)
 {
     return (pool_thread *)((char *)pt0 + (size_t)i * stride);

@@ -259,13 +259,6 @@ oom:
     return NULL;
 }
 
-lm_pool *lm_pool_create(unsigned nworkers, unsigned ring_size, size_t req_size,
-                        const char *name, const lm_pool_ops *ops, void *opaque,
-                        lm_error *err)
-{
-    return lm_pool_create_tuned(nworkers, ring_size, req_size, name, ops, opaque, NULL, err);
-}
-
 void lm_pool_destroy(lm_pool *p)
 {
     if (p)
