@@ -38,6 +38,7 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -81,6 +82,23 @@ class QMPClosed(TestFailure):
 def check(cond, msg, *args):
     if not cond:
         raise TestFailure(msg % args if args else msg)
+
+def guest_version_table(path, doc, pages=None):
+    """The demo guest's version table from the FULL "guest" section of a
+    saved stream, located with `livemig analyze --json` output `doc` (be64
+    pages, be32 fill, be32 version a page: docs/cli.md, the demo guest
+    model).  `pages`, when given, is the page count the table must have."""
+    secs = [s for s in doc["sections"] if s["idstr"] == "guest" and s["type"] == "FULL"]
+    check(len(secs) == 1, "expected one FULL 'guest' section: %r", secs)
+    s = secs[0]
+    header = 1 + 4 + 1 + len("guest") + 4 + 4
+    with open(path, "rb") as f:
+        f.seek(s["start"] + header)
+        payload = f.read(s["end"] - 5 - s["start"] - header)
+    n, _fill = struct.unpack(">QI", payload[:12])
+    check((pages is None or n == pages) and len(payload) == 12 + 4 * n,
+          "guest state: %d pages in %d bytes", n, len(payload))
+    return struct.unpack(">%dI" % n, payload[12:])
 
 
 def skip(reason):

@@ -289,22 +289,6 @@ MEM = "64M"
 PAGES = mem_bytes(MEM) // PAGE_SIZE
 
 
-def guest_versions(path, doc):
-    """The version table from the FULL "guest" section: be64 pages, be32
-    fill, be32 version per page (tools/livemig/guest_state.c)."""
-    sec = [s for s in doc["sections"] if s["idstr"] == "guest" and s["type"] == "FULL"]
-    check(len(sec) == 1, "expected one FULL 'guest' section: %r", sec)
-    s = sec[0]
-    header = 1 + 4 + 1 + len("guest") + 4 + 4
-    with open(path, "rb") as f:
-        f.seek(s["start"] + header)
-        payload = f.read(s["end"] - 5 - s["start"] - header)
-    pages, fill = struct.unpack(">QI", payload[:12])
-    check(pages == PAGES and len(payload) == 12 + 4 * pages,
-          "guest state: %d pages in %d bytes", pages, len(payload))
-    return struct.unpack(">%dI" % pages, payload[12:])
-
-
 def check_image_matches_table(img, versions):
     """Every page of the image holds {le64 index, le64 version} (or is all
     zero at version 0), as the guest's version table says."""
@@ -364,7 +348,7 @@ def _(env):
     check(doc["eof_offset"] is not None and doc["vmdescription"]["offset"] == doc["eof_offset"] + 1,
           "EOF %r, VMDESCRIPTION %r", doc["eof_offset"], doc["vmdescription"])
     img = os.path.join(out, "guest.ram")
-    check_image_matches_table(img, guest_versions(path, doc))
+    check_image_matches_table(img, lmtest.guest_version_table(path, doc, PAGES))
     shared["guest"] = (path, img)
     note("%d sections, %d PAGE + %d ZERO records" % (len(doc["sections"]), c["normal_pages"],
                                                      c["zero_pages"]))

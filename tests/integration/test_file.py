@@ -310,22 +310,6 @@ def check_layout(path, lay, base=0):
           lay["pages"] + lay["length"])
 
 
-def version_table(path, doc):
-    """The guest's version table from its FULL "guest" section (be64 pages,
-    be32 fill, be32 version a page: docs/cli.md, the demo guest model)."""
-    secs = [s for s in doc["sections"] if s["idstr"] == "guest" and s["type"] == "FULL"]
-    check(len(secs) == 1, "expected one FULL 'guest' section: %r", secs)
-    s = secs[0]
-    header = 1 + 4 + 1 + len("guest") + 4 + 4
-    with open(path, "rb") as f:
-        f.seek(s["start"] + header)
-        payload = f.read(s["end"] - 5 - s["start"] - header)
-    pages, _fill = struct.unpack(">QI", payload[:12])
-    check(len(payload) == 12 + 4 * pages, "guest state: %d pages in %d bytes", pages,
-          len(payload))
-    return struct.unpack(">%dI" % pages, payload[12:])
-
-
 # ----------------------------------------------------------------- the analyzer
 
 def run_analyze(env, path, *args, tag="analyze"):
@@ -880,7 +864,7 @@ def _(env):
     b = the_block(doc)
     check(b["size"] == RAM and doc["ram_total"] == RAM, "block size %d, total %d", b["size"],
           doc["ram_total"])
-    versions = version_table(path, doc)
+    versions = lmtest.guest_version_table(path, doc)
     nonzero = [i for i, v in enumerate(versions) if v]
     check(0 < len(nonzero) < PAGES, "the sample guest should be partly zero: %d of %d pages "
           "written", len(nonzero), PAGES)
