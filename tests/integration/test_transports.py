@@ -130,16 +130,23 @@ def _(env):
     tracker_case(env, "cooperative")
 
 
-# -- to a file and back: exec:, file:, fd:
-
-def save_live(env, uri, state):
-    src = env.guest("src", mem=MEM, dirty_rate=DIRTY_RATE)
+def migrate_dirtying(src, uri):
+    """Migrate a dirtying source guest to `uri` and wait (bounded) for the
+    end; the source must have completed and stopped writing."""
     wait_dirtying(src)
     w0 = src.info()["writes"]
     src.cmd("migrate", {"uri": uri})
     info = wait_migration(src, timeout=150)
     summary(info)
     check_source_after(src, info, w0, True)
+    return info
+
+
+# -- to a file and back: exec:, file:, fd:
+
+def save_live(env, uri, state):
+    src = env.guest("src", mem=MEM, dirty_rate=DIRTY_RATE)
+    info = migrate_dirtying(src, uri)
     size = os.path.getsize(state)
     check(size >= mem_bytes(MEM), "saved stream is %d bytes, less than the %d bytes of RAM",
           size, mem_bytes(MEM))
@@ -180,12 +187,7 @@ def _(env):
         # other dies.
         a.close()
         b.close()
-    wait_dirtying(src)
-    w0 = src.info()["writes"]
-    src.cmd("migrate", {"uri": uri})
-    info = wait_migration(src, timeout=150)
-    summary(info)
-    check_source_after(src, info, w0, True)
+    info = migrate_dirtying(src, uri)
     check_destination(dst, PAGES, dirtying=True)
 
 
@@ -195,12 +197,7 @@ def _(env):
     with open(state, "wb") as f:
         src = env.guest("src", mem=MEM, dirty_rate=DIRTY_RATE, pass_fds=[f.fileno()])
         uri = "fd:%d" % f.fileno()
-    wait_dirtying(src)
-    w0 = src.info()["writes"]
-    src.cmd("migrate", {"uri": uri})
-    info = wait_migration(src, timeout=150)
-    summary(info)
-    check_source_after(src, info, w0, True)
+    info = migrate_dirtying(src, uri)
     with open(state, "rb") as f:
         restore(env, "dst", "fd:%d" % f.fileno(), pass_fds=[f.fileno()])
 
