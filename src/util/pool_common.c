@@ -9,6 +9,7 @@
 #include <stdio.h>
 
 #include "util/error.h"
+#include "util/time.h"
 #include "util/pool_common.h"
 
 static bool is_pow2(uint32_t v)
@@ -90,4 +91,28 @@ void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const lm_poo
     for (unsigned i = 0; i < n; i++)
         if (pt_at(pt0, stride, i)->inited && ops->uninit)
             ops->uninit(opaque, i, pt_at(pt0, stride, i)->wctx);
+}
+
+static int64_t deadline_of(int64_t timeout_ms)
+{
+    return timeout_ms < 0 ? INT64_MAX : lm_now_ns() + timeout_ms * 1000000;
+}
+
+int lm_pool_wait_any(lm_pool *p, unsigned want, int64_t timeout_ms, lm_error *err)
+{
+    return pool_wait_for(p, want, deadline_of(timeout_ms), timeout_ms, err);
+}
+
+int lm_pool_wait_done(lm_pool *p, int64_t timeout_ms, lm_error *err)
+{
+    int64_t deadline = deadline_of(timeout_ms);
+
+    /* A loop because done() may commit more work. */
+    while (lm_pool_outstanding(p)) {
+        int rc = pool_wait_for(p, lm_pool_outstanding(p), deadline, timeout_ms, err);
+
+        if (rc < 0)
+            return rc;
+    }
+    return 0;
 }

@@ -10,6 +10,7 @@
 #include <pthread.h>
 #include <stdbool.h>
 #include <stddef.h>
+#include <stdint.h>
 
 #include "util/pool.h"
 
@@ -34,6 +35,16 @@ typedef struct pool_thread {
 int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
                        const lm_pool_ops *ops, void *opaque, const char *name,
                        void *(*fn)(void *), lm_error *err);
+/*
+ * Each model's one wait, owner only: until at least min(want, outstanding)
+ * requests finished (then polled), the absolute CLOCK_MONOTONIC `deadline`
+ * in ns (INT64_MAX: none) passed, or the pool was interrupted.  Returns how
+ * many were polled, -ETIMEDOUT (message names timeout_ms) or -ECANCELED.
+ * pool_common.c builds lm_pool_wait_any / lm_pool_wait_done on it.
+ */
+int pool_wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
+                  lm_error *err);
+
 /* Join the started threads (the caller has told them to exit), then
  * ops->uninit every inited context. */
 void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const lm_pool_ops *ops,

@@ -399,8 +399,8 @@ static int owner_wait(lm_pool *p, unsigned need, int64_t deadline)
     return rc;
 }
 
-static int wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
-                    lm_error *err)
+int pool_wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
+                  lm_error *err)
 {
     unsigned polled;
     int rc;
@@ -423,30 +423,6 @@ static int wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout
         polled += lm_pool_poll_done(p);
     }
     return (int)polled;
-}
-
-static int64_t deadline_of(int64_t timeout_ms)
-{
-    return timeout_ms < 0 ? INT64_MAX : lm_now_ns() + timeout_ms * 1000000;
-}
-
-int lm_pool_wait_any(lm_pool *p, unsigned want, int64_t timeout_ms, lm_error *err)
-{
-    return wait_for(p, want, deadline_of(timeout_ms), timeout_ms, err);
-}
-
-int lm_pool_wait_done(lm_pool *p, int64_t timeout_ms, lm_error *err)
-{
-    int64_t deadline = deadline_of(timeout_ms);
-
-    /* A loop because done() may commit more work. */
-    while (p->outstanding) {
-        int rc = wait_for(p, p->outstanding, deadline, timeout_ms, err);
-
-        if (rc < 0)
-            return rc;
-    }
-    return 0;
 }
 
 void lm_pool_interrupt(lm_pool *p)
