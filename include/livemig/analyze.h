@@ -148,8 +148,20 @@ typedef struct lm_analysis {
     uint64_t trailing_bytes;    /* after the VMDESCRIPTION (or EOF) */
 
     bool extracted;             /* every block was written to extract_dir */
-    bool complete;              /* parsed to the end with no error */
-    lm_error error;             /* the first error; code 0 when complete */
+    /*
+     * complete: parsed to the end with no error AND the file holds a whole
+     * migration, what a destination needs before it may run the guest:
+     * every section that was started ended, a ram section with a block list
+     * and its END, every page of every block present (a mapped-ram file:
+     * every block's header; a page its bitmap leaves out is zero), and a
+     * section for every device the VMDESCRIPTION lists.  A file that parsed
+     * but is not complete (a multifd main stream, whose pages went over
+     * other connections; a stream cut short at a record boundary) has
+     * `missing` saying what is not there, and error.code 0.
+     */
+    bool complete;
+    char missing[LM_ERROR_MAX];
+    lm_error error;             /* the first error; code 0 when understood */
 } lm_analysis;
 
 typedef struct lm_analyze_opts {
@@ -160,8 +172,9 @@ typedef struct lm_analyze_opts {
 
 /*
  * Analyze the file at `path` (a regular file).  *out always receives a
- * result, to be freed with lm_analysis_free() (out and opts may be NULL).  Returns 0 when the whole file was understood,
- * else a negative errno with the message in err (and in (*out)->error).
+ * result, to be freed with lm_analysis_free() (out and opts may be NULL).
+ * Returns 0 when the whole file was understood (then see `complete`), else
+ * a negative errno with the message in err (and in (*out)->error).
  */
 int lm_analyze_file(const char *path, const lm_analyze_opts *opts,
                     lm_analysis **out, lm_error *err);

@@ -229,8 +229,13 @@ const char *lm_status_name(lm_status s);
  * Start migrating to `uri`: tcp:HOST:PORT (IPv4, [IPv6]), unix:PATH, fd:N,
  * exec:COMMAND, file:PATH.  Connects synchronously (so a refused connection
  * is reported here), then runs on the migration thread.  On failure or
- * cancel the guest keeps running with its memory untouched; on success it
- * stays stopped (run state postmigrate).
+ * cancel before the commit point (the whole stream sent) the guest keeps
+ * running with its memory untouched; on success it stays stopped (run state
+ * postmigrate).  After the commit point only a definite answer gives the
+ * guest back: the destination reported that it failed, or the target is a
+ * file.  Silence, a closed connection or a timeout (parameter
+ * switchover-confirm-timeout, 300 s) are no answer: the guest stays stopped
+ * and the status is failed with lm_stats.outcome_unknown set.
  */
 int lm_migrate(lm_mig *m, const char *uri, lm_error *err);
 
@@ -284,6 +289,9 @@ typedef struct lm_stats {
     char dirty_tracker[32];      /* tracker actually in use */
     char socket_address[160];    /* destination: the address listened on */
     char error_desc[LM_ERROR_MAX];
+    /* source: failed after the commit point without an answer (see
+     * MIGRATION_OUTCOME_UNKNOWN below); the guest was not resumed */
+    bool outcome_unknown;
 } lm_stats;
 
 void lm_query(lm_mig *m, lm_stats *st);
@@ -291,11 +299,22 @@ void lm_query(lm_mig *m, lm_stats *st);
 /*
  * Listeners are told of every status change (MIGRATION event) and run-state
  * change (STOP / RESUME events).  Up to 8 per context; called on library
- * threads, in order, without locks held.
+ * threads, in order, without locks held.  Any callback may be NULL.
+ *
+ * `notice` carries what a supervisor must act on that is neither a status
+ * nor a run state.  `name` is the QMP event the QMP server emits for it
+ * (always, whatever the "events" capability), `detail` one sentence:
+ *   MIGRATION_OUTCOME_UNKNOWN  the source sent the whole stream (the
+ *       commit point) but got no answer from the destination, which may be
+ *       running the guest.  The migration ends "failed" with
+ *       lm_stats.outcome_unknown set and the guest stays stopped here
+ *       (run state postmigrate) until someone decides: lm_vm_start() if the
+ *       destination does not run it, or end this process.
  */
 typedef struct lm_listener {
     void (*status_changed)(void *opaque, lm_status s);
     void (*runstate_changed)(void *opaque, lm_runstate s);
+    void (*notice)(void *opaque, const char *name, const char *detail);
 } lm_listener;
 
 int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque);

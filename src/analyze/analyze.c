@@ -113,6 +113,7 @@ typedef struct an_block_state {
 typedef struct an_bind {
     uint32_t id;
     size_t section;             /* index into a->sections */
+    bool ended;                 /* a FULL or END section closed it */
 } an_bind;
 
 typedef struct an_ctx {
@@ -128,7 +129,7 @@ typedef struct an_ctx {
     uint8_t *page;              /* one page of scratch */
     uint8_t *cbuf;              /* AN_CBUF_SIZE: compressed data, commands */
     uint64_t ps;                /* target page size */
-    bool ram_started, ram_listed;
+    bool ram_started, ram_listed, ram_ended;
     long last_block;            /* CONTINUE target, -1 before any */
     bool postcopy_ram;          /* POSTCOPY_ADVISE with sizes was seen */
     uint64_t pagesize_summary;
@@ -1046,6 +1047,7 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
             c->binds = an_grow(c->binds, c->nbinds, &c->binds_cap, sizeof(*c->binds));
             bind = &c->binds[c->nbinds++];
             bind->id = sec.section_id;
+            bind->ended = false;
         }
         bind->section = a->nsections;
     } else {
@@ -1109,6 +1111,10 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
         return an_fail(c, -EINVAL, foff, "footer names section id %u, expected %u", fid,
                        sec.section_id);
     sec.end = an_pos(c);
+    if (type == LM_SECTION_FULL || type == LM_SECTION_END)
+        bind->ended = true;
+    if (type == LM_SECTION_END && sec.parsed_by == LM_AN_PARSED_RAM)
+        c->ram_ended = true;
     if (a->nsections >= AN_MAX_ITEMS)
         return an_fail(c, -EINVAL, off, "more than %u sections", AN_MAX_ITEMS);
     a->sections = an_grow(a->sections, a->nsections, &c->sections_cap, sizeof(*a->sections));
@@ -1277,6 +1283,72 @@ static int an_parse(an_ctx *c)
     }
 }
 
+/* ------------------------------------------------------------ completeness */
+
+static void an_missing(lm_analysis *a, const char *fmt, ...)
+    __attribute__((format(printf, 2, 3)));
+
+/* Append one item to a->missing ("; "-separated, cut with "..."). */
+static void an_missing(lm_analysis *a, const char *fmt, ...)
+{
+    size_t used = strlen(a->missing), len = sizeof(a->missing);
+    va_list ap;
+
+    if (used + 8 >= len)
+        return;
+    if (used)
+        used += (size_t)snprintf(a->missing + used, len - used, "; ");
+    va_start(ap, fmt);
+    vsnprintf(a->missing + used, len - used, fmt, ap);
+    va_end(ap);
+    if (strlen(a->missing) == len - 1)
+        memcpy(a->missing + len - 4, "...", 4);
+}
+
+/* A file that parsed: does it hold a whole migration?  (see analyze.h) */
+static void an_check_complete(an_ctx *c)
+{
+    lm_analysis *a = c->a;
+    json_t *devs = c->vmdesc ? json_object_get(c->vmdesc, "devices") : NULL, *d;
+    size_t i;
+
+    if (!c->ram_listed)
+        an_missing(a, "no RAM block list (no ram section START)");
+    else if (!c->ram_ended)
+        an_missing(a, "no END of the ram section");
+    for (size_t k = 0; k < c->nbinds; k++) {
+        const lm_an_section *first = &a->sections[c->binds[k].section];
+        if (!c->binds[k].ended && strcmp(first->idstr, "ram"))
+            an_missing(a, "section '%s' instance %u (id %u) started at byte offset %llu never "
+                       "ended", first->idstr, first->instance_id, first->section_id,
+                       (unsigned long long)first->start);
+    }
+    for (size_t k = 0; k < a->nblocks && !a->mapped_ram; k++) {
+        const lm_an_block *b = &a->blocks[k];
+        if (b->counts.pages_present < b->counts.pages)
+            an_missing(a, "RAM block '%s': %llu of %llu pages not in this stream", b->idstr,
+                       (unsigned long long)(b->counts.pages - b->counts.pages_present),
+                       (unsigned long long)b->counts.pages);
+    }
+    json_array_foreach(devs, i, d) {
+        json_t *name = json_object_get(d, "name"), *inst = json_object_get(d, "instance_id");
+        bool seen = false;
+
+        if (!json_is_string(name) || !json_is_integer(inst))
+            continue;
+        for (size_t k = 0; k < a->nsections && !seen; k++)
+            seen = (a->sections[k].type == LM_SECTION_FULL ||
+                    a->sections[k].type == LM_SECTION_END) &&
+                   a->sections[k].instance_id == json_integer_value(inst) &&
+                   !strcmp(a->sections[k].idstr, json_string_value(name));
+        if (!seen)
+            an_missing(a, "device '%s' instance %lld: described by the VMDESCRIPTION but "
+                       "its state is not in the stream", json_string_value(name),
+                       (long long)json_integer_value(inst));
+    }
+    a->complete = !a->missing[0];
+}
+
 /* ------------------------------------------------------------ entry points */
 
 static void an_totals(lm_analysis *a)
@@ -1368,7 +1440,8 @@ out:
         lm_bitmap_free(c->bs[i].present);
     }
     a->extracted = ret == 0 && c->dirfd >= 0;
-    a->complete = ret == 0;
+    if (ret == 0)
+        an_check_complete(c);
     if (ret && !a->error.code)
         lm_error_set(&a->error, -EIO, "analysis failed");
     if (ret && err)
@@ -1541,6 +1614,7 @@ char *lm_analysis_to_json(const lm_analysis *a)
     json_object_set_new(root, "trailing_bytes", jint(a->trailing_bytes));
     json_object_set_new(root, "extracted", json_boolean(a->extracted));
     json_object_set_new(root, "complete", json_boolean(a->complete));
+    json_object_set_new(root, "missing", a->missing[0] ? jstr(a->missing) : json_null());
     json_object_set_new(root, "error", a->error.code ? jstr(a->error.msg) : json_null());
     out = json_dumps(root, JSON_INDENT(2));
     json_decref(root);

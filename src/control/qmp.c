@@ -469,9 +469,17 @@ static void qmp_on_runstate(void *opaque, lm_runstate rs)
         qmp_queue_event(q, "STOP", NULL);
 }
 
+/* Library threads, while subscribed.  Notices are what a supervisor must
+ * act on: sent whatever the "events" capability says. */
+static void qmp_on_notice(void *opaque, const char *name, const char *detail)
+{
+    qmp_queue_event(opaque, name, json_pack("{s:o}", "reason", qmp_string(detail)));
+}
+
 static const lm_listener qmp_listener = {
     .status_changed = qmp_on_status,
     .runstate_changed = qmp_on_runstate,
+    .notice = qmp_on_notice,
 };
 
 /* After this returns no listener callback runs on q, or ever will. */
@@ -833,6 +841,10 @@ static json_t *qmp_cmd_query_migrate(qmp_call *call)
     case LM_STATUS_FAILED:
         if (st.error_desc[0])
             json_object_set_new(r, "error-desc", qmp_string(st.error_desc));
+        /* livemig extension: failed after the commit point with no answer;
+         * the guest was not resumed (MIGRATION_OUTCOME_UNKNOWN) */
+        if (st.outcome_unknown)
+            json_object_set_new(r, "x-outcome-unknown", json_true());
         break;
     default:
         break;

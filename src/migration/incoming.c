@@ -45,9 +45,12 @@ typedef struct incoming {
 } incoming;
 
 /* Stop the helpers of the load (decompression pool, mapped-ram I/O workers,
- * multifd channels): interrupted on failure, drained on success. */
-static void in_workers_finish(incoming *in, bool failed)
+ * multifd channels): interrupted on failure, drained on success.  0, or the
+ * error of a helper that broke the stream's rules after its end. */
+static int in_workers_finish(incoming *in, bool failed, lm_error *err)
 {
+    int ret;
+
     if (in->m->ram.decomp) {
         if (failed)
             lm_decompress_interrupt(in->m->ram.decomp);
@@ -65,12 +68,13 @@ static void in_workers_finish(incoming *in, bool failed)
         mapped_ram_close(mr);
     }
     if (!in->mfr)
-        return;
+        return 0;
     if (failed)
         multifd_recv_kick(in->mfr);
     in->mf_bytes = multifd_recv_bytes(in->mfr);
-    multifd_recv_finish(in->mfr);
+    ret = multifd_recv_finish(in->mfr, failed ? NULL : err);
     in->mfr = in->m->ram.mfr = NULL;
+    return ret;
 }
 
 static void in_publish(incoming *in)
@@ -130,6 +134,24 @@ static int in_load_ram(lm_stream *s, void *opaque, uint32_t version, int type)
     }
     (void)version;
     return ret ? -EINVAL : 0;
+}
+
+static bool in_autostart(lm_mig *m)
+{
+    bool on;
+
+    pthread_mutex_lock(&m->lock);
+    on = m->autostart;
+    pthread_mutex_unlock(&m->lock);
+    return on;
+}
+
+/* At EOF: every block listed, the END section, every page received. */
+static int in_check_ram(void *opaque, char *why, size_t len)
+{
+    incoming *in = opaque;
+
+    return ram_load_check(&in->m->ram, why, len);
 }
 
 /* Read and discard until the source closes (bounded). */
@@ -212,7 +234,8 @@ void *incoming_thread(void *arg)
     lv->open_return_path = in_open_rp;
     lv->ping = in_ping;
     lv->cmd_opaque = &in;
-    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, in_load_ram, &in);
+    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, in_load_ram, &in)->check =
+        in_check_ram;
     for (int i = 0; i < m->ndevices; i++)
         loadvm_add_handler(lv, m->devices[i].idstr, m->devices[i].instance,
                            m->devices[i].version, m->devices[i].ops.load,
@@ -228,7 +251,8 @@ void *incoming_thread(void *arg)
         goto fail;
     }
     /* The last EOS was a multifd barrier: every page is in place. */
-    in_workers_finish(&in, false);
+    if ((ret = in_workers_finish(&in, false, &err)))
+        goto fail;
     in_publish(&in);
     /*
      * Commit point of the destination: a cancel that got here first wins
@@ -245,10 +269,15 @@ void *incoming_thread(void *arg)
         goto fail;
     }
 
-    /* The stream ended cleanly: this is the only path that starts the guest. */
-    if (m->vm.start)
-        m->vm.start(m->vm_opaque);
-    mig_set_runstate(m, LM_RUN_RUNNING);
+    /* Everything arrived: this is the only path that starts the guest, unless
+     * `stop` during the load asked for it to stay paused (QEMU's autostart). */
+    if (in_autostart(m)) {
+        if (m->vm.start)
+            m->vm.start(m->vm_opaque);
+        mig_set_runstate(m, LM_RUN_RUNNING);
+    } else {
+        mig_set_runstate(m, LM_RUN_PAUSED);
+    }
     if (in.rp && in_rp_send(&in, LM_RP_SHUT, 0))
         lm_log("could not confirm to the source (return path write failed); the guest "
                "runs here anyway");
@@ -261,7 +290,7 @@ void *incoming_thread(void *arg)
     return NULL;
 
 fail:
-    in_workers_finish(&in, true);
+    in_workers_finish(&in, true, NULL);
     if (in.rp)
         in_rp_send(&in, LM_RP_SHUT, 1);
     if (in.s)

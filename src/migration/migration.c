@@ -70,6 +70,7 @@ lm_mig *lm_new(void)
     pthread_condattr_destroy(&ca);
     params_init(&m->params);
     m->runstate = LM_RUN_PRELAUNCH;
+    m->autostart = true;
     m->conn.fd = -1;
     m->listen.fd = -1;
     m->cancel_fd = -1;
@@ -106,6 +107,7 @@ void lm_free(lm_mig *m)
     if (m->dirty)
         lm_dirty_free(m->dirty);
     ram_save_finish(&m->ram);
+    ram_load_finish(&m->ram);
     pthread_mutex_destroy(&m->lock);
     pthread_mutex_destroy(&m->conn_lock);
     pthread_cond_destroy(&m->cond);
@@ -139,23 +141,29 @@ static void mig_listeners_done(lm_mig *m)
     pthread_mutex_unlock(&m->lock);
 }
 
-void mig_set_runstate(lm_mig *m, lm_runstate r)
+/* Called with m->lock held, just after m->runstate changed to r: tells the
+ * listeners, and returns with the lock released. */
+static void mig_runstate_changed_unlock(lm_mig *m, lm_runstate r)
 {
-    lm_listeners ls;
+    lm_listeners ls = m->listeners;
 
-    pthread_mutex_lock(&m->lock);
-    if (m->runstate == r) {
-        pthread_mutex_unlock(&m->lock);
-        return;
-    }
-    m->runstate = r;
-    ls = m->listeners;
     m->listener_calls++;
     pthread_mutex_unlock(&m->lock);
     for (int i = 0; i < ls.n; i++)
         if (ls.l[i].runstate_changed)
             ls.l[i].runstate_changed(ls.opaque[i], r);
     mig_listeners_done(m);
+}
+
+void mig_set_runstate(lm_mig *m, lm_runstate r)
+{
+    pthread_mutex_lock(&m->lock);
+    if (m->runstate == r) {
+        pthread_mutex_unlock(&m->lock);
+        return;
+    }
+    m->runstate = r;
+    mig_runstate_changed_unlock(m, r);
 }
 
 void lm_runstate_set_running(lm_mig *m)
@@ -168,10 +176,23 @@ void lm_runstate_set_inmigrate(lm_mig *m)
     mig_set_runstate(m, LM_RUN_INMIGRATE);
 }
 
+/*
+ * stop / cont as QEMU's qmp_stop / qmp_cont.  On a destination that is
+ * waiting for or loading a migration (inmigrate) they only decide whether the
+ * guest starts once the stream has arrived (QEMU's autostart): `stop` there
+ * means "leave it paused", `cont` "start it".  The guest itself never runs
+ * before the whole stream is in.
+ */
 int lm_vm_stop(lm_mig *m, lm_error *err)
 {
-    lm_runstate r = lm_runstate_get(m);
+    lm_runstate r;
 
+    (void)err;
+    pthread_mutex_lock(&m->lock);
+    r = m->runstate;
+    if (r == LM_RUN_INMIGRATE)
+        m->autostart = false;
+    pthread_mutex_unlock(&m->lock);
     if (r != LM_RUN_RUNNING)
         return 0;
     if (m->vm.stop)
@@ -182,17 +203,28 @@ int lm_vm_stop(lm_mig *m, lm_error *err)
 
 int lm_vm_start(lm_mig *m, lm_error *err)
 {
-    lm_runstate r = lm_runstate_get(m);
+    lm_runstate r;
 
-    if (r == LM_RUN_RUNNING)
+    pthread_mutex_lock(&m->lock);
+    r = m->runstate;
+    if (r == LM_RUN_INMIGRATE)
+        m->autostart = true;
+    if (r == LM_RUN_RUNNING || r == LM_RUN_INMIGRATE) {
+        pthread_mutex_unlock(&m->lock);
         return 0;
-    if (r == LM_RUN_INMIGRATE || r == LM_RUN_PRELAUNCH)
-        return lm_error_set(err, -EBUSY, "Guest is waiting for an incoming migration");
-    if (r == LM_RUN_FINISH_MIGRATE)
+    }
+    if (r == LM_RUN_FINISH_MIGRATE) {
+        pthread_mutex_unlock(&m->lock);
         return lm_error_set(err, -EBUSY, "Guest is being switched over");
+    }
+    /* Running from here, before ops->start returns: a concurrent
+     * lm_incoming (which takes only a guest that never ran) sees it. */
+    m->runstate = LM_RUN_RUNNING;
+    pthread_mutex_unlock(&m->lock);
     if (m->vm.start)
         m->vm.start(m->vm_opaque);
-    mig_set_runstate(m, LM_RUN_RUNNING);
+    pthread_mutex_lock(&m->lock);
+    mig_runstate_changed_unlock(m, LM_RUN_RUNNING);
     return 0;
 }
 
@@ -325,7 +357,8 @@ int lm_remove_listener(lm_mig *m, const lm_listener *l, void *opaque)
     for (int i = 0; i < m->listeners.n; i++) {
         if (m->listeners.opaque[i] != opaque ||
             m->listeners.l[i].status_changed != l->status_changed ||
-            m->listeners.l[i].runstate_changed != l->runstate_changed)
+            m->listeners.l[i].runstate_changed != l->runstate_changed ||
+            m->listeners.l[i].notice != l->notice)
             continue;
         for (int j = i + 1; j < m->listeners.n; j++) {
             m->listeners.l[j - 1] = m->listeners.l[j];
@@ -367,6 +400,20 @@ void mig_set_status(lm_mig *m, lm_status s)
     mig_listeners_done(m);
 }
 
+void mig_notice(lm_mig *m, const char *name, const char *detail)
+{
+    lm_listeners ls;
+
+    pthread_mutex_lock(&m->lock);
+    ls = m->listeners;
+    m->listener_calls++;
+    pthread_mutex_unlock(&m->lock);
+    for (int i = 0; i < ls.n; i++)
+        if (ls.l[i].notice)
+            ls.l[i].notice(ls.opaque[i], name, detail);
+    mig_listeners_done(m);
+}
+
 void mig_set_error(lm_mig *m, const lm_error *err)
 {
     pthread_mutex_lock(&m->lock);
@@ -378,6 +425,16 @@ void mig_set_error(lm_mig *m, const lm_error *err)
     } else {
         lm_log("later error (first one is kept): %s", err->msg);
     }
+    pthread_mutex_unlock(&m->lock);
+}
+
+void mig_replace_error(lm_mig *m, const lm_error *err)
+{
+    pthread_mutex_lock(&m->lock);
+    m->error = *err;
+    if (!m->error.code)
+        m->error.code = -EIO;
+    snprintf(m->stats.error_desc, sizeof(m->stats.error_desc), "%s", err->msg);
     pthread_mutex_unlock(&m->lock);
 }
 
@@ -511,6 +568,41 @@ lm_status lm_wait(lm_mig *m, int timeout_ms)
 
 /* ------------------------------------------------------------ start / cancel */
 
+/*
+ * Which run states may start which direction, as QEMU decides it.  Only a
+ * guest that never ran may receive a migration (QEMU: the process was
+ * started with -incoming); a load into a guest that runs, or ran, would
+ * overwrite live memory under its writers.  A destination that is waiting
+ * for (or failed to receive) a migration has no guest to send.  The
+ * destination's state is claimed (inmigrate) here, under the lock, so a
+ * concurrent lm_vm_start cannot start the guest between check and load.
+ */
+static int mig_claim_runstate(lm_mig *m, bool incoming, lm_error *err)
+{
+    lm_runstate r;
+
+    pthread_mutex_lock(&m->lock);
+    r = m->runstate;
+    if (incoming && r != LM_RUN_PRELAUNCH && r != LM_RUN_INMIGRATE) {
+        pthread_mutex_unlock(&m->lock);
+        return lm_error_set(err, -EBUSY, "cannot receive a migration: this guest is '%s' "
+                            "(only a guest that never ran can be a destination; start the "
+                            "program as one, e.g. with --incoming defer)",
+                            lm_runstate_name(r));
+    }
+    if (!incoming && r == LM_RUN_INMIGRATE) {
+        pthread_mutex_unlock(&m->lock);
+        return lm_error_set(err, -EBUSY, "Guest is waiting for an incoming migration");
+    }
+    if (incoming && r == LM_RUN_PRELAUNCH) {
+        m->runstate = LM_RUN_INMIGRATE;
+        mig_runstate_changed_unlock(m, LM_RUN_INMIGRATE);
+        return 0;
+    }
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
 static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
 {
     int ret;
@@ -523,6 +615,8 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
             return lm_error_set(err, -EBUSY, "There's a migration process in progress");
     }
     mig_join(m);
+    if ((ret = mig_claim_runstate(m, incoming, err)))
+        return ret;
     if (m->ram.nblocks == 0 && m->ndevices == 0)
         return lm_error_set(err, -EINVAL, "nothing to migrate: no RAM block or device "
                             "registered");
@@ -630,7 +724,6 @@ int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
     snprintf(m->stats.socket_address, sizeof(m->stats.socket_address), "%s",
              m->listen.address);
     pthread_mutex_unlock(&m->lock);
-    mig_set_runstate(m, LM_RUN_INMIGRATE);
     mig_set_status(m, LM_STATUS_SETUP);
     ret = mig_spawn(m, incoming_thread, err);
     if (ret) {

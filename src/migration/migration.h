@@ -73,6 +73,7 @@ typedef struct lm_params {
     int64_t compress_level;
     int64_t compress_threads;
     int64_t decompress_threads;
+    int64_t switchover_confirm_timeout;/* ms the source waits for the destination's answer */
 } lm_params;
 
 /* Copied by value under the lock, then called without it. */
@@ -98,6 +99,7 @@ struct lm_mig {
     lm_status status;
     bool incoming;
     lm_runstate runstate;
+    bool autostart;                    /* destination: start the guest on arrival */
     lm_params params;
     bool caps[LM_CAP__MAX];
     lm_stats stats;                    /* published snapshot for lm_query */
@@ -134,8 +136,12 @@ struct lm_mig {
  * through a new migration. */
 void mig_set_status(lm_mig *m, lm_status s);
 void mig_set_runstate(lm_mig *m, lm_runstate r);
+/* Tell the listeners' notice callbacks (see lm_listener). */
+void mig_notice(lm_mig *m, const char *name, const char *detail);
 /* Record the first error of this migration (later ones are logged only). */
 void mig_set_error(lm_mig *m, const lm_error *err);
+/* Replace it: the error that includes the first one and says more. */
+void mig_replace_error(lm_mig *m, const lm_error *err);
 /* Interrupt every blocking wait of the migration thread. */
 void mig_kick(lm_mig *m);
 /* A helper thread (multifd channel) failed: record the error, then kick. */

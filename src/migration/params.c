@@ -53,6 +53,9 @@ static const param_def param_defs[] = {
     P("compress-level", compress_level, 0, 9, 1, false),
     P("compress-threads", compress_threads, 1, 255, 8, false),
     P("decompress-threads", decompress_threads, 1, 255, 2, false),
+    /* livemig's own: how long the source waits, after the whole stream was
+     * sent, for the destination to say it runs the guest (or failed). */
+    P("switchover-confirm-timeout", switchover_confirm_timeout, 100, 86400000, 300000, true),
 };
 #undef P
 #undef S

@@ -48,7 +48,6 @@
 #define LM_SECTION_MAX_MS 50           /* one PART section, like QEMU's MAX_WAIT */
 #define LM_CHUNK_BYTES (256 * 1024)    /* rate-limit / time check granularity */
 #define LM_SWITCHOVER_SMALL_MS 1       /* "tiny remainder" for the switch-over rule */
-#define LM_RP_WAIT_MS (300 * 1000)     /* destination load + resume confirmation */
 
 typedef struct precopy {
     lm_mig *m;
@@ -58,6 +57,8 @@ typedef struct precopy {
     lm_params p;
     bool rp;                    /* return path open: destination will SHUT */
     bool vm_stopped;            /* we entered finish-migrate */
+    bool eof_queued;            /* past the commit point: EOF is in the stream */
+    uint64_t eof_at;            /* stream offset of the EOF byte */
     lm_runstate prev_runstate;  /* to restore on failure; running = restart */
     int throttle;               /* percent currently applied */
     int64_t stop_ns;
@@ -216,8 +217,8 @@ static int pc_rp_poll(precopy *pc, int wait_ms, lm_error *err)
         int n;
 
         if (wait_ms > 0 && left <= 0)
-            return lm_error_set(err, -ETIMEDOUT, "the destination did not confirm within %d s",
-                                wait_ms / 1000);
+            return lm_error_set(err, -ETIMEDOUT, "the destination did not confirm within "
+                                "%d ms", wait_ms);
         n = poll(pfd, 1, wait_ms > 0 ? left : 0);
         if (n < 0 && errno != EINTR)
             return lm_error_set_errno(err, -errno, "return path poll");
@@ -300,19 +301,8 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
     int n = (int)pc->p.multifd_channels, ret = 0;
     lm_conn conns[LM_MULTIFD_MAX_CHANNELS];
 
-    for (int i = 0; i < n; i++) {
-        conns[i].fd = -1;
-        if (lm_fault_hit("src", "connect", i))
-            ret = lm_error_set(err, -ECONNREFUSED, "injected connect failure");
-        else
-            ret = lm_transport_connect(&m->uri, &conns[i], m->cancel_fd, 10000, err);
-        if (ret) {
-            lm_error_prefix(err, "multifd channel %d", i);
-            for (int j = 0; j < i; j++)
-                lm_conn_close(&conns[j], NULL);
-            return ret;
-        }
-    }
+    if ((ret = multifd_send_connect(&m->uri, n, m->cancel_fd, 10000, conns, err)))
+        return ret;
     int method = (int)pc->p.multifd_compression;
     int level = (int)(method == LM_MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
     pc->mfs = multifd_send_start(conns, n, (lm_zero_detect)pc->p.zero_page_detection, method,
@@ -623,6 +613,8 @@ static int pc_complete(precopy *pc, lm_error *err)
     pthread_mutex_unlock(&m->lock);
     if (!m->committed)
         return lm_error_set(err, -ECANCELED, "migration cancelled");
+    pc->eof_queued = true;
+    pc->eof_at = lm_stream_offset(pc->s);
     savevm_put_eof(pc->s);
     pc_put_vmdesc(pc, sizes);
     lm_stream_flush(pc->s);
@@ -634,12 +626,47 @@ static int pc_complete(precopy *pc, lm_error *err)
     pc_publish(pc);
 
     if (pc->rp) {
-        ret = pc_rp_poll(pc, LM_RP_WAIT_MS, err);
+        ret = pc_rp_poll(pc, (int)mig_params(m).switchover_confirm_timeout, err);
         if (ret)
             return ret;
     }
     pc->st.downtime = (lm_now_ns() - pc->stop_ns + 999999) / 1000000;
     return 0;
+}
+
+/*
+ * After a failure: may the destination be running the guest?  Design note
+ * 10: only a definite answer gives the guest back once EOF may have left.
+ * Definite are a failure before EOF left this process (the destination
+ * cannot have the whole stream), a destination that reported it failed
+ * (SHUT with a non-zero status: it never starts the guest after that), and
+ * a file, which nobody runs.  A timeout, a closed or reset connection, a
+ * failing exec: command or any other error after EOF left is no answer.
+ */
+static bool pc_outcome_unknown(precopy *pc)
+{
+    if (!pc->eof_queued || pc->m->conn.seekable || pc->dest_status > 0)
+        return false;
+    return lm_stream_written(pc->s) > pc->eof_at;
+}
+
+/* The outcome is unknown: say so everywhere, keep the guest stopped. */
+static void pc_report_unknown(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+
+    /* The first error (a channel's, say) is the cause; ours may be its echo. */
+    pthread_mutex_lock(&m->lock);
+    if (m->error.code)
+        *err = m->error;
+    pthread_mutex_unlock(&m->lock);
+    lm_error_prefix(err, "switch-over outcome unknown: the whole stream was sent and the "
+                    "destination may be running the guest, which stays stopped here "
+                    "('cont' only if the destination does not run it, or 'quit')");
+    pc->vm_stopped = false;             /* nothing will restart it */
+    pc->st.outcome_unknown = true;
+    mig_set_runstate(m, LM_RUN_POSTMIGRATE);
+    lm_log("%s", err->msg);
 }
 
 /* Undo finish-migrate after a failure. */
@@ -665,7 +692,10 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         mig_kick(m);                    /* shut the socket: the peer sees the end */
         if (pc->mfs)
             multifd_send_kick(pc->mfs);
-        pc_restore_guest(pc);
+        if (pc_outcome_unknown(pc))
+            pc_report_unknown(pc, err);
+        else
+            pc_restore_guest(pc);
     }
     if (pc->mfs) {
         lm_multifd_stats mf;
@@ -694,10 +724,16 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     }
     ram_save_finish(pc->ram);
     mig_conn_close(m, &cerr);
-    if (!ret && cerr.code) {            /* e.g. exec: command exited non-zero */
+    if (!ret && cerr.code && pc->dest_status == 0) {
+        /* The destination confirmed it runs the guest: that stands. */
+        lm_log("after the destination's confirmation: %s", cerr.msg);
+    } else if (!ret && cerr.code) {     /* e.g. exec: command exited non-zero */
         ret = cerr.code;
         *err = cerr;
-        pc_restore_guest(pc);
+        if (pc_outcome_unknown(pc))
+            pc_report_unknown(pc, err);
+        else
+            pc_restore_guest(pc);
     }
     pc_publish(pc);
     if (!ret) {
@@ -716,9 +752,13 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         mig_set_status(m, LM_STATUS_CANCELLED);
     } else {
         /* A channel's failure was recorded first; our -ECANCELED is its echo. */
-        if (!(ret == -ECANCELED && mig_has_error(m)))
+        if (pc->st.outcome_unknown)
+            mig_replace_error(m, err);  /* it says what matters most now */
+        else if (!(ret == -ECANCELED && mig_has_error(m)))
             mig_set_error(m, err);
         mig_set_status(m, LM_STATUS_FAILED);
+        if (pc->st.outcome_unknown)
+            mig_notice(m, "MIGRATION_OUTCOME_UNKNOWN", err->msg);
     }
     /*
      * Last, after the final status: unregistering uffd-wp from a large guest

@@ -148,9 +148,17 @@ int multifd_get_header(const uint8_t in[LM_MULTIFD_HDR_SIZE], lm_mf_header *h,
 typedef struct lm_multifd_send lm_multifd_send;
 
 /*
- * Start one thread per connected channel in `conns` (ownership of the
- * descriptors passes to the multifd state).  Each thread first sends its
- * handshake.  `abort` is the migration's cancel flag.
+ * Migration thread: connect the `n` channels to `u` one after the other,
+ * each sending its handshake right after its connect (a destination reads
+ * every connection's first bytes before it accepts the next).  On failure
+ * every connection made is closed and the error names the channel.
+ */
+int multifd_send_connect(const lm_uri *u, int n, int cancel_fd, int timeout_ms,
+                         lm_conn *conns, lm_error *err);
+/*
+ * Start one thread per channel connected by multifd_send_connect (ownership
+ * of the descriptors passes to the multifd state).  `abort` is the
+ * migration's cancel flag.
  */
 lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
                                     int method, int level,
@@ -201,8 +209,13 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
 /* Incoming thread, at every ram EOS: the barrier described above. */
 int multifd_recv_sync(lm_multifd_recv *mr);
 void multifd_recv_kick(lm_multifd_recv *mr);
-/* Shut the channels down (the stream ended), join, close, free. */
-void multifd_recv_finish(lm_multifd_recv *mr);
+/*
+ * Shut the channels down (the stream ended), join, close, free.  After the
+ * final barrier a source sends no page: 0, or -EPROTO (in err) when a
+ * channel had begun placing pages after its last SYNC -- the load must then
+ * fail, since such pages (maybe half written) were never part of a round.
+ */
+int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err);
 uint64_t multifd_recv_bytes(lm_multifd_recv *mr);
 
 #endif

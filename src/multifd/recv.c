@@ -29,6 +29,9 @@ typedef struct mf_recv_chan {
     uint8_t hdr[LM_MULTIFD_HDR_SIZE];
     struct iovec iov[LM_MULTIFD_PAGES];
     _Atomic uint64_t bytes;
+    /* pages this channel was told to place since the last SYNC it read;
+     * after the final barrier it must stay 0 (multifd_recv_finish) */
+    _Atomic uint64_t pages_since_sync;
     lm_mf_codec *codec;          /* NULL without compression */
     uint8_t *cbuf;               /* one packet's compressed payload */
 } mf_recv_chan;
@@ -134,6 +137,9 @@ static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
                                           : strerror(-ret));
     if ((ret = multifd_get_header(c->hdr, h, c->mr->ram, mf_comp_flags(c->mr->method), &b, err)))
         return ret;
+    /* Counted before any byte of them is placed: a packet torn after the
+     * final barrier must be seen even if it wrote half a page. */
+    atomic_fetch_add(&c->pages_since_sync, h->normal + h->zero);
     if (c->codec && h->normal) {
         ret = mr_decompress(c, h, b, err);
         if (ret)
@@ -166,6 +172,8 @@ zeros:
         if (!lm_is_zero(p, LM_PAGE_SIZE))
             memset(p, 0, LM_PAGE_SIZE);
     }
+    for (uint32_t i = 0; i < h->normal + h->zero; i++)
+        ram_received(b, h->offsets[i] / LM_PAGE_SIZE, 1);
     return 0;
 }
 
@@ -200,6 +208,8 @@ static void *mr_thread(void *arg)
                 mr_fail(c, &err);
                 break;
             }
+            /* Its pages are in place: the barrier is past them. */
+            atomic_store(&c->pages_since_sync, 0);
             lm_sem_post(&mr->synced);
             if (lm_sem_wait(&c->release, mr->abort, -1))
                 break;
@@ -244,7 +254,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
         c->codec = mf_codec_new(method, 0, false, err);
         c->cbuf = malloc(mf_codec_bound(method));
         if (!c->codec || !c->cbuf) {
-            multifd_recv_finish(mr);
+            multifd_recv_finish(mr, NULL);
             return NULL;
         }
     }
@@ -254,7 +264,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
             lm_error_set(err, -ret, "cannot start multifd receive thread %d: %s", i,
                          strerror(ret));
             multifd_recv_kick(mr);
-            multifd_recv_finish(mr);
+            multifd_recv_finish(mr, NULL);
             return NULL;
         }
         mr->chans[i].started = true;
@@ -305,10 +315,12 @@ void multifd_recv_kick(lm_multifd_recv *mr)
     lm_sem_kick(&mr->synced);
 }
 
-void multifd_recv_finish(lm_multifd_recv *mr)
+int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err)
 {
+    int ret = 0;
+
     if (!mr)
-        return;
+        return 0;
     atomic_store(&mr->finishing, true);
     for (int i = 0; i < mr->n; i++) {
         lm_conn_shutdown(&mr->chans[i].conn);
@@ -318,6 +330,13 @@ void multifd_recv_finish(lm_multifd_recv *mr)
     for (int i = 0; i < mr->n; i++)
         if (mr->chans[i].started)
             pthread_join(mr->chans[i].thread, NULL);
+    for (int i = 0; i < mr->n && !ret; i++) {
+        uint64_t late = atomic_load(&mr->chans[i].pages_since_sync);
+        if (late)
+            ret = lm_error_set(err, -EPROTO, "multifd channel %d: %" PRIu64 " pages arrived "
+                               "after the final SYNC barrier (the source sends none there)",
+                               i, late);
+    }
     for (int i = 0; i < mr->n; i++) {
         lm_conn_close(&mr->chans[i].conn, NULL);
         mf_codec_free(mr->chans[i].codec);
@@ -325,6 +344,7 @@ void multifd_recv_finish(lm_multifd_recv *mr)
     }
     free(mr->chans);
     free(mr);
+    return ret;
 }
 
 uint64_t multifd_recv_bytes(lm_multifd_recv *mr)

@@ -195,21 +195,11 @@ static void *mf_send_thread(void *arg)
 {
     mf_send_chan *c = arg;
     lm_multifd_send *ms = c->ms;
-    uint8_t init[LM_MULTIFD_INIT_SIZE];
-    struct iovec iov = { init, sizeof(init) };
     char name[16];
     int ret;
 
     snprintf(name, sizeof(name), "lm-mfsend-%d", c->id);
     pthread_setname_np(pthread_self(), name);
-    multifd_put_init(init, (uint8_t)c->id);
-    if (lm_fault_hit("src", "handshake", c->id))
-        init[0] ^= 0xff;
-    if ((ret = mf_writev_all(c->conn.fd, &iov, 1))) {
-        mf_fail(c, ret, "sending the handshake failed");
-        return NULL;
-    }
-    atomic_fetch_add(&c->bytes, sizeof(init));
     for (;;) {
         if (lm_sem_wait(&c->sem, ms->abort, -1))
             break;
@@ -251,6 +241,46 @@ static void *mf_send_thread(void *arg)
     return NULL;
 }
 
+/*
+ * Each channel's handshake goes out as soon as it is connected, before the
+ * next one connects: the destination classifies connections by their first
+ * bytes, one after the other, so a channel that connected but stays silent
+ * would hold up every connection queued behind it (with 32 or more channels
+ * the listen backlog fills and the later connects time out).
+ */
+int multifd_send_connect(const lm_uri *u, int n, int cancel_fd, int timeout_ms,
+                         lm_conn *conns, lm_error *err)
+{
+    int ret = 0, i;
+
+    for (i = 0; i < n; i++)
+        conns[i].fd = -1;
+    for (i = 0; i < n; i++) {
+        uint8_t init[LM_MULTIFD_INIT_SIZE];
+        struct iovec iov = { init, sizeof(init) };
+
+        if (lm_fault_hit("src", "connect", i))
+            ret = lm_error_set(err, -ECONNREFUSED, "injected connect failure");
+        else
+            ret = lm_transport_connect(u, &conns[i], cancel_fd, timeout_ms, err);
+        if (ret)
+            goto fail;
+        multifd_put_init(init, (uint8_t)i);
+        if (lm_fault_hit("src", "handshake", i))
+            init[0] ^= 0xff;
+        if ((ret = mf_writev_all(conns[i].fd, &iov, 1))) {
+            lm_error_set(err, ret, "sending the handshake failed: %s", strerror(-ret));
+            goto fail;
+        }
+    }
+    return 0;
+fail:
+    lm_error_prefix(err, "multifd channel %d", i);
+    for (int j = 0; j < n; j++)
+        lm_conn_close(&conns[j], NULL);
+    return ret;
+}
+
 lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
                                     int method, int level,
                                     atomic_bool *stop, lm_multifd_fail_fn fail,
@@ -277,6 +307,7 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
         c->ms = ms;
         c->id = i;
         c->conn = conns[i];
+        c->bytes = LM_MULTIFD_INIT_SIZE;     /* its handshake, sent at connect */
         conns[i].fd = -1;
         lm_sem_init(&c->sem, 0, n + 1);
         lm_sem_init(&c->sem_sync, 0, n + 1);

@@ -3,6 +3,7 @@
  */
 #include <errno.h>
 #include <inttypes.h>
+#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -273,10 +274,92 @@ int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err)
 
 /* ------------------------------------------------------------ destination */
 
+/*
+ * A load after a failed one (the guest never ran) starts from memory the
+ * failed attempt partly wrote.  Every path but one overwrites each page
+ * again; a mapped-ram file does not write the pages its bitmap leaves out
+ * (zero by definition), so what the last attempt placed is zeroed first.
+ */
+static void ram_load_forget(lm_ramblock *b)
+{
+    for (uint64_t p = lm_bitmap_next_set(b->rmap, b->npages, 0); p < b->npages;) {
+        uint64_t end = lm_bitmap_next_clear(b->rmap, b->npages, p);
+        for (uint64_t q = p; q < end; q++)
+            if (!lm_is_zero(b->host + q * LM_PAGE_SIZE, LM_PAGE_SIZE))
+                memset(b->host + q * LM_PAGE_SIZE, 0, LM_PAGE_SIZE);
+        p = lm_bitmap_next_set(b->rmap, b->npages, end);
+    }
+}
+
 void ram_load_start(lm_ram *r)
 {
     r->last_recv = NULL;
     r->seen_block_list = false;
+    r->load_ended = false;
+    for (int i = 0; i < r->nblocks; i++) {
+        lm_ramblock *b = &r->blocks[i];
+        if (b->rmap)
+            ram_load_forget(b);
+        lm_bitmap_free(b->rmap);
+        b->rmap = lm_bitmap_new(b->npages);
+        b->listed = false;
+    }
+}
+
+void ram_load_finish(lm_ram *r)
+{
+    for (int i = 0; i < r->nblocks; i++) {
+        lm_bitmap_free(r->blocks[i].rmap);
+        r->blocks[i].rmap = NULL;
+    }
+}
+
+/* Append to why[0..len) without overflowing (a long list is cut with "..."). */
+static void ram_why(char *why, size_t len, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
+
+static void ram_why(char *why, size_t len, const char *fmt, ...)
+{
+    size_t used = strnlen(why, len);
+    va_list ap;
+
+    if (used + 4 >= len)
+        return;
+    va_start(ap, fmt);
+    vsnprintf(why + used, len - used, fmt, ap);
+    va_end(ap);
+    if (strnlen(why, len) == len - 1)
+        memcpy(why + len - 4, "...", 4);
+}
+
+int ram_load_check(const lm_ram *r, char *why, size_t len)
+{
+    bool ok = true;
+
+    if (len)
+        why[0] = 0;
+    if (!r->seen_block_list && r->nblocks) {
+        ram_why(why, len, "no RAM block list (%d block%s registered here)", r->nblocks,
+                r->nblocks == 1 ? "" : "s");
+        return -1;
+    }
+    if (!r->load_ended) {
+        ram_why(why, len, "no END of the ram section");
+        ok = false;
+    }
+    for (int i = 0; i < r->nblocks; i++) {
+        const lm_ramblock *b = &r->blocks[i];
+        uint64_t got = lm_bitmap_count(b->rmap, b->npages);
+
+        if (got == b->npages)
+            continue;
+        ram_why(why, len, "%sRAM block '%s': %" PRIu64 " of %" PRIu64 " pages never arrived "
+                "(the first at offset 0x%" PRIx64 ")", ok ? "" : "; ", b->idstr,
+                b->npages - got, b->npages,
+                (uint64_t)(lm_bitmap_next_clear(b->rmap, b->npages, 0) * LM_PAGE_SIZE));
+        ok = false;
+    }
+    return ok ? 0 : -1;
 }
 
 static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t at)
@@ -302,6 +385,11 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
                                 PRIu64, name, where);
             return -1;
         }
+        if (r->blocks[i].listed) {
+            lm_stream_set_error(s, -EINVAL, "ram: RAM block '%s' listed twice (byte offset %"
+                                PRIu64 ")", name, where);
+            return -1;
+        }
         if (len != r->blocks[i].length) {
             lm_stream_set_error(s, -EINVAL, "ram: RAM block '%s' is %" PRIu64 " bytes in "
                                 "the stream but %" PRIu64 " here (byte offset %" PRIu64 ")",
@@ -310,6 +398,7 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
         }
         if (r->mapped && mapped_ram_load_block(r->mapped, s, &r->blocks[i]))
             return -1;
+        r->blocks[i].listed = true;
         sum += len;
     }
     if (sum != total) {
@@ -325,6 +414,9 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
             lm_stream_set_error(s, err.code, "%s", err.msg);
             return -1;
         }
+        /* present pages are in place, the others are zero by definition */
+        for (int i = 0; i < r->nblocks; i++)
+            ram_received(&r->blocks[i], 0, r->blocks[i].npages);
     }
     return 0;
 }
@@ -408,6 +500,8 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
                                     "byte offset %" PRIu64 ")", at);
                 return -1;
             }
+            if (section_type == LM_SECTION_END)
+                r->load_ended = true;
             return 0;
         }
         if (flags == LM_RAM_MEM_SIZE) {
@@ -452,15 +546,19 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
         if (flags & LM_RAM_PAGE) {
             if (lm_get_buffer(s, b->host + offset, LM_PAGE_SIZE))
                 return -1;
+            ram_received(b, offset / LM_PAGE_SIZE, 1);
             continue;
         }
         if (flags & LM_RAM_COMPRESS_PAGE) {
+            /* counted when submitted: the EOS waits until it is in place */
             if (ram_load_compressed(r, s, b->host + offset, at))
                 return -1;
+            ram_received(b, offset / LM_PAGE_SIZE, 1);
             continue;
         }
         if (lm_get_u8(s, &fill))
             return -1;
+        ram_received(b, offset / LM_PAGE_SIZE, 1);
         /* A zero page that is already zero is not written: that keeps fresh
          * destination memory untouched (QEMU 7.2 also accepts a fill byte). */
         if (fill || !lm_is_zero(b->host + offset, LM_PAGE_SIZE))

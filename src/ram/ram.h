@@ -29,6 +29,7 @@
 #include "livemig/livemig.h"
 #include "stream/stream.h"
 #include "dirty/dirty.h"
+#include "util/bitmap.h"
 
 #define LM_PAGE_SIZE 4096ULL
 #define LM_PAGE_MASK (~(LM_PAGE_SIZE - 1))
@@ -65,6 +66,11 @@ typedef struct lm_ramblock {
     /* mapped-ram: absolute file offsets and the pages present in the file */
     uint64_t mr_bitmap_offset, mr_pages_offset;
     unsigned long *file_bmap;
+    /* destination: pages that arrived in this load (set with atomic ORs:
+     * multifd channel threads set theirs concurrently), and whether the
+     * block list named the block */
+    unsigned long *rmap;
+    bool listed;
 } lm_ramblock;
 
 typedef struct lm_ram {
@@ -96,6 +102,7 @@ typedef struct lm_ram {
     /* destination load state */
     const lm_ramblock *last_recv;
     bool seen_block_list;
+    bool load_ended;            /* the END section's EOS was read */
     struct lm_multifd_recv *mfr;    /* every EOS is a sync barrier when set */
 } lm_ram;
 
@@ -129,8 +136,27 @@ void ram_put_eos(lm_ram *r, lm_stream *s);
 int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err);
 
 /* ---- destination ---- */
+/*
+ * Design note 11, "complete means complete": a load counts only when the
+ * block list named every block once, the END section arrived and every page
+ * of every block was received (a source's first pass sends each page, a
+ * zero page as a ZERO record; in a mapped-ram file a page the bitmap leaves
+ * out is zero by definition, so a block's pages all count once its header
+ * is loaded).  Every path that places a page calls ram_received().
+ */
 void ram_load_start(lm_ram *r);
 /* Parse one ram section payload (through its EOS).  Errors are latched on s. */
 int ram_load(lm_ram *r, lm_stream *s, int section_type);
+/* `n` pages from `page` of block b have been placed.  Any thread. */
+static inline void ram_received(const lm_ramblock *b, uint64_t page, uint64_t n)
+{
+    lm_bitmap_set_range_atomic(b->rmap, page, n);
+}
+/*
+ * After EOF: 0 when everything registered arrived, else -1 with what is
+ * missing (every block, with counts and the first missing page) in `why`.
+ */
+int ram_load_check(const lm_ram *r, char *why, size_t len);
+void ram_load_finish(lm_ram *r);     /* frees the received bitmaps */
 
 #endif

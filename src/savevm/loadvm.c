@@ -11,21 +11,23 @@
 
 #include "savevm/savevm.h"
 
-int loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
-                       uint32_t version,
-                       int (*load)(lm_stream *, void *, uint32_t, int), void *opaque)
+lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
+                                    uint32_t version,
+                                    int (*load)(lm_stream *, void *, uint32_t, int),
+                                    void *opaque)
 {
     lm_load_handler *h;
 
     if (lv->nhandlers == LM_LOAD_MAX_HANDLERS)
-        return -ENOSPC;
+        return NULL;
     h = &lv->handlers[lv->nhandlers++];
+    memset(h, 0, sizeof(*h));
     snprintf(h->idstr, sizeof(h->idstr), "%s", idstr);
     h->instance = instance;
     h->version = version;
     h->load = load;
     h->opaque = opaque;
-    return 0;
+    return h;
 }
 
 /*
@@ -212,6 +214,14 @@ static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at
     if (sec < 0)
         return -1;
     h = &lv->handlers[lv->sections[sec].handler];
+    if (h->done) {
+        /* After its last section a device's state is final (design note 11:
+         * what was checked at its FULL/END stays what runs). */
+        lm_stream_set_error(s, -EINVAL, "section '%s' (id %u) at byte offset %" PRIu64
+                            " after that section's %s", h->idstr, lv->sections[sec].id, at,
+                            "last (FULL or END) record");
+        return -1;
+    }
     ret = h->load(s, h->opaque, lv->sections[sec].version, type);
     if (ret && !lm_stream_error(s))
         lm_stream_set_error(s, ret, "loading section '%s' failed near byte offset %" PRIu64
@@ -227,7 +237,44 @@ static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at
                             "parse to its end", h->idstr, lv->sections[sec].id, fat, ftype, fid);
         return -1;
     }
+    if (type == LM_VM_SECTION_FULL || type == LM_VM_SECTION_END)
+        h->done = true;
     return 0;
+}
+
+/* Append one item to the list of what is missing (cut with "..." when full). */
+static void loadvm_missing(char *why, size_t len, const char *item)
+{
+    size_t used = strlen(why);
+
+    if (used + 8 >= len)
+        return;
+    snprintf(why + used, len - used, "%s%s", used ? "; " : "", item);
+    if (strlen(why) == len - 1)
+        memcpy(why + len - 4, "...", 4);
+}
+
+/* At EOF: did everything registered here arrive?  Error names the EOF. */
+static int loadvm_check_complete(lm_loadvm *lv, lm_stream *s, uint64_t at)
+{
+    char why[LM_ERROR_MAX - 128] = "", item[LM_ERROR_MAX - 128];
+
+    for (int i = 0; i < lv->nhandlers; i++) {
+        lm_load_handler *h = &lv->handlers[i];
+
+        if (h->check && h->check(h->opaque, item, sizeof(item)))
+            loadvm_missing(why, sizeof(why), item);
+        else if (!h->done && !h->check) {
+            snprintf(item, sizeof(item), "device '%s' instance %u: no state (no FULL or END "
+                     "section)", h->idstr, h->instance);
+            loadvm_missing(why, sizeof(why), item);
+        }
+    }
+    if (!why[0])
+        return 0;
+    lm_stream_set_error(s, -ENODATA, "the stream ended (EOF at byte offset %" PRIu64 ") "
+                        "before everything this side registered arrived: %s", at, why);
+    return -1;
 }
 
 static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
@@ -271,6 +318,8 @@ bad_len:
 int loadvm_run(lm_loadvm *lv, lm_stream *s)
 {
     lv->nsections = 0;
+    for (int i = 0; i < lv->nhandlers; i++)
+        lv->handlers[i].done = false;
     if (loadvm_header(lv, s))
         return -1;
     for (;;) {
@@ -281,7 +330,7 @@ int loadvm_run(lm_loadvm *lv, lm_stream *s)
             return -1;
         switch (type) {
         case LM_VM_EOF:
-            return 0;
+            return loadvm_check_complete(lv, s, at);
         case LM_VM_SECTION_START:
         case LM_VM_SECTION_PART:
         case LM_VM_SECTION_END:

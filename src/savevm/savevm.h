@@ -4,7 +4,8 @@
  *
  *   stream   := header CONFIGURATION record* EOF
  *   header   := be32 0x5145564d ("QEVM") be32 3
- *   config   := 0x07 be32 len machine-name[len]      (no subsections written)
+ *   config   := 0x07 be32 len machine-name[len] subsection*   (mapped-ram only:
+ *               configuration/capabilities, see docs/format.md)
  *   record   := START|FULL  be32 id  counted-idstr be32 instance be32 version
  *                            payload footer
  *             | PART|END    be32 id  payload footer
@@ -16,7 +17,11 @@
  * the sender's section id for PART/END, checks the footer after the handler
  * returns, and treats anything it cannot account for as an error that names
  * the byte offset.  The loader never resumes anything itself: it returns 0
- * only after it has parsed the EOF record.
+ * only after it has parsed the EOF record AND everything registered with it
+ * arrived (design note 11): every handler got its last section (FULL, or the
+ * END of an iterable one) and every handler's own `check` agrees (the RAM
+ * handler's: every block listed, every page received).  An EOF before that is
+ * an error that names the EOF's byte offset and what is missing.
  *
  * Threads: the writer helpers run on the migration thread, the loader on the
  * incoming thread (or a test); they keep no state outside their arguments.
@@ -66,6 +71,10 @@ typedef struct lm_load_handler {
     uint32_t version;         /* highest version we can load */
     int (*load)(lm_stream *s, void *opaque, uint32_t version, int section_type);
     void *opaque;
+    /* Optional, at EOF: 0 when this handler has all it needs, else -1 with
+     * what is missing written to why[0..len). */
+    int (*check)(void *opaque, char *why, size_t len);
+    bool done;                /* parse state: its FULL or END section loaded */
 } lm_load_handler;
 
 #define LM_LOAD_MAX_HANDLERS 72
@@ -85,9 +94,12 @@ typedef struct lm_loadvm {
     int nsections;
 } lm_loadvm;
 
-int loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
-                       uint32_t version,
-                       int (*load)(lm_stream *, void *, uint32_t, int), void *opaque);
+/* Register a section handler; NULL when the table is full.  The caller may
+ * set the returned handler's `check`. */
+lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
+                                    uint32_t version,
+                                    int (*load)(lm_stream *, void *, uint32_t, int),
+                                    void *opaque);
 /* Parse the whole stream.  0 = clean EOF; -1 = error latched on s. */
 int loadvm_run(lm_loadvm *lv, lm_stream *s);
 

@@ -91,6 +91,9 @@ int lm_stream_peek_u8(lm_stream *s);
 void lm_stream_seek(lm_stream *s, uint64_t pos);
 /* Bytes put into the stream: the offset minus what seeks jumped over. */
 static inline uint64_t lm_stream_bytes(const lm_stream *s) { return s->pos - s->skipped; }
+/* Writer: the logical offset up to which bytes were handed to the
+ * descriptor -- what a peer may have received.  Bytes past it never left. */
+static inline uint64_t lm_stream_written(const lm_stream *s) { return s->io_bytes; }
 /* True at a clean end of stream (nothing buffered, the peer closed). */
 bool lm_stream_at_eof(lm_stream *s);
 

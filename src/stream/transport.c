@@ -77,7 +77,11 @@
 #include "util/error.h"
 #include "util/time.h"
 
-#define LISTEN_BACKLOG       16
+/* Room for every connection of one migration (the main stream and up to 64
+ * multifd channels) even if the destination has not accepted any yet: a
+ * connection that finds the accept queue full is dropped and retried by the
+ * kernel only after 1 s, then 3 s, ... */
+#define LISTEN_BACKLOG       128
 #define EXEC_REAP_TIMEOUT_MS 10000
 #define UNIX_RETRY_MS        10
 #define NAME_MAX_LEN         LM_ERROR_MAX

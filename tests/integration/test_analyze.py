@@ -121,18 +121,28 @@ def run_analyze(env, path, *args, tag="analyze"):
     return rc, out, err
 
 
-def analyze_json(env, path, extract=None, tag="analyze"):
+def analyze_json(env, path, extract=None, tag="analyze", complete=True):
+    """The --json document of a file that must be understood; complete=False
+    expects exit 3 and `missing` (a part of a migration, not all of it)."""
     args = ["--json"]
     if extract:
         args += ["--extract-ram", extract]
     rc, out, err = run_analyze(env, path, *args, tag=tag)
-    check(rc == 0, "livemig analyze %s: exit %d; stderr:\n%s", path, rc, err[-3000:])
+    check(rc == (0 if complete else 3), "livemig analyze %s: exit %d; stderr:\n%s", path, rc,
+          err[-3000:])
     try:
         doc = json.loads(out)
     except ValueError as e:
         raise TestFailure("livemig analyze --json printed invalid JSON (%s): %r" % (e, out[:300]))
-    check(doc.get("complete") is True and doc.get("error") is None,
-          "analysis incomplete: %r", doc.get("error"))
+    check(doc.get("error") is None, "analysis failed: %r", doc.get("error"))
+    check(doc.get("complete") is complete, "complete is %r, expected %r (missing: %r)",
+          doc.get("complete"), complete, doc.get("missing"))
+    if complete:
+        check(doc.get("missing") is None, "complete, yet missing %r", doc.get("missing"))
+    else:
+        check(isinstance(doc.get("missing"), str) and doc["missing"],
+              "incomplete without saying what is missing: %r", doc.get("missing"))
+        check("not a complete migration" in err, "stderr does not say it: %r", err[-500:])
     return doc
 
 
@@ -228,12 +238,37 @@ def _(env):
 @test("QEMU 7.2 multifd main stream: block list and ZERO records")
 def _(env):
     path = qemu72_file("multifd-nocomp.main")
-    doc = analyze_json(env, path)
+    # Its data pages went over the channels: a part of a migration only.
+    doc = analyze_json(env, path, complete=False)
+    check("pages not in this stream" in doc["missing"], "missing %r", doc["missing"])
     check(block(doc, "pc.ram")["size"] == 67108864, "pc.ram %r", block(doc, "pc.ram"))
     t = doc["totals"]
     check(t["zero_pages"] == 16463 and t["normal_pages"] == 0,
           "main stream of a multifd migration: %d ZERO, %d PAGE records (expected 16463, 0)",
           t["zero_pages"], t["normal_pages"])
+
+
+@test("streams that end before a whole migration are understood but not complete")
+def _(env):
+    def be32(v):
+        return v.to_bytes(4, "big")
+    head = b"QEVM" + be32(3) + b"\x07" + be32(9) + b"livemig-1"
+    listed = (head + b"\x01" + be32(1) + b"\x03ram" + be32(0) + be32(4) +
+              (8192 | 4).to_bytes(8, "big") + b"\x02m0" + (8192).to_bytes(8, "big") +
+              (0x10).to_bytes(8, "big") + b"\x7e" + be32(1))
+    cases = {
+        "empty": (head + b"\x00", "no RAM block list"),
+        "block list only": (listed + b"\x00", "no END of the ram section"),
+        "END but no pages": (listed + b"\x03" + be32(1) + (0x10).to_bytes(8, "big") +
+                             b"\x7e" + be32(1) + b"\x00", "2 of 2 pages not in this stream"),
+    }
+    for tag, (data, want) in cases.items():
+        path = env.path(tag.replace(" ", "-") + ".mig")
+        with open(path, "wb") as f:
+            f.write(data)
+        doc = analyze_json(env, path, tag=tag.replace(" ", "-"), complete=False)
+        check(want in doc["missing"], "%s: missing %r lacks %r", tag, doc["missing"], want)
+        note("%s: %s" % (tag, doc["missing"]))
 
 
 @test("damaged copies of the QEMU 7.2 capture are refused with an offset")
@@ -278,7 +313,12 @@ def _(env):
         with open(p, "wb") as f:
             f.write(d)
         rc, out, err = run_analyze(env, p, tag="rand")
-        check(rc in (0, 1), "random flip at %d: exit %d; stderr:\n%s", off, rc, err[-2000:])
+        # 3: still parses, but a record now names another page, so one is
+        # missing: the analysis must say the migration is not whole.
+        check(rc in (0, 1, 3), "random flip at %d: exit %d; stderr:\n%s", off, rc, err[-2000:])
+        if rc == 3:
+            check("not a complete migration" in err, "random flip at %d: exit 3 without "
+                  "saying what is missing: %s", off, err[-500:])
         if rc == 1:
             check("byte offset" in err, "random flip at %d: error names no offset: %s", off, err)
 

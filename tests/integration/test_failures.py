@@ -11,9 +11,20 @@ the case acts.  What must hold afterwards:
                     and a new migration from it to a fresh destination works.
   source dies       destination exits non-zero with the same message and is
                     never seen running (no arrival check either).
+  no confirmation   after the commit point (the whole stream sent) the
+                    destination's answer never reaches the source -- held
+                    back longer than switchover-confirm-timeout, or its
+                    connection cut as the answer comes: the source must NOT
+                    resume (the destination runs the guest: split brain);
+                    it fails with "outcome unknown" in error-desc and
+                    x-outcome-unknown, sends MIGRATION_OUTCOME_UNKNOWN, and
+                    stays in postmigrate with its writers stopped until
+                    `cont`.
 """
 
 import re
+import socket
+import threading
 
 import lmtest
 from lmtest import (PAGE_SIZE, TestFailure, check, check_destination,
@@ -121,6 +132,119 @@ def _(env):
     wait_until(gone, 30, "the destination to give up")
     note("destination run states seen after the kill: %s" % sorted(states))
     check_dst_failed(dst, timeout=5)
+
+
+class AnswerProxy:
+    """One unix-socket connection, source to destination, that forwards
+    every byte the source sends but none the destination sends back: the
+    return path's answer is lost.  mode "hold" keeps the connection open (a
+    frozen destination, a one-way partition); "cut" shuts the source's side
+    down when the first answer byte arrives (the destination ran the guest
+    and then its host went away)."""
+
+    def __init__(self, listen_path, target_path, mode):
+        self.target = target_path
+        self.mode = mode
+        self.answered = threading.Event()
+        self.done = threading.Event()
+        self.lsock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.lsock.bind(listen_path)
+        self.lsock.listen(1)
+        self.lsock.settimeout(60)
+        self.uri = "unix:" + listen_path
+        self.socks = []
+        threading.Thread(target=self._run, daemon=True).start()
+
+    def _run(self):
+        try:
+            a, _ = self.lsock.accept()
+            b = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            b.connect(self.target)
+        except OSError:
+            return
+        self.socks += [a, b]
+        threading.Thread(target=self._forward, args=(a, b), daemon=True).start()
+        threading.Thread(target=self._swallow, args=(b, a), daemon=True).start()
+
+    def _forward(self, a, b):
+        try:
+            while True:
+                data = a.recv(1 << 20)
+                if not data:
+                    b.shutdown(socket.SHUT_WR)
+                    return
+                b.sendall(data)
+        except OSError:
+            pass
+
+    def _swallow(self, b, a):
+        try:
+            while True:
+                data = b.recv(4096)
+                if not data:
+                    return
+                self.answered.set()
+                if self.mode == "cut":
+                    a.shutdown(socket.SHUT_RDWR)
+                    return
+        except OSError:
+            pass
+
+    def close(self):
+        for s in self.socks + [self.lsock]:
+            try:
+                s.close()
+            except OSError:
+                pass
+
+
+def check_outcome_unknown(env, mode):
+    uri = "unix:" + env.path("dst.sock")
+    dst = env.guest("dst", mem=MEM, incoming=uri, dirty_rate=DIRTY_RATE)
+    wait_listening(uri, dst)
+    proxy = AnswerProxy(env.path("proxy.sock"), env.path("dst.sock"), mode)
+    try:
+        src = env.guest("src", mem=MEM, dirty_rate=DIRTY_RATE)
+        wait_until(lambda: src.info()["writes"] > 0, 30, "the source's writers to start")
+        src.set_params(switchover_confirm_timeout=2000)
+        src.cmd("migrate", {"uri": proxy.uri})
+        # The destination has everything and runs the guest: it answered.
+        check_destination(dst, PAGES, dirtying=True)
+        check(proxy.answered.wait(30), "the destination never sent its answer")
+        info = wait_migration(src, until=("failed",), timeout=60)
+        desc = info.get("error-desc") or ""
+        note("source error-desc: %s" % desc)
+        check("outcome unknown" in desc, "error-desc does not say the outcome is unknown: %r",
+              desc)
+        check(info.get("x-outcome-unknown") is True, "query-migrate lacks x-outcome-unknown: "
+              "%r", info)
+        ev = src.qmp.wait_event("MIGRATION_OUTCOME_UNKNOWN", timeout=10)
+        check("reason" in ev.get("data", {}), "event without a reason: %r", ev)
+        # Split brain: the source must stay stopped although it failed.
+        check_runstate(src, "postmigrate")
+        w0 = src.info()["writes"]
+        src.cmd("query-status")
+        w1 = src.info()["writes"]
+        check(w1 == w0, "the source's writers run after an unknown outcome (%d -> %d)", w0, w1)
+        check(src.cmd("migrate_cancel") == {}, "migrate_cancel after the end must be a no-op")
+        check_runstate(src, "postmigrate")
+        # The operator decides: cont resumes it (here it is a test, so
+        # both run; a real operator would quit this one).
+        src.cmd("cont")
+        check_runstate(src, "running")
+        check_writes_advance(src)
+    finally:
+        proxy.close()
+
+
+@test("destination's answer held back past switchover-confirm-timeout: source stays stopped")
+def _(env):
+    check_outcome_unknown(env, "hold")
+
+
+@test("connection cut as the destination answers: source stays stopped, outcome unknown")
+def _(env):
+    check_outcome_unknown(env, "cut")
 
 
 if __name__ == "__main__":

@@ -20,7 +20,7 @@ import os
 import time
 
 import lmtest
-from lmtest import (PAGE_SIZE, QMP, QMPError, check, check_destination,
+from lmtest import (PAGE_SIZE, QMP, QMPError, check, check_destination, check_verified,
                     check_runstate, check_source_done, free_tcp_port, mem_bytes,
                     note, ram, skip, test, wait_listening, wait_migration,
                     wait_until, tcp_listening)
@@ -201,6 +201,52 @@ def _(env):
     info = dst.query_migrate()
     check(info.get("status") in (None, "none") or info == {},
           "destination before migrate-incoming: query-migrate %r", info)
+
+
+@test("migrate-incoming refused by a guest that runs or ran; migrate by one waiting to receive")
+def _(env):
+    uri = "unix:" + env.path("mig.sock")
+    g = env.guest("g", mem=MEM, dirty_rate=2000)
+    wait_until(lambda: g.info()["writes"] > 0, 30, "writers to start")
+    e = expect_error(lambda: g.qmp.execute("migrate-incoming", {"uri": uri}), "GenericError",
+                     "migrate-incoming on a running guest")
+    check("running" in e.desc, "the refusal does not say the guest runs: %r", e.desc)
+    check(not os.path.exists(uri[5:]), "a refused migrate-incoming still listens on %s", uri)
+    g.cmd("stop")
+    expect_error(lambda: g.qmp.execute("migrate-incoming", {"uri": uri}), "GenericError",
+                 "migrate-incoming on a paused guest")
+    g.cmd("cont")
+    check_runstate(g, "running")
+    lmtest.check_writes_advance(g)
+    check_verified(g, PAGES, cached=False)
+    check(g.query_migrate().get("status") in (None, "none"),
+          "a refused migrate-incoming left a status: %r", g.query_migrate())
+    dst = env.guest("dst", mem=MEM, incoming="defer")
+    e = expect_error(lambda: dst.qmp.execute("migrate", {"uri": "unix:" + env.path("x.sock")}),
+                     "GenericError", "migrate on a destination waiting for its guest")
+    check("incoming" in e.desc, "refusal does not say why: %r", e.desc)
+
+
+@test("stop during the load: the destination arrives paused, cont starts it")
+def _(env):
+    uri = "unix:" + env.path("mig.sock")
+    dst = env.guest("dst", mem=MEM, incoming="defer", dirty_rate=1000)
+    src = env.guest("src", mem=MEM, dirty_rate=1000)
+    dst.cmd("stop")           # QEMU: while inmigrate this clears autostart
+    check_runstate(dst, "inmigrate")
+    dst.cmd("migrate-incoming", {"uri": uri})
+    wait_listening(uri, dst)
+    src.cmd("migrate", {"uri": uri})
+    check_source_done(src, wait_migration(src, timeout=120))
+    wait_migration(dst, timeout=60)
+    check_runstate(dst, "paused")
+    w0 = dst.info()["writes"]
+    check(dst.info()["writes"] == w0, "a paused destination's writers run")
+    dst.cmd("cont")
+    check_runstate(dst, "running")
+    lmtest.check_writes_advance(dst)
+    check_verified(dst, PAGES, cached=True)
+    check_verified(dst, PAGES, cached=False)
 
 
 @test("stop / cont with STOP and RESUME events")

@@ -23,6 +23,7 @@ import os
 import random
 import re
 import shutil
+import socket
 import time
 
 import lmtest
@@ -302,6 +303,107 @@ def _register_random(k):
 
 for _k in range(RANDOM_FLIPS):
     _register_random(_k)
+
+
+# ------------------------------------------------ complete means complete
+
+# A stream that parses cleanly to its EOF but does not carry everything the
+# destination registered (its RAM block, every page of it, its device) must
+# not run the guest: the loader names the EOF's byte offset and what is
+# missing, over a file and over a socket alike.
+
+def _be32(v):
+    return v.to_bytes(4, "big")
+
+
+def _be64(v):
+    return v.to_bytes(8, "big")
+
+
+def _counted(name):
+    return bytes([len(name)]) + name.encode()
+
+
+HEADER = b"QEVM" + _be32(3) + b"\x07" + _be32(9) + b"livemig-1"
+EMPTY = HEADER + b"\x00"
+LIST_ONLY = (HEADER + b"\x01" + _be32(1) + _counted("ram") + _be32(0) + _be32(4) +
+             _be64(mem_bytes(MEM) | 0x4) + _counted("guest.ram") + _be64(mem_bytes(MEM)) +
+             _be64(0x10) + b"\x7e" + _be32(1) + b"\x00")
+INCOMPLETE = {
+    "header, configuration and EOF": (EMPTY, r"no RAM block list.*device 'guest'"),
+    "a RAM block list and EOF": (LIST_ONLY, r"16384 of 16384 pages never arrived"),
+}
+
+
+def expect_incomplete(msg, pattern, eof_at):
+    check(re.search(r"EOF at byte offset %d\b" % eof_at, msg), "the error does not name the "
+          "EOF at byte offset %d: %r", eof_at, msg)
+    check(re.search(pattern, msg), "the error does not say what is missing (%s): %r",
+          pattern, msg)
+
+
+def _register_incomplete(what):
+    data, pattern = INCOMPLETE[what]
+
+    @test("file: %s is refused, naming what is missing" % what)
+    def _(env):
+        path = env.path("incomplete.mig")
+        with open(path, "wb") as f:
+            f.write(data)
+        kind, rc, g = load(env, path, what)
+        check(kind != "running", "%s: the destination runs the guest", what)
+        check(rc == 1, "%s: exit status %s, expected 1; stderr:\n%s", what, rc, g.stderr_tail())
+        check("arrival check" not in g.stderr(), "%s: the arrival check ran", what)
+        m = re.search(r"incoming migration failed: *(\S.*)", g.stderr())
+        check(m is not None, "no 'incoming migration failed' line:\n%s", g.stderr_tail())
+        expect_incomplete(m.group(1), pattern, len(data) - 1)
+
+    @test("tcp: %s is refused, SHUT(1) on the return path" % what)
+    def _(env):
+        port = lmtest.free_tcp_port("127.0.0.1")
+        uri = "tcp:127.0.0.1:%d" % port
+        g = env.guest("dst", mem=MEM, incoming=uri)
+        lmtest.wait_listening(uri, g)
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as c:
+            # OPEN_RETURN_PATH after the header, as a source sends it.
+            c.sendall(data[:len(HEADER)] + b"\x08\x00\x01\x00\x00" + data[len(HEADER):])
+            reply = b""
+            while len(reply) < 8:
+                chunk = c.recv(8 - len(reply))
+                check(chunk, "the destination closed without answering on the return path")
+                reply += chunk
+        check(reply == b"\x00\x01\x00\x04\x00\x00\x00\x01", "return path %r, expected "
+              "SHUT with status 1", reply)
+        rc = wait_incoming_exit(g, LOAD_TIMEOUT)
+        check(rc == 1, "exit status %s, expected 1; stderr:\n%s", rc, g.stderr_tail())
+        check("arrival check" not in g.stderr(), "%s: the arrival check ran", what)
+        m = re.search(r"incoming migration failed: *(\S.*)", g.stderr())
+        check(m is not None, "no 'incoming migration failed' line:\n%s", g.stderr_tail())
+        expect_incomplete(m.group(1), pattern, len(data) + 5 - 1)
+
+
+for _what in INCOMPLETE:
+    _register_incomplete(_what)
+
+
+@test("the saved stream without its device section is refused")
+def _(env):
+    s = parsed()
+    devs = [sec for sec in s.sections if sec[3] == "guest"]
+    check(devs, "no device section in the saved stream")
+    start = devs[0][0]
+    with open(saved(), "rb") as f:
+        data = f.read()
+    cut = data[:start] + data[s.eof:s.eof + 1]
+    path = env.path("nodevice.mig")
+    with open(path, "wb") as f:
+        f.write(cut)
+    kind, rc, g = load(env, path, "no device")
+    check(kind != "running" and rc == 1, "no device section: %s rc %s; stderr:\n%s", kind, rc,
+          g.stderr_tail())
+    m = re.search(r"incoming migration failed: *(\S.*)", g.stderr())
+    check(m is not None, "no 'incoming migration failed' line:\n%s", g.stderr_tail())
+    expect_incomplete(m.group(1), r"device 'guest' instance 0", start)
 
 
 if __name__ == "__main__":

@@ -84,7 +84,14 @@ static void dest_init(dest *d)
 
 static void dest_fini(dest *d)
 {
+    ram_load_finish(&d->ram);
     munmap(d->mem, BLOCK_LEN);
+}
+
+static int ram_check(void *opaque, char *why, size_t len)
+{
+    dest *d = opaque;
+    return ram_load_check(&d->ram, why, len);
 }
 
 /* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
@@ -94,7 +101,8 @@ static int load(const buf *b, dest *d, char *msg, size_t msglen)
     lm_stream *s = lm_stream_new_mem(b->data, b->len);
     int ret;
 
-    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, ram_handler, d);
+    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, ram_handler, d)->check =
+        ram_check;
     loadvm_add_handler(lv, "dev", 0, 2, dev_load, d);
     ram_load_start(&d->ram);
     ret = loadvm_run(lv, s);
@@ -445,6 +453,97 @@ static void test_wrong_machine(void **state)
     free(b.data);
 }
 
+/* ---- complete means complete: EOF before everything arrived ---- */
+
+static void w_empty(lm_stream *s, void *arg)
+{
+    savevm_put_header(s, false);
+    savevm_put_eof(s);
+}
+
+static void test_empty_stream(void **state)
+{
+    buf b = build(w_empty, NULL);
+    /* header 8 + configuration 14: EOF at 22 */
+    expect_error(&b, "EOF at byte offset 22", "no RAM block list");
+    expect_error(&b, "device 'dev' instance 0: no state", NULL);
+    free(b.data);
+}
+
+static void x_list_then_eof(lm_stream *s)
+{
+    lm_put_be64(s, LM_RAM_EOS);
+    savevm_section_footer(s, 1);
+    savevm_put_eof(s);
+}
+
+/* The block list, one page, END, the device; 15 pages never sent. */
+static void x_pages_missing(lm_stream *s)
+{
+    lm_put_be64(s, LM_RAM_EOS);
+    savevm_section_footer(s, 1);
+    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
+    lm_put_be64(s, 0 | LM_RAM_ZERO);
+    lm_stream_put_counted(s, "pc.ram");
+    lm_put_u8(s, 0);
+    lm_put_be64(s, LM_RAM_EOS);
+    savevm_section_footer(s, 1);
+    savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+    lm_put_be32(s, 1);
+    savevm_section_footer(s, 2);
+    savevm_put_eof(s);
+}
+
+/* The good stream with its device section left out. */
+static void w_no_device(lm_stream *s, void *arg)
+{
+    src *sr = arg;
+
+    savevm_put_header(s, false);
+    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
+    ram_save_setup(&sr->ram, s);
+    savevm_section_footer(s, 1);
+    ram_save_start(&sr->ram, NULL);
+    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
+    while (!ram_save_some(&sr->ram, s, UINT64_MAX))
+        ;
+    ram_put_eos(&sr->ram, s);
+    savevm_section_footer(s, 1);
+    if (arg && ((src *)arg)->mem[0] == 0xdd) {   /* the device twice */
+        for (int i = 0; i < 2; i++) {
+            savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+            lm_put_be32(s, 7);
+            savevm_section_footer(s, 2);
+        }
+    }
+    savevm_put_eof(s);
+    ram_save_finish(&sr->ram);
+}
+
+static void test_incomplete_streams(void **state)
+{
+    src sr;
+    buf b;
+
+    ram_case(x_list_then_eof, "before everything this side registered arrived",
+             "no END of the ram section");
+    ram_case(x_list_then_eof, "RAM block 'pc.ram': 16 of 16 pages never arrived", NULL);
+    ram_case(x_pages_missing, "RAM block 'pc.ram': 15 of 16 pages never arrived",
+             "the first at offset 0x1000");
+    src_init(&sr);
+    b = build(w_no_device, &sr);
+    expect_error(&b, "device 'dev' instance 0: no state", "EOF at byte offset");
+    free(b.data);
+    munmap(sr.mem, BLOCK_LEN);
+
+    src_init(&sr);
+    sr.mem[0] = 0xdd;
+    b = build(w_no_device, &sr);
+    expect_error(&b, "after that section's last", "byte offset");
+    free(b.data);
+    munmap(sr.mem, BLOCK_LEN);
+}
+
 /* Every strict prefix of a valid stream fails, and says "truncated". */
 static void test_truncated_everywhere(void **state)
 {
@@ -502,6 +601,8 @@ int main(void)
         cmocka_unit_test(test_ram_rejections),
         cmocka_unit_test(test_oversized_lengths),
         cmocka_unit_test(test_wrong_machine),
+        cmocka_unit_test(test_empty_stream),
+        cmocka_unit_test(test_incomplete_streams),
         cmocka_unit_test(test_truncated_everywhere),
         cmocka_unit_test(test_corrupted_everywhere),
     };

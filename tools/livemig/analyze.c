@@ -7,7 +7,9 @@
  * the library's JSON document.  When the file cannot be fully understood
  * the report still shows everything up to the problem, the problem goes to
  * stderr ("livemig analyze: FILE: <what> at byte offset N") and the exit
- * status is 1.  Usage errors exit 2.
+ * status is 1.  A file understood to its end that does not hold a whole
+ * migration (lm_analysis.complete) exits 3, saying what is missing.  Usage
+ * errors exit 2.
  */
 #include <errno.h>
 #include <getopt.h>
@@ -39,8 +41,10 @@ static void analyze_usage(FILE *f)
         "                       are exactly the block's size, unsent pages zero\n"
         "  -h, --help           show this help\n"
         "\n"
-        "Exit status: 0 the whole file was understood (and extracted); 1 it was\n"
-        "not (the error names the byte offset); 2 usage.\n");
+        "Exit status: 0 the whole file was understood (and extracted) and holds a\n"
+        "complete migration; 1 it was not understood (the error names the byte\n"
+        "offset); 2 usage; 3 understood, but not a whole migration: stderr says\n"
+        "what is missing (pages, a device's state, the END of a section...).\n");
 }
 
 static void print_counts_header(void)
@@ -146,6 +150,9 @@ static void print_report(const char *path, const lm_analysis *a, const char *dir
     if (a->multifd_flushes)
         printf(", %llu MULTIFD_FLUSH", (unsigned long long)a->multifd_flushes);
     printf("\n");
+    if (!a->error.code)
+        printf("complete        %s%s\n", a->complete ? "yes: a whole migration" : "no: ",
+               a->complete ? "" : a->missing);
     if (a->extracted)
         for (size_t i = 0; i < a->nblocks; i++)
             printf("extracted       %s/%s (%llu bytes)\n", dir, a->blocks[i].file_name,
@@ -216,6 +223,10 @@ int cmd_analyze(int argc, char **argv)
     fflush(stdout);
     if (rc)
         fprintf(stderr, "livemig analyze: %s: %s\n", argv[optind], err.msg);
+    else if (!a->complete)
+        fprintf(stderr, "livemig analyze: %s: not a complete migration: %s\n", argv[optind],
+                a->missing);
+    c = rc ? 1 : a->complete ? 0 : 3;
     lm_analysis_free(a);
-    return rc ? 1 : 0;
+    return c;
 }
