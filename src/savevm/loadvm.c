@@ -246,11 +246,12 @@ static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at
 static void loadvm_missing(char *why, size_t len, const char *item)
 {
     size_t used = strlen(why);
+    int n;
 
     if (used + 8 >= len)
         return;
-    snprintf(why + used, len - used, "%s%s", used ? "; " : "", item);
-    if (strlen(why) == len - 1)
+    n = snprintf(why + used, len - used, "%s%s", used ? "; " : "", item);
+    if (n < 0 || (size_t)n >= len - used)        /* cut: say so */
         memcpy(why + len - 4, "...", 4);
 }
 
