@@ -25,6 +25,7 @@
  * submit and wait.
  */
 #include <errno.h>
+#include <inttypes.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -34,6 +35,7 @@
 #include "compress/compress.h"
 #include "util/error.h"
 #include "util/pool.h"
+#include "util/zero.h"
 
 #define PAGE LM_COMPRESS_PAGE_SIZE
 #define RELAXED memory_order_relaxed
@@ -100,6 +102,9 @@ struct lm_compress {
     lm_pool *pool;
     int level;
     comp_req *ready_head, *ready_tail;     /* owner only */
+    /* the sink's: where emitted pages go (owner only, during a page/flush) */
+    lm_ram *sink_ram;
+    lm_stream *sink_stream;
     _Atomic uint64_t submitted, busy, pages, compressed_size, not_smaller;
 };
 
@@ -522,4 +527,135 @@ int lm_decompress_wait(lm_decompress *d, lm_error *err)
 void lm_decompress_interrupt(lm_decompress *d)
 {
     lm_pool_interrupt(d->pool);
+}
+
+/* ------------------------------------------------------------------ the ram section */
+
+/*
+ * A finished page, written by the migration thread (emit runs on the thread
+ * that polls).  It always carries CONTINUE: pages are only submitted while
+ * the stream's last named block is theirs, and the pool is flushed before
+ * the block changes (sink_page), so CONTINUE keeps meaning "that one".
+ */
+static int sink_emit(void *opaque, uint64_t tag, const void *data, uint32_t len, bool compressed)
+{
+    lm_compress *c = opaque;
+    lm_stream *s = c->sink_stream;
+
+    if (compressed) {
+        lm_put_be64(s, tag | LM_RAM_COMPRESS_PAGE | LM_RAM_CONTINUE);
+        lm_put_be32(s, len);
+        lm_put_buffer(s, data, len);
+    } else {
+        /* not smaller: a normal page, from the bounce copy */
+        lm_put_be64(s, tag | LM_RAM_PAGE | LM_RAM_CONTINUE);
+        lm_put_buffer(s, data, LM_PAGE_SIZE);
+    }
+    return lm_stream_error(s);
+}
+
+static int sink_flush(void *impl, lm_ram *r, lm_stream *s, lm_error *err)
+{
+    lm_compress *c = impl;
+
+    c->sink_ram = r;
+    c->sink_stream = s;
+    if (lm_compress_flush(c, sink_emit, c, err)) {
+        lm_error_prefix(err, "compress");
+        return err->code ? err->code : -EIO;
+    }
+    return 0;
+}
+
+static int sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+{
+    lm_compress *c = impl;
+    const uint8_t *p = b->host + page * LM_PAGE_SIZE;
+    lm_error err = { 0 };
+
+    if (lm_is_zero(p, LM_PAGE_SIZE)) {
+        ram_put_zero(r, s, b, page);
+        return RAM_SENT_ZERO;
+    }
+    if (b != r->last_sent) {
+        /* A new block: its first page is a named PAGE record, after every
+         * page of the previous block. */
+        if (sink_flush(c, r, s, &err)) {
+            lm_stream_set_error(s, err.code ? err.code : -EIO, "%s", err.msg);
+            return RAM_SENT_STREAM;
+        }
+        ram_put_page(r, s, b, page);
+        return RAM_SENT_STREAM;
+    }
+    c->sink_ram = r;
+    c->sink_stream = s;
+    if (lm_compress_submit(c, p, page * LM_PAGE_SIZE, sink_emit, c, &err) ||
+        lm_compress_poll(c, sink_emit, c) < 0)
+        lm_stream_set_error(s, err.code ? err.code : -EIO, "compress: %s", err.msg);
+    return RAM_SENT_STREAM;
+}
+
+static const ram_sink_ops sink_ops = {
+    .name = "compress",
+    .page = sink_page,
+    .flush = sink_flush,
+};
+
+ram_sink lm_compress_sink(lm_compress *c)
+{
+    return (ram_sink){ &sink_ops, c };
+}
+
+/* COMPRESS_PAGE: be32 len then len bytes of one complete zlib stream; any
+ * other record is placed as usual. */
+static int place_record(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset,
+                        uint64_t flags, uint64_t at)
+{
+    lm_decompress *d = impl;
+    uint8_t data[LM_COMPRESS_BOUND];
+    uint32_t len;
+    lm_error err;
+
+    if (flags != LM_RAM_COMPRESS_PAGE)
+        return ram_place_direct(r, s, b, offset, flags, at);
+    if (lm_get_be32(s, &len))
+        return -1;
+    if (len == 0 || len > LM_COMPRESS_BOUND) {
+        lm_stream_set_error(s, -EINVAL, "compressed page at byte offset %" PRIu64 " has "
+                            "length %u (1..%d)", at, len, LM_COMPRESS_BOUND);
+        return -1;
+    }
+    if (lm_get_buffer(s, data, len))
+        return -1;
+    if (lm_decompress_submit(d, b->host + offset, data, len, at, &err)) {
+        lm_stream_set_error(s, err.code, "%s", err.msg);
+        return -1;
+    }
+    /* counted when submitted: the EOS waits until it is in place */
+    ram_received(b, offset / LM_PAGE_SIZE, 1);
+    return 0;
+}
+
+static int place_sync(void *impl, lm_ram *r, lm_stream *s, uint64_t at)
+{
+    lm_error err;
+
+    (void)r;
+    (void)at;
+    if (lm_decompress_wait(impl, &err)) {
+        lm_stream_set_error(s, err.code, "%s", err.msg);
+        return -1;
+    }
+    return 0;
+}
+
+static const ram_placer_ops placer_ops = {
+    .name = "decompress",
+    .record = place_record,
+    .sync = place_sync,
+};
+
+ram_placer lm_decompress_placer(lm_decompress *d)
+{
+    return (ram_placer){ &placer_ops, d };
 }

@@ -54,6 +54,7 @@
 #include <stdint.h>
 
 #include "livemig/livemig.h"
+#include "ram/ram.h"
 
 #define LM_COMPRESS_PAGE_SIZE 4096
 /* zlib's compressBound(4096): the largest len a destination accepts. */
@@ -132,6 +133,16 @@ typedef struct lm_compress_stats {
 /* Any thread. */
 void lm_compress_get_stats(lm_compress *c, lm_compress_stats *st);
 
+/*
+ * The sink (ram.h) of the `compress` capability: zero pages as ZERO
+ * records, a block's first page as a named PAGE record, every other page
+ * compressed by the pool and written -- by the migration thread, as it
+ * polls -- as a COMPRESS_PAGE record with CONTINUE (or PAGE when zlib does
+ * not make it smaller); the pool is flushed before each EOS and each block
+ * change.  Valid while c lives.
+ */
+ram_sink lm_compress_sink(lm_compress *c);
+
 /* ------------------------------------------------------------------ destination */
 
 typedef struct lm_decompress lm_decompress;
@@ -156,5 +167,9 @@ int lm_decompress_wait(lm_decompress *d, lm_error *err);
 
 /* Any thread: end current and later waits with -ECANCELED.  Sticky. */
 void lm_decompress_interrupt(lm_decompress *d);
+
+/* The placer (ram.h): COMPRESS_PAGE records into the pool, the rest placed
+ * directly; every EOS waits until each page is in place. */
+ram_placer lm_decompress_placer(lm_decompress *d);
 
 #endif

@@ -9,6 +9,7 @@
  * after the requests already running (at most one chunk per worker) instead
  * of draining the queue or finishing the pass.
  */
+#include <assert.h>
 #include <endian.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -23,6 +24,7 @@
 #include "util/bitmap.h"
 #include "util/error.h"
 #include "util/pool.h"
+#include "util/zero.h"
 
 typedef struct mr_req {
     lm_pool_req req;            /* first: the pool's header */
@@ -32,7 +34,15 @@ typedef struct mr_req {
     int err;                    /* 0 or -errno, set by the worker */
 } mr_req;
 
+/* Where a block lives in the file, and (source) which pages it holds. */
+typedef struct mr_block {
+    uint64_t bitmap_off, pages_off;     /* absolute file offsets */
+    unsigned long *file_bmap;
+} mr_block;
+
 struct lm_mapped_ram {
+    mr_block blk[LM_RAM_MAX_BLOCKS];    /* by block index in lm_ram */
+    bool zero_check;                    /* source: zero pages get a clear bit */
     char path[4096];
     int flags;                  /* open flags of the workers' descriptors */
     bool write;
@@ -156,7 +166,17 @@ void mapped_ram_close(lm_mapped_ram *mr)
     if (!lm_pool_interrupted(mr->pool))
         lm_pool_wait_done(mr->pool, 60000, NULL);
     lm_pool_destroy(mr->pool);
+    for (int i = 0; i < LM_RAM_MAX_BLOCKS; i++)
+        lm_bitmap_free(mr->blk[i].file_bmap);
     free(mr);
+}
+
+static mr_block *mr_blk(lm_mapped_ram *mr, const lm_ram *r, const lm_ramblock *b)
+{
+    ptrdiff_t i = b - r->blocks;
+
+    assert(i >= 0 && i < r->nblocks);
+    return &mr->blk[i];
 }
 
 /* Queue one run.  Waits for a free request when every worker is busy.
@@ -222,53 +242,84 @@ static uint64_t mr_bitmap_bytes(const lm_ramblock *b)
     return LM_BITMAP_WORDS(b->npages) * sizeof(unsigned long);
 }
 
-void mapped_ram_put_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b)
+/* Sink, START: the block's header, then the stream resumes after its pages. */
+static void mr_sink_block(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b)
 {
+    lm_mapped_ram *mr = impl;
+    mr_block *k = mr_blk(mr, r, b);
     uint64_t here = mr->base + lm_stream_offset(s);
 
-    b->mr_bitmap_offset = here + LM_MAPPED_RAM_HDR_SIZE;
-    b->mr_pages_offset = (b->mr_bitmap_offset + mr_bitmap_bytes(b) + LM_MAPPED_RAM_ALIGN - 1) &
-                         ~(LM_MAPPED_RAM_ALIGN - 1);
-    lm_bitmap_free(b->file_bmap);
-    b->file_bmap = lm_bitmap_new(b->npages);
+    k->bitmap_off = here + LM_MAPPED_RAM_HDR_SIZE;
+    k->pages_off = (k->bitmap_off + mr_bitmap_bytes(b) + LM_MAPPED_RAM_ALIGN - 1) &
+                   ~(LM_MAPPED_RAM_ALIGN - 1);
+    lm_bitmap_free(k->file_bmap);
+    k->file_bmap = lm_bitmap_new(b->npages);
     lm_put_be32(s, LM_MAPPED_RAM_VERSION);
     lm_put_be64(s, LM_PAGE_SIZE);
-    lm_put_be64(s, b->mr_bitmap_offset);
-    lm_put_be64(s, b->mr_pages_offset);
+    lm_put_be64(s, k->bitmap_off);
+    lm_put_be64(s, k->pages_off);
     /* The bitmap is written at the end; the stream resumes after the pages. */
-    lm_stream_seek(s, b->mr_pages_offset + b->length - mr->base);
+    lm_stream_seek(s, k->pages_off + b->length - mr->base);
 }
 
-void mapped_ram_save_page(lm_mapped_ram *mr, lm_ramblock *b, uint64_t page, bool zero)
+/* Sink: a page goes to its own slot; adjacent slots make one write. */
+static int mr_sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
 {
-    uint64_t off = b->mr_pages_offset + page * LM_PAGE_SIZE;
+    lm_mapped_ram *mr = impl;
+    mr_block *k = mr_blk(mr, r, b);
+    uint64_t off = k->pages_off + page * LM_PAGE_SIZE;
     uint8_t *host = b->host + page * LM_PAGE_SIZE;
 
-    if (zero) {
+    (void)s;
+    if (mr->zero_check && lm_is_zero(host, LM_PAGE_SIZE)) {
         /* Its old bytes may stay in the file; a clear bit means "zero". */
-        lm_bitmap_clear(b->file_bmap, page);
-        return;
+        lm_bitmap_clear(k->file_bmap, page);
+        return RAM_SENT_ZERO;
     }
-    lm_bitmap_set(b->file_bmap, page);
+    lm_bitmap_set(k->file_bmap, page);
     if (mr->run_len && mr->run_host + mr->run_len == host && mr->run_off + mr->run_len == off &&
         mr->run_len < LM_MAPPED_RAM_CHUNK) {
         mr->run_len += LM_PAGE_SIZE;
-        return;
+        return RAM_SENT_AWAY;
     }
     if (mr_flush_run(mr))
-        return;     /* interrupted: mapped_ram_sync reports it */
+        return RAM_SENT_AWAY;   /* interrupted: mapped_ram_sync reports it */
     mr->run_host = host;
     mr->run_off = off;
     mr->run_len = LM_PAGE_SIZE;
+    return RAM_SENT_AWAY;
+}
+
+/* Sink, before each EOS: a page written in this pass is on its way to disk
+ * before the same page can be queued again in the next. */
+static int mr_sink_flush(void *impl, lm_ram *r, lm_stream *s, lm_error *err)
+{
+    (void)r;
+    (void)s;
+    return mapped_ram_sync(impl, err);
+}
+
+static const ram_sink_ops mr_sink_ops = {
+    .name = "mapped-ram",
+    .block = mr_sink_block,
+    .page = mr_sink_page,
+    .flush = mr_sink_flush,
+};
+
+ram_sink mapped_ram_sink(lm_mapped_ram *mr, bool zero_check)
+{
+    mr->zero_check = zero_check;
+    return (ram_sink){ &mr_sink_ops, mr };
 }
 
 int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err)
 {
     for (int i = 0; i < r->nblocks; i++) {
         lm_ramblock *b = &r->blocks[i];
+        mr_block *k = &mr->blk[i];
         size_t len = mr_bitmap_bytes(b);
 
-        if (pwrite(mr->main_fd, b->file_bmap, len, (off_t)b->mr_bitmap_offset) != (ssize_t)len)
+        if (pwrite(mr->main_fd, k->file_bmap, len, (off_t)k->bitmap_off) != (ssize_t)len)
             return lm_error_set_errno(err, -errno, "mapped-ram: writing the bitmap of '%s'",
                                       b->idstr);
     }
@@ -277,8 +328,11 @@ int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err)
 
 /* ------------------------------------------------------------ destination */
 
-int mapped_ram_load_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b)
+/* Placer, START: check the block's header, read its bitmap, queue the reads
+ * of every present page, seek past the pages region. */
+static int mr_place_block(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b)
 {
+    lm_mapped_ram *mr = impl;
     uint64_t at = lm_stream_offset(s), here = mr->base + at + LM_MAPPED_RAM_HDR_SIZE;
     uint32_t version;
     uint64_t page_size, bmap_off, pages_off, bytes = mr_bitmap_bytes(b);
@@ -333,4 +387,44 @@ int mapped_ram_load_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b)
     lm_bitmap_free(bmap);
     lm_stream_seek(s, pages_off + b->length - mr->base);
     return lm_stream_error(s) ? -1 : 0;
+}
+
+/* Placer, after the block list: all of RAM is in once the reads are done;
+ * pages the bitmaps leave out are zero by definition. */
+static int mr_place_blocks_done(void *impl, lm_ram *r, lm_stream *s)
+{
+    lm_error err;
+
+    if (mapped_ram_sync(impl, &err)) {
+        lm_stream_set_error(s, err.code, "%s", err.msg);
+        return -1;
+    }
+    for (int i = 0; i < r->nblocks; i++)
+        ram_received(&r->blocks[i], 0, r->blocks[i].npages);
+    return 0;
+}
+
+/* Placer: no page record ever travels in a mapped-ram stream. */
+static int mr_place_record(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b,
+                           uint64_t offset, uint64_t flags, uint64_t at)
+{
+    (void)impl;
+    (void)r;
+    (void)b;
+    (void)offset;
+    lm_stream_set_error(s, -EINVAL, "ram: page record (flags 0x%" PRIx64 ") in a mapped-ram "
+                        "stream at byte offset %" PRIu64, flags, at);
+    return -1;
+}
+
+static const ram_placer_ops mr_placer_ops = {
+    .name = "mapped-ram",
+    .block = mr_place_block,
+    .blocks_done = mr_place_blocks_done,
+    .record = mr_place_record,
+};
+
+ram_placer mapped_ram_placer(lm_mapped_ram *mr)
+{
+    return (ram_placer){ &mr_placer_ops, mr };
 }

@@ -29,7 +29,7 @@
  * timeout -- a slow file is not an error -- so a cancel must interrupt them:
  * mapped_ram_interrupt(), from any thread, makes the current and every later
  * wait return at once with an error and stops all further queueing (pages
- * passed to mapped_ram_save_page are dropped, mapped_ram_load_block fails
+ * the sink is given are dropped, the placer's block load fails
  * with "loading interrupted").  The migration's cancel path (mig_kick) calls
  * it; it is the one function of this module another thread may call, and
  * the caller must keep mr from being closed meanwhile (publish the pointer
@@ -71,10 +71,13 @@ uint64_t mapped_ram_bytes(const lm_mapped_ram *mr);
 void mapped_ram_interrupt(lm_mapped_ram *mr);
 
 /* ---- source ---- */
-/* START: the block's header, then seek the stream past its pages region. */
-void mapped_ram_put_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b);
-/* A dirty page: zero pages clear their bit and are not written. */
-void mapped_ram_save_page(lm_mapped_ram *mr, lm_ramblock *b, uint64_t page, bool zero);
+/*
+ * The sink (ram.h) that puts pages in the file: START writes each block's
+ * header and skips its pages region; a page goes to its fixed slot (with
+ * `zero_check`, a zero page only gets its bit cleared); every EOS waits for
+ * the writes.  Valid while mr is open.
+ */
+ram_sink mapped_ram_sink(lm_mapped_ram *mr, bool zero_check);
 /* Submit the pending run and wait for all writes.  0 or the first error. */
 int mapped_ram_sync(lm_mapped_ram *mr, lm_error *err);
 /* After the final sync: write every block's bitmap. */
@@ -82,10 +85,11 @@ int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err);
 
 /* ---- destination ---- */
 /*
- * START, after the block's idstr and length: read and check the header and
- * bitmap, queue the reads of every present page, seek past the pages region.
- * Errors are latched on s and name the block and offset.
+ * The placer (ram.h) that reads pages from the file: at START it reads and
+ * checks each block's header and bitmap and queues the reads of every
+ * present page (errors latched on s name the block and offset); after the
+ * block list it waits for them; a page record in the stream is refused.
  */
-int mapped_ram_load_block(lm_mapped_ram *mr, lm_stream *s, lm_ramblock *b);
+ram_placer mapped_ram_placer(lm_mapped_ram *mr);
 
 #endif

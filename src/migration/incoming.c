@@ -41,6 +41,9 @@ typedef struct incoming {
     int64_t last_publish_ns;
     lm_stats st;
     lm_multifd_recv *mfr;
+    lm_mapped_ram *mapped;
+    lm_decompress *decomp;
+    ram_placer placer;          /* where every page record goes, chosen at accept */
     uint64_t mf_bytes;
 } incoming;
 
@@ -51,21 +54,19 @@ static int in_workers_finish(incoming *in, bool failed, lm_error *err)
 {
     int ret;
 
-    if (in->m->ram.decomp) {
+    in->placer = ram_direct_placer();
+    if (in->decomp) {
         if (failed)
-            lm_decompress_interrupt(in->m->ram.decomp);
-        lm_decompress_free(in->m->ram.decomp);
-        in->m->ram.decomp = NULL;
+            lm_decompress_interrupt(in->decomp);
+        lm_decompress_free(in->decomp);
+        in->decomp = NULL;
     }
-    if (in->m->ram.mapped) {
-        lm_mapped_ram *mr = in->m->ram.mapped;
-
+    if (in->mapped) {
         if (failed)
-            mapped_ram_interrupt(mr);
-        pthread_mutex_lock(&in->m->conn_lock);     /* mig_kick no longer sees it */
-        in->m->ram.mapped = NULL;
-        pthread_mutex_unlock(&in->m->conn_lock);
-        mapped_ram_close(mr);
+            mapped_ram_interrupt(in->mapped);
+        mig_set_mapped(in->m, NULL);               /* mig_kick no longer sees it */
+        mapped_ram_close(in->mapped);
+        in->mapped = NULL;
     }
     if (!in->mfr)
         return 0;
@@ -73,8 +74,42 @@ static int in_workers_finish(incoming *in, bool failed, lm_error *err)
         multifd_recv_kick(in->mfr);
     in->mf_bytes = multifd_recv_bytes(in->mfr);
     ret = multifd_recv_finish(in->mfr, failed ? NULL : err);
-    in->mfr = in->m->ram.mfr = NULL;
+    in->mfr = NULL;
     return ret;
+}
+
+/*
+ * The transport the pages come by decides the placer: a mapped-ram file,
+ * the decompression pool, the multifd channels, or (none of these) the
+ * main stream placed directly.  The accepted channels pass to multifd.
+ */
+static int in_setup_placer(incoming *in, lm_conn *chans, int n, lm_error *err)
+{
+    lm_mig *m = in->m;
+    lm_params p = mig_params(m);
+
+    if (mig_cap(m, LM_CAP_MAPPED_RAM)) {
+        int nch = mig_cap(m, LM_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
+
+        in->mapped = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, nch, p.direct_io,
+                                     false, err);
+        if (!in->mapped)
+            return err->code ? err->code : -EIO;
+        mig_set_mapped(m, in->mapped);
+        in->placer = mapped_ram_placer(in->mapped);
+    } else if (mig_cap(m, LM_CAP_COMPRESS)) {
+        in->decomp = lm_decompress_new((int)p.decompress_threads, err);
+        if (!in->decomp)
+            return err->code ? err->code : -EIO;
+        in->placer = lm_decompress_placer(in->decomp);
+    } else if (mig_cap(m, LM_CAP_MULTIFD)) {
+        in->mfr = multifd_recv_start(chans, n, &m->ram, (int)p.multifd_compression, m->conn.fd,
+                                     &m->cancel, mig_fail, m, err);
+        if (!in->mfr)
+            return err->code ? err->code : -EIO;
+        in->placer = multifd_recv_placer(in->mfr);
+    }
+    return 0;
 }
 
 static void in_publish(incoming *in)
@@ -125,7 +160,7 @@ static int in_ping(void *opaque, uint32_t value)
 static int in_load_ram(lm_stream *s, void *opaque, uint32_t version, int type)
 {
     incoming *in = opaque;
-    int ret = ram_load(&in->m->ram, s, type);
+    int ret = ram_load(&in->m->ram, &in->placer, s, type);
     int64_t now = lm_now_ns();
 
     if (now - in->last_publish_ns > 100 * 1000000LL) {
@@ -194,29 +229,8 @@ void *incoming_thread(void *arg)
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
-        if (!ret && mig_cap(m, LM_CAP_MAPPED_RAM)) {
-            lm_params p = mig_params(m);
-            int nch = mig_cap(m, LM_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
-            lm_mapped_ram *mr = mapped_ram_open(m->uri.path, m->uri.offset, c.fd, nch,
-                                                p.direct_io, false, &err);
-            if (!mr)
-                ret = err.code ? err.code : -EIO;
-            /* Published where mig_kick looks for it (see precopy.c). */
-            pthread_mutex_lock(&m->conn_lock);
-            m->ram.mapped = mr;
-            if (mr && mig_cancelled(m))
-                mapped_ram_interrupt(mr);
-            pthread_mutex_unlock(&m->conn_lock);
-        } else if (!ret && mig_cap(m, LM_CAP_COMPRESS)) {
-            m->ram.decomp = lm_decompress_new((int)mig_params(m).decompress_threads, &err);
-            if (!m->ram.decomp)
-                ret = err.code ? err.code : -EIO;
-        } else if (!ret && mig_cap(m, LM_CAP_MULTIFD)) {
-            in.mfr = multifd_recv_start(chans, n, &m->ram, (int)mig_params(m).multifd_compression,
-                                        c.fd, &m->cancel, mig_fail, m, &err);
-            if (!in.mfr)
-                ret = err.code ? err.code : -EIO;
-        }
+        if (!ret)
+            ret = in_setup_placer(&in, chans, n, &err);
     }
     lm_transport_unlisten(&m->listen);
     if (ret) {
@@ -241,7 +255,6 @@ void *incoming_thread(void *arg)
                            m->devices[i].version, m->devices[i].ops.load,
                            m->devices[i].opaque);
     ram_load_start(&m->ram);
-    m->ram.mfr = in.mfr;
     if (loadvm_run(lv, in.s)) {
         ret = lm_stream_error(in.s);
         if (mig_cancelled(m))

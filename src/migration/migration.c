@@ -448,9 +448,19 @@ void mig_kick(lm_mig *m)
     }
     pthread_mutex_lock(&m->conn_lock);
     lm_conn_shutdown(&m->conn);
-    /* A file cannot be shut down: wake the mapped-ram I/O waits instead.
-     * The thread sets and clears m->ram.mapped under conn_lock. */
-    mapped_ram_interrupt(m->ram.mapped);
+    /* A file cannot be shut down: wake the mapped-ram I/O waits instead
+     * (mig_set_mapped publishes the pointer under conn_lock). */
+    mapped_ram_interrupt(m->mapped);
+    pthread_mutex_unlock(&m->conn_lock);
+}
+
+void mig_set_mapped(lm_mig *m, struct lm_mapped_ram *mr)
+{
+    pthread_mutex_lock(&m->conn_lock);
+    m->mapped = mr;
+    /* A cancel that came first set m->cancel before it took conn_lock. */
+    if (mr && mig_cancelled(m))
+        mapped_ram_interrupt(mr);
     pthread_mutex_unlock(&m->conn_lock);
 }
 

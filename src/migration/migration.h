@@ -127,6 +127,7 @@ struct lm_mig {
     lm_uri uri;
     lm_conn conn;                      /* owned by the thread; shutdown by anyone */
     pthread_mutex_t conn_lock;         /* guards conn.fd against close vs shutdown */
+    struct lm_mapped_ram *mapped;      /* under conn_lock: the open mapped-ram file */
     lm_listen listen;
 };
 
@@ -142,6 +143,12 @@ void mig_notice(lm_mig *m, const char *name, const char *detail);
 void mig_set_error(lm_mig *m, const lm_error *err);
 /* Replace it: the error that includes the first one and says more. */
 void mig_replace_error(lm_mig *m, const lm_error *err);
+/* Publish (or, NULL, withdraw) the thread's mapped-ram file where mig_kick
+ * interrupts it -- one place for the rule: under conn_lock, and interrupted
+ * at once when a cancel came first.  The thread closes it only after
+ * withdrawing it. */
+struct lm_mapped_ram;
+void mig_set_mapped(lm_mig *m, struct lm_mapped_ram *mr);
 /* Interrupt every blocking wait of the migration thread. */
 void mig_kick(lm_mig *m);
 /* A helper thread (multifd channel) failed: record the error, then kick. */

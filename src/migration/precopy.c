@@ -86,6 +86,9 @@ typedef struct precopy {
     int dest_status;            /* SHUT value, -1 until received */
     lm_stats st;
     lm_multifd_send *mfs;
+    lm_mapped_ram *mapped;
+    lm_compress *comp;
+    ram_sink sink;                      /* where every page leaves, chosen at setup */
     lm_multifd_stats mf_final;          /* kept when the channels are gone */
     uint64_t mapped_final;              /* mapped-ram page bytes, kept likewise */
     bool multifd_file;                  /* mapped-ram pages written by multifd channels */
@@ -105,7 +108,7 @@ static uint64_t pc_bytes(precopy *pc)
     lm_multifd_stats mf;
 
     pc_mf_stats(pc, &mf);
-    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->ram->mapped) +
+    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
            pc->mapped_final;
 }
 
@@ -140,7 +143,7 @@ static void pc_publish(precopy *pc)
     pc->st.multifd_bytes = mf.bytes;
     /* mapped-ram with multifd: the channels' page writes, as QEMU 9+ counts */
     if (pc->multifd_file)
-        pc->st.multifd_bytes += mapped_ram_bytes(pc->ram->mapped) + pc->mapped_final;
+        pc->st.multifd_bytes += mapped_ram_bytes(pc->mapped) + pc->mapped_final;
     pc->st.transferred = bytes;
     pc->st.remaining = pc->ram->dirty * LM_PAGE_SIZE;
     pc->st.duplicate = pc->ram->zero_pages + mf.zero_pages;
@@ -155,9 +158,9 @@ static void pc_publish(precopy *pc)
         pc->st.compression_rate = (double)(mf.normal_pages * LM_PAGE_SIZE) /
                                   (double)mf.compressed_bytes;
     }
-    if (pc->ram->comp) {
+    if (pc->comp) {
         lm_compress_stats cs;
-        lm_compress_get_stats(pc->ram->comp, &cs);
+        lm_compress_get_stats(pc->comp, &cs);
         pc->st.compression = true;
         pc->st.compress_pages = cs.pages;
         pc->st.compress_busy = cs.busy;
@@ -264,9 +267,8 @@ static uint64_t pc_rate_bytes(precopy *pc)
     /* with compression the backlog will go out at the ratio seen so far */
     if (mf.compressed_bytes && mf.normal_pages)
         per_page = (double)mf.compressed_bytes / (double)mf.normal_pages;
-    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->ram->mapped) +
-           (uint64_t)((double)(pc->ram->mf_queued_pages > done ? pc->ram->mf_queued_pages - done
-                                                              : 0) * per_page);
+    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
+           (uint64_t)((double)(mf.queued_pages > done ? mf.queued_pages - done : 0) * per_page);
 }
 
 /* Sleep out the rest of the 100 ms window if it is used up.  Interruptible. */
@@ -309,8 +311,7 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
                                  level, &m->cancel, mig_fail, m, err);
     if (!pc->mfs)
         return err->code ? err->code : -EIO;
-    pc->ram->mfs = pc->mfs;
-    pc->ram->zd = (int)pc->p.zero_page_detection;
+    pc->sink = multifd_send_sink(pc->mfs);
     return 0;
 }
 
@@ -335,22 +336,17 @@ static int pc_setup(precopy *pc, lm_error *err)
                                             pc->p.direct_io, true, err);
         if (!mr)
             return err->code ? err->code : -EIO;
-        /* Published where mig_kick looks for it; a cancel that came first
-         * has set m->cancel before it took conn_lock. */
-        pthread_mutex_lock(&m->conn_lock);
-        pc->ram->mapped = mr;
-        if (mig_cancelled(m))
-            mapped_ram_interrupt(mr);
-        pthread_mutex_unlock(&m->conn_lock);
-        pc->ram->zd = pc->p.zero_page_detection == LM_ZERO_NONE ? LM_ZERO_NONE
-                                                                 : LM_ZERO_LEGACY;
+        pc->mapped = mr;
+        mig_set_mapped(m, mr);
+        pc->sink = mapped_ram_sink(mr, pc->p.zero_page_detection != LM_ZERO_NONE);
     } else if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
         return ret;
     } else if (mig_cap(m, LM_CAP_COMPRESS)) {
-        pc->ram->comp = lm_compress_new((int)pc->p.compress_threads, (int)pc->p.compress_level,
-                                        err);
-        if (!pc->ram->comp)
+        pc->comp = lm_compress_new((int)pc->p.compress_threads, (int)pc->p.compress_level,
+                                   err);
+        if (!pc->comp)
             return err->code ? err->code : -EIO;
+        pc->sink = lm_compress_sink(pc->comp);
     }
     /* Unarmed: the first pass arms the tracker chunk by chunk as it goes
      * (ram_save_start), instead of write-protecting all RAM here first. */
@@ -360,7 +356,7 @@ static int pc_setup(precopy *pc, lm_error *err)
     ram_save_start(pc->ram, pc->dirty);
     savevm_section_header(pc->s, LM_VM_SECTION_START, LM_RAM_SECTION_ID, "ram", 0,
                           LM_RAM_SECTION_VERSION);
-    ram_save_setup(pc->ram, pc->s);
+    ram_save_setup(pc->ram, &pc->sink, pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
     for (int i = 0; i < m->ndevices; i++) {
         lm_device *d = &m->devices[i];
@@ -388,7 +384,7 @@ static int pc_part(precopy *pc, bool *wrapped, lm_error *err)
     *wrapped = false;
     savevm_section_header(pc->s, LM_VM_SECTION_PART, LM_RAM_SECTION_ID, NULL, 0, 0);
     while (!*wrapped) {
-        *wrapped = ram_save_some(pc->ram, pc->s, LM_CHUNK_BYTES);
+        *wrapped = ram_save_some(pc->ram, &pc->sink, pc->s, LM_CHUNK_BYTES);
         if ((ret = pc_rate_limit(pc, err)))
             return ret;
         if (mig_cancelled(m) || lm_stream_error(pc->s))
@@ -396,7 +392,7 @@ static int pc_part(precopy *pc, bool *wrapped, lm_error *err)
         if (lm_now_ns() - t0 > LM_SECTION_MAX_MS * 1000000LL)
             break;
     }
-    ram_put_eos(pc->ram, pc->s);
+    ram_put_eos(pc->ram, &pc->sink, pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
     for (int i = 0; i < m->ndevices; i++) {
         lm_device *d = &m->devices[i];
@@ -580,13 +576,13 @@ static int pc_complete(precopy *pc, lm_error *err)
         return (int)newly;
     pc->st.dirty_sync_count++;
     savevm_section_header(pc->s, LM_VM_SECTION_END, LM_RAM_SECTION_ID, NULL, 0, 0);
-    while (!ram_save_some(pc->ram, pc->s, UINT64_MAX) && !lm_stream_error(pc->s))
+    while (!ram_save_some(pc->ram, &pc->sink, pc->s, UINT64_MAX) && !lm_stream_error(pc->s))
         ;
-    ram_put_eos(pc->ram, pc->s);
+    ram_put_eos(pc->ram, &pc->sink, pc->s);
     savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
     /* mapped-ram: every page write is done (the EOS synced): the bitmaps last */
-    if (pc->ram->mapped && !lm_stream_error(pc->s) &&
-        (ret = mapped_ram_put_bitmaps(pc->ram->mapped, pc->ram, err)))
+    if (pc->mapped && !lm_stream_error(pc->s) &&
+        (ret = mapped_ram_put_bitmaps(pc->mapped, pc->ram, err)))
         return ret;
     uint64_t sizes[LM_MAX_DEVICES];
     for (int i = 0; i < m->ndevices; i++) {
@@ -702,24 +698,23 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         multifd_send_stats(pc->mfs, &mf);
         pc->mf_final = mf;
         multifd_send_finish(pc->mfs);
-        pc->mfs = pc->ram->mfs = NULL;
+        pc->mfs = NULL;
     }
-    if (pc->ram->comp) {
+    if (pc->comp) {
         pc_publish(pc);     /* the compression figures, while the pool exists */
         if (ret)
-            lm_compress_interrupt(pc->ram->comp);
-        lm_compress_free(pc->ram->comp);
-        pc->ram->comp = NULL;
+            lm_compress_interrupt(pc->comp);
+        lm_compress_free(pc->comp);
+        pc->comp = NULL;
     }
-    if (pc->ram->mapped) {
-        lm_mapped_ram *mr = pc->ram->mapped;
+    if (pc->mapped) {
+        lm_mapped_ram *mr = pc->mapped;
 
         if (ret)
             mapped_ram_interrupt(mr);
         pc->mapped_final = mapped_ram_bytes(mr);   /* all synced by now */
-        pthread_mutex_lock(&m->conn_lock);         /* mig_kick no longer sees it */
-        pc->ram->mapped = NULL;
-        pthread_mutex_unlock(&m->conn_lock);
+        mig_set_mapped(m, NULL);                   /* mig_kick no longer sees it */
+        pc->mapped = NULL;
         mapped_ram_close(mr);
     }
     ram_save_finish(pc->ram);

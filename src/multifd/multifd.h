@@ -167,6 +167,9 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
 /* Migration thread: queue one dirty page (not checked for zeros by caller
  * unless zd == LEGACY).  0 or -ECANCELED when the channels failed. */
 int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset);
+/* The sink (ram.h) for the `ram` section: pages to the channels (or ZERO
+ * records with legacy detection), a SYNC of every channel before each EOS. */
+ram_sink multifd_send_sink(lm_multifd_send *ms);
 /* Migration thread: hand off the partial batch, SYNC every channel, wait. */
 int multifd_send_sync(lm_multifd_send *ms);
 /* Any thread: make every channel thread and wait return (failure path). */
@@ -175,6 +178,7 @@ void multifd_send_kick(lm_multifd_send *ms);
 void multifd_send_finish(lm_multifd_send *ms);
 
 typedef struct lm_multifd_stats {
+    uint64_t queued_pages;   /* handed in by the migration thread */
     uint64_t bytes;          /* on the wire, headers included */
     uint64_t compressed_bytes;   /* payload after compression (0 without) */
     uint64_t normal_pages;
@@ -208,6 +212,9 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
                    lm_conn *chans, lm_error *err);
 /* Incoming thread, at every ram EOS: the barrier described above. */
 int multifd_recv_sync(lm_multifd_recv *mr);
+/* The placer (ram.h): main-stream records (legacy ZERO) placed directly,
+ * and every EOS the barrier above. */
+ram_placer multifd_recv_placer(lm_multifd_recv *mr);
 void multifd_recv_kick(lm_multifd_recv *mr);
 /*
  * Shut the channels down (the stream ended), join, close, free.  After the

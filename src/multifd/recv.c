@@ -305,6 +305,27 @@ int multifd_recv_sync(lm_multifd_recv *mr)
     return 0;
 }
 
+static int mr_place_sync(void *impl, lm_ram *r, lm_stream *s, uint64_t at)
+{
+    (void)r;
+    if (multifd_recv_sync(impl)) {
+        lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed (barrier at byte "
+                            "offset %" PRIu64 ")", at);
+        return -1;
+    }
+    return 0;
+}
+
+static const ram_placer_ops mr_placer_ops = {
+    .name = "multifd",
+    .sync = mr_place_sync,
+};
+
+ram_placer multifd_recv_placer(lm_multifd_recv *mr)
+{
+    return (ram_placer){ &mr_placer_ops, mr };
+}
+
 void multifd_recv_kick(lm_multifd_recv *mr)
 {
     atomic_store(mr->abort, true);

@@ -50,6 +50,7 @@ struct lm_multifd_send {
     int method;
     lm_multifd_fail_fn fail;
     void *fail_opaque;
+    uint64_t queued;            /* pages handed in (migration thread only) */
 };
 
 static void mf_fail(mf_send_chan *c, int code, const char *what)
@@ -380,6 +381,7 @@ int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset
     }
     bt->block = b;
     bt->offsets[bt->num++] = offset;
+    ms->queued++;
     return 0;
 }
 
@@ -437,9 +439,47 @@ void multifd_send_finish(lm_multifd_send *ms)
     free(ms);
 }
 
+/* The sink (ram.h): with legacy zero detection this thread writes ZERO
+ * records on the main stream, otherwise every page goes to the channels
+ * (which check for zeros with "multifd", or send all in full with "none"). */
+static int mf_sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+{
+    lm_multifd_send *ms = impl;
+    int ret;
+
+    if (ms->zd == LM_ZERO_LEGACY && lm_is_zero(b->host + page * LM_PAGE_SIZE, LM_PAGE_SIZE)) {
+        ram_put_zero(r, s, b, page);
+        return RAM_SENT_ZERO;
+    }
+    ret = multifd_send_page(ms, b, page * LM_PAGE_SIZE);
+    return ret ? ret : RAM_SENT_AWAY;
+}
+
+/* Before each EOS: per-section sync, QEMU 7.2's placement. */
+static int mf_sink_flush(void *impl, lm_ram *r, lm_stream *s, lm_error *err)
+{
+    (void)r;
+    (void)s;
+    if (multifd_send_sync(impl))
+        return lm_error_set(err, -ECANCELED, "multifd: a channel failed");
+    return 0;
+}
+
+static const ram_sink_ops mf_sink_ops = {
+    .name = "multifd",
+    .page = mf_sink_page,
+    .flush = mf_sink_flush,
+};
+
+ram_sink multifd_send_sink(lm_multifd_send *ms)
+{
+    return (ram_sink){ &mf_sink_ops, ms };
+}
+
 void multifd_send_stats(lm_multifd_send *ms, lm_multifd_stats *st)
 {
     memset(st, 0, sizeof(*st));
+    st->queued_pages = ms ? ms->queued : 0;
     for (int i = 0; ms && i < ms->n; i++) {
         st->bytes += atomic_load(&ms->chans[i].bytes);
         st->packets += atomic_load(&ms->chans[i].packets);

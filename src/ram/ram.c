@@ -1,6 +1,7 @@
 /*
  * The `ram` section, both directions; see ram.h for the design.
  */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdarg.h>
@@ -8,9 +9,6 @@
 #include <string.h>
 
 #include "ram/ram.h"
-#include "multifd/multifd.h"
-#include "mappedram/mappedram.h"
-#include "compress/compress.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 #include "util/zero.h"
@@ -68,78 +66,41 @@ void ram_save_start(lm_ram *r, lm_dirty *arm)
     r->cur_block = 0;
     r->cur_page = 0;
     r->last_sent = NULL;
-    r->zero_pages = r->normal_pages = r->offstream_bytes = r->mf_queued_pages = 0;
+    r->zero_pages = r->normal_pages = r->offstream_bytes = 0;
 }
 
 void ram_save_finish(lm_ram *r)
 {
     for (int i = 0; i < r->nblocks; i++) {
         lm_bitmap_free(r->blocks[i].bmap);
-        lm_bitmap_free(r->blocks[i].file_bmap);
-        r->blocks[i].bmap = r->blocks[i].file_bmap = NULL;
+        r->blocks[i].bmap = NULL;
     }
 }
 
-/*
- * A page finished by the compression pool, written by the migration thread
- * (the pool calls this on the thread that polls).  It always carries
- * CONTINUE: pages are only submitted while the stream's last named block is
- * theirs, and the pool is flushed before the block changes (ram_save_page).
- */
-static int ram_emit_compressed(void *opaque, uint64_t tag, const void *data, uint32_t len,
-                               bool compressed)
+void ram_put_eos(lm_ram *r, const ram_sink *sink, lm_stream *s)
 {
-    lm_ram *r = opaque;
-    lm_stream *s = r->comp_stream;
+    lm_error err = { 0 };
 
-    if (compressed) {
-        lm_put_be64(s, tag | LM_RAM_COMPRESS_PAGE | LM_RAM_CONTINUE);
-        lm_put_be32(s, len);
-        lm_put_buffer(s, data, len);
-    } else {
-        /* not smaller: a normal page, from the bounce copy */
-        lm_put_be64(s, tag | LM_RAM_PAGE | LM_RAM_CONTINUE);
-        lm_put_buffer(s, data, LM_PAGE_SIZE);
-    }
-    return lm_stream_error(s);
-}
-
-static void ram_compress_flush(lm_ram *r, lm_stream *s)
-{
-    lm_error err;
-
-    if (r->comp && !lm_stream_error(s) &&
-        lm_compress_flush(r->comp, ram_emit_compressed, r, &err))
-        lm_stream_set_error(s, err.code, "compress: %s", err.msg);
-}
-
-void ram_put_eos(lm_ram *r, lm_stream *s)
-{
-    lm_error err;
-
-    ram_compress_flush(r, s);
-    if (r->mfs && !lm_stream_error(s) && multifd_send_sync(r->mfs))
-        lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
-    if (r->mapped && !lm_stream_error(s) && mapped_ram_sync(r->mapped, &err))
-        lm_stream_set_error(s, err.code, "%s", err.msg);
+    if (sink->ops && sink->ops->flush && !lm_stream_error(s) &&
+        sink->ops->flush(sink->impl, r, s, &err) && !lm_stream_error(s))
+        lm_stream_set_error(s, err.code ? err.code : -EIO, "%s", err.msg);
     lm_put_be64(s, LM_RAM_EOS);
 }
 
-void ram_save_setup(lm_ram *r, lm_stream *s)
+void ram_save_setup(lm_ram *r, const ram_sink *sink, lm_stream *s)
 {
     lm_put_be64(s, r->total | LM_RAM_MEM_SIZE);
     for (int i = 0; i < r->nblocks; i++) {
         lm_stream_put_counted(s, r->blocks[i].idstr);
         lm_put_be64(s, r->blocks[i].length);
-        if (r->mapped)
-            mapped_ram_put_block(r->mapped, s, &r->blocks[i]);
+        if (sink->ops && sink->ops->block)
+            sink->ops->block(sink->impl, r, s, &r->blocks[i]);
     }
-    ram_put_eos(r, s);
+    ram_put_eos(r, sink, s);
 }
 
-/* One page record header: the idstr only when the block changed. */
-static void ram_put_header(lm_ram *r, lm_stream *s, const lm_ramblock *b,
-                           uint64_t offset, uint64_t flags)
+void ram_put_record(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t offset,
+                    uint64_t flags)
 {
     if (b == r->last_sent) {
         lm_put_be64(s, offset | flags | LM_RAM_CONTINUE);
@@ -150,55 +111,50 @@ static void ram_put_header(lm_ram *r, lm_stream *s, const lm_ramblock *b,
     r->last_sent = b;
 }
 
-static void ram_save_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+void ram_put_zero(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page)
 {
-    uint64_t offset = page * LM_PAGE_SIZE;
-    const uint8_t *p = b->host + offset;
+    ram_put_record(r, s, b, page * LM_PAGE_SIZE, LM_RAM_ZERO);
+    lm_put_u8(s, 0);
+}
 
-    if (r->mapped) {
-        bool zero = r->zd != LM_ZERO_NONE && lm_is_zero(p, LM_PAGE_SIZE);
-        mapped_ram_save_page(r->mapped, b, page, zero);
-        if (zero) {
-            r->zero_pages++;
-        } else {
-            r->normal_pages++;
-            r->offstream_bytes += LM_PAGE_SIZE;
-        }
-        return;
+void ram_put_page(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page)
+{
+    ram_put_record(r, s, b, page * LM_PAGE_SIZE, LM_RAM_PAGE);
+    lm_stream_put_page(s, b->host + page * LM_PAGE_SIZE, LM_PAGE_SIZE);
+}
+
+/* The default sink: this thread checks for zeros and writes records. */
+static int ram_stream_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+{
+    if (lm_is_zero(b->host + page * LM_PAGE_SIZE, LM_PAGE_SIZE)) {
+        ram_put_zero(r, s, b, page);
+        return RAM_SENT_ZERO;
     }
-    if (r->comp && !lm_is_zero(p, LM_PAGE_SIZE)) {
-        lm_error err;
-        r->normal_pages++;
-        if (b == r->last_sent) {
-            r->comp_stream = s;
-            if (lm_compress_submit(r->comp, p, offset, ram_emit_compressed, r, &err) ||
-                lm_compress_poll(r->comp, ram_emit_compressed, r) < 0)
-                lm_stream_set_error(s, err.code ? err.code : -EIO, "compress: %s", err.msg);
-            return;
-        }
-        /* A new block: its first page is a named PAGE record, after every
-         * page of the previous block (CONTINUE must keep meaning "that one"). */
-        ram_compress_flush(r, s);
-        ram_put_header(r, s, b, offset, LM_RAM_PAGE);
-        lm_stream_put_page(s, p, LM_PAGE_SIZE);
-        return;
-    }
-    /* Without multifd, or with legacy detection, this thread checks for
-     * zero pages; otherwise the channels do (or nobody, with "none"). */
-    if ((!r->mfs || r->zd == LM_ZERO_LEGACY) && lm_is_zero(p, LM_PAGE_SIZE)) {
-        ram_put_header(r, s, b, offset, LM_RAM_ZERO);
-        lm_put_u8(s, 0);
+    ram_put_page(r, s, b, page);
+    return RAM_SENT_STREAM;
+}
+
+static void ram_save_page(lm_ram *r, const ram_sink *sink, lm_stream *s, lm_ramblock *b,
+                          uint64_t page)
+{
+    int sent = sink->ops && sink->ops->page ? sink->ops->page(sink->impl, r, s, b, page)
+                                            : ram_stream_page(r, s, b, page);
+
+    switch (sent) {
+    case RAM_SENT_ZERO:
         r->zero_pages++;
-    } else if (r->mfs) {
-        if (multifd_send_page(r->mfs, b, offset))
-            lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed");
-        r->normal_pages++;
+        break;
+    case RAM_SENT_AWAY:
         r->offstream_bytes += LM_PAGE_SIZE;
-        r->mf_queued_pages++;
-    } else {
-        ram_put_header(r, s, b, offset, LM_RAM_PAGE);
-        lm_stream_put_page(s, p, LM_PAGE_SIZE);
+        /* fall through */
+    case RAM_SENT_STREAM:
         r->normal_pages++;
+        break;
+    default:
+        assert(sent < 0);
+        if (!lm_stream_error(s))
+            lm_stream_set_error(s, sent, "%s: sending a page failed",
+                                sink->ops ? sink->ops->name : "ram");
     }
 }
 
@@ -226,7 +182,7 @@ static int ram_arm(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
     return 0;
 }
 
-bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
+bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budget)
 {
     uint64_t start = ram_progress(r, s);
 
@@ -250,7 +206,7 @@ bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget)
             break;
         lm_bitmap_clear(b->bmap, page);
         r->dirty--;
-        ram_save_page(r, s, b, page);
+        ram_save_page(r, sink, s, b, page);
         r->cur_page = page + 1;
         if (ram_progress(r, s) - start >= budget)
             break;
@@ -362,7 +318,8 @@ int ram_load_check(const lm_ram *r, char *why, size_t len)
     return ok ? 0 : -1;
 }
 
-static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t at)
+static int ram_load_block_list(lm_ram *r, const ram_placer *pl, lm_stream *s, uint64_t total,
+                               uint64_t at)
 {
     uint64_t sum = 0;
     char name[256];
@@ -396,7 +353,7 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
                                 name, len, r->blocks[i].length, where);
             return -1;
         }
-        if (r->mapped && mapped_ram_load_block(r->mapped, s, &r->blocks[i]))
+        if (pl->ops && pl->ops->block && pl->ops->block(pl->impl, r, s, &r->blocks[i]))
             return -1;
         r->blocks[i].listed = true;
         sum += len;
@@ -407,17 +364,8 @@ static int ram_load_block_list(lm_ram *r, lm_stream *s, uint64_t total, uint64_t
         return -1;
     }
     r->seen_block_list = true;
-    /* mapped-ram: all of RAM is loaded once the block list is (one sync). */
-    if (r->mapped) {
-        lm_error err;
-        if (mapped_ram_sync(r->mapped, &err)) {
-            lm_stream_set_error(s, err.code, "%s", err.msg);
-            return -1;
-        }
-        /* present pages are in place, the others are zero by definition */
-        for (int i = 0; i < r->nblocks; i++)
-            ram_received(&r->blocks[i], 0, r->blocks[i].npages);
-    }
+    if (pl->ops && pl->ops->blocks_done && pl->ops->blocks_done(pl->impl, r, s))
+        return -1;
     return 0;
 }
 
@@ -446,40 +394,40 @@ static const lm_ramblock *ram_load_block(lm_ram *r, lm_stream *s, uint64_t flags
     return r->last_recv;
 }
 
-/* COMPRESS_PAGE: be32 len then len bytes of one complete zlib stream. */
-static int ram_load_compressed(lm_ram *r, lm_stream *s, uint8_t *page, uint64_t at)
+int ram_place_direct(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset, uint64_t flags,
+                     uint64_t at)
 {
-    uint8_t data[LM_COMPRESS_BOUND];
-    uint32_t len;
-    lm_error err;
+    uint8_t fill;
 
-    if (!r->decomp) {
+    (void)r;
+    switch (flags) {
+    case LM_RAM_PAGE:
+        if (lm_get_buffer(s, b->host + offset, LM_PAGE_SIZE))
+            return -1;
+        break;
+    case LM_RAM_ZERO:
+        if (lm_get_u8(s, &fill))
+            return -1;
+        /* A zero page that is already zero is not written: that keeps fresh
+         * destination memory untouched (QEMU 7.2 also accepts a fill byte). */
+        if (fill || !lm_is_zero(b->host + offset, LM_PAGE_SIZE))
+            memset(b->host + offset, fill, LM_PAGE_SIZE);
+        break;
+    default:
         lm_stream_set_error(s, -EINVAL, "ram: compressed page at byte offset %" PRIu64 " but "
                             "the compress capability is off here", at);
         return -1;
     }
-    if (lm_get_be32(s, &len))
-        return -1;
-    if (len == 0 || len > LM_COMPRESS_BOUND) {
-        lm_stream_set_error(s, -EINVAL, "compressed page at byte offset %" PRIu64 " has "
-                            "length %u (1..%d)", at, len, LM_COMPRESS_BOUND);
-        return -1;
-    }
-    if (lm_get_buffer(s, data, len))
-        return -1;
-    if (lm_decompress_submit(r->decomp, page, data, len, at, &err)) {
-        lm_stream_set_error(s, err.code, "%s", err.msg);
-        return -1;
-    }
+    ram_received(b, offset / LM_PAGE_SIZE, 1);
     return 0;
 }
 
-int ram_load(lm_ram *r, lm_stream *s, int section_type)
+int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type)
 {
     for (;;) {
         uint64_t at = lm_stream_offset(s), word, flags, offset;
-        const lm_ramblock *b;
-        uint8_t fill;
+        lm_ramblock *b;
+        int ret;
 
         if (lm_get_be64(s, &word))
             return -1;
@@ -488,18 +436,8 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
 
         if (flags == LM_RAM_EOS) {
             /* every page of this section is in place before the next one */
-            if (r->decomp) {
-                lm_error err;
-                if (lm_decompress_wait(r->decomp, &err)) {
-                    lm_stream_set_error(s, err.code, "%s", err.msg);
-                    return -1;
-                }
-            }
-            if (r->mfr && multifd_recv_sync(r->mfr)) {
-                lm_stream_set_error(s, -ECANCELED, "multifd: a channel failed (barrier at "
-                                    "byte offset %" PRIu64 ")", at);
+            if (pl->ops && pl->ops->sync && pl->ops->sync(pl->impl, r, s, at))
                 return -1;
-            }
             if (section_type == LM_SECTION_END)
                 r->load_ended = true;
             return 0;
@@ -510,14 +448,9 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
                                     "offset %" PRIu64, at);
                 return -1;
             }
-            if (ram_load_block_list(r, s, offset, at))
+            if (ram_load_block_list(r, pl, s, offset, at))
                 return -1;
             continue;
-        }
-        if (r->mapped) {
-            lm_stream_set_error(s, -EINVAL, "ram: page record (flags 0x%" PRIx64 ") in a "
-                                "mapped-ram stream at byte offset %" PRIu64, flags, at);
-            return -1;
         }
         if (!r->seen_block_list) {
             lm_stream_set_error(s, -EINVAL, "ram: page record before the block list at "
@@ -534,7 +467,7 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
                                 " at byte offset %" PRIu64, flags, at);
             return -1;
         }
-        b = ram_load_block(r, s, flags, at);
+        b = (lm_ramblock *)ram_load_block(r, s, flags, at);
         if (!b)
             return -1;
         if (offset >= b->length) {
@@ -543,25 +476,15 @@ int ram_load(lm_ram *r, lm_stream *s, int section_type)
                                 offset, b->idstr, b->length, at);
             return -1;
         }
-        if (flags & LM_RAM_PAGE) {
-            if (lm_get_buffer(s, b->host + offset, LM_PAGE_SIZE))
-                return -1;
-            ram_received(b, offset / LM_PAGE_SIZE, 1);
-            continue;
-        }
-        if (flags & LM_RAM_COMPRESS_PAGE) {
-            /* counted when submitted: the EOS waits until it is in place */
-            if (ram_load_compressed(r, s, b->host + offset, at))
-                return -1;
-            ram_received(b, offset / LM_PAGE_SIZE, 1);
-            continue;
-        }
-        if (lm_get_u8(s, &fill))
+        flags &= ~(uint64_t)LM_RAM_CONTINUE;
+        ret = pl->ops && pl->ops->record
+                  ? pl->ops->record(pl->impl, r, s, b, offset, flags, at)
+                  : ram_place_direct(r, s, b, offset, flags, at);
+        if (ret) {
+            if (!lm_stream_error(s))
+                lm_stream_set_error(s, -EIO, "ram: placing the page at byte offset %" PRIu64
+                                    " failed", at);
             return -1;
-        ram_received(b, offset / LM_PAGE_SIZE, 1);
-        /* A zero page that is already zero is not written: that keeps fresh
-         * destination memory untouched (QEMU 7.2 also accepts a fill byte). */
-        if (fill || !lm_is_zero(b->host + offset, LM_PAGE_SIZE))
-            memset(b->host + offset, fill, LM_PAGE_SIZE);
+        }
     }
 }

@@ -12,13 +12,14 @@
  * allocates one bitmap per block with every page set (the first pass sends
  * everything, as QEMU does); ram_sync() ORs the tracker's written pages in;
  * ram_save_some() walks the bitmaps from a cursor that persists across calls,
- * clearing each bit as it queues the page, and reports when the walk wraps
- * (one full pass).  Zero pages become ZERO records (vectorised check); others
- * are queued by reference (zero-copy) on the stream.
+ * clearing each bit as it hands the page to the sink, and reports when the
+ * walk wraps (one full pass).  The default sink turns zero pages into ZERO
+ * records (vectorised check) and queues the others by reference (zero-copy).
  *
  * Destination (the incoming thread): ram_load() parses one section's payload,
- * checking every name, length and offset before it touches memory, and reads
- * each page straight into its place.  It never writes outside a block.
+ * checking every name, length and offset before it hands a record to the
+ * placer (the default one reads each page straight into its place).  Nothing
+ * writes outside a block.
  */
 #ifndef LM_RAM_RAM_H
 #define LM_RAM_RAM_H
@@ -50,12 +51,6 @@ enum {
 #define LM_RAM_SECTION_VERSION 4
 #define LM_RAM_MAX_BLOCKS 64
 
-struct lm_multifd_send;
-struct lm_mapped_ram;
-struct lm_compress;
-struct lm_decompress;
-struct lm_multifd_recv;
-
 typedef struct lm_ramblock {
     char idstr[256];
     uint8_t *host;
@@ -63,9 +58,6 @@ typedef struct lm_ramblock {
     uint64_t npages;
     unsigned long *bmap;        /* source: pages still to send */
     uint64_t arm_next;          /* source: first page whose tracking is not armed */
-    /* mapped-ram: absolute file offsets and the pages present in the file */
-    uint64_t mr_bitmap_offset, mr_pages_offset;
-    unsigned long *file_bmap;
     /* destination: pages that arrived in this load (set with atomic ORs:
      * multifd channel threads set theirs concurrently), and whether the
      * block list named the block */
@@ -84,27 +76,104 @@ typedef struct lm_ram {
     const lm_ramblock *last_sent;   /* for CONTINUE */
     uint64_t dirty;             /* bits set in all bitmaps */
     uint64_t zero_pages, normal_pages;
-    uint64_t offstream_bytes;   /* page bytes routed to multifd / mapped-ram */
-    uint64_t mf_queued_pages;   /* pages handed to multifd */
+    uint64_t offstream_bytes;   /* page bytes a sink moved off the main stream */
     lm_dirty *arm;              /* the tracker, started unarmed; NULL: all armed */
-    /* multifd (set by the migration thread around a migration): pages go to
-     * the channels; zd says who checks for zero pages (lm_zero_detect). */
-    struct lm_multifd_send *mfs;
-    int zd;
-    /* mapped-ram (both directions): pages go to / come from fixed file offsets */
-    struct lm_mapped_ram *mapped;
-    /* `compress` capability: the source's compression pool, the
-     * destination's decompression pool (QEMU 7.2 COMPRESS_PAGE records) */
-    struct lm_compress *comp;
-    struct lm_decompress *decomp;
-    lm_stream *comp_stream;     /* where emitted pages go (the save's stream) */
 
     /* destination load state */
     const lm_ramblock *last_recv;
     bool seen_block_list;
     bool load_ended;            /* the END section's EOS was read */
-    struct lm_multifd_recv *mfr;    /* every EOS is a sync barrier when set */
 } lm_ram;
+
+/*
+ * The page path (design note 9): this module owns blocks, bitmaps and
+ * cursors and encodes the `ram` section, but never knows which transport
+ * carries a page.  On the source every page leaves through ONE sink chosen
+ * at setup; on the destination every page record is placed through ONE
+ * placer.  A transport (multifd, mapped-ram, compression, later postcopy's
+ * urgent channel and UFFDIO_COPY) implements the interface in its own
+ * module, which includes this header -- never the other way round.
+ *
+ * Implementations today: sinks -- the main stream (default), multifd
+ * (multifd_send_sink), mapped-ram (mapped_ram_sink), compression
+ * (lm_compress_sink); placers -- direct copy (default), multifd's barrier
+ * (multifd_recv_placer), mapped-ram's pread (mapped_ram_placer), the
+ * decompression pool (lm_decompress_placer).  Postcopy adds a sink for its
+ * urgent channel and a placer that installs pages with UFFDIO_COPY /
+ * UFFDIO_ZEROPAGE.  The bytes themselves are written where they arrive:
+ * multifd channel threads and mapped-ram/decompression workers write guest
+ * RAM directly (zero-copy) and mark ram_received(); postcopy disables
+ * multifd (as QEMU does), so after LISTEN every page record goes through the
+ * one placer.
+ *
+ * Threads: sinks and placers are called on the thread that drives the
+ * section (the migration thread, the incoming thread), never concurrently.
+ */
+typedef enum ram_sent {
+    RAM_SENT_ZERO,      /* a zero page, told as such (a ZERO record, a clear bit) */
+    RAM_SENT_STREAM,    /* in full, on the main stream (counted by its offset) */
+    RAM_SENT_AWAY,      /* in full, handed to another channel (multifd, a file) */
+} ram_sent;
+
+typedef struct ram_sink_ops {
+    const char *name;
+    /* START, after a block's idstr and length (mapped-ram: its header).
+     * NULL: nothing. */
+    void (*block)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b);
+    /* Send one dirty page (its bit already cleared): a ram_sent, or a
+     * negative errno (the caller latches it on s).  NULL: the main stream's
+     * ZERO / PAGE records (ram_put_zero, ram_put_page). */
+    int (*page)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page);
+    /* Before every EOS: everything handed over is out (multifd SYNC,
+     * mapped-ram writes done, compressed pages emitted), so a page sent in
+     * this section can never overtake its resend in the next.  NULL:
+     * nothing.  0 or a negative errno with err filled. */
+    int (*flush)(void *impl, lm_ram *r, lm_stream *s, lm_error *err);
+} ram_sink_ops;
+
+typedef struct ram_sink {
+    const ram_sink_ops *ops;
+    void *impl;
+} ram_sink;
+
+typedef struct ram_placer_ops {
+    const char *name;
+    /* START, after a block's idstr and length (mapped-ram: read its header
+     * and bitmap, queue the reads).  NULL: nothing.  Errors latched on s. */
+    int (*block)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b);
+    /* After the whole block list.  NULL: nothing. */
+    int (*blocks_done)(void *impl, lm_ram *r, lm_stream *s);
+    /* One page record whose block and offset were checked: read its payload
+     * from s and place it (flags: ZERO, PAGE or COMPRESS_PAGE, without
+     * CONTINUE; `at` is the record's byte offset, for errors).  Every
+     * implementation marks what it placed with ram_received().  NULL:
+     * ram_place_direct. */
+    int (*record)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset,
+                  uint64_t flags, uint64_t at);
+    /* At every EOS: each page of the section is in place (multifd barrier,
+     * decompression done).  NULL: nothing.  Errors latched on s. */
+    int (*sync)(void *impl, lm_ram *r, lm_stream *s, uint64_t at);
+} ram_placer_ops;
+
+typedef struct ram_placer {
+    const ram_placer_ops *ops;
+    void *impl;
+} ram_placer;
+
+/* The default sink and placer: records on the main stream, copied in place. */
+static inline ram_sink ram_stream_sink(void) { return (ram_sink){ NULL, NULL }; }
+static inline ram_placer ram_direct_placer(void) { return (ram_placer){ NULL, NULL }; }
+
+/* Main-stream record writers for sinks: a ZERO record, a PAGE record whose
+ * data is queued by reference, a record header (CONTINUE when the block is
+ * the last one named: the idstr otherwise). */
+void ram_put_zero(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page);
+void ram_put_page(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page);
+void ram_put_record(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t offset,
+                    uint64_t flags);
+/* The default placement of one record (see ram_placer_ops.record). */
+int ram_place_direct(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset, uint64_t flags,
+                     uint64_t at);
 
 int ram_register(lm_ram *r, const char *idstr, void *host, uint64_t length,
                  uint64_t page_size, lm_error *err);
@@ -122,16 +191,16 @@ void ram_save_start(lm_ram *r, lm_dirty *arm);
  * flushes (IPIs to the CPUs running the channel threads) stay negligible. */
 #define LM_RAM_ARM_PAGES 16384
 void ram_save_finish(lm_ram *r);          /* frees the bitmaps */
-void ram_save_setup(lm_ram *r, lm_stream *s); /* START payload incl. EOS */
+/* START payload incl. EOS */
+void ram_save_setup(lm_ram *r, const ram_sink *sink, lm_stream *s);
 /*
- * Queue dirty pages until about `budget` bytes were queued or the walk
- * wrapped.  Returns true when it wrapped (a pass is complete).  The caller
- * writes EOS (ram_put_eos) when it closes the section.
+ * Queue dirty pages through `sink` until about `budget` bytes were queued
+ * or the walk wrapped.  Returns true when it wrapped (a pass is complete).
+ * The caller writes EOS (ram_put_eos) when it closes the section.
  */
-bool ram_save_some(lm_ram *r, lm_stream *s, uint64_t budget);
-/* End a ram payload: with multifd, first SYNC every channel (per-section
- * sync, QEMU 7.2 placement), then EOS. */
-void ram_put_eos(lm_ram *r, lm_stream *s);
+bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budget);
+/* End a ram payload: the sink's flush (its barrier), then EOS. */
+void ram_put_eos(lm_ram *r, const ram_sink *sink, lm_stream *s);
 /* Sync every block from the tracker; returns pages newly dirtied or -errno. */
 int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err);
 
@@ -145,8 +214,9 @@ int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err);
  * is loaded).  Every path that places a page calls ram_received().
  */
 void ram_load_start(lm_ram *r);
-/* Parse one ram section payload (through its EOS).  Errors are latched on s. */
-int ram_load(lm_ram *r, lm_stream *s, int section_type);
+/* Parse one ram section payload (through its EOS), placing every page
+ * through `pl`.  Errors are latched on s. */
+int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type);
 /* `n` pages from `page` of block b have been placed.  Any thread. */
 static inline void ram_received(const lm_ramblock *b, uint64_t page, uint64_t n)
 {

@@ -24,6 +24,8 @@
 #include "stream/stream.h"
 
 #define NPAGES 16
+/* the main stream's records: the default sink */
+static const ram_sink SINK = { NULL, NULL };
 #define BLOCK_LEN (NPAGES * LM_PAGE_SIZE)
 
 typedef struct buf {
@@ -71,7 +73,9 @@ static int dev_load(lm_stream *s, void *opaque, uint32_t version, int type)
 static int ram_handler(lm_stream *s, void *opaque, uint32_t version, int type)
 {
     dest *d = opaque;
-    return ram_load(&d->ram, s, type) ? -EINVAL : 0;
+    ram_placer pl = ram_direct_placer();
+
+    return ram_load(&d->ram, &pl, s, type) ? -EINVAL : 0;
 }
 
 static void dest_init(dest *d)
@@ -141,16 +145,16 @@ static void write_good(lm_stream *s, void *arg)
     savevm_put_header(s, false);
     savevm_put_command(s, 1, 0, NULL);                 /* OPEN_RETURN_PATH */
     savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
-    ram_save_setup(&sr->ram, s);
+    ram_save_setup(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
     ram_save_start(&sr->ram, NULL);
     savevm_section_header(s, LM_VM_SECTION_PART, 1, NULL, 0, 0);
-    while (!ram_save_some(&sr->ram, s, 3 * LM_PAGE_SIZE))
+    while (!ram_save_some(&sr->ram, &SINK, s, 3 * LM_PAGE_SIZE))
         ;
-    ram_put_eos(&sr->ram, s);
+    ram_put_eos(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
     savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
-    ram_put_eos(&sr->ram, s);
+    ram_put_eos(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
     savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
     lm_put_be32(s, 0xdeadbeef);
@@ -501,13 +505,13 @@ static void w_no_device(lm_stream *s, void *arg)
 
     savevm_put_header(s, false);
     savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
-    ram_save_setup(&sr->ram, s);
+    ram_save_setup(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
     ram_save_start(&sr->ram, NULL);
     savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
-    while (!ram_save_some(&sr->ram, s, UINT64_MAX))
+    while (!ram_save_some(&sr->ram, &SINK, s, UINT64_MAX))
         ;
-    ram_put_eos(&sr->ram, s);
+    ram_put_eos(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
     if (arg && ((src *)arg)->mem[0] == 0xdd) {   /* the device twice */
         for (int i = 0; i < 2; i++) {
