@@ -54,29 +54,32 @@ static int in_workers_finish(incoming *in, bool failed, lm_error *err)
 {
     int ret;
 
+    if (failed)
+        mig_interrupt_helpers(in->m);
     in->placer = ram_direct_placer();
     if (in->decomp) {
-        if (failed)
-            lm_decompress_interrupt(in->decomp);
+        mig_helper_remove(in->m, in->decomp);
         lm_decompress_free(in->decomp);
         in->decomp = NULL;
     }
     if (in->mapped) {
-        if (failed)
-            mapped_ram_interrupt(in->mapped);
-        mig_set_mapped(in->m, NULL);               /* mig_kick no longer sees it */
+        mig_helper_remove(in->m, in->mapped);
         mapped_ram_close(in->mapped);
         in->mapped = NULL;
     }
     if (!in->mfr)
         return 0;
-    if (failed)
-        multifd_recv_kick(in->mfr);
+    mig_helper_remove(in->m, in->mfr);
     in->mf_bytes = multifd_recv_bytes(in->mfr);
     ret = multifd_recv_finish(in->mfr, failed ? NULL : err);
     in->mfr = NULL;
     return ret;
 }
+
+/* What mig_kick calls for each helper (migration.h, "interrupt of helpers"). */
+static void in_kick_multifd(void *mr) { multifd_recv_kick(mr); }
+static void in_kick_mapped(void *mr) { mapped_ram_interrupt(mr); }
+static void in_kick_decomp(void *d) { lm_decompress_interrupt(d); }
 
 /*
  * The transport the pages come by decides the placer: a mapped-ram file,
@@ -95,18 +98,20 @@ static int in_setup_placer(incoming *in, lm_conn *chans, int n, lm_error *err)
                                      false, err);
         if (!in->mapped)
             return err->code ? err->code : -EIO;
-        mig_set_mapped(m, in->mapped);
+        mig_helper_add(m, in_kick_mapped, in->mapped);
         in->placer = mapped_ram_placer(in->mapped);
     } else if (mig_cap(m, LM_CAP_COMPRESS)) {
         in->decomp = lm_decompress_new((int)p.decompress_threads, err);
         if (!in->decomp)
             return err->code ? err->code : -EIO;
+        mig_helper_add(m, in_kick_decomp, in->decomp);
         in->placer = lm_decompress_placer(in->decomp);
     } else if (mig_cap(m, LM_CAP_MULTIFD)) {
         in->mfr = multifd_recv_start(chans, n, &m->ram, (int)p.multifd_compression, m->conn.fd,
                                      &m->cancel, mig_fail, m, err);
         if (!in->mfr)
             return err->code ? err->code : -EIO;
+        mig_helper_add(m, in_kick_multifd, in->mfr);
         in->placer = multifd_recv_placer(in->mfr);
     }
     return 0;
@@ -216,6 +221,7 @@ void *incoming_thread(void *arg)
     if (!lv)
         abort();
     pthread_setname_np(pthread_self(), "lm-incoming");
+    mig_thread_enter(m);
     {
         /* Accept into a local and publish it under conn_lock: lm_cancel may
          * be shutting m->conn down concurrently. */
@@ -270,13 +276,9 @@ void *incoming_thread(void *arg)
     /*
      * Commit point of the destination: a cancel that got here first wins
      * (the guest never runs); after it lm_cancel is refused, as on the
-     * source.  m->committed under m->lock pairs with the check in lm_cancel.
+     * source (mig_commit, state.c).
      */
-    pthread_mutex_lock(&m->lock);
-    if (!mig_cancelled(m))
-        m->committed = true;
-    pthread_mutex_unlock(&m->lock);
-    if (!m->committed) {
+    if (!mig_commit(m)) {
         lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
         ret = -ECANCELED;
         goto fail;

@@ -1,9 +1,11 @@
 /*
- * The migration context: registration, state machine, listeners, queries,
- * and starting / cancelling / joining the migration thread.  The work itself
- * is in precopy.c (source) and incoming.c (destination); see migration.h for
- * who owns what and how waits are interrupted.
+ * The migration context: registration, errors and interrupting waits,
+ * queries, and starting / joining the migration thread.  The state machine
+ * (statuses, run states, commit, cancel, listeners) is state.c; the work
+ * itself is precopy.c (source) and incoming.c (destination); see
+ * migration.h for who owns what and how waits are interrupted.
  */
+#include <assert.h>
 #include <errno.h>
 #include <signal.h>
 #include <stdio.h>
@@ -12,48 +14,12 @@
 #include <sys/eventfd.h>
 #include <unistd.h>
 
-#include "mappedram/mappedram.h"
 #include "migration/migration.h"
 #include "util/error.h"
 #include "util/time.h"
 
-static const char *const status_names[] = {
-    [LM_STATUS_NONE] = "none",
-    [LM_STATUS_SETUP] = "setup",
-    [LM_STATUS_ACTIVE] = "active",
-    [LM_STATUS_DEVICE] = "device",
-    [LM_STATUS_COMPLETED] = "completed",
-    [LM_STATUS_FAILED] = "failed",
-    [LM_STATUS_CANCELLING] = "cancelling",
-    [LM_STATUS_CANCELLED] = "cancelled",
-};
 
-static const char *const runstate_names[] = {
-    [LM_RUN_PRELAUNCH] = "prelaunch",
-    [LM_RUN_INMIGRATE] = "inmigrate",
-    [LM_RUN_RUNNING] = "running",
-    [LM_RUN_PAUSED] = "paused",
-    [LM_RUN_FINISH_MIGRATE] = "finish-migrate",
-    [LM_RUN_POSTMIGRATE] = "postmigrate",
-};
 
-const char *lm_status_name(lm_status s)
-{
-    return (unsigned)s < sizeof(status_names) / sizeof(status_names[0]) ? status_names[s]
-                                                                        : "unknown";
-}
-
-const char *lm_runstate_name(lm_runstate s)
-{
-    return (unsigned)s < sizeof(runstate_names) / sizeof(runstate_names[0])
-               ? runstate_names[s] : "unknown";
-}
-
-static bool status_final(lm_status s)
-{
-    return s == LM_STATUS_NONE || s == LM_STATUS_COMPLETED || s == LM_STATUS_FAILED ||
-           s == LM_STATUS_CANCELLED;
-}
 
 lm_mig *lm_new(void)
 {
@@ -122,111 +88,13 @@ void lm_set_vm_ops(lm_mig *m, const lm_vm_ops *ops, void *opaque)
     m->vm_opaque = opaque;
 }
 
-lm_runstate lm_runstate_get(lm_mig *m)
-{
-    lm_runstate r;
 
-    pthread_mutex_lock(&m->lock);
-    r = m->runstate;
-    pthread_mutex_unlock(&m->lock);
-    return r;
-}
 
-/* A thread finished calling its listener snapshot (see lm_remove_listener). */
-static void mig_listeners_done(lm_mig *m)
-{
-    pthread_mutex_lock(&m->lock);
-    if (--m->listener_calls == 0)
-        pthread_cond_broadcast(&m->cond);
-    pthread_mutex_unlock(&m->lock);
-}
 
-/* Called with m->lock held, just after m->runstate changed to r: tells the
- * listeners, and returns with the lock released. */
-static void mig_runstate_changed_unlock(lm_mig *m, lm_runstate r)
-{
-    lm_listeners ls = m->listeners;
 
-    m->listener_calls++;
-    pthread_mutex_unlock(&m->lock);
-    for (int i = 0; i < ls.n; i++)
-        if (ls.l[i].runstate_changed)
-            ls.l[i].runstate_changed(ls.opaque[i], r);
-    mig_listeners_done(m);
-}
 
-void mig_set_runstate(lm_mig *m, lm_runstate r)
-{
-    pthread_mutex_lock(&m->lock);
-    if (m->runstate == r) {
-        pthread_mutex_unlock(&m->lock);
-        return;
-    }
-    m->runstate = r;
-    mig_runstate_changed_unlock(m, r);
-}
 
-void lm_runstate_set_running(lm_mig *m)
-{
-    mig_set_runstate(m, LM_RUN_RUNNING);
-}
 
-void lm_runstate_set_inmigrate(lm_mig *m)
-{
-    mig_set_runstate(m, LM_RUN_INMIGRATE);
-}
-
-/*
- * stop / cont as QEMU's qmp_stop / qmp_cont.  On a destination that is
- * waiting for or loading a migration (inmigrate) they only decide whether the
- * guest starts once the stream has arrived (QEMU's autostart): `stop` there
- * means "leave it paused", `cont` "start it".  The guest itself never runs
- * before the whole stream is in.
- */
-int lm_vm_stop(lm_mig *m, lm_error *err)
-{
-    lm_runstate r;
-
-    (void)err;
-    pthread_mutex_lock(&m->lock);
-    r = m->runstate;
-    if (r == LM_RUN_INMIGRATE)
-        m->autostart = false;
-    pthread_mutex_unlock(&m->lock);
-    if (r != LM_RUN_RUNNING)
-        return 0;
-    if (m->vm.stop)
-        m->vm.stop(m->vm_opaque);
-    mig_set_runstate(m, LM_RUN_PAUSED);
-    return 0;
-}
-
-int lm_vm_start(lm_mig *m, lm_error *err)
-{
-    lm_runstate r;
-
-    pthread_mutex_lock(&m->lock);
-    r = m->runstate;
-    if (r == LM_RUN_INMIGRATE)
-        m->autostart = true;
-    if (r == LM_RUN_RUNNING || r == LM_RUN_INMIGRATE) {
-        pthread_mutex_unlock(&m->lock);
-        return 0;
-    }
-    if (r == LM_RUN_FINISH_MIGRATE) {
-        pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "Guest is being switched over");
-    }
-    /* Running from here, before ops->start returns: a concurrent
-     * lm_incoming (which takes only a guest that never ran) sees it. */
-    m->runstate = LM_RUN_RUNNING;
-    pthread_mutex_unlock(&m->lock);
-    if (m->vm.start)
-        m->vm.start(m->vm_opaque);
-    pthread_mutex_lock(&m->lock);
-    mig_runstate_changed_unlock(m, LM_RUN_RUNNING);
-    return 0;
-}
 
 /* ------------------------------------------------------------ registration */
 
@@ -235,7 +103,7 @@ static bool mig_idle(lm_mig *m)
     bool idle;
 
     pthread_mutex_lock(&m->lock);
-    idle = status_final(m->status) && !m->thread_running;
+    idle = mig_status_final(m->status) && !m->thread_running;
     pthread_mutex_unlock(&m->lock);
     return idle;
 }
@@ -333,86 +201,11 @@ int lm_device_register(lm_mig *m, const char *idstr, uint32_t instance, uint32_t
     return 0;
 }
 
-int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque)
-{
-    int ret = 0;
 
-    pthread_mutex_lock(&m->lock);
-    if (m->listeners.n == LM_MAX_LISTENERS) {
-        ret = -ENOSPC;
-    } else {
-        m->listeners.l[m->listeners.n] = *l;
-        m->listeners.opaque[m->listeners.n] = opaque;
-        m->listeners.n++;
-    }
-    pthread_mutex_unlock(&m->lock);
-    return ret;
-}
-
-int lm_remove_listener(lm_mig *m, const lm_listener *l, void *opaque)
-{
-    int ret = -ENOENT;
-
-    pthread_mutex_lock(&m->lock);
-    for (int i = 0; i < m->listeners.n; i++) {
-        if (m->listeners.opaque[i] != opaque ||
-            m->listeners.l[i].status_changed != l->status_changed ||
-            m->listeners.l[i].runstate_changed != l->runstate_changed ||
-            m->listeners.l[i].notice != l->notice)
-            continue;
-        for (int j = i + 1; j < m->listeners.n; j++) {
-            m->listeners.l[j - 1] = m->listeners.l[j];
-            m->listeners.opaque[j - 1] = m->listeners.opaque[j];
-        }
-        m->listeners.n--;
-        ret = 0;
-        break;
-    }
-    /* Snapshots taken before the removal may still call it: wait them out. */
-    while (m->listener_calls > 0)
-        pthread_cond_wait(&m->cond, &m->lock);
-    pthread_mutex_unlock(&m->lock);
-    return ret;
-}
 
 /* ------------------------------------------------------------ state */
 
-void mig_set_status(lm_mig *m, lm_status s)
-{
-    lm_listeners ls;
 
-    pthread_mutex_lock(&m->lock);
-    if (m->status == s) {
-        pthread_mutex_unlock(&m->lock);
-        return;
-    }
-    m->status = s;
-    m->stats.status = s;
-    if (status_final(s))
-        m->stats.total_time = lm_now_ms() - m->start_ms;
-    pthread_cond_broadcast(&m->cond);
-    ls = m->listeners;
-    m->listener_calls++;
-    pthread_mutex_unlock(&m->lock);
-    for (int i = 0; i < ls.n; i++)
-        if (ls.l[i].status_changed)
-            ls.l[i].status_changed(ls.opaque[i], s);
-    mig_listeners_done(m);
-}
-
-void mig_notice(lm_mig *m, const char *name, const char *detail)
-{
-    lm_listeners ls;
-
-    pthread_mutex_lock(&m->lock);
-    ls = m->listeners;
-    m->listener_calls++;
-    pthread_mutex_unlock(&m->lock);
-    for (int i = 0; i < ls.n; i++)
-        if (ls.l[i].notice)
-            ls.l[i].notice(ls.opaque[i], name, detail);
-    mig_listeners_done(m);
-}
 
 void mig_set_error(lm_mig *m, const lm_error *err)
 {
@@ -438,6 +231,14 @@ void mig_replace_error(lm_mig *m, const lm_error *err)
     pthread_mutex_unlock(&m->lock);
 }
 
+/* What a shutdown does not reach: channels, pools, a file's I/O. */
+static void helpers_interrupt_locked(lm_mig *m)
+{
+    for (int i = 0; i < LM_MAX_HELPERS; i++)
+        if (m->helpers[i].fn)
+            m->helpers[i].fn(m->helpers[i].opaque);
+}
+
 void mig_kick(lm_mig *m)
 {
     uint64_t one = 1;
@@ -448,19 +249,41 @@ void mig_kick(lm_mig *m)
     }
     pthread_mutex_lock(&m->conn_lock);
     lm_conn_shutdown(&m->conn);
-    /* A file cannot be shut down: wake the mapped-ram I/O waits instead
-     * (mig_set_mapped publishes the pointer under conn_lock). */
-    mapped_ram_interrupt(m->mapped);
+    helpers_interrupt_locked(m);
     pthread_mutex_unlock(&m->conn_lock);
 }
 
-void mig_set_mapped(lm_mig *m, struct lm_mapped_ram *mr)
+void mig_interrupt_helpers(lm_mig *m)
 {
     pthread_mutex_lock(&m->conn_lock);
-    m->mapped = mr;
+    helpers_interrupt_locked(m);
+    pthread_mutex_unlock(&m->conn_lock);
+}
+
+void mig_helper_add(lm_mig *m, void (*fn)(void *), void *opaque)
+{
+    int i;
+
+    pthread_mutex_lock(&m->conn_lock);
+    for (i = 0; i < LM_MAX_HELPERS && m->helpers[i].fn; i++)
+        ;
+    assert(i < LM_MAX_HELPERS);     /* a migration runs at most one of each kind */
+    if (i < LM_MAX_HELPERS) {
+        m->helpers[i].fn = fn;
+        m->helpers[i].opaque = opaque;
+    }
     /* A cancel that came first set m->cancel before it took conn_lock. */
-    if (mr && mig_cancelled(m))
-        mapped_ram_interrupt(mr);
+    if (mig_cancelled(m))
+        fn(opaque);
+    pthread_mutex_unlock(&m->conn_lock);
+}
+
+void mig_helper_remove(lm_mig *m, void *opaque)
+{
+    pthread_mutex_lock(&m->conn_lock);
+    for (int i = 0; i < LM_MAX_HELPERS; i++)
+        if (m->helpers[i].fn && m->helpers[i].opaque == opaque)
+            m->helpers[i].fn = NULL;
     pthread_mutex_unlock(&m->conn_lock);
 }
 
@@ -499,6 +322,10 @@ bool mig_cancelled(lm_mig *m)
 
 void mig_conn_close(lm_mig *m, lm_error *err)
 {
+    /* Only its owner, the migration thread, closes the connection (others
+     * shut it down); its helpers are gone by then. */
+    for (int i = 0; i < LM_MAX_HELPERS; i++)
+        assert(!m->helpers[i].fn);
     pthread_mutex_lock(&m->conn_lock);
     lm_conn_close(&m->conn, err);
     pthread_mutex_unlock(&m->conn_lock);
@@ -515,7 +342,7 @@ void mig_publish(lm_mig *m, const lm_stats *st)
     memcpy(addr, m->stats.socket_address, sizeof(addr));
     m->stats = *st;
     m->stats.status = status;
-    m->stats.total_time = status_final(status) ? total_time : lm_now_ms() - m->start_ms;
+    m->stats.total_time = mig_status_final(status) ? total_time : lm_now_ms() - m->start_ms;
     memcpy(m->stats.error_desc, err, sizeof(err));
     memcpy(m->stats.socket_address, addr, sizeof(addr));
     m->stats.incoming = m->incoming;
@@ -547,7 +374,7 @@ void lm_query(lm_mig *m, lm_stats *st)
     pthread_mutex_lock(&m->lock);
     *st = m->stats;
     st->status = m->status;
-    if (!status_final(m->status))
+    if (!mig_status_final(m->status))
         st->total_time = lm_now_ms() - m->start_ms;
     pthread_mutex_unlock(&m->lock);
     snprintf(st->dirty_tracker, sizeof(st->dirty_tracker), "%s", lm_dirty_tracker_name(m));
@@ -555,63 +382,9 @@ void lm_query(lm_mig *m, lm_stats *st)
     st->page_size = LM_PAGE_SIZE;
 }
 
-lm_status lm_wait(lm_mig *m, int timeout_ms)
-{
-    struct timespec dl = lm_deadline_ms(timeout_ms < 0 ? 0 : timeout_ms);
-    lm_status s;
-    bool done;
-
-    pthread_mutex_lock(&m->lock);
-    while (!status_final(m->status)) {
-        if (timeout_ms < 0) {
-            pthread_cond_wait(&m->cond, &m->lock);
-        } else if (pthread_cond_timedwait(&m->cond, &m->lock, &dl) == ETIMEDOUT) {
-            break;
-        }
-    }
-    s = m->status;
-    done = status_final(s);
-    pthread_mutex_unlock(&m->lock);
-    (void)done;
-    return s;
-}
 
 /* ------------------------------------------------------------ start / cancel */
 
-/*
- * Which run states may start which direction, as QEMU decides it.  Only a
- * guest that never ran may receive a migration (QEMU: the process was
- * started with -incoming); a load into a guest that runs, or ran, would
- * overwrite live memory under its writers.  A destination that is waiting
- * for (or failed to receive) a migration has no guest to send.  The
- * destination's state is claimed (inmigrate) here, under the lock, so a
- * concurrent lm_vm_start cannot start the guest between check and load.
- */
-static int mig_claim_runstate(lm_mig *m, bool incoming, lm_error *err)
-{
-    lm_runstate r;
-
-    pthread_mutex_lock(&m->lock);
-    r = m->runstate;
-    if (incoming && r != LM_RUN_PRELAUNCH && r != LM_RUN_INMIGRATE) {
-        pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "cannot receive a migration: this guest is '%s' "
-                            "(only a guest that never ran can be a destination; start the "
-                            "program as one, e.g. with --incoming defer)",
-                            lm_runstate_name(r));
-    }
-    if (!incoming && r == LM_RUN_INMIGRATE) {
-        pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "Guest is waiting for an incoming migration");
-    }
-    if (incoming && r == LM_RUN_PRELAUNCH) {
-        m->runstate = LM_RUN_INMIGRATE;
-        mig_runstate_changed_unlock(m, LM_RUN_INMIGRATE);
-        return 0;
-    }
-    pthread_mutex_unlock(&m->lock);
-    return 0;
-}
 
 static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
 {
@@ -619,7 +392,7 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
 
     if (!mig_idle(m)) {
         pthread_mutex_lock(&m->lock);
-        bool ended = status_final(m->status);
+        bool ended = mig_status_final(m->status);
         pthread_mutex_unlock(&m->lock);
         if (!ended)
             return lm_error_set(err, -EBUSY, "There's a migration process in progress");
@@ -744,31 +517,6 @@ int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
     return ret;
 }
 
-int lm_cancel(lm_mig *m, lm_error *err)
-{
-    bool active, committed;
-
-    pthread_mutex_lock(&m->lock);
-    active = !status_final(m->status);
-    committed = m->committed;
-    if (active && !committed) {
-        atomic_store(&m->cancel, true);
-        m->user_cancel = true;
-    }
-    pthread_mutex_unlock(&m->lock);
-    if (!active)
-        return 0;
-    if (committed)
-        return lm_error_set(err, -EBUSY, m->incoming
-                            ? "too late to cancel: the whole stream arrived and the guest "
-                              "is starting here"
-                            : "too late to cancel: the destination has the whole "
-                              "stream and may be running the guest");
-    if (!m->incoming)
-        mig_set_status(m, LM_STATUS_CANCELLING);
-    mig_kick(m);
-    return 0;
-}
 
 int64_t lm_parse_size(const char *s)
 {

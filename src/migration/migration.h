@@ -46,6 +46,7 @@
 
 #define LM_MAX_LISTENERS 8
 #define LM_MAX_DEVICES 64
+#define LM_MAX_HELPERS 4
 
 enum lm_cap {
     LM_CAP_EVENTS,
@@ -120,6 +121,8 @@ struct lm_mig {
 
     /* --- the running migration --- */
     pthread_t thread;
+    pthread_t thread_self;             /* under lock: set by the thread itself */
+    bool thread_self_valid;
     atomic_bool cancel;
     bool committed;                    /* under lock: EOF sent, cancel refused */
     bool user_cancel;                  /* under lock: lm_cancel asked (vs. a failure) */
@@ -127,29 +130,57 @@ struct lm_mig {
     lm_uri uri;
     lm_conn conn;                      /* owned by the thread; shutdown by anyone */
     pthread_mutex_t conn_lock;         /* guards conn.fd against close vs shutdown */
-    struct lm_mapped_ram *mapped;      /* under conn_lock: the open mapped-ram file */
+    /* under conn_lock: what mig_kick interrupts besides the connection --
+     * the running helpers (multifd channels, worker pools, a mapped-ram
+     * file), each added by the thread that starts it and removed before it
+     * is freed */
+    struct { void (*fn)(void *); void *opaque; } helpers[LM_MAX_HELPERS];
     lm_listen listen;
 };
 
+/* ---- state.c: the state machine (its tables say which move is legal
+ * from which thread; an illegal one asserts in debug builds) ---- */
+
+/* Move to `s` (broadcast, listeners).  false when the move was not made: a
+ * cancel got there first (CANCELLING holds until the thread ends). */
+bool mig_set_status(lm_mig *m, lm_status s);
+void mig_set_runstate(lm_mig *m, lm_runstate r);
+bool mig_status_final(lm_status s);
+/* The migration thread, first thing: who "the thread" of the tables is. */
+void mig_thread_enter(lm_mig *m);
+/* Which run state may start which direction; claims inmigrate. */
+int mig_claim_runstate(lm_mig *m, bool incoming, lm_error *err);
+/*
+ * The commit point (the thread, once): true, and lm_cancel refused from
+ * then on, unless a cancel came first.  Source: before EOF is written;
+ * destination: after the loader accepted EOF, before the guest starts.
+ */
+bool mig_commit(lm_mig *m);
+bool mig_committed(lm_mig *m);
+
 /* ---- migration.c: state shared by both directions ---- */
 
-/* Move to `s` (broadcast, listeners).  Never leaves a final state except
- * through a new migration. */
-void mig_set_status(lm_mig *m, lm_status s);
-void mig_set_runstate(lm_mig *m, lm_runstate r);
 /* Tell the listeners' notice callbacks (see lm_listener). */
 void mig_notice(lm_mig *m, const char *name, const char *detail);
 /* Record the first error of this migration (later ones are logged only). */
 void mig_set_error(lm_mig *m, const lm_error *err);
 /* Replace it: the error that includes the first one and says more. */
 void mig_replace_error(lm_mig *m, const lm_error *err);
-/* Publish (or, NULL, withdraw) the thread's mapped-ram file where mig_kick
- * interrupts it -- one place for the rule: under conn_lock, and interrupted
- * at once when a cancel came first.  The thread closes it only after
- * withdrawing it. */
-struct lm_mapped_ram;
-void mig_set_mapped(lm_mig *m, struct lm_mapped_ram *mr);
-/* Interrupt every blocking wait of the migration thread. */
+/*
+ * The interrupt of helpers, in one place: a helper the migration thread
+ * starts (multifd channels, a worker pool, a mapped-ram file) is added with
+ * the function that makes every wait of it return; mig_kick calls them all,
+ * under conn_lock.  Added after a cancel came first, it is interrupted at
+ * once.  The thread removes it before freeing it: when mig_helper_remove
+ * returns, no call of fn(opaque) is in progress or will start.
+ */
+void mig_helper_add(lm_mig *m, void (*fn)(void *), void *opaque);
+void mig_helper_remove(lm_mig *m, void *opaque);
+/* Interrupt the helpers only: the connection stays up (the destination
+ * still has a SHUT(1) to send). */
+void mig_interrupt_helpers(lm_mig *m);
+/* Interrupt every blocking wait of the migration thread: the connection
+ * shut down and every helper interrupted. */
 void mig_kick(lm_mig *m);
 /* A helper thread (multifd channel) failed: record the error, then kick. */
 void mig_fail(void *m, const lm_error *err);

@@ -41,7 +41,6 @@
 #include "multifd/multifd.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
-#include "util/fault.h"
 #include "util/time.h"
 
 #define LM_RAM_SECTION_ID 1
@@ -297,6 +296,11 @@ static int pc_rate_limit(precopy *pc, lm_error *err)
 
 /* ------------------------------------------------------------ phases */
 
+/* What mig_kick calls for each helper (migration.h, "interrupt of helpers"). */
+static void pc_kick_multifd(void *ms) { multifd_send_kick(ms); }
+static void pc_kick_mapped(void *mr) { mapped_ram_interrupt(mr); }
+static void pc_kick_compress(void *c) { lm_compress_interrupt(c); }
+
 static int pc_multifd_start(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
@@ -311,6 +315,7 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
                                  level, &m->cancel, mig_fail, m, err);
     if (!pc->mfs)
         return err->code ? err->code : -EIO;
+    mig_helper_add(m, pc_kick_multifd, pc->mfs);
     pc->sink = multifd_send_sink(pc->mfs);
     return 0;
 }
@@ -337,7 +342,7 @@ static int pc_setup(precopy *pc, lm_error *err)
         if (!mr)
             return err->code ? err->code : -EIO;
         pc->mapped = mr;
-        mig_set_mapped(m, mr);
+        mig_helper_add(m, pc_kick_mapped, mr);
         pc->sink = mapped_ram_sink(mr, pc->p.zero_page_detection != LM_ZERO_NONE);
     } else if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
         return ret;
@@ -346,6 +351,7 @@ static int pc_setup(precopy *pc, lm_error *err)
                                    err);
         if (!pc->comp)
             return err->code ? err->code : -EIO;
+        mig_helper_add(m, pc_kick_compress, pc->comp);
         pc->sink = lm_compress_sink(pc->comp);
     }
     /* Unarmed: the first pass arms the tracker chunk by chunk as it goes
@@ -599,15 +605,11 @@ static int pc_complete(precopy *pc, lm_error *err)
     }
     /*
      * Commit point: once EOF is on its way the destination may resume the
-     * guest, so from here lm_cancel is refused (m->committed, under m->lock,
+     * guest, so from here lm_cancel is refused (mig_commit, exclusive with it
      * pairs with the check in lm_cancel).  Before it, a cancel means the
      * destination never sees EOF and never runs.
      */
-    pthread_mutex_lock(&m->lock);
-    if (!mig_cancelled(m))
-        m->committed = true;
-    pthread_mutex_unlock(&m->lock);
-    if (!m->committed)
+    if (!mig_commit(m))
         return lm_error_set(err, -ECANCELED, "migration cancelled");
     pc->eof_queued = true;
     pc->eof_at = lm_stream_offset(pc->s);
@@ -685,16 +687,17 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
 
     pc_set_throttle(pc, 0);
     if (ret) {
-        mig_kick(m);                    /* shut the socket: the peer sees the end */
-        if (pc->mfs)
-            multifd_send_kick(pc->mfs);
+        /* the socket shut (the peer sees the end), every helper interrupted */
+        mig_kick(m);
         if (pc_outcome_unknown(pc))
             pc_report_unknown(pc, err);
         else
             pc_restore_guest(pc);
     }
+    pc->sink = ram_stream_sink();       /* what it pointed to goes now */
     if (pc->mfs) {
         lm_multifd_stats mf;
+        mig_helper_remove(m, pc->mfs);
         multifd_send_stats(pc->mfs, &mf);
         pc->mf_final = mf;
         multifd_send_finish(pc->mfs);
@@ -702,20 +705,15 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     }
     if (pc->comp) {
         pc_publish(pc);     /* the compression figures, while the pool exists */
-        if (ret)
-            lm_compress_interrupt(pc->comp);
+        mig_helper_remove(m, pc->comp);
         lm_compress_free(pc->comp);
         pc->comp = NULL;
     }
     if (pc->mapped) {
-        lm_mapped_ram *mr = pc->mapped;
-
-        if (ret)
-            mapped_ram_interrupt(mr);
-        pc->mapped_final = mapped_ram_bytes(mr);   /* all synced by now */
-        mig_set_mapped(m, NULL);                   /* mig_kick no longer sees it */
+        pc->mapped_final = mapped_ram_bytes(pc->mapped);   /* all synced by now */
+        mig_helper_remove(m, pc->mapped);
+        mapped_ram_close(pc->mapped);
         pc->mapped = NULL;
-        mapped_ram_close(mr);
     }
     ram_save_finish(pc->ram);
     mig_conn_close(m, &cerr);
@@ -776,6 +774,7 @@ void *precopy_thread(void *arg)
     pc.start_ms = t0;
     pc.rate_ns = lm_now_ns();
     pthread_setname_np(pthread_self(), "lm-migrate");
+    mig_thread_enter(m);
     pc.p = mig_params(m);
     pc.s = lm_stream_new_writer(m->conn.fd, m->conn.is_socket);
     ret = pc_setup(&pc, &err);

@@ -204,6 +204,9 @@ bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budge
         }
         if (page >= b->arm_next && ram_arm(r, s, b, page))
             break;
+        /* The walk owns the bit: cleared before the page is handed over, so a
+         * write after the sink read it sets it again (dirty.h). */
+        assert(r->dirty > 0);
         lm_bitmap_clear(b->bmap, page);
         r->dirty--;
         ram_save_page(r, sink, s, b, page);

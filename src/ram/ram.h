@@ -24,6 +24,7 @@
 #ifndef LM_RAM_RAM_H
 #define LM_RAM_RAM_H
 
+#include <assert.h>
 #include <stdbool.h>
 #include <stdint.h>
 
@@ -220,6 +221,7 @@ int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type);
 /* `n` pages from `page` of block b have been placed.  Any thread. */
 static inline void ram_received(const lm_ramblock *b, uint64_t page, uint64_t n)
 {
+    assert(b->rmap && page + n <= b->npages);   /* checked offsets only */
     lm_bitmap_set_range_atomic(b->rmap, page, n);
 }
 /*

@@ -130,7 +130,7 @@ void mig_info_parse(const json_t *r, struct mig_info *mi)
     }
 }
 
-bool mig_status_final(const char *s)
+bool migrate_status_final(const char *s)
 {
     return !strcmp(s, "completed") || !strcmp(s, "failed") || !strcmp(s, "cancelled");
 }
@@ -324,7 +324,7 @@ static void print_summary(FILE *f, const struct mig_info *mi)
         fprintf(f, "total time: %lld ms\n", (long long)mi->total_time);
     if (mi->has_downtime)
         fprintf(f, "downtime: %lld ms\n", (long long)mi->downtime);
-    if (mi->has_expected_downtime && !mig_status_final(mi->status))
+    if (mi->has_expected_downtime && !migrate_status_final(mi->status))
         fprintf(f, "expected downtime: %lld ms\n", (long long)mi->expected_downtime);
     if (mi->has_setup_time)
         fprintf(f, "setup: %lld ms\n", (long long)mi->setup_time);
@@ -411,7 +411,7 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
             const char *name = json_string_value(json_object_get(ev, "event"));
             const char *st = json_string_value(
                 json_object_get(json_object_get(ev, "data"), "status"));
-            if (name && !strcmp(name, "MIGRATION") && st && mig_status_final(st))
+            if (name && !strcmp(name, "MIGRATION") && st && migrate_status_final(st))
                 next_query = 0;             /* look now: it is over */
             json_decref(ev);
         }
@@ -426,7 +426,7 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
         mig_info_parse(r, &mi);
         json_decref(r);
         next_query = tool_now_ms() + POLL_MS;
-        if (mig_status_final(mi.status))
+        if (migrate_status_final(mi.status))
             break;
 
         char text[256];

@@ -42,7 +42,7 @@ struct mig_info {
 void mig_info_parse(const json_t *r, struct mig_info *mi);
 
 /* completed, failed or cancelled */
-bool mig_status_final(const char *status);
+bool migrate_status_final(const char *status);
 
 struct migrate_opts {
     json_t *caps;        /* object NAME -> true/false; NULL for none */
