@@ -22,10 +22,11 @@
  * the sink), and "zlib": compression alone on one thread, no copy in or out
  * -- the work one worker cannot avoid, so the ceiling of any 1-worker model.
  *
- * The pool under test is whatever liblivemig was built with: the ring pool
- * (-Dpool_model=ring, rows "ring") or, with -Dpool_model=mutex, the mutex
- * model of src/util/pool_mutex.c (rows "pool-mx"), which then runs against
- * this file's own mutex model as a check that the two behave alike.
+ * The pool under test is the one this binary links (bench/meson.build):
+ * `pool` links liblivemig and its ring pool (rows "ring"); `pool-mutex`
+ * links the bench's mutex-model build of the library, bench/pool_mutex.c
+ * (rows "pool-mx"), which then runs against this file's own mutex model as
+ * a check that the two behave alike.
  *
  * Printed per model and worker count: pages/s, CPU use ((user+sys) / wall,
  * getrusage RUSAGE_SELF: every thread of the process), the workers' own
@@ -73,7 +74,7 @@
 #define SINK_SIZE (1 << 20)
 #define MAX_RUNS 16
 
-#ifndef LM_POOL_MODEL            /* bench/meson.build passes -Dpool_model */
+#ifndef LM_POOL_MODEL            /* bench/meson.build: "ring" or "mutex" */
 #define LM_POOL_MODEL "ring"
 #endif
 
