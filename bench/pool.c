@@ -74,8 +74,10 @@
 #define SINK_SIZE (1 << 20)
 #define MAX_RUNS 16
 
-#ifndef LM_POOL_MODEL            /* bench/meson.build: "ring" or "mutex" */
-#define LM_POOL_MODEL "ring"
+/* The label of the lm_compress rows, after the pool this binary links:
+ * bench/meson.build passes "ring" for `pool`, "pool-mx" for `pool-mutex`. */
+#ifndef BENCH_POOL_ROWS
+#define BENCH_POOL_ROWS "ring"
 #endif
 
 /* ------------------------------------------------------------------ input and sink */
@@ -564,8 +566,7 @@ int main(int argc, char **argv)
     static result rg[8 * 16 * MAX_RUNS];  /* ring rows: [ring x spin][rep] */
     result inl[MAX_RUNS], zl[MAX_RUNS], mx[MAX_RUNS], base, zres, mres, rres;
     uint64_t ref_bytes;
-    /* The label of the lm_compress rows: the pool this build links. */
-    const char *plabel = strcmp(LM_POOL_MODEL, "ring") ? "pool-mx" : "ring";
+    const char *plabel = BENCH_POOL_ROWS;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
