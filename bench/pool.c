@@ -22,10 +22,11 @@
  * the sink), and "zlib": compression alone on one thread, no copy in or out
  * -- the work one worker cannot avoid, so the ceiling of any 1-worker model.
  *
- * The pool under test is whatever liblivemig was built with: the ring pool
- * (-Dpool_model=ring, rows "ring") or, with -Dpool_model=mutex, the mutex
- * model of src/util/pool_mutex.c (rows "pool-mx"), which then runs against
- * this file's own mutex model as a check that the two behave alike.
+ * The pool under test is the one this binary links (bench/meson.build):
+ * `pool` links liblivemig and its ring pool (rows "ring"); `pool-mutex`
+ * links the bench's mutex-model build of the library, bench/pool_mutex.c
+ * (rows "pool-mx"), which then runs against this file's own mutex model as
+ * a check that the two behave alike.
  *
  * Printed per model and worker count: pages/s, CPU use ((user+sys) / wall,
  * getrusage RUSAGE_SELF: every thread of the process), the workers' own
@@ -73,8 +74,10 @@
 #define SINK_SIZE (1 << 20)
 #define MAX_RUNS 16
 
-#ifndef LM_POOL_MODEL            /* bench/meson.build passes -Dpool_model */
-#define LM_POOL_MODEL "ring"
+/* The label of the lm_compress rows, after the pool this binary links:
+ * bench/meson.build passes "ring" for `pool`, "pool-mx" for `pool-mutex`. */
+#ifndef BENCH_POOL_ROWS
+#define BENCH_POOL_ROWS "ring"
 #endif
 
 /* ------------------------------------------------------------------ input and sink */
@@ -563,8 +566,7 @@ int main(int argc, char **argv)
     static result rg[8 * 16 * MAX_RUNS];  /* ring rows: [ring x spin][rep] */
     result inl[MAX_RUNS], zl[MAX_RUNS], mx[MAX_RUNS], base, zres, mres, rres;
     uint64_t ref_bytes;
-    /* The label of the lm_compress rows: the pool this build links. */
-    const char *plabel = strcmp(LM_POOL_MODEL, "ring") ? "pool-mx" : "ring";
+    const char *plabel = BENCH_POOL_ROWS;
 
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;

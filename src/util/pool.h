@@ -85,10 +85,10 @@
  *   W3 exit / interrupt: `exiting` / `interrupted` stored seq_cst before
  *      the wake; the sleeper sets its flag seq_cst and reloads them.
  *
- * Two implementations of this header, chosen at build time by
- * -Dpool_model: pool.c (this design, the default) and pool_mutex.c, the
- * old one-page-per-thread model under a mutex -- the baseline bench/compress
- * compares against, not for production.
+ * Two implementations of this header: pool.c (this design), the one
+ * liblivemig has, and bench/pool_mutex.c, the old one-page-per-thread model
+ * under a mutex -- the baseline bench/compress and bench/pool compare
+ * against, built only by bench/meson.build, not for production.
  *
  * Errors: create reports what failed (thread creation, ops->init).  Waits
  * return -ETIMEDOUT past their timeout and -ECANCELED once the pool was

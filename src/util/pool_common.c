@@ -1,5 +1,5 @@
 /*
- * The parts of lm_pool creation shared by pool.c and pool_mutex.c
+ * The parts of lm_pool creation shared by pool.c and bench/pool_mutex.c
  * (pool_common.h says why they are shared).
  */
 #include <errno.h>

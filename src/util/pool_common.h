@@ -1,8 +1,10 @@
 /*
- * What both lm_pool implementations (pool.c, pool_mutex.c; see pool.h) do
- * the same way: checking create()'s arguments, and the workers' threads and
- * per-worker contexts from start to join.  One copy, so a caller can never pass in one build what the other
- * refuses, and both name and mask their threads alike.  Private to the pool.
+ * What both lm_pool implementations (pool.c, bench/pool_mutex.c; see
+ * pool.h) do the same way: checking create()'s arguments, and the workers'
+ * threads and per-worker contexts from start to join.  One copy, so a
+ * caller can never pass to one model what the other refuses, and both name
+ * and mask their threads alike.  Private to the pool (and to the bench's
+ * mutex model, which is a pool too).
  */
 #ifndef LM_UTIL_POOL_COMMON_H
 #define LM_UTIL_POOL_COMMON_H

@@ -1,8 +1,9 @@
 /*
- * Unit tests of the lm_pool API (util/pool.h), run against whichever
- * implementation the build has: the ring pool (pool.c, -Dpool_model=ring,
- * the default) or the mutex model (pool_mutex.c, -Dpool_model=mutex).  The
- * rings themselves are tested by test_pool_ring.c (ring build only).
+ * Unit tests of the lm_pool API (util/pool.h), run against both
+ * implementations: the ring pool of liblivemig (src/util/pool.c; test
+ * `pool`) and the benchmarks' mutex model (bench/pool_mutex.c; test
+ * `pool_mutex`, built by bench/meson.build).  The rings themselves are
+ * tested by test_pool_ring.c.
  *
  * Nothing here assumes how many requests a worker owns (ring_size in the
  * ring pool, always 1 in the mutex model): capacity() asks the pool, by

@@ -1,8 +1,7 @@
 /*
  * Unit tests for the rings of src/util/pool.c (lm_spsc, lm_mpsc), on their
- * own.  Built only with -Dpool_model=ring (the default): the mutex model
- * (pool_mutex.c) has no rings.  The pool API is tested by test_pool.c in
- * both builds.
+ * own.  Only against liblivemig: the mutex model (bench/pool_mutex.c) has
+ * no rings.  The pool API is tested by test_pool.c on both models.
  *
  * Full and empty are detected exactly, items come out in order, and all of
  * it holds when the free-running indices cross 2^32 (every ring test starts

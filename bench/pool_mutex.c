@@ -1,14 +1,19 @@
 /*
  * lm_pool, mutex model: the old one-pending-page-per-thread design behind
- * the same API as pool.c (contract in pool.h).  NOT FOR PRODUCTION.
+ * the same API as src/util/pool.c (contract in src/util/pool.h).  NOT FOR
+ * PRODUCTION: a benchmark baseline.
  *
  * Why it exists: issue 5 asks whether a dirtying guest that the old QEMU
  * (7.2) compress-threads design cannot migrate within the downtime limit
  * migrates with the ring pool.  Answering that needs the old design inside
  * the real migration path, not only in a micro-benchmark, so this file
- * implements it behind lm_pool and the meson option `pool_model=mutex`
- * compiles it into liblivemig instead of pool.c (bench/compress builds both
- * and compares them; bench/compress.md has the results).  It is written
+ * implements it behind lm_pool.  It is not part of liblivemig:
+ * bench/meson.build links it with the library's other objects into a
+ * bench-only library, and builds livemig-mutex, pool-mutex and the mutex
+ * runs of the pool and compress tests on it (bench/compress compares
+ * livemig with livemig-mutex; bench/compress.md has the results).  It uses
+ * the pool's private util/pool_common.h, as pool.c does, so both models
+ * check their arguments and run their threads alike.  It is written
  * from the description of that design, not from its code:
  *
  *   - each worker has ONE pending request (ring_size is validated as in
