@@ -1,6 +1,6 @@
 /*
  * mapped-ram: guest RAM in a file, every page at its own fixed offset
- * (QEMU 9.0+ layout, reference section 5; docs/format.md section 7).
+ * (QEMU 9.0+ layout, reference section 5; docs/format.md section 6).
  *
  * In the `ram` START section each block's idstr and length are followed by a
  * 28-byte header (be32 version 1, be64 page size, be64 bitmap offset, be64

@@ -2,7 +2,7 @@
  * multifd: RAM pages over N parallel channels, each a socket with its own
  * thread, kept in order across dirty-sync rounds by SYNC packets.
  *
- * Wire (docs/format.md, section 6): every channel starts with a 64-byte
+ * Wire (docs/format.md, section 5): every channel starts with a 64-byte
  * handshake (magic 0x11223344, version 1, the source's 16-byte UUID -- zero,
  * as QEMU without -uuid --, channel id), then packets: a 1344-byte header
  * (magic, version, flags, pages_alloc=128, normal_pages, next_packet_size,
