@@ -33,26 +33,12 @@
 #include <stdint.h>
 
 #include "livemig/livemig.h"
+#include "savevm/wire.h"
 #include "stream/stream.h"
 
-#define LM_QEVM_MAGIC 0x5145564dU
-#define LM_QEVM_VERSION 3U
 /* The configuration section's machine name: livemig guests are not QEMU
  * machines, so a QEMU destination refuses our stream here, early and clearly. */
 #define LM_MACHINE_NAME "livemig-1"
-
-enum {
-    LM_VM_EOF = 0x00,
-    LM_VM_SECTION_START = 0x01,
-    LM_VM_SECTION_PART = 0x02,
-    LM_VM_SECTION_END = 0x03,
-    LM_VM_SECTION_FULL = 0x04,
-    LM_VM_SUBSECTION = 0x05,
-    LM_VM_VMDESCRIPTION = 0x06,
-    LM_VM_CONFIGURATION = 0x07,
-    LM_VM_COMMAND = 0x08,
-    LM_VM_SECTION_FOOTER = 0x7e,
-};
 
 /* ---- writing ---- */
 /* Header and configuration; with mapped-ram the configuration carries QEMU's
