@@ -1,6 +1,7 @@
 /*
- * The main stream's grammar (QEMU's "QEVM" format, version 3) -- writer
- * helpers and the loader.
+ * The main stream (QEMU's "QEVM" format, version 3) -- writer helpers and the
+ * loader.  The grammar's numbers, lengths and framing decoders are in
+ * wire.h; this is what livemig writes and how it loads:
  *
  *   stream   := header CONFIGURATION record* EOF
  *   header   := be32 0x5145564d ("QEVM") be32 3
@@ -22,6 +23,12 @@
  * END of an iterable one) and every handler's own `check` agrees (the RAM
  * handler's: every block listed, every page received).  An EOF before that is
  * an error that names the EOF's byte offset and what is missing.
+ *
+ * Commands are dispatched by number through lv->cmds[], where the program
+ * attaches a handler per command (loadvm_set_command); wire.h's table says
+ * which numbers exist and their lengths.  A number that is not a command, a
+ * length the table does not allow, and a command with no handler here are
+ * each refused with the byte offset.
  *
  * Threads: the writer helpers run on the migration thread, the loader on the
  * incoming thread (or a test); they keep no state outside their arguments.
@@ -66,19 +73,33 @@ typedef struct lm_load_handler {
 #define LM_LOAD_MAX_HANDLERS 72
 #define LM_LOAD_MAX_SECTIONS 256
 
-typedef struct lm_loadvm {
+typedef struct lm_loadvm lm_loadvm;
+
+/* A command as its handler gets it. */
+typedef struct lm_loadvm_cmd {
+    uint16_t cmd, len;        /* len is one the wire table allows for cmd */
+    uint64_t at;              /* byte offset of the COMMAND record's 0x08 */
+    const uint8_t *data;      /* its len payload bytes, read by the loader */
+    lm_stream *s;             /* the stream it came from, just past the payload
+                               * (PACKAGED's blob follows there) */
+} lm_loadvm_cmd;
+
+/* Returns 0 or a negative errno: the loader then reports
+ * "command N (NAME) at byte offset X failed: <errno text>", unless the
+ * handler latched a more precise error on c->s first. */
+typedef int (*lm_loadvm_cmd_fn)(const lm_loadvm_cmd *c, void *opaque);
+
+struct lm_loadvm {
     lm_load_handler handlers[LM_LOAD_MAX_HANDLERS];
     int nhandlers;
-    /* Commands: return 0 or a negative errno (the loader reports it). */
-    int (*open_return_path)(void *opaque);
-    int (*ping)(void *opaque, uint32_t value);
-    void *cmd_opaque;
+    /* The commands this side handles, by number; fn NULL = refused. */
+    struct { lm_loadvm_cmd_fn fn; void *opaque; } cmds[LM_CMD__MAX];
     bool mapped_ram;          /* this side loads a mapped-ram file */
 
     /* parse state: sender's section id -> handler, and version in use */
     struct { uint32_t id; int handler; uint32_t version; } sections[LM_LOAD_MAX_SECTIONS];
     int nsections;
-} lm_loadvm;
+};
 
 /* Register a section handler; NULL when the table is full.  The caller may
  * set the returned handler's `check`. */
@@ -86,6 +107,10 @@ lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t i
                                     uint32_t version,
                                     int (*load)(lm_stream *, void *, uint32_t, int),
                                     void *opaque);
+/* Handle command `cmd` (LM_CMD_*) with fn(c, opaque); fn NULL refuses it
+ * again.  -EINVAL when cmd is not in the wire table. */
+int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *opaque);
+
 /* Parse the whole stream.  0 = clean EOF; -1 = error latched on s. */
 int loadvm_run(lm_loadvm *lv, lm_stream *s);
 

@@ -94,16 +94,32 @@ static int ram_check(void *opaque, char *why, size_t len)
     return ram_load_check(&d->ram, why, len);
 }
 
-/* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
-static int load(const buf *b, dest *d, char *msg, size_t msglen)
+/* OPEN_RETURN_PATH on a destination with nothing to open: accepted. */
+static int cmd_accept(const lm_loadvm_cmd *c, void *opaque)
+{
+    return 0;
+}
+
+/* The destination's loader: "ram", "dev" and OPEN_RETURN_PATH. */
+static lm_loadvm *dest_loader(dest *d)
 {
     lm_loadvm *lv = calloc(1, sizeof(*lv));
-    lm_stream *s = lm_stream_new_mem(b->data, b->len);
-    int ret;
 
+    assert_non_null(lv);
     loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, ram_handler, d)->check =
         ram_check;
     loadvm_add_handler(lv, "dev", 0, 2, dev_load, d);
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_OPEN_RETURN_PATH, cmd_accept, NULL), 0);
+    return lv;
+}
+
+/* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
+static int load(const buf *b, dest *d, char *msg, size_t msglen)
+{
+    lm_loadvm *lv = dest_loader(d);
+    lm_stream *s = lm_stream_new_mem(b->data, b->len);
+    int ret;
+
     ram_load_start(&d->ram);
     ret = loadvm_run(lv, s);
     if (msg)
@@ -588,6 +604,121 @@ static void test_corrupted_everywhere(void **state)
     free(b.data);
 }
 
+/* ---- commands: the dispatch table ---- */
+
+/* What a command handler saw. */
+typedef struct seen {
+    int calls;
+    uint16_t cmd, len;
+    uint64_t at;
+    uint8_t data[64];
+    int ret;                  /* what the handler returns */
+} seen;
+
+static int cmd_record(const lm_loadvm_cmd *c, void *opaque)
+{
+    seen *w = opaque;
+
+    w->calls++;
+    w->cmd = c->cmd;
+    w->len = c->len;
+    w->at = c->at;
+    assert_true(c->len <= sizeof(w->data));
+    if (c->len)
+        memcpy(w->data, c->data, c->len);
+    /* the payload is consumed before the handler runs */
+    assert_int_equal(lm_stream_offset(c->s), c->at + 5 + c->len);
+    return w->ret;
+}
+
+/* The header, then the bytes in arg (raw records), then EOF. */
+typedef struct raw {
+    const void *p;
+    size_t len;
+} raw;
+
+static void w_raw(lm_stream *s, void *arg)
+{
+    const raw *r = arg;
+
+    savevm_put_header(s, false);
+    lm_put_buffer(s, r->p, r->len);
+    savevm_put_eof(s);
+}
+
+/* Load header + rec + EOF with `lv` (no section handlers: EOF is complete). */
+static int load_raw(lm_loadvm *lv, const void *rec, size_t len, char *msg, size_t msglen)
+{
+    raw r = { rec, len };
+    buf b = build(w_raw, &r);
+    lm_stream *s = lm_stream_new_mem(b.data, b.len);
+    int ret = loadvm_run(lv, s);
+
+    snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
+    lm_stream_free(s);
+    free(b.data);
+    return ret;
+}
+
+static void expect_words(const char *msg, const char *w1, const char *w2)
+{
+    if (!strstr(msg, w1) || (w2 && !strstr(msg, w2)))
+        fail_msg("error '%s' lacks '%s' / '%s'", msg, w1, w2 ? w2 : "");
+}
+
+static void test_command_dispatch(void **state)
+{
+    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    seen ping = { 0 }, bitmap = { 0 };
+    char msg[512];
+
+    /* A command with a handler gets its payload and offset (header: 22). */
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping), 0);
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), 0);
+    assert_int_equal(ping.calls, 1);
+    assert_int_equal(ping.cmd, LM_CMD_PING);
+    assert_int_equal(ping.len, 4);
+    assert_int_equal(ping.at, 22);
+    assert_int_equal(wire_be32(ping.data), 7);
+
+    /* A variable-length one gets exactly its bytes. */
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_RECV_BITMAP, cmd_record, &bitmap), 0);
+    assert_int_equal(load_raw(lv, "\x08\0\x0a\0\x04\x03" "abc", 9, msg, sizeof(msg)), 0);
+    assert_int_equal(bitmap.len, 4);
+    assert_memory_equal(bitmap.data, "\3abc", 4);
+
+    /* A command this side has no handler for: refused, with its name. */
+    assert_int_equal(load_raw(lv, "\x08\0\x04\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 4 (POSTCOPY_LISTEN, length 0) at byte offset 22",
+                 "no handler");
+    /* A number that is no command at all. */
+    assert_int_equal(load_raw(lv, "\x08\0\x0c\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 12 (length 0) at byte offset 22", NULL);
+    assert_int_equal(load_raw(lv, "\x08\0\0\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 0", "byte offset 22");
+    /* A wrong fixed length, with or without a handler; and below a minimum. */
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x03" "abc", 8, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 2 with bad length 3 at byte offset 22", NULL);
+    assert_int_equal(load_raw(lv, "\x08\0\x07\0\x03" "abc", 8, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 7 with bad length 3 at byte offset 22", NULL);
+    assert_int_equal(load_raw(lv, "\x08\0\x0a\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 10 with bad length 0 at byte offset 22", NULL);
+    assert_int_equal(ping.calls, 1);
+
+    /* A handler that fails: the loader names the command and the offset. */
+    ping.ret = -EPIPE;
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 2 (PING) at byte offset 22 failed", strerror(EPIPE));
+
+    /* Detached again: refused again.  Numbers outside the table: -EINVAL. */
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_PING, NULL, NULL), 0);
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 2 (PING", NULL);
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_INVALID, cmd_record, NULL), -EINVAL);
+    assert_int_equal(loadvm_set_command(lv, LM_CMD__MAX, cmd_record, NULL), -EINVAL);
+    free(lv);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -605,6 +736,7 @@ int main(void)
         cmocka_unit_test(test_incomplete_streams),
         cmocka_unit_test(test_truncated_everywhere),
         cmocka_unit_test(test_corrupted_everywhere),
+        cmocka_unit_test(test_command_dispatch),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
