@@ -246,7 +246,10 @@ void *incoming_thread(void *arg)
                            m->devices[i].opaque);
     ram_load_start(&m->ram);
     m->ram.mfr = in.mfr;
-    if (loadvm_run(lv, in.s)) {
+    ret = loadvm_run(lv, in.s);
+    /* None of the commands handled here ends the load before EOF. */
+    assert(ret <= 0);
+    if (ret) {
         ret = lm_stream_error(in.s);
         if (mig_cancelled(m))
             lm_error_set(&err, -ECANCELED, "incoming migration cancelled");

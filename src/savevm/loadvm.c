@@ -297,7 +297,7 @@ static int loadvm_check_complete(lm_loadvm *lv, lm_stream *s, uint64_t at)
 
 /*
  * One COMMAND record: the wire table judges number and length, lv->cmds[]
- * says whether this side handles it.  Returns 0 or -1.
+ * says whether this side handles it.  Returns 0, LM_LOADVM_QUIT or -1.
  */
 static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
 {
@@ -337,14 +337,62 @@ static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
             return -1;
         }
     }
-    lc = (lm_loadvm_cmd){ .cmd = c.cmd, .len = c.len, .at = at, .data = data, .s = s };
+    lc = (lm_loadvm_cmd){ .cmd = c.cmd, .len = c.len, .at = at, .data = data, .s = s,
+                          .lv = lv };
     ret = lv->cmds[c.cmd].fn(&lc, lv->cmds[c.cmd].opaque);
     free(data);
-    assert(ret <= 0);
+    assert(ret <= 0 || ret == LM_LOADVM_QUIT);
+    if (ret == LM_LOADVM_QUIT)
+        return LM_LOADVM_QUIT;
     if (ret)
         lm_stream_set_error(s, ret, "command %u (%s) at byte offset %" PRIu64 " failed: %s",
                             c.cmd, c.def->name, at, strerror(-ret));
     return ret ? -1 : 0;
+}
+
+int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope)
+{
+    /* A package's end is found by asking the stream for more; on a
+     * descriptor that would block for the next record, so a package must be
+     * in memory. */
+    assert(scope == LM_LOADVM_MAIN || s->mem);
+    for (;;) {
+        uint64_t at = lm_stream_offset(s);
+        uint8_t type;
+        int ret;
+
+        /* Between records is the only place a package may end; inside one,
+         * its end stays "truncated" like any stream's. */
+        if (scope == LM_LOADVM_PACKAGE && lm_stream_at_eof(s))
+            return LM_LOADVM_END;
+        if (lm_get_u8(s, &type))
+            return -1;
+        switch (type) {
+        case LM_VM_EOF:
+            if (scope == LM_LOADVM_PACKAGE) {
+                lm_stream_set_error(s, -EINVAL, "EOF record inside a package at byte offset %"
+                                    PRIu64 " (a package ends with its blob)", at);
+                return -1;
+            }
+            return loadvm_check_complete(lv, s, at) ? -1 : LM_LOADVM_EOF;
+        case LM_VM_SECTION_START:
+        case LM_VM_SECTION_PART:
+        case LM_VM_SECTION_END:
+        case LM_VM_SECTION_FULL:
+            if (loadvm_section(lv, s, type, at))
+                return -1;
+            break;
+        case LM_VM_COMMAND:
+            ret = loadvm_command(lv, s, at);
+            if (ret)
+                return ret;     /* -1 or LM_LOADVM_QUIT */
+            break;
+        default:
+            lm_stream_set_error(s, -EINVAL, "unknown record type 0x%02x at byte offset %"
+                                PRIu64, type, at);
+            return -1;
+        }
+    }
 }
 
 int loadvm_run(lm_loadvm *lv, lm_stream *s)
@@ -354,30 +402,5 @@ int loadvm_run(lm_loadvm *lv, lm_stream *s)
         lv->handlers[i].done = false;
     if (loadvm_header(lv, s))
         return -1;
-    for (;;) {
-        uint64_t at = lm_stream_offset(s);
-        uint8_t type;
-
-        if (lm_get_u8(s, &type))
-            return -1;
-        switch (type) {
-        case LM_VM_EOF:
-            return loadvm_check_complete(lv, s, at);
-        case LM_VM_SECTION_START:
-        case LM_VM_SECTION_PART:
-        case LM_VM_SECTION_END:
-        case LM_VM_SECTION_FULL:
-            if (loadvm_section(lv, s, type, at))
-                return -1;
-            break;
-        case LM_VM_COMMAND:
-            if (loadvm_command(lv, s, at))
-                return -1;
-            break;
-        default:
-            lm_stream_set_error(s, -EINVAL, "unknown record type 0x%02x at byte offset %"
-                                PRIu64, type, at);
-            return -1;
-        }
-    }
+    return loadvm_run_records(lv, s, LM_LOADVM_MAIN);
 }

@@ -12,6 +12,7 @@
  *             | PART|END    be32 id  payload footer
  *             | COMMAND     be16 cmd be16 len data[len]
  *   footer   := 0x7e be32 id
+ *   package  := record*        (PACKAGED's blob: no header, no EOF)
  *
  * A section's payload has no length: only its handler can parse it.  So the
  * loader looks the handler up by (idstr, instance) at START/FULL, remembers
@@ -82,9 +83,21 @@ typedef struct lm_loadvm_cmd {
     const uint8_t *data;      /* its len payload bytes, read by the loader */
     lm_stream *s;             /* the stream it came from, just past the payload
                                * (PACKAGED's blob follows there) */
+    lm_loadvm *lv;            /* for a nested loadvm_run_records() */
 } lm_loadvm_cmd;
 
-/* Returns 0 or a negative errno: the loader then reports
+/*
+ * What a record loop ended with (loadvm_run_records), and what a command
+ * handler returns to end the loop that read it (QEMU's POSTCOPY_RUN ends
+ * the nested loop, and a PACKAGED handler that sees it end so passes it on).
+ */
+enum {
+    LM_LOADVM_EOF = 0,        /* LM_LOADVM_MAIN: the EOF record, and all arrived */
+    LM_LOADVM_QUIT = 1,       /* a command handler returned LM_LOADVM_QUIT */
+    LM_LOADVM_END = 2,        /* LM_LOADVM_PACKAGE: the blob ended between records */
+};
+
+/* Returns 0, LM_LOADVM_QUIT, or a negative errno: the loader then reports
  * "command N (NAME) at byte offset X failed: <errno text>", unless the
  * handler latched a more precise error on c->s first. */
 typedef int (*lm_loadvm_cmd_fn)(const lm_loadvm_cmd *c, void *opaque);
@@ -96,7 +109,8 @@ struct lm_loadvm {
     struct { lm_loadvm_cmd_fn fn; void *opaque; } cmds[LM_CMD__MAX];
     bool mapped_ram;          /* this side loads a mapped-ram file */
 
-    /* parse state: sender's section id -> handler, and version in use */
+    /* parse state, shared by a package's nested loop and the stream around
+     * it: sender's section id -> handler, and version in use */
     struct { uint32_t id; int handler; uint32_t version; } sections[LM_LOAD_MAX_SECTIONS];
     int nsections;
 };
@@ -111,7 +125,38 @@ lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t i
  * again.  -EINVAL when cmd is not in the wire table. */
 int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *opaque);
 
-/* Parse the whole stream.  0 = clean EOF; -1 = error latched on s. */
+/*
+ * Parse the whole main stream: the header, then loadvm_run_records(MAIN).
+ * 0 = the EOF record and everything registered arrived; LM_LOADVM_QUIT = a
+ * command handler ended the load before EOF (nothing is checked then: the
+ * rest of the stream, with its EOF, is for whoever reads on); -1 = error
+ * latched on s.  Resets the parse state first, so an lm_loadvm can be
+ * loaded again.
+ */
 int loadvm_run(lm_loadvm *lv, lm_stream *s);
+
+typedef enum lm_loadvm_scope {
+    /* The main stream after its header (or after a command that ended an
+     * earlier loop): it ends with its EOF record, which runs the "complete
+     * means complete" check; the stream's end anywhere before is truncation. */
+    LM_LOADVM_MAIN,
+    /* A package: a stream over PACKAGED's blob (lm_stream_new_mem), which
+     * has no header and no EOF record; it ends with the blob's last byte,
+     * which must be a record's last.  An EOF record in it is refused (QEMU
+     * writes none; it would hide the rest of the blob), and nothing checks
+     * completeness at its end: that is for the main stream's EOF. */
+    LM_LOADVM_PACKAGE,
+} lm_loadvm_scope;
+
+/*
+ * The record loop on its own: records from s until the scope's end or a
+ * command handler's LM_LOADVM_QUIT (s is then just past that command).
+ * Returns LM_LOADVM_EOF (MAIN), LM_LOADVM_END (PACKAGE), LM_LOADVM_QUIT, or
+ * -1 with the error latched on s.  It does not reset the parse state: a
+ * package's sections use the ids the stream around it bound, and the other
+ * way round.  Offsets in errors are s's own, so in a package they count from
+ * the blob's first byte; the PACKAGED handler says where the blob starts.
+ */
+int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope);
 
 #endif
