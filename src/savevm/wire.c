@@ -5,7 +5,6 @@
 #include <string.h>
 
 #include "savevm/wire.h"
-#include "stream/stream.h"
 
 /* Reference 6.1.  A new command joins here, by its number. */
 static const lm_wire_def wire_cmds[LM_CMD__MAX] = {
@@ -119,8 +118,10 @@ lm_wire_status wire_get_section_header(lm_stream *s, uint8_t type, uint64_t at,
     if (type == LM_VM_SECTION_PART || type == LM_VM_SECTION_END)
         return LM_WIRE_OK;
     h->idstr_at = lm_stream_offset(s);
-    if (lm_stream_get_counted(s, h->idstr) || lm_get_be32(s, &h->instance) ||
-        lm_get_be32(s, &h->version))
+    if (lm_get_u8(s, &h->idstr_len) || lm_get_buffer(s, h->idstr, h->idstr_len))
+        return LM_WIRE_ESTREAM;
+    h->idstr[h->idstr_len] = 0;
+    if (lm_get_be32(s, &h->instance) || lm_get_be32(s, &h->version))
         return LM_WIRE_ESTREAM;
     return LM_WIRE_OK;
 }

@@ -141,7 +141,8 @@ typedef struct lm_wire_section {
     uint64_t at;                /* offset of the type byte */
     uint32_t id;
     /* START/FULL only (PART/END: "", 0, 0) */
-    char idstr[256];
+    char idstr[256];            /* NUL-terminated after its idstr_len bytes */
+    uint8_t idstr_len;          /* as counted: a NUL inside shows as strlen < this */
     uint64_t idstr_at;          /* offset of the idstr's length byte */
     uint32_t instance, version;
 } lm_wire_section;

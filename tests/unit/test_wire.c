@@ -138,6 +138,7 @@ static void test_section_decoders(void **state)
     assert_int_equal(h.at, 100);
     assert_int_equal(h.id, 7);
     assert_string_equal(h.idstr, "dev");
+    assert_int_equal(h.idstr_len, 3);
     assert_int_equal(h.idstr_at, 4);
     assert_int_equal(h.instance, 2);
     assert_int_equal(h.version, 3);
@@ -173,6 +174,18 @@ static void test_section_decoders(void **state)
     s = lm_stream_new_mem(sections + 20, 3);
     assert_int_equal(wire_get_footer(s, 7, &f), LM_WIRE_ESTREAM);
     lm_stream_free(s);
+
+    /* A NUL inside the name: the count says so, for callers that care. */
+    {
+        static const uint8_t nul[] = { 0, 0, 0, 1, 3, 'd', 0, 'v', 0, 0, 0, 0, 0, 0, 0, 1 };
+
+        s = lm_stream_new_mem(nul, sizeof(nul));
+        assert_int_equal(wire_get_section_header(s, LM_VM_SECTION_FULL, 0, &h), LM_WIRE_OK);
+        assert_int_equal(h.idstr_len, 3);
+        assert_int_equal(strlen(h.idstr), 1);
+        assert_int_equal(h.version, 1);
+        lm_stream_free(s);
+    }
 }
 
 static void test_command_decoder(void **state)
