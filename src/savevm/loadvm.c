@@ -320,6 +320,8 @@ static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
     default:
         return -1;
     }
+    /* a number the table knows indexes lv->cmds[] */
+    assert(c.def && c.cmd < LM_CMD__MAX);
     if (!lv->cmds[c.cmd].fn) {
         lm_stream_set_error(s, -ENOTSUP, "unsupported command %u (%s, length %u) at byte "
                             "offset %" PRIu64 ": this side has no handler for it", c.cmd,

@@ -80,7 +80,8 @@ typedef struct lm_loadvm lm_loadvm;
 typedef struct lm_loadvm_cmd {
     uint16_t cmd, len;        /* len is one the wire table allows for cmd */
     uint64_t at;              /* byte offset of the COMMAND record's 0x08 */
-    const uint8_t *data;      /* its len payload bytes, read by the loader */
+    const uint8_t *data;      /* its len payload bytes, read by the loader
+                               * (NULL when len is 0); valid during the call */
     lm_stream *s;             /* the stream it came from, just past the payload
                                * (PACKAGED's blob follows there) */
     lm_loadvm *lv;            /* for a nested loadvm_run_records() */
