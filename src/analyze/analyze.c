@@ -54,7 +54,7 @@
 
 #include "livemig/analyze.h"
 #include "ram/ram.h"
-#include "savevm/savevm.h"
+#include "savevm/wire.h"
 #include "stream/stream.h"
 #include "util/bitmap.h"
 #include "util/error.h"
@@ -72,37 +72,6 @@
 #define AN_CBUF_SIZE (65536u + 65536u)  /* >= compressBound(64 KiB), >= 65535 */
 
 _Static_assert(sizeof(unsigned long) == 8, "mapped-ram bitmaps are read as 64-bit words");
-
-/* QEMU's MIG_CMD_* numbers (reference 6.1). */
-enum {
-    AN_CMD_OPEN_RETURN_PATH = 1,
-    AN_CMD_PING = 2,
-    AN_CMD_POSTCOPY_ADVISE = 3,
-    AN_CMD_POSTCOPY_LISTEN = 4,
-    AN_CMD_POSTCOPY_RUN = 5,
-    AN_CMD_POSTCOPY_RAM_DISCARD = 6,
-    AN_CMD_PACKAGED = 7,
-    AN_CMD_ENABLE_COLO = 8,
-    AN_CMD_POSTCOPY_RESUME = 9,
-    AN_CMD_RECV_BITMAP = 10,
-    AN_CMD_SWITCHOVER_START = 11,
-    AN_CMD__MAX,
-};
-
-static const char *const an_cmd_names[AN_CMD__MAX] = {
-    [0] = "INVALID",
-    [AN_CMD_OPEN_RETURN_PATH] = "OPEN_RETURN_PATH",
-    [AN_CMD_PING] = "PING",
-    [AN_CMD_POSTCOPY_ADVISE] = "POSTCOPY_ADVISE",
-    [AN_CMD_POSTCOPY_LISTEN] = "POSTCOPY_LISTEN",
-    [AN_CMD_POSTCOPY_RUN] = "POSTCOPY_RUN",
-    [AN_CMD_POSTCOPY_RAM_DISCARD] = "POSTCOPY_RAM_DISCARD",
-    [AN_CMD_PACKAGED] = "PACKAGED",
-    [AN_CMD_ENABLE_COLO] = "ENABLE_COLO",
-    [AN_CMD_POSTCOPY_RESUME] = "POSTCOPY_RESUME",
-    [AN_CMD_RECV_BITMAP] = "RECV_BITMAP",
-    [AN_CMD_SWITCHOVER_START] = "SWITCHOVER_START",
-};
 
 typedef struct an_block_state {
     unsigned long *present;     /* pages with content so far */
@@ -222,16 +191,11 @@ static int rd_skip(an_ctx *c, uint64_t n, const char *what)
     return 0;
 }
 
-/* A counted string that must be printable ASCII (names become file names). */
-static int rd_name(an_ctx *c, char name[LM_AN_NAME_MAX], const char *what)
+/* The n bytes of a counted string read at `off` must be printable ASCII
+ * (names become file names, and a NUL would cut one short); else the name
+ * is emptied and the parse fails. */
+static int an_check_name(an_ctx *c, char *name, unsigned n, uint64_t off, const char *what)
 {
-    uint64_t off = an_pos(c);
-    uint8_t n;
-
-    name[0] = 0;
-    if (rd_u8(c, &n) || rd_buf(c, name, n))
-        return -1;
-    name[n] = 0;
     for (unsigned i = 0; i < n; i++) {
         uint8_t b = (uint8_t)name[i];
         if (b < 0x20 || b > 0x7e) {
@@ -241,6 +205,19 @@ static int rd_name(an_ctx *c, char name[LM_AN_NAME_MAX], const char *what)
         }
     }
     return 0;
+}
+
+/* A counted string that must be printable ASCII. */
+static int rd_name(an_ctx *c, char name[LM_AN_NAME_MAX], const char *what)
+{
+    uint64_t off = an_pos(c);
+    uint8_t n;
+
+    name[0] = 0;
+    if (rd_u8(c, &n) || rd_buf(c, name, n))
+        return -1;
+    name[n] = 0;
+    return an_check_name(c, name, n, off, what);
 }
 
 /* Continue reading at absolute offset `off` (lm_stream only reads forward). */
@@ -1017,9 +994,8 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
 {
     lm_analysis *a = c->a;
     lm_an_section sec;
-    uint64_t foff;
-    uint32_t fid;
-    uint8_t fmark;
+    lm_wire_section hdr;
+    lm_wire_footer f;
     an_bind *bind = NULL;
 
     memset(&sec, 0, sizeof(sec));
@@ -1027,15 +1003,19 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
     sec.start = off;
     snprintf(c->where, sizeof(c->where), "%s section header at byte offset %llu",
              lm_an_section_type_name(type), (unsigned long long)off);
-    if (rd_be32(c, &sec.section_id))
-        return -1;
+    if (wire_get_section_header(c->s, type, off, &hdr) != LM_WIRE_OK)
+        return an_stream_fail(c);
+    sec.section_id = hdr.id;
     for (size_t i = 0; i < c->nbinds; i++)
         if (c->binds[i].id == sec.section_id)
             bind = &c->binds[i];
     if (type == LM_SECTION_START || type == LM_SECTION_FULL) {
-        if (rd_name(c, sec.idstr, "a section name") || rd_be32(c, &sec.instance_id) ||
-            rd_be32(c, &sec.version_id))
+        if (an_check_name(c, hdr.idstr, hdr.idstr_len, hdr.idstr_at, "a section name"))
             return -1;
+        _Static_assert(sizeof(sec.idstr) == sizeof(hdr.idstr), "one name size");
+        memcpy(sec.idstr, hdr.idstr, sizeof(sec.idstr));
+        sec.instance_id = hdr.instance;
+        sec.version_id = hdr.version;
         if (bind) {
             const lm_an_section *was = &a->sections[bind->section];
             if (strcmp(was->idstr, sec.idstr) || was->instance_id != sec.instance_id)
@@ -1097,19 +1077,20 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
             return -1;
     }
 
-    foff = an_pos(c);
-    if (rd_u8(c, &fmark))
-        return -1;
-    if (fmark != LM_VM_SECTION_FOOTER)
-        return an_fail(c, -EINVAL, foff, "expected the section footer (0x7e), found 0x%02x: "
-                       "the payload does not end where %s", fmark,
+    switch (wire_get_footer(c->s, sec.section_id, &f)) {
+    case LM_WIRE_OK:
+        break;
+    case LM_WIRE_EMARK:
+        return an_fail(c, -EINVAL, f.at, "expected the section footer (0x7e), found 0x%02x: "
+                       "the payload does not end where %s", f.mark,
                        sec.parsed_by == LM_AN_PARSED_RAM ? "its EOS record says"
                                                          : "the VMDESCRIPTION says");
-    if (rd_be32(c, &fid))
-        return -1;
-    if (fid != sec.section_id)
-        return an_fail(c, -EINVAL, foff, "footer names section id %u, expected %u", fid,
+    case LM_WIRE_EID:
+        return an_fail(c, -EINVAL, f.at, "footer names section id %u, expected %u", f.id,
                        sec.section_id);
+    default:
+        return an_stream_fail(c);
+    }
     sec.end = an_pos(c);
     if (type == LM_SECTION_FULL || type == LM_SECTION_END)
         bind->ended = true;
@@ -1126,38 +1107,23 @@ static int an_parse_command(an_ctx *c, uint64_t off)
 {
     lm_analysis *a = c->a;
     lm_an_command cmd = { .offset = off };
-    const char *name;
-    bool ok;
+    lm_wire_command wc;
+    lm_wire_status st = wire_get_command(c->s, off, &wc);
 
-    if (rd_be16(c, &cmd.cmd) || rd_be16(c, &cmd.len))
-        return -1;
-    if (cmd.cmd == 0 || cmd.cmd >= AN_CMD__MAX)
+    if (st == LM_WIRE_ESTREAM)
+        return an_stream_fail(c);
+    cmd.cmd = wc.cmd;
+    cmd.len = wc.len;
+    if (st == LM_WIRE_EUNKNOWN)
         return an_fail(c, -EINVAL, off, "unknown command %u", cmd.cmd);
-    name = an_cmd_names[cmd.cmd];
-    switch (cmd.cmd) {
-    case AN_CMD_PING:
-    case AN_CMD_PACKAGED:
-        ok = cmd.len == 4;
-        break;
-    case AN_CMD_POSTCOPY_ADVISE:
-        ok = cmd.len == 0 || cmd.len == 16;
-        break;
-    case AN_CMD_POSTCOPY_RAM_DISCARD:
-        ok = cmd.len >= 4;
-        break;
-    case AN_CMD_RECV_BITMAP:
-        ok = cmd.len >= 1;
-        break;
-    default:
-        ok = cmd.len == 0;
-        break;
-    }
-    if (!ok)
+    /* The table's fixed lengths and minimums; ADVISE's "0 or 16" is its own. */
+    if (st == LM_WIRE_ELEN ||
+        (cmd.cmd == LM_CMD_POSTCOPY_ADVISE && cmd.len != 0 && cmd.len != 16))
         return an_fail(c, -EINVAL, off, "command %s with a payload of %u bytes, which is not "
-                       "its length", name, cmd.len);
+                       "its length", wc.def->name, cmd.len);
     if (rd_buf(c, c->cbuf, cmd.len))
         return -1;
-    if (cmd.cmd == AN_CMD_POSTCOPY_ADVISE && cmd.len == 16) {
+    if (cmd.cmd == LM_CMD_POSTCOPY_ADVISE && cmd.len == 16) {
         uint64_t summary, target;
         memcpy(&summary, c->cbuf, 8);
         memcpy(&target, c->cbuf + 8, 8);
@@ -1168,7 +1134,7 @@ static int an_parse_command(an_ctx *c, uint64_t off)
                            "stream's is %llu", (unsigned long long)be64toh(target),
                            (unsigned long long)c->ps);
     }
-    if (cmd.cmd == AN_CMD_PACKAGED)
+    if (cmd.cmd == LM_CMD_PACKAGED)
         return an_fail(c, -ENOTSUP, off, "command PACKAGED: postcopy device state comes in a "
                        "package and without a VMDESCRIPTION, which the analyzer cannot skip");
     if (a->ncommands >= AN_MAX_ITEMS)
@@ -1489,7 +1455,7 @@ const char *lm_an_section_type_name(uint8_t type)
 
 const char *lm_an_command_name(uint16_t cmd)
 {
-    return cmd > 0 && cmd < AN_CMD__MAX ? an_cmd_names[cmd] : "?";
+    return wire_cmd_name(cmd);
 }
 
 /* ------------------------------------------------------------ JSON */

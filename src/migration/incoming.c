@@ -14,6 +14,7 @@
  * On any error the guest is NOT started: status failed, the error names what
  * was wrong and where, SHUT(1) goes back if a return path is open.
  */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -127,39 +128,44 @@ static void in_publish(incoming *in)
     mig_publish(in->m, &in->st);
 }
 
+/* A return-path message whose payload is one be32 (SHUT, PONG); the wire
+ * table checks that the type takes exactly that. */
 static int in_rp_send(incoming *in, uint16_t type, uint32_t value)
 {
     uint8_t msg[8];
-    uint16_t t = htobe16(type), l = htobe16(4);
     uint32_t v = htobe32(value);
+    size_t n = wire_rp_encode(msg, sizeof(msg), type, &v, sizeof(v));
     ssize_t w;
 
-    memcpy(msg, &t, 2);
-    memcpy(msg + 2, &l, 2);
-    memcpy(msg + 4, &v, 4);
+    if (!n)
+        return -EINVAL;
     do {
-        w = send(in->m->conn.fd, msg, sizeof(msg), MSG_NOSIGNAL);
+        w = send(in->m->conn.fd, msg, n, MSG_NOSIGNAL);
     } while (w < 0 && errno == EINTR);
-    return w == (ssize_t)sizeof(msg) ? 0 : -EIO;
+    return w == (ssize_t)n ? 0 : -EIO;
 }
 
-static int in_open_rp(void *opaque)
+/* OPEN_RETURN_PATH: a second one changes nothing, as in QEMU. */
+static int in_open_rp(const lm_loadvm_cmd *c, void *opaque)
 {
     incoming *in = opaque;
 
+    (void)c;
     if (!in->m->conn.is_socket)
         return -ENOTSUP;    /* a return path needs a bidirectional channel */
     in->rp = true;
     return 0;
 }
 
-static int in_ping(void *opaque, uint32_t value)
+/* PING(value): PONG(value) on the return path, which must be open. */
+static int in_ping(const lm_loadvm_cmd *c, void *opaque)
 {
     incoming *in = opaque;
 
+    assert(c->len == 4);    /* the wire table's length for PING, checked */
     if (!in->rp)
         return -ENOTCONN;
-    return in_rp_send(in, LM_RP_PONG, value);
+    return in_rp_send(in, LM_RP_PONG, wire_be32(c->data));
 }
 
 static int in_load_ram(lm_stream *s, void *opaque, uint32_t version, int type)
@@ -251,9 +257,8 @@ void *incoming_thread(void *arg)
     mig_set_status(m, LM_STATUS_ACTIVE);
     in.s = lm_stream_new_reader(m->conn.fd, m->conn.is_socket);
     lv->mapped_ram = mig_cap(m, LM_CAP_MAPPED_RAM);
-    lv->open_return_path = in_open_rp;
-    lv->ping = in_ping;
-    lv->cmd_opaque = &in;
+    loadvm_set_command(lv, LM_CMD_OPEN_RETURN_PATH, in_open_rp, &in);
+    loadvm_set_command(lv, LM_CMD_PING, in_ping, &in);
     loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, in_load_ram, &in)->check =
         in_check_ram;
     for (int i = 0; i < m->ndevices; i++)
@@ -261,7 +266,10 @@ void *incoming_thread(void *arg)
                            m->devices[i].version, m->devices[i].ops.load,
                            m->devices[i].opaque);
     ram_load_start(&m->ram);
-    if (loadvm_run(lv, in.s)) {
+    ret = loadvm_run(lv, in.s);
+    /* None of the commands handled here ends the load before EOF. */
+    assert(ret <= 0);
+    if (ret) {
         ret = lm_stream_error(in.s);
         if (mig_cancelled(m))
             lm_error_set(&err, -ECANCELED, "incoming migration cancelled");

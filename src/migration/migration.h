@@ -201,9 +201,7 @@ void params_init(lm_params *p);
 void *precopy_thread(void *arg);
 void *incoming_thread(void *arg);
 
-/* Return-path messages (destination to source): be16 type, be16 len, data. */
-enum { LM_RP_SHUT = 1, LM_RP_PONG = 2 };
-/* Main-stream commands (QEMU_VM_COMMAND). */
-enum { LM_CMD_OPEN_RETURN_PATH = 1, LM_CMD_PING = 2 };
+/* Return-path messages (LM_RP_*) and main-stream commands (LM_CMD_*): see
+ * savevm/wire.h, the one definition of the wire grammar. */
 
 #endif

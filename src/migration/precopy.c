@@ -24,6 +24,7 @@
  * failed / cancelled with the first error kept.  Once the last byte was
  * sent (`committed`), cancel is refused: the destination may already run.
  */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <jansson.h>
@@ -191,15 +192,19 @@ static int pc_rp_poll(precopy *pc, int wait_ms, lm_error *err)
             uint16_t len = (uint16_t)(pc->rpbuf[2] << 8 | pc->rpbuf[3]);
             uint32_t v;
 
-            if (len > sizeof(pc->rpbuf) - 4 ||
-                ((type == LM_RP_SHUT || type == LM_RP_PONG) && len != 4))
+            /* Type and length by the wire table (a known type, its fixed
+             * length or minimum, at most LM_RP_MAX_LEN).  rpbuf holds what
+             * this source handles, SHUT and PONG; anything longer is refused
+             * here too, or it would wedge the buffer. */
+            if (wire_rp_check(type, len) != LM_WIRE_OK || len > sizeof(pc->rpbuf) - 4)
                 return lm_error_set(err, -EPROTO, "return path: bad message type %u length "
                                     "%u", type, len);
             if (pc->rplen < 4u + len)
                 break;
             if (type != LM_RP_SHUT && type != LM_RP_PONG)
-                return lm_error_set(err, -EPROTO, "return path: unexpected message type %u",
-                                    type);
+                return lm_error_set(err, -EPROTO, "return path: unexpected message type %u "
+                                    "(%s)", type, wire_rp_name(type));
+            assert(len == 4);   /* the table's length for both */
             memcpy(&v, pc->rpbuf + 4, 4);
             v = be32toh(v);
             memmove(pc->rpbuf, pc->rpbuf + 4 + len, pc->rplen - 4 - len);

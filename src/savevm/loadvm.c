@@ -4,9 +4,11 @@
  * what was wrong and the byte offset where the offending item starts.
  * See savevm.h for the grammar.
  */
+#include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <stdio.h>
+#include <stdlib.h>
 #include <string.h>
 
 #include "savevm/savevm.h"
@@ -28,6 +30,15 @@ lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t i
     h->load = load;
     h->opaque = opaque;
     return h;
+}
+
+int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *opaque)
+{
+    if (!wire_cmd_def(cmd))
+        return -EINVAL;
+    lv->cmds[cmd].fn = fn;
+    lv->cmds[cmd].opaque = opaque;
+    return 0;
 }
 
 /*
@@ -145,39 +156,35 @@ static int loadvm_find_section(lm_loadvm *lv, uint32_t id)
     return -1;
 }
 
-/* START/FULL header: bind the sender's id to a handler.  Returns the index
+/* START/FULL: bind the sender's id in `h` to a handler.  Returns the index
  * into lv->sections, or -1. */
-static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
+static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, const lm_wire_section *hdr)
 {
-    uint32_t id, instance, version;
-    char idstr[256];
     int h, sec;
 
-    if (lm_get_be32(s, &id) || lm_stream_get_counted(s, idstr) ||
-        lm_get_be32(s, &instance) || lm_get_be32(s, &version))
-        return -1;
-    h = loadvm_find_handler(lv, idstr, instance);
+    h = loadvm_find_handler(lv, hdr->idstr, hdr->instance);
     if (h < 0) {
         lm_stream_set_error(s, -ENOENT, "unknown section '%s' instance %u (section id %u) "
-                            "at byte offset %" PRIu64, idstr, instance, id, at);
+                            "at byte offset %" PRIu64, hdr->idstr, hdr->instance, hdr->id,
+                            hdr->at);
         return -1;
     }
-    if (version > lv->handlers[h].version || version == 0) {
+    if (hdr->version > lv->handlers[h].version || hdr->version == 0) {
         lm_stream_set_error(s, -EINVAL, "section '%s' has version %u, this side loads up "
-                            "to %u (byte offset %" PRIu64 ")", idstr, version,
-                            lv->handlers[h].version, at);
+                            "to %u (byte offset %" PRIu64 ")", hdr->idstr, hdr->version,
+                            lv->handlers[h].version, hdr->at);
         return -1;
     }
-    sec = loadvm_find_section(lv, id);
+    sec = loadvm_find_section(lv, hdr->id);
     if (sec >= 0) {
         if (lv->sections[sec].handler != h) {
             lm_stream_set_error(s, -EINVAL, "section id %u reused for '%s' at byte offset %"
-                                PRIu64, id, idstr, at);
+                                PRIu64, hdr->id, hdr->idstr, hdr->at);
             return -1;
         }
-        if (type == LM_VM_SECTION_START) {
+        if (hdr->type == LM_VM_SECTION_START) {
             lm_stream_set_error(s, -EINVAL, "second START for section '%s' at byte offset %"
-                                PRIu64, idstr, at);
+                                PRIu64, hdr->idstr, hdr->at);
             return -1;
         }
         return sec;
@@ -187,29 +194,28 @@ static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, uint8_t type, uint6
         return -1;
     }
     sec = lv->nsections++;
-    lv->sections[sec].id = id;
+    lv->sections[sec].id = hdr->id;
     lv->sections[sec].handler = h;
-    lv->sections[sec].version = version;
+    lv->sections[sec].version = hdr->version;
     return sec;
 }
 
 static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
 {
+    lm_wire_section hdr;
+    lm_wire_footer f;
     int sec, ret;
     lm_load_handler *h;
-    uint8_t ftype;
-    uint32_t fid, id;
-    uint64_t fat;
 
+    if (wire_get_section_header(s, type, at, &hdr) != LM_WIRE_OK)
+        return -1;
     if (type == LM_VM_SECTION_START || type == LM_VM_SECTION_FULL) {
-        sec = loadvm_section_start(lv, s, type, at);
+        sec = loadvm_section_start(lv, s, &hdr);
     } else {
-        if (lm_get_be32(s, &id))
-            return -1;
-        sec = loadvm_find_section(lv, id);
+        sec = loadvm_find_section(lv, hdr.id);
         if (sec < 0)
             lm_stream_set_error(s, -ENOENT, "section id %u at byte offset %" PRIu64
-                                " was never started", id, at);
+                                " was never started", hdr.id, at);
     }
     if (sec < 0)
         return -1;
@@ -228,13 +234,24 @@ static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at
                             ": %s", h->idstr, lm_stream_offset(s), strerror(-ret));
     if (lm_stream_error(s))
         return -1;
-    fat = lm_stream_offset(s);
-    if (lm_get_u8(s, &ftype) || lm_get_be32(s, &fid))
-        return -1;
-    if (ftype != LM_VM_SECTION_FOOTER || fid != lv->sections[sec].id) {
+    switch (wire_get_footer(s, lv->sections[sec].id, &f)) {
+    case LM_WIRE_OK:
+        break;
+    case LM_WIRE_EMARK:
+    case LM_WIRE_EID: {
+        char found[24];
+
+        /* the id is only read (and worth printing) after a real 0x7e */
+        if (f.mark == LM_VM_SECTION_FOOTER)
+            snprintf(found, sizeof(found), "0x%02x id %u", f.mark, f.id);
+        else
+            snprintf(found, sizeof(found), "0x%02x", f.mark);
         lm_stream_set_error(s, -EINVAL, "section '%s' (id %u): bad footer at byte offset %"
-                            PRIu64 " (found 0x%02x id %u): the section's data did not "
-                            "parse to its end", h->idstr, lv->sections[sec].id, fat, ftype, fid);
+                            PRIu64 " (found %s): the section's data did not parse to its "
+                            "end", h->idstr, lv->sections[sec].id, f.at, found);
+        return -1;
+    }
+    default:
         return -1;
     }
     if (type == LM_VM_SECTION_FULL || type == LM_VM_SECTION_END)
@@ -278,42 +295,106 @@ static int loadvm_check_complete(lm_loadvm *lv, lm_stream *s, uint64_t at)
     return -1;
 }
 
+/*
+ * One COMMAND record: the wire table judges number and length, lv->cmds[]
+ * says whether this side handles it.  Returns 0, LM_LOADVM_QUIT or -1.
+ */
 static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
 {
-    uint16_t cmd, len;
-    uint32_t value;
-    int ret = 0;
+    lm_wire_command c;
+    lm_loadvm_cmd lc;
+    uint8_t *data = NULL;
+    int ret;
 
-    if (lm_get_be16(s, &cmd) || lm_get_be16(s, &len))
-        return -1;
-    switch (cmd) {
-    case 1: /* OPEN_RETURN_PATH */
-        if (len != 0)
-            goto bad_len;
-        if (lv->open_return_path)
-            ret = lv->open_return_path(lv->cmd_opaque);
+    switch (wire_get_command(s, at, &c)) {
+    case LM_WIRE_OK:
         break;
-    case 2: /* PING */
-        if (len != 4)
-            goto bad_len;
-        if (lm_get_be32(s, &value))
-            return -1;
-        if (lv->ping)
-            ret = lv->ping(lv->cmd_opaque, value);
-        break;
-    default:
+    case LM_WIRE_EUNKNOWN:
         lm_stream_set_error(s, -ENOTSUP, "unsupported command %u (length %u) at byte offset %"
-                            PRIu64, cmd, len, at);
+                            PRIu64, c.cmd, c.len, at);
+        return -1;
+    case LM_WIRE_ELEN:
+        lm_stream_set_error(s, -EINVAL, "command %u with bad length %u at byte offset %"
+                            PRIu64, c.cmd, c.len, at);
+        return -1;
+    default:
         return -1;
     }
+    /* a number the table knows indexes lv->cmds[] */
+    assert(c.def && c.cmd < LM_CMD__MAX);
+    if (!lv->cmds[c.cmd].fn) {
+        lm_stream_set_error(s, -ENOTSUP, "unsupported command %u (%s, length %u) at byte "
+                            "offset %" PRIu64 ": this side has no handler for it", c.cmd,
+                            c.def->name, c.len, at);
+        return -1;
+    }
+    /* The payload is read whole before the handler runs, so a handler parses
+     * bounded memory and cannot read into the next record by mistake. */
+    if (c.len) {
+        data = malloc(c.len);
+        if (!data)
+            abort();
+        if (lm_get_buffer(s, data, c.len)) {
+            free(data);
+            return -1;
+        }
+    }
+    lc = (lm_loadvm_cmd){ .cmd = c.cmd, .len = c.len, .at = at, .data = data, .s = s,
+                          .lv = lv };
+    ret = lv->cmds[c.cmd].fn(&lc, lv->cmds[c.cmd].opaque);
+    free(data);
+    assert(ret <= 0 || ret == LM_LOADVM_QUIT);
+    if (ret == LM_LOADVM_QUIT)
+        return LM_LOADVM_QUIT;
     if (ret)
-        lm_stream_set_error(s, ret, "command %u at byte offset %" PRIu64 " failed: %s",
-                            cmd, at, strerror(-ret));
+        lm_stream_set_error(s, ret, "command %u (%s) at byte offset %" PRIu64 " failed: %s",
+                            c.cmd, c.def->name, at, strerror(-ret));
     return ret ? -1 : 0;
-bad_len:
-    lm_stream_set_error(s, -EINVAL, "command %u with bad length %u at byte offset %" PRIu64,
-                        cmd, len, at);
-    return -1;
+}
+
+int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope)
+{
+    /* A package's end is found by asking the stream for more; on a
+     * descriptor that would block for the next record, so a package must be
+     * in memory. */
+    assert(scope == LM_LOADVM_MAIN || s->mem);
+    for (;;) {
+        uint64_t at = lm_stream_offset(s);
+        uint8_t type;
+        int ret;
+
+        /* Between records is the only place a package may end; inside one,
+         * its end stays "truncated" like any stream's. */
+        if (scope == LM_LOADVM_PACKAGE && lm_stream_at_eof(s))
+            return LM_LOADVM_END;
+        if (lm_get_u8(s, &type))
+            return -1;
+        switch (type) {
+        case LM_VM_EOF:
+            if (scope == LM_LOADVM_PACKAGE) {
+                lm_stream_set_error(s, -EINVAL, "EOF record inside a package at byte offset %"
+                                    PRIu64 " (a package ends with its blob)", at);
+                return -1;
+            }
+            return loadvm_check_complete(lv, s, at) ? -1 : LM_LOADVM_EOF;
+        case LM_VM_SECTION_START:
+        case LM_VM_SECTION_PART:
+        case LM_VM_SECTION_END:
+        case LM_VM_SECTION_FULL:
+            if (loadvm_section(lv, s, type, at))
+                return -1;
+            break;
+        case LM_VM_COMMAND:
+            ret = loadvm_command(lv, s, at);
+            if (ret)
+                return ret;     /* -1 or LM_LOADVM_QUIT */
+            break;
+        default:
+            lm_stream_set_error(s, -EINVAL, "unknown record type 0x%02x at byte offset %"
+                                PRIu64, type, at);
+            return -1;
+        }
+    }
 }
 
 int loadvm_run(lm_loadvm *lv, lm_stream *s)
@@ -323,30 +404,5 @@ int loadvm_run(lm_loadvm *lv, lm_stream *s)
         lv->handlers[i].done = false;
     if (loadvm_header(lv, s))
         return -1;
-    for (;;) {
-        uint64_t at = lm_stream_offset(s);
-        uint8_t type;
-
-        if (lm_get_u8(s, &type))
-            return -1;
-        switch (type) {
-        case LM_VM_EOF:
-            return loadvm_check_complete(lv, s, at);
-        case LM_VM_SECTION_START:
-        case LM_VM_SECTION_PART:
-        case LM_VM_SECTION_END:
-        case LM_VM_SECTION_FULL:
-            if (loadvm_section(lv, s, type, at))
-                return -1;
-            break;
-        case LM_VM_COMMAND:
-            if (loadvm_command(lv, s, at))
-                return -1;
-            break;
-        default:
-            lm_stream_set_error(s, -EINVAL, "unknown record type 0x%02x at byte offset %"
-                                PRIu64, type, at);
-            return -1;
-        }
-    }
+    return loadvm_run_records(lv, s, LM_LOADVM_MAIN);
 }

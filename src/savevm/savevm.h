@@ -1,6 +1,7 @@
 /*
- * The main stream's grammar (QEMU's "QEVM" format, version 3) -- writer
- * helpers and the loader.
+ * The main stream (QEMU's "QEVM" format, version 3) -- writer helpers and the
+ * loader.  The grammar's numbers, lengths and framing decoders are in
+ * wire.h; this is what livemig writes and how it loads:
  *
  *   stream   := header CONFIGURATION record* EOF
  *   header   := be32 0x5145564d ("QEVM") be32 3
@@ -11,6 +12,7 @@
  *             | PART|END    be32 id  payload footer
  *             | COMMAND     be16 cmd be16 len data[len]
  *   footer   := 0x7e be32 id
+ *   package  := record*        (PACKAGED's blob: no header, no EOF)
  *
  * A section's payload has no length: only its handler can parse it.  So the
  * loader looks the handler up by (idstr, instance) at START/FULL, remembers
@@ -23,6 +25,12 @@
  * handler's: every block listed, every page received).  An EOF before that is
  * an error that names the EOF's byte offset and what is missing.
  *
+ * Commands are dispatched by number through lv->cmds[], where the program
+ * attaches a handler per command (loadvm_set_command); wire.h's table says
+ * which numbers exist and their lengths.  A number that is not a command, a
+ * length the table does not allow, and a command with no handler here are
+ * each refused with the byte offset.
+ *
  * Threads: the writer helpers run on the migration thread, the loader on the
  * incoming thread (or a test); they keep no state outside their arguments.
  */
@@ -33,26 +41,12 @@
 #include <stdint.h>
 
 #include "livemig/livemig.h"
+#include "savevm/wire.h"
 #include "stream/stream.h"
 
-#define LM_QEVM_MAGIC 0x5145564dU
-#define LM_QEVM_VERSION 3U
 /* The configuration section's machine name: livemig guests are not QEMU
  * machines, so a QEMU destination refuses our stream here, early and clearly. */
 #define LM_MACHINE_NAME "livemig-1"
-
-enum {
-    LM_VM_EOF = 0x00,
-    LM_VM_SECTION_START = 0x01,
-    LM_VM_SECTION_PART = 0x02,
-    LM_VM_SECTION_END = 0x03,
-    LM_VM_SECTION_FULL = 0x04,
-    LM_VM_SUBSECTION = 0x05,
-    LM_VM_VMDESCRIPTION = 0x06,
-    LM_VM_CONFIGURATION = 0x07,
-    LM_VM_COMMAND = 0x08,
-    LM_VM_SECTION_FOOTER = 0x7e,
-};
 
 /* ---- writing ---- */
 /* Header and configuration; with mapped-ram the configuration carries QEMU's
@@ -80,19 +74,47 @@ typedef struct lm_load_handler {
 #define LM_LOAD_MAX_HANDLERS 72
 #define LM_LOAD_MAX_SECTIONS 256
 
-typedef struct lm_loadvm {
+typedef struct lm_loadvm lm_loadvm;
+
+/* A command as its handler gets it. */
+typedef struct lm_loadvm_cmd {
+    uint16_t cmd, len;        /* len is one the wire table allows for cmd */
+    uint64_t at;              /* byte offset of the COMMAND record's 0x08 */
+    const uint8_t *data;      /* its len payload bytes, read by the loader
+                               * (NULL when len is 0); valid during the call */
+    lm_stream *s;             /* the stream it came from, just past the payload
+                               * (PACKAGED's blob follows there) */
+    lm_loadvm *lv;            /* for a nested loadvm_run_records() */
+} lm_loadvm_cmd;
+
+/*
+ * What a record loop ended with (loadvm_run_records), and what a command
+ * handler returns to end the loop that read it (QEMU's POSTCOPY_RUN ends
+ * the nested loop, and a PACKAGED handler that sees it end so passes it on).
+ */
+enum {
+    LM_LOADVM_EOF = 0,        /* LM_LOADVM_MAIN: the EOF record, and all arrived */
+    LM_LOADVM_QUIT = 1,       /* a command handler returned LM_LOADVM_QUIT */
+    LM_LOADVM_END = 2,        /* LM_LOADVM_PACKAGE: the blob ended between records */
+};
+
+/* Returns 0, LM_LOADVM_QUIT, or a negative errno: the loader then reports
+ * "command N (NAME) at byte offset X failed: <errno text>", unless the
+ * handler latched a more precise error on c->s first. */
+typedef int (*lm_loadvm_cmd_fn)(const lm_loadvm_cmd *c, void *opaque);
+
+struct lm_loadvm {
     lm_load_handler handlers[LM_LOAD_MAX_HANDLERS];
     int nhandlers;
-    /* Commands: return 0 or a negative errno (the loader reports it). */
-    int (*open_return_path)(void *opaque);
-    int (*ping)(void *opaque, uint32_t value);
-    void *cmd_opaque;
+    /* The commands this side handles, by number; fn NULL = refused. */
+    struct { lm_loadvm_cmd_fn fn; void *opaque; } cmds[LM_CMD__MAX];
     bool mapped_ram;          /* this side loads a mapped-ram file */
 
-    /* parse state: sender's section id -> handler, and version in use */
+    /* parse state, shared by a package's nested loop and the stream around
+     * it: sender's section id -> handler, and version in use */
     struct { uint32_t id; int handler; uint32_t version; } sections[LM_LOAD_MAX_SECTIONS];
     int nsections;
-} lm_loadvm;
+};
 
 /* Register a section handler; NULL when the table is full.  The caller may
  * set the returned handler's `check`. */
@@ -100,7 +122,42 @@ lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t i
                                     uint32_t version,
                                     int (*load)(lm_stream *, void *, uint32_t, int),
                                     void *opaque);
-/* Parse the whole stream.  0 = clean EOF; -1 = error latched on s. */
+/* Handle command `cmd` (LM_CMD_*) with fn(c, opaque); fn NULL refuses it
+ * again.  -EINVAL when cmd is not in the wire table. */
+int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *opaque);
+
+/*
+ * Parse the whole main stream: the header, then loadvm_run_records(MAIN).
+ * 0 = the EOF record and everything registered arrived; LM_LOADVM_QUIT = a
+ * command handler ended the load before EOF (nothing is checked then: the
+ * rest of the stream, with its EOF, is for whoever reads on); -1 = error
+ * latched on s.  Resets the parse state first, so an lm_loadvm can be
+ * loaded again.
+ */
 int loadvm_run(lm_loadvm *lv, lm_stream *s);
+
+typedef enum lm_loadvm_scope {
+    /* The main stream after its header (or after a command that ended an
+     * earlier loop): it ends with its EOF record, which runs the "complete
+     * means complete" check; the stream's end anywhere before is truncation. */
+    LM_LOADVM_MAIN,
+    /* A package: a stream over PACKAGED's blob (lm_stream_new_mem), which
+     * has no header and no EOF record; it ends with the blob's last byte,
+     * which must be a record's last.  An EOF record in it is refused (QEMU
+     * writes none; it would hide the rest of the blob), and nothing checks
+     * completeness at its end: that is for the main stream's EOF. */
+    LM_LOADVM_PACKAGE,
+} lm_loadvm_scope;
+
+/*
+ * The record loop on its own: records from s until the scope's end or a
+ * command handler's LM_LOADVM_QUIT (s is then just past that command).
+ * Returns LM_LOADVM_EOF (MAIN), LM_LOADVM_END (PACKAGE), LM_LOADVM_QUIT, or
+ * -1 with the error latched on s.  It does not reset the parse state: a
+ * package's sections use the ids the stream around it bound, and the other
+ * way round.  Offsets in errors are s's own, so in a package they count from
+ * the blob's first byte; the PACKAGED handler says where the blob starts.
+ */
+int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope);
 
 #endif

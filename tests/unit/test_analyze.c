@@ -985,6 +985,47 @@ static void test_more_errors(void **state)
     a = analyze(f, &b, false, false);
     assert_refused(a, "command PING with a payload of 3 bytes");
     lm_analysis_free(a);
+    /* Below a variable command's minimum (reference 6.1: 1+1+1+1+16), and
+     * ADVISE's own "0 or 16". */
+    b.len = 0;
+    b_header(&b, "m");
+    b_u8(&b, 0x08);
+    b_be16(&b, 6);
+    b_be16(&b, 19);
+    b_pad_to(&b, b.len + 19);
+    a = analyze(f, &b, false, false);
+    assert_refused(a, "command POSTCOPY_RAM_DISCARD with a payload of 19 bytes");
+    lm_analysis_free(a);
+    b.len = 0;
+    b_header(&b, "m");
+    b_u8(&b, 0x08);
+    b_be16(&b, 3);
+    b_be16(&b, 8);
+    b_pad_to(&b, b.len + 8);
+    a = analyze(f, &b, false, false);
+    assert_refused(a, "command POSTCOPY_ADVISE with a payload of 8 bytes");
+    lm_analysis_free(a);
+
+    /* A section name with a NUL inside: not printable, named at its offset
+     * (header 8 + configuration 6: the FULL at 14, its name at 19). */
+    b.len = 0;
+    b_header(&b, "m");
+    b_u8(&b, 0x04);
+    b_be32(&b, 1);
+    b_u8(&b, 3);
+    b_bytes(&b, "d\0v", 3);
+    b_be32(&b, 0);
+    b_be32(&b, 1);
+    a = analyze(f, &b, false, false);
+    assert_refused(a, "a section name contains byte 0x00, which is not printable ASCII at "
+                   "byte offset 19");
+    lm_analysis_free(a);
+
+    /* Command names come from the one table (reference 6.1). */
+    assert_string_equal(lm_an_command_name(7), "PACKAGED");
+    assert_string_equal(lm_an_command_name(5), "POSTCOPY_RUN");
+    assert_string_equal(lm_an_command_name(0), "?");
+    assert_string_equal(lm_an_command_name(12), "?");
 
     /* A device section with no VMDESCRIPTION at all. */
     b.len = 0;

@@ -13,6 +13,7 @@
 #include <cmocka.h>
 
 #include <errno.h>
+#include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -98,16 +99,32 @@ static int ram_check(void *opaque, char *why, size_t len)
     return ram_load_check(&d->ram, why, len);
 }
 
-/* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
-static int load(const buf *b, dest *d, char *msg, size_t msglen)
+/* OPEN_RETURN_PATH on a destination with nothing to open: accepted. */
+static int cmd_accept(const lm_loadvm_cmd *c, void *opaque)
+{
+    return 0;
+}
+
+/* The destination's loader: "ram", "dev" and OPEN_RETURN_PATH. */
+static lm_loadvm *dest_loader(dest *d)
 {
     lm_loadvm *lv = calloc(1, sizeof(*lv));
-    lm_stream *s = lm_stream_new_mem(b->data, b->len);
-    int ret;
 
+    assert_non_null(lv);
     loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, ram_handler, d)->check =
         ram_check;
     loadvm_add_handler(lv, "dev", 0, 2, dev_load, d);
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_OPEN_RETURN_PATH, cmd_accept, NULL), 0);
+    return lv;
+}
+
+/* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
+static int load(const buf *b, dest *d, char *msg, size_t msglen)
+{
+    lm_loadvm *lv = dest_loader(d);
+    lm_stream *s = lm_stream_new_mem(b->data, b->len);
+    int ret;
+
     ram_load_start(&d->ram);
     ret = loadvm_run(lv, s);
     if (msg)
@@ -592,6 +609,367 @@ static void test_corrupted_everywhere(void **state)
     free(b.data);
 }
 
+/* ---- commands: the dispatch table ---- */
+
+/* What a command handler saw. */
+typedef struct seen {
+    int calls;
+    uint16_t cmd, len;
+    uint64_t at;
+    uint8_t data[64];
+    int ret;                  /* what the handler returns */
+} seen;
+
+static int cmd_record(const lm_loadvm_cmd *c, void *opaque)
+{
+    seen *w = opaque;
+
+    w->calls++;
+    w->cmd = c->cmd;
+    w->len = c->len;
+    w->at = c->at;
+    assert_true(c->len <= sizeof(w->data));
+    if (c->len)
+        memcpy(w->data, c->data, c->len);
+    /* the payload is consumed before the handler runs */
+    assert_int_equal(lm_stream_offset(c->s), c->at + 5 + c->len);
+    return w->ret;
+}
+
+/* The header, then the bytes in arg (raw records), then EOF. */
+typedef struct raw {
+    const void *p;
+    size_t len;
+} raw;
+
+static void w_raw(lm_stream *s, void *arg)
+{
+    const raw *r = arg;
+
+    savevm_put_header(s, false);
+    lm_put_buffer(s, r->p, r->len);
+    savevm_put_eof(s);
+}
+
+/* Load header + rec + EOF with `lv` (no section handlers: EOF is complete). */
+static int load_raw(lm_loadvm *lv, const void *rec, size_t len, char *msg, size_t msglen)
+{
+    raw r = { rec, len };
+    buf b = build(w_raw, &r);
+    lm_stream *s = lm_stream_new_mem(b.data, b.len);
+    int ret = loadvm_run(lv, s);
+
+    snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
+    lm_stream_free(s);
+    free(b.data);
+    return ret;
+}
+
+static void expect_words(const char *msg, const char *w1, const char *w2)
+{
+    if (!strstr(msg, w1) || (w2 && !strstr(msg, w2)))
+        fail_msg("error '%s' lacks '%s' / '%s'", msg, w1, w2 ? w2 : "");
+}
+
+static void test_command_dispatch(void **state)
+{
+    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    seen ping = { 0 }, bitmap = { 0 };
+    char msg[512];
+
+    /* A command with a handler gets its payload and offset (header: 22). */
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping), 0);
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), 0);
+    assert_int_equal(ping.calls, 1);
+    assert_int_equal(ping.cmd, LM_CMD_PING);
+    assert_int_equal(ping.len, 4);
+    assert_int_equal(ping.at, 22);
+    assert_int_equal(wire_be32(ping.data), 7);
+
+    /* A variable-length one gets exactly its bytes. */
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_RECV_BITMAP, cmd_record, &bitmap), 0);
+    assert_int_equal(load_raw(lv, "\x08\0\x0a\0\x04\x03" "abc", 9, msg, sizeof(msg)), 0);
+    assert_int_equal(bitmap.len, 4);
+    assert_memory_equal(bitmap.data, "\3abc", 4);
+
+    /* A command this side has no handler for: refused, with its name. */
+    assert_int_equal(load_raw(lv, "\x08\0\x04\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 4 (POSTCOPY_LISTEN, length 0) at byte offset 22",
+                 "no handler");
+    /* A number that is no command at all. */
+    assert_int_equal(load_raw(lv, "\x08\0\x0c\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 12 (length 0) at byte offset 22", NULL);
+    assert_int_equal(load_raw(lv, "\x08\0\0\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 0", "byte offset 22");
+    /* A wrong fixed length, with or without a handler; and below a minimum. */
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x03" "abc", 8, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 2 with bad length 3 at byte offset 22", NULL);
+    assert_int_equal(load_raw(lv, "\x08\0\x07\0\x03" "abc", 8, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 7 with bad length 3 at byte offset 22", NULL);
+    assert_int_equal(load_raw(lv, "\x08\0\x0a\0\0", 5, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 10 with bad length 0 at byte offset 22", NULL);
+    assert_int_equal(ping.calls, 1);
+
+    /* A handler that fails: the loader names the command and the offset. */
+    ping.ret = -EPIPE;
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), -1);
+    expect_words(msg, "command 2 (PING) at byte offset 22 failed", strerror(EPIPE));
+
+    /* Detached again: refused again.  Numbers outside the table: -EINVAL. */
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_PING, NULL, NULL), 0);
+    assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), -1);
+    expect_words(msg, "unsupported command 2 (PING", NULL);
+    assert_int_equal(loadvm_set_command(lv, LM_CMD_INVALID, cmd_record, NULL), -EINVAL);
+    assert_int_equal(loadvm_set_command(lv, LM_CMD__MAX, cmd_record, NULL), -EINVAL);
+    free(lv);
+}
+
+/* ---- packages: the record loop over a blob, no header ---- */
+
+/* POSTCOPY_RUN's part in a nested loop: end it. */
+static int cmd_quit(const lm_loadvm_cmd *c, void *opaque)
+{
+    (*(int *)opaque)++;
+    return LM_LOADVM_QUIT;
+}
+
+enum { PKG_PLAIN, PKG_RUN, PKG_RUN_NO_DEV, PKG_BAD_FOOTER };
+
+/* The device's FULL section [0, 26), PING(3) [26, 35); PKG_RUN adds
+ * POSTCOPY_RUN [35, 40) and then a byte that is no record. */
+static void w_package(lm_stream *s, void *arg)
+{
+    int kind = (int)(uintptr_t)arg;
+
+    if (kind != PKG_RUN_NO_DEV) {
+        savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+        lm_put_be32(s, 0xfeedf00d);
+        savevm_section_footer(s, kind == PKG_BAD_FOOTER ? 3 : 2);
+        savevm_put_command(s, LM_CMD_PING, 4, "\0\0\0\3");
+    }
+    if (kind == PKG_RUN || kind == PKG_RUN_NO_DEV) {
+        savevm_put_command(s, LM_CMD_POSTCOPY_RUN, 0, NULL);
+        lm_put_u8(s, 0x42);
+    }
+}
+
+static void test_package_records(void **state)
+{
+    buf blob = build(w_package, (void *)(uintptr_t)PKG_PLAIN);
+    seen ping = { 0 };
+    int runs = 0;
+
+    assert_int_equal(blob.len, 35);
+    /* Its end is the end of the blob: at a record boundary that ends the
+     * loop (no EOF record, no completeness check: RAM never came); inside a
+     * record it is a truncation. */
+    for (size_t n = 0; n <= blob.len; n++) {
+        dest d;
+        lm_loadvm *lv;
+        lm_stream *s = lm_stream_new_mem(blob.data, n);
+        int ret;
+
+        dest_init(&d);
+        lv = dest_loader(&d);
+        loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping);
+        ret = loadvm_run_records(lv, s, LM_LOADVM_PACKAGE);
+        if (n == 0 || n == 26 || n == 35) {
+            if (ret != LM_LOADVM_END)
+                fail_msg("blob cut to %zu bytes: %d, '%s'", n, ret, lm_stream_error_msg(s));
+            assert_int_equal(d.dev_loads, n ? 1 : 0);
+        } else {
+            assert_int_equal(ret, -1);
+            expect_words(lm_stream_error_msg(s), "truncated", NULL);
+        }
+        if (n == 35) {
+            assert_int_equal(d.dev_value, 0xfeedf00d);
+            assert_int_equal(ping.at, 26);
+            assert_int_equal(wire_be32(ping.data), 3);
+        }
+        lm_stream_free(s);
+        free(lv);
+        dest_fini(&d);
+    }
+    free(blob.data);
+
+    /* An EOF record inside a package is refused (QEMU writes none). */
+    {
+        dest d;
+        lm_loadvm *lv;
+        uint8_t bytes[36];
+        lm_stream *s;
+
+        blob = build(w_package, (void *)(uintptr_t)PKG_PLAIN);
+        memcpy(bytes, blob.data, 35);
+        bytes[35] = LM_VM_EOF;
+        s = lm_stream_new_mem(bytes, sizeof(bytes));
+        dest_init(&d);
+        lv = dest_loader(&d);
+        loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping);
+        assert_int_equal(loadvm_run_records(lv, s, LM_LOADVM_PACKAGE), -1);
+        expect_words(lm_stream_error_msg(s), "EOF record inside a package at byte offset 35",
+                     NULL);
+        lm_stream_free(s);
+        free(lv);
+        dest_fini(&d);
+        free(blob.data);
+    }
+
+    /* A command that ends the loop (POSTCOPY_RUN): the loop stops right after
+     * it and never reads what follows. */
+    {
+        dest d;
+        lm_loadvm *lv;
+        lm_stream *s;
+
+        blob = build(w_package, (void *)(uintptr_t)PKG_RUN);
+        s = lm_stream_new_mem(blob.data, blob.len);
+        dest_init(&d);
+        lv = dest_loader(&d);
+        loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping);
+        loadvm_set_command(lv, LM_CMD_POSTCOPY_RUN, cmd_quit, &runs);
+        assert_int_equal(loadvm_run_records(lv, s, LM_LOADVM_PACKAGE), LM_LOADVM_QUIT);
+        assert_int_equal(runs, 1);
+        assert_int_equal(lm_stream_offset(s), 40);
+        assert_int_equal(lm_stream_error(s), 0);
+        assert_int_equal(d.dev_loads, 1);
+        lm_stream_free(s);
+        free(lv);
+        dest_fini(&d);
+        free(blob.data);
+    }
+}
+
+/*
+ * PACKAGED the way postcopy will drive it, with a handler of the test's:
+ * read the blob that follows the command, run the nested loop over it, pass
+ * a QUIT on.  Then the rest of the main stream is read by a second MAIN loop
+ * (as QEMU's listen thread does), whose EOF runs the completeness check.
+ */
+typedef struct pkg_stream {
+    src *sr;
+    const buf *blob;
+} pkg_stream;
+
+static void w_packaged(lm_stream *s, void *arg)
+{
+    pkg_stream *p = arg;
+    src *sr = p->sr;
+
+    savevm_put_header(s, false);
+    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
+    ram_save_setup(&sr->ram, &SINK, s);
+    savevm_section_footer(s, 1);
+    ram_save_start(&sr->ram, NULL);
+    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
+    while (!ram_save_some(&sr->ram, &SINK, s, UINT64_MAX))
+        ;
+    ram_put_eos(&sr->ram, &SINK, s);
+    savevm_section_footer(s, 1);
+    lm_put_u8(s, LM_VM_COMMAND);
+    lm_put_be16(s, LM_CMD_PACKAGED);
+    lm_put_be16(s, 4);
+    lm_put_be32(s, (uint32_t)p->blob->len);
+    lm_put_buffer(s, p->blob->data, p->blob->len);
+    savevm_put_command(s, LM_CMD_PING, 4, "\0\0\0\4");
+    savevm_put_eof(s);
+    ram_save_finish(&sr->ram);
+}
+
+static int cmd_packaged(const lm_loadvm_cmd *c, void *opaque)
+{
+    uint32_t n = wire_be32(c->data);
+    uint64_t at = lm_stream_offset(c->s);
+    uint8_t *blob = malloc(n ? n : 1);
+    lm_stream *ps;
+    int ret;
+
+    assert_non_null(blob);
+    if (lm_get_buffer(c->s, blob, n)) {
+        free(blob);
+        return -EIO;
+    }
+    ps = lm_stream_new_mem(blob, n);
+    ret = loadvm_run_records(c->lv, ps, LM_LOADVM_PACKAGE);
+    if (ret < 0)
+        lm_stream_set_error(c->s, lm_stream_error(ps), "in the package at byte offset %llu: "
+                            "%s", (unsigned long long)at, lm_stream_error_msg(ps));
+    lm_stream_free(ps);
+    free(blob);
+    return ret < 0 ? -EINVAL : ret == LM_LOADVM_QUIT ? LM_LOADVM_QUIT : 0;
+}
+
+/* Load the packaged stream around `kind`'s blob: loadvm_run, then (after a
+ * QUIT) the rest.  Returns the last result; message in msg. */
+static int load_packaged(int kind, dest *d, src *sr, seen *ping, char *msg, size_t msglen)
+{
+    buf blob = build(w_package, (void *)(uintptr_t)kind);
+    pkg_stream p = { sr, &blob };
+    buf b;
+    lm_loadvm *lv;
+    lm_stream *s;
+    int runs = 0, ret;
+
+    src_init(sr);
+    b = build(w_packaged, &p);
+    dest_init(d);
+    lv = dest_loader(d);
+    loadvm_set_command(lv, LM_CMD_PING, cmd_record, ping);
+    loadvm_set_command(lv, LM_CMD_POSTCOPY_RUN, cmd_quit, &runs);
+    loadvm_set_command(lv, LM_CMD_PACKAGED, cmd_packaged, NULL);
+    ram_load_start(&d->ram);
+    s = lm_stream_new_mem(b.data, b.len);
+    ret = loadvm_run(lv, s);
+    if (ret == LM_LOADVM_QUIT) {
+        assert_int_equal(runs, 1);
+        ret = loadvm_run_records(lv, s, LM_LOADVM_MAIN);
+    }
+    snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
+    lm_stream_free(s);
+    free(lv);
+    free(b.data);
+    free(blob.data);
+    return ret;
+}
+
+static void test_packaged_stream(void **state)
+{
+    src sr;
+    dest d;
+    seen ping = { 0 };
+    char msg[512];
+
+    /* The device's state comes in the package; PING 4 after it, on the rest. */
+    assert_int_equal(load_packaged(PKG_RUN, &d, &sr, &ping, msg, sizeof(msg)), LM_LOADVM_EOF);
+    assert_int_equal(d.dev_value, 0xfeedf00d);
+    assert_memory_equal(d.mem, sr.mem, BLOCK_LEN);
+    assert_int_equal(ping.calls, 2);
+    assert_int_equal(wire_be32(ping.data), 4);
+    dest_fini(&d);
+    munmap(sr.mem, BLOCK_LEN);
+
+    /* A package without RUN just ends; the same loop goes on to EOF. */
+    ping.calls = 0;
+    assert_int_equal(load_packaged(PKG_PLAIN, &d, &sr, &ping, msg, sizeof(msg)), 0);
+    assert_int_equal(ping.calls, 2);
+    dest_fini(&d);
+    munmap(sr.mem, BLOCK_LEN);
+
+    /* The end of a package checks nothing; the main stream's EOF does. */
+    assert_int_equal(load_packaged(PKG_RUN_NO_DEV, &d, &sr, &ping, msg, sizeof(msg)), -1);
+    expect_words(msg, "device 'dev' instance 0: no state", "EOF at byte offset");
+    dest_fini(&d);
+    munmap(sr.mem, BLOCK_LEN);
+
+    /* An error inside: offsets count from the blob, the handler says where
+     * the blob is. */
+    assert_int_equal(load_packaged(PKG_BAD_FOOTER, &d, &sr, &ping, msg, sizeof(msg)), -1);
+    expect_words(msg, "in the package at byte offset", "bad footer at byte offset 21 (found "
+                 "0x7e id 3)");
+    dest_fini(&d);
+    munmap(sr.mem, BLOCK_LEN);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -609,6 +987,9 @@ int main(void)
         cmocka_unit_test(test_incomplete_streams),
         cmocka_unit_test(test_truncated_everywhere),
         cmocka_unit_test(test_corrupted_everywhere),
+        cmocka_unit_test(test_command_dispatch),
+        cmocka_unit_test(test_package_records),
+        cmocka_unit_test(test_packaged_stream),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
