@@ -16,9 +16,11 @@
  *                    an AF_UNIX socketpair, so lm_conn_shutdown works on it;
  *                    is_socket is false all the same (no return path: the
  *                    command is not a livemig peer).
- *   file:PATH        outgoing creates/truncates PATH, incoming opens it; plain
- *                    stream (mapped-ram comes later).  ",offset=N": outgoing
- *                    does not truncate; both start at byte N.
+ *   file:PATH        outgoing creates/truncates PATH, incoming opens it; the
+ *                    stream as on any transport, or with the mapped-ram
+ *                    capability the file layout of src/mappedram/ (its
+ *                    workers open PATH again themselves).  ",offset=N":
+ *                    outgoing does not truncate; both start at byte N.
  *
  * Every blocking step (connect, accept) polls an extra `cancel_fd` (an
  * eventfd; readable = give up; -1 = none; never read, so one eventfd can
