@@ -28,6 +28,7 @@
 #include "compress/compress.h"
 #include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
+#include "returnpath/returnpath.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
 #include "util/time.h"
@@ -44,6 +45,7 @@ typedef struct incoming {
     lm_multifd_recv *mfr;
     lm_mapped_ram *mapped;
     lm_decompress *decomp;
+    rp_writer *rpw;             /* the return path, once OPEN_RETURN_PATH came */
     ram_placer placer;          /* where every page record goes, chosen at accept */
     uint64_t mf_bytes;
 } incoming;
@@ -132,17 +134,7 @@ static void in_publish(incoming *in)
  * table checks that the type takes exactly that. */
 static int in_rp_send(incoming *in, uint16_t type, uint32_t value)
 {
-    uint8_t msg[8];
-    uint32_t v = htobe32(value);
-    size_t n = wire_rp_encode(msg, sizeof(msg), type, &v, sizeof(v));
-    ssize_t w;
-
-    if (!n)
-        return -EINVAL;
-    do {
-        w = send(in->m->conn.fd, msg, n, MSG_NOSIGNAL);
-    } while (w < 0 && errno == EINTR);
-    return w == (ssize_t)n ? 0 : -EIO;
+    return in->rpw ? rp_send_u32(in->rpw, type, value) : -ENOTCONN;
 }
 
 /* OPEN_RETURN_PATH: a second one changes nothing, as in QEMU. */
@@ -153,6 +145,8 @@ static int in_open_rp(const lm_loadvm_cmd *c, void *opaque)
     (void)c;
     if (!in->m->conn.is_socket)
         return -ENOTSUP;    /* a return path needs a bidirectional channel */
+    if (!in->rpw)
+        in->rpw = rp_writer_new(in->m->conn.fd);
     in->rp = true;
     return 0;
 }
@@ -307,6 +301,7 @@ void *incoming_thread(void *arg)
     mig_set_status(m, LM_STATUS_COMPLETED);
     if (in.rp)
         in_drain(&in);
+    rp_writer_free(in.rpw);             /* before the connection it borrows */
     mig_conn_close(m, NULL);
     lm_stream_free(in.s);
     free(lv);
@@ -318,6 +313,7 @@ fail:
         in_rp_send(&in, LM_RP_SHUT, 1);
     if (in.s)
         in_publish(&in);
+    rp_writer_free(in.rpw);
     mig_conn_close(m, NULL);
     mig_set_error(m, &err);
     mig_set_status(m, LM_STATUS_FAILED);

@@ -40,6 +40,7 @@
 #include "compress/compress.h"
 #include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
+#include "returnpath/returnpath.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
 #include "util/time.h"
@@ -81,8 +82,7 @@ typedef struct precopy {
     uint64_t rate_bytes, rate_pages;
 
     uint64_t setup_bytes;
-    uint8_t rpbuf[64];
-    size_t rplen;
+    rp_reader *rpr;             /* the return path's reader thread, on sockets */
     int dest_status;            /* SHUT value, -1 until received */
     lm_stats st;
     lm_multifd_send *mfs;
@@ -178,76 +178,26 @@ static void pc_publish(precopy *pc)
 
 /* ------------------------------------------------------------ return path */
 
-/*
- * Consume return-path messages.  Non-blocking unless wait_ms > 0.  Returns 0,
- * or an error: the destination reported failure, closed, or sent garbage.
- */
-static int pc_rp_poll(precopy *pc, int wait_ms, lm_error *err)
+/* The reader thread stopped with an error (the destination went away, sent
+ * garbage): fail the migration at once, not at the next section. */
+static void pc_rp_failed(void *opaque, const lm_error *err)
 {
-    int64_t deadline = lm_now_ms() + wait_ms;
+    /* After a cancel or another failure, which shut the socket down, the
+     * reader seeing it closed is the echo, not a cause. */
+    if (!mig_cancelled(opaque))
+        mig_fail(opaque, err);
+}
 
-    for (;;) {
-        while (pc->rplen >= 4) {
-            uint16_t type = (uint16_t)(pc->rpbuf[0] << 8 | pc->rpbuf[1]);
-            uint16_t len = (uint16_t)(pc->rpbuf[2] << 8 | pc->rpbuf[3]);
-            uint32_t v;
+static const rp_reader_ops pc_rp_ops = { .failed = pc_rp_failed };
 
-            /* Type and length by the wire table (a known type, its fixed
-             * length or minimum, at most LM_RP_MAX_LEN).  rpbuf holds what
-             * this source handles, SHUT and PONG; anything longer is refused
-             * here too, or it would wedge the buffer. */
-            if (wire_rp_check(type, len) != LM_WIRE_OK || len > sizeof(pc->rpbuf) - 4)
-                return lm_error_set(err, -EPROTO, "return path: bad message type %u length "
-                                    "%u", type, len);
-            if (pc->rplen < 4u + len)
-                break;
-            if (type != LM_RP_SHUT && type != LM_RP_PONG)
-                return lm_error_set(err, -EPROTO, "return path: unexpected message type %u "
-                                    "(%s)", type, wire_rp_name(type));
-            assert(len == 4);   /* the table's length for both */
-            memcpy(&v, pc->rpbuf + 4, 4);
-            v = be32toh(v);
-            memmove(pc->rpbuf, pc->rpbuf + 4 + len, pc->rplen - 4 - len);
-            pc->rplen -= 4u + len;
-            if (type == LM_RP_SHUT) {
-                pc->dest_status = (int)v;
-                if (v)
-                    return lm_error_set(err, -EIO, "the destination failed to load the "
-                                        "migration (it reported status %u; see its log)", v);
-                return 0;
-            }
-        }
-        if (pc->dest_status >= 0)
-            return 0;
-        int left = wait_ms > 0 ? (int)(deadline - lm_now_ms()) : 0;
-        struct pollfd pfd[1] = { { .fd = pc->m->conn.fd, .events = POLLIN } };
-        int n;
+/* Between sections: the reader's error, or the destination's early verdict. */
+static int pc_rp_check(precopy *pc, lm_error *err)
+{
+    int status, ret = rp_reader_check(pc->rpr, &status, err);
 
-        if (wait_ms > 0 && left <= 0)
-            return lm_error_set(err, -ETIMEDOUT, "the destination did not confirm within "
-                                "%d ms", wait_ms);
-        n = poll(pfd, 1, wait_ms > 0 ? left : 0);
-        if (n < 0 && errno != EINTR)
-            return lm_error_set_errno(err, -errno, "return path poll");
-        if (n <= 0) {
-            if (wait_ms == 0)
-                return 0;       /* a non-blocking look found nothing */
-            continue;           /* EINTR or the slice ran out: the deadline decides */
-        }
-        if (pfd[0].revents) {
-            ssize_t r = recv(pc->m->conn.fd, pc->rpbuf + pc->rplen,
-                             sizeof(pc->rpbuf) - pc->rplen, MSG_DONTWAIT);
-            if (r == 0)
-                return lm_error_set(err, -ECONNRESET, "the destination closed the connection "
-                                    "without confirming (it failed or was killed)");
-            if (r < 0 && errno != EAGAIN && errno != EINTR)
-                return lm_error_set_errno(err, -errno, "return path read");
-            if (r > 0)
-                pc->rplen += (size_t)r;
-        }
-        if (wait_ms == 0 && pc->rplen < 4)
-            return 0;
-    }
+    if (status > 0)
+        pc->dest_status = status;
+    return ret;
 }
 
 /* ------------------------------------------------------------ rate limiting */
@@ -334,6 +284,9 @@ static int pc_setup(precopy *pc, lm_error *err)
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, LM_CMD_OPEN_RETURN_PATH, 0, NULL);
         pc->rp = true;
+        pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, m, err);
+        if (!pc->rpr)
+            return err->code ? err->code : -EIO;
     }
     /* The main stream's header is on the wire before any channel connects:
      * QEMU 7.2 destinations take the first connection as the main one. */
@@ -416,7 +369,7 @@ static int pc_part(precopy *pc, bool *wrapped, lm_error *err)
     }
     if (mig_cancelled(m))
         return lm_error_set(err, -ECANCELED, "migration cancelled");
-    if (pc->rp && (ret = pc_rp_poll(pc, 0, err)))
+    if (pc->rpr && (ret = pc_rp_check(pc, err)))
         return ret;
     return pc_stream_err(pc, err);
 }
@@ -621,18 +574,42 @@ static int pc_complete(precopy *pc, lm_error *err)
     savevm_put_eof(pc->s);
     pc_put_vmdesc(pc, sizes);
     lm_stream_flush(pc->s);
-    if ((ret = pc_stream_err(pc, err)))
-        return ret;
+    ret = pc_stream_err(pc, err);
     /* A saved file is complete only when it is durable. */
-    if (m->conn.seekable && fdatasync(m->conn.fd))
-        return lm_error_set_errno(err, -errno, "fdatasync of the migration file");
+    if (!ret && m->conn.seekable && fdatasync(m->conn.fd))
+        ret = lm_error_set_errno(err, -errno, "fdatasync of the migration file");
     pc_publish(pc);
-
-    if (pc->rp) {
-        ret = pc_rp_poll(pc, (int)mig_params(m).switchover_confirm_timeout, err);
-        if (ret)
-            return ret;
+    if (!pc->rpr)
+        goto out;
+    /*
+     * From here the destination's answer decides, even after an error of
+     * ours (the VMDESCRIPTION's write failing, say): EOF may have reached it.
+     * SHUT 0: it runs the guest, whatever failed here; SHUT != 0: it failed
+     * and never will; no answer in time: the outcome is unknown.
+     */
+    {
+        lm_error rerr = { 0 };
+        uint32_t status;
+        int rret = rp_reader_wait_shut(pc->rpr, (int)mig_params(m).switchover_confirm_timeout,
+                                       &status, &rerr);
+        if (!rret)
+            pc->dest_status = (int)status;
+        if (!rret && status == 0) {
+            if (ret)
+                lm_log("after EOF (%s); the destination confirmed it runs the guest",
+                       err->msg);
+            ret = 0;
+        } else if (!rret) {
+            ret = lm_error_set(err, -EIO, "the destination failed to load the migration (it "
+                               "reported status %u; see its log)", status);
+        } else if (!ret) {
+            *err = rerr;
+            ret = rret;
+        }
     }
+out:
+    if (ret)
+        return ret;
     pc->st.downtime = (lm_now_ns() - pc->stop_ns + 999999) / 1000000;
     return 0;
 }
@@ -691,6 +668,9 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     lm_error cerr = { 0 };
 
     pc_set_throttle(pc, 0);
+    /* First, so that shutting the socket below is no news to it. */
+    rp_reader_stop(pc->rpr);
+    pc->rpr = NULL;
     if (ret) {
         /* the socket shut (the peer sees the end), every helper interrupted */
         mig_kick(m);

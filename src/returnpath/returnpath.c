@@ -1,0 +1,315 @@
+/*
+ * The return path, both ends; see returnpath.h for the design and the
+ * thread rules.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include "returnpath/returnpath.h"
+#include "savevm/wire.h"
+#include "util/error.h"
+#include "util/time.h"
+
+/* ---------------------------------------------------------------- destination */
+
+struct rp_writer {
+    int fd;
+    pthread_mutex_t lock;       /* one whole message at a time */
+};
+
+rp_writer *rp_writer_new(int fd)
+{
+    rp_writer *w = calloc(1, sizeof(*w));
+
+    if (!w)
+        abort();
+    w->fd = fd;
+    pthread_mutex_init(&w->lock, NULL);
+    return w;
+}
+
+void rp_writer_free(rp_writer *w)
+{
+    if (!w)
+        return;
+    pthread_mutex_destroy(&w->lock);
+    free(w);
+}
+
+int rp_send(rp_writer *w, uint16_t type, const void *data, uint16_t len)
+{
+    uint8_t msg[4 + LM_RP_MAX_LEN];
+    size_t n, done = 0;
+    int ret = 0;
+
+    if (wire_rp_check(type, len) != LM_WIRE_OK)
+        return -EINVAL;             /* a caller's bug; never on the wire */
+    n = wire_rp_encode(msg, sizeof(msg), type, data, len);
+    pthread_mutex_lock(&w->lock);
+    while (done < n) {
+        ssize_t r = send(w->fd, msg + done, n - done, MSG_NOSIGNAL);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r <= 0) {
+            ret = r < 0 ? -errno : -EIO;
+            break;
+        }
+        done += (size_t)r;
+    }
+    pthread_mutex_unlock(&w->lock);
+    return ret;
+}
+
+int rp_send_u32(rp_writer *w, uint16_t type, uint32_t value)
+{
+    uint8_t be[4] = { (uint8_t)(value >> 24), (uint8_t)(value >> 16), (uint8_t)(value >> 8),
+                      (uint8_t)value };
+
+    return rp_send(w, type, be, sizeof(be));
+}
+
+/* ---------------------------------------------------------------- source */
+
+struct rp_reader {
+    int fd;
+    int stop_fd;                /* eventfd: readable = stop */
+    rp_reader_ops ops;
+    void *opaque;
+    pthread_t thread;
+
+    /* reader thread only */
+    uint8_t buf[4 + LM_RP_MAX_LEN];
+    size_t len;
+
+    /* under lock */
+    pthread_mutex_t lock;
+    pthread_cond_t cond;
+    int shut_status;            /* -1 until SHUT arrived */
+    lm_error err;               /* the reader's own error; code 0 = none */
+    bool ended;                 /* the thread left its loop */
+};
+
+/* The reader's one error: kept, waiters woken, the owner told. */
+static void rd_fail(rp_reader *r, const lm_error *err)
+{
+    pthread_mutex_lock(&r->lock);
+    r->err = *err;
+    if (!r->err.code)
+        r->err.code = -EIO;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+    if (r->ops.failed)
+        r->ops.failed(r->opaque, err);
+}
+
+/*
+ * Take every whole message in buf.  1 after SHUT (the reader is done), 0 to
+ * read on, -1 after an error (reported).
+ */
+static int rd_parse(rp_reader *r)
+{
+    lm_error err = { 0 };
+
+    while (r->len >= 4) {
+        uint16_t type = (uint16_t)(r->buf[0] << 8 | r->buf[1]);
+        uint16_t len = (uint16_t)(r->buf[2] << 8 | r->buf[3]);
+        const uint8_t *data = r->buf + 4;
+
+        /* Known type, its length, at most LM_RP_MAX_LEN: buf always has room. */
+        if (wire_rp_check(type, len) != LM_WIRE_OK) {
+            lm_error_set(&err, -EPROTO, "return path: bad message type %u length %u", type,
+                         len);
+            goto fail;
+        }
+        if (r->len < 4u + len)
+            return 0;
+        if (type == LM_RP_SHUT) {
+            pthread_mutex_lock(&r->lock);
+            r->shut_status = (int)wire_be32(data);
+            if (r->shut_status < 0)             /* a status >= 2^31: still a failure */
+                r->shut_status = 1;
+            pthread_cond_broadcast(&r->cond);
+            pthread_mutex_unlock(&r->lock);
+            return 1;       /* the destination's last word */
+        }
+        if (r->ops.message) {
+            int ret = r->ops.message(r->opaque, type, data, len, &err);
+            if (ret) {
+                if (!err.code)
+                    lm_error_set(&err, ret, "return path: message type %u (%s) refused",
+                                 type, wire_rp_name(type));
+                goto fail;
+            }
+        } else if (type != LM_RP_PONG) {
+            lm_error_set(&err, -EPROTO, "return path: unexpected message type %u (%s)", type,
+                         wire_rp_name(type));
+            goto fail;
+        }
+        memmove(r->buf, r->buf + 4 + len, r->len - 4 - len);
+        r->len -= 4u + len;
+    }
+    return 0;
+fail:
+    rd_fail(r, &err);
+    return -1;
+}
+
+static void *rd_thread(void *arg)
+{
+    rp_reader *r = arg;
+    lm_error err = { 0 };
+
+    pthread_setname_np(pthread_self(), "lm-rp");
+    for (;;) {
+        struct pollfd pfd[2] = { { .fd = r->fd, .events = POLLIN },
+                                 { .fd = r->stop_fd, .events = POLLIN } };
+        ssize_t n;
+
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            lm_error_set_errno(&err, -errno, "return path poll");
+            rd_fail(r, &err);
+            break;
+        }
+        if (pfd[1].revents)
+            break;                          /* rp_reader_stop */
+        if (!pfd[0].revents)
+            continue;
+        n = recv(r->fd, r->buf + r->len, sizeof(r->buf) - r->len, MSG_DONTWAIT);
+        if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            continue;
+        if (n <= 0) {
+            if (n == 0)
+                lm_error_set(&err, -ECONNRESET, "the destination closed the connection "
+                             "without confirming (it failed or was killed)");
+            else
+                lm_error_set_errno(&err, -errno, "return path read");
+            rd_fail(r, &err);
+            break;
+        }
+        r->len += (size_t)n;
+        if (rd_parse(r))
+            break;
+    }
+    pthread_mutex_lock(&r->lock);
+    r->ended = true;
+    pthread_cond_broadcast(&r->cond);
+    pthread_mutex_unlock(&r->lock);
+    return NULL;
+}
+
+rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_error *err)
+{
+    rp_reader *r = calloc(1, sizeof(*r));
+    pthread_condattr_t ca;
+    sigset_t all, old;
+    int ret;
+
+    if (!r)
+        abort();
+    r->fd = fd;
+    r->ops = ops ? *ops : (rp_reader_ops){ 0 };
+    r->opaque = opaque;
+    r->shut_status = -1;
+    r->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (r->stop_fd < 0) {
+        lm_error_set_errno(err, -errno, "return path: eventfd");
+        free(r);
+        return NULL;
+    }
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&r->cond, &ca);
+    pthread_condattr_destroy(&ca);
+    /* Signals are the program's business, not this thread's. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    ret = pthread_create(&r->thread, NULL, rd_thread, r);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (ret) {
+        lm_error_set(err, -ret, "cannot start the return-path thread: %s", strerror(ret));
+        close(r->stop_fd);
+        pthread_cond_destroy(&r->cond);
+        pthread_mutex_destroy(&r->lock);
+        free(r);
+        return NULL;
+    }
+    return r;
+}
+
+void rp_reader_stop(rp_reader *r)
+{
+    uint64_t one = 1;
+
+    if (!r)
+        return;
+    if (write(r->stop_fd, &one, sizeof(one)) < 0) {
+        /* only fails when the counter is full: it is readable then */
+    }
+    pthread_join(r->thread, NULL);
+    close(r->stop_fd);
+    pthread_cond_destroy(&r->cond);
+    pthread_mutex_destroy(&r->lock);
+    free(r);
+}
+
+/* Under lock: the verdict or the reader's error as the caller reports it. */
+static int rd_verdict_locked(rp_reader *r, lm_error *err)
+{
+    if (r->shut_status > 0)
+        return lm_error_set(err, -EIO, "the destination failed to load the migration (it "
+                            "reported status %d; see its log)", r->shut_status);
+    if (r->err.code) {
+        lm_error_copy(err, &r->err);
+        return r->err.code;
+    }
+    return 0;
+}
+
+int rp_reader_check(rp_reader *r, int *shut_status, lm_error *err)
+{
+    int ret;
+
+    pthread_mutex_lock(&r->lock);
+    *shut_status = r->shut_status;
+    ret = rd_verdict_locked(r, err);
+    if (!ret && r->shut_status == 0)
+        ret = lm_error_set(err, -EPROTO, "return path: the destination confirmed (SHUT 0) "
+                           "before the stream ended");
+    pthread_mutex_unlock(&r->lock);
+    return ret;
+}
+
+int rp_reader_wait_shut(rp_reader *r, int timeout_ms, uint32_t *status, lm_error *err)
+{
+    struct timespec dl = lm_deadline_ms(timeout_ms);
+    int ret = 0;
+
+    pthread_mutex_lock(&r->lock);
+    while (r->shut_status < 0 && !r->err.code && !r->ended) {
+        if (pthread_cond_timedwait(&r->cond, &r->lock, &dl) == ETIMEDOUT) {
+            ret = lm_error_set(err, -ETIMEDOUT, "the destination did not confirm within "
+                               "%d ms", timeout_ms);
+            break;
+        }
+    }
+    if (!ret && r->shut_status >= 0) {
+        *status = (uint32_t)r->shut_status;
+    } else if (!ret) {
+        ret = rd_verdict_locked(r, err);
+        if (!ret)
+            ret = lm_error_set(err, -ECANCELED, "the return path was stopped");
+    }
+    pthread_mutex_unlock(&r->lock);
+    return ret;
+}
