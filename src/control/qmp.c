@@ -75,7 +75,12 @@
 #include "util/error.h"
 #include "util/time.h"
 
-#define QMP_PACKAGE        "livemig 0.1.0"   /* keep in step with meson.build */
+#ifndef LIVEMIG_VERSION
+#error "LIVEMIG_VERSION comes from meson.build (project version)"
+#endif
+
+/* The greeting's and query-version's package: this build, meson's version. */
+#define QMP_PACKAGE        "livemig " LIVEMIG_VERSION
 #define QMP_MAX_INPUT      (1u << 20)        /* bytes of one unfinished value */
 #define QMP_MAX_OUTPUT     (16u << 20)       /* bytes waiting for one client */
 #define QMP_MAX_DEPTH      1024              /* JSON nesting, as QEMU's parser */

@@ -863,6 +863,34 @@ static void test_registered(void **state)
     client_close(&c);
 }
 
+/*
+ * query-version and the greeting report this build (meson's project
+ * version, LIVEMIG_VERSION) under QEMU 7.2's shape, and the same object.
+ */
+static void test_version(void **state)
+{
+    fx *f = *state;
+    client c;
+    json_t *g, *ret;
+    const char *want = "livemig " LIVEMIG_VERSION;
+
+    client_open(&c, f->path);
+    g = client_read(&c, WAIT_MS);
+    assert_non_null(g);
+    client_send(&c, "{\"execute\":\"qmp_capabilities\"}\n");
+    json_decref(client_reply(&c));
+    ret = expect_return(&c, "{\"execute\":\"query-version\"}");
+    assert_string_equal(json_string_value(json_object_get(ret, "package")), want);
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(ret, "qemu"),
+                                                        "minor")), 2);
+    assert_int_equal(json_object_size(ret), 2);
+    assert_int_equal(json_object_size(json_object_get(ret, "qemu")), 3);
+    assert_true(json_equal(ret, json_object_get(json_object_get(g, "QMP"), "version")));
+    json_decref(ret);
+    json_decref(g);
+    client_close(&c);
+}
+
 static void test_program_events(void **state)
 {
     fx *f = *state;
@@ -1524,6 +1552,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_parameters, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_status_stop_cont, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_registered, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_version, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_program_events, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_two_clients, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_garbage_clients, fx_setup, fx_teardown),
