@@ -23,7 +23,8 @@
  * Threads: one server thread owns the listening socket and every client
  * connection; command handlers (built-in and registered) run on it, one at a
  * time, so a slow handler delays every client.  lm_qmp_event() and
- * lm_qmp_register() may be called from any thread.
+ * lm_qmp_register() may be called from any thread; lm_qmp_take_fd() only
+ * from a handler.
  */
 #ifndef LIVEMIG_QMP_H
 #define LIVEMIG_QMP_H
@@ -42,10 +43,11 @@ typedef struct lm_qmp lm_qmp;
  * the call.  On success return 0 and set *reply_json to a malloc'ed JSON value
  * (NULL means {}); the server frees it (also on failure).  On failure return
  * a negative errno and fill err; err->msg becomes the error "desc" and the
- * class is GenericError.  A handler may call lm_qmp_event() and any lm_*
- * function, but not lm_qmp_stop() (it would join its own thread): a "quit"
- * handler tells the program's own thread to stop the server instead; its
- * reply and queued events are still flushed to clients by lm_qmp_stop().
+ * class is GenericError.  A handler may call lm_qmp_event(), lm_qmp_take_fd()
+ * and any lm_* function, but not lm_qmp_stop() (it would join its own
+ * thread): a "quit" handler tells the program's own thread to stop the
+ * server instead; its reply and queued events are still flushed to clients
+ * by lm_qmp_stop().
  */
 typedef int (*lm_qmp_handler)(void *opaque, const char *args_json,
                               char **reply_json, lm_error *err);
@@ -75,6 +77,21 @@ void lm_qmp_open(lm_qmp *q);
  * cannot be replaced.  Takes effect for the next request.
  */
 int lm_qmp_register(lm_qmp *q, const char *name, lm_qmp_handler fn, void *opaque);
+
+/*
+ * Take a descriptor that the client whose command is running passed earlier
+ * with "getfd" under `name` (QMP's way to hand over a socket or a pipe: the
+ * descriptor rides on a request as SCM_RIGHTS, getfd names it, a later
+ * command refers to it, as "fd:NAME" in migrate's URI).  Named descriptors
+ * belong to the client that passed them, so this is valid only in a command
+ * handler, on the server thread, during the call: the server knows whose
+ * request it is running.  On success returns the descriptor, which is now
+ * the caller's to close, and the name is forgotten (as QEMU's monitor hands
+ * a named descriptor over).  Returns -ENOENT when this client named no
+ * descriptor so, -EPERM outside a handler or on another thread, -EINVAL for
+ * NULL arguments.
+ */
+int lm_qmp_take_fd(lm_qmp *q, const char *name);
 
 /*
  * Send an event to every client that finished negotiation.  `data_json` is

@@ -125,6 +125,7 @@ typedef struct qmp_client {
     /* Descriptors from the last read that carried SCM_RIGHTS (for getfd). */
     int msgfds[QMP_MAX_FDS];
     int n_msgfds;
+    /* Named by getfd; closefd and lm_qmp_take_fd take them out. */
     qmp_named_fd named[QMP_MAX_FDS];
     int n_named;
 } qmp_client;
@@ -160,6 +161,7 @@ struct lm_qmp {
     qmp_client *clients[QMP_MAX_CLIENTS];
     int n_clients;
     bool accept_paused;          /* out of fds: wait for a client to leave */
+    qmp_client *serving;         /* whose command runs now; NULL between commands */
 };
 
 /* ---------------------------------------------------------------- output */
@@ -631,16 +633,48 @@ static json_t *qmp_cmd_cont(qmp_call *call)
 }
 
 /*
+ * The descriptor c named `name`, taken out of its table (the caller owns it
+ * now), or -1.
+ */
+static int qmp_client_take_named(qmp_client *c, const char *name)
+{
+    for (int i = 0; i < c->n_named; i++) {
+        if (strcmp(c->named[i].name, name) == 0) {
+            int fd = c->named[i].fd;
+
+            free(c->named[i].name);
+            c->named[i] = c->named[--c->n_named];
+            return fd;
+        }
+    }
+    return -1;
+}
+
+int lm_qmp_take_fd(lm_qmp *q, const char *name)
+{
+    int fd;
+
+    if (!q || !name)
+        return -EINVAL;
+    /* The thread first: `serving` is the server thread's alone. */
+    if (!pthread_equal(pthread_self(), q->thread) || !q->serving)
+        return -EPERM;
+    fd = qmp_client_take_named(q->serving, name);
+    return fd >= 0 ? fd : -ENOENT;
+}
+
+/*
  * "fd:NAME" names a descriptor passed earlier with getfd, as in QEMU; it is
- * consumed by the lookup (QEMU hands it to the migration).  The library takes
- * "fd:N" and dups N, so we pass our number and close our copy afterwards
- * (*taken).  "fd:N" with digits stays a raw descriptor number, as in QEMU.
+ * consumed by the lookup (QEMU hands it to the migration), through the same
+ * lm_qmp_take_fd a program's command would use.  The library takes "fd:N"
+ * and dups N, so we pass our number and close our copy afterwards (*taken).
+ * "fd:N" with digits stays a raw descriptor number, as in QEMU.
  */
 static bool qmp_resolve_uri(qmp_call *call, const char *uri, char *buf,
                             size_t len, int *taken)
 {
-    qmp_client *c = call->c;
     const char *name;
+    int fd;
 
     *taken = -1;
     if (strncmp(uri, "fd:", 3) != 0 || isdigit((unsigned char)uri[3])) {
@@ -648,17 +682,17 @@ static bool qmp_resolve_uri(qmp_call *call, const char *uri, char *buf,
         return true;
     }
     name = uri + 3;
-    for (int i = 0; i < c->n_named; i++) {
-        if (strcmp(c->named[i].name, name) == 0) {
-            *taken = c->named[i].fd;
-            free(c->named[i].name);
-            c->named[i] = c->named[--c->n_named];
-            snprintf(buf, len, "fd:%d", *taken);
-            return true;
-        }
+    fd = lm_qmp_take_fd(call->q, name);
+    if (fd >= 0) {
+        *taken = fd;
+        snprintf(buf, len, "fd:%d", fd);
+        return true;
     }
-    qmp_fail(call, "GenericError", "File descriptor named '%s' has not been found",
-             name);
+    if (fd == -ENOENT)
+        qmp_fail(call, "GenericError", "File descriptor named '%s' has not been found", name);
+    else
+        qmp_fail(call, "GenericError", "Cannot take file descriptor '%s': %s", name,
+                 strerror(-fd));
     return false;
 }
 
@@ -1141,18 +1175,13 @@ static json_t *qmp_cmd_getfd(qmp_call *call)
 
 static json_t *qmp_cmd_closefd(qmp_call *call)
 {
-    qmp_client *c = call->c;
     const char *name = json_string_value(json_object_get(call->args, "fdname"));
+    int fd = qmp_client_take_named(call->c, name);
 
-    for (int i = 0; i < c->n_named; i++) {
-        if (strcmp(c->named[i].name, name) == 0) {
-            close(c->named[i].fd);
-            free(c->named[i].name);
-            c->named[i] = c->named[--c->n_named];
-            return json_object();
-        }
-    }
-    return qmp_fail(call, "GenericError", "File descriptor named '%s' not found", name);
+    if (fd < 0)
+        return qmp_fail(call, "GenericError", "File descriptor named '%s' not found", name);
+    close(fd);
+    return json_object();
 }
 
 static json_t *qmp_cmd_query_commands(qmp_call *call);
@@ -1347,12 +1376,14 @@ static void qmp_dispatch(lm_qmp *q, qmp_client *c, const char *text, size_t len)
         qmp_client_error(c, id, "GenericError", "Out of memory");
         goto out;
     }
+    q->serving = c;
     if (fn)
         ret = qmp_call_registered(&call, fn, opaque);
     else if (b->args && !qmp_args_check(&call, b->args))
         ret = NULL;
     else
         ret = b->fn(&call);
+    q->serving = NULL;
     json_decref(call.args);
 
     /* Events the command caused go out before its reply, as in QEMU. */
