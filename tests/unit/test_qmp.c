@@ -891,6 +891,43 @@ static void test_version(void **state)
     client_close(&c);
 }
 
+static int cmd_mine(void *opaque, const char *args_json, char **reply, lm_error *err)
+{
+    *reply = strdup("{\"mine\":true}");
+    return 0;
+}
+
+/* A program command replaces a built-in of the same name, and is listed once. */
+static void test_replace_builtin(void **state)
+{
+    fx *f = *state;
+    client c;
+    json_t *ret, *e;
+    size_t i;
+    int seen = 0;
+
+    assert_int_equal(lm_qmp_register(f->q, "query-status", cmd_mine, NULL), 0);
+    assert_int_equal(lm_qmp_register(f->q, "getfd", cmd_mine, NULL), 0);
+    client_ready(&c, f->path);
+    ret = expect_return(&c, "{\"execute\":\"query-status\",\"arguments\":{\"any\":1}}");
+    assert_true(json_is_true(json_object_get(ret, "mine")));
+    json_decref(ret);
+    ret = expect_return(&c, "{\"execute\":\"getfd\"}");
+    assert_true(json_is_true(json_object_get(ret, "mine")));
+    json_decref(ret);
+    /* The other built-ins are untouched. */
+    ret = expect_return(&c, "{\"execute\":\"query-migrate\"}");
+    assert_int_equal(json_object_size(ret), 0);
+    json_decref(ret);
+    ret = expect_return(&c, "{\"execute\":\"query-commands\"}");
+    json_array_foreach(ret, i, e)
+        if (strcmp(json_string_value(json_object_get(e, "name")), "query-status") == 0)
+            seen++;
+    assert_int_equal(seen, 1);
+    json_decref(ret);
+    client_close(&c);
+}
+
 /* A program command that takes a descriptor named with getfd. */
 typedef struct taker {
     lm_qmp *q;
@@ -1678,6 +1715,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_status_stop_cont, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_registered, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_version, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_replace_builtin, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_take_fd, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_migrate_fd_name, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_program_events, fx_setup, fx_teardown),
