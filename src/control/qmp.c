@@ -1,14 +1,30 @@
 /*
- * QMP server: QEMU's JSON control protocol on a unix socket, for one lm_mig.
+ * QMP server: QEMU's JSON control protocol on a unix socket.
+ *
+ * This file is the protocol and nothing else: the listening socket, the
+ * clients, framing, negotiation, events, dispatch and descriptor passing.
+ * It knows nothing about migration.  QEMU's migration commands and events
+ * live in qmp_migration.c, which lm_qmp_new() starts, and which uses only
+ * what a program uses (lm_qmp_register, lm_qmp_event, lm_qmp_take_fd and the
+ * lm_* API), so whatever the built-in commands can do a program's can too.
  *
  * Shape.  One server thread runs a poll() loop over an eventfd (the wake-up:
  * stop requested or events queued), the listening socket and every client.
  * Everything a client owns (its socket, input and output buffers, the file
  * descriptors it passed) is touched only by that thread, so clients need no
- * lock.  lm_qmp.lock guards only what other threads reach: the registered
- * commands, the event queue, the stop flag and the last run state seen.
- * The server is a plain client of the public API: it never sees lm_mig's
- * insides, so it cannot do anything a program could not.
+ * lock.  lm_qmp.lock guards only what other threads reach: the command
+ * table, the event queue, the stop flag and whether clients are served yet.
+ *
+ * Commands.  Every command but qmp_capabilities is an lm_qmp_handler in one
+ * table: the migration commands, then the server's own protocol commands
+ * (query-commands, query-version, getfd, closefd), both registered by
+ * lm_qmp_new() before the program can register anything, then the
+ * program's.  A program command of a built-in's name replaces that entry in
+ * place; that is the whole precedence rule, and query-commands lists the
+ * table in order.  qmp_capabilities changes the connection's own state, so
+ * dispatch handles it and nobody can replace it.  While a handler runs,
+ * `serving` says whose request it is; that is how getfd, closefd and
+ * lm_qmp_take_fd() find the client's descriptors without an extra argument.
  *
  * Input.  QMP is a stream of JSON values without framing; QEMU's clients send
  * one per line but nothing requires it.  A small scanner per client follows
@@ -25,34 +41,23 @@
  * stops reading is dropped once QMP_MAX_OUTPUT bytes wait for it, so a stuck
  * client can neither stall the others nor grow memory without bound.
  *
- * Events.  Library listeners and lm_qmp_event() run on any thread.  They build
- * the event line at once (the timestamp is when it happened, not when it was
- * written), queue it under the lock and poke the eventfd; the server thread
- * copies the queue to every negotiated client.  Events queued while a command
- * runs are delivered before its reply, as QEMU does: its events are emitted
+ * Events.  lm_qmp_event() runs on any thread (the migration events come from
+ * library listeners, see qmp_migration.c).  It builds the event line at once
+ * (the timestamp is when it happened, not when it was written), queues it
+ * under the lock and pokes the eventfd; the server thread copies the queue
+ * to every negotiated client.  Events queued while a command runs are
+ * delivered before its reply, as QEMU does: its events are emitted
  * synchronously, so a client sees STOP before the reply to "stop".
- *
- * Listener lifetime.  The server subscribes to its lm_mig with the server
- * itself as the listener's opaque, and lm_qmp_stop() unsubscribes
- * (lm_remove_listener) before it frees anything.  That is safe because of
- * lm_remove_listener's contract: when it returns, no call to the listener is
- * in progress and none will start -- the library calls listeners from a
- * snapshot of the list and counts the threads inside a snapshot
- * (listener_calls, under m->lock), and removal waits for that count to drop
- * to zero.  So after the removal nothing outside this file can reach the
- * server, and freeing it cannot race with a callback.  The slot goes back to
- * the lm_mig: a program may start and stop servers on one context as often
- * as it likes.  The price is that lm_qmp_stop() must not run inside a
- * listener callback (it would wait for itself) and must run before
- * lm_free(m).
  *
  * Listening is the transport's (lm_transport_listen): the same unix socket
  * rules as a migration URI, stale-file removal included.
  *
- * Stop.  lm_qmp_stop() raises the flag and pokes the eventfd; the thread
- * delivers the queued events, gives clients up to QMP_STOP_FLUSH_MS to take
- * their pending output (a "quit" reply must get out), closes everything and
- * returns; stop joins it, then closes the listener and removes the socket.
+ * Stop.  lm_qmp_stop() first detaches the migration events from the lm_mig
+ * (after that no library thread can reach the server), then raises the flag
+ * and pokes the eventfd; the thread delivers the queued events, gives
+ * clients up to QMP_STOP_FLUSH_MS to take their pending output (a "quit"
+ * reply must get out), closes everything and returns; stop joins it, then
+ * closes the listener, removes the socket and frees what the handlers used.
  */
 #include <ctype.h>
 #include <errno.h>
@@ -71,11 +76,16 @@
 #include <jansson.h>
 
 #include "livemig/qmp.h"
+#include "control/qmp_json.h"
+#include "control/qmp_migration.h"
 #include "stream/transport.h"
 #include "util/error.h"
 #include "util/time.h"
 
-#define QMP_PACKAGE        "livemig 0.1.0"   /* keep in step with meson.build */
+#ifndef LIVEMIG_VERSION
+#error "LIVEMIG_VERSION comes from meson.build (project version)"
+#endif
+
 #define QMP_MAX_INPUT      (1u << 20)        /* bytes of one unfinished value */
 #define QMP_MAX_OUTPUT     (16u << 20)       /* bytes waiting for one client */
 #define QMP_MAX_DEPTH      1024              /* JSON nesting, as QEMU's parser */
@@ -85,9 +95,17 @@
 #define QMP_READ_CHUNK     65536
 #define QMP_STOP_FLUSH_MS  1000
 
+/*
+ * What we answer to "which QEMU are you": the protocol is QEMU 7.2's, the
+ * package is this build of livemig.  The greeting and query-version share
+ * it, as in QEMU.  A meson version is dots and digits: no JSON escaping.
+ */
+#define QMP_VERSION_JSON                                        \
+    "{\"qemu\":{\"micro\":0,\"minor\":2,\"major\":7},"          \
+    "\"package\":\"livemig " LIVEMIG_VERSION "\"}"
+
 static const char qmp_greeting[] =
-    "{\"QMP\":{\"version\":{\"qemu\":{\"micro\":0,\"minor\":2,\"major\":7},"
-    "\"package\":\"" QMP_PACKAGE "\"},\"capabilities\":[]}}";
+    "{\"QMP\":{\"version\":" QMP_VERSION_JSON ",\"capabilities\":[]}}";
 
 /* ---------------------------------------------------------------- types */
 
@@ -120,6 +138,7 @@ typedef struct qmp_client {
     /* Descriptors from the last read that carried SCM_RIGHTS (for getfd). */
     int msgfds[QMP_MAX_FDS];
     int n_msgfds;
+    /* Named by getfd; closefd and lm_qmp_take_fd take them out. */
     qmp_named_fd named[QMP_MAX_FDS];
     int n_named;
 } qmp_client;
@@ -136,50 +155,26 @@ typedef struct qmp_event {
 } qmp_event;
 
 struct lm_qmp {
-    lm_mig *m;
     lm_listen listen;    /* the transport's unix listener (stale-file logic) */
     int wake_fd;         /* eventfd: readable = look at `stopping` and events */
     pthread_t thread;
-    bool subscribed;             /* our listener is on m (new .. stop) */
+    qmp_migration *mig;  /* the migration commands' state; freed after the join */
 
     pthread_mutex_t lock;        /* guards the block below */
     bool stopping;
-    qmp_command *cmds;
+    qmp_command *cmds;           /* in registration order: query-commands' order */
     int n_cmds, cap_cmds;
     qmp_event *ev_head, **ev_tail;
     int n_events;
-    lm_runstate runstate;        /* last seen, to tell STOP from RESUME */
     bool open;                   /* accepting clients (lm_qmp_open) */
 
     /* Server thread only. */
     qmp_client *clients[QMP_MAX_CLIENTS];
     int n_clients;
     bool accept_paused;          /* out of fds: wait for a client to leave */
+    qmp_client *serving;         /* whose command runs now; NULL between commands */
 };
-
 /* ---------------------------------------------------------------- output */
-
-/* A JSON string even from bytes that are not UTF-8 (library messages, paths). */
-static json_t *qmp_string(const char *s)
-{
-    json_t *v;
-    char *copy;
-
-    if (!s)
-        s = "";
-    v = json_string(s);
-    if (v)
-        return v;
-    copy = strdup(s);
-    if (!copy)
-        return NULL;
-    for (char *p = copy; *p; p++)
-        if ((unsigned char)*p >= 0x80)
-            *p = '?';
-    v = json_string(copy);
-    free(copy);
-    return v;
-}
 
 static void qmp_client_flush(qmp_client *c)
 {
@@ -427,687 +422,155 @@ void lm_qmp_event(lm_qmp *q, const char *name, const char *data_json)
     qmp_queue_event(q, name, data);
 }
 
-/*
- * Library threads, while subscribed: q is alive for the whole call, since
- * lm_qmp_stop() unsubscribes -- and lm_remove_listener() waits for calls in
- * progress -- before it frees q (see top of file).
- * MIGRATION only with capability "events", as QEMU.
- */
-static void qmp_on_status(void *opaque, lm_status s)
-{
-    lm_qmp *q = opaque;
-    bool events = false;
-
-    /* Asked each time: the capability may be switched on at any moment. */
-    if (lm_cap_get(q->m, "events", &events) < 0 || !events)
-        return;
-    qmp_queue_event(q, "MIGRATION", json_pack("{s:o}", "status",
-                                              qmp_string(lm_status_name(s))));
-}
-
-/* Library threads, while subscribed.  STOP / RESUME when the guest stops or
- * starts running. */
-static void qmp_on_runstate(void *opaque, lm_runstate rs)
-{
-    lm_qmp *q = opaque;
-    lm_runstate prev;
-
-    pthread_mutex_lock(&q->lock);
-    prev = q->runstate;
-    q->runstate = rs;
-    pthread_mutex_unlock(&q->lock);
-    /*
-     * finish-migrate -> postmigrate is no new stop: no second event.
-     * Becoming a destination (inmigrate) is not a STOP either: QEMU's
-     * destinations are in that state from startup and never report one,
-     * while an lm_mig starts out "running".
-     */
-    if (prev != LM_RUN_RUNNING && rs == LM_RUN_RUNNING)
-        qmp_queue_event(q, "RESUME", NULL);
-    else if (prev == LM_RUN_RUNNING && rs != LM_RUN_RUNNING &&
-             rs != LM_RUN_INMIGRATE && rs != LM_RUN_PRELAUNCH)
-        qmp_queue_event(q, "STOP", NULL);
-}
-
-/* Library threads, while subscribed.  Notices are what a supervisor must
- * act on: sent whatever the "events" capability says. */
-static void qmp_on_notice(void *opaque, const char *name, const char *detail)
-{
-    qmp_queue_event(opaque, name, json_pack("{s:o}", "reason", qmp_string(detail)));
-}
-
-static const lm_listener qmp_listener = {
-    .status_changed = qmp_on_status,
-    .runstate_changed = qmp_on_runstate,
-    .notice = qmp_on_notice,
-};
-
-/* After this returns no listener callback runs on q, or ever will. */
-static void qmp_unsubscribe(lm_qmp *q)
-{
-    if (!q->subscribed)
-        return;
-    if (lm_remove_listener(q->m, &qmp_listener, q) < 0)
-        lm_log("QMP: our listener was no longer registered on the context");
-    q->subscribed = false;
-}
-
 /* ---------------------------------------------------------------- commands */
 
-/* One command being executed; handlers fill cls/desc when they fail. */
-typedef struct qmp_call {
-    lm_qmp *q;
-    qmp_client *c;
-    const char *name;
-    json_t *args;        /* never NULL: {} when the request had none */
-    const char *cls;
-    char desc[LM_ERROR_MAX];
-} qmp_call;
-
-static json_t *qmp_fail(qmp_call *call, const char *cls, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static json_t *qmp_fail(qmp_call *call, const char *cls, const char *fmt, ...)
+/* The handler registered under `name`, copied out under the lock. */
+static bool qmp_lookup(lm_qmp *q, const char *name, lm_qmp_handler *fn, void **opaque)
 {
-    va_list ap;
+    bool found = false;
 
-    call->cls = cls;
-    va_start(ap, fmt);
-    vsnprintf(call->desc, sizeof(call->desc), fmt, ap);
-    va_end(ap);
-    return NULL;
-}
-
-/* A library error as QEMU reports its own: GenericError with the message. */
-static json_t *qmp_fail_lm(qmp_call *call, int rc, const lm_error *e)
-{
-    if (e->msg[0])
-        return qmp_fail(call, "GenericError", "%s", e->msg);
-    return qmp_fail(call, "GenericError", "%s failed: %s", call->name,
-                    strerror(rc < 0 ? -rc : EINVAL));
-}
-
-typedef enum qmp_type { QMP_STR, QMP_BOOL, QMP_INT, QMP_ARRAY } qmp_type;
-
-typedef struct qmp_arg {
-    const char *name;
-    qmp_type type;
-    bool required;
-} qmp_arg;
-
-static const char *qmp_type_name(qmp_type t)
-{
-    switch (t) {
-    case QMP_STR: return "string";
-    case QMP_BOOL: return "boolean";
-    case QMP_INT: return "integer";
-    case QMP_ARRAY: return "array";
+    pthread_mutex_lock(&q->lock);
+    for (int i = 0; i < q->n_cmds; i++) {
+        if (strcmp(q->cmds[i].name, name) == 0) {
+            *fn = q->cmds[i].fn;
+            *opaque = q->cmds[i].opaque;
+            found = true;
+            break;
+        }
     }
-    return "?";
-}
-
-static bool qmp_type_ok(json_t *v, qmp_type t)
-{
-    switch (t) {
-    case QMP_STR: return json_is_string(v);
-    case QMP_BOOL: return json_is_boolean(v);
-    case QMP_INT: return json_is_integer(v);
-    case QMP_ARRAY: return json_is_array(v);
-    }
-    return false;
+    pthread_mutex_unlock(&q->lock);
+    return found;
 }
 
 /*
- * Check arguments against a schema in QEMU's order: members in schema
- * order (missing, then wrong type), then anything left over is unexpected.
+ * Run one command for client c: arguments out as text, the reply parsed
+ * back.  NULL with fail->msg set when the command failed; the desc is the
+ * handler's message, or "NAME failed: ERRNO" from a handler that gave none.
  */
-static bool qmp_args_check(qmp_call *call, const qmp_arg *schema)
+static json_t *qmp_run(lm_qmp *q, qmp_client *c, const char *name, json_t *args,
+                       lm_qmp_handler fn, void *opaque, lm_error *fail)
 {
-    const char *key;
-    json_t *v;
-
-    for (const qmp_arg *a = schema; a->name; a++) {
-        v = json_object_get(call->args, a->name);
-        if (!v) {
-            if (a->required) {
-                qmp_fail(call, "GenericError", "Parameter '%s' is missing", a->name);
-                return false;
-            }
-            continue;
-        }
-        if (!qmp_type_ok(v, a->type)) {
-            qmp_fail(call, "GenericError",
-                     "Invalid parameter type for '%s', expected: %s",
-                     a->name, qmp_type_name(a->type));
-            return false;
-        }
-    }
-    json_object_foreach(call->args, key, v) {
-        const qmp_arg *a = schema;
-        while (a->name && strcmp(a->name, key) != 0)
-            a++;
-        if (!a->name) {
-            qmp_fail(call, "GenericError", "Parameter '%s' is unexpected", key);
-            return false;
-        }
-    }
-    return true;
-}
-
-static bool qmp_arg_true(qmp_call *call, const char *name)
-{
-    return json_is_true(json_object_get(call->args, name));
-}
-
-static json_t *qmp_cmd_query_status(qmp_call *call)
-{
-    lm_runstate rs = lm_runstate_get(call->q->m);
-
-    return json_pack("{s:o,s:b,s:b}",
-                     "status", qmp_string(lm_runstate_name(rs)),
-                     "running", rs == LM_RUN_RUNNING,
-                     "singlestep", 0);
-}
-
-static json_t *qmp_cmd_stop(qmp_call *call)
-{
+    char *text = json_dumps(args, JSON_COMPACT), *reply = NULL;
     lm_error e = { 0 };
-    int rc = lm_vm_stop(call->q->m, &e);
-
-    return rc < 0 ? qmp_fail_lm(call, rc, &e) : json_object();
-}
-
-static json_t *qmp_cmd_cont(qmp_call *call)
-{
-    lm_error e = { 0 };
-    int rc = lm_vm_start(call->q->m, &e);
-
-    return rc < 0 ? qmp_fail_lm(call, rc, &e) : json_object();
-}
-
-/*
- * "fd:NAME" names a descriptor passed earlier with getfd, as in QEMU; it is
- * consumed by the lookup (QEMU hands it to the migration).  The library takes
- * "fd:N" and dups N, so we pass our number and close our copy afterwards
- * (*taken).  "fd:N" with digits stays a raw descriptor number, as in QEMU.
- */
-static bool qmp_resolve_uri(qmp_call *call, const char *uri, char *buf,
-                            size_t len, int *taken)
-{
-    qmp_client *c = call->c;
-    const char *name;
-
-    *taken = -1;
-    if (strncmp(uri, "fd:", 3) != 0 || isdigit((unsigned char)uri[3])) {
-        snprintf(buf, len, "%s", uri);
-        return true;
-    }
-    name = uri + 3;
-    for (int i = 0; i < c->n_named; i++) {
-        if (strcmp(c->named[i].name, name) == 0) {
-            *taken = c->named[i].fd;
-            free(c->named[i].name);
-            c->named[i] = c->named[--c->n_named];
-            snprintf(buf, len, "fd:%d", *taken);
-            return true;
-        }
-    }
-    qmp_fail(call, "GenericError", "File descriptor named '%s' has not been found",
-             name);
-    return false;
-}
-
-static const qmp_arg qmp_args_migrate[] = {
-    { .name = "uri", .type = QMP_STR, .required = true },
-    { .name = "blk", .type = QMP_BOOL },
-    { .name = "inc", .type = QMP_BOOL },
-    { .name = "detach", .type = QMP_BOOL },   /* accepted and ignored, as QEMU */
-    { .name = "resume", .type = QMP_BOOL },
-    { .name = NULL },
-};
-
-static json_t *qmp_do_migrate(qmp_call *call, bool incoming)
-{
-    const char *uri = json_string_value(json_object_get(call->args, "uri"));
-    size_t len = strlen(uri) + 32;
-    char *buf = malloc(len);
-    lm_error e = { 0 };
+    json_error_t jerr;
     json_t *ret = NULL;
-    int rc, taken;
+    int rc;
 
-    if (!buf)
-        return qmp_fail(call, "GenericError", "Out of memory");
-    if (!qmp_resolve_uri(call, uri, buf, len, &taken))
+    if (!text) {
+        lm_error_set(fail, -ENOMEM, "Out of memory");
+        return NULL;
+    }
+    q->serving = c;
+    rc = fn(opaque, text, &reply, &e);
+    q->serving = NULL;
+    if (rc < 0) {
+        if (e.msg[0])
+            lm_error_copy(fail, &e);
+        else
+            lm_error_set(fail, rc, "%s failed: %s", name, strerror(-rc));
         goto out;
-    rc = incoming ? lm_incoming(call->q->m, buf, &e) : lm_migrate(call->q->m, buf, &e);
-    ret = rc < 0 ? qmp_fail_lm(call, rc, &e) : json_object();
+    }
+    if (!reply) {
+        ret = json_object();
+        if (!ret)
+            lm_error_set(fail, -ENOMEM, "Out of memory");
+        goto out;
+    }
+    ret = json_loads(reply, JSON_DECODE_ANY, &jerr);
+    if (!ret)
+        lm_error_set(fail, -EINVAL, "Command %s returned invalid JSON: %s", name, jerr.text);
 out:
-    if (taken >= 0)
-        close(taken);
-    free(buf);
+    free(text);
+    free(reply);
     return ret;
 }
 
-static json_t *qmp_cmd_migrate(qmp_call *call)
-{
-    if (qmp_arg_true(call, "blk") || qmp_arg_true(call, "inc"))
-        return qmp_fail(call, "GenericError",
-                        "Block migration (blk/inc) is not supported: "
-                        "livemig migrates RAM and device state only");
-    if (qmp_arg_true(call, "resume"))
-        return qmp_fail(call, "GenericError",
-                        "Resuming a paused migration (resume) is not supported: "
-                        "livemig has no postcopy yet");
-    return qmp_do_migrate(call, false);
-}
-
-static json_t *qmp_cmd_migrate_incoming(qmp_call *call)
-{
-    return qmp_do_migrate(call, true);
-}
-
-static bool qmp_status_running(lm_status s)
-{
-    return s == LM_STATUS_SETUP || s == LM_STATUS_ACTIVE ||
-           s == LM_STATUS_DEVICE || s == LM_STATUS_CANCELLING;
-}
-
-/* Like QEMU, cancelling when nothing runs is not an error. */
-static json_t *qmp_cmd_migrate_cancel(qmp_call *call)
-{
-    lm_stats st;
-    lm_error e = { 0 };
-    int rc;
-
-    memset(&st, 0, sizeof(st));
-    lm_query(call->q->m, &st);
-    if (!qmp_status_running(st.status))
-        return json_object();
-    rc = lm_cancel(call->q->m, &e);
-    return rc < 0 ? qmp_fail_lm(call, rc, &e) : json_object();
-}
-
 /*
- * lm_stats.socket_address ("tcp:HOST:PORT", "tcp:[V6]:PORT", "unix:PATH")
- * as QEMU's SocketAddress list.  Other transports have no socket: NULL.
+ * The descriptor c named `name`, taken out of its table (the caller owns it
+ * now), or -1.
  */
-static json_t *qmp_socket_address(const char *a)
+static int qmp_client_take_named(qmp_client *c, const char *name)
 {
-    json_t *addr = NULL;
+    for (int i = 0; i < c->n_named; i++) {
+        if (strcmp(c->named[i].name, name) == 0) {
+            int fd = c->named[i].fd;
 
-    if (strncmp(a, "unix:", 5) == 0 && a[5]) {
-        addr = json_pack("{s:s,s:o}", "type", "unix", "path", qmp_string(a + 5));
-    } else if (strncmp(a, "tcp:", 4) == 0) {
-        const char *host = a + 4, *colon = strrchr(host, ':');
-        size_t hlen;
-        char *h;
-
-        if (!colon || colon == host || !colon[1])
-            return NULL;
-        hlen = (size_t)(colon - host);
-        if (host[0] == '[' && hlen >= 2 && host[hlen - 1] == ']') {
-            host++;
-            hlen -= 2;
-        }
-        h = strndup(host, hlen);
-        if (!h)
-            return NULL;
-        addr = json_pack("{s:s,s:o,s:o}", "type", "inet",
-                         "host", qmp_string(h), "port", qmp_string(colon + 1));
-        free(h);
-    }
-    return addr ? json_pack("[o]", addr) : NULL;
-}
-
-static json_t *qmp_ram_info(const lm_stats *st)
-{
-    /* Members QEMU 7.2 always has; those we do not implement are 0. */
-    return json_pack("{s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:I,s:f,s:I,s:I,s:I,s:I,"
-                     "s:I,s:I,s:I,s:I,s:I}",
-                     "transferred", (json_int_t)st->transferred,
-                     "remaining", (json_int_t)st->remaining,
-                     "total", (json_int_t)st->total,
-                     "duplicate", (json_int_t)st->duplicate,
-                     "skipped", (json_int_t)0,
-                     "normal", (json_int_t)st->normal,
-                     "normal-bytes", (json_int_t)st->normal_bytes,
-                     "dirty-pages-rate", (json_int_t)st->dirty_pages_rate,
-                     "mbps", st->mbps,
-                     "dirty-sync-count", (json_int_t)st->dirty_sync_count,
-                     "postcopy-requests", (json_int_t)0,
-                     "page-size", (json_int_t)st->page_size,
-                     "multifd-bytes", (json_int_t)st->multifd_bytes,
-                     "pages-per-second", (json_int_t)st->pages_per_second,
-                     "precopy-bytes", (json_int_t)st->precopy_bytes,
-                     "downtime-bytes", (json_int_t)st->downtime_bytes,
-                     "postcopy-bytes", (json_int_t)0,
-                     "dirty-sync-missed-zero-copy", (json_int_t)0);
-}
-
-/*
- * The member set follows QEMU 7.2's, which depends on the status: nothing
- * at all for "none"; only the status for setup and cancelled; times and
- * "ram" while running and once completed; "error-desc" once failed.  A
- * destination reports its status and the address it listens on.
- */
-static json_t *qmp_cmd_query_migrate(qmp_call *call)
-{
-    json_t *r = json_object();
-    lm_stats st;
-
-    if (!r)
-        return qmp_fail(call, "GenericError", "Out of memory");
-    memset(&st, 0, sizeof(st));
-    lm_query(call->q->m, &st);
-
-    if (st.incoming) {
-        json_t *sa = st.socket_address[0] ? qmp_socket_address(st.socket_address) : NULL;
-        if (sa)
-            json_object_set_new(r, "socket-address", sa);
-        if (st.status != LM_STATUS_NONE)
-            json_object_set_new(r, "status", qmp_string(lm_status_name(st.status)));
-        if (st.status == LM_STATUS_FAILED && st.error_desc[0])
-            json_object_set_new(r, "error-desc", qmp_string(st.error_desc));
-        return r;
-    }
-    if (st.status == LM_STATUS_NONE)
-        return r;
-
-    json_object_set_new(r, "status", qmp_string(lm_status_name(st.status)));
-    switch (st.status) {
-    case LM_STATUS_ACTIVE:
-    case LM_STATUS_DEVICE:
-    case LM_STATUS_CANCELLING:
-    case LM_STATUS_COMPLETED:
-        json_object_set_new(r, "setup-time", json_integer(st.setup_time));
-        json_object_set_new(r, "total-time", json_integer(st.total_time));
-        if (st.status == LM_STATUS_COMPLETED)
-            json_object_set_new(r, "downtime", json_integer(st.downtime));
-        else
-            json_object_set_new(r, "expected-downtime", json_integer(st.expected_downtime));
-        json_object_set_new(r, "ram", qmp_ram_info(&st));
-        if (st.cpu_throttle_percentage > 0)
-            json_object_set_new(r, "cpu-throttle-percentage",
-                                json_integer(st.cpu_throttle_percentage));
-        if (st.compression)     /* QEMU 7.2's CompressionStats */
-            json_object_set_new(r, "compression", json_pack(
-                "{s:I, s:I, s:f, s:I, s:f}",
-                "pages", (json_int_t)st.compress_pages,
-                "busy", (json_int_t)st.compress_busy,
-                "busy-rate", st.compress_busy_rate,
-                "compressed-size", (json_int_t)st.compressed_size,
-                "compression-rate", st.compression_rate));
-        break;
-    case LM_STATUS_FAILED:
-        if (st.error_desc[0])
-            json_object_set_new(r, "error-desc", qmp_string(st.error_desc));
-        /* livemig extension: failed after the commit point with no answer;
-         * the guest was not resumed (MIGRATION_OUTCOME_UNKNOWN) */
-        if (st.outcome_unknown)
-            json_object_set_new(r, "x-outcome-unknown", json_true());
-        break;
-    default:
-        break;
-    }
-    /* livemig extension: which dirty tracker this migration used. */
-    if (st.dirty_tracker[0])
-        json_object_set_new(r, "x-dirty-tracker", qmp_string(st.dirty_tracker));
-    return r;
-}
-
-static bool qmp_cap_known(const char *name)
-{
-    const char *n;
-
-    for (int i = 0; (n = lm_cap_name(i)); i++)
-        if (strcmp(n, name) == 0)
-            return true;
-    return false;
-}
-
-/*
- * All or nothing: every element is checked before anything is set, and a
- * library refusal undoes the ones already set (in reverse, so a capability
- * named twice ends as it started).  Capabilities are set one at a time in
- * the order given, so if the library checks a dependency at each set, list
- * the capability depended on first.
- */
-static json_t *qmp_cmd_set_capabilities(qmp_call *call)
-{
-    json_t *list = json_object_get(call->args, "capabilities"), *el;
-    size_t n = json_array_size(list), i;
-    bool *old = NULL;
-    lm_error e = { 0 };
-    int rc;
-
-    json_array_foreach(list, i, el) {
-        const char *key, *name;
-        json_t *v, *cap, *state;
-
-        if (!json_is_object(el))
-            return qmp_fail(call, "GenericError",
-                            "Invalid parameter type for 'capabilities[%zu]', expected: object", i);
-        cap = json_object_get(el, "capability");
-        state = json_object_get(el, "state");
-        if (!cap)
-            return qmp_fail(call, "GenericError",
-                            "Parameter 'capabilities[%zu].capability' is missing", i);
-        if (!json_is_string(cap))
-            return qmp_fail(call, "GenericError",
-                            "Invalid parameter type for 'capabilities[%zu].capability', "
-                            "expected: string", i);
-        name = json_string_value(cap);
-        if (!qmp_cap_known(name))
-            return qmp_fail(call, "GenericError",
-                            "Parameter 'capabilities[%zu].capability' does not accept value '%s'",
-                            i, name);
-        if (!state)
-            return qmp_fail(call, "GenericError",
-                            "Parameter 'capabilities[%zu].state' is missing", i);
-        if (!json_is_boolean(state))
-            return qmp_fail(call, "GenericError",
-                            "Invalid parameter type for 'capabilities[%zu].state', "
-                            "expected: boolean", i);
-        json_object_foreach(el, key, v) {
-            if (strcmp(key, "capability") != 0 && strcmp(key, "state") != 0)
-                return qmp_fail(call, "GenericError",
-                                "Parameter 'capabilities[%zu].%s' is unexpected", i, key);
+            free(c->named[i].name);
+            c->named[i] = c->named[--c->n_named];
+            return fd;
         }
     }
-
-    old = calloc(n ? n : 1, sizeof(*old));
-    if (!old)
-        return qmp_fail(call, "GenericError", "Out of memory");
-    for (i = 0; i < n; i++) {
-        el = json_array_get(list, i);
-        const char *name = json_string_value(json_object_get(el, "capability"));
-
-        old[i] = false;
-        lm_cap_get(call->q->m, name, &old[i]);
-        rc = lm_cap_set(call->q->m, name, json_is_true(json_object_get(el, "state")), &e);
-        if (rc < 0) {
-            while (i-- > 0) {
-                el = json_array_get(list, i);
-                lm_cap_set(call->q->m, json_string_value(json_object_get(el, "capability")),
-                           old[i], NULL);
-            }
-            free(old);
-            return qmp_fail_lm(call, rc, &e);
-        }
-    }
-    free(old);
-    return json_object();
-}
-
-static json_t *qmp_cmd_query_capabilities(qmp_call *call)
-{
-    json_t *r = json_array();
-    const char *name;
-
-    for (int i = 0; r && (name = lm_cap_name(i)); i++) {
-        bool on = false;
-
-        lm_cap_get(call->q->m, name, &on);
-        json_array_append_new(r, json_pack("{s:s,s:b}", "capability", name,
-                                           "state", on));
-    }
-    return r ? r : qmp_fail(call, "GenericError", "Out of memory");
-}
-
-static int qmp_param_index(const char *name)
-{
-    const char *n;
-
-    for (int i = 0; (n = lm_param_name(i)); i++)
-        if (strcmp(n, name) == 0)
-            return i;
     return -1;
 }
 
-typedef struct qmp_saved_param {
-    int idx;
-    int64_t iv;
-    bool bv;
-    char sv[1024];
-} qmp_saved_param;
-
-static int qmp_param_apply(lm_mig *m, int idx, json_t *v, lm_error *e)
+int lm_qmp_take_fd(lm_qmp *q, const char *name)
 {
-    const char *name = lm_param_name(idx);
+    int fd;
 
-    switch (lm_param_type_of(idx)) {
-    case LM_PARAM_INT:
-        return lm_param_set_int(m, name, json_integer_value(v), e);
-    case LM_PARAM_BOOL:
-        return lm_param_set_bool(m, name, json_is_true(v), e);
-    case LM_PARAM_STR:
-        /* null clears a string, as QEMU's StrOrNull (tls-creds: null). */
-        return lm_param_set_str(m, name, json_is_string(v) ? json_string_value(v) : "", e);
-    }
-    return lm_error_set(e, -EINVAL, "Parameter '%s' has an unknown type", name);
-}
-
-static void qmp_param_restore(lm_mig *m, const qmp_saved_param *s)
-{
-    const char *name = lm_param_name(s->idx);
-    lm_error e = { 0 };
-    int rc = 0;
-
-    switch (lm_param_type_of(s->idx)) {
-    case LM_PARAM_INT: rc = lm_param_set_int(m, name, s->iv, &e); break;
-    case LM_PARAM_BOOL: rc = lm_param_set_bool(m, name, s->bv, &e); break;
-    case LM_PARAM_STR: rc = lm_param_set_str(m, name, s->sv, &e); break;
-    }
-    if (rc < 0)
-        lm_log("QMP: migrate-set-parameters: cannot restore %s: %s", name, e.msg);
+    if (!q || !name)
+        return -EINVAL;
+    /* The thread first: `serving` is the server thread's alone. */
+    if (!pthread_equal(pthread_self(), q->thread) || !q->serving)
+        return -EPERM;
+    fd = qmp_client_take_named(q->serving, name);
+    return fd >= 0 ? fd : -ENOENT;
 }
 
 /*
- * Flat members named and typed by the library (lm_param_name /
- * lm_param_type_of).  All or nothing: types are checked first, then members
- * are set in the library's order, and a refusal restores the ones already
- * set to their previous values.
+ * The server's own commands.  Their opaque is the server; they run on its
+ * thread, from qmp_run, so `serving` is the client that asked.
  */
-static json_t *qmp_cmd_set_parameters(qmp_call *call)
+
+static const qmp_arg qmp_args_none[] = { { .name = NULL } };
+
+static int qmp_cmd_query_commands(void *opaque, const char *args_json, char **reply,
+                                  lm_error *err)
 {
-    lm_mig *m = call->q->m;
-    qmp_saved_param *saved = NULL;
-    const char *name, *key;
-    json_t *v, *ret = NULL;
-    lm_error e = { 0 };
-    int count = 0, n_set = 0, rc;
+    lm_qmp *q = opaque;
+    json_t *args = qmp_args_parse(args_json, qmp_args_none, err), *r;
 
-    for (int i = 0; (name = lm_param_name(i)); i++) {
-        bool ok;
-
-        v = json_object_get(call->args, name);
-        if (!v)
-            continue;
-        switch (lm_param_type_of(i)) {
-        case LM_PARAM_INT: ok = json_is_integer(v); break;
-        case LM_PARAM_BOOL: ok = json_is_boolean(v); break;
-        default: ok = json_is_string(v) || json_is_null(v); break;
-        }
-        if (!ok)
-            return qmp_fail(call, "GenericError",
-                            "Invalid parameter type for '%s', expected: %s", name,
-                            lm_param_type_of(i) == LM_PARAM_INT ? "integer" :
-                            lm_param_type_of(i) == LM_PARAM_BOOL ? "boolean" : "string");
-        count++;
-    }
-    json_object_foreach(call->args, key, v) {
-        if (qmp_param_index(key) < 0)
-            return qmp_fail(call, "GenericError", "Parameter '%s' is unexpected", key);
-    }
-
-    saved = calloc(count ? (size_t)count : 1, sizeof(*saved));
-    if (!saved)
-        return qmp_fail(call, "GenericError", "Out of memory");
-    for (int i = 0; (name = lm_param_name(i)); i++) {
-        qmp_saved_param *s = &saved[n_set];
-
-        v = json_object_get(call->args, name);
-        if (!v)
-            continue;
-        s->idx = i;
-        lm_param_get(m, name, &s->iv, &s->bv, s->sv, sizeof(s->sv));
-        rc = qmp_param_apply(m, i, v, &e);
-        if (rc < 0) {
-            while (n_set-- > 0)
-                qmp_param_restore(m, &saved[n_set]);
-            ret = qmp_fail_lm(call, rc, &e);
-            goto out;
-        }
-        n_set++;
-    }
-    ret = json_object();
-out:
-    free(saved);
-    return ret;
+    if (!args)
+        return err->code;
+    json_decref(args);
+    r = json_array();
+    if (!r)
+        return lm_error_set(err, -ENOMEM, "Out of memory");
+    json_array_append_new(r, json_pack("{s:s}", "name", "qmp_capabilities"));
+    pthread_mutex_lock(&q->lock);
+    for (int i = 0; i < q->n_cmds; i++)
+        json_array_append_new(r, json_pack("{s:o}", "name", qmp_string(q->cmds[i].name)));
+    pthread_mutex_unlock(&q->lock);
+    return qmp_reply(r, reply, err);
 }
 
-static json_t *qmp_cmd_query_parameters(qmp_call *call)
+static int qmp_cmd_query_version(void *opaque, const char *args_json, char **reply,
+                                 lm_error *err)
 {
-    json_t *r = json_object();
-    const char *name;
-    char sv[1024];
+    json_t *args = qmp_args_parse(args_json, qmp_args_none, err);
 
-    for (int i = 0; r && (name = lm_param_name(i)); i++) {
-        int64_t iv = 0;
-        bool bv = false;
-
-        sv[0] = 0;
-        if (lm_param_get(call->q->m, name, &iv, &bv, sv, sizeof(sv)) < 0)
-            continue;
-        switch (lm_param_type_of(i)) {
-        case LM_PARAM_INT: json_object_set_new(r, name, json_integer(iv)); break;
-        case LM_PARAM_BOOL: json_object_set_new(r, name, json_boolean(bv)); break;
-        case LM_PARAM_STR: json_object_set_new(r, name, qmp_string(sv)); break;
-        }
-    }
-    return r ? r : qmp_fail(call, "GenericError", "Out of memory");
+    if (!args)
+        return err->code;
+    json_decref(args);
+    *reply = strdup(QMP_VERSION_JSON);
+    return *reply ? 0 : lm_error_set(err, -ENOMEM, "Out of memory");
 }
 
-static json_t *qmp_cmd_query_version(qmp_call *call)
-{
-    return json_pack("{s:{s:i,s:i,s:i},s:s}",
-                     "qemu", "micro", 0, "minor", 2, "major", 7,
-                     "package", QMP_PACKAGE);
-}
+static const qmp_arg qmp_args_fdname[] = {
+    { .name = "fdname", .type = QMP_STR, .required = true },
+    { .name = NULL },
+};
 
-/* getfd: name the descriptor that came with this request (SCM_RIGHTS). */
-static json_t *qmp_cmd_getfd(qmp_call *call)
+/* Name the descriptor that came with this request (SCM_RIGHTS). */
+static int qmp_client_getfd(qmp_client *c, const char *name, lm_error *err)
 {
-    qmp_client *c = call->c;
-    const char *name = json_string_value(json_object_get(call->args, "fdname"));
     int fd;
 
     /* Digits would be read back as a raw number by "fd:N". */
     if (!*name || isdigit((unsigned char)name[0]))
-        return qmp_fail(call, "GenericError",
-                        "Parameter 'fdname' expects a name not starting with a digit");
+        return lm_error_set(err, -EINVAL,
+                            "Parameter 'fdname' expects a name not starting with a digit");
     if (c->n_msgfds == 0)
-        return qmp_fail(call, "GenericError", "No file descriptor supplied via SCM_RIGHTS");
+        return lm_error_set(err, -EINVAL, "No file descriptor supplied via SCM_RIGHTS");
     fd = c->msgfds[0];
     for (int i = 1; i < c->n_msgfds; i++)
         close(c->msgfds[i]);
@@ -1117,146 +580,119 @@ static json_t *qmp_cmd_getfd(qmp_call *call)
         if (strcmp(c->named[i].name, name) == 0) {
             close(c->named[i].fd);
             c->named[i].fd = fd;
-            return json_object();
+            return 0;
         }
     }
     if (c->n_named == QMP_MAX_FDS) {
         close(fd);
-        return qmp_fail(call, "GenericError",
-                        "Too many named file descriptors (%d); closefd some", QMP_MAX_FDS);
+        return lm_error_set(err, -EMFILE, "Too many named file descriptors (%d); closefd some",
+                            QMP_MAX_FDS);
     }
     c->named[c->n_named].name = strdup(name);
     if (!c->named[c->n_named].name) {
         close(fd);
-        return qmp_fail(call, "GenericError", "Out of memory");
+        return lm_error_set(err, -ENOMEM, "Out of memory");
     }
     c->named[c->n_named++].fd = fd;
-    return json_object();
+    return 0;
 }
 
-static json_t *qmp_cmd_closefd(qmp_call *call)
+static int qmp_cmd_getfd(void *opaque, const char *args_json, char **reply, lm_error *err)
 {
-    qmp_client *c = call->c;
-    const char *name = json_string_value(json_object_get(call->args, "fdname"));
-
-    for (int i = 0; i < c->n_named; i++) {
-        if (strcmp(c->named[i].name, name) == 0) {
-            close(c->named[i].fd);
-            free(c->named[i].name);
-            c->named[i] = c->named[--c->n_named];
-            return json_object();
-        }
-    }
-    return qmp_fail(call, "GenericError", "File descriptor named '%s' not found", name);
-}
-
-static json_t *qmp_cmd_query_commands(qmp_call *call);
-
-static const qmp_arg qmp_args_none[] = { { .name = NULL } };
-static const qmp_arg qmp_args_uri[] = {
-    { .name = "uri", .type = QMP_STR, .required = true },
-    { .name = NULL },
-};
-static const qmp_arg qmp_args_caps[] = {
-    { .name = "capabilities", .type = QMP_ARRAY, .required = true },
-    { .name = NULL },
-};
-static const qmp_arg qmp_args_fdname[] = {
-    { .name = "fdname", .type = QMP_STR, .required = true },
-    { .name = NULL },
-};
-
-typedef struct qmp_builtin {
-    const char *name;
-    json_t *(*fn)(qmp_call *call);
-    const qmp_arg *args;     /* NULL: the handler checks its own */
-} qmp_builtin;
-
-static const qmp_builtin qmp_builtins[] = {
-    { "query-status", qmp_cmd_query_status, qmp_args_none },
-    { "stop", qmp_cmd_stop, qmp_args_none },
-    { "cont", qmp_cmd_cont, qmp_args_none },
-    { "migrate", qmp_cmd_migrate, qmp_args_migrate },
-    { "migrate-incoming", qmp_cmd_migrate_incoming, qmp_args_uri },
-    { "migrate_cancel", qmp_cmd_migrate_cancel, qmp_args_none },
-    { "migrate-cancel", qmp_cmd_migrate_cancel, qmp_args_none },
-    { "query-migrate", qmp_cmd_query_migrate, qmp_args_none },
-    { "migrate-set-capabilities", qmp_cmd_set_capabilities, qmp_args_caps },
-    { "query-migrate-capabilities", qmp_cmd_query_capabilities, qmp_args_none },
-    { "migrate-set-parameters", qmp_cmd_set_parameters, NULL },
-    { "query-migrate-parameters", qmp_cmd_query_parameters, qmp_args_none },
-    { "query-commands", qmp_cmd_query_commands, qmp_args_none },
-    { "query-version", qmp_cmd_query_version, qmp_args_none },
-    { "getfd", qmp_cmd_getfd, qmp_args_fdname },
-    { "closefd", qmp_cmd_closefd, qmp_args_fdname },
-};
-
-#define QMP_N_BUILTINS ((int)(sizeof(qmp_builtins) / sizeof(qmp_builtins[0])))
-
-static const qmp_builtin *qmp_builtin_find(const char *name)
-{
-    for (int i = 0; i < QMP_N_BUILTINS; i++)
-        if (strcmp(qmp_builtins[i].name, name) == 0)
-            return &qmp_builtins[i];
-    return NULL;
-}
-
-static json_t *qmp_cmd_query_commands(qmp_call *call)
-{
-    lm_qmp *q = call->q;
-    json_t *r = json_array();
-
-    if (!r)
-        return qmp_fail(call, "GenericError", "Out of memory");
-    json_array_append_new(r, json_pack("{s:s}", "name", "qmp_capabilities"));
-    for (int i = 0; i < QMP_N_BUILTINS; i++)
-        json_array_append_new(r, json_pack("{s:s}", "name", qmp_builtins[i].name));
-    pthread_mutex_lock(&q->lock);
-    for (int i = 0; i < q->n_cmds; i++)
-        if (!qmp_builtin_find(q->cmds[i].name))
-            json_array_append_new(r, json_pack("{s:o}", "name", qmp_string(q->cmds[i].name)));
-    pthread_mutex_unlock(&q->lock);
-    return r;
-}
-
-/* A program's command: arguments out as text, the reply parsed back. */
-static json_t *qmp_call_registered(qmp_call *call, lm_qmp_handler fn, void *opaque)
-{
-    char *args = json_dumps(call->args, JSON_COMPACT), *reply = NULL;
-    lm_error e = { 0 };
-    json_error_t jerr;
-    json_t *ret;
+    lm_qmp *q = opaque;
+    json_t *args = qmp_args_parse(args_json, qmp_args_fdname, err);
     int rc;
 
     if (!args)
-        return qmp_fail(call, "GenericError", "Out of memory");
-    rc = fn(opaque, args, &reply, &e);
-    free(args);
-    if (rc < 0) {
-        free(reply);
-        return qmp_fail_lm(call, rc, &e);
+        return err->code;
+    rc = qmp_client_getfd(q->serving, json_string_value(json_object_get(args, "fdname")), err);
+    json_decref(args);
+    return rc;
+}
+
+static int qmp_cmd_closefd(void *opaque, const char *args_json, char **reply, lm_error *err)
+{
+    lm_qmp *q = opaque;
+    json_t *args = qmp_args_parse(args_json, qmp_args_fdname, err);
+    const char *name;
+    int fd, rc = 0;
+
+    if (!args)
+        return err->code;
+    name = json_string_value(json_object_get(args, "fdname"));
+    fd = qmp_client_take_named(q->serving, name);
+    if (fd >= 0)
+        close(fd);
+    else
+        rc = lm_error_set(err, -ENOENT, "File descriptor named '%s' not found", name);
+    json_decref(args);
+    return rc;
+}
+
+static const struct {
+    const char *name;
+    lm_qmp_handler fn;
+} qmp_protocol_commands[] = {
+    { "query-commands", qmp_cmd_query_commands },
+    { "query-version", qmp_cmd_query_version },
+    { "getfd", qmp_cmd_getfd },
+    { "closefd", qmp_cmd_closefd },
+};
+
+static int qmp_register_protocol(lm_qmp *q, lm_error *err)
+{
+    size_t n = sizeof(qmp_protocol_commands) / sizeof(qmp_protocol_commands[0]);
+
+    for (size_t i = 0; i < n; i++) {
+        int rc = lm_qmp_register(q, qmp_protocol_commands[i].name,
+                                 qmp_protocol_commands[i].fn, q);
+
+        if (rc < 0)
+            return lm_error_set_errno(err, rc, "QMP: cannot register %s",
+                                      qmp_protocol_commands[i].name);
     }
-    if (!reply)
-        return json_object();
-    ret = json_loads(reply, JSON_DECODE_ANY, &jerr);
-    free(reply);
-    if (!ret)
-        return qmp_fail(call, "GenericError", "Command %s returned invalid JSON: %s",
-                        call->name, jerr.text);
-    return ret;
+    return 0;
 }
 
 /* ---------------------------------------------------------------- dispatch */
 
+/*
+ * qmp_capabilities: the one command that is no handler, since it changes the
+ * connection's own state; checked in QEMU's order, with QEMU's words.
+ */
+static void qmp_negotiate(qmp_client *c, json_t *id, json_t *args)
+{
+    json_t *enable = args ? json_object_get(args, "enable") : NULL, *v;
+    const char *key;
+
+    if (c->negotiated) {
+        qmp_client_error(c, id, "CommandNotFound",
+                         "Capabilities negotiation is already complete, command ignored");
+    } else if (args && (json_object_size(args) > (enable ? 1u : 0u))) {
+        json_object_foreach(args, key, v)
+            if (strcmp(key, "enable") != 0)
+                break;
+        qmp_client_errorf(c, id, "GenericError", "Parameter '%s' is unexpected", key);
+    } else if (enable && !json_is_array(enable)) {
+        qmp_client_error(c, id, "GenericError",
+                         "Invalid parameter type for 'enable', expected: array");
+    } else if (json_array_size(enable) > 0) {
+        qmp_client_error(c, id, "GenericError",
+                         "This monitor does not support Out-Of-Band (OOB)");
+    } else {
+        c->negotiated = true;
+        qmp_client_reply(c, id, json_object());
+    }
+}
+
 static void qmp_dispatch(lm_qmp *q, qmp_client *c, const char *text, size_t len)
 {
-    const qmp_builtin *b = NULL;
-    qmp_call call = { .q = q, .c = c, .cls = "GenericError" };
+    lm_error fail = { 0 };
     lm_qmp_handler fn = NULL;
     void *opaque = NULL;
     json_error_t jerr;
     json_t *req, *id, *exec, *args, *v, *ret;
-    const char *key;
+    const char *key, *name;
 
     req = json_loadb(text, len, JSON_DECODE_ANY, &jerr);
     if (!req) {
@@ -1288,29 +724,10 @@ static void qmp_dispatch(lm_qmp *q, qmp_client *c, const char *text, size_t len)
             goto out;
         }
     }
-    call.name = json_string_value(exec);
+    name = json_string_value(exec);
 
-    if (strcmp(call.name, "qmp_capabilities") == 0) {
-        json_t *enable = args ? json_object_get(args, "enable") : NULL;
-
-        if (c->negotiated) {
-            qmp_client_error(c, id, "CommandNotFound",
-                             "Capabilities negotiation is already complete, command ignored");
-        } else if (args && (json_object_size(args) > (enable ? 1u : 0u))) {
-            json_object_foreach(args, key, v)
-                if (strcmp(key, "enable") != 0)
-                    break;
-            qmp_client_errorf(c, id, "GenericError", "Parameter '%s' is unexpected", key);
-        } else if (enable && !json_is_array(enable)) {
-            qmp_client_error(c, id, "GenericError",
-                             "Invalid parameter type for 'enable', expected: array");
-        } else if (json_array_size(enable) > 0) {
-            qmp_client_error(c, id, "GenericError",
-                             "This monitor does not support Out-Of-Band (OOB)");
-        } else {
-            c->negotiated = true;
-            qmp_client_reply(c, id, json_object());
-        }
+    if (strcmp(name, "qmp_capabilities") == 0) {
+        qmp_negotiate(c, id, args);
         goto out;
     }
     if (!c->negotiated) {
@@ -1318,49 +735,29 @@ static void qmp_dispatch(lm_qmp *q, qmp_client *c, const char *text, size_t len)
                          "Expecting capabilities negotiation with 'qmp_capabilities'");
         goto out;
     }
-
-    /* A program's command may replace a built-in one of the same name. */
-    pthread_mutex_lock(&q->lock);
-    for (int i = 0; i < q->n_cmds; i++) {
-        if (strcmp(q->cmds[i].name, call.name) == 0) {
-            fn = q->cmds[i].fn;
-            opaque = q->cmds[i].opaque;
-            break;
-        }
-    }
-    pthread_mutex_unlock(&q->lock);
-    if (!fn)
-        b = qmp_builtin_find(call.name);
-    if (!fn && !b) {
-        qmp_client_errorf(c, id, "CommandNotFound", "The command %s has not been found",
-                          call.name);
+    if (!qmp_lookup(q, name, &fn, &opaque)) {
+        qmp_client_errorf(c, id, "CommandNotFound", "The command %s has not been found", name);
         goto out;
     }
 
-    call.args = args ? json_incref(args) : json_object();
-    if (!call.args) {
+    /* A handler always gets an object: {} when the request had none. */
+    args = args ? json_incref(args) : json_object();
+    if (!args) {
         qmp_client_error(c, id, "GenericError", "Out of memory");
         goto out;
     }
-    if (fn)
-        ret = qmp_call_registered(&call, fn, opaque);
-    else if (b->args && !qmp_args_check(&call, b->args))
-        ret = NULL;
-    else
-        ret = b->fn(&call);
-    json_decref(call.args);
+    ret = qmp_run(q, c, name, args, fn, opaque, &fail);
+    json_decref(args);
 
     /* Events the command caused go out before its reply, as in QEMU. */
     qmp_deliver_events(q);
     if (ret)
         qmp_client_reply(c, id, ret);
     else
-        qmp_client_error(c, id, call.desc[0] ? call.cls : "GenericError",
-                         call.desc[0] ? call.desc : "Out of memory");
+        qmp_client_error(c, id, "GenericError", fail.msg[0] ? fail.msg : "Out of memory");
 out:
     json_decref(req);
 }
-
 /* ---------------------------------------------------------------- input */
 
 static bool qmp_is_space(char ch)
@@ -1755,6 +1152,18 @@ void lm_qmp_open(lm_qmp *q)
         lm_log("QMP: cannot wake the server thread: %s", strerror(errno));
 }
 
+/* Everything but the thread, the listener and the descriptors. */
+static void qmp_free(lm_qmp *q)
+{
+    qmp_migration_free(q->mig);
+    qmp_free_events(q);
+    for (int i = 0; i < q->n_cmds; i++)
+        free(q->cmds[i].name);
+    free(q->cmds);
+    pthread_mutex_destroy(&q->lock);
+    free(q);
+}
+
 lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
 {
     lm_qmp *q = NULL;
@@ -1780,7 +1189,6 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
         lm_error_set(err, -ENOMEM, "QMP: out of memory");
         return NULL;
     }
-    q->m = m;
     q->listen.fd = -1;
     q->ev_tail = &q->ev_head;
     pthread_mutex_init(&q->lock, NULL);
@@ -1796,13 +1204,16 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
         goto fail;
     }
 
-    q->runstate = lm_runstate_get(m);
-    rc = lm_add_listener(m, &qmp_listener, q);
-    if (rc < 0) {
-        lm_error_set_errno(err, rc, "QMP: cannot subscribe to migration events");
+    /*
+     * The built-in commands, before the program can register any: a program
+     * command of the same name then replaces one of them.  Migration first,
+     * so query-commands lists the table in the order it always has.
+     */
+    q->mig = qmp_migration_new(q, m, err);
+    if (!q->mig)
         goto fail;
-    }
-    q->subscribed = true;
+    if (qmp_register_protocol(q, err) < 0)
+        goto fail;
 
     /* Signals belong to the program's threads, not to the server. */
     sigfillset(&all);
@@ -1816,14 +1227,12 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
     return q;
 
 fail:
-    /* Unsubscribed before q goes: a listener call may be running right now. */
-    qmp_unsubscribe(q);
-    qmp_free_events(q);
+    /* Detached before q goes: a listener call may be running right now. */
+    qmp_migration_detach(q->mig);
     lm_transport_unlisten(&q->listen);
     if (q->wake_fd >= 0)
         close(q->wake_fd);
-    pthread_mutex_destroy(&q->lock);
-    free(q);
+    qmp_free(q);
     return NULL;
 }
 
@@ -1878,11 +1287,11 @@ void lm_qmp_stop(lm_qmp *q)
     }
     /*
      * First, so no listener is still adding events to a dying server: when
-     * this returns no listener call is in flight on q and none can start
+     * this returns no listener call is in flight and none can start
      * (lm_remove_listener waits out the calls already made), so no library
      * thread can reach q any more and it may be freed below.
      */
-    qmp_unsubscribe(q);
+    qmp_migration_detach(q->mig);
 
     pthread_mutex_lock(&q->lock);
     q->stopping = true;
@@ -1893,11 +1302,6 @@ void lm_qmp_stop(lm_qmp *q)
 
     lm_transport_unlisten(&q->listen);     /* closes, removes the socket file */
     close(q->wake_fd);
-
-    qmp_free_events(q);
-    for (int i = 0; i < q->n_cmds; i++)
-        free(q->cmds[i].name);
-    free(q->cmds);
-    pthread_mutex_destroy(&q->lock);
-    free(q);
+    /* No handler runs any more: the commands' state can go too. */
+    qmp_free(q);
 }

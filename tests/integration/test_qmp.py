@@ -2,6 +2,7 @@
 """QMP compatibility: what a QEMU management script relies on.
 
 Checked against QEMU's documented behaviour: the greeting shape,
+query-version (QEMU's shape, this build's version from meson.build),
 capabilities negotiation (commands refused before it, a second negotiation
 refused), error classes (CommandNotFound for unknown commands, GenericError
 for bad input and bad arguments), "id" echo, the migration parameter and
@@ -17,6 +18,7 @@ exactly as the QEMU benchmark driver does; elsewhere that case is skipped.
 
 import importlib.util
 import os
+import re
 import time
 
 import lmtest
@@ -61,6 +63,29 @@ def _(env):
     check(isinstance(gr.get("capabilities"), list), "greeting capabilities %r",
           gr.get("capabilities"))
     note("greeting: %s" % q.greeting)
+
+
+def project_version():
+    """meson.build's project version: what the binary under test was built as."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "meson.build")
+    with open(path, encoding="utf-8") as f:
+        m = re.search(r"project\([^)]*?\bversion\s*:\s*'([^']+)'", f.read(), re.S)
+    check(m, "no project version in %s", path)
+    return m.group(1)
+
+
+@test("query-version: QEMU 7.2's shape, this build's version, as the greeting")
+def _(env):
+    g = env.guest("g", mem=MEM, connect=False)
+    q = g.connect(negotiate=False)
+    check(q.execute_raw("qmp_capabilities").get("return") == {}, "qmp_capabilities failed")
+    v = q.execute("query-version")
+    check(v.get("qemu") == {"major": 7, "minor": 2, "micro": 0}, "query-version qemu %r", v)
+    want = "livemig " + project_version()
+    check(v.get("package") == want, "query-version package %r, expected %r", v.get("package"),
+          want)
+    check(v == q.greeting["QMP"]["version"], "query-version %r differs from the greeting's %r",
+          v, q.greeting["QMP"]["version"])
 
 
 @test("commands before qmp_capabilities: CommandNotFound")

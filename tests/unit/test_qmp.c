@@ -863,6 +863,196 @@ static void test_registered(void **state)
     client_close(&c);
 }
 
+/*
+ * query-version and the greeting report this build (meson's project
+ * version, LIVEMIG_VERSION) under QEMU 7.2's shape, and the same object.
+ */
+static void test_version(void **state)
+{
+    fx *f = *state;
+    client c;
+    json_t *g, *ret;
+    const char *want = "livemig " LIVEMIG_VERSION;
+
+    client_open(&c, f->path);
+    g = client_read(&c, WAIT_MS);
+    assert_non_null(g);
+    client_send(&c, "{\"execute\":\"qmp_capabilities\"}\n");
+    json_decref(client_reply(&c));
+    ret = expect_return(&c, "{\"execute\":\"query-version\"}");
+    assert_string_equal(json_string_value(json_object_get(ret, "package")), want);
+    assert_int_equal(json_integer_value(json_object_get(json_object_get(ret, "qemu"),
+                                                        "minor")), 2);
+    assert_int_equal(json_object_size(ret), 2);
+    assert_int_equal(json_object_size(json_object_get(ret, "qemu")), 3);
+    assert_true(json_equal(ret, json_object_get(json_object_get(g, "QMP"), "version")));
+    json_decref(ret);
+    json_decref(g);
+    client_close(&c);
+}
+
+static int cmd_mine(void *opaque, const char *args_json, char **reply, lm_error *err)
+{
+    *reply = strdup("{\"mine\":true}");
+    return 0;
+}
+
+/* A program command replaces a built-in of the same name, and is listed once. */
+static void test_replace_builtin(void **state)
+{
+    fx *f = *state;
+    client c;
+    json_t *ret, *e;
+    size_t i;
+    int seen = 0;
+
+    assert_int_equal(lm_qmp_register(f->q, "query-status", cmd_mine, NULL), 0);
+    assert_int_equal(lm_qmp_register(f->q, "getfd", cmd_mine, NULL), 0);
+    client_ready(&c, f->path);
+    ret = expect_return(&c, "{\"execute\":\"query-status\",\"arguments\":{\"any\":1}}");
+    assert_true(json_is_true(json_object_get(ret, "mine")));
+    json_decref(ret);
+    ret = expect_return(&c, "{\"execute\":\"getfd\"}");
+    assert_true(json_is_true(json_object_get(ret, "mine")));
+    json_decref(ret);
+    /* The other built-ins are untouched. */
+    ret = expect_return(&c, "{\"execute\":\"query-migrate\"}");
+    assert_int_equal(json_object_size(ret), 0);
+    json_decref(ret);
+    ret = expect_return(&c, "{\"execute\":\"query-commands\"}");
+    json_array_foreach(ret, i, e)
+        if (strcmp(json_string_value(json_object_get(e, "name")), "query-status") == 0)
+            seen++;
+    assert_int_equal(seen, 1);
+    json_decref(ret);
+    client_close(&c);
+}
+
+/* A program command that takes a descriptor named with getfd. */
+typedef struct taker {
+    lm_qmp *q;
+    int calls;
+} taker;
+
+static int cmd_take(void *opaque, const char *args_json, char **reply, lm_error *err)
+{
+    taker *t = opaque;
+    int fd = lm_qmp_take_fd(t->q, "mine");
+
+    t->calls++;
+    if (fd < 0) {
+        snprintf(err->msg, sizeof(err->msg), "take: %s", strerror(-fd));
+        err->code = fd;
+        return fd;
+    }
+    /* Ours now: prove it is the one passed, then close it. */
+    if (write(fd, "k", 1) != 1) {
+        close(fd);
+        snprintf(err->msg, sizeof(err->msg), "take: write: %s", strerror(errno));
+        err->code = -EIO;
+        return -EIO;
+    }
+    close(fd);
+    return 0;
+}
+
+/* Pass the write end of a new pipe with getfd under `name`; returns the read end. */
+static int pass_pipe(client *c, const char *name)
+{
+    char req[128], cbuf[CMSG_SPACE(sizeof(int))];
+    struct iovec iov;
+    struct msghdr msg = { .msg_iov = &iov, .msg_iovlen = 1,
+                          .msg_control = cbuf, .msg_controllen = sizeof(cbuf) };
+    struct cmsghdr *cm;
+    int pfd[2];
+    json_t *r;
+
+    snprintf(req, sizeof(req), "{\"execute\":\"getfd\",\"arguments\":{\"fdname\":\"%s\"}}\n",
+             name);
+    iov = (struct iovec){ .iov_base = req, .iov_len = strlen(req) };
+    assert_int_equal(pipe(pfd), 0);
+    memset(cbuf, 0, sizeof(cbuf));
+    cm = CMSG_FIRSTHDR(&msg);
+    cm->cmsg_level = SOL_SOCKET;
+    cm->cmsg_type = SCM_RIGHTS;
+    cm->cmsg_len = CMSG_LEN(sizeof(int));
+    memcpy(CMSG_DATA(cm), &pfd[1], sizeof(int));
+    assert_int_equal(sendmsg(c->fd, &msg, 0), (ssize_t)strlen(req));
+    close(pfd[1]);
+    r = client_reply(c);
+    assert_non_null(json_object_get(r, "return"));
+    json_decref(r);
+    return pfd[0];
+}
+
+static void test_take_fd(void **state)
+{
+    fx *f = *state;
+    taker t = { .q = f->q };
+    client a, b;
+    char byte;
+    int rd;
+
+    /* Only inside a handler, on the server thread. */
+    assert_int_equal(lm_qmp_take_fd(f->q, "mine"), -EPERM);
+    assert_int_equal(lm_qmp_take_fd(NULL, "mine"), -EINVAL);
+    assert_int_equal(lm_qmp_take_fd(f->q, NULL), -EINVAL);
+    assert_int_equal(lm_qmp_register(f->q, "x-take", cmd_take, &t), 0);
+
+    client_ready(&a, f->path);
+    client_ready(&b, f->path);
+    expect_error(&a, "{\"execute\":\"x-take\"}", "GenericError", "take: No such file or directory");
+    /* Named descriptors are per client: b's is not a's. */
+    rd = pass_pipe(&b, "mine");
+    expect_error(&a, "{\"execute\":\"x-take\"}", "GenericError", "take: No such file or directory");
+    expect_ok(&b, "{\"execute\":\"x-take\"}");
+    assert_int_equal(t.calls, 3);
+    {
+        struct pollfd p = { .fd = rd, .events = POLLIN };
+
+        assert_int_equal(poll(&p, 1, WAIT_MS), 1);
+        assert_int_equal(read(rd, &byte, 1), 1);
+        assert_int_equal(byte, 'k');
+        /* The server kept no copy: the handler's close was the last writer. */
+        assert_int_equal(poll(&p, 1, WAIT_MS), 1);
+        assert_int_equal(read(rd, &byte, 1), 0);
+    }
+    close(rd);
+    /* Taking forgets the name, as migrate's "fd:NAME" does. */
+    expect_error(&b, "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"mine\"}}",
+                 "GenericError", "File descriptor named 'mine' not found");
+    expect_error(&b, "{\"execute\":\"x-take\"}", "GenericError", "take: No such file or directory");
+    client_close(&a);
+    client_close(&b);
+}
+
+/* migrate's "fd:NAME" consumes the name too, whatever the migration does. */
+static void test_migrate_fd_name(void **state)
+{
+    fx *f = *state;
+    client c;
+    int rd;
+
+    client_ready(&c, f->path);
+    rd = pass_pipe(&c, "out");
+    /* No RAM registered: refused, but the descriptor was taken and closed. */
+    expect_error_containing(&c, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"fd:out\"}}",
+                            "GenericError", "nothing to migrate");
+    {
+        struct pollfd p = { .fd = rd, .events = POLLIN };
+        char byte;
+
+        assert_int_equal(poll(&p, 1, WAIT_MS), 1);
+        assert_int_equal(read(rd, &byte, 1), 0);
+    }
+    expect_error(&c, "{\"execute\":\"closefd\",\"arguments\":{\"fdname\":\"out\"}}",
+                 "GenericError", "File descriptor named 'out' not found");
+    expect_error(&c, "{\"execute\":\"migrate\",\"arguments\":{\"uri\":\"fd:out\"}}",
+                 "GenericError", "File descriptor named 'out' has not been found");
+    close(rd);
+    client_close(&c);
+}
+
 static void test_program_events(void **state)
 {
     fx *f = *state;
@@ -1524,6 +1714,10 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_parameters, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_status_stop_cont, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_registered, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_version, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_replace_builtin, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_take_fd, fx_setup, fx_teardown),
+        cmocka_unit_test_setup_teardown(test_migrate_fd_name, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_program_events, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_two_clients, fx_setup, fx_teardown),
         cmocka_unit_test_setup_teardown(test_garbage_clients, fx_setup, fx_teardown),
