@@ -13,8 +13,8 @@
  *          shared lock, looks for a done thread, takes its result, gives it
  *          the next page and signals it, and waits on a shared condition
  *          variable when no thread is done.
- *   ring   lm_compress (src/compress) on lm_pool: per-worker SPSC rings of
- *          LM_COMPRESS_RING requests, one MPSC done ring, bounded spin
+ *   ring   compressor (src/compress) on worker_pool: per-worker SPSC rings of
+ *          COMPRESS_RING requests, one MPSC done ring, bounded spin
  *          before futex sleep.
  *
  * Also measured in the same run, as the machine's limits: the same pages
@@ -44,7 +44,7 @@
  *
  * Usage: pool [--mib N] [--level L] [--reps R] [--workers 1,2] [--ring LIST]
  *             [--spin-ns LIST]
- *   --ring 4,8,16            ring model once per ring size (LM_COMPRESS_RING)
+ *   --ring 4,8,16            ring model once per ring size (COMPRESS_RING)
  *   --spin-ns 0,20000,50000  ring model once per spin budget (-1: the pool's
  *                            own choice, printed "a:N")
  *   --wait-idle SECS         first wait up to SECS for the CPUs to be idle
@@ -74,7 +74,7 @@
 #define SINK_SIZE (1 << 20)
 #define MAX_RUNS 16
 
-/* The label of the lm_compress rows, after the pool this binary links:
+/* The label of the compressor rows, after the pool this binary links:
  * bench/meson.build passes "ring" for `pool`, "pool-mx" for `pool-mutex`. */
 #ifndef BENCH_POOL_ROWS
 #define BENCH_POOL_ROWS "ring"
@@ -125,9 +125,9 @@ static void sink_put(sink *s, const void *data, uint32_t len, bool compressed)
     s->compressed += compressed;
     if (s->work_ns) {
         /* Stand-in for the rest of the producer's job (the stream write). */
-        int64_t end = lm_now_ns() + s->work_ns;
+        int64_t end = time_now_ns() + s->work_ns;
 
-        while (lm_now_ns() < end)
+        while (time_now_ns() < end)
             ;
     }
 }
@@ -150,7 +150,7 @@ typedef struct meter {
 static void meter_start(meter *m)
 {
     getrusage(RUSAGE_SELF, &m->r0);
-    m->t0 = lm_now_ns();
+    m->t0 = time_now_ns();
 }
 
 static double tv_secs(struct timeval tv)
@@ -163,7 +163,7 @@ static result meter_stop(meter *m, uint64_t pages, uint64_t bytes)
     struct rusage r1;
     result r;
 
-    r.secs = (double)(lm_now_ns() - m->t0) / 1e9;
+    r.secs = (double)(time_now_ns() - m->t0) / 1e9;
     getrusage(RUSAGE_SELF, &r1);
     r.pages_per_s = (double)pages / r.secs;
     r.cpu = (tv_secs(r1.ru_utime) - tv_secs(m->r0.ru_utime) + tv_secs(r1.ru_stime) -
@@ -421,15 +421,15 @@ static int ring_emit(void *opaque, uint64_t tag, const void *data, uint32_t len,
 static result run_ring(const unsigned char *pages, uint64_t n, int nthreads, int level,
                        unsigned ring, int64_t spin_ns, sink *out)
 {
-    lm_pool_tuning t = LM_POOL_TUNING_DEFAULT;
-    lm_pool_stats st;
+    pool_tuning t = POOL_TUNING_DEFAULT;
+    pool_stats st;
     lm_error err = { 0 };
-    lm_compress *c;
+    compressor *c;
     meter m;
     result r;
 
     t.spin_ns = spin_ns;
-    c = lm_compress_new_tuned(nthreads, level, ring, &t, &err);
+    c = compress_new_tuned(nthreads, level, ring, &t, &err);
     if (!c) {
         fprintf(stderr, "pool: %s\n", err.msg);
         exit(1);
@@ -437,23 +437,23 @@ static result run_ring(const unsigned char *pages, uint64_t n, int nthreads, int
     out->bytes = out->pages = out->compressed = 0;
     meter_start(&m);
     for (uint64_t i = 0; i < n; i++) {
-        if (lm_compress_submit(c, pages + i * PAGE, i, ring_emit, out, &err) < 0 ||
-            lm_compress_poll(c, ring_emit, out) < 0) {
+        if (compress_submit(c, pages + i * PAGE, i, ring_emit, out, &err) < 0 ||
+            compress_poll(c, ring_emit, out) < 0) {
             fprintf(stderr, "pool: %s\n", err.msg);
             exit(1);
         }
     }
-    if (lm_compress_flush(c, ring_emit, out, &err) < 0) {
+    if (compress_flush(c, ring_emit, out, &err) < 0) {
         fprintf(stderr, "pool: %s\n", err.msg);
         exit(1);
     }
     r = meter_stop(&m, n, out->bytes);
     r.wcpu = threads_cpu("compress/") / r.secs / nthreads;
-    lm_pool_get_stats(lm_compress_pool(c), &st);
-    r.spin_used = lm_pool_spin_ns(lm_compress_pool(c));
+    pool_get_stats(compress_pool_of(c), &st);
+    r.spin_used = pool_spin_ns(compress_pool_of(c));
     r.wsleep_k = (double)st.worker_sleeps * 1000.0 / (double)n;
     r.osleep_k = (double)st.owner_sleeps * 1000.0 / (double)n;
-    lm_compress_free(c);
+    compress_free(c);
     return r;
 }
 
@@ -557,7 +557,7 @@ static int parse_list(const char *s, int64_t *v, int max)
 int main(int argc, char **argv)
 {
     int64_t mib = 64, level = 1, reps = 3;
-    int64_t workers[8] = { 1, 2 }, spins[16] = { -1 }, rings[8] = { LM_COMPRESS_RING };
+    int64_t workers[8] = { 1, 2 }, spins[16] = { -1 }, rings[8] = { COMPRESS_RING };
     int nworkers = 2, nspins = 1, nrings = 1, idle_wait = 0;
     int64_t produce_ns = 0;
     unsigned char *pages;

@@ -1,5 +1,5 @@
 /*
- * lm_pool, mutex model: the old one-pending-page-per-thread design behind
+ * worker_pool, mutex model: the old one-pending-page-per-thread design behind
  * the same API as src/util/pool.c (contract in src/util/pool.h).  NOT FOR
  * PRODUCTION: a benchmark baseline.
  *
@@ -7,7 +7,7 @@
  * (7.2) compress-threads design cannot migrate within the downtime limit
  * migrates with the ring pool.  Answering that needs the old design inside
  * the real migration path, not only in a micro-benchmark, so this file
- * implements it behind lm_pool.  It is not part of liblivemig:
+ * implements it behind worker_pool.  It is not part of liblivemig:
  * bench/meson.build links it with the library's other objects into a
  * bench-only library, and builds livemig-mutex, pool-mutex and the mutex
  * runs of the pool and compress tests on it (bench/compress compares
@@ -29,17 +29,17 @@
  *
  * What it keeps from pool.h, so callers and tests do not change: the
  * request life cycle and its misuse checks, the error messages, waits
- * bounded by their timeout and ended by lm_pool_interrupt(), destroy with
+ * bounded by their timeout and ended by pool_interrupt(), destroy with
  * work queued or running, and the stats (worker_sleeps: a worker went idle
  * and waited; worker_wakes: a signal sent to a waiting worker; owner_sleeps
- * / owner_wakes: the same for the owner).  lm_pool_spin_ns() is 0: the
+ * / owner_wakes: the same for the owner).  pool_spin_ns() is 0: the
  * workers never spin.
  *
  * Threads and locks:
  *   thread   | waits on                      | woken by              | owns
  *   ---------+-------------------------------+-----------------------+---------------------
  *   owner    | done_cond under done_lock, in | a finishing worker;   | free and kept
- *            | lm_pool_wait_* only, bounded  | lm_pool_interrupt()   | requests
+ *            | pool_wait_* only, bounded  | pool_interrupt()   | requests
  *   worker i | w->cond under w->lock while   | commit; destroy       | the request it runs
  *            | it has no pending request     |                       |
  * Lock order: done_lock before any w->lock (the owner may commit from
@@ -66,22 +66,22 @@ typedef struct mworker {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     /* Under lock. */
-    lm_pool_req *pending;        /* committed, not yet taken by the worker */
+    pool_req *pending;           /* committed, not yet taken by the worker */
     bool sleeping;               /* waiting on cond */
     bool quit;
     /* Under the pool's done_lock. */
-    lm_pool_req *finished;       /* handled, not yet polled by the owner */
+    pool_req *finished;          /* handled, not yet polled by the owner */
     /* Owner only. */
-    lm_pool_req *free;           /* the worker's one request when it is free */
+    pool_req *free;              /* the worker's one request when it is free */
     /* Any thread (stats). */
     _Atomic uint64_t handled, sleeps;
     /* Fixed after create. */
-    lm_pool *pool;
+    worker_pool *pool;
     pool_thread pt;
     bool locks_ready;
 } mworker;
 
-struct lm_pool {
+struct worker_pool {
     pthread_mutex_t done_lock;
     pthread_cond_t done_cond;    /* CLOCK_MONOTONIC, for the owner's deadlines */
     /* Under done_lock. */
@@ -95,7 +95,7 @@ struct lm_pool {
     /* Fixed after create. */
     unsigned nworkers;
     size_t stride;
-    lm_pool_ops ops;
+    pool_ops ops;
     void *opaque;
     char name[16];
     bool locks_ready;
@@ -103,19 +103,19 @@ struct lm_pool {
     mworker *w;
 };
 
-static lm_pool_req *req_at(lm_pool *p, unsigned worker)
+static pool_req *req_at(worker_pool *p, unsigned worker)
 {
-    return (lm_pool_req *)(p->reqmem + (size_t)worker * p->stride);
+    return (pool_req *)(p->reqmem + (size_t)worker * p->stride);
 }
 
 static void *mworker_main(void *arg)
 {
     mworker *w = arg;
-    lm_pool *p = w->pool;
+    worker_pool *p = w->pool;
 
     pthread_mutex_lock(&w->lock);
     for (;;) {
-        lm_pool_req *req;
+        pool_req *req;
 
         if (w->quit)
             break;
@@ -154,7 +154,7 @@ static void *mworker_main(void *arg)
     return NULL;
 }
 
-static void pool_teardown(lm_pool *p)
+static void pool_teardown(worker_pool *p)
 {
     unsigned i;
 
@@ -186,12 +186,12 @@ static void pool_teardown(lm_pool *p)
     free(p);
 }
 
-lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_size,
-                              const char *name, const lm_pool_ops *ops, void *opaque,
-                              const lm_pool_tuning *tuning, lm_error *err)
+worker_pool *pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_size,
+                               const char *name, const pool_ops *ops, void *opaque,
+                               const pool_tuning *tuning, lm_error *err)
 {
     pthread_condattr_t ca;
-    lm_pool *p;
+    worker_pool *p;
     unsigned i;
     int r;
 
@@ -200,7 +200,7 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
     if (!name)
         name = "pool";
     if (ring_size == 0)
-        ring_size = LM_POOL_RING_DEFAULT;
+        ring_size = POOL_RING_DEFAULT;
     if (pool_check_args(nworkers, ring_size, req_size, name, ops, err))
         return NULL;
 
@@ -229,7 +229,7 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
         pthread_condattr_destroy(&ca);
     }
     if (r) {
-        lm_error_set_errno(err, -r, "pool %s: condition variable", p->name);
+        error_set_errno(err, -r, "pool %s: condition variable", p->name);
         free(p->w);
         free(p->reqmem);
         free(p);
@@ -240,7 +240,7 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
 
     for (i = 0; i < nworkers; i++) {
         mworker *w = &p->w[i];
-        lm_pool_req *req = req_at(p, i);
+        pool_req *req = req_at(p, i);
 
         w->pool = p;
         pthread_mutex_init(&w->lock, NULL);
@@ -260,22 +260,22 @@ fail:
     pool_teardown(p);
     return NULL;
 oom:
-    lm_error_set(err, -ENOMEM, "pool %s: out of memory", name);
+    error_set(err, -ENOMEM, "pool %s: out of memory", name);
     return NULL;
 }
 
-void lm_pool_destroy(lm_pool *p)
+void pool_destroy(worker_pool *p)
 {
     if (p)
         pool_teardown(p);
 }
 
-lm_pool_req *lm_pool_submit_prepare(lm_pool *p)
+pool_req *pool_submit_prepare(worker_pool *p)
 {
     /* From worker 0 every time, as the old code looked for a done thread;
      * a worker's request is free once the owner polled its last result. */
     for (unsigned i = 0; i < p->nworkers; i++) {
-        lm_pool_req *req = p->w[i].free;
+        pool_req *req = p->w[i].free;
 
         if (req) {
             p->w[i].free = NULL;
@@ -286,13 +286,13 @@ lm_pool_req *lm_pool_submit_prepare(lm_pool *p)
     return NULL;
 }
 
-void lm_pool_submit_commit(lm_pool *p, lm_pool_req *req)
+void pool_submit_commit(worker_pool *p, pool_req *req)
 {
     mworker *w = &p->w[req->pool_worker];
 
     if (req->pool_state != REQ_HELD) {
-        lm_log("pool %s: commit of a request not obtained from prepare (state %#x)",
-               p->name, req->pool_state);
+        util_log("pool %s: commit of a request not obtained from prepare (state %#x)",
+                 p->name, req->pool_state);
         abort();
     }
     req->pool_state = REQ_QUEUED;
@@ -302,8 +302,8 @@ void lm_pool_submit_commit(lm_pool *p, lm_pool_req *req)
     /* Invariant: the worker's one request was free, so its slot is empty. */
     if (w->pending) {
         pthread_mutex_unlock(&w->lock);
-        lm_log("pool %s: worker %u slot taken with a free request", p->name,
-               req->pool_worker);
+        util_log("pool %s: worker %u slot taken with a free request", p->name,
+                 req->pool_worker);
         abort();
     }
     w->pending = req;
@@ -313,13 +313,13 @@ void lm_pool_submit_commit(lm_pool *p, lm_pool_req *req)
     pthread_mutex_unlock(&w->lock);
 }
 
-void lm_pool_req_release(lm_pool *p, lm_pool_req *req)
+void pool_req_release(worker_pool *p, pool_req *req)
 {
     mworker *w = &p->w[req->pool_worker];
 
     if (req->pool_state != REQ_HELD && req->pool_state != REQ_KEPT) {
-        lm_log("pool %s: release of a request the owner does not hold (state %#x)",
-               p->name, req->pool_state);
+        util_log("pool %s: release of a request the owner does not hold (state %#x)",
+                 p->name, req->pool_state);
         abort();
     }
     req->pool_state = REQ_FREE;
@@ -327,15 +327,15 @@ void lm_pool_req_release(lm_pool *p, lm_pool_req *req)
     w->free = req;
 }
 
-unsigned lm_pool_poll_done(lm_pool *p)
+unsigned pool_poll_done(worker_pool *p)
 {
-    lm_pool_req *head = NULL, **tail = &head;
+    pool_req *head = NULL, **tail = &head;
     unsigned n = 0;
 
     /* Collect under the lock, call done() outside it: done() may commit. */
     pthread_mutex_lock(&p->done_lock);
     for (unsigned i = 0; i < p->nworkers && p->nfinished; i++) {
-        lm_pool_req *req = p->w[i].finished;
+        pool_req *req = p->w[i].finished;
 
         if (req) {
             p->w[i].finished = NULL;
@@ -348,8 +348,8 @@ unsigned lm_pool_poll_done(lm_pool *p)
     pthread_mutex_unlock(&p->done_lock);
 
     while (head) {
-        lm_pool_req *req = head;
-        lm_pool_disposition d = LM_POOL_RECYCLE;
+        pool_req *req = head;
+        pool_disposition d = POOL_RECYCLE;
 
         head = req->pool_next;
         p->outstanding--;
@@ -357,8 +357,8 @@ unsigned lm_pool_poll_done(lm_pool *p)
         req->pool_state = REQ_KEPT;
         if (p->ops.done)
             d = p->ops.done(p->opaque, req);
-        if (d == LM_POOL_RECYCLE)
-            lm_pool_req_release(p, req);
+        if (d == POOL_RECYCLE)
+            pool_req_release(p, req);
     }
     return n;
 }
@@ -367,7 +367,7 @@ unsigned lm_pool_poll_done(lm_pool *p)
  * Owner: wait until at least `need` workers are done and not yet polled.
  * 0, -ETIMEDOUT at `deadline` (ns, INT64_MAX = none), or -ECANCELED.
  */
-static int owner_wait(lm_pool *p, unsigned need, int64_t deadline)
+static int owner_wait(worker_pool *p, unsigned need, int64_t deadline)
 {
     int rc = 0;
 
@@ -383,7 +383,7 @@ static int owner_wait(lm_pool *p, unsigned need, int64_t deadline)
             rc = -ECANCELED;
             break;
         }
-        now = lm_now_ns();
+        now = time_now_ns();
         if (now >= deadline) {
             rc = -ETIMEDOUT;
             break;
@@ -404,33 +404,33 @@ static int owner_wait(lm_pool *p, unsigned need, int64_t deadline)
     return rc;
 }
 
-int pool_wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
+int pool_wait_for(worker_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
                   lm_error *err)
 {
     unsigned polled;
     int rc;
 
     if (atomic_load(&p->interrupted))
-        return lm_error_set(err, -ECANCELED, "pool %s: interrupted", p->name);
+        return error_set(err, -ECANCELED, "pool %s: interrupted", p->name);
     if (want == 0)
         want = 1;
     if (want > p->outstanding)
         want = p->outstanding;
     /* Invariant: want - polled <= outstanding (as in pool.c). */
-    polled = lm_pool_poll_done(p);
+    polled = pool_poll_done(p);
     while (polled < want) {
         rc = owner_wait(p, want - polled, deadline);
         if (rc == -ECANCELED)
-            return lm_error_set(err, rc, "pool %s: interrupted", p->name);
+            return error_set(err, rc, "pool %s: interrupted", p->name);
         if (rc == -ETIMEDOUT)
-            return lm_error_set(err, rc, "pool %s: %u request(s) still running after %lld ms",
-                                p->name, p->outstanding, (long long)timeout_ms);
-        polled += lm_pool_poll_done(p);
+            return error_set(err, rc, "pool %s: %u request(s) still running after %lld ms",
+                             p->name, p->outstanding, (long long)timeout_ms);
+        polled += pool_poll_done(p);
     }
     return (int)polled;
 }
 
-void lm_pool_interrupt(lm_pool *p)
+void pool_interrupt(worker_pool *p)
 {
     pthread_mutex_lock(&p->done_lock);
     atomic_store(&p->interrupted, 1);
@@ -438,27 +438,27 @@ void lm_pool_interrupt(lm_pool *p)
     pthread_mutex_unlock(&p->done_lock);
 }
 
-bool lm_pool_interrupted(lm_pool *p)
+bool pool_interrupted(worker_pool *p)
 {
     return atomic_load(&p->interrupted);
 }
 
-int64_t lm_pool_spin_ns(const lm_pool *p)
+int64_t pool_spin_ns(const worker_pool *p)
 {
     return 0;  /* workers never spin in this model */
 }
 
-unsigned lm_pool_outstanding(const lm_pool *p)
+unsigned pool_outstanding(const worker_pool *p)
 {
     return p->outstanding;
 }
 
-unsigned lm_pool_nworkers(const lm_pool *p)
+unsigned pool_nworkers(const worker_pool *p)
 {
     return p->nworkers;
 }
 
-void lm_pool_get_stats(lm_pool *p, lm_pool_stats *st)
+void pool_get_stats(worker_pool *p, pool_stats *st)
 {
     memset(st, 0, sizeof(*st));
     st->submitted = atomic_load_explicit(&p->submitted, RELAXED);
@@ -471,7 +471,7 @@ void lm_pool_get_stats(lm_pool *p, lm_pool_stats *st)
     }
 }
 
-uint64_t lm_pool_worker_handled(lm_pool *p, unsigned worker)
+uint64_t pool_worker_handled(worker_pool *p, unsigned worker)
 {
     return worker < p->nworkers ? atomic_load_explicit(&p->w[worker].handled, RELAXED) : 0;
 }

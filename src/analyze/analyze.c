@@ -121,10 +121,10 @@ an_fail(an_ctx *c, int code, uint64_t off, const char *fmt, ...)
     vsnprintf(msg, sizeof(msg), fmt, ap);
     va_end(ap);
     if (c->where[0])
-        lm_error_set(&c->a->error, code, "%s: %s at byte offset %llu", c->where, msg,
-                     (unsigned long long)off);
+        error_set(&c->a->error, code, "%s: %s at byte offset %llu", c->where, msg,
+                  (unsigned long long)off);
     else
-        lm_error_set(&c->a->error, code, "%s at byte offset %llu", msg, (unsigned long long)off);
+        error_set(&c->a->error, code, "%s at byte offset %llu", msg, (unsigned long long)off);
     return -1;
 }
 
@@ -134,10 +134,10 @@ static int an_stream_fail(an_ctx *c)
     if (c->a->error.code)
         return -1;
     if (c->where[0])
-        lm_error_set(&c->a->error, lm_stream_error(c->s), "%s: %s", c->where,
-                     lm_stream_error_msg(c->s));
+        error_set(&c->a->error, lm_stream_error(c->s), "%s: %s", c->where,
+                  lm_stream_error_msg(c->s));
     else
-        lm_error_set(&c->a->error, lm_stream_error(c->s), "%s", lm_stream_error_msg(c->s));
+        error_set(&c->a->error, lm_stream_error(c->s), "%s", lm_stream_error_msg(c->s));
     return -1;
 }
 
@@ -232,8 +232,8 @@ static int an_seek(an_ctx *c, uint64_t off)
     if (lseek(c->fd, (off_t)off, SEEK_SET) < 0)
         return an_fail(c, -errno, here, "cannot seek to byte offset %llu: %s",
                        (unsigned long long)off, strerror(errno));
-    lm_stream_free(c->s);
-    c->s = lm_stream_new_reader(c->fd, false);
+    stream_free(c->s);
+    c->s = stream_new_reader(c->fd, false);
     /* The reader counts from where it starts; make its offsets, and so its
      * error messages, absolute file offsets again. */
     c->s->pos = off;
@@ -318,7 +318,7 @@ static int an_vmdesc_load(an_ctx *c)
         if (!p)
             break;
         b = (size_t)(p - buf);
-        if (b >= 5 && buf[b - 5] == LM_VM_VMDESCRIPTION) {
+        if (b >= 5 && buf[b - 5] == WIRE_VM_VMDESCRIPTION) {
             len = (uint32_t)buf[b - 4] << 24 | (uint32_t)buf[b - 3] << 16 |
                   (uint32_t)buf[b - 2] << 8 | buf[b - 1];
             if (len > 0 && len <= n - b) {
@@ -442,7 +442,7 @@ static int an_skip_vmsd(an_ctx *c, json_t *desc, const char *dev, int depth)
 
         if (rd_u8(c, &mark))
             return -1;
-        if (mark != LM_VM_SUBSECTION)
+        if (mark != WIRE_VM_SUBSECTION)
             return an_fail(c, -EINVAL, off, "expected subsection '%s' of '%s' (byte 0x05), "
                            "found 0x%02x", want ? want : "?", dev, mark);
         if (rd_name(c, name, "a subsection name") || rd_be32(c, &version))
@@ -508,7 +508,7 @@ static int an_parse_config(an_ctx *c)
         }
     a->has_config = true;
 
-    while (lm_stream_peek_u8(c->s) == LM_VM_SUBSECTION) {
+    while (stream_peek_u8(c->s) == WIRE_VM_SUBSECTION) {
         lm_an_subsection *sub;
         uint64_t soff = an_pos(c);
         uint8_t mark;
@@ -632,7 +632,7 @@ static int an_mapped_block(an_ctx *c, size_t bi)
     lm_analysis *a = c->a;
     lm_an_block *b = &a->blocks[bi];
     an_block_state *st = &c->bs[bi];
-    uint64_t hoff = an_pos(c), npages = b->counts.pages, words = LM_BITMAP_WORDS(npages);
+    uint64_t hoff = an_pos(c), npages = b->counts.pages, words = BITMAP_WORDS(npages);
     uint64_t bm_size = words * 8, fsize = a->file_size;
     uint64_t page_size;
     uint32_t version;
@@ -678,9 +678,9 @@ static int an_mapped_block(an_ctx *c, size_t bi)
         return -1;
     for (uint64_t w = 0; w < words; w++)
         st->present[w] = le64toh(st->present[w]);
-    if (npages % 64)   /* keep the tail clear, as lm_bitmap requires */
+    if (npages % 64)   /* keep the tail clear, as bitmap requires */
         st->present[words - 1] &= (1UL << (npages % 64)) - 1;
-    b->counts.pages_present = lm_bitmap_count(st->present, npages);
+    b->counts.pages_present = bitmap_count(st->present, npages);
     b->counts.normal_pages = b->counts.pages_present;
 
     if (st->out_fd >= 0) {
@@ -688,15 +688,15 @@ static int an_mapped_block(an_ctx *c, size_t bi)
         chunk = malloc(AN_EXTRACT_CHUNK);
         if (!chunk)
             abort();
-        for (uint64_t i = lm_bitmap_next_set(st->present, npages, 0); i < npages;) {
-            uint64_t end = lm_bitmap_next_clear(st->present, npages, i);
+        for (uint64_t i = bitmap_next_set(st->present, npages, 0); i < npages;) {
+            uint64_t end = bitmap_next_clear(st->present, npages, i);
             if (end - i > max_pages)
                 end = i + max_pages;
             size_t len = (size_t)((end - i) * c->ps);
             if (an_pread(c, chunk, len, b->pages_offset + i * c->ps, hoff + 20, "page data") ||
                 an_write(c, b, st->out_fd, chunk, len, i * c->ps, b->pages_offset + i * c->ps))
                 goto out;
-            i = lm_bitmap_next_set(st->present, npages, end);
+            i = bitmap_next_set(st->present, npages, end);
         }
     }
     /* The main stream resumes right after the block's pages. */
@@ -752,7 +752,7 @@ static int an_block_list(an_ctx *c, uint64_t total, uint64_t roff)
         b->size = len;
         b->counts.pages = len / c->ps;
         a->nblocks++;
-        c->bs[a->nblocks - 1].present = lm_bitmap_new(b->counts.pages);
+        c->bs[a->nblocks - 1].present = bitmap_new(b->counts.pages);
 
         if (c->postcopy_ram) {
             /* The sender adds a be64 page size only for blocks whose page size
@@ -818,8 +818,8 @@ static int an_put_page(an_ctx *c, size_t bi, uint64_t idx, uint64_t err_off)
     lm_an_block *b = &c->a->blocks[bi];
     an_block_state *st = &c->bs[bi];
 
-    if (!lm_bitmap_test(st->present, idx)) {
-        lm_bitmap_set(st->present, idx);
+    if (!bitmap_test(st->present, idx)) {
+        bitmap_set(st->present, idx);
         b->counts.pages_present++;
     }
     if (st->out_fd < 0)
@@ -832,9 +832,9 @@ static int an_put_fill(an_ctx *c, size_t bi, uint64_t idx, uint8_t fill, uint64_
     an_block_state *st = &c->bs[bi];
 
     /* Zeroes over a page nothing wrote yet: the hole already reads as zero. */
-    if (fill == 0 && (st->out_fd < 0 || !lm_bitmap_test(st->present, idx))) {
-        if (!lm_bitmap_test(st->present, idx)) {
-            lm_bitmap_set(st->present, idx);
+    if (fill == 0 && (st->out_fd < 0 || !bitmap_test(st->present, idx))) {
+        if (!bitmap_test(st->present, idx)) {
+            bitmap_set(st->present, idx);
             c->a->blocks[bi].counts.pages_present++;
         }
         return 0;
@@ -850,7 +850,7 @@ static int an_get_page(an_ctx *c, size_t bi, uint64_t idx, uint64_t err_off)
     size_t done = 0;
 
     memset(c->page, 0, c->ps);
-    if (st->out_fd < 0 || !lm_bitmap_test(st->present, idx))
+    if (st->out_fd < 0 || !bitmap_test(st->present, idx))
         return 0;
     while (done < c->ps) {
         ssize_t r = pread(st->out_fd, c->page + done, c->ps - done,
@@ -870,7 +870,7 @@ static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
 {
     lm_analysis *a = c->a;
     uint64_t flags = word & (c->ps - 1), addr = word & ~(c->ps - 1);
-    uint64_t kind = flags & ~(uint64_t)LM_RAM_CONTINUE, idx, doff;
+    uint64_t kind = flags & ~(uint64_t)RAM_CONTINUE, idx, doff;
     lm_an_block *b;
     size_t bi;
 
@@ -879,7 +879,7 @@ static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
                        "whose pages live at fixed offsets", (unsigned long long)flags);
     if (!c->ram_listed)
         return an_fail(c, -EINVAL, roff, "page record before the RAM block list");
-    if (flags & LM_RAM_CONTINUE) {
+    if (flags & RAM_CONTINUE) {
         if (c->last_block < 0)
             return an_fail(c, -EINVAL, roff, "CONTINUE record with no previous block");
     } else {
@@ -901,20 +901,20 @@ static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
     idx = addr / c->ps;
     doff = an_pos(c);
 
-    if (kind == LM_RAM_ZERO) {
+    if (kind == RAM_ZERO) {
         uint8_t fill;
         if (rd_u8(c, &fill))
             return -1;
         b->counts.zero_pages++;
         return an_put_fill(c, bi, idx, fill, doff);
     }
-    if (kind == LM_RAM_PAGE) {
+    if (kind == RAM_PAGE) {
         if (rd_buf(c, c->page, c->ps))
             return -1;
         b->counts.normal_pages++;
         return an_put_page(c, bi, idx, doff);
     }
-    if (kind == LM_RAM_COMPRESS_PAGE) {
+    if (kind == RAM_COMPRESS_PAGE) {
         uint32_t len;
         uLongf out = (uLongf)c->ps;
         int zr;
@@ -933,7 +933,7 @@ static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
         b->counts.compressed_pages++;
         return an_put_page(c, bi, idx, doff);
     }
-    if (kind == LM_RAM_XBZRLE) {
+    if (kind == RAM_XBZRLE) {
         uint8_t enc;
         uint16_t len;
         if (rd_u8(c, &enc) || rd_be16(c, &len))
@@ -949,7 +949,7 @@ static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
         b->counts.xbzrle_pages++;
         return an_put_page(c, bi, idx, doff);
     }
-    if (kind & LM_RAM_HOOK)
+    if (kind & RAM_HOOK)
         return an_fail(c, -ENOTSUP, roff, "RDMA hook record (flags 0x%llx) is not supported",
                        (unsigned long long)flags);
     return an_fail(c, -EINVAL, roff, "unsupported ram record flags 0x%llx",
@@ -965,20 +965,20 @@ static int an_parse_ram(an_ctx *c, uint8_t type)
         if (rd_be64(c, &word))
             return -1;
         flags = word & (c->ps - 1);
-        if (flags & LM_RAM_EOS) {
-            if (flags != LM_RAM_EOS)
+        if (flags & RAM_EOS) {
+            if (flags != RAM_EOS)
                 return an_fail(c, -EINVAL, roff, "EOS record with other flags (0x%llx)",
                                (unsigned long long)flags);
             return 0;
         }
-        if (flags == LM_RAM_MEM_SIZE) {
+        if (flags == RAM_MEM_SIZE) {
             if (type != LM_SECTION_START)
                 return an_fail(c, -EINVAL, roff, "MEM_SIZE record outside the START section");
             if (an_block_list(c, word & ~(c->ps - 1), roff))
                 return -1;
             continue;
         }
-        if (flags == LM_RAM_MULTIFD_FLUSH) {
+        if (flags == RAM_MULTIFD_FLUSH) {
             c->a->multifd_flushes++;
             continue;
         }
@@ -994,8 +994,8 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
 {
     lm_analysis *a = c->a;
     lm_an_section sec;
-    lm_wire_section hdr;
-    lm_wire_footer f;
+    wire_section hdr;
+    wire_footer f;
     an_bind *bind = NULL;
 
     memset(&sec, 0, sizeof(sec));
@@ -1003,7 +1003,7 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
     sec.start = off;
     snprintf(c->where, sizeof(c->where), "%s section header at byte offset %llu",
              lm_an_section_type_name(type), (unsigned long long)off);
-    if (wire_get_section_header(c->s, type, off, &hdr) != LM_WIRE_OK)
+    if (wire_get_section_header(c->s, type, off, &hdr) != WIRE_OK)
         return an_stream_fail(c);
     sec.section_id = hdr.id;
     for (size_t i = 0; i < c->nbinds; i++)
@@ -1050,9 +1050,9 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
     if (!strcmp(sec.idstr, "ram") && sec.instance_id == 0) {
         if (type == LM_SECTION_FULL)
             return an_fail(c, -EINVAL, off, "the ram section cannot be FULL");
-        if (sec.version_id != LM_RAM_SECTION_VERSION)
+        if (sec.version_id != RAM_SECTION_VERSION)
             return an_fail(c, -EINVAL, off, "ram section version %u (only %d exists)",
-                           sec.version_id, LM_RAM_SECTION_VERSION);
+                           sec.version_id, RAM_SECTION_VERSION);
         if (type == LM_SECTION_START) {
             if (c->ram_started)
                 return an_fail(c, -EINVAL, off, "a second START of the ram section");
@@ -1078,14 +1078,14 @@ static int an_parse_section(an_ctx *c, uint8_t type, uint64_t off)
     }
 
     switch (wire_get_footer(c->s, sec.section_id, &f)) {
-    case LM_WIRE_OK:
+    case WIRE_OK:
         break;
-    case LM_WIRE_EMARK:
+    case WIRE_EMARK:
         return an_fail(c, -EINVAL, f.at, "expected the section footer (0x7e), found 0x%02x: "
                        "the payload does not end where %s", f.mark,
                        sec.parsed_by == LM_AN_PARSED_RAM ? "its EOS record says"
                                                          : "the VMDESCRIPTION says");
-    case LM_WIRE_EID:
+    case WIRE_EID:
         return an_fail(c, -EINVAL, f.at, "footer names section id %u, expected %u", f.id,
                        sec.section_id);
     default:
@@ -1107,23 +1107,23 @@ static int an_parse_command(an_ctx *c, uint64_t off)
 {
     lm_analysis *a = c->a;
     lm_an_command cmd = { .offset = off };
-    lm_wire_command wc;
-    lm_wire_status st = wire_get_command(c->s, off, &wc);
+    wire_command wc;
+    wire_status st = wire_get_command(c->s, off, &wc);
 
-    if (st == LM_WIRE_ESTREAM)
+    if (st == WIRE_ESTREAM)
         return an_stream_fail(c);
     cmd.cmd = wc.cmd;
     cmd.len = wc.len;
-    if (st == LM_WIRE_EUNKNOWN)
+    if (st == WIRE_EUNKNOWN)
         return an_fail(c, -EINVAL, off, "unknown command %u", cmd.cmd);
     /* The table's fixed lengths and minimums; ADVISE's "0 or 16" is its own. */
-    if (st == LM_WIRE_ELEN ||
-        (cmd.cmd == LM_CMD_POSTCOPY_ADVISE && cmd.len != 0 && cmd.len != 16))
+    if (st == WIRE_ELEN ||
+        (cmd.cmd == WIRE_CMD_POSTCOPY_ADVISE && cmd.len != 0 && cmd.len != 16))
         return an_fail(c, -EINVAL, off, "command %s with a payload of %u bytes, which is not "
                        "its length", wc.def->name, cmd.len);
     if (rd_buf(c, c->cbuf, cmd.len))
         return -1;
-    if (cmd.cmd == LM_CMD_POSTCOPY_ADVISE && cmd.len == 16) {
+    if (cmd.cmd == WIRE_CMD_POSTCOPY_ADVISE && cmd.len == 16) {
         uint64_t summary, target;
         memcpy(&summary, c->cbuf, 8);
         memcpy(&target, c->cbuf + 8, 8);
@@ -1134,7 +1134,7 @@ static int an_parse_command(an_ctx *c, uint64_t off)
                            "stream's is %llu", (unsigned long long)be64toh(target),
                            (unsigned long long)c->ps);
     }
-    if (cmd.cmd == LM_CMD_PACKAGED)
+    if (cmd.cmd == WIRE_CMD_PACKAGED)
         return an_fail(c, -ENOTSUP, off, "command PACKAGED: postcopy device state comes in a "
                        "package and without a VMDESCRIPTION, which the analyzer cannot skip");
     if (a->ncommands >= AN_MAX_ITEMS)
@@ -1158,7 +1158,7 @@ static int an_after_eof(an_ctx *c)
         return an_fail(c, -EINVAL, next, "the VMDESCRIPTION found at the end of the file starts "
                        "at byte offset %llu, not right after EOF",
                        (unsigned long long)a->vmdesc_offset);
-    if (rest == 0 || lm_stream_peek_u8(c->s) != LM_VM_VMDESCRIPTION) {
+    if (rest == 0 || stream_peek_u8(c->s) != WIRE_VM_VMDESCRIPTION) {
         a->trailing_bytes = rest;
         return 0;
     }
@@ -1202,16 +1202,16 @@ static int an_parse(an_ctx *c)
     snprintf(c->where, sizeof(c->where), "file header");
     if (rd_be32(c, &a->magic) || rd_be32(c, &a->version))
         return -1;
-    if (a->magic != LM_QEVM_MAGIC)
+    if (a->magic != WIRE_QEVM_MAGIC)
         return an_fail(c, -EINVAL, a->stream_offset, "bad magic 0x%08x (expected 0x%08x, \"QEVM\")", a->magic,
-                       LM_QEVM_MAGIC);
-    if (a->version != LM_QEVM_VERSION)
+                       WIRE_QEVM_MAGIC);
+    if (a->version != WIRE_QEVM_VERSION)
         return an_fail(c, -EINVAL, a->stream_offset + 4, "stream version %u (only %u is supported)", a->version,
-                       LM_QEVM_VERSION);
+                       WIRE_QEVM_VERSION);
     a->header_ok = true;
     c->where[0] = 0;
     /* Machine types up to 2.3 send no configuration; it is optional here. */
-    if (lm_stream_peek_u8(c->s) == LM_VM_CONFIGURATION && an_parse_config(c))
+    if (stream_peek_u8(c->s) == WIRE_VM_CONFIGURATION && an_parse_config(c))
         return -1;
 
     for (;;) {
@@ -1224,24 +1224,24 @@ static int an_parse(an_ctx *c)
             return -1;
         c->where[0] = 0;
         switch (type) {
-        case LM_VM_EOF:
+        case WIRE_VM_EOF:
             a->has_eof = true;
             a->eof_offset = off;
             return an_after_eof(c);
-        case LM_VM_SECTION_START:
-        case LM_VM_SECTION_PART:
-        case LM_VM_SECTION_END:
-        case LM_VM_SECTION_FULL:
+        case WIRE_VM_SECTION_START:
+        case WIRE_VM_SECTION_PART:
+        case WIRE_VM_SECTION_END:
+        case WIRE_VM_SECTION_FULL:
             if (an_parse_section(c, type, off))
                 return -1;
             break;
-        case LM_VM_COMMAND:
+        case WIRE_VM_COMMAND:
             if (an_parse_command(c, off))
                 return -1;
             break;
-        case LM_VM_CONFIGURATION:
+        case WIRE_VM_CONFIGURATION:
             return an_fail(c, -EINVAL, off, "CONFIGURATION record after the start of the stream");
-        case LM_VM_VMDESCRIPTION:
+        case WIRE_VM_VMDESCRIPTION:
             return an_fail(c, -EINVAL, off, "VMDESCRIPTION record before the EOF record");
         default:
             return an_fail(c, -EINVAL, off, "unknown record type 0x%02x", type);
@@ -1347,33 +1347,33 @@ int lm_analyze_file(const char *path, const lm_analyze_opts *opts, lm_analysis *
     c->fd = -1;
     c->dirfd = -1;
     c->last_block = -1;
-    c->ps = LM_PAGE_SIZE;
+    c->ps = RAM_PAGE_SIZE;
 
     c->fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
     if (c->fd < 0) {
-        lm_error_set_errno(&a->error, -errno, "cannot open %s", path);
+        error_set_errno(&a->error, -errno, "cannot open %s", path);
         goto out;
     }
     if (fstat(c->fd, &st) < 0) {
-        lm_error_set_errno(&a->error, -errno, "cannot stat %s", path);
+        error_set_errno(&a->error, -errno, "cannot stat %s", path);
         goto out;
     }
     /* The VMDESCRIPTION is read from the end, so only a regular file will do
      * (and a FIFO would block us). */
     if (!S_ISREG(st.st_mode)) {
-        lm_error_set(&a->error, -EINVAL, "%s is not a regular file", path);
+        error_set(&a->error, -EINVAL, "%s is not a regular file", path);
         goto out;
     }
     a->file_size = (uint64_t)st.st_size;
     if (opts && opts->extract_dir) {
         if (mkdir(opts->extract_dir, 0755) < 0 && errno != EEXIST) {
-            lm_error_set_errno(&a->error, -errno, "cannot create directory %s",
-                               opts->extract_dir);
+            error_set_errno(&a->error, -errno, "cannot create directory %s",
+                            opts->extract_dir);
             goto out;
         }
         c->dirfd = open(opts->extract_dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
         if (c->dirfd < 0) {
-            lm_error_set_errno(&a->error, -errno, "cannot open directory %s", opts->extract_dir);
+            error_set_errno(&a->error, -errno, "cannot open directory %s", opts->extract_dir);
             goto out;
         }
     }
@@ -1384,7 +1384,7 @@ int lm_analyze_file(const char *path, const lm_analyze_opts *opts, lm_analysis *
     c->cbuf = malloc(AN_CBUF_SIZE);
     if (!c->page || !c->cbuf)
         abort();
-    c->s = lm_stream_new_reader(c->fd, false);
+    c->s = stream_new_reader(c->fd, false);
     if (opts && opts->offset) {
         a->stream_offset = opts->offset;
         snprintf(c->where, sizeof(c->where), "the stream offset");
@@ -1399,20 +1399,20 @@ out:
     an_totals(a);
     for (size_t i = 0; i < a->nblocks; i++) {
         if (c->bs[i].out_fd >= 0 && close(c->bs[i].out_fd) < 0 && ret == 0) {
-            lm_error_set_errno(&a->error, -errno, "cannot write the image of block '%s'",
-                               a->blocks[i].idstr);
+            error_set_errno(&a->error, -errno, "cannot write the image of block '%s'",
+                            a->blocks[i].idstr);
             ret = -1;
         }
-        lm_bitmap_free(c->bs[i].present);
+        bitmap_free(c->bs[i].present);
     }
     a->extracted = ret == 0 && c->dirfd >= 0;
     if (ret == 0)
         an_check_complete(c);
     if (ret && !a->error.code)
-        lm_error_set(&a->error, -EIO, "analysis failed");
+        error_set(&a->error, -EIO, "analysis failed");
     if (ret && err)
-        lm_error_copy(err, &a->error);
-    lm_stream_free(c->s);
+        error_copy(err, &a->error);
+    stream_free(c->s);
     json_decref(c->vmdesc);
     free(c->bs);
     free(c->binds);

@@ -37,19 +37,19 @@
 #include "util/pool.h"
 #include "util/zero.h"
 
-#define PAGE LM_COMPRESS_PAGE_SIZE
+#define PAGE COMPRESS_PAGE_SIZE
 #define RELAXED memory_order_relaxed
 
-_Static_assert(PAGE + (PAGE >> 12) + (PAGE >> 14) + (PAGE >> 25) + 13 == LM_COMPRESS_BOUND,
-               "LM_COMPRESS_BOUND is zlib's compressBound(4096)");
+_Static_assert(PAGE + (PAGE >> 12) + (PAGE >> 14) + (PAGE >> 25) + 13 == COMPRESS_BOUND,
+               "COMPRESS_BOUND is zlib's compressBound(4096)");
 
 static int zlib_bound_check(lm_error *err)
 {
     /* A zlib whose bound differs would make us reject valid pages. */
-    if (compressBound(PAGE) != LM_COMPRESS_BOUND)
-        return lm_error_set(err, -ENOTSUP, "zlib %s: compressBound(%d) = %lu, expected %d",
-                            zlibVersion(), PAGE, (unsigned long)compressBound(PAGE),
-                            LM_COMPRESS_BOUND);
+    if (compressBound(PAGE) != COMPRESS_BOUND)
+        return error_set(err, -ENOTSUP, "zlib %s: compressBound(%d) = %lu, expected %d",
+                         zlibVersion(), PAGE, (unsigned long)compressBound(PAGE),
+                         COMPRESS_BOUND);
     return 0;
 }
 
@@ -59,26 +59,26 @@ static int zlib_bound_check(lm_error *err)
  * what was kept (the compressor emits there).  *busy is set when none was
  * free even after polling.  0 or a negative errno with err set.
  */
-static int get_req(lm_pool *pool, int (*drain)(void *arg), void *arg, lm_pool_req **out,
+static int get_req(worker_pool *pool, int (*drain)(void *arg), void *arg, pool_req **out,
                    bool *busy, lm_error *err)
 {
-    lm_pool_req *req = lm_pool_submit_prepare(pool);
+    pool_req *req = pool_submit_prepare(pool);
     int rc;
 
     *busy = false;
     while (!req) {
-        if (lm_pool_poll_done(pool) == 0 && *busy) {
+        if (pool_poll_done(pool) == 0 && *busy) {
             /* Only requests in the workers can come back: wait for half of
              * them, not one, so each wake-up of this thread refills
              * several worker slots (see pool.c). */
-            rc = lm_pool_wait_any(pool, lm_pool_outstanding(pool) / 2, LM_COMPRESS_WAIT_MS,
-                                  err);
+            rc = pool_wait_any(pool, pool_outstanding(pool) / 2, COMPRESS_WAIT_MS,
+                               err);
             if (rc < 0)
                 return rc;
         }
         if (drain && (rc = drain(arg)) < 0)
-            return lm_error_set(err, rc, "emitting a finished page: %s", strerror(-rc));
-        req = lm_pool_submit_prepare(pool);
+            return error_set(err, rc, "emitting a finished page: %s", strerror(-rc));
+        req = pool_submit_prepare(pool);
         if (!req)
             *busy = true;
     }
@@ -89,7 +89,7 @@ static int get_req(lm_pool *pool, int (*drain)(void *arg), void *arg, lm_pool_re
 /* ================================================================== source */
 
 typedef struct comp_req {
-    lm_pool_req req;              /* first: the pool's header */
+    pool_req req;                 /* first: the pool's header */
     struct comp_req *next;        /* owner's FIFO of finished pages */
     uint64_t tag;
     uint32_t len;                 /* of the data to emit */
@@ -98,29 +98,29 @@ typedef struct comp_req {
     unsigned char out[PAGE];      /* zlib output; only PAGE - 1 used */
 } comp_req;
 
-struct lm_compress {
-    lm_pool *pool;
+struct compressor {
+    worker_pool *pool;
     int level;
     comp_req *ready_head, *ready_tail;     /* owner only */
     /* the sink's: where emitted pages go (owner only, during a page/flush) */
-    lm_ram *sink_ram;
+    ram_state *sink_ram;
     lm_stream *sink_stream;
     _Atomic uint64_t submitted, busy, pages, compressed_size, not_smaller;
 };
 
 static int comp_init(void *opaque, unsigned worker, void **wctx, lm_error *err)
 {
-    lm_compress *c = opaque;
+    compressor *c = opaque;
     z_stream *zs = calloc(1, sizeof(*zs));
     int r;
 
     if (!zs)
-        return lm_error_set(err, -ENOMEM, "out of memory");
+        return error_set(err, -ENOMEM, "out of memory");
     r = deflateInit(zs, c->level);
     if (r != Z_OK) {
         free(zs);
-        return lm_error_set(err, r == Z_MEM_ERROR ? -ENOMEM : -EINVAL,
-                            "zlib deflateInit(level %d): %s", c->level, zError(r));
+        return error_set(err, r == Z_MEM_ERROR ? -ENOMEM : -EINVAL,
+                         "zlib deflateInit(level %d): %s", c->level, zError(r));
     }
     *wctx = zs;
     return 0;
@@ -136,7 +136,7 @@ static void comp_uninit(void *opaque, unsigned worker, void *wctx)
     }
 }
 
-static void comp_handler(void *opaque, void *wctx, lm_pool_req *preq)
+static void comp_handler(void *opaque, void *wctx, pool_req *preq)
 {
     comp_req *r = (comp_req *)preq;
     z_stream *zs = wctx;
@@ -160,9 +160,9 @@ static void comp_handler(void *opaque, void *wctx, lm_pool_req *preq)
     }
 }
 
-static lm_pool_disposition comp_done(void *opaque, lm_pool_req *preq)
+static pool_disposition comp_done(void *opaque, pool_req *preq)
 {
-    lm_compress *c = opaque;
+    compressor *c = opaque;
     comp_req *r = (comp_req *)preq;
 
     r->next = NULL;
@@ -171,45 +171,45 @@ static lm_pool_disposition comp_done(void *opaque, lm_pool_req *preq)
     else
         c->ready_head = r;
     c->ready_tail = r;
-    return LM_POOL_KEEP;
+    return POOL_KEEP;
 }
 
-static const lm_pool_ops comp_ops = {
+static const pool_ops comp_ops = {
     .init = comp_init,
     .uninit = comp_uninit,
     .handler = comp_handler,
     .done = comp_done,
 };
 
-lm_compress *lm_compress_new(int threads, int level, lm_error *err)
+compressor *compress_new(int threads, int level, lm_error *err)
 {
-    return lm_compress_new_tuned(threads, level, 0, NULL, err);
+    return compress_new_tuned(threads, level, 0, NULL, err);
 }
 
-lm_compress *lm_compress_new_tuned(int threads, int level, unsigned ring_size,
-                                   const lm_pool_tuning *tuning, lm_error *err)
+compressor *compress_new_tuned(int threads, int level, unsigned ring_size,
+                               const pool_tuning *tuning, lm_error *err)
 {
-    lm_compress *c;
+    compressor *c;
 
-    if (threads < 1 || threads > LM_COMPRESS_MAX_THREADS) {
-        lm_error_set(err, -EINVAL, "compress-threads %d out of range 1..%d", threads,
-                     LM_COMPRESS_MAX_THREADS);
+    if (threads < 1 || threads > COMPRESS_MAX_THREADS) {
+        error_set(err, -EINVAL, "compress-threads %d out of range 1..%d", threads,
+                  COMPRESS_MAX_THREADS);
         return NULL;
     }
     if (level < 0 || level > 9) {
-        lm_error_set(err, -EINVAL, "compress-level %d out of range 0..9", level);
+        error_set(err, -EINVAL, "compress-level %d out of range 0..9", level);
         return NULL;
     }
     if (zlib_bound_check(err) < 0)
         return NULL;
     c = calloc(1, sizeof(*c));
     if (!c) {
-        lm_error_set(err, -ENOMEM, "out of memory");
+        error_set(err, -ENOMEM, "out of memory");
         return NULL;
     }
     c->level = level;
-    c->pool = lm_pool_create_tuned((unsigned)threads, ring_size ? ring_size : LM_COMPRESS_RING,
-                                   sizeof(comp_req), "compress", &comp_ops, c, tuning, err);
+    c->pool = pool_create_tuned((unsigned)threads, ring_size ? ring_size : COMPRESS_RING,
+                                sizeof(comp_req), "compress", &comp_ops, c, tuning, err);
     if (!c->pool) {
         free(c);
         return NULL;
@@ -217,20 +217,20 @@ lm_compress *lm_compress_new_tuned(int threads, int level, unsigned ring_size,
     return c;
 }
 
-lm_pool *lm_compress_pool(lm_compress *c)
+worker_pool *compress_pool_of(compressor *c)
 {
     return c->pool;
 }
 
-void lm_compress_free(lm_compress *c)
+void compress_free(compressor *c)
 {
     if (!c)
         return;
-    lm_pool_destroy(c->pool);
+    pool_destroy(c->pool);
     free(c);
 }
 
-static int emit_ready(lm_compress *c, lm_compress_emit_fn emit, void *opaque)
+static int emit_ready(compressor *c, compress_emit_fn emit, void *opaque)
 {
     int n = 0;
 
@@ -249,7 +249,7 @@ static int emit_ready(lm_compress *c, lm_compress_emit_fn emit, void *opaque)
             atomic_fetch_add_explicit(&c->not_smaller, 1, RELAXED);
             rc = emit(opaque, r->tag, r->page, PAGE, false);
         }
-        lm_pool_req_release(c->pool, &r->req);
+        pool_req_release(c->pool, &r->req);
         if (rc < 0)
             return rc;
         n++;
@@ -258,8 +258,8 @@ static int emit_ready(lm_compress *c, lm_compress_emit_fn emit, void *opaque)
 }
 
 typedef struct drain_arg {
-    lm_compress *c;
-    lm_compress_emit_fn emit;
+    compressor *c;
+    compress_emit_fn emit;
     void *opaque;
 } drain_arg;
 
@@ -271,11 +271,11 @@ static int drain_emit(void *arg)
     return rc < 0 ? rc : 0;
 }
 
-int lm_compress_submit(lm_compress *c, const void *page, uint64_t tag,
-                       lm_compress_emit_fn emit, void *opaque, lm_error *err)
+int compress_submit(compressor *c, const void *page, uint64_t tag,
+                    compress_emit_fn emit, void *opaque, lm_error *err)
 {
     drain_arg da = { c, emit, opaque };
-    lm_pool_req *req = NULL;
+    pool_req *req = NULL;
     comp_req *r;
     bool busy;
     int rc = get_req(c->pool, drain_emit, &da, &req, &busy, err);
@@ -283,41 +283,41 @@ int lm_compress_submit(lm_compress *c, const void *page, uint64_t tag,
     if (busy)
         atomic_fetch_add_explicit(&c->busy, 1, RELAXED);
     if (rc < 0) {
-        lm_error_prefix(err, "compress");
+        error_prefix(err, "compress");
         return rc;
     }
     r = (comp_req *)req;
     memcpy(r->page, page, PAGE);
     r->tag = tag;
-    lm_pool_submit_commit(c->pool, &r->req);
+    pool_submit_commit(c->pool, &r->req);
     atomic_fetch_add_explicit(&c->submitted, 1, RELAXED);
     return 0;
 }
 
-int lm_compress_poll(lm_compress *c, lm_compress_emit_fn emit, void *opaque)
+int compress_poll(compressor *c, compress_emit_fn emit, void *opaque)
 {
-    lm_pool_poll_done(c->pool);
+    pool_poll_done(c->pool);
     return emit_ready(c, emit, opaque);
 }
 
-int lm_compress_flush(lm_compress *c, lm_compress_emit_fn emit, void *opaque, lm_error *err)
+int compress_flush(compressor *c, compress_emit_fn emit, void *opaque, lm_error *err)
 {
-    int rc = lm_pool_wait_done(c->pool, LM_COMPRESS_WAIT_MS, err);
+    int rc = pool_wait_done(c->pool, COMPRESS_WAIT_MS, err);
 
     if (rc < 0) {
-        lm_error_prefix(err, "compress");
+        error_prefix(err, "compress");
         return rc;
     }
     rc = emit_ready(c, emit, opaque);
     return rc < 0 ? rc : 0;
 }
 
-void lm_compress_interrupt(lm_compress *c)
+void compress_interrupt(compressor *c)
 {
-    lm_pool_interrupt(c->pool);
+    pool_interrupt(c->pool);
 }
 
-void lm_compress_get_stats(lm_compress *c, lm_compress_stats *st)
+void compress_get_stats(compressor *c, compress_stats *st)
 {
     memset(st, 0, sizeof(*st));
     st->submitted = atomic_load_explicit(&c->submitted, RELAXED);
@@ -334,17 +334,17 @@ void lm_compress_get_stats(lm_compress *c, lm_compress_stats *st)
 /* ================================================================== destination */
 
 typedef struct decomp_req {
-    lm_pool_req req;              /* first: the pool's header */
+    pool_req req;                 /* first: the pool's header */
     unsigned char *dest;
     uint64_t where;
     uint32_t len;
     int rc;                       /* 0 or -EINVAL, set by the worker */
     char why[120];                /* the zlib-level reason when rc < 0 */
-    _Alignas(64) unsigned char in[LM_COMPRESS_BOUND];
+    _Alignas(64) unsigned char in[COMPRESS_BOUND];
 } decomp_req;
 
-struct lm_decompress {
-    lm_pool *pool;
+struct decompressor {
+    worker_pool *pool;
     lm_error first;               /* owner only; code 0 = no error yet */
 };
 
@@ -354,12 +354,12 @@ static int decomp_init(void *opaque, unsigned worker, void **wctx, lm_error *err
     int r;
 
     if (!zs)
-        return lm_error_set(err, -ENOMEM, "out of memory");
+        return error_set(err, -ENOMEM, "out of memory");
     r = inflateInit(zs);
     if (r != Z_OK) {
         free(zs);
-        return lm_error_set(err, r == Z_MEM_ERROR ? -ENOMEM : -EINVAL,
-                            "zlib inflateInit: %s", zError(r));
+        return error_set(err, r == Z_MEM_ERROR ? -ENOMEM : -EINVAL,
+                         "zlib inflateInit: %s", zError(r));
     }
     *wctx = zs;
     return 0;
@@ -375,7 +375,7 @@ static void decomp_uninit(void *opaque, unsigned worker, void *wctx)
     }
 }
 
-static void decomp_handler(void *opaque, void *wctx, lm_pool_req *preq)
+static void decomp_handler(void *opaque, void *wctx, pool_req *preq)
 {
     decomp_req *r = (decomp_req *)preq;
     z_stream *zs = wctx;
@@ -419,42 +419,42 @@ static void decomp_handler(void *opaque, void *wctx, lm_pool_req *preq)
     }
 }
 
-static lm_pool_disposition decomp_done(void *opaque, lm_pool_req *preq)
+static pool_disposition decomp_done(void *opaque, pool_req *preq)
 {
-    lm_decompress *d = opaque;
+    decompressor *d = opaque;
     decomp_req *r = (decomp_req *)preq;
 
     if (r->rc < 0 && d->first.code == 0)
-        lm_error_set(&d->first, r->rc, "corrupt compressed page at byte offset %llu: zlib: %s",
-                     (unsigned long long)r->where, r->why);
-    return LM_POOL_RECYCLE;
+        error_set(&d->first, r->rc, "corrupt compressed page at byte offset %llu: zlib: %s",
+                  (unsigned long long)r->where, r->why);
+    return POOL_RECYCLE;
 }
 
-static const lm_pool_ops decomp_ops = {
+static const pool_ops decomp_ops = {
     .init = decomp_init,
     .uninit = decomp_uninit,
     .handler = decomp_handler,
     .done = decomp_done,
 };
 
-lm_decompress *lm_decompress_new(int threads, lm_error *err)
+decompressor *decompress_new(int threads, lm_error *err)
 {
-    lm_decompress *d;
+    decompressor *d;
 
-    if (threads < 1 || threads > LM_COMPRESS_MAX_THREADS) {
-        lm_error_set(err, -EINVAL, "decompress-threads %d out of range 1..%d", threads,
-                     LM_COMPRESS_MAX_THREADS);
+    if (threads < 1 || threads > COMPRESS_MAX_THREADS) {
+        error_set(err, -EINVAL, "decompress-threads %d out of range 1..%d", threads,
+                  COMPRESS_MAX_THREADS);
         return NULL;
     }
     if (zlib_bound_check(err) < 0)
         return NULL;
     d = calloc(1, sizeof(*d));
     if (!d) {
-        lm_error_set(err, -ENOMEM, "out of memory");
+        error_set(err, -ENOMEM, "out of memory");
         return NULL;
     }
-    d->pool = lm_pool_create((unsigned)threads, LM_COMPRESS_RING, sizeof(decomp_req),
-                             "decompress", &decomp_ops, d, err);
+    d->pool = pool_create((unsigned)threads, COMPRESS_RING, sizeof(decomp_req),
+                          "decompress", &decomp_ops, d, err);
     if (!d->pool) {
         free(d);
         return NULL;
@@ -462,61 +462,61 @@ lm_decompress *lm_decompress_new(int threads, lm_error *err)
     return d;
 }
 
-void lm_decompress_free(lm_decompress *d)
+void decompress_free(decompressor *d)
 {
     if (!d)
         return;
-    lm_pool_destroy(d->pool);
+    pool_destroy(d->pool);
     free(d);
 }
 
-static int decomp_failed(lm_decompress *d, lm_error *err)
+static int decomp_failed(decompressor *d, lm_error *err)
 {
-    lm_error_copy(err, &d->first);
+    error_copy(err, &d->first);
     return d->first.code;
 }
 
-int lm_decompress_submit(lm_decompress *d, void *dest_page, const void *data, uint32_t len,
-                         uint64_t where, lm_error *err)
+int decompress_submit(decompressor *d, void *dest_page, const void *data, uint32_t len,
+                      uint64_t where, lm_error *err)
 {
-    lm_pool_req *req = NULL;
+    pool_req *req = NULL;
     decomp_req *r;
     bool busy;
     int rc;
 
     if (d->first.code)
         return decomp_failed(d, err);
-    if (len > LM_COMPRESS_BOUND) {
-        lm_error_set(&d->first, -EINVAL,
-                     "compressed page at byte offset %llu has length %u > bound %d",
-                     (unsigned long long)where, len, LM_COMPRESS_BOUND);
+    if (len > COMPRESS_BOUND) {
+        error_set(&d->first, -EINVAL,
+                  "compressed page at byte offset %llu has length %u > bound %d",
+                  (unsigned long long)where, len, COMPRESS_BOUND);
         return decomp_failed(d, err);
     }
     rc = get_req(d->pool, NULL, NULL, &req, &busy, err);
     if (rc < 0) {
-        lm_error_prefix(err, "decompress");
+        error_prefix(err, "decompress");
         return rc;
     }
     r = (decomp_req *)req;
     /* A page that failed while we waited: stop feeding workers. */
     if (d->first.code) {
-        lm_pool_req_release(d->pool, &r->req);
+        pool_req_release(d->pool, &r->req);
         return decomp_failed(d, err);
     }
     memcpy(r->in, data, len);
     r->len = len;
     r->dest = dest_page;
     r->where = where;
-    lm_pool_submit_commit(d->pool, &r->req);
+    pool_submit_commit(d->pool, &r->req);
     return 0;
 }
 
-int lm_decompress_wait(lm_decompress *d, lm_error *err)
+int decompress_wait(decompressor *d, lm_error *err)
 {
-    int rc = lm_pool_wait_done(d->pool, LM_COMPRESS_WAIT_MS, err);
+    int rc = pool_wait_done(d->pool, COMPRESS_WAIT_MS, err);
 
     if (rc < 0) {
-        lm_error_prefix(err, "decompress");
+        error_prefix(err, "decompress");
         return rc;
     }
     if (d->first.code)
@@ -524,9 +524,9 @@ int lm_decompress_wait(lm_decompress *d, lm_error *err)
     return 0;
 }
 
-void lm_decompress_interrupt(lm_decompress *d)
+void decompress_interrupt(decompressor *d)
 {
-    lm_pool_interrupt(d->pool);
+    pool_interrupt(d->pool);
 }
 
 /* ------------------------------------------------------------------ the ram section */
@@ -539,41 +539,41 @@ void lm_decompress_interrupt(lm_decompress *d)
  */
 static int sink_emit(void *opaque, uint64_t tag, const void *data, uint32_t len, bool compressed)
 {
-    lm_compress *c = opaque;
+    compressor *c = opaque;
     lm_stream *s = c->sink_stream;
 
     if (compressed) {
-        lm_put_be64(s, tag | LM_RAM_COMPRESS_PAGE | LM_RAM_CONTINUE);
+        lm_put_be64(s, tag | RAM_COMPRESS_PAGE | RAM_CONTINUE);
         lm_put_be32(s, len);
         lm_put_buffer(s, data, len);
     } else {
         /* not smaller: a normal page, from the bounce copy */
-        lm_put_be64(s, tag | LM_RAM_PAGE | LM_RAM_CONTINUE);
-        lm_put_buffer(s, data, LM_PAGE_SIZE);
+        lm_put_be64(s, tag | RAM_PAGE | RAM_CONTINUE);
+        lm_put_buffer(s, data, RAM_PAGE_SIZE);
     }
     return lm_stream_error(s);
 }
 
-static int sink_flush(void *impl, lm_ram *r, lm_stream *s, lm_error *err)
+static int sink_flush(void *impl, ram_state *r, lm_stream *s, lm_error *err)
 {
-    lm_compress *c = impl;
+    compressor *c = impl;
 
     c->sink_ram = r;
     c->sink_stream = s;
-    if (lm_compress_flush(c, sink_emit, c, err)) {
-        lm_error_prefix(err, "compress");
+    if (compress_flush(c, sink_emit, c, err)) {
+        error_prefix(err, "compress");
         return err->code ? err->code : -EIO;
     }
     return 0;
 }
 
-static int sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+static int sink_page(void *impl, ram_state *r, lm_stream *s, ramblock *b, uint64_t page)
 {
-    lm_compress *c = impl;
-    const uint8_t *p = b->host + page * LM_PAGE_SIZE;
+    compressor *c = impl;
+    const uint8_t *p = b->host + page * RAM_PAGE_SIZE;
     lm_error err = { 0 };
 
-    if (lm_is_zero(p, LM_PAGE_SIZE)) {
+    if (buf_is_zero(p, RAM_PAGE_SIZE)) {
         ram_put_zero(r, s, b, page);
         return RAM_SENT_ZERO;
     }
@@ -589,8 +589,8 @@ static int sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64
     }
     c->sink_ram = r;
     c->sink_stream = s;
-    if (lm_compress_submit(c, p, page * LM_PAGE_SIZE, sink_emit, c, &err) ||
-        lm_compress_poll(c, sink_emit, c) < 0)
+    if (compress_submit(c, p, page * RAM_PAGE_SIZE, sink_emit, c, &err) ||
+        compress_poll(c, sink_emit, c) < 0)
         lm_stream_set_error(s, err.code ? err.code : -EIO, "compress: %s", err.msg);
     return RAM_SENT_STREAM;
 }
@@ -601,48 +601,48 @@ static const ram_sink_ops sink_ops = {
     .flush = sink_flush,
 };
 
-ram_sink lm_compress_sink(lm_compress *c)
+ram_sink compress_sink(compressor *c)
 {
     return (ram_sink){ &sink_ops, c };
 }
 
 /* COMPRESS_PAGE: be32 len then len bytes of one complete zlib stream; any
  * other record is placed as usual. */
-static int place_record(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset,
+static int place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b, uint64_t offset,
                         uint64_t flags, uint64_t at)
 {
-    lm_decompress *d = impl;
-    uint8_t data[LM_COMPRESS_BOUND];
+    decompressor *d = impl;
+    uint8_t data[COMPRESS_BOUND];
     uint32_t len;
     lm_error err;
 
-    if (flags != LM_RAM_COMPRESS_PAGE)
+    if (flags != RAM_COMPRESS_PAGE)
         return ram_place_direct(r, s, b, offset, flags, at);
     if (lm_get_be32(s, &len))
         return -1;
-    if (len == 0 || len > LM_COMPRESS_BOUND) {
+    if (len == 0 || len > COMPRESS_BOUND) {
         lm_stream_set_error(s, -EINVAL, "compressed page at byte offset %" PRIu64 " has "
-                            "length %u (1..%d)", at, len, LM_COMPRESS_BOUND);
+                            "length %u (1..%d)", at, len, COMPRESS_BOUND);
         return -1;
     }
     if (lm_get_buffer(s, data, len))
         return -1;
-    if (lm_decompress_submit(d, b->host + offset, data, len, at, &err)) {
+    if (decompress_submit(d, b->host + offset, data, len, at, &err)) {
         lm_stream_set_error(s, err.code, "%s", err.msg);
         return -1;
     }
     /* counted when submitted: the EOS waits until it is in place */
-    ram_received(b, offset / LM_PAGE_SIZE, 1);
+    ram_received(b, offset / RAM_PAGE_SIZE, 1);
     return 0;
 }
 
-static int place_sync(void *impl, lm_ram *r, lm_stream *s, uint64_t at)
+static int place_sync(void *impl, ram_state *r, lm_stream *s, uint64_t at)
 {
     lm_error err;
 
     (void)r;
     (void)at;
-    if (lm_decompress_wait(impl, &err)) {
+    if (decompress_wait(impl, &err)) {
         lm_stream_set_error(s, err.code, "%s", err.msg);
         return -1;
     }
@@ -655,7 +655,7 @@ static const ram_placer_ops placer_ops = {
     .sync = place_sync,
 };
 
-ram_placer lm_decompress_placer(lm_decompress *d)
+ram_placer decompress_placer(decompressor *d)
 {
     return (ram_placer){ &placer_ops, d };
 }

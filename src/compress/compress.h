@@ -4,17 +4,17 @@
  *
  * Wire format (reference section 7.2): a compressed page is one complete,
  * independent zlib stream (deflateReset + Z_FINISH per page, at
- * compress-level), decompressing to exactly LM_COMPRESS_PAGE_SIZE bytes.
+ * compress-level), decompressing to exactly COMPRESS_PAGE_SIZE bytes.
  * This module only turns pages into such streams and back; the ram section
  * writes and parses the records (`be64 offset|COMPRESS_PAGE[|CONTINUE]`,
  * `be32 len`, data).
  *
- * Source side (lm_compress):
+ * Source side (compressor):
  *   The migration thread -- the only thread that may call anything here but
- *   lm_compress_interrupt() and lm_compress_get_stats() -- submits pages;
+ *   compress_interrupt() and compress_get_stats() -- submits pages;
  *   submit copies the page into a request's bounce buffer at once (the guest
  *   keeps writing) and queues it on a worker.  Finished pages come back
- *   through lm_compress_poll() / lm_compress_flush(), which call `emit` ON
+ *   through compress_poll() / compress_flush(), which call `emit` ON
  *   THE CALLING THREAD, in completion order (not page order, as in QEMU),
  *   so the migration thread alone writes the stream.  A page whose zlib form
  *   would not be smaller than the page is emitted with compressed=false and
@@ -27,17 +27,17 @@
  *   Submit blocks while every worker is busy (QEMU's compress-wait-thread
  *   =true), emitting finished pages meanwhile -- that is what frees a
  *   request, so submit takes `emit` too.  The wait is bounded:
- *   LM_COMPRESS_WAIT_MS without enough pages finishing is an error, and
- *   lm_compress_interrupt() from any thread ends it at once with
- *   -ECANCELED.  lm_compress_poll() emits what is finished without waiting
+ *   COMPRESS_WAIT_MS without enough pages finishing is an error, and
+ *   compress_interrupt() from any thread ends it at once with
+ *   -ECANCELED.  compress_poll() emits what is finished without waiting
  *   (one load when nothing is): calling it after each submit keeps results
  *   flowing while the workers are not all busy.
  *
- * Destination side (lm_decompress):
+ * Destination side (decompressor):
  *   The loading thread submits (dest_page, data, len, where); the data is
  *   copied into the request and a worker inflates it straight into
- *   dest_page, writing nothing outside those LM_COMPRESS_PAGE_SIZE bytes.
- *   lm_decompress_wait() returns once every submitted page is written (all
+ *   dest_page, writing nothing outside those COMPRESS_PAGE_SIZE bytes.
+ *   decompress_wait() returns once every submitted page is written (all
  *   its writes are visible to the caller then) and reports the first error.
  *   Two submissions for the same dest_page must be separated by a wait
  *   (they could finish in either order); so must a submission and any
@@ -47,8 +47,8 @@
  *   "corrupt compressed page at byte offset N: zlib: <reason>"
  *   "compressed page at byte offset N has length L > bound B"
  */
-#ifndef LM_COMPRESS_COMPRESS_H
-#define LM_COMPRESS_COMPRESS_H
+#ifndef COMPRESS_COMPRESS_H
+#define COMPRESS_COMPRESS_H
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -56,10 +56,10 @@
 #include "livemig/livemig.h"
 #include "ram/ram.h"
 
-#define LM_COMPRESS_PAGE_SIZE 4096
+#define COMPRESS_PAGE_SIZE 4096
 /* zlib's compressBound(4096): the largest len a destination accepts. */
-#define LM_COMPRESS_BOUND 4110
-#define LM_COMPRESS_MAX_THREADS 255
+#define COMPRESS_BOUND 4110
+#define COMPRESS_MAX_THREADS 255
 /*
  * Requests per worker (the pool's ring size).  The migration thread sleeps
  * once per batch of half of what is out, so a worker's queue depth bounds
@@ -67,60 +67,60 @@
  * (2 threads) fewer context switches than the mutex model, 4 only 4x-10x
  * (bench/pool.md).  Memory: ~8 KiB per request.
  */
-#define LM_COMPRESS_RING 16
+#define COMPRESS_RING 16
 /* How long submit / flush / wait may go without any page finishing. */
-#define LM_COMPRESS_WAIT_MS 30000
+#define COMPRESS_WAIT_MS 30000
 
 /* ------------------------------------------------------------------ source */
 
-typedef struct lm_compress lm_compress;
+typedef struct compressor compressor;
 
 /*
  * Called on the thread that polls, once per finished page.  Return 0, or a
  * negative errno to stop the poll (the page is consumed either way).
  */
-typedef int (*lm_compress_emit_fn)(void *opaque, uint64_t tag, const void *data,
-                                   uint32_t len, bool compressed);
+typedef int (*compress_emit_fn)(void *opaque, uint64_t tag, const void *data,
+                                uint32_t len, bool compressed);
 
-/* threads: 1..LM_COMPRESS_MAX_THREADS; level: 0..9 (zlib). */
-lm_compress *lm_compress_new(int threads, int level, lm_error *err);
+/* threads: 1..COMPRESS_MAX_THREADS; level: 0..9 (zlib). */
+compressor *compress_new(int threads, int level, lm_error *err);
 /*
- * For benchmarks: the same with the pool's ring size (0 = LM_COMPRESS_RING)
+ * For benchmarks: the same with the pool's ring size (0 = COMPRESS_RING)
  * and tuning (spin budget; NULL = default) chosen, and access to the pool
- * (for lm_pool_get_stats).
+ * (for pool_get_stats).
  */
-struct lm_pool_tuning;
-struct lm_pool;
-lm_compress *lm_compress_new_tuned(int threads, int level, unsigned ring_size,
-                                   const struct lm_pool_tuning *tuning, lm_error *err);
-struct lm_pool *lm_compress_pool(lm_compress *c);
+struct pool_tuning;
+struct worker_pool;
+compressor *compress_new_tuned(int threads, int level, unsigned ring_size,
+                               const struct pool_tuning *tuning, lm_error *err);
+struct worker_pool *compress_pool_of(compressor *c);
 /* Stops the workers; pages not yet emitted are dropped.  NULL is a no-op. */
-void lm_compress_free(lm_compress *c);
+void compress_free(compressor *c);
 
 /*
- * Queue a copy of the page (LM_COMPRESS_PAGE_SIZE bytes) tagged `tag` (the
+ * Queue a copy of the page (COMPRESS_PAGE_SIZE bytes) tagged `tag` (the
  * caller's: e.g. block index and offset), emitting finished pages while it
  * waits for room.  0, -ECANCELED (interrupted), -ETIMEDOUT, or emit's
  * error; err says which.
  */
-int lm_compress_submit(lm_compress *c, const void *page, uint64_t tag,
-                       lm_compress_emit_fn emit, void *opaque, lm_error *err);
+int compress_submit(compressor *c, const void *page, uint64_t tag,
+                    compress_emit_fn emit, void *opaque, lm_error *err);
 
 /* Emit every page finished so far.  Number emitted, or emit's error. */
-int lm_compress_poll(lm_compress *c, lm_compress_emit_fn emit, void *opaque);
+int compress_poll(compressor *c, compress_emit_fn emit, void *opaque);
 
 /*
  * Wait for every submitted page and emit them all: call before each dirty
  * bitmap sync and at the end of each ram section, so a page's record is in
  * the stream before the page can be sent again.  0 or a negative errno.
  */
-int lm_compress_flush(lm_compress *c, lm_compress_emit_fn emit, void *opaque, lm_error *err);
+int compress_flush(compressor *c, compress_emit_fn emit, void *opaque, lm_error *err);
 
 /* Any thread: end current and later waits with -ECANCELED.  Sticky. */
-void lm_compress_interrupt(lm_compress *c);
+void compress_interrupt(compressor *c);
 
-/* query-migrate's "compression" object; cumulative since lm_compress_new. */
-typedef struct lm_compress_stats {
+/* query-migrate's "compression" object; cumulative since compress_new. */
+typedef struct compress_stats {
     uint64_t pages;            /* pages emitted compressed */
     uint64_t busy;             /* submissions that found no free worker */
     double busy_rate;          /* busy / submitted */
@@ -128,10 +128,10 @@ typedef struct lm_compress_stats {
     double compression_rate;   /* pages * page size / compressed_size (0 if none) */
     uint64_t submitted;        /* pages submitted */
     uint64_t not_smaller;      /* emitted uncompressed: zlib form not smaller */
-} lm_compress_stats;
+} compress_stats;
 
 /* Any thread. */
-void lm_compress_get_stats(lm_compress *c, lm_compress_stats *st);
+void compress_get_stats(compressor *c, compress_stats *st);
 
 /*
  * The sink (ram.h) of the `compress` capability: zero pages as ZERO
@@ -141,35 +141,35 @@ void lm_compress_get_stats(lm_compress *c, lm_compress_stats *st);
  * not make it smaller); the pool is flushed before each EOS and each block
  * change.  Valid while c lives.
  */
-ram_sink lm_compress_sink(lm_compress *c);
+ram_sink compress_sink(compressor *c);
 
 /* ------------------------------------------------------------------ destination */
 
-typedef struct lm_decompress lm_decompress;
+typedef struct decompressor decompressor;
 
-/* threads: 1..LM_COMPRESS_MAX_THREADS. */
-lm_decompress *lm_decompress_new(int threads, lm_error *err);
+/* threads: 1..COMPRESS_MAX_THREADS. */
+decompressor *decompress_new(int threads, lm_error *err);
 /* Stops the workers (pages in flight may be half written).  NULL is a no-op. */
-void lm_decompress_free(lm_decompress *d);
+void decompress_free(decompressor *d);
 
 /*
  * Decompress `len` bytes of `data` (copied before return) into dest_page
- * (LM_COMPRESS_PAGE_SIZE bytes, written by a worker until the next wait).
+ * (COMPRESS_PAGE_SIZE bytes, written by a worker until the next wait).
  * `where` is the record's byte offset in the stream, for messages.  Returns
- * 0, or the error: len > LM_COMPRESS_BOUND, an earlier page's failure found
+ * 0, or the error: len > COMPRESS_BOUND, an earlier page's failure found
  * on the way, -ECANCELED, -ETIMEDOUT.
  */
-int lm_decompress_submit(lm_decompress *d, void *dest_page, const void *data, uint32_t len,
-                         uint64_t where, lm_error *err);
+int decompress_submit(decompressor *d, void *dest_page, const void *data, uint32_t len,
+                      uint64_t where, lm_error *err);
 
 /* Wait for every submitted page; 0 or the first error (which stays latched). */
-int lm_decompress_wait(lm_decompress *d, lm_error *err);
+int decompress_wait(decompressor *d, lm_error *err);
 
 /* Any thread: end current and later waits with -ECANCELED.  Sticky. */
-void lm_decompress_interrupt(lm_decompress *d);
+void decompress_interrupt(decompressor *d);
 
 /* The placer (ram.h): COMPRESS_PAGE records into the pool, the rest placed
  * directly; every EOS waits until each page is in place. */
-ram_placer lm_decompress_placer(lm_decompress *d);
+ram_placer decompress_placer(decompressor *d);
 
 #endif

@@ -49,7 +49,7 @@
  * delivered before its reply, as QEMU does: its events are emitted
  * synchronously, so a client sees STOP before the reply to "stop".
  *
- * Listening is the transport's (lm_transport_listen): the same unix socket
+ * Listening is the transport's (transport_listen): the same unix socket
  * rules as a migration URI, stale-file removal included.
  *
  * Stop.  lm_qmp_stop() first detaches the migration events from the lm_mig
@@ -155,7 +155,7 @@ typedef struct qmp_event {
 } qmp_event;
 
 struct lm_qmp {
-    lm_listen listen;    /* the transport's unix listener (stale-file logic) */
+    transport_listener listen; /* the transport's unix listener (stale-file logic) */
     int wake_fd;         /* eventfd: readable = look at `stopping` and events */
     pthread_t thread;
     qmp_migration *mig;  /* the migration commands' state; freed after the join */
@@ -204,8 +204,8 @@ static void qmp_client_write_line(qmp_client *c, const char *s, size_t len)
     if (c->broken)
         return;
     if (pending + len + 1 > QMP_MAX_OUTPUT) {
-        lm_log("QMP: client does not read its replies (%zu bytes waiting), "
-               "dropping it", pending);
+        util_log("QMP: client does not read its replies (%zu bytes waiting), "
+                 "dropping it", pending);
         c->broken = true;
         c->dead = true;
         return;
@@ -223,7 +223,7 @@ static void qmp_client_write_line(qmp_client *c, const char *s, size_t len)
             cap *= 2;
         p = realloc(c->out, cap);
         if (!p) {
-            lm_log("QMP: out of memory for a client's output, dropping it");
+            util_log("QMP: out of memory for a client's output, dropping it");
             c->broken = true;
             c->dead = true;
             return;
@@ -243,7 +243,7 @@ static void qmp_client_write_json(qmp_client *c, json_t *msg)
 
     json_decref(msg);
     if (!s) {
-        lm_log("QMP: cannot serialise a reply, dropping the client");
+        util_log("QMP: cannot serialise a reply, dropping the client");
         c->dead = true;
         return;
     }
@@ -337,7 +337,7 @@ static void qmp_queue_event(lm_qmp *q, const char *name, json_t *data)
     else
         json_decref(data);
     if (!ev || !ev->line) {
-        lm_log("QMP: out of memory, event %s lost", name);
+        util_log("QMP: out of memory, event %s lost", name);
         free(ev);
         return;
     }
@@ -350,15 +350,15 @@ static void qmp_queue_event(lm_qmp *q, const char *name, json_t *data)
     }
     pthread_mutex_unlock(&q->lock);
     if (!queued) {
-        lm_log("QMP: %d events not yet delivered, event %s lost",
-               QMP_MAX_EVENTS, name);
+        util_log("QMP: %d events not yet delivered, event %s lost",
+                 QMP_MAX_EVENTS, name);
         free(ev->line);
         free(ev);
         return;
     }
     /* An eventfd write only fails if the counter would overflow: never. */
     if (write(q->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        lm_log("QMP: cannot wake the server thread: %s", strerror(errno));
+        util_log("QMP: cannot wake the server thread: %s", strerror(errno));
 }
 
 /* Drop undelivered events.  Only once no other thread can queue any. */
@@ -414,8 +414,8 @@ void lm_qmp_event(lm_qmp *q, const char *name, const char *data_json)
     if (data_json) {
         data = json_loads(data_json, JSON_DECODE_ANY, &jerr);
         if (!data) {
-            lm_log("QMP: event %s dropped: its data is not JSON: %s",
-                   name, jerr.text);
+            util_log("QMP: event %s dropped: its data is not JSON: %s",
+                     name, jerr.text);
             return;
         }
     }
@@ -457,7 +457,7 @@ static json_t *qmp_run(lm_qmp *q, qmp_client *c, const char *name, json_t *args,
     int rc;
 
     if (!text) {
-        lm_error_set(fail, -ENOMEM, "Out of memory");
+        error_set(fail, -ENOMEM, "Out of memory");
         return NULL;
     }
     q->serving = c;
@@ -465,20 +465,20 @@ static json_t *qmp_run(lm_qmp *q, qmp_client *c, const char *name, json_t *args,
     q->serving = NULL;
     if (rc < 0) {
         if (e.msg[0])
-            lm_error_copy(fail, &e);
+            error_copy(fail, &e);
         else
-            lm_error_set(fail, rc, "%s failed: %s", name, strerror(-rc));
+            error_set(fail, rc, "%s failed: %s", name, strerror(-rc));
         goto out;
     }
     if (!reply) {
         ret = json_object();
         if (!ret)
-            lm_error_set(fail, -ENOMEM, "Out of memory");
+            error_set(fail, -ENOMEM, "Out of memory");
         goto out;
     }
     ret = json_loads(reply, JSON_DECODE_ANY, &jerr);
     if (!ret)
-        lm_error_set(fail, -EINVAL, "Command %s returned invalid JSON: %s", name, jerr.text);
+        error_set(fail, -EINVAL, "Command %s returned invalid JSON: %s", name, jerr.text);
 out:
     free(text);
     free(reply);
@@ -534,7 +534,7 @@ static int qmp_cmd_query_commands(void *opaque, const char *args_json, char **re
     json_decref(args);
     r = json_array();
     if (!r)
-        return lm_error_set(err, -ENOMEM, "Out of memory");
+        return error_set(err, -ENOMEM, "Out of memory");
     json_array_append_new(r, json_pack("{s:s}", "name", "qmp_capabilities"));
     pthread_mutex_lock(&q->lock);
     for (int i = 0; i < q->n_cmds; i++)
@@ -552,7 +552,7 @@ static int qmp_cmd_query_version(void *opaque, const char *args_json, char **rep
         return err->code;
     json_decref(args);
     *reply = strdup(QMP_VERSION_JSON);
-    return *reply ? 0 : lm_error_set(err, -ENOMEM, "Out of memory");
+    return *reply ? 0 : error_set(err, -ENOMEM, "Out of memory");
 }
 
 static const qmp_arg qmp_args_fdname[] = {
@@ -567,10 +567,10 @@ static int qmp_client_getfd(qmp_client *c, const char *name, lm_error *err)
 
     /* Digits would be read back as a raw number by "fd:N". */
     if (!*name || isdigit((unsigned char)name[0]))
-        return lm_error_set(err, -EINVAL,
-                            "Parameter 'fdname' expects a name not starting with a digit");
+        return error_set(err, -EINVAL,
+                         "Parameter 'fdname' expects a name not starting with a digit");
     if (c->n_msgfds == 0)
-        return lm_error_set(err, -EINVAL, "No file descriptor supplied via SCM_RIGHTS");
+        return error_set(err, -EINVAL, "No file descriptor supplied via SCM_RIGHTS");
     fd = c->msgfds[0];
     for (int i = 1; i < c->n_msgfds; i++)
         close(c->msgfds[i]);
@@ -585,13 +585,13 @@ static int qmp_client_getfd(qmp_client *c, const char *name, lm_error *err)
     }
     if (c->n_named == QMP_MAX_FDS) {
         close(fd);
-        return lm_error_set(err, -EMFILE, "Too many named file descriptors (%d); closefd some",
-                            QMP_MAX_FDS);
+        return error_set(err, -EMFILE, "Too many named file descriptors (%d); closefd some",
+                         QMP_MAX_FDS);
     }
     c->named[c->n_named].name = strdup(name);
     if (!c->named[c->n_named].name) {
         close(fd);
-        return lm_error_set(err, -ENOMEM, "Out of memory");
+        return error_set(err, -ENOMEM, "Out of memory");
     }
     c->named[c->n_named++].fd = fd;
     return 0;
@@ -624,7 +624,7 @@ static int qmp_cmd_closefd(void *opaque, const char *args_json, char **reply, lm
     if (fd >= 0)
         close(fd);
     else
-        rc = lm_error_set(err, -ENOENT, "File descriptor named '%s' not found", name);
+        rc = error_set(err, -ENOENT, "File descriptor named '%s' not found", name);
     json_decref(args);
     return rc;
 }
@@ -648,8 +648,8 @@ static int qmp_register_protocol(lm_qmp *q, lm_error *err)
                                  qmp_protocol_commands[i].fn, q);
 
         if (rc < 0)
-            return lm_error_set_errno(err, rc, "QMP: cannot register %s",
-                                      qmp_protocol_commands[i].name);
+            return error_set_errno(err, rc, "QMP: cannot register %s",
+                                   qmp_protocol_commands[i].name);
     }
     return 0;
 }
@@ -918,7 +918,7 @@ static void qmp_client_read(lm_qmp *q, qmp_client *c)
         char *p = realloc(c->in, cap);
 
         if (!p) {
-            lm_log("QMP: out of memory for a client's input, dropping it");
+            util_log("QMP: out of memory for a client's input, dropping it");
             c->dead = true;
             return;
         }
@@ -986,15 +986,15 @@ static void qmp_accept(lm_qmp *q)
     if (fd < 0) {
         if (errno == EMFILE || errno == ENFILE || errno == ENOBUFS || errno == ENOMEM) {
             /* Still readable: stop polling it or we would spin. */
-            lm_log("QMP: cannot accept a client: %s; waiting for one to leave",
-                   strerror(errno));
+            util_log("QMP: cannot accept a client: %s; waiting for one to leave",
+                     strerror(errno));
             q->accept_paused = true;
         }
         return;
     }
     c = calloc(1, sizeof(*c));
     if (!c) {
-        lm_log("QMP: out of memory for a new client");
+        util_log("QMP: out of memory for a new client");
         close(fd);
         return;
     }
@@ -1028,12 +1028,12 @@ static void qmp_reap(lm_qmp *q)
 /* Give clients a bounded time to take what is queued for them. */
 static void qmp_flush_all(lm_qmp *q, int timeout_ms)
 {
-    int64_t deadline = lm_now_ms() + timeout_ms;
+    int64_t deadline = time_now_ms() + timeout_ms;
 
     for (;;) {
         struct pollfd pfd[QMP_MAX_CLIENTS];
         int n = 0;
-        int64_t left = deadline - lm_now_ms();
+        int64_t left = deadline - time_now_ms();
 
         for (int i = 0; i < q->n_clients; i++) {
             qmp_client *c = q->clients[i];
@@ -1087,14 +1087,14 @@ static void *qmp_thread(void *arg)
         if (poll(pfd, (nfds_t)(2 + np), -1) < 0) {
             if (errno == EINTR)
                 continue;
-            lm_log("QMP: poll: %s; the server stops", strerror(errno));
+            util_log("QMP: poll: %s; the server stops", strerror(errno));
             break;
         }
         if (pfd[0].revents & POLLIN) {
             uint64_t v;
 
             if (read(q->wake_fd, &v, sizeof(v)) < 0 && errno != EAGAIN)
-                lm_log("QMP: reading the wake-up eventfd: %s", strerror(errno));
+                util_log("QMP: reading the wake-up eventfd: %s", strerror(errno));
             pthread_mutex_lock(&q->lock);
             stop = q->stopping;
             pthread_mutex_unlock(&q->lock);
@@ -1149,7 +1149,7 @@ void lm_qmp_open(lm_qmp *q)
     q->open = true;
     pthread_mutex_unlock(&q->lock);
     if (write(q->wake_fd, &one, sizeof(one)) < 0 && errno != EAGAIN)
-        lm_log("QMP: cannot wake the server thread: %s", strerror(errno));
+        util_log("QMP: cannot wake the server thread: %s", strerror(errno));
 }
 
 /* Everything but the thread, the listener and the descriptors. */
@@ -1168,25 +1168,25 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
 {
     lm_qmp *q = NULL;
     sigset_t all, old;
-    lm_uri u;
+    transport_uri u;
     int rc;
 
     if (!m || !uri) {
-        lm_error_set(err, -EINVAL, "QMP: no migration context or no URI");
+        error_set(err, -EINVAL, "QMP: no migration context or no URI");
         return NULL;
     }
-    if (lm_uri_parse(uri, &u, err) < 0) {
-        lm_error_prefix(err, "QMP");
+    if (transport_uri_parse(uri, &u, err) < 0) {
+        error_prefix(err, "QMP");
         return NULL;
     }
-    if (u.kind != LM_URI_UNIX) {
-        lm_error_set(err, -EINVAL, "QMP: unsupported URI '%s': only unix:PATH is supported",
-                     uri);
+    if (u.kind != URI_UNIX) {
+        error_set(err, -EINVAL, "QMP: unsupported URI '%s': only unix:PATH is supported",
+                  uri);
         return NULL;
     }
     q = calloc(1, sizeof(*q));
     if (!q) {
-        lm_error_set(err, -ENOMEM, "QMP: out of memory");
+        error_set(err, -ENOMEM, "QMP: out of memory");
         return NULL;
     }
     q->listen.fd = -1;
@@ -1195,12 +1195,12 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
 
     q->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (q->wake_fd < 0) {
-        lm_error_set_errno(err, -errno, "QMP: eventfd");
+        error_set_errno(err, -errno, "QMP: eventfd");
         goto fail;
     }
     /* Replaces a stale socket file; never a live socket or a non-socket. */
-    if (lm_transport_listen(&u, &q->listen, err) < 0) {
-        lm_error_prefix(err, "QMP");
+    if (transport_listen(&u, &q->listen, err) < 0) {
+        error_prefix(err, "QMP");
         goto fail;
     }
 
@@ -1221,7 +1221,7 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
     rc = pthread_create(&q->thread, NULL, qmp_thread, q);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc != 0) {
-        lm_error_set_errno(err, -rc, "QMP: cannot start the server thread");
+        error_set_errno(err, -rc, "QMP: cannot start the server thread");
         goto fail;
     }
     return q;
@@ -1229,7 +1229,7 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
 fail:
     /* Detached before q goes: a listener call may be running right now. */
     qmp_migration_detach(q->mig);
-    lm_transport_unlisten(&q->listen);
+    transport_unlisten(&q->listen);
     if (q->wake_fd >= 0)
         close(q->wake_fd);
     qmp_free(q);
@@ -1282,7 +1282,7 @@ void lm_qmp_stop(lm_qmp *q)
         return;
     if (pthread_equal(pthread_self(), q->thread)) {
         /* Joining ourselves would hang; the program must stop from outside. */
-        lm_log("QMP: lm_qmp_stop() called from a command handler; ignored");
+        util_log("QMP: lm_qmp_stop() called from a command handler; ignored");
         return;
     }
     /*
@@ -1297,10 +1297,10 @@ void lm_qmp_stop(lm_qmp *q)
     q->stopping = true;
     pthread_mutex_unlock(&q->lock);
     if (write(q->wake_fd, &one, sizeof(one)) < 0)
-        lm_log("QMP: cannot wake the server thread: %s", strerror(errno));
+        util_log("QMP: cannot wake the server thread: %s", strerror(errno));
     pthread_join(q->thread, NULL);
 
-    lm_transport_unlisten(&q->listen);     /* closes, removes the socket file */
+    transport_unlisten(&q->listen);        /* closes, removes the socket file */
     close(q->wake_fd);
     /* No handler runs any more: the commands' state can go too. */
     qmp_free(q);

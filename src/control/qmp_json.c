@@ -65,12 +65,12 @@ static int qmp_args_check(json_t *args, const qmp_arg *schema, lm_error *err)
         v = json_object_get(args, a->name);
         if (!v) {
             if (a->required)
-                return lm_error_set(err, -EINVAL, "Parameter '%s' is missing", a->name);
+                return error_set(err, -EINVAL, "Parameter '%s' is missing", a->name);
             continue;
         }
         if (!qmp_type_ok(v, a->type))
-            return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                                a->name, qmp_type_name(a->type));
+            return error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                             a->name, qmp_type_name(a->type));
     }
     json_object_foreach(args, key, v) {
         const qmp_arg *a = schema;
@@ -78,7 +78,7 @@ static int qmp_args_check(json_t *args, const qmp_arg *schema, lm_error *err)
         while (a->name && strcmp(a->name, key) != 0)
             a++;
         if (!a->name)
-            return lm_error_set(err, -EINVAL, "Parameter '%s' is unexpected", key);
+            return error_set(err, -EINVAL, "Parameter '%s' is unexpected", key);
     }
     return 0;
 }
@@ -92,7 +92,7 @@ json_t *qmp_args_parse(const char *args_json, const qmp_arg *schema, lm_error *e
      * failure here is memory, not the client's input. */
     if (!json_is_object(args)) {
         json_decref(args);
-        lm_error_set(err, -ENOMEM, "Out of memory");
+        error_set(err, -ENOMEM, "Out of memory");
         return NULL;
     }
     if (schema && qmp_args_check(args, schema, err) < 0) {
@@ -113,7 +113,7 @@ int qmp_reply(json_t *v, char **reply_json, lm_error *err)
 
     json_decref(v);
     if (!s)
-        return lm_error_set(err, -ENOMEM, "Out of memory");
+        return error_set(err, -ENOMEM, "Out of memory");
     *reply_json = s;
     return 0;
 }

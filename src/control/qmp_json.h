@@ -6,8 +6,8 @@
  * program's, is an lm_qmp_handler; these helpers only save each of ours from
  * spelling out QEMU's messages again.
  */
-#ifndef LM_CONTROL_QMP_JSON_H
-#define LM_CONTROL_QMP_JSON_H
+#ifndef CONTROL_QMP_JSON_H
+#define CONTROL_QMP_JSON_H
 
 #include <jansson.h>
 

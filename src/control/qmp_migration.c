@@ -78,7 +78,7 @@ static void mig_event(qmp_migration *mig, const char *name, json_t *data)
         text = json_dumps(data, JSON_COMPACT);
         json_decref(data);
         if (!text) {
-            lm_log("QMP: out of memory, event %s lost", name);
+            util_log("QMP: out of memory, event %s lost", name);
             return;
         }
     }
@@ -212,11 +212,11 @@ static char *mig_resolve_uri(qmp_migration *mig, const char *uri, int *taken,
     name = uri + 3;
     fd = lm_qmp_take_fd(mig->q, name);
     if (fd == -ENOENT) {
-        lm_error_set(err, -ENOENT, "File descriptor named '%s' has not been found", name);
+        error_set(err, -ENOENT, "File descriptor named '%s' has not been found", name);
         return NULL;
     }
     if (fd < 0) {
-        lm_error_set(err, fd, "Cannot take file descriptor '%s': %s", name, strerror(-fd));
+        error_set(err, fd, "Cannot take file descriptor '%s': %s", name, strerror(-fd));
         return NULL;
     }
     *taken = fd;
@@ -224,7 +224,7 @@ static char *mig_resolve_uri(qmp_migration *mig, const char *uri, int *taken,
         out = NULL;
 out:
     if (!out)
-        lm_error_set(err, -ENOMEM, "Out of memory");
+        error_set(err, -ENOMEM, "Out of memory");
     return out;
 }
 
@@ -265,11 +265,11 @@ static int cmd_migrate(void *opaque, const char *args_json, char **reply, lm_err
     if (!args)
         return err->code;
     if (qmp_arg_true(args, "blk") || qmp_arg_true(args, "inc"))
-        rc = lm_error_set(err, -ENOTSUP, "Block migration (blk/inc) is not supported: "
-                          "livemig migrates RAM and device state only");
+        rc = error_set(err, -ENOTSUP, "Block migration (blk/inc) is not supported: "
+                       "livemig migrates RAM and device state only");
     else if (qmp_arg_true(args, "resume"))
-        rc = lm_error_set(err, -ENOTSUP, "Resuming a paused migration (resume) is not "
-                          "supported: livemig has no postcopy yet");
+        rc = error_set(err, -ENOTSUP, "Resuming a paused migration (resume) is not "
+                       "supported: livemig has no postcopy yet");
     else
         rc = mig_start(mig, args, false, err);
     json_decref(args);
@@ -456,7 +456,7 @@ static int cmd_query_migrate(void *opaque, const char *args_json, char **reply,
         return err->code;
     r = json_object();
     if (!r)
-        return lm_error_set(err, -ENOMEM, "Out of memory");
+        return error_set(err, -ENOMEM, "Out of memory");
     memset(&st, 0, sizeof(st));
     lm_query(mig->m, &st);
     if (st.incoming)
@@ -485,29 +485,29 @@ static int mig_cap_check(json_t *el, size_t i, lm_error *err)
     const char *key, *name;
 
     if (!json_is_object(el))
-        return lm_error_set(err, -EINVAL, "Invalid parameter type for 'capabilities[%zu]', "
-                            "expected: object", i);
+        return error_set(err, -EINVAL, "Invalid parameter type for 'capabilities[%zu]', "
+                         "expected: object", i);
     cap = json_object_get(el, "capability");
     state = json_object_get(el, "state");
     if (!cap)
-        return lm_error_set(err, -EINVAL,
-                            "Parameter 'capabilities[%zu].capability' is missing", i);
+        return error_set(err, -EINVAL,
+                         "Parameter 'capabilities[%zu].capability' is missing", i);
     if (!json_is_string(cap))
-        return lm_error_set(err, -EINVAL, "Invalid parameter type for "
-                            "'capabilities[%zu].capability', expected: string", i);
+        return error_set(err, -EINVAL, "Invalid parameter type for "
+                         "'capabilities[%zu].capability', expected: string", i);
     name = json_string_value(cap);
     if (!mig_cap_known(name))
-        return lm_error_set(err, -EINVAL, "Parameter 'capabilities[%zu].capability' does "
-                            "not accept value '%s'", i, name);
+        return error_set(err, -EINVAL, "Parameter 'capabilities[%zu].capability' does "
+                         "not accept value '%s'", i, name);
     if (!state)
-        return lm_error_set(err, -EINVAL, "Parameter 'capabilities[%zu].state' is missing", i);
+        return error_set(err, -EINVAL, "Parameter 'capabilities[%zu].state' is missing", i);
     if (!json_is_boolean(state))
-        return lm_error_set(err, -EINVAL, "Invalid parameter type for "
-                            "'capabilities[%zu].state', expected: boolean", i);
+        return error_set(err, -EINVAL, "Invalid parameter type for "
+                         "'capabilities[%zu].state', expected: boolean", i);
     json_object_foreach(el, key, v) {
         if (strcmp(key, "capability") != 0 && strcmp(key, "state") != 0)
-            return lm_error_set(err, -EINVAL, "Parameter 'capabilities[%zu].%s' is "
-                                "unexpected", i, key);
+            return error_set(err, -EINVAL, "Parameter 'capabilities[%zu].%s' is "
+                             "unexpected", i, key);
     }
     return 0;
 }
@@ -529,7 +529,7 @@ static int mig_caps_apply(lm_mig *m, json_t *list, lm_error *err)
     int rc = 0;
 
     if (!old)
-        return lm_error_set(err, -ENOMEM, "Out of memory");
+        return error_set(err, -ENOMEM, "Out of memory");
     for (i = 0; i < n; i++) {
         json_t *el = json_array_get(list, i);
         const char *name = mig_cap_name_at(list, i);
@@ -645,13 +645,13 @@ static int mig_params_check(json_t *args, int *count, lm_error *err)
         if (!v)
             continue;
         if (!mig_param_type_ok(lm_param_type_of(i), v))
-            return lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
-                                name, mig_param_type_name(lm_param_type_of(i)));
+            return error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s",
+                             name, mig_param_type_name(lm_param_type_of(i)));
         (*count)++;
     }
     json_object_foreach(args, key, v) {
         if (mig_param_index(key) < 0)
-            return lm_error_set(err, -EINVAL, "Parameter '%s' is unexpected", key);
+            return error_set(err, -EINVAL, "Parameter '%s' is unexpected", key);
     }
     return 0;
 }
@@ -675,7 +675,7 @@ static int mig_param_apply(lm_mig *m, int idx, json_t *v, lm_error *err)
     case LM_PARAM_STR:
         return lm_param_set_str(m, name, json_is_string(v) ? json_string_value(v) : "", err);
     }
-    return lm_error_set(err, -EINVAL, "Parameter '%s' has an unknown type", name);
+    return error_set(err, -EINVAL, "Parameter '%s' has an unknown type", name);
 }
 
 static void mig_param_restore(lm_mig *m, const mig_saved_param *s)
@@ -690,7 +690,7 @@ static void mig_param_restore(lm_mig *m, const mig_saved_param *s)
     case LM_PARAM_STR: rc = lm_param_set_str(m, name, s->sv, &e); break;
     }
     if (rc < 0)
-        lm_log("QMP: migrate-set-parameters: cannot restore %s: %s", name, e.msg);
+        util_log("QMP: migrate-set-parameters: cannot restore %s: %s", name, e.msg);
 }
 
 /*
@@ -705,7 +705,7 @@ static int mig_params_apply(lm_mig *m, json_t *args, int count, lm_error *err)
     int n_set = 0, rc = 0;
 
     if (!saved)
-        return lm_error_set(err, -ENOMEM, "Out of memory");
+        return error_set(err, -ENOMEM, "Out of memory");
     for (int i = 0; (name = lm_param_name(i)); i++) {
         mig_saved_param *s = &saved[n_set];
         json_t *v = json_object_get(args, name);
@@ -803,7 +803,7 @@ qmp_migration *qmp_migration_new(lm_qmp *q, lm_mig *m, lm_error *err)
     int rc;
 
     if (!mig) {
-        lm_error_set(err, -ENOMEM, "QMP: out of memory");
+        error_set(err, -ENOMEM, "QMP: out of memory");
         return NULL;
     }
     mig->q = q;
@@ -812,7 +812,7 @@ qmp_migration *qmp_migration_new(lm_qmp *q, lm_mig *m, lm_error *err)
     for (size_t i = 0; i < sizeof(mig_commands) / sizeof(mig_commands[0]); i++) {
         rc = lm_qmp_register(q, mig_commands[i].name, mig_commands[i].fn, mig);
         if (rc < 0) {
-            lm_error_set_errno(err, rc, "QMP: cannot register %s", mig_commands[i].name);
+            error_set_errno(err, rc, "QMP: cannot register %s", mig_commands[i].name);
             goto fail;
         }
     }
@@ -820,7 +820,7 @@ qmp_migration *qmp_migration_new(lm_qmp *q, lm_mig *m, lm_error *err)
     mig->runstate = lm_runstate_get(m);
     rc = lm_add_listener(m, &mig_listener, mig);
     if (rc < 0) {
-        lm_error_set_errno(err, rc, "QMP: cannot subscribe to migration events");
+        error_set_errno(err, rc, "QMP: cannot subscribe to migration events");
         goto fail;
     }
     mig->subscribed = true;
@@ -836,7 +836,7 @@ void qmp_migration_detach(qmp_migration *mig)
     if (!mig || !mig->subscribed)
         return;
     if (lm_remove_listener(mig->m, &mig_listener, mig) < 0)
-        lm_log("QMP: our listener was no longer registered on the context");
+        util_log("QMP: our listener was no longer registered on the context");
     mig->subscribed = false;
 }
 

@@ -4,8 +4,8 @@
  * the program can register anything, so a program's command of the same name
  * replaces one of these, as the public header promises.
  */
-#ifndef LM_CONTROL_QMP_MIGRATION_H
-#define LM_CONTROL_QMP_MIGRATION_H
+#ifndef CONTROL_QMP_MIGRATION_H
+#define CONTROL_QMP_MIGRATION_H
 
 #include "livemig/qmp.h"
 

@@ -2,10 +2,10 @@
  * Cooperative dirty tracker: the program reports its writes.
  *
  * Each region has a log bitmap (one bit per page, 32 KiB per GiB of RAM)
- * allocated for the tracker's whole life, so lm_dirty_mark() never
+ * allocated for the tracker's whole life, so dirty_mark() never
  * allocates and never takes a lock: it is one atomic OR per 64 pages.
  * sync() drains a region's log into the caller's bitmap with
- * lm_bitmap_move_atomic(), an exchange per non-zero word, so a mark racing
+ * bitmap_move_atomic(), an exchange per non-zero word, so a mark racing
  * with the drain lands either in this sync or in the next one.
  *
  * Ordering: the writer writes the page, then marks it (release); sync's
@@ -28,31 +28,31 @@
 #include "util/bitmap.h"
 #include "util/error.h"
 
-static int coop_init(lm_dirty *d, lm_error *err)
+static int coop_init(dirty_tracker *d, lm_error *err)
 {
     d->coop_log = calloc(d->n ? (size_t)d->n : 1, sizeof(*d->coop_log));
     if (!d->coop_log)
-        return lm_error_set(err, -ENOMEM, "cooperative: out of memory");
+        return error_set(err, -ENOMEM, "cooperative: out of memory");
     for (int r = 0; r < d->n; r++)
-        d->coop_log[r] = lm_bitmap_new(d->npages[r]);
+        d->coop_log[r] = bitmap_new(d->npages[r]);
     return 0;
 }
 
-static void coop_fini(lm_dirty *d)
+static void coop_fini(dirty_tracker *d)
 {
     if (!d->coop_log)
         return;
     for (int r = 0; r < d->n; r++)
-        lm_bitmap_free(d->coop_log[r]);
+        bitmap_free(d->coop_log[r]);
     free(d->coop_log);
     d->coop_log = NULL;
 }
 
-static int coop_start(lm_dirty *d, lm_error *err)
+static int coop_start(dirty_tracker *d, lm_error *err)
 {
     for (int r = 0; r < d->n; r++) {
         unsigned long *log = d->coop_log[r];
-        size_t words = LM_BITMAP_WORDS(d->npages[r]);
+        size_t words = BITMAP_WORDS(d->npages[r]);
 
         for (size_t w = 0; w < words; w++)
             __atomic_store_n(&log[w], 0UL, __ATOMIC_RELAXED);
@@ -61,19 +61,19 @@ static int coop_start(lm_dirty *d, lm_error *err)
     return 0;
 }
 
-static int64_t coop_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err)
+static int64_t coop_sync(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err)
 {
-    return (int64_t)lm_bitmap_move_atomic(bitmap, d->coop_log[r], d->npages[r]);
+    return (int64_t)bitmap_move_atomic(bitmap, d->coop_log[r], d->npages[r]);
 }
 
-static void coop_stop(lm_dirty *d)
+static void coop_stop(dirty_tracker *d)
 {
     __atomic_store_n(&d->coop_on, 0, __ATOMIC_RELEASE);
 }
 
-static void coop_mark(lm_dirty *d, int r, uint64_t offset, uint64_t len)
+static void coop_mark(dirty_tracker *d, int r, uint64_t offset, uint64_t len)
 {
-    const lm_dirty_region *reg = &d->regions[r];
+    const dirty_region *reg = &d->regions[r];
     uint64_t first, last;
 
     if (!__atomic_load_n(&d->coop_on, __ATOMIC_ACQUIRE))
@@ -85,10 +85,10 @@ static void coop_mark(lm_dirty *d, int r, uint64_t offset, uint64_t len)
         len = reg->length - offset;
     first = offset / reg->page_size;
     last = (offset + len - 1) / reg->page_size;
-    lm_bitmap_set_range_atomic(d->coop_log[r], first, last - first + 1);
+    bitmap_set_range_atomic(d->coop_log[r], first, last - first + 1);
 }
 
-const lm_dirty_backend lm_dirty_backend_coop = {
+const dirty_backend dirty_backend_coop = {
     .name = "cooperative",
     .init = coop_init,
     .fini = coop_fini,

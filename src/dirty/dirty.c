@@ -7,7 +7,7 @@
  * backends only implement mechanisms.
  *
  * Choosing a tracker.  A uffd-wp tracker is only handed out after it has
- * worked here: lm_dirty_new() runs a functional probe on a scratch mapping
+ * worked here: dirty_new() runs a functional probe on a scratch mapping
  * (start, write one page, sync, check that exactly that page came back,
  * stop) through the very code a migration will use.  Feature bits alone are
  * not enough -- a kernel built without some piece, a seccomp filter or an
@@ -28,10 +28,10 @@
 #include "dirty/dirty_impl.h"
 #include "util/error.h"
 
-static lm_dirty *dirty_create(const lm_dirty_backend *be, const lm_dirty_region *regions,
-                              int n, lm_error *err)
+static dirty_tracker *dirty_create(const dirty_backend *be, const dirty_region *regions,
+                                   int n, lm_error *err)
 {
-    lm_dirty *d = calloc(1, sizeof(*d));
+    dirty_tracker *d = calloc(1, sizeof(*d));
     int ret;
 
     if (!d)
@@ -60,7 +60,7 @@ oom:
         free(d->regions);
         free(d);
     }
-    lm_error_set(err, -ENOMEM, "dirty tracker: out of memory");
+    error_set(err, -ENOMEM, "dirty tracker: out of memory");
     return NULL;
 }
 
@@ -74,62 +74,62 @@ static int uffd_probe(lm_error *err)
     long ps = sysconf(_SC_PAGESIZE);
     size_t len = 4 * (size_t)ps;
     volatile uint8_t *mem;
-    lm_dirty_region reg;
-    lm_dirty *d = NULL;
+    dirty_region reg;
+    dirty_tracker *d = NULL;
     unsigned long map[1] = { 0 };
     int64_t got;
     int ret;
 
     mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     if (mem == MAP_FAILED)
-        return lm_error_set_errno(err, -errno, "uffd-wp: probe mmap");
+        return error_set_errno(err, -errno, "uffd-wp: probe mmap");
     mem[ps] = 1;
-    reg = (lm_dirty_region){ .host = (uint8_t *)mem, .length = len, .page_size = (uint64_t)ps };
-    d = dirty_create(&lm_dirty_backend_uffd_wp, &reg, 1, err);
+    reg = (dirty_region){ .host = (uint8_t *)mem, .length = len, .page_size = (uint64_t)ps };
+    d = dirty_create(&dirty_backend_uffd_wp, &reg, 1, err);
     if (!d) {
         ret = err ? err->code : -ENOTSUP;
         goto out;
     }
-    ret = lm_dirty_start(d, err);
+    ret = dirty_start(d, err);
     if (ret < 0)
         goto out;
     mem[2 * ps] = 1;
-    got = lm_dirty_sync(d, 0, map, err);
+    got = dirty_sync(d, 0, map, err);
     if (got < 0) {
         ret = (int)got;
         goto out;
     }
     if (got != 1 || map[0] != 1UL << 2) {
-        ret = lm_error_set(err, -ENOTSUP, "uffd-wp: probe write to page 2 was not reported "
-                           "exactly (%lld pages, bitmap %#lx)", (long long)got, map[0]);
+        ret = error_set(err, -ENOTSUP, "uffd-wp: probe write to page 2 was not reported "
+                        "exactly (%lld pages, bitmap %#lx)", (long long)got, map[0]);
         goto out;
     }
     ret = 0;
 out:
-    lm_dirty_free(d);
+    dirty_free(d);
     munmap((void *)mem, len);
     return ret < 0 ? ret : 0;
 }
 
-static int check_regions(const lm_dirty_region *regions, int n, lm_error *err)
+static int check_regions(const dirty_region *regions, int n, lm_error *err)
 {
     if (n < 0 || (n > 0 && !regions))
-        return lm_error_set(err, -EINVAL, "dirty tracker: bad region list (%d regions)", n);
+        return error_set(err, -EINVAL, "dirty tracker: bad region list (%d regions)", n);
     for (int r = 0; r < n; r++) {
-        const lm_dirty_region *g = &regions[r];
+        const dirty_region *g = &regions[r];
         uint64_t ps = g->page_size;
 
         if (ps == 0 || (ps & (ps - 1)))
-            return lm_error_set(err, -EINVAL, "dirty tracker: region %d: page size %llu is "
-                                "not a power of two", r, (unsigned long long)ps);
+            return error_set(err, -EINVAL, "dirty tracker: region %d: page size %llu is "
+                             "not a power of two", r, (unsigned long long)ps);
         if ((uintptr_t)g->host % ps || g->length % ps)
-            return lm_error_set(err, -EINVAL, "dirty tracker: region %d (%p, %llu bytes) is "
-                                "not aligned to its page size %llu", r, (void *)g->host,
-                                (unsigned long long)g->length, (unsigned long long)ps);
+            return error_set(err, -EINVAL, "dirty tracker: region %d (%p, %llu bytes) is "
+                             "not aligned to its page size %llu", r, (void *)g->host,
+                             (unsigned long long)g->length, (unsigned long long)ps);
         if (g->length && (!g->host || (uintptr_t)g->host + g->length < (uintptr_t)g->host))
-            return lm_error_set(err, -EINVAL, "dirty tracker: region %d (%p, %llu bytes) is "
-                                "not a valid address range", r, (void *)g->host,
-                                (unsigned long long)g->length);
+            return error_set(err, -EINVAL, "dirty tracker: region %d (%p, %llu bytes) is "
+                             "not a valid address range", r, (void *)g->host,
+                             (unsigned long long)g->length);
     }
     return 0;
 }
@@ -137,68 +137,68 @@ static int check_regions(const lm_dirty_region *regions, int n, lm_error *err)
 /* The fallback reason is logged once per process: it is the same for every context. */
 static int fallback_logged;
 
-lm_dirty *lm_dirty_new(const char *name, const lm_dirty_region *regions, int n,
-                       lm_error *err)
+dirty_tracker *dirty_new(const char *name, const dirty_region *regions, int n,
+                         lm_error *err)
 {
-    const lm_dirty_backend *be;
+    const dirty_backend *be;
     lm_error perr = { 0 };
-    lm_dirty *d;
+    dirty_tracker *d;
     bool is_auto = false;
 
     if (!name || !strcmp(name, "auto")) {
         is_auto = true;
-        be = &lm_dirty_backend_uffd_wp;
+        be = &dirty_backend_uffd_wp;
     } else if (!strcmp(name, "uffd-wp")) {
-        be = &lm_dirty_backend_uffd_wp;
+        be = &dirty_backend_uffd_wp;
     } else if (!strcmp(name, "cooperative")) {
-        be = &lm_dirty_backend_coop;
+        be = &dirty_backend_coop;
     } else {
-        lm_error_set(err, -EINVAL, "unknown dirty tracker '%s' (expected auto, uffd-wp or "
-                     "cooperative)", name);
+        error_set(err, -EINVAL, "unknown dirty tracker '%s' (expected auto, uffd-wp or "
+                  "cooperative)", name);
         return NULL;
     }
     if (check_regions(regions, n, err) < 0)
         return NULL;
 
-    if (be == &lm_dirty_backend_uffd_wp) {
+    if (be == &dirty_backend_uffd_wp) {
         d = NULL;
         if (uffd_probe(&perr) == 0)
             d = dirty_create(be, regions, n, &perr);
         if (d)
             return d;
         if (!is_auto) {
-            lm_error_copy(err, &perr);
+            error_copy(err, &perr);
             return NULL;
         }
         if (!__atomic_exchange_n(&fallback_logged, 1, __ATOMIC_RELAXED))
-            lm_log("dirty tracker: uffd-wp unavailable (%s), using cooperative", perr.msg);
-        be = &lm_dirty_backend_coop;
+            util_log("dirty tracker: uffd-wp unavailable (%s), using cooperative", perr.msg);
+        be = &dirty_backend_coop;
     }
     return dirty_create(be, regions, n, err);
 }
 
-void lm_dirty_free(lm_dirty *d)
+void dirty_free(dirty_tracker *d)
 {
     if (!d)
         return;
-    lm_dirty_stop(d);
+    dirty_stop(d);
     d->be->fini(d);
     free(d->npages);
     free(d->regions);
     free(d);
 }
 
-const char *lm_dirty_name(const lm_dirty *d)
+const char *dirty_name(const dirty_tracker *d)
 {
     return d->be->name;
 }
 
-int lm_dirty_start_unarmed(lm_dirty *d, lm_error *err)
+int dirty_start_unarmed(dirty_tracker *d, lm_error *err)
 {
     int ret;
 
     if (d->started)
-        return lm_error_set(err, -EBUSY, "%s: dirty tracking already started", d->be->name);
+        return error_set(err, -EBUSY, "%s: dirty tracking already started", d->be->name);
     ret = d->be->start(d, err);
     if (ret < 0)
         return ret;
@@ -206,23 +206,23 @@ int lm_dirty_start_unarmed(lm_dirty *d, lm_error *err)
     return 0;
 }
 
-int lm_dirty_start(lm_dirty *d, lm_error *err)
+int dirty_start(dirty_tracker *d, lm_error *err)
 {
-    int ret = lm_dirty_start_unarmed(d, err);
+    int ret = dirty_start_unarmed(d, err);
 
     if (ret < 0)
         return ret;
     for (int r = 0; r < d->n; r++) {
-        ret = lm_dirty_arm(d, r, d->regions[r].length, err);
+        ret = dirty_arm(d, r, d->regions[r].length, err);
         if (ret < 0) {
-            lm_dirty_stop(d);
+            dirty_stop(d);
             return ret;
         }
     }
     return 0;
 }
 
-int lm_dirty_arm(lm_dirty *d, int r, uint64_t end, lm_error *err)
+int dirty_arm(dirty_tracker *d, int r, uint64_t end, lm_error *err)
 {
     if (!d || !d->started || r < 0 || r >= d->n || !d->be->arm)
         return 0;
@@ -231,21 +231,21 @@ int lm_dirty_arm(lm_dirty *d, int r, uint64_t end, lm_error *err)
     return d->be->arm(d, r, end, err);
 }
 
-int64_t lm_dirty_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err)
+int64_t dirty_sync(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err)
 {
     if (r < 0 || r >= d->n)
-        return lm_error_set(err, -EINVAL, "%s: no region %d (have %d)", d->be->name, r, d->n);
+        return error_set(err, -EINVAL, "%s: no region %d (have %d)", d->be->name, r, d->n);
     if (!d->started)
-        return lm_error_set(err, -EINVAL, "%s: sync of region %d before start", d->be->name, r);
+        return error_set(err, -EINVAL, "%s: sync of region %d before start", d->be->name, r);
     if (!bitmap)
-        return lm_error_set(err, -EINVAL, "%s: sync of region %d into no bitmap",
-                            d->be->name, r);
+        return error_set(err, -EINVAL, "%s: sync of region %d into no bitmap",
+                         d->be->name, r);
     if (d->regions[r].length == 0)
         return 0;
     return d->be->sync(d, r, bitmap, err);
 }
 
-void lm_dirty_stop(lm_dirty *d)
+void dirty_stop(dirty_tracker *d)
 {
     if (!d || !d->started)
         return;
@@ -253,7 +253,7 @@ void lm_dirty_stop(lm_dirty *d)
     d->started = false;
 }
 
-void lm_dirty_mark(lm_dirty *d, int r, uint64_t offset, uint64_t len)
+void dirty_mark(dirty_tracker *d, int r, uint64_t offset, uint64_t len)
 {
     if (!d || r < 0 || r >= d->n || !d->be->mark)
         return;

@@ -12,11 +12,11 @@
  *                an atomic per-block log that sync moves into the caller's
  *                bitmap.
  *
- * Lifetime: lm_dirty_new() when the context picks a tracker; start() (or
+ * Lifetime: dirty_new() when the context picks a tracker; start() (or
  * start_unarmed() and arm()) when a migration begins (after which every page counts as written once more, see
  * below); sync() from the migration thread only; stop() when the migration
- * ends (writes are no longer tracked, protection removed); lm_dirty_free() in
- * lm_free().  lm_dirty_mark() may be called from any thread at any time.
+ * ends (writes are no longer tracked, protection removed); dirty_free() in
+ * lm_free().  dirty_mark() may be called from any thread at any time.
  *
  * The first sync after start() need not report anything: the caller starts
  * with an all-set bitmap, exactly as QEMU does.  (Both trackers in fact
@@ -40,19 +40,19 @@
  * pwrite() to a memfd); a region already registered with another
  * userfaultfd (e.g. a second tracker) makes start() fail with EBUSY.
  */
-#ifndef LM_DIRTY_DIRTY_H
-#define LM_DIRTY_DIRTY_H
+#ifndef DIRTY_DIRTY_H
+#define DIRTY_DIRTY_H
 
 #include <stdint.h>
 #include "livemig/livemig.h"
 
-typedef struct lm_dirty_region {
+typedef struct dirty_region {
     uint8_t *host;       /* page aligned */
     uint64_t length;     /* multiple of page_size */
     uint64_t page_size;  /* 4096 */
-} lm_dirty_region;
+} dirty_region;
 
-typedef struct lm_dirty lm_dirty;
+typedef struct dirty_tracker dirty_tracker;
 
 /*
  * Create a tracker for `n` regions.  name: "uffd-wp", "cooperative" or "auto".
@@ -61,19 +61,19 @@ typedef struct lm_dirty lm_dirty;
  * cooperative.  A named tracker that cannot work here fails with a message
  * saying why (e.g. "uffd-wp: kernel lacks UFFD_FEATURE_WP_ASYNC").
  */
-lm_dirty *lm_dirty_new(const char *name, const lm_dirty_region *regions, int n,
-                       lm_error *err);
-void lm_dirty_free(lm_dirty *d);
+dirty_tracker *dirty_new(const char *name, const dirty_region *regions, int n,
+                         lm_error *err);
+void dirty_free(dirty_tracker *d);
 
 /* "uffd-wp" or "cooperative": the tracker actually chosen. */
-const char *lm_dirty_name(const lm_dirty *d);
+const char *dirty_name(const dirty_tracker *d);
 
 /* Begin tracking all regions (uffd-wp: register + write-protect everything). */
-int lm_dirty_start(lm_dirty *d, lm_error *err);
+int dirty_start(dirty_tracker *d, lm_error *err);
 /*
  * Lazy arming, for a caller whose first pass sends every page anyway.
  * start_unarmed() begins tracking, but with uffd-wp a page is tracked only
- * once its range is armed: lm_dirty_arm(d, r, end) arms region r from where
+ * once its range is armed: dirty_arm(d, r, end) arms region r from where
  * the last arm stopped up to byte `end` (clamped to the region; arming
  * backwards is a no-op), and sync() arms whatever is left of its region
  * first.  Write-protecting costs ~70 ns a page here (~35 ms for 2 GiB), so
@@ -84,20 +84,20 @@ int lm_dirty_start(lm_dirty *d, lm_error *err);
  * The cooperative tracker counts from start; arm is a no-op for it.
  * 0 or a negative errno (the migration must fail: tracking is incomplete).
  */
-int lm_dirty_start_unarmed(lm_dirty *d, lm_error *err);
-int lm_dirty_arm(lm_dirty *d, int r, uint64_t end, lm_error *err);
+int dirty_start_unarmed(dirty_tracker *d, lm_error *err);
+int dirty_arm(dirty_tracker *d, int r, uint64_t end, lm_error *err);
 
 /*
  * OR the pages of region `r` written since the previous sync (or start) into
  * `bitmap` (one bit per page), and re-arm tracking for them.  Returns the
  * number of bits that were newly set in `bitmap`, or a negative errno.
  */
-int64_t lm_dirty_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err);
+int64_t dirty_sync(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err);
 
 /* End tracking: unprotect and unregister.  Idempotent. */
-void lm_dirty_stop(lm_dirty *d);
+void dirty_stop(dirty_tracker *d);
 
 /* Cooperative reports; ignored unless started and cooperative. Lock-free. */
-void lm_dirty_mark(lm_dirty *d, int r, uint64_t offset, uint64_t len);
+void dirty_mark(dirty_tracker *d, int r, uint64_t offset, uint64_t len);
 
 #endif

@@ -3,7 +3,7 @@
  *
  * dirty.c owns the public functions (argument checks, the started/stopped
  * state, the "auto" choice); each backend (uffd_wp.c, coop.c) fills one
- * lm_dirty_backend table and keeps its own state in the lm_dirty fields
+ * dirty_backend table and keeps its own state in the dirty_tracker fields
  * marked for it.  Backends are called only after dirty.c checked the
  * arguments, and only in the order init, (start, (arm | sync)*, stop)*, fini.
  *
@@ -11,45 +11,45 @@
  * context's caller for new/free, the migration thread for the rest); mark
  * runs on any thread at any time between init and fini.
  */
-#ifndef LM_DIRTY_DIRTY_IMPL_H
-#define LM_DIRTY_DIRTY_IMPL_H
+#ifndef DIRTY_DIRTY_IMPL_H
+#define DIRTY_DIRTY_IMPL_H
 
 #include <stdbool.h>
 #include <stdint.h>
 
 #include "dirty/dirty.h"
 
-struct lm_dirty_uffd;
+struct dirty_uffd;
 
-typedef struct lm_dirty_backend {
+typedef struct dirty_backend {
     const char *name;
     /* Check that the backend works here and allocate its state. */
-    int (*init)(lm_dirty *d, lm_error *err);
-    void (*fini)(lm_dirty *d);
-    int (*start)(lm_dirty *d, lm_error *err);
+    int (*init)(dirty_tracker *d, lm_error *err);
+    void (*fini)(dirty_tracker *d);
+    int (*start)(dirty_tracker *d, lm_error *err);
     /* OR region r's written pages into bitmap; newly set count or -errno. */
-    int64_t (*sync)(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err);
+    int64_t (*sync)(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err);
     /* Start tracking writes to region r's bytes [armed so far, end); NULL
      * when the backend tracks everything from start() on. */
-    int (*arm)(lm_dirty *d, int r, uint64_t end, lm_error *err);
-    void (*stop)(lm_dirty *d);
+    int (*arm)(dirty_tracker *d, int r, uint64_t end, lm_error *err);
+    void (*stop)(dirty_tracker *d);
     /* NULL when the backend ignores cooperative reports. */
-    void (*mark)(lm_dirty *d, int r, uint64_t offset, uint64_t len);
-} lm_dirty_backend;
+    void (*mark)(dirty_tracker *d, int r, uint64_t offset, uint64_t len);
+} dirty_backend;
 
-struct lm_dirty {
-    const lm_dirty_backend *be;
-    lm_dirty_region *regions;    /* owned copy of the caller's array */
+struct dirty_tracker {
+    const dirty_backend *be;
+    dirty_region *regions;       /* owned copy of the caller's array */
     uint64_t *npages;            /* pages per region */
     int n;
     bool started;                /* owner thread only */
 
     /* uffd-wp backend */
-    struct lm_dirty_uffd *uffd;
+    struct dirty_uffd *uffd;
 
     /*
      * cooperative backend: one log bitmap per region, written by any thread
-     * with lm_bitmap_set_range_atomic and drained by sync.  coop_on is read
+     * with bitmap_set_range_atomic and drained by sync.  coop_on is read
      * by markers with an acquire load: it is set (release) only after the
      * logs were cleared, so a mark that sees it lands in a live log.
      */
@@ -57,7 +57,7 @@ struct lm_dirty {
     int coop_on;
 };
 
-extern const lm_dirty_backend lm_dirty_backend_uffd_wp;
-extern const lm_dirty_backend lm_dirty_backend_coop;
+extern const dirty_backend dirty_backend_uffd_wp;
+extern const dirty_backend dirty_backend_coop;
 
 #endif

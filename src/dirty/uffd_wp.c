@@ -33,7 +33,7 @@
  * Limit: tracking is per mapping.  Writes by another process through its
  * own mapping of shared memory, or by pwrite() to a memfd, are not seen.
  *
- * State: everything lives in struct lm_dirty_uffd, owned by the tracker's
+ * State: everything lives in struct dirty_uffd, owned by the tracker's
  * owner thread; this backend has no cooperative mark().
  */
 #include <errno.h>
@@ -103,7 +103,7 @@ struct pm_scan_arg {
 /* Retries of an ioctl interrupted by a signal before giving up. */
 #define EINTR_RETRIES 1000
 
-struct lm_dirty_uffd {
+struct dirty_uffd {
     int uffd;                  /* -1 when stopped */
     int pagemap_fd;            /* /proc/self/pagemap, for the tracker's life */
     uint64_t features;         /* what start() asks UFFDIO_API for */
@@ -145,8 +145,8 @@ static int uffd_open(lm_error *err)
     if (fd >= 0)
         return fd;
 #endif
-    return lm_error_set(err, -e_sys, "uffd-wp: userfaultfd(): %s; /dev/userfaultfd: %s",
-                        strerror(e_sys), strerror(e_dev));
+    return error_set(err, -e_sys, "uffd-wp: userfaultfd(): %s; /dev/userfaultfd: %s",
+                     strerror(e_sys), strerror(e_dev));
 }
 
 /* Open a uffd and do the API handshake for `features`; the fd or -errno. */
@@ -160,27 +160,27 @@ static int uffd_open_api(uint64_t features, uint64_t *supported, lm_error *err)
     if (ioctl(fd, UFFDIO_API, &api) < 0) {
         int e = -errno;
         close(fd);
-        return lm_error_set_errno(err, e, "uffd-wp: UFFDIO_API (features 0x%llx)",
-                                  (unsigned long long)features);
+        return error_set_errno(err, e, "uffd-wp: UFFDIO_API (features 0x%llx)",
+                               (unsigned long long)features);
     }
     if (supported)
         *supported = api.features;
     return fd;
 }
 
-static int uffd_init(lm_dirty *d, lm_error *err)
+static int uffd_init(dirty_tracker *d, lm_error *err)
 {
-    struct lm_dirty_uffd *u;
+    struct dirty_uffd *u;
     uint64_t have = 0;
     long psize = sysconf(_SC_PAGESIZE);
     int fd, ret;
 
     for (int r = 0; r < d->n; r++)
         if (psize <= 0 || d->regions[r].page_size % (uint64_t)psize)
-            return lm_error_set(err, -EINVAL,
-                                "uffd-wp: region %d: page size %llu is not a multiple "
-                                "of the kernel page size %ld", r,
-                                (unsigned long long)d->regions[r].page_size, psize);
+            return error_set(err, -EINVAL,
+                             "uffd-wp: region %d: page size %llu is not a multiple "
+                             "of the kernel page size %ld", r,
+                             (unsigned long long)d->regions[r].page_size, psize);
 
     /*
      * A handshake with no features reports what the kernel supports.  It
@@ -191,14 +191,14 @@ static int uffd_init(lm_dirty *d, lm_error *err)
         return fd;
     close(fd);
     if (!(have & UFFD_FEATURE_WP_ASYNC))
-        return lm_error_set(err, -ENOTSUP, "uffd-wp: kernel lacks UFFD_FEATURE_WP_ASYNC "
-                            "(needs Linux 6.7 or later)");
+        return error_set(err, -ENOTSUP, "uffd-wp: kernel lacks UFFD_FEATURE_WP_ASYNC "
+                         "(needs Linux 6.7 or later)");
     if (!(have & UFFD_FEATURE_WP_UNPOPULATED))
-        return lm_error_set(err, -ENOTSUP, "uffd-wp: kernel lacks UFFD_FEATURE_WP_UNPOPULATED");
+        return error_set(err, -ENOTSUP, "uffd-wp: kernel lacks UFFD_FEATURE_WP_UNPOPULATED");
 
     u = calloc(1, sizeof(*u));
     if (!u)
-        return lm_error_set(err, -ENOMEM, "uffd-wp: out of memory");
+        return error_set(err, -ENOMEM, "uffd-wp: out of memory");
     u->uffd = -1;
     u->features = UFFD_FEATURE_WP_ASYNC | UFFD_FEATURE_WP_UNPOPULATED;
     /* Needed to protect shared memory (memfd, hugetlbfs) guest RAM. */
@@ -207,12 +207,12 @@ static int uffd_init(lm_dirty *d, lm_error *err)
     u->vec = calloc(SCAN_VEC_LEN, sizeof(*u->vec));
     u->armed = calloc((size_t)(d->n ? d->n : 1), sizeof(*u->armed));
     if (!u->vec || !u->armed) {
-        ret = lm_error_set(err, -ENOMEM, "uffd-wp: out of memory");
+        ret = error_set(err, -ENOMEM, "uffd-wp: out of memory");
         goto out;
     }
     u->pagemap_fd = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
     if (u->pagemap_fd < 0) {
-        ret = lm_error_set_errno(err, -errno, "uffd-wp: open /proc/self/pagemap");
+        ret = error_set_errno(err, -errno, "uffd-wp: open /proc/self/pagemap");
         goto out;
     }
     d->uffd = u;
@@ -224,9 +224,9 @@ out:
     return ret;
 }
 
-static void uffd_fini(lm_dirty *d)
+static void uffd_fini(dirty_tracker *d)
 {
-    struct lm_dirty_uffd *u = d->uffd;
+    struct dirty_uffd *u = d->uffd;
 
     if (!u)
         return;
@@ -238,9 +238,9 @@ static void uffd_fini(lm_dirty *d)
 }
 
 /* Unregister regions [0, registered) and close the uffd. */
-static void uffd_teardown(lm_dirty *d)
+static void uffd_teardown(dirty_tracker *d)
 {
-    struct lm_dirty_uffd *u = d->uffd;
+    struct dirty_uffd *u = d->uffd;
 
     for (int r = 0; r < u->registered; r++) {
         struct uffdio_range range = {
@@ -249,7 +249,7 @@ static void uffd_teardown(lm_dirty *d)
         };
         /* Unregistering also clears the protection of every page. */
         if (range.len && ioctl(u->uffd, UFFDIO_UNREGISTER, &range) < 0)
-            lm_log("uffd-wp: unregister region %d: %s", r, strerror(errno));
+            util_log("uffd-wp: unregister region %d: %s", r, strerror(errno));
     }
     u->registered = 0;
     if (u->uffd >= 0)
@@ -257,9 +257,9 @@ static void uffd_teardown(lm_dirty *d)
     u->uffd = -1;
 }
 
-static int uffd_start(lm_dirty *d, lm_error *err)
+static int uffd_start(dirty_tracker *d, lm_error *err)
 {
-    struct lm_dirty_uffd *u = d->uffd;
+    struct dirty_uffd *u = d->uffd;
     int ret;
 
     ret = uffd_open_api(u->features, NULL, err);
@@ -283,16 +283,16 @@ static int uffd_start(lm_dirty *d, lm_error *err)
             const char *hint = e == EINVAL ? " (this kernel cannot write-protect this kind "
                                              "of memory)"
                              : e == EBUSY ? " (already tracked by another userfaultfd)" : "";
-            ret = lm_error_set(err, -e, "uffd-wp: register region %d (%p, %llu bytes): %s%s",
-                               r, (void *)d->regions[r].host,
-                               (unsigned long long)d->regions[r].length, strerror(e), hint);
+            ret = error_set(err, -e, "uffd-wp: register region %d (%p, %llu bytes): %s%s",
+                            r, (void *)d->regions[r].host,
+                            (unsigned long long)d->regions[r].length, strerror(e), hint);
             goto out;
         }
         u->registered = r + 1;
         if (!(reg.ioctls & (1ULL << _UFFDIO_WRITEPROTECT))) {
-            ret = lm_error_set(err, -ENOTSUP, "uffd-wp: region %d (%p) cannot be "
-                               "write-protected (memory type not supported)",
-                               r, (void *)d->regions[r].host);
+            ret = error_set(err, -ENOTSUP, "uffd-wp: region %d (%p) cannot be "
+                            "write-protected (memory type not supported)",
+                            r, (void *)d->regions[r].host);
             goto out;
         }
     }
@@ -310,10 +310,10 @@ out:
  * tracked.  This page-table walk is the tracker's main fixed cost (~70 ns a
  * page here), which is why it can be spread over the first pass.
  */
-static int uffd_arm(lm_dirty *d, int r, uint64_t end, lm_error *err)
+static int uffd_arm(dirty_tracker *d, int r, uint64_t end, lm_error *err)
 {
-    struct lm_dirty_uffd *u = d->uffd;
-    const lm_dirty_region *reg = &d->regions[r];
+    struct dirty_uffd *u = d->uffd;
+    const dirty_region *reg = &d->regions[r];
     struct uffdio_writeprotect wp = {
         .range = { .start = (uintptr_t)reg->host + u->armed[r], .len = end - u->armed[r] },
         .mode = UFFDIO_WRITEPROTECT_MODE_WP,
@@ -327,10 +327,10 @@ static int uffd_arm(lm_dirty *d, int r, uint64_t end, lm_error *err)
            (errno == EAGAIN || errno == EINTR) && ++tries < EINTR_RETRIES)
         ;
     if (ret < 0)
-        return lm_error_set_errno(err, -errno, "uffd-wp: write-protect region %d (%p + %llu, "
-                                  "%llu bytes)", r, (void *)reg->host,
-                                  (unsigned long long)u->armed[r],
-                                  (unsigned long long)wp.range.len);
+        return error_set_errno(err, -errno, "uffd-wp: write-protect region %d (%p + %llu, "
+                               "%llu bytes)", r, (void *)reg->host,
+                               (unsigned long long)u->armed[r],
+                               (unsigned long long)wp.range.len);
     u->armed[r] = end;
     return 0;
 }
@@ -341,10 +341,13 @@ static uint64_t mark_range_count(unsigned long *map, uint64_t first, uint64_t en
     uint64_t newly = 0;
 
     while (first < end) {
-        uint64_t w = first / LM_BITS_PER_LONG;
-        unsigned lo = first % LM_BITS_PER_LONG;
-        uint64_t n = LM_BITS_PER_LONG - lo < end - first ? LM_BITS_PER_LONG - lo : end - first;
-        unsigned long mask = (n == LM_BITS_PER_LONG ? ~0UL : ((1UL << n) - 1)) << lo;
+        uint64_t w = first / BITMAP_BITS_PER_LONG;
+        unsigned lo = first % BITMAP_BITS_PER_LONG;
+        uint64_t n = BITMAP_BITS_PER_LONG - lo;
+
+        if (n > end - first)
+            n = end - first;
+        unsigned long mask = (n == BITMAP_BITS_PER_LONG ? ~0UL : ((1UL << n) - 1)) << lo;
 
         newly += (uint64_t)__builtin_popcountl(mask & ~map[w]);
         map[w] |= mask;
@@ -353,10 +356,10 @@ static uint64_t mark_range_count(unsigned long *map, uint64_t first, uint64_t en
     return newly;
 }
 
-static int64_t uffd_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *err)
+static int64_t uffd_sync(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err)
 {
-    struct lm_dirty_uffd *u = d->uffd;
-    const lm_dirty_region *reg = &d->regions[r];
+    struct dirty_uffd *u = d->uffd;
+    const dirty_region *reg = &d->regions[r];
     uint64_t base = (uintptr_t)reg->host, end = base + reg->length;
     uint64_t ps = reg->page_size, npages = d->npages[r];
     struct pm_scan_arg arg = {
@@ -383,9 +386,9 @@ static int64_t uffd_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *er
             if (errno == EINTR && ++eintr < EINTR_RETRIES)
                 continue;
             if (errno == EPERM)
-                return lm_error_set(err, -EPERM, "uffd-wp: PAGEMAP_SCAN of region %d: "
-                                    "memory is not registered for async write-protect", r);
-            return lm_error_set_errno(err, -errno, "uffd-wp: PAGEMAP_SCAN of region %d", r);
+                return error_set(err, -EPERM, "uffd-wp: PAGEMAP_SCAN of region %d: "
+                                 "memory is not registered for async write-protect", r);
+            return error_set_errno(err, -errno, "uffd-wp: PAGEMAP_SCAN of region %d", r);
         }
         for (long i = 0; i < n; i++) {
             uint64_t s = u->vec[i].start, e = u->vec[i].end;
@@ -410,21 +413,21 @@ static int64_t uffd_sync(lm_dirty *d, int r, unsigned long *bitmap, lm_error *er
          * or the kernel's): fail rather than spin.
          */
         if (arg.walk_end <= arg.start || arg.walk_end > end)
-            return lm_error_set(err, -EIO, "uffd-wp: PAGEMAP_SCAN of region %d made no "
-                                "progress at %#llx (walk_end %#llx)", r,
-                                (unsigned long long)arg.start,
-                                (unsigned long long)arg.walk_end);
+            return error_set(err, -EIO, "uffd-wp: PAGEMAP_SCAN of region %d made no "
+                             "progress at %#llx (walk_end %#llx)", r,
+                             (unsigned long long)arg.start,
+                             (unsigned long long)arg.walk_end);
         arg.start = arg.walk_end;
     }
     return newly;
 }
 
-static void uffd_stop(lm_dirty *d)
+static void uffd_stop(dirty_tracker *d)
 {
     uffd_teardown(d);
 }
 
-const lm_dirty_backend lm_dirty_backend_uffd_wp = {
+const dirty_backend dirty_backend_uffd_wp = {
     .name = "uffd-wp",
     .init = uffd_init,
     .fini = uffd_fini,

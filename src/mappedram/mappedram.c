@@ -1,7 +1,7 @@
 /*
  * mapped-ram file layout and its parallel page I/O; see mappedram.h.
  *
- * The owner blocks in exactly two places, both lm_pool waits without a
+ * The owner blocks in exactly two places, both worker_pool waits without a
  * timeout: mr_submit() when every worker has all its requests out (the
  * file is slower than the scan), and mapped_ram_sync() until every queued
  * request is done.  mapped_ram_interrupt() ends both at once, and from then
@@ -27,7 +27,7 @@
 #include "util/zero.h"
 
 typedef struct mr_req {
-    lm_pool_req req;            /* first: the pool's header */
+    pool_req req;               /* first: the pool's header */
     uint8_t *host;
     size_t len;
     uint64_t off;               /* absolute file offset */
@@ -40,15 +40,15 @@ typedef struct mr_block {
     unsigned long *file_bmap;
 } mr_block;
 
-struct lm_mapped_ram {
-    mr_block blk[LM_RAM_MAX_BLOCKS];    /* by block index in lm_ram */
+struct mapped_ram_file {
+    mr_block blk[RAM_MAX_BLOCKS];       /* by block index in ram_state */
     bool zero_check;                    /* source: zero pages get a clear bit */
     char path[4096];
     int flags;                  /* open flags of the workers' descriptors */
     bool write;
     uint64_t base;
     int main_fd;
-    lm_pool *pool;
+    worker_pool *pool;
     int err;                    /* first I/O error (owner only) */
     uint64_t bytes;             /* page bytes queued (owner only) */
     uint64_t err_off;
@@ -62,14 +62,14 @@ struct lm_mapped_ram {
 
 static int mr_worker_init(void *opaque, unsigned worker, void **wctx, lm_error *err)
 {
-    lm_mapped_ram *mr = opaque;
+    mapped_ram_file *mr = opaque;
     int fd = open(mr->path, mr->flags | O_CLOEXEC);
 
     if (fd < 0) {
         if (errno == EINVAL && (mr->flags & O_DIRECT))
-            return lm_error_set(err, -EINVAL, "direct-io: the file system refuses O_DIRECT "
-                                "for %s", mr->path);
-        return lm_error_set_errno(err, -errno, "mapped-ram: cannot open %s", mr->path);
+            return error_set(err, -EINVAL, "direct-io: the file system refuses O_DIRECT "
+                             "for %s", mr->path);
+        return error_set_errno(err, -errno, "mapped-ram: cannot open %s", mr->path);
     }
     *wctx = (void *)(intptr_t)fd;
     (void)worker;
@@ -81,9 +81,9 @@ static void mr_worker_uninit(void *opaque, unsigned worker, void *wctx)
     close((int)(intptr_t)wctx);
 }
 
-static void mr_handler(void *opaque, void *wctx, lm_pool_req *preq)
+static void mr_handler(void *opaque, void *wctx, pool_req *preq)
 {
-    lm_mapped_ram *mr = opaque;
+    mapped_ram_file *mr = opaque;
     mr_req *r = (mr_req *)preq;
     int fd = (int)(intptr_t)wctx;
     size_t done = 0;
@@ -102,35 +102,35 @@ static void mr_handler(void *opaque, void *wctx, lm_pool_req *preq)
     }
 }
 
-static lm_pool_disposition mr_done(void *opaque, lm_pool_req *preq)
+static pool_disposition mr_done(void *opaque, pool_req *preq)
 {
-    lm_mapped_ram *mr = opaque;
+    mapped_ram_file *mr = opaque;
     mr_req *r = (mr_req *)preq;
 
     if (r->err && !mr->err) {
         mr->err = r->err;
         mr->err_off = r->off;
     }
-    return LM_POOL_RECYCLE;
+    return POOL_RECYCLE;
 }
 
-static const lm_pool_ops mr_ops = {
+static const pool_ops mr_ops = {
     .init = mr_worker_init,
     .uninit = mr_worker_uninit,
     .handler = mr_handler,
     .done = mr_done,
 };
 
-lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
-                               bool direct, bool write, lm_error *err)
+mapped_ram_file *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
+                                 bool direct, bool write, lm_error *err)
 {
-    lm_mapped_ram *mr = calloc(1, sizeof(*mr));
+    mapped_ram_file *mr = calloc(1, sizeof(*mr));
 
     if (!mr)
         abort();
-    if (direct && (base & (LM_PAGE_SIZE - 1))) {
-        lm_error_set(err, -EINVAL, "direct-io needs a file offset aligned to 4096 (offset=%"
-                     PRIu64 ")", base);
+    if (direct && (base & (RAM_PAGE_SIZE - 1))) {
+        error_set(err, -EINVAL, "direct-io needs a file offset aligned to 4096 (offset=%"
+                  PRIu64 ")", base);
         free(mr);
         return NULL;
     }
@@ -139,8 +139,8 @@ lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int
     mr->write = write;
     mr->base = base;
     mr->main_fd = main_fd;
-    mr->pool = lm_pool_create((unsigned)channels, 0, sizeof(mr_req), "lm-mapram", &mr_ops, mr,
-                              err);
+    mr->pool = pool_create((unsigned)channels, 0, sizeof(mr_req), "lm-mapram", &mr_ops, mr,
+                           err);
     if (!mr->pool) {
         free(mr);
         return NULL;
@@ -148,30 +148,30 @@ lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int
     return mr;
 }
 
-uint64_t mapped_ram_bytes(const lm_mapped_ram *mr)
+uint64_t mapped_ram_bytes(const mapped_ram_file *mr)
 {
     return mr ? mr->bytes : 0;
 }
 
-void mapped_ram_interrupt(lm_mapped_ram *mr)
+void mapped_ram_interrupt(mapped_ram_file *mr)
 {
     if (mr)
-        lm_pool_interrupt(mr->pool);
+        pool_interrupt(mr->pool);
 }
 
-void mapped_ram_close(lm_mapped_ram *mr)
+void mapped_ram_close(mapped_ram_file *mr)
 {
     if (!mr)
         return;
-    if (!lm_pool_interrupted(mr->pool))
-        lm_pool_wait_done(mr->pool, 60000, NULL);
-    lm_pool_destroy(mr->pool);
-    for (int i = 0; i < LM_RAM_MAX_BLOCKS; i++)
-        lm_bitmap_free(mr->blk[i].file_bmap);
+    if (!pool_interrupted(mr->pool))
+        pool_wait_done(mr->pool, 60000, NULL);
+    pool_destroy(mr->pool);
+    for (int i = 0; i < RAM_MAX_BLOCKS; i++)
+        bitmap_free(mr->blk[i].file_bmap);
     free(mr);
 }
 
-static mr_block *mr_blk(lm_mapped_ram *mr, const lm_ram *r, const lm_ramblock *b)
+static mr_block *mr_blk(mapped_ram_file *mr, const ram_state *r, const ramblock *b)
 {
     ptrdiff_t i = b - r->blocks;
 
@@ -181,15 +181,15 @@ static mr_block *mr_blk(lm_mapped_ram *mr, const lm_ram *r, const lm_ramblock *b
 
 /* Queue one run.  Waits for a free request when every worker is busy.
  * 0, or -ECANCELED once interrupted (then nothing is queued). */
-static int mr_submit(lm_mapped_ram *mr, uint8_t *host, size_t len, uint64_t off)
+static int mr_submit(mapped_ram_file *mr, uint8_t *host, size_t len, uint64_t off)
 {
-    lm_pool_req *preq;
+    pool_req *preq;
 
     /* A free request would be taken even after a cancel: check first. */
-    if (lm_pool_interrupted(mr->pool))
+    if (pool_interrupted(mr->pool))
         return -ECANCELED;
-    while (!(preq = lm_pool_submit_prepare(mr->pool))) {
-        int ret = lm_pool_wait_any(mr->pool, 1, -1, NULL);
+    while (!(preq = pool_submit_prepare(mr->pool))) {
+        int ret = pool_wait_any(mr->pool, 1, -1, NULL);
         if (ret < 0)
             return ret;
     }
@@ -199,12 +199,12 @@ static int mr_submit(lm_mapped_ram *mr, uint8_t *host, size_t len, uint64_t off)
     r->off = off;
     r->err = 0;
     mr->bytes += len;   /* counted when queued: the rate limit sees it at once */
-    lm_pool_submit_commit(mr->pool, preq);
-    lm_pool_poll_done(mr->pool);
+    pool_submit_commit(mr->pool, preq);
+    pool_poll_done(mr->pool);
     return 0;
 }
 
-static int mr_flush_run(lm_mapped_ram *mr)
+static int mr_flush_run(mapped_ram_file *mr)
 {
     int ret = 0;
 
@@ -214,85 +214,85 @@ static int mr_flush_run(lm_mapped_ram *mr)
     return ret;
 }
 
-static int mr_error(lm_mapped_ram *mr, int ret, lm_error *err)
+static int mr_error(mapped_ram_file *mr, int ret, lm_error *err)
 {
     if (mr->err)
-        return lm_error_set(err, mr->err, "mapped-ram: %s at file offset %" PRIu64 ": %s",
-                            mr->write ? "write" : "read", mr->err_off,
-                            mr->err == -EPIPE ? "the file ends inside a pages region"
-                                              : strerror(-mr->err));
+        return error_set(err, mr->err, "mapped-ram: %s at file offset %" PRIu64 ": %s",
+                         mr->write ? "write" : "read", mr->err_off,
+                         mr->err == -EPIPE ? "the file ends inside a pages region"
+                         : strerror(-mr->err));
     if (ret)
-        return lm_error_set(err, ret, "mapped-ram: I/O interrupted");
+        return error_set(err, ret, "mapped-ram: I/O interrupted");
     return 0;
 }
 
-int mapped_ram_sync(lm_mapped_ram *mr, lm_error *err)
+int mapped_ram_sync(mapped_ram_file *mr, lm_error *err)
 {
     int ret = mr_flush_run(mr);
 
     if (!ret)
-        ret = lm_pool_wait_done(mr->pool, -1, NULL);
+        ret = pool_wait_done(mr->pool, -1, NULL);
     return mr_error(mr, ret, err);
 }
 
 /* ------------------------------------------------------------ source */
 
-static uint64_t mr_bitmap_bytes(const lm_ramblock *b)
+static uint64_t mr_bitmap_bytes(const ramblock *b)
 {
-    return LM_BITMAP_WORDS(b->npages) * sizeof(unsigned long);
+    return BITMAP_WORDS(b->npages) * sizeof(unsigned long);
 }
 
 /* Sink, START: the block's header, then the stream resumes after its pages. */
-static void mr_sink_block(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b)
+static void mr_sink_block(void *impl, ram_state *r, lm_stream *s, ramblock *b)
 {
-    lm_mapped_ram *mr = impl;
+    mapped_ram_file *mr = impl;
     mr_block *k = mr_blk(mr, r, b);
     uint64_t here = mr->base + lm_stream_offset(s);
 
-    k->bitmap_off = here + LM_MAPPED_RAM_HDR_SIZE;
-    k->pages_off = (k->bitmap_off + mr_bitmap_bytes(b) + LM_MAPPED_RAM_ALIGN - 1) &
-                   ~(LM_MAPPED_RAM_ALIGN - 1);
-    lm_bitmap_free(k->file_bmap);
-    k->file_bmap = lm_bitmap_new(b->npages);
-    lm_put_be32(s, LM_MAPPED_RAM_VERSION);
-    lm_put_be64(s, LM_PAGE_SIZE);
+    k->bitmap_off = here + MAPPED_RAM_HDR_SIZE;
+    k->pages_off = (k->bitmap_off + mr_bitmap_bytes(b) + MAPPED_RAM_ALIGN - 1) &
+                   ~(MAPPED_RAM_ALIGN - 1);
+    bitmap_free(k->file_bmap);
+    k->file_bmap = bitmap_new(b->npages);
+    lm_put_be32(s, MAPPED_RAM_VERSION);
+    lm_put_be64(s, RAM_PAGE_SIZE);
     lm_put_be64(s, k->bitmap_off);
     lm_put_be64(s, k->pages_off);
     /* The bitmap is written at the end; the stream resumes after the pages. */
-    lm_stream_seek(s, k->pages_off + b->length - mr->base);
+    stream_seek(s, k->pages_off + b->length - mr->base);
 }
 
 /* Sink: a page goes to its own slot; adjacent slots make one write. */
-static int mr_sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+static int mr_sink_page(void *impl, ram_state *r, lm_stream *s, ramblock *b, uint64_t page)
 {
-    lm_mapped_ram *mr = impl;
+    mapped_ram_file *mr = impl;
     mr_block *k = mr_blk(mr, r, b);
-    uint64_t off = k->pages_off + page * LM_PAGE_SIZE;
-    uint8_t *host = b->host + page * LM_PAGE_SIZE;
+    uint64_t off = k->pages_off + page * RAM_PAGE_SIZE;
+    uint8_t *host = b->host + page * RAM_PAGE_SIZE;
 
     (void)s;
-    if (mr->zero_check && lm_is_zero(host, LM_PAGE_SIZE)) {
+    if (mr->zero_check && buf_is_zero(host, RAM_PAGE_SIZE)) {
         /* Its old bytes may stay in the file; a clear bit means "zero". */
-        lm_bitmap_clear(k->file_bmap, page);
+        bitmap_clear(k->file_bmap, page);
         return RAM_SENT_ZERO;
     }
-    lm_bitmap_set(k->file_bmap, page);
+    bitmap_set(k->file_bmap, page);
     if (mr->run_len && mr->run_host + mr->run_len == host && mr->run_off + mr->run_len == off &&
-        mr->run_len < LM_MAPPED_RAM_CHUNK) {
-        mr->run_len += LM_PAGE_SIZE;
+        mr->run_len < MAPPED_RAM_CHUNK) {
+        mr->run_len += RAM_PAGE_SIZE;
         return RAM_SENT_AWAY;
     }
     if (mr_flush_run(mr))
         return RAM_SENT_AWAY;   /* interrupted: mapped_ram_sync reports it */
     mr->run_host = host;
     mr->run_off = off;
-    mr->run_len = LM_PAGE_SIZE;
+    mr->run_len = RAM_PAGE_SIZE;
     return RAM_SENT_AWAY;
 }
 
 /* Sink, before each EOS: a page written in this pass is on its way to disk
  * before the same page can be queued again in the next. */
-static int mr_sink_flush(void *impl, lm_ram *r, lm_stream *s, lm_error *err)
+static int mr_sink_flush(void *impl, ram_state *r, lm_stream *s, lm_error *err)
 {
     (void)r;
     (void)s;
@@ -306,22 +306,22 @@ static const ram_sink_ops mr_sink_ops = {
     .flush = mr_sink_flush,
 };
 
-ram_sink mapped_ram_sink(lm_mapped_ram *mr, bool zero_check)
+ram_sink mapped_ram_sink(mapped_ram_file *mr, bool zero_check)
 {
     mr->zero_check = zero_check;
     return (ram_sink){ &mr_sink_ops, mr };
 }
 
-int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err)
+int mapped_ram_put_bitmaps(mapped_ram_file *mr, ram_state *r, lm_error *err)
 {
     for (int i = 0; i < r->nblocks; i++) {
-        lm_ramblock *b = &r->blocks[i];
+        ramblock *b = &r->blocks[i];
         mr_block *k = &mr->blk[i];
         size_t len = mr_bitmap_bytes(b);
 
         if (pwrite(mr->main_fd, k->file_bmap, len, (off_t)k->bitmap_off) != (ssize_t)len)
-            return lm_error_set_errno(err, -errno, "mapped-ram: writing the bitmap of '%s'",
-                                      b->idstr);
+            return error_set_errno(err, -errno, "mapped-ram: writing the bitmap of '%s'",
+                                   b->idstr);
     }
     return 0;
 }
@@ -330,10 +330,10 @@ int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err)
 
 /* Placer, START: check the block's header, read its bitmap, queue the reads
  * of every present page, seek past the pages region. */
-static int mr_place_block(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b)
+static int mr_place_block(void *impl, ram_state *r, lm_stream *s, ramblock *b)
 {
-    lm_mapped_ram *mr = impl;
-    uint64_t at = lm_stream_offset(s), here = mr->base + at + LM_MAPPED_RAM_HDR_SIZE;
+    mapped_ram_file *mr = impl;
+    uint64_t at = lm_stream_offset(s), here = mr->base + at + MAPPED_RAM_HDR_SIZE;
     uint32_t version;
     uint64_t page_size, bmap_off, pages_off, bytes = mr_bitmap_bytes(b);
     struct stat st;
@@ -344,13 +344,13 @@ static int mr_place_block(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b)
         return -1;
 #define BAD(...) do { lm_stream_set_error(s, -EINVAL, "mapped-ram: block '%s' (header at " \
                       "byte offset %" PRIu64 "): " __VA_ARGS__); return -1; } while (0)
-    if (version == 0 || version > LM_MAPPED_RAM_VERSION)
+    if (version == 0 || version > MAPPED_RAM_VERSION)
         BAD("unsupported version %u", b->idstr, at, version);
-    if (page_size != LM_PAGE_SIZE)
+    if (page_size != RAM_PAGE_SIZE)
         BAD("page size %" PRIu64 ", expected 4096", b->idstr, at, page_size);
     if (bmap_off < here || bmap_off > UINT64_MAX - bytes)
         BAD("bitmap offset %" PRIu64 " overlaps the stream", b->idstr, at, bmap_off);
-    if (pages_off & (LM_PAGE_SIZE - 1))
+    if (pages_off & (RAM_PAGE_SIZE - 1))
         BAD("pages offset %" PRIu64 " is not page aligned", b->idstr, at, pages_off);
     if (pages_off < bmap_off + bytes || pages_off > UINT64_MAX - b->length)
         BAD("pages offset %" PRIu64 " overlaps the bitmap (%" PRIu64 " bytes at %" PRIu64 ")",
@@ -358,40 +358,40 @@ static int mr_place_block(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b)
     if (fstat(mr->main_fd, &st) == 0 && (uint64_t)st.st_size < pages_off + b->length)
         BAD("the file is truncated: its pages region ends at %" PRIu64 " but the file has %"
             PRIu64 " bytes", b->idstr, at, pages_off + b->length, (uint64_t)st.st_size);
-    bmap = lm_bitmap_new(b->npages);
+    bmap = bitmap_new(b->npages);
     if (pread(mr->main_fd, bmap, bytes, (off_t)bmap_off) != (ssize_t)bytes) {
-        lm_bitmap_free(bmap);
+        bitmap_free(bmap);
         BAD("cannot read the bitmap at file offset %" PRIu64, b->idstr, at, bmap_off);
     }
-    if (b->npages % LM_BITS_PER_LONG &&
-        bmap[b->npages / LM_BITS_PER_LONG] >> (b->npages % LM_BITS_PER_LONG)) {
-        lm_bitmap_free(bmap);
+    if (b->npages % BITMAP_BITS_PER_LONG &&
+        bmap[b->npages / BITMAP_BITS_PER_LONG] >> (b->npages % BITMAP_BITS_PER_LONG)) {
+        bitmap_free(bmap);
         BAD("the bitmap at file offset %" PRIu64 " has pages past the block's end", b->idstr,
             at, bmap_off);
     }
 #undef BAD
     /* Each run of present pages, in chunks of at most 1 MiB. */
-    for (uint64_t p = lm_bitmap_next_set(bmap, b->npages, 0); p < b->npages;) {
-        uint64_t end = lm_bitmap_next_clear(bmap, b->npages, p);
-        uint64_t max = p + LM_MAPPED_RAM_CHUNK / LM_PAGE_SIZE;
+    for (uint64_t p = bitmap_next_set(bmap, b->npages, 0); p < b->npages;) {
+        uint64_t end = bitmap_next_clear(bmap, b->npages, p);
+        uint64_t max = p + MAPPED_RAM_CHUNK / RAM_PAGE_SIZE;
         if (end > max)
             end = max;
-        if (mr_submit(mr, b->host + p * LM_PAGE_SIZE, (end - p) * LM_PAGE_SIZE,
-                      pages_off + p * LM_PAGE_SIZE) < 0) {
-            lm_bitmap_free(bmap);
+        if (mr_submit(mr, b->host + p * RAM_PAGE_SIZE, (end - p) * RAM_PAGE_SIZE,
+                      pages_off + p * RAM_PAGE_SIZE) < 0) {
+            bitmap_free(bmap);
             lm_stream_set_error(s, -ECANCELED, "mapped-ram: loading interrupted");
             return -1;
         }
-        p = lm_bitmap_next_set(bmap, b->npages, end);
+        p = bitmap_next_set(bmap, b->npages, end);
     }
-    lm_bitmap_free(bmap);
-    lm_stream_seek(s, pages_off + b->length - mr->base);
+    bitmap_free(bmap);
+    stream_seek(s, pages_off + b->length - mr->base);
     return lm_stream_error(s) ? -1 : 0;
 }
 
 /* Placer, after the block list: all of RAM is in once the reads are done;
  * pages the bitmaps leave out are zero by definition. */
-static int mr_place_blocks_done(void *impl, lm_ram *r, lm_stream *s)
+static int mr_place_blocks_done(void *impl, ram_state *r, lm_stream *s)
 {
     lm_error err;
 
@@ -405,7 +405,7 @@ static int mr_place_blocks_done(void *impl, lm_ram *r, lm_stream *s)
 }
 
 /* Placer: no page record ever travels in a mapped-ram stream. */
-static int mr_place_record(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b,
+static int mr_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b,
                            uint64_t offset, uint64_t flags, uint64_t at)
 {
     (void)impl;
@@ -424,7 +424,7 @@ static const ram_placer_ops mr_placer_ops = {
     .record = mr_place_record,
 };
 
-ram_placer mapped_ram_placer(lm_mapped_ram *mr)
+ram_placer mapped_ram_placer(mapped_ram_file *mr)
 {
     return (ram_placer){ &mr_placer_ops, mr };
 }

@@ -12,7 +12,7 @@
  * the same spot, so the file never holds two copies of a page.  The bitmaps
  * are written last, after the final sync.
  *
- * The page I/O runs on an lm_pool (src/util/pool.h) of `channels` workers,
+ * The page I/O runs on an worker_pool (src/util/pool.h) of `channels` workers,
  * each with its own descriptor on the file (O_DIRECT with direct-io): one
  * worker without multifd, multifd-channels with it.  A request is one
  * contiguous run of pages: at most 1 MiB, one pwrite/pread straight from or
@@ -35,10 +35,10 @@
  * the caller must keep mr from being closed meanwhile (publish the pointer
  * under the lock that the cancel path takes).  mapped_ram_close()
  * after an interrupt waits only for the requests the workers are running
- * (one each, at most LM_MAPPED_RAM_CHUNK bytes), not for the queued ones.
+ * (one each, at most MAPPED_RAM_CHUNK bytes), not for the queued ones.
  */
-#ifndef LM_MAPPEDRAM_MAPPEDRAM_H
-#define LM_MAPPEDRAM_MAPPEDRAM_H
+#ifndef MAPPEDRAM_MAPPEDRAM_H
+#define MAPPEDRAM_MAPPEDRAM_H
 
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -48,12 +48,12 @@
 #include "ram/ram.h"
 #include "stream/stream.h"
 
-#define LM_MAPPED_RAM_HDR_SIZE 28
-#define LM_MAPPED_RAM_VERSION 1
-#define LM_MAPPED_RAM_ALIGN (1ULL << 20)
-#define LM_MAPPED_RAM_CHUNK (1ULL << 20)
+#define MAPPED_RAM_HDR_SIZE 28
+#define MAPPED_RAM_VERSION 1
+#define MAPPED_RAM_ALIGN (1ULL << 20)
+#define MAPPED_RAM_CHUNK (1ULL << 20)
 
-typedef struct lm_mapped_ram lm_mapped_ram;
+typedef struct mapped_ram_file mapped_ram_file;
 
 /*
  * Open `channels` workers on `path` (write: O_WRONLY, read: O_RDONLY; both
@@ -61,14 +61,14 @@ typedef struct lm_mapped_ram lm_mapped_ram;
  * at (file:PATH,offset=N); `main_fd` the stream's own descriptor, used for
  * the bitmaps.
  */
-lm_mapped_ram *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
-                               bool direct, bool write, lm_error *err);
-void mapped_ram_close(lm_mapped_ram *mr);
+mapped_ram_file *mapped_ram_open(const char *path, uint64_t base, int main_fd, int channels,
+                                 bool direct, bool write, lm_error *err);
+void mapped_ram_close(mapped_ram_file *mr);
 /* Page bytes queued for writing or reading so far (owner thread). */
-uint64_t mapped_ram_bytes(const lm_mapped_ram *mr);
+uint64_t mapped_ram_bytes(const mapped_ram_file *mr);
 /* Make the owner's current and later waits return, queue nothing more
  * (cancel; see above).  Any thread; sticky; NULL is a no-op. */
-void mapped_ram_interrupt(lm_mapped_ram *mr);
+void mapped_ram_interrupt(mapped_ram_file *mr);
 
 /* ---- source ---- */
 /*
@@ -77,11 +77,11 @@ void mapped_ram_interrupt(lm_mapped_ram *mr);
  * `zero_check`, a zero page only gets its bit cleared); every EOS waits for
  * the writes.  Valid while mr is open.
  */
-ram_sink mapped_ram_sink(lm_mapped_ram *mr, bool zero_check);
+ram_sink mapped_ram_sink(mapped_ram_file *mr, bool zero_check);
 /* Submit the pending run and wait for all writes.  0 or the first error. */
-int mapped_ram_sync(lm_mapped_ram *mr, lm_error *err);
+int mapped_ram_sync(mapped_ram_file *mr, lm_error *err);
 /* After the final sync: write every block's bitmap. */
-int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err);
+int mapped_ram_put_bitmaps(mapped_ram_file *mr, ram_state *r, lm_error *err);
 
 /* ---- destination ---- */
 /*
@@ -90,6 +90,6 @@ int mapped_ram_put_bitmaps(lm_mapped_ram *mr, lm_ram *r, lm_error *err);
  * present page (errors latched on s name the block and offset); after the
  * block list it waits for them; a page record in the stream is refused.
  */
-ram_placer mapped_ram_placer(lm_mapped_ram *mr);
+ram_placer mapped_ram_placer(mapped_ram_file *mr);
 
 #endif

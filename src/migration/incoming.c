@@ -33,8 +33,8 @@
 #include "util/error.h"
 #include "util/time.h"
 
-#define LM_DRAIN_MS 10000
-#define LM_CHANNELS_MS 30000     /* all channels must arrive within this */
+#define IN_DRAIN_MS 10000
+#define IN_CHANNELS_MS 30000     /* all channels must arrive within this */
 
 typedef struct incoming {
     lm_mig *m;
@@ -42,9 +42,9 @@ typedef struct incoming {
     bool rp;
     int64_t last_publish_ns;
     lm_stats st;
-    lm_multifd_recv *mfr;
-    lm_mapped_ram *mapped;
-    lm_decompress *decomp;
+    multifd_receiver *mfr;
+    mapped_ram_file *mapped;
+    decompressor *decomp;
     rp_writer *rpw;             /* the return path, once OPEN_RETURN_PATH came */
     ram_placer placer;          /* where every page record goes, chosen at accept */
     uint64_t mf_bytes;
@@ -62,7 +62,7 @@ static int in_workers_finish(incoming *in, bool failed, lm_error *err)
     in->placer = ram_direct_placer();
     if (in->decomp) {
         mig_helper_remove(in->m, in->decomp);
-        lm_decompress_free(in->decomp);
+        decompress_free(in->decomp);
         in->decomp = NULL;
     }
     if (in->mapped) {
@@ -82,20 +82,20 @@ static int in_workers_finish(incoming *in, bool failed, lm_error *err)
 /* What mig_kick calls for each helper (migration.h, "interrupt of helpers"). */
 static void in_kick_multifd(void *mr) { multifd_recv_kick(mr); }
 static void in_kick_mapped(void *mr) { mapped_ram_interrupt(mr); }
-static void in_kick_decomp(void *d) { lm_decompress_interrupt(d); }
+static void in_kick_decomp(void *d) { decompress_interrupt(d); }
 
 /*
  * The transport the pages come by decides the placer: a mapped-ram file,
  * the decompression pool, the multifd channels, or (none of these) the
  * main stream placed directly.  The accepted channels pass to multifd.
  */
-static int in_setup_placer(incoming *in, lm_conn *chans, int n, lm_error *err)
+static int in_setup_placer(incoming *in, transport_conn *chans, int n, lm_error *err)
 {
     lm_mig *m = in->m;
-    lm_params p = mig_params(m);
+    mig_paramset p = mig_params(m);
 
-    if (mig_cap(m, LM_CAP_MAPPED_RAM)) {
-        int nch = mig_cap(m, LM_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
+    if (mig_cap(m, MIG_CAP_MAPPED_RAM)) {
+        int nch = mig_cap(m, MIG_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
 
         in->mapped = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, nch, p.direct_io,
                                      false, err);
@@ -103,13 +103,13 @@ static int in_setup_placer(incoming *in, lm_conn *chans, int n, lm_error *err)
             return err->code ? err->code : -EIO;
         mig_helper_add(m, in_kick_mapped, in->mapped);
         in->placer = mapped_ram_placer(in->mapped);
-    } else if (mig_cap(m, LM_CAP_COMPRESS)) {
-        in->decomp = lm_decompress_new((int)p.decompress_threads, err);
+    } else if (mig_cap(m, MIG_CAP_COMPRESS)) {
+        in->decomp = decompress_new((int)p.decompress_threads, err);
         if (!in->decomp)
             return err->code ? err->code : -EIO;
         mig_helper_add(m, in_kick_decomp, in->decomp);
-        in->placer = lm_decompress_placer(in->decomp);
-    } else if (mig_cap(m, LM_CAP_MULTIFD)) {
+        in->placer = decompress_placer(in->decomp);
+    } else if (mig_cap(m, MIG_CAP_MULTIFD)) {
         in->mfr = multifd_recv_start(chans, n, &m->ram, (int)p.multifd_compression, m->conn.fd,
                                      &m->cancel, mig_fail, m, err);
         if (!in->mfr)
@@ -138,7 +138,7 @@ static int in_rp_send(incoming *in, uint16_t type, uint32_t value)
 }
 
 /* OPEN_RETURN_PATH: a second one changes nothing, as in QEMU. */
-static int in_open_rp(const lm_loadvm_cmd *c, void *opaque)
+static int in_open_rp(const loadvm_cmd *c, void *opaque)
 {
     incoming *in = opaque;
 
@@ -152,21 +152,21 @@ static int in_open_rp(const lm_loadvm_cmd *c, void *opaque)
 }
 
 /* PING(value): PONG(value) on the return path, which must be open. */
-static int in_ping(const lm_loadvm_cmd *c, void *opaque)
+static int in_ping(const loadvm_cmd *c, void *opaque)
 {
     incoming *in = opaque;
 
     assert(c->len == 4);    /* the wire table's length for PING, checked */
     if (!in->rp)
         return -ENOTCONN;
-    return in_rp_send(in, LM_RP_PONG, wire_be32(c->data));
+    return in_rp_send(in, WIRE_RP_PONG, wire_be32(c->data));
 }
 
 static int in_load_ram(lm_stream *s, void *opaque, uint32_t version, int type)
 {
     incoming *in = opaque;
     int ret = ram_load(&in->m->ram, &in->placer, s, type);
-    int64_t now = lm_now_ns();
+    int64_t now = time_now_ns();
 
     if (now - in->last_publish_ns > 100 * 1000000LL) {
         in->last_publish_ns = now;
@@ -197,12 +197,12 @@ static int in_check_ram(void *opaque, char *why, size_t len)
 /* Read and discard until the source closes (bounded). */
 static void in_drain(incoming *in)
 {
-    int64_t deadline = lm_now_ms() + LM_DRAIN_MS;
+    int64_t deadline = time_now_ms() + IN_DRAIN_MS;
     char buf[4096];
 
-    while (lm_now_ms() < deadline) {
+    while (time_now_ms() < deadline) {
         struct pollfd pfd = { .fd = in->m->conn.fd, .events = POLLIN };
-        if (poll(&pfd, 1, (int)(deadline - lm_now_ms())) <= 0)
+        if (poll(&pfd, 1, (int)(deadline - time_now_ms())) <= 0)
             return;
         ssize_t r = read(in->m->conn.fd, buf, sizeof(buf));
         if (r <= 0 && !(r < 0 && errno == EINTR))
@@ -214,7 +214,7 @@ void *incoming_thread(void *arg)
 {
     lm_mig *m = arg;
     incoming in = { .m = m };
-    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    loadvm *lv = calloc(1, sizeof(*lv));
     lm_error err = { 0 };
     int ret;
 
@@ -225,35 +225,35 @@ void *incoming_thread(void *arg)
     {
         /* Accept into a local and publish it under conn_lock: lm_cancel may
          * be shutting m->conn down concurrently. */
-        lm_conn c = { .fd = -1 }, chans[LM_MULTIFD_MAX_CHANNELS];
+        transport_conn c = { .fd = -1 }, chans[MULTIFD_MAX_CHANNELS];
         int n = (int)mig_params(m).multifd_channels;
 
-        if (mig_cap(m, LM_CAP_MULTIFD) && !mig_cap(m, LM_CAP_MAPPED_RAM))
-            ret = multifd_accept(&m->listen, n, m->cancel_fd, LM_CHANNELS_MS, &c, chans, &err);
+        if (mig_cap(m, MIG_CAP_MULTIFD) && !mig_cap(m, MIG_CAP_MAPPED_RAM))
+            ret = multifd_accept(&m->listen, n, m->cancel_fd, IN_CHANNELS_MS, &c, chans, &err);
         else
-            ret = lm_transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
+            ret = transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
         if (!ret)
             ret = in_setup_placer(&in, chans, n, &err);
     }
-    lm_transport_unlisten(&m->listen);
+    transport_unlisten(&m->listen);
     if (ret) {
         if (ret == -ECANCELED)
-            lm_error_set(&err, ret, "incoming migration cancelled before a source connected");
+            error_set(&err, ret, "incoming migration cancelled before a source connected");
         goto fail;
     }
     if (mig_cancelled(m)) {   /* a cancel that raced with accept */
-        ret = lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
+        ret = error_set(&err, -ECANCELED, "incoming migration cancelled");
         goto fail;
     }
     mig_set_status(m, LM_STATUS_ACTIVE);
-    in.s = lm_stream_new_reader(m->conn.fd, m->conn.is_socket);
-    lv->mapped_ram = mig_cap(m, LM_CAP_MAPPED_RAM);
-    loadvm_set_command(lv, LM_CMD_OPEN_RETURN_PATH, in_open_rp, &in);
-    loadvm_set_command(lv, LM_CMD_PING, in_ping, &in);
-    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, in_load_ram, &in)->check =
+    in.s = stream_new_reader(m->conn.fd, m->conn.is_socket);
+    lv->mapped_ram = mig_cap(m, MIG_CAP_MAPPED_RAM);
+    loadvm_set_command(lv, WIRE_CMD_OPEN_RETURN_PATH, in_open_rp, &in);
+    loadvm_set_command(lv, WIRE_CMD_PING, in_ping, &in);
+    loadvm_add_handler(lv, "ram", 0, RAM_SECTION_VERSION, in_load_ram, &in)->check =
         in_check_ram;
     for (int i = 0; i < m->ndevices; i++)
         loadvm_add_handler(lv, m->devices[i].idstr, m->devices[i].instance,
@@ -266,9 +266,9 @@ void *incoming_thread(void *arg)
     if (ret) {
         ret = lm_stream_error(in.s);
         if (mig_cancelled(m))
-            lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
+            error_set(&err, -ECANCELED, "incoming migration cancelled");
         else
-            lm_error_set(&err, ret, "%s", lm_stream_error_msg(in.s));
+            error_set(&err, ret, "%s", lm_stream_error_msg(in.s));
         goto fail;
     }
     /* The last EOS was a multifd barrier: every page is in place. */
@@ -281,7 +281,7 @@ void *incoming_thread(void *arg)
      * source (mig_commit, state.c).
      */
     if (!mig_commit(m)) {
-        lm_error_set(&err, -ECANCELED, "incoming migration cancelled");
+        error_set(&err, -ECANCELED, "incoming migration cancelled");
         ret = -ECANCELED;
         goto fail;
     }
@@ -295,29 +295,29 @@ void *incoming_thread(void *arg)
     } else {
         mig_set_runstate(m, LM_RUN_PAUSED);
     }
-    if (in.rp && in_rp_send(&in, LM_RP_SHUT, 0))
-        lm_log("could not confirm to the source (return path write failed); the guest "
-               "runs here anyway");
+    if (in.rp && in_rp_send(&in, WIRE_RP_SHUT, 0))
+        util_log("could not confirm to the source (return path write failed); the guest "
+                 "runs here anyway");
     mig_set_status(m, LM_STATUS_COMPLETED);
     if (in.rp)
         in_drain(&in);
     rp_writer_free(in.rpw);             /* before the connection it borrows */
     mig_conn_close(m, NULL);
-    lm_stream_free(in.s);
+    stream_free(in.s);
     free(lv);
     return NULL;
 
 fail:
     in_workers_finish(&in, true, NULL);
     if (in.rp)
-        in_rp_send(&in, LM_RP_SHUT, 1);
+        in_rp_send(&in, WIRE_RP_SHUT, 1);
     if (in.s)
         in_publish(&in);
     rp_writer_free(in.rpw);
     mig_conn_close(m, NULL);
     mig_set_error(m, &err);
     mig_set_status(m, LM_STATUS_FAILED);
-    lm_stream_free(in.s);
+    stream_free(in.s);
     free(lv);
     return NULL;
 }

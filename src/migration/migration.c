@@ -71,7 +71,7 @@ void lm_free(lm_mig *m)
     mig_kick(m);
     mig_join(m);
     if (m->dirty)
-        lm_dirty_free(m->dirty);
+        dirty_free(m->dirty);
     ram_save_finish(&m->ram);
     ram_load_finish(&m->ram);
     pthread_mutex_destroy(&m->lock);
@@ -112,8 +112,8 @@ int lm_ram_register(lm_mig *m, const char *idstr, void *host, uint64_t length,
                     uint64_t page_size, lm_error *err)
 {
     if (m->dirty || !mig_idle(m))
-        return lm_error_set(err, -EBUSY, "RAM blocks must be registered before the first "
-                            "migration");
+        return error_set(err, -EBUSY, "RAM blocks must be registered before the first "
+                         "migration");
     return ram_register(&m->ram, idstr, host, length, page_size, err);
 }
 
@@ -124,10 +124,10 @@ int lm_ram_find(lm_mig *m, const char *idstr)
 
 void lm_ram_mark_dirty_idx(lm_mig *m, int block, uint64_t offset, uint64_t len)
 {
-    lm_dirty *d = atomic_load_explicit(&m->dirty, memory_order_acquire);
+    dirty_tracker *d = atomic_load_explicit(&m->dirty, memory_order_acquire);
 
     if (d && block >= 0 && block < m->ram.nblocks)
-        lm_dirty_mark(d, block, offset, len);
+        dirty_mark(d, block, offset, len);
 }
 
 void lm_ram_mark_dirty(lm_mig *m, const char *idstr, uint64_t offset, uint64_t len)
@@ -138,35 +138,35 @@ void lm_ram_mark_dirty(lm_mig *m, const char *idstr, uint64_t offset, uint64_t l
 int lm_set_dirty_tracker(lm_mig *m, const char *name, lm_error *err)
 {
     if (strcmp(name, "auto") && strcmp(name, "uffd-wp") && strcmp(name, "cooperative"))
-        return lm_error_set(err, -EINVAL, "unknown dirty tracker '%s' (expected auto, "
-                            "uffd-wp or cooperative)", name);
+        return error_set(err, -EINVAL, "unknown dirty tracker '%s' (expected auto, "
+                         "uffd-wp or cooperative)", name);
     if (m->dirty)
-        return lm_error_set(err, -EBUSY, "the dirty tracker is chosen already");
+        return error_set(err, -EBUSY, "the dirty tracker is chosen already");
     snprintf(m->tracker_req, sizeof(m->tracker_req), "%s", name);
     return 0;
 }
 
 const char *lm_dirty_tracker_name(lm_mig *m)
 {
-    lm_dirty *d = atomic_load(&m->dirty);
-    return d ? lm_dirty_name(d) : m->tracker_req;
+    dirty_tracker *d = atomic_load(&m->dirty);
+    return d ? dirty_name(d) : m->tracker_req;
 }
 
 /* The tracker is created once, at the first migration, and kept: the
  * program may be marking pages through it at any time. */
 static int mig_dirty_get(lm_mig *m, lm_error *err)
 {
-    lm_dirty_region regs[LM_RAM_MAX_BLOCKS];
-    lm_dirty *d;
+    dirty_region regs[RAM_MAX_BLOCKS];
+    dirty_tracker *d;
 
     if (m->dirty)
         return 0;
     for (int i = 0; i < m->ram.nblocks; i++) {
         regs[i].host = m->ram.blocks[i].host;
         regs[i].length = m->ram.blocks[i].length;
-        regs[i].page_size = LM_PAGE_SIZE;
+        regs[i].page_size = RAM_PAGE_SIZE;
     }
-    d = lm_dirty_new(m->tracker_req, regs, m->ram.nblocks, err);
+    d = dirty_new(m->tracker_req, regs, m->ram.nblocks, err);
     if (!d)
         return err && err->code ? err->code : -EINVAL;
     atomic_store_explicit(&m->dirty, d, memory_order_release);
@@ -176,21 +176,21 @@ static int mig_dirty_get(lm_mig *m, lm_error *err)
 int lm_device_register(lm_mig *m, const char *idstr, uint32_t instance, uint32_t version,
                        const lm_device_ops *ops, void *opaque, lm_error *err)
 {
-    lm_device *d;
+    mig_device *d;
 
     if (!mig_idle(m))
-        return lm_error_set(err, -EBUSY, "devices must be registered while no migration runs");
+        return error_set(err, -EBUSY, "devices must be registered while no migration runs");
     if (!idstr || !*idstr || strlen(idstr) > 255 || !strcmp(idstr, "ram"))
-        return lm_error_set(err, -EINVAL, "bad device id '%s'", idstr ? idstr : "");
+        return error_set(err, -EINVAL, "bad device id '%s'", idstr ? idstr : "");
     if (!ops || !ops->save || !ops->load || version == 0)
-        return lm_error_set(err, -EINVAL, "device '%s': save, load and a version >= 1 "
-                            "are required", idstr);
+        return error_set(err, -EINVAL, "device '%s': save, load and a version >= 1 "
+                         "are required", idstr);
     for (int i = 0; i < m->ndevices; i++)
         if (!strcmp(m->devices[i].idstr, idstr) && m->devices[i].instance == instance)
-            return lm_error_set(err, -EEXIST, "device '%s' instance %u already registered",
-                                idstr, instance);
-    if (m->ndevices == LM_MAX_DEVICES)
-        return lm_error_set(err, -ENOSPC, "too many devices (max %d)", LM_MAX_DEVICES);
+            return error_set(err, -EEXIST, "device '%s' instance %u already registered",
+                             idstr, instance);
+    if (m->ndevices == MIG_MAX_DEVICES)
+        return error_set(err, -ENOSPC, "too many devices (max %d)", MIG_MAX_DEVICES);
     d = &m->devices[m->ndevices++];
     snprintf(d->idstr, sizeof(d->idstr), "%s", idstr);
     d->instance = instance;
@@ -216,7 +216,7 @@ void mig_set_error(lm_mig *m, const lm_error *err)
             m->error.code = -EIO;
         snprintf(m->stats.error_desc, sizeof(m->stats.error_desc), "%s", err->msg);
     } else {
-        lm_log("later error (first one is kept): %s", err->msg);
+        util_log("later error (first one is kept): %s", err->msg);
     }
     pthread_mutex_unlock(&m->lock);
 }
@@ -234,7 +234,7 @@ void mig_replace_error(lm_mig *m, const lm_error *err)
 /* What a shutdown does not reach: channels, pools, a file's I/O. */
 static void helpers_interrupt_locked(lm_mig *m)
 {
-    for (int i = 0; i < LM_MAX_HELPERS; i++)
+    for (int i = 0; i < MIG_MAX_HELPERS; i++)
         if (m->helpers[i].fn)
             m->helpers[i].fn(m->helpers[i].opaque);
 }
@@ -248,7 +248,7 @@ void mig_kick(lm_mig *m)
         /* an eventfd write only fails on overflow, which means it is readable */
     }
     pthread_mutex_lock(&m->conn_lock);
-    lm_conn_shutdown(&m->conn);
+    conn_shutdown(&m->conn);
     helpers_interrupt_locked(m);
     pthread_mutex_unlock(&m->conn_lock);
 }
@@ -265,10 +265,10 @@ void mig_helper_add(lm_mig *m, void (*fn)(void *), void *opaque)
     int i;
 
     pthread_mutex_lock(&m->conn_lock);
-    for (i = 0; i < LM_MAX_HELPERS && m->helpers[i].fn; i++)
+    for (i = 0; i < MIG_MAX_HELPERS && m->helpers[i].fn; i++)
         ;
-    assert(i < LM_MAX_HELPERS);     /* a migration runs at most one of each kind */
-    if (i < LM_MAX_HELPERS) {
+    assert(i < MIG_MAX_HELPERS);    /* a migration runs at most one of each kind */
+    if (i < MIG_MAX_HELPERS) {
         m->helpers[i].fn = fn;
         m->helpers[i].opaque = opaque;
     }
@@ -281,7 +281,7 @@ void mig_helper_add(lm_mig *m, void (*fn)(void *), void *opaque)
 void mig_helper_remove(lm_mig *m, void *opaque)
 {
     pthread_mutex_lock(&m->conn_lock);
-    for (int i = 0; i < LM_MAX_HELPERS; i++)
+    for (int i = 0; i < MIG_MAX_HELPERS; i++)
         if (m->helpers[i].fn && m->helpers[i].opaque == opaque)
             m->helpers[i].fn = NULL;
     pthread_mutex_unlock(&m->conn_lock);
@@ -324,10 +324,10 @@ void mig_conn_close(lm_mig *m, lm_error *err)
 {
     /* Only its owner, the migration thread, closes the connection (others
      * shut it down); its helpers are gone by then. */
-    for (int i = 0; i < LM_MAX_HELPERS; i++)
+    for (int i = 0; i < MIG_MAX_HELPERS; i++)
         assert(!m->helpers[i].fn);
     pthread_mutex_lock(&m->conn_lock);
-    lm_conn_close(&m->conn, err);
+    conn_close(&m->conn, err);
     pthread_mutex_unlock(&m->conn_lock);
 }
 
@@ -342,16 +342,16 @@ void mig_publish(lm_mig *m, const lm_stats *st)
     memcpy(addr, m->stats.socket_address, sizeof(addr));
     m->stats = *st;
     m->stats.status = status;
-    m->stats.total_time = mig_status_final(status) ? total_time : lm_now_ms() - m->start_ms;
+    m->stats.total_time = mig_status_final(status) ? total_time : time_now_ms() - m->start_ms;
     memcpy(m->stats.error_desc, err, sizeof(err));
     memcpy(m->stats.socket_address, addr, sizeof(addr));
     m->stats.incoming = m->incoming;
     pthread_mutex_unlock(&m->lock);
 }
 
-lm_params mig_params(lm_mig *m)
+mig_paramset mig_params(lm_mig *m)
 {
-    lm_params p;
+    mig_paramset p;
 
     pthread_mutex_lock(&m->lock);
     p = m->params;
@@ -359,7 +359,7 @@ lm_params mig_params(lm_mig *m)
     return p;
 }
 
-bool mig_cap(lm_mig *m, enum lm_cap c)
+bool mig_cap(lm_mig *m, enum mig_capability c)
 {
     bool on;
 
@@ -375,11 +375,11 @@ void lm_query(lm_mig *m, lm_stats *st)
     *st = m->stats;
     st->status = m->status;
     if (!mig_status_final(m->status))
-        st->total_time = lm_now_ms() - m->start_ms;
+        st->total_time = time_now_ms() - m->start_ms;
     pthread_mutex_unlock(&m->lock);
     snprintf(st->dirty_tracker, sizeof(st->dirty_tracker), "%s", lm_dirty_tracker_name(m));
     st->total = m->ram.total;
-    st->page_size = LM_PAGE_SIZE;
+    st->page_size = RAM_PAGE_SIZE;
 }
 
 
@@ -395,32 +395,32 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
         bool ended = mig_status_final(m->status);
         pthread_mutex_unlock(&m->lock);
         if (!ended)
-            return lm_error_set(err, -EBUSY, "There's a migration process in progress");
+            return error_set(err, -EBUSY, "There's a migration process in progress");
     }
     mig_join(m);
     if ((ret = mig_claim_runstate(m, incoming, err)))
         return ret;
     if (m->ram.nblocks == 0 && m->ndevices == 0)
-        return lm_error_set(err, -EINVAL, "nothing to migrate: no RAM block or device "
-                            "registered");
-    ret = lm_uri_parse(uri, &m->uri, err);
+        return error_set(err, -EINVAL, "nothing to migrate: no RAM block or device "
+                         "registered");
+    ret = transport_uri_parse(uri, &m->uri, err);
     if (ret)
         return ret;
     if (!incoming && (ret = mig_dirty_get(m, err)))
         return ret;
     m->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (m->cancel_fd < 0)
-        return lm_error_set_errno(err, -errno, "eventfd");
+        return error_set_errno(err, -errno, "eventfd");
     atomic_store(&m->cancel, false);
     m->committed = false;
     m->user_cancel = false;
 
     pthread_mutex_lock(&m->lock);
     memset(&m->stats, 0, sizeof(m->stats));
-    lm_error_clear(&m->error);
+    error_clear(&m->error);
     m->incoming = incoming;
     m->stats.incoming = incoming;
-    m->start_ms = lm_now_ms();
+    m->start_ms = time_now_ms();
     pthread_mutex_unlock(&m->lock);
     return 0;
 }
@@ -441,33 +441,33 @@ static int mig_spawn(lm_mig *m, void *(*fn)(void *), lm_error *err)
     pthread_mutex_unlock(&m->lock);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (ret)
-        return lm_error_set(err, -ret, "cannot create the migration thread: %s", strerror(ret));
+        return error_set(err, -ret, "cannot create the migration thread: %s", strerror(ret));
     return 0;
 }
 
 /* Capability / URI combinations refused before anything starts. */
 static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
 {
-    lm_uri u;
-    int ret = lm_uri_parse(uri, &u, err);
+    transport_uri u;
+    int ret = transport_uri_parse(uri, &u, err);
 
     if (ret)
         return ret;
-    lm_params p = mig_params(m);
-    bool mapped = mig_cap(m, LM_CAP_MAPPED_RAM);
+    mig_paramset p = mig_params(m);
+    bool mapped = mig_cap(m, MIG_CAP_MAPPED_RAM);
 
-    if (mapped && u.kind != LM_URI_FILE)
-        return lm_error_set(err, -EINVAL, "mapped-ram needs a file: URI, not '%s'", uri);
+    if (mapped && u.kind != URI_FILE)
+        return error_set(err, -EINVAL, "mapped-ram needs a file: URI, not '%s'", uri);
     if (mapped && p.multifd_compression)
-        return lm_error_set(err, -EINVAL, "Cannot use compression with mapped-ram");
-    if (mig_cap(m, LM_CAP_MULTIFD) && !mapped && u.kind != LM_URI_TCP && u.kind != LM_URI_UNIX)
-        return lm_error_set(err, -EINVAL, "multifd needs a tcp: or unix: URI (or file: with "
-                            "mapped-ram), not '%s'", uri);
-    if (mig_cap(m, LM_CAP_COMPRESS) && (mapped || mig_cap(m, LM_CAP_MULTIFD)))
-        return lm_error_set(err, -EINVAL, "the compress capability cannot be combined with "
-                            "multifd or mapped-ram (use multifd-compression)");
+        return error_set(err, -EINVAL, "Cannot use compression with mapped-ram");
+    if (mig_cap(m, MIG_CAP_MULTIFD) && !mapped && u.kind != URI_TCP && u.kind != URI_UNIX)
+        return error_set(err, -EINVAL, "multifd needs a tcp: or unix: URI (or file: with "
+                         "mapped-ram), not '%s'", uri);
+    if (mig_cap(m, MIG_CAP_COMPRESS) && (mapped || mig_cap(m, MIG_CAP_MULTIFD)))
+        return error_set(err, -EINVAL, "the compress capability cannot be combined with "
+                         "multifd or mapped-ram (use multifd-compression)");
     if (p.direct_io && !mapped)
-        return lm_error_set(err, -EINVAL, "direct-io needs the mapped-ram capability");
+        return error_set(err, -EINVAL, "direct-io needs the mapped-ram capability");
     return 0;
 }
 
@@ -479,7 +479,7 @@ int lm_migrate(lm_mig *m, const char *uri, lm_error *err)
         return ret;
     mig_set_status(m, LM_STATUS_SETUP);
     /* Connect here so "refused" / "bad address" reach the caller directly. */
-    ret = lm_transport_connect(&m->uri, &m->conn, m->cancel_fd, 10000, err);
+    ret = transport_connect(&m->uri, &m->conn, m->cancel_fd, 10000, err);
     if (ret) {
         mig_set_error(m, err);
         mig_set_status(m, LM_STATUS_FAILED);
@@ -500,7 +500,7 @@ int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
 
     if (ret || (ret = mig_begin(m, uri, true, err)))
         return ret;
-    ret = lm_transport_listen(&m->uri, &m->listen, err);
+    ret = transport_listen(&m->uri, &m->listen, err);
     if (ret)
         return ret;
     pthread_mutex_lock(&m->lock);
@@ -510,7 +510,7 @@ int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
     mig_set_status(m, LM_STATUS_SETUP);
     ret = mig_spawn(m, incoming_thread, err);
     if (ret) {
-        lm_transport_unlisten(&m->listen);
+        transport_unlisten(&m->listen);
         mig_set_error(m, err);
         mig_set_status(m, LM_STATUS_FAILED);
     }

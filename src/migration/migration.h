@@ -32,8 +32,8 @@
  *   The thread is joined by the next lm_migrate/lm_incoming, lm_wait after
  *   the end, or lm_free.
  */
-#ifndef LM_MIGRATION_MIGRATION_H
-#define LM_MIGRATION_MIGRATION_H
+#ifndef MIGRATION_MIGRATION_H
+#define MIGRATION_MIGRATION_H
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -44,20 +44,20 @@
 #include "dirty/dirty.h"
 #include "ram/ram.h"
 
-#define LM_MAX_LISTENERS 8
-#define LM_MAX_DEVICES 64
-#define LM_MAX_HELPERS 4
+#define MIG_MAX_LISTENERS 8
+#define MIG_MAX_DEVICES 64
+#define MIG_MAX_HELPERS 4
 
-enum lm_cap {
-    LM_CAP_EVENTS,
-    LM_CAP_AUTO_CONVERGE,
-    LM_CAP_MULTIFD,
-    LM_CAP_MAPPED_RAM,
-    LM_CAP_COMPRESS,
-    LM_CAP__MAX,
+enum mig_capability {
+    MIG_CAP_EVENTS,
+    MIG_CAP_AUTO_CONVERGE,
+    MIG_CAP_MULTIFD,
+    MIG_CAP_MAPPED_RAM,
+    MIG_CAP_COMPRESS,
+    MIG_CAP__MAX,
 };
 
-typedef struct lm_params {
+typedef struct mig_paramset {
     int64_t downtime_limit;            /* ms */
     int64_t max_bandwidth;             /* bytes/s, 0 = unlimited */
     int64_t avail_switchover_bandwidth;/* bytes/s, 0 = use measured */
@@ -69,28 +69,28 @@ typedef struct lm_params {
     int64_t multifd_compression;       /* index into its choices: none, zlib, zstd */
     int64_t multifd_zlib_level;
     int64_t multifd_zstd_level;
-    int64_t zero_page_detection;       /* lm_zero_detect: none, legacy, multifd */
+    int64_t zero_page_detection;       /* zero_detect: none, legacy, multifd */
     int64_t direct_io;                 /* bool: O_DIRECT for mapped-ram page I/O */
     int64_t compress_level;
     int64_t compress_threads;
     int64_t decompress_threads;
     int64_t switchover_confirm_timeout;/* ms the source waits for the destination's answer */
-} lm_params;
+} mig_paramset;
 
 /* Copied by value under the lock, then called without it. */
-typedef struct lm_listeners {
-    lm_listener l[LM_MAX_LISTENERS];
-    void *opaque[LM_MAX_LISTENERS];
+typedef struct mig_listeners {
+    lm_listener l[MIG_MAX_LISTENERS];
+    void *opaque[MIG_MAX_LISTENERS];
     int n;
-} lm_listeners;
+} mig_listeners;
 
-typedef struct lm_device {
+typedef struct mig_device {
     char idstr[256];
     uint32_t instance, version;
     uint32_t section_id;
     lm_device_ops ops;
     void *opaque;
-} lm_device;
+} mig_device;
 
 struct lm_mig {
     pthread_mutex_t lock;
@@ -101,23 +101,23 @@ struct lm_mig {
     bool incoming;
     lm_runstate runstate;
     bool autostart;                    /* destination: start the guest on arrival */
-    lm_params params;
-    bool caps[LM_CAP__MAX];
+    mig_paramset params;
+    bool caps[MIG_CAP__MAX];
     lm_stats stats;                    /* published snapshot for lm_query */
     lm_error error;                    /* first error of the current migration */
     bool thread_running;               /* a thread exists and is not yet joined */
     int64_t start_ms;                  /* lm_migrate / lm_incoming time */
-    lm_listeners listeners;
+    mig_listeners listeners;
     int listener_calls;                /* threads calling a snapshot right now */
 
     /* --- set before a migration, read-only while one runs --- */
     lm_vm_ops vm;
     void *vm_opaque;
-    lm_ram ram;                        /* blocks; save/load state is the thread's */
-    lm_device devices[LM_MAX_DEVICES];
+    ram_state ram;                     /* blocks; save/load state is the thread's */
+    mig_device devices[MIG_MAX_DEVICES];
     int ndevices;
     char tracker_req[32];              /* "auto", "uffd-wp", "cooperative" */
-    lm_dirty *_Atomic dirty;           /* created at first migration, freed by lm_free */
+    dirty_tracker *_Atomic dirty;      /* created at first migration, freed by lm_free */
 
     /* --- the running migration --- */
     pthread_t thread;
@@ -127,15 +127,15 @@ struct lm_mig {
     bool committed;                    /* under lock: EOF sent, cancel refused */
     bool user_cancel;                  /* under lock: lm_cancel asked (vs. a failure) */
     int cancel_fd;                     /* eventfd, readable once cancelled */
-    lm_uri uri;
-    lm_conn conn;                      /* owned by the thread; shutdown by anyone */
+    transport_uri uri;
+    transport_conn conn;               /* owned by the thread; shutdown by anyone */
     pthread_mutex_t conn_lock;         /* guards conn.fd against close vs shutdown */
     /* under conn_lock: what mig_kick interrupts besides the connection --
      * the running helpers (multifd channels, worker pools, a mapped-ram
      * file), each added by the thread that starts it and removed before it
      * is freed */
-    struct { void (*fn)(void *); void *opaque; } helpers[LM_MAX_HELPERS];
-    lm_listen listen;
+    struct { void (*fn)(void *); void *opaque; } helpers[MIG_MAX_HELPERS];
+    transport_listener listen;
 };
 
 /* ---- state.c: the state machine (its tables say which move is legal
@@ -156,7 +156,6 @@ int mig_claim_runstate(lm_mig *m, bool incoming, lm_error *err);
  * destination: after the loader accepted EOF, before the guest starts.
  */
 bool mig_commit(lm_mig *m);
-bool mig_committed(lm_mig *m);
 
 /* ---- migration.c: state shared by both directions ---- */
 
@@ -189,19 +188,19 @@ bool mig_user_cancelled(lm_mig *m);
 bool mig_cancelled(lm_mig *m);
 /* Publish counters for lm_query (takes the lock briefly). */
 void mig_publish(lm_mig *m, const lm_stats *st);
-lm_params mig_params(lm_mig *m);
-bool mig_cap(lm_mig *m, enum lm_cap c);
+mig_paramset mig_params(lm_mig *m);
+bool mig_cap(lm_mig *m, enum mig_capability c);
 /* Close the connection under conn_lock (so a concurrent kick is safe). */
 void mig_conn_close(lm_mig *m, lm_error *err);
 
 /* ---- params.c ---- */
-void params_init(lm_params *p);
+void params_init(mig_paramset *p);
 
 /* ---- precopy.c / incoming.c: thread entry points ---- */
 void *precopy_thread(void *arg);
 void *incoming_thread(void *arg);
 
-/* Return-path messages (LM_RP_*) and main-stream commands (LM_CMD_*): see
+/* Return-path messages (WIRE_RP_*) and main-stream commands (WIRE_CMD_*): see
  * savevm/wire.h, the one definition of the wire grammar. */
 
 #endif

@@ -13,18 +13,18 @@
 #include "multifd/multifd.h"
 #include "util/error.h"
 
-static const char *const cap_names[LM_CAP__MAX] = {
-    [LM_CAP_EVENTS] = "events",
-    [LM_CAP_AUTO_CONVERGE] = "auto-converge",
-    [LM_CAP_MULTIFD] = "multifd",
-    [LM_CAP_MAPPED_RAM] = "mapped-ram",
-    [LM_CAP_COMPRESS] = "compress",
+static const char *const cap_names[MIG_CAP__MAX] = {
+    [MIG_CAP_EVENTS] = "events",
+    [MIG_CAP_AUTO_CONVERGE] = "auto-converge",
+    [MIG_CAP_MULTIFD] = "multifd",
+    [MIG_CAP_MAPPED_RAM] = "mapped-ram",
+    [MIG_CAP_COMPRESS] = "compress",
 };
 
 typedef struct param_def {
     const char *name;
     lm_param_type type;
-    size_t offset;          /* into lm_params, int64_t fields */
+    size_t offset;          /* into mig_paramset, int64_t fields */
     int64_t min, max, def;
     bool live;              /* may change while a migration runs */
     const char *const *choices;   /* LM_PARAM_STR: the value is the index */
@@ -33,9 +33,9 @@ typedef struct param_def {
 static const char *const compression_choices[] = { "none", "zlib", "zstd", NULL };
 static const char *const zero_choices[] = { "none", "legacy", "multifd", NULL };
 
-#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(lm_params, f), lo, hi, d, l, NULL }
-#define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(lm_params, f), 0, 0, d, false, c }
-#define B(n, f, d) { n, LM_PARAM_BOOL, offsetof(lm_params, f), 0, 1, d, false, NULL }
+#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(mig_paramset, f), lo, hi, d, l, NULL }
+#define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(mig_paramset, f), 0, 0, d, false, c }
+#define B(n, f, d) { n, LM_PARAM_BOOL, offsetof(mig_paramset, f), 0, 1, d, false, NULL }
 static const param_def param_defs[] = {
     P("downtime-limit", downtime_limit, 0, 2000000, 300, true),
     P("max-bandwidth", max_bandwidth, 0, INT64_MAX, 0, true),
@@ -44,7 +44,7 @@ static const param_def param_defs[] = {
     P("cpu-throttle-increment", cpu_throttle_increment, 1, 99, 10, true),
     P("max-cpu-throttle", max_cpu_throttle, 1, 99, 99, true),
     P("throttle-trigger-threshold", throttle_trigger_threshold, 1, 100, 50, true),
-    P("multifd-channels", multifd_channels, 1, LM_MULTIFD_MAX_CHANNELS, 2, false),
+    P("multifd-channels", multifd_channels, 1, MULTIFD_MAX_CHANNELS, 2, false),
     S("multifd-compression", multifd_compression, 0, compression_choices),
     P("multifd-zlib-level", multifd_zlib_level, 0, 9, 1, false),
     P("multifd-zstd-level", multifd_zstd_level, 0, 20, 1, false),
@@ -62,7 +62,7 @@ static const param_def param_defs[] = {
 #undef B
 #define NPARAMS ((int)(sizeof(param_defs) / sizeof(param_defs[0])))
 
-void params_init(lm_params *p)
+void params_init(mig_paramset *p)
 {
     for (int i = 0; i < NPARAMS; i++)
         *(int64_t *)((char *)p + param_defs[i].offset) = param_defs[i].def;
@@ -70,12 +70,12 @@ void params_init(lm_params *p)
 
 const char *lm_cap_name(int i)
 {
-    return i >= 0 && i < LM_CAP__MAX ? cap_names[i] : NULL;
+    return i >= 0 && i < MIG_CAP__MAX ? cap_names[i] : NULL;
 }
 
 static int cap_index(const char *name)
 {
-    for (int i = 0; i < LM_CAP__MAX; i++)
+    for (int i = 0; i < MIG_CAP__MAX; i++)
         if (!strcmp(cap_names[i], name))
             return i;
     return -1;
@@ -92,10 +92,10 @@ int lm_cap_set(lm_mig *m, const char *name, bool on, lm_error *err)
     int i = cap_index(name), ret = 0;
 
     if (i < 0)
-        return lm_error_set(err, -ENOENT, "Capability '%s' not found", name);
+        return error_set(err, -ENOENT, "Capability '%s' not found", name);
     pthread_mutex_lock(&m->lock);
     if (mig_busy(m))
-        ret = lm_error_set(err, -EBUSY, "There's a migration process in progress");
+        ret = error_set(err, -EBUSY, "There's a migration process in progress");
     else
         m->caps[i] = on;
     pthread_mutex_unlock(&m->lock);
@@ -142,10 +142,10 @@ static const param_def *param_lookup(const char *name, lm_param_type type, lm_er
     const param_def *d = param_find(name);
 
     if (!d)
-        lm_error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
+        error_set(err, -ENOENT, "Parameter '%s' is unexpected", name);
     else if (d->type != type)
-        lm_error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s", name,
-                     type_names[d->type]);
+        error_set(err, -EINVAL, "Invalid parameter type for '%s', expected: %s", name,
+                  type_names[d->type]);
     return d && d->type == type ? d : NULL;
 }
 
@@ -156,8 +156,8 @@ static int param_store(lm_mig *m, const param_def *d, int64_t v, lm_error *err)
 
     pthread_mutex_lock(&m->lock);
     if (!d->live && mig_busy(m))
-        ret = lm_error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
-                           d->name);
+        ret = error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
+                        d->name);
     else
         *(int64_t *)((char *)&m->params + d->offset) = v;
     pthread_mutex_unlock(&m->lock);
@@ -171,8 +171,8 @@ int lm_param_set_int(lm_mig *m, const char *name, int64_t v, lm_error *err)
     if (!d)
         return err && err->code ? err->code : -EINVAL;
     if (v < d->min || v > d->max)
-        return lm_error_set(err, -ERANGE, "Parameter '%s' expects a value between %lld "
-                            "and %lld", name, (long long)d->min, (long long)d->max);
+        return error_set(err, -ERANGE, "Parameter '%s' expects a value between %lld "
+                         "and %lld", name, (long long)d->min, (long long)d->max);
     return param_store(m, d, v, err);
 }
 
@@ -196,8 +196,8 @@ int lm_param_set_str(lm_mig *m, const char *name, const char *v, lm_error *err)
         snprintf(list + strlen(list), sizeof(list) - strlen(list), "%s%s", i ? ", " : "",
                  d->choices[i]);
     }
-    return lm_error_set(err, -EINVAL, "Parameter '%s' does not accept value '%s' (expected "
-                        "one of: %s)", name, v, list);
+    return error_set(err, -EINVAL, "Parameter '%s' does not accept value '%s' (expected "
+                     "one of: %s)", name, v, list);
 }
 
 int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, size_t svlen)

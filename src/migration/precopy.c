@@ -14,7 +14,7 @@
  * Switch-over rule.  QEMU stops the guest as soon as the remainder fits in
  * the downtime budget.  We keep iterating live while an extra pass still
  * shrinks the remainder, and stop when it is tiny (sendable in
- * LM_SWITCHOVER_SMALL_MS) or stopped shrinking (less than 20% smaller than
+ * PC_SWITCHOVER_SMALL_MS) or stopped shrinking (less than 20% smaller than
  * at the previous pass that also fitted).  An idle guest therefore stops
  * with nothing left to send, and a dirtying one at its smallest remainder.
  *
@@ -45,17 +45,17 @@
 #include "util/error.h"
 #include "util/time.h"
 
-#define LM_RAM_SECTION_ID 1
-#define LM_SECTION_MAX_MS 50           /* one PART section, like QEMU's MAX_WAIT */
-#define LM_CHUNK_BYTES (256 * 1024)    /* rate-limit / time check granularity */
-#define LM_SWITCHOVER_SMALL_MS 1       /* "tiny remainder" for the switch-over rule */
+#define RAM_SECTION_ID 1
+#define PC_SECTION_MAX_MS 50           /* one PART section, like QEMU's MAX_WAIT */
+#define PC_CHUNK_BYTES (256 * 1024)    /* rate-limit / time check granularity */
+#define PC_SWITCHOVER_SMALL_MS 1       /* "tiny remainder" for the switch-over rule */
 
 typedef struct precopy {
     lm_mig *m;
     lm_stream *s;
-    lm_ram *ram;
-    lm_dirty *dirty;
-    lm_params p;
+    ram_state *ram;
+    dirty_tracker *dirty;
+    mig_paramset p;
     bool rp;                    /* return path open: destination will SHUT */
     bool vm_stopped;            /* we entered finish-migrate */
     bool eof_queued;            /* past the commit point: EOF is in the stream */
@@ -85,16 +85,16 @@ typedef struct precopy {
     rp_reader *rpr;             /* the return path's reader thread, on sockets */
     int dest_status;            /* SHUT value, -1 until received */
     lm_stats st;
-    lm_multifd_send *mfs;
-    lm_mapped_ram *mapped;
-    lm_compress *comp;
+    multifd_sender *mfs;
+    mapped_ram_file *mapped;
+    compressor *comp;
     ram_sink sink;                      /* where every page leaves, chosen at setup */
-    lm_multifd_stats mf_final;          /* kept when the channels are gone */
+    multifd_stats mf_final;             /* kept when the channels are gone */
     uint64_t mapped_final;              /* mapped-ram page bytes, kept likewise */
     bool multifd_file;                  /* mapped-ram pages written by multifd channels */
 } precopy;
 
-static void pc_mf_stats(precopy *pc, lm_multifd_stats *mf)
+static void pc_mf_stats(precopy *pc, multifd_stats *mf)
 {
     if (pc->mfs)
         multifd_send_stats(pc->mfs, mf);
@@ -105,10 +105,10 @@ static void pc_mf_stats(precopy *pc, lm_multifd_stats *mf)
 /* Bytes sent on all channels: the main stream plus multifd. */
 static uint64_t pc_bytes(precopy *pc)
 {
-    lm_multifd_stats mf;
+    multifd_stats mf;
 
     pc_mf_stats(pc, &mf);
-    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
+    return stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
            pc->mapped_final;
 }
 
@@ -119,13 +119,13 @@ static int pc_stream_err(precopy *pc, lm_error *err)
     if (!e)
         return 0;
     if (mig_cancelled(pc->m))
-        return lm_error_set(err, -ECANCELED, "migration cancelled");
-    return lm_error_set(err, e, "%s", lm_stream_error_msg(pc->s));
+        return error_set(err, -ECANCELED, "migration cancelled");
+    return error_set(err, e, "%s", lm_stream_error_msg(pc->s));
 }
 
 static void pc_publish(precopy *pc)
 {
-    int64_t now = lm_now_ns();
+    int64_t now = time_now_ns();
     uint64_t bytes = pc_bytes(pc);
     uint64_t pages = pc->ram->zero_pages + pc->ram->normal_pages;
 
@@ -137,7 +137,7 @@ static void pc_publish(precopy *pc)
         pc->rate_bytes = bytes;
         pc->rate_pages = pages;
     }
-    lm_multifd_stats mf;
+    multifd_stats mf;
 
     pc_mf_stats(pc, &mf);
     pc->st.multifd_bytes = mf.bytes;
@@ -145,22 +145,22 @@ static void pc_publish(precopy *pc)
     if (pc->multifd_file)
         pc->st.multifd_bytes += mapped_ram_bytes(pc->mapped) + pc->mapped_final;
     pc->st.transferred = bytes;
-    pc->st.remaining = pc->ram->dirty * LM_PAGE_SIZE;
+    pc->st.remaining = pc->ram->dirty * RAM_PAGE_SIZE;
     pc->st.duplicate = pc->ram->zero_pages + mf.zero_pages;
     pc->st.normal = pc->ram->normal_pages - mf.zero_pages;
-    pc->st.normal_bytes = pc->st.normal * LM_PAGE_SIZE;
+    pc->st.normal_bytes = pc->st.normal * RAM_PAGE_SIZE;
     if (mf.compressed_bytes) {
         /* multifd-compression: the same figures, from the channels' codecs
          * (no worker ever waits for another, so busy stays 0) */
         pc->st.compression = true;
         pc->st.compress_pages = mf.normal_pages;
         pc->st.compressed_size = mf.compressed_bytes;
-        pc->st.compression_rate = (double)(mf.normal_pages * LM_PAGE_SIZE) /
+        pc->st.compression_rate = (double)(mf.normal_pages * RAM_PAGE_SIZE) /
                                   (double)mf.compressed_bytes;
     }
     if (pc->comp) {
-        lm_compress_stats cs;
-        lm_compress_get_stats(pc->comp, &cs);
+        compress_stats cs;
+        compress_get_stats(pc->comp, &cs);
         pc->st.compression = true;
         pc->st.compress_pages = cs.pages;
         pc->st.compress_busy = cs.busy;
@@ -211,24 +211,24 @@ static int pc_rp_check(precopy *pc, lm_error *err)
  */
 static uint64_t pc_rate_bytes(precopy *pc)
 {
-    lm_multifd_stats mf;
+    multifd_stats mf;
     uint64_t done;
 
-    double per_page = LM_PAGE_SIZE;
+    double per_page = RAM_PAGE_SIZE;
 
     pc_mf_stats(pc, &mf);
     done = mf.normal_pages + mf.zero_pages;
     /* with compression the backlog will go out at the ratio seen so far */
     if (mf.compressed_bytes && mf.normal_pages)
         per_page = (double)mf.compressed_bytes / (double)mf.normal_pages;
-    return lm_stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
+    return stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
            (uint64_t)((double)(mf.queued_pages > done ? mf.queued_pages - done : 0) * per_page);
 }
 
 /* Sleep out the rest of the 100 ms window if it is used up.  Interruptible. */
 static int pc_rate_limit(precopy *pc, lm_error *err)
 {
-    int64_t now = lm_now_ns(), limit = pc->p.max_bandwidth;
+    int64_t now = time_now_ns(), limit = pc->p.max_bandwidth;
     uint64_t sent = pc_rate_bytes(pc) - pc->win_bytes;
 
     if (now - pc->win_ns >= 100 * 1000000LL) {
@@ -238,13 +238,13 @@ static int pc_rate_limit(precopy *pc, lm_error *err)
     }
     if (limit <= 0 || sent < (uint64_t)limit / 10)
         return 0;
-    if (lm_stream_flush(pc->s))
+    if (stream_flush(pc->s))
         return pc_stream_err(pc, err);
     struct pollfd pfd = { .fd = pc->m->cancel_fd, .events = POLLIN };
     int ms = (int)((pc->win_ns + 100 * 1000000LL - now + 999999) / 1000000);
     if (ms > 0)
         poll(&pfd, 1, ms);
-    pc->win_ns = lm_now_ns();
+    pc->win_ns = time_now_ns();
     pc->win_bytes = pc_rate_bytes(pc);
     return 0;
 }
@@ -254,19 +254,19 @@ static int pc_rate_limit(precopy *pc, lm_error *err)
 /* What mig_kick calls for each helper (migration.h, "interrupt of helpers"). */
 static void pc_kick_multifd(void *ms) { multifd_send_kick(ms); }
 static void pc_kick_mapped(void *mr) { mapped_ram_interrupt(mr); }
-static void pc_kick_compress(void *c) { lm_compress_interrupt(c); }
+static void pc_kick_compress(void *c) { compress_interrupt(c); }
 
 static int pc_multifd_start(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
     int n = (int)pc->p.multifd_channels, ret = 0;
-    lm_conn conns[LM_MULTIFD_MAX_CHANNELS];
+    transport_conn conns[MULTIFD_MAX_CHANNELS];
 
     if ((ret = multifd_send_connect(&m->uri, n, m->cancel_fd, 10000, conns, err)))
         return ret;
     int method = (int)pc->p.multifd_compression;
-    int level = (int)(method == LM_MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
-    pc->mfs = multifd_send_start(conns, n, (lm_zero_detect)pc->p.zero_page_detection, method,
+    int level = (int)(method == MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
+    pc->mfs = multifd_send_start(conns, n, (zero_detect)pc->p.zero_page_detection, method,
                                  level, &m->cancel, mig_fail, m, err);
     if (!pc->mfs)
         return err->code ? err->code : -EIO;
@@ -280,9 +280,9 @@ static int pc_setup(precopy *pc, lm_error *err)
     lm_mig *m = pc->m;
     int ret;
 
-    savevm_put_header(pc->s, mig_cap(m, LM_CAP_MAPPED_RAM));
+    savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM));
     if (m->conn.is_socket) {
-        savevm_put_command(pc->s, LM_CMD_OPEN_RETURN_PATH, 0, NULL);
+        savevm_put_command(pc->s, WIRE_CMD_OPEN_RETURN_PATH, 0, NULL);
         pc->rp = true;
         pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, m, err);
         if (!pc->rpr)
@@ -290,50 +290,50 @@ static int pc_setup(precopy *pc, lm_error *err)
     }
     /* The main stream's header is on the wire before any channel connects:
      * QEMU 7.2 destinations take the first connection as the main one. */
-    if (lm_stream_flush(pc->s))
+    if (stream_flush(pc->s))
         return pc_stream_err(pc, err);
-    if (mig_cap(m, LM_CAP_MAPPED_RAM)) {
-        int n = mig_cap(m, LM_CAP_MULTIFD) ? (int)pc->p.multifd_channels : 1;
-        pc->multifd_file = mig_cap(m, LM_CAP_MULTIFD);
-        lm_mapped_ram *mr = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, n,
-                                            pc->p.direct_io, true, err);
+    if (mig_cap(m, MIG_CAP_MAPPED_RAM)) {
+        int n = mig_cap(m, MIG_CAP_MULTIFD) ? (int)pc->p.multifd_channels : 1;
+        pc->multifd_file = mig_cap(m, MIG_CAP_MULTIFD);
+        mapped_ram_file *mr = mapped_ram_open(m->uri.path, m->uri.offset, m->conn.fd, n,
+                                              pc->p.direct_io, true, err);
         if (!mr)
             return err->code ? err->code : -EIO;
         pc->mapped = mr;
         mig_helper_add(m, pc_kick_mapped, mr);
-        pc->sink = mapped_ram_sink(mr, pc->p.zero_page_detection != LM_ZERO_NONE);
-    } else if (mig_cap(m, LM_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
+        pc->sink = mapped_ram_sink(mr, pc->p.zero_page_detection != ZERO_NONE);
+    } else if (mig_cap(m, MIG_CAP_MULTIFD) && (ret = pc_multifd_start(pc, err))) {
         return ret;
-    } else if (mig_cap(m, LM_CAP_COMPRESS)) {
-        pc->comp = lm_compress_new((int)pc->p.compress_threads, (int)pc->p.compress_level,
-                                   err);
+    } else if (mig_cap(m, MIG_CAP_COMPRESS)) {
+        pc->comp = compress_new((int)pc->p.compress_threads, (int)pc->p.compress_level,
+                                err);
         if (!pc->comp)
             return err->code ? err->code : -EIO;
         mig_helper_add(m, pc_kick_compress, pc->comp);
-        pc->sink = lm_compress_sink(pc->comp);
+        pc->sink = compress_sink(pc->comp);
     }
     /* Unarmed: the first pass arms the tracker chunk by chunk as it goes
      * (ram_save_start), instead of write-protecting all RAM here first. */
-    ret = lm_dirty_start_unarmed(pc->dirty, err);
+    ret = dirty_start_unarmed(pc->dirty, err);
     if (ret)
         return ret;
     ram_save_start(pc->ram, pc->dirty);
-    savevm_section_header(pc->s, LM_VM_SECTION_START, LM_RAM_SECTION_ID, "ram", 0,
-                          LM_RAM_SECTION_VERSION);
+    savevm_section_header(pc->s, WIRE_VM_SECTION_START, RAM_SECTION_ID, "ram", 0,
+                          RAM_SECTION_VERSION);
     ram_save_setup(pc->ram, &pc->sink, pc->s);
-    savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    savevm_section_footer(pc->s, RAM_SECTION_ID);
     for (int i = 0; i < m->ndevices; i++) {
-        lm_device *d = &m->devices[i];
+        mig_device *d = &m->devices[i];
         if (!d->ops.save_iterate)
             continue;
-        savevm_section_header(pc->s, LM_VM_SECTION_START, d->section_id, d->idstr,
+        savevm_section_header(pc->s, WIRE_VM_SECTION_START, d->section_id, d->idstr,
                               d->instance, d->version);
         ret = d->ops.save_setup ? d->ops.save_setup(pc->s, d->opaque) : 0;
         if (ret)
-            return lm_error_set(err, ret, "device '%s': setup failed", d->idstr);
+            return error_set(err, ret, "device '%s': setup failed", d->idstr);
         savevm_section_footer(pc->s, d->section_id);
     }
-    lm_stream_flush(pc->s);
+    stream_flush(pc->s);
     pc->setup_bytes = pc_bytes(pc);
     return pc_stream_err(pc, err);
 }
@@ -342,33 +342,33 @@ static int pc_setup(precopy *pc, lm_error *err)
 static int pc_part(precopy *pc, bool *wrapped, lm_error *err)
 {
     lm_mig *m = pc->m;
-    int64_t t0 = lm_now_ns();
+    int64_t t0 = time_now_ns();
     int ret;
 
     *wrapped = false;
-    savevm_section_header(pc->s, LM_VM_SECTION_PART, LM_RAM_SECTION_ID, NULL, 0, 0);
+    savevm_section_header(pc->s, WIRE_VM_SECTION_PART, RAM_SECTION_ID, NULL, 0, 0);
     while (!*wrapped) {
-        *wrapped = ram_save_some(pc->ram, &pc->sink, pc->s, LM_CHUNK_BYTES);
+        *wrapped = ram_save_some(pc->ram, &pc->sink, pc->s, PC_CHUNK_BYTES);
         if ((ret = pc_rate_limit(pc, err)))
             return ret;
         if (mig_cancelled(m) || lm_stream_error(pc->s))
             break;
-        if (lm_now_ns() - t0 > LM_SECTION_MAX_MS * 1000000LL)
+        if (time_now_ns() - t0 > PC_SECTION_MAX_MS * 1000000LL)
             break;
     }
     ram_put_eos(pc->ram, &pc->sink, pc->s);
-    savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    savevm_section_footer(pc->s, RAM_SECTION_ID);
     for (int i = 0; i < m->ndevices; i++) {
-        lm_device *d = &m->devices[i];
+        mig_device *d = &m->devices[i];
         if (!d->ops.save_iterate)
             continue;
-        savevm_section_header(pc->s, LM_VM_SECTION_PART, d->section_id, NULL, 0, 0);
+        savevm_section_header(pc->s, WIRE_VM_SECTION_PART, d->section_id, NULL, 0, 0);
         if ((ret = d->ops.save_iterate(pc->s, d->opaque)))
-            return lm_error_set(err, ret, "device '%s': iterate failed", d->idstr);
+            return error_set(err, ret, "device '%s': iterate failed", d->idstr);
         savevm_section_footer(pc->s, d->section_id);
     }
     if (mig_cancelled(m))
-        return lm_error_set(err, -ECANCELED, "migration cancelled");
+        return error_set(err, -ECANCELED, "migration cancelled");
     if (pc->rpr && (ret = pc_rp_check(pc, err)))
         return ret;
     return pc_stream_err(pc, err);
@@ -390,16 +390,16 @@ static void pc_set_throttle(precopy *pc, int pct)
  */
 static void pc_period(precopy *pc, uint64_t newly_dirty)
 {
-    int64_t now = lm_now_ms(), el = now - pc->period_ms;
+    int64_t now = time_now_ms(), el = now - pc->period_ms;
     uint64_t xfer, dirtied;
 
     pc->period_dirtied += newly_dirty;
     if (el < 1000)
         return;
-    dirtied = pc->period_dirtied * LM_PAGE_SIZE;
+    dirtied = pc->period_dirtied * RAM_PAGE_SIZE;
     xfer = pc_bytes(pc) - pc->period_bytes;
     pc->st.dirty_pages_rate = (uint64_t)((double)pc->period_dirtied * 1000.0 / (double)el);
-    if (mig_cap(pc->m, LM_CAP_AUTO_CONVERGE) &&
+    if (mig_cap(pc->m, MIG_CAP_AUTO_CONVERGE) &&
         (double)dirtied > (double)xfer * (double)pc->p.throttle_trigger_threshold / 100.0 &&
         ++pc->high_count >= 2) {
         int pct = pc->throttle ? pc->throttle + (int)pc->p.cpu_throttle_increment
@@ -417,7 +417,7 @@ static void pc_period(precopy *pc, uint64_t newly_dirty)
 /* End of a pass: sync, measure, decide.  Sets *switchover. */
 static int pc_pass_done(precopy *pc, bool *switchover, lm_error *err)
 {
-    int64_t now = lm_now_ns(), el = now - pc->pass_ns;
+    int64_t now = time_now_ns(), el = now - pc->pass_ns;
     uint64_t sent = pc_bytes(pc) - pc->pass_bytes, remaining;
     int64_t newly = ram_sync(pc->ram, pc->dirty, err);
     double bw, expected;
@@ -430,15 +430,15 @@ static int pc_pass_done(precopy *pc, bool *switchover, lm_error *err)
         pc->bw = (double)sent / ((double)el / 1e6);
     bw = pc->p.avail_switchover_bandwidth > 0 ? (double)pc->p.avail_switchover_bandwidth / 1000
                                               : pc->bw;
-    pc->pass_ns = lm_now_ns();
+    pc->pass_ns = time_now_ns();
     pc->pass_bytes = pc_bytes(pc);
 
-    remaining = pc->ram->dirty * LM_PAGE_SIZE;
+    remaining = pc->ram->dirty * RAM_PAGE_SIZE;
     expected = bw > 0 ? (double)remaining / bw : 1e12;
     pc->st.expected_downtime = (int64_t)expected;
     *switchover = false;
     if (expected <= (double)pc->p.downtime_limit) {
-        if (expected <= LM_SWITCHOVER_SMALL_MS ||
+        if (expected <= PC_SWITCHOVER_SMALL_MS ||
             (pc->prev_fit && (double)remaining >= 0.8 * (double)pc->prev_fit))
             *switchover = true;
         pc->prev_fit = remaining ? remaining : 1;
@@ -452,8 +452,8 @@ static int pc_iterate(precopy *pc, lm_error *err)
 {
     int ret;
 
-    pc->pass_ns = pc->win_ns = pc->rate_ns = lm_now_ns();
-    pc->period_ms = lm_now_ms();
+    pc->pass_ns = pc->win_ns = pc->rate_ns = time_now_ns();
+    pc->period_ms = time_now_ms();
     pc->pass_bytes = pc->rate_bytes = pc->period_bytes = pc_bytes(pc);
     pc->win_bytes = pc_rate_bytes(pc);
     for (;;) {
@@ -462,7 +462,7 @@ static int pc_iterate(precopy *pc, lm_error *err)
         pc->p = mig_params(pc->m);   /* live-changeable parameters */
         if ((ret = pc_part(pc, &wrapped, err)))
             return ret;
-        lm_stream_flush(pc->s);
+        stream_flush(pc->s);
         if ((ret = pc_stream_err(pc, err)))
             return ret;
         if (wrapped) {
@@ -487,9 +487,9 @@ static void pc_put_vmdesc(precopy *pc, const uint64_t *sizes)
     json_t *root = json_object(), *devs = json_array();
     char *text;
 
-    json_object_set_new(root, "page_size", json_integer((json_int_t)LM_PAGE_SIZE));
+    json_object_set_new(root, "page_size", json_integer((json_int_t)RAM_PAGE_SIZE));
     for (int i = 0; i < m->ndevices; i++) {
-        const lm_device *d = &m->devices[i];
+        const mig_device *d = &m->devices[i];
         json_t *dev = json_object(), *fields = json_array(), *f = json_object();
 
         if (d->ops.save_iterate)
@@ -512,7 +512,7 @@ static void pc_put_vmdesc(precopy *pc, const uint64_t *sizes)
         lm_stream_set_error(pc->s, -ENOMEM, "cannot build the VMDESCRIPTION");
         return;
     }
-    lm_put_u8(pc->s, LM_VM_VMDESCRIPTION);
+    lm_put_u8(pc->s, WIRE_VM_VMDESCRIPTION);
     lm_put_be32(pc->s, (uint32_t)strlen(text));
     lm_put_buffer(pc->s, text, strlen(text));
     free(text);
@@ -529,7 +529,7 @@ static int pc_complete(precopy *pc, lm_error *err)
     pc->prev_runstate = lm_runstate_get(m);
     if (pc->prev_runstate == LM_RUN_RUNNING && m->vm.stop)
         m->vm.stop(m->vm_opaque);
-    pc->stop_ns = lm_now_ns();
+    pc->stop_ns = time_now_ns();
     pc->vm_stopped = true;
     mig_set_runstate(m, LM_RUN_FINISH_MIGRATE);
     mig_set_status(m, LM_STATUS_DEVICE);
@@ -539,25 +539,25 @@ static int pc_complete(precopy *pc, lm_error *err)
     if (newly < 0)
         return (int)newly;
     pc->st.dirty_sync_count++;
-    savevm_section_header(pc->s, LM_VM_SECTION_END, LM_RAM_SECTION_ID, NULL, 0, 0);
+    savevm_section_header(pc->s, WIRE_VM_SECTION_END, RAM_SECTION_ID, NULL, 0, 0);
     while (!ram_save_some(pc->ram, &pc->sink, pc->s, UINT64_MAX) && !lm_stream_error(pc->s))
         ;
     ram_put_eos(pc->ram, &pc->sink, pc->s);
-    savevm_section_footer(pc->s, LM_RAM_SECTION_ID);
+    savevm_section_footer(pc->s, RAM_SECTION_ID);
     /* mapped-ram: every page write is done (the EOS synced): the bitmaps last */
     if (pc->mapped && !lm_stream_error(pc->s) &&
         (ret = mapped_ram_put_bitmaps(pc->mapped, pc->ram, err)))
         return ret;
-    uint64_t sizes[LM_MAX_DEVICES];
+    uint64_t sizes[MIG_MAX_DEVICES];
     for (int i = 0; i < m->ndevices; i++) {
-        lm_device *d = &m->devices[i];
-        uint8_t type = d->ops.save_iterate ? LM_VM_SECTION_END : LM_VM_SECTION_FULL;
+        mig_device *d = &m->devices[i];
+        uint8_t type = d->ops.save_iterate ? WIRE_VM_SECTION_END : WIRE_VM_SECTION_FULL;
         uint64_t at;
 
         savevm_section_header(pc->s, type, d->section_id, d->idstr, d->instance, d->version);
         at = lm_stream_offset(pc->s);
         if ((ret = d->ops.save(pc->s, d->opaque)))
-            return lm_error_set(err, ret, "device '%s': save failed", d->idstr);
+            return error_set(err, ret, "device '%s': save failed", d->idstr);
         sizes[i] = lm_stream_offset(pc->s) - at;
         savevm_section_footer(pc->s, d->section_id);
     }
@@ -568,16 +568,16 @@ static int pc_complete(precopy *pc, lm_error *err)
      * destination never sees EOF and never runs.
      */
     if (!mig_commit(m))
-        return lm_error_set(err, -ECANCELED, "migration cancelled");
+        return error_set(err, -ECANCELED, "migration cancelled");
     pc->eof_queued = true;
     pc->eof_at = lm_stream_offset(pc->s);
     savevm_put_eof(pc->s);
     pc_put_vmdesc(pc, sizes);
-    lm_stream_flush(pc->s);
+    stream_flush(pc->s);
     ret = pc_stream_err(pc, err);
     /* A saved file is complete only when it is durable. */
     if (!ret && m->conn.seekable && fdatasync(m->conn.fd))
-        ret = lm_error_set_errno(err, -errno, "fdatasync of the migration file");
+        ret = error_set_errno(err, -errno, "fdatasync of the migration file");
     pc_publish(pc);
     if (!pc->rpr)
         goto out;
@@ -596,12 +596,12 @@ static int pc_complete(precopy *pc, lm_error *err)
             pc->dest_status = (int)status;
         if (!rret && status == 0) {
             if (ret)
-                lm_log("after EOF (%s); the destination confirmed it runs the guest",
-                       err->msg);
+                util_log("after EOF (%s); the destination confirmed it runs the guest",
+                         err->msg);
             ret = 0;
         } else if (!rret) {
-            ret = lm_error_set(err, -EIO, "the destination failed to load the migration (it "
-                               "reported status %u; see its log)", status);
+            ret = error_set(err, -EIO, "the destination failed to load the migration (it "
+                            "reported status %u; see its log)", status);
         } else if (!ret) {
             *err = rerr;
             ret = rret;
@@ -610,7 +610,7 @@ static int pc_complete(precopy *pc, lm_error *err)
 out:
     if (ret)
         return ret;
-    pc->st.downtime = (lm_now_ns() - pc->stop_ns + 999999) / 1000000;
+    pc->st.downtime = (time_now_ns() - pc->stop_ns + 999999) / 1000000;
     return 0;
 }
 
@@ -627,7 +627,7 @@ static bool pc_outcome_unknown(precopy *pc)
 {
     if (!pc->eof_queued || pc->m->conn.seekable || pc->dest_status > 0)
         return false;
-    return lm_stream_written(pc->s) > pc->eof_at;
+    return stream_written(pc->s) > pc->eof_at;
 }
 
 /* The outcome is unknown: say so everywhere, keep the guest stopped. */
@@ -640,13 +640,13 @@ static void pc_report_unknown(precopy *pc, lm_error *err)
     if (m->error.code)
         *err = m->error;
     pthread_mutex_unlock(&m->lock);
-    lm_error_prefix(err, "switch-over outcome unknown: the whole stream was sent and the "
-                    "destination may be running the guest, which stays stopped here "
-                    "('cont' only if the destination does not run it, or 'quit')");
+    error_prefix(err, "switch-over outcome unknown: the whole stream was sent and the "
+                 "destination may be running the guest, which stays stopped here "
+                 "('cont' only if the destination does not run it, or 'quit')");
     pc->vm_stopped = false;             /* nothing will restart it */
     pc->st.outcome_unknown = true;
     mig_set_runstate(m, LM_RUN_POSTMIGRATE);
-    lm_log("%s", err->msg);
+    util_log("%s", err->msg);
 }
 
 /* Undo finish-migrate after a failure. */
@@ -681,7 +681,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     }
     pc->sink = ram_stream_sink();       /* what it pointed to goes now */
     if (pc->mfs) {
-        lm_multifd_stats mf;
+        multifd_stats mf;
         mig_helper_remove(m, pc->mfs);
         multifd_send_stats(pc->mfs, &mf);
         pc->mf_final = mf;
@@ -691,7 +691,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     if (pc->comp) {
         pc_publish(pc);     /* the compression figures, while the pool exists */
         mig_helper_remove(m, pc->comp);
-        lm_compress_free(pc->comp);
+        compress_free(pc->comp);
         pc->comp = NULL;
     }
     if (pc->mapped) {
@@ -704,7 +704,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     mig_conn_close(m, &cerr);
     if (!ret && cerr.code && pc->dest_status == 0) {
         /* The destination confirmed it runs the guest: that stands. */
-        lm_log("after the destination's confirmation: %s", cerr.msg);
+        util_log("after the destination's confirmation: %s", cerr.msg);
     } else if (!ret && cerr.code) {     /* e.g. exec: command exited non-zero */
         ret = cerr.code;
         *err = cerr;
@@ -717,7 +717,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     if (!ret) {
         /* Completed: report averages over the whole migration, as QEMU does. */
         lm_stats avg = pc->st;
-        double secs = (double)(lm_now_ms() - pc->start_ms) / 1000.0;
+        double secs = (double)(time_now_ms() - pc->start_ms) / 1000.0;
         if (secs > 0) {
             avg.mbps = (double)pc_bytes(pc) * 8 / 1e6 / secs;
             avg.pages_per_second = (uint64_t)((double)(pc->ram->zero_pages +
@@ -745,7 +745,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
      * guest restarted above meanwhile only takes in-kernel (async) faults.
      * The next lm_migrate joins this thread before it touches the tracker.
      */
-    lm_dirty_stop(pc->dirty);
+    dirty_stop(pc->dirty);
 }
 
 void *precopy_thread(void *arg)
@@ -753,17 +753,17 @@ void *precopy_thread(void *arg)
     lm_mig *m = arg;
     precopy pc = { .m = m, .ram = &m->ram, .dirty = m->dirty, .dest_status = -1 };
     lm_error err = { 0 };
-    int64_t t0 = lm_now_ms();
+    int64_t t0 = time_now_ms();
     int ret;
 
     pc.start_ms = t0;
-    pc.rate_ns = lm_now_ns();
+    pc.rate_ns = time_now_ns();
     pthread_setname_np(pthread_self(), "lm-migrate");
     mig_thread_enter(m);
     pc.p = mig_params(m);
-    pc.s = lm_stream_new_writer(m->conn.fd, m->conn.is_socket);
+    pc.s = stream_new_writer(m->conn.fd, m->conn.is_socket);
     ret = pc_setup(&pc, &err);
-    pc.st.setup_time = lm_now_ms() - t0;
+    pc.st.setup_time = time_now_ms() - t0;
     if (!ret) {
         mig_set_status(m, LM_STATUS_ACTIVE);
         pc_publish(&pc);
@@ -772,8 +772,8 @@ void *precopy_thread(void *arg)
     if (!ret)
         ret = pc_complete(&pc, &err);
     if (ret && mig_cancelled(m) && !err.code)
-        lm_error_set(&err, -ECANCELED, "migration cancelled");
+        error_set(&err, -ECANCELED, "migration cancelled");
     pc_finish(&pc, ret, &err);
-    lm_stream_free(pc.s);
+    stream_free(pc.s);
     return NULL;
 }

@@ -159,8 +159,9 @@ static bool move_ok(lm_mig *m, const unsigned char *table, int n, int a, int b,
 
     if ((rule & side) && (!(rule & THREAD) || (rule & CALLER) || on_thread_locked(m)))
         return true;
-    lm_log("internal error: illegal %s move %s -> %s (%s, %s thread)", what, name(a), name(b),
-           m->incoming ? "destination" : "source", on_thread_locked(m) ? "migration" : "a caller");
+    util_log("internal error: illegal %s move %s -> %s (%s, %s thread)", what, name(a),
+             name(b), m->incoming ? "destination" : "source",
+             on_thread_locked(m) ? "migration" : "a caller");
     assert(!"illegal state move");
     return false;
 }
@@ -181,9 +182,9 @@ static void listeners_done(lm_mig *m)
 
 /* Called with m->lock held: snapshot the listeners, release the lock.  The
  * caller calls them, then listeners_done(). */
-static lm_listeners listeners_take_unlock(lm_mig *m)
+static mig_listeners listeners_take_unlock(lm_mig *m)
 {
-    lm_listeners ls = m->listeners;
+    mig_listeners ls = m->listeners;
 
     m->listener_calls++;
     pthread_mutex_unlock(&m->lock);
@@ -193,7 +194,7 @@ static lm_listeners listeners_take_unlock(lm_mig *m)
 /* Called with m->lock held, just after m->runstate changed to r. */
 static void runstate_changed_unlock(lm_mig *m, lm_runstate r)
 {
-    lm_listeners ls = listeners_take_unlock(m);
+    mig_listeners ls = listeners_take_unlock(m);
 
     for (int i = 0; i < ls.n; i++)
         if (ls.l[i].runstate_changed)
@@ -206,7 +207,7 @@ int lm_add_listener(lm_mig *m, const lm_listener *l, void *opaque)
     int ret = 0;
 
     pthread_mutex_lock(&m->lock);
-    if (m->listeners.n == LM_MAX_LISTENERS) {
+    if (m->listeners.n == MIG_MAX_LISTENERS) {
         ret = -ENOSPC;
     } else {
         m->listeners.l[m->listeners.n] = *l;
@@ -245,7 +246,7 @@ int lm_remove_listener(lm_mig *m, const lm_listener *l, void *opaque)
 
 void mig_notice(lm_mig *m, const char *name, const char *detail)
 {
-    lm_listeners ls;
+    mig_listeners ls;
 
     pthread_mutex_lock(&m->lock);
     ls = listeners_take_unlock(m);
@@ -261,12 +262,12 @@ void mig_notice(lm_mig *m, const char *name, const char *detail)
  * return with the lock released. */
 static void status_move_unlock(lm_mig *m, lm_status s)
 {
-    lm_listeners ls;
+    mig_listeners ls;
 
     m->status = s;
     m->stats.status = s;
     if (mig_status_final(s))
-        m->stats.total_time = lm_now_ms() - m->start_ms;
+        m->stats.total_time = time_now_ms() - m->start_ms;
     pthread_cond_broadcast(&m->cond);
     ls = listeners_take_unlock(m);
     for (int i = 0; i < ls.n; i++)
@@ -297,7 +298,7 @@ bool mig_set_status(lm_mig *m, lm_status s)
 
 lm_status lm_wait(lm_mig *m, int timeout_ms)
 {
-    struct timespec dl = lm_deadline_ms(timeout_ms < 0 ? 0 : timeout_ms);
+    struct timespec dl = time_deadline_ms(timeout_ms < 0 ? 0 : timeout_ms);
     lm_status s;
 
     pthread_mutex_lock(&m->lock);
@@ -347,8 +348,8 @@ static void runstate_declare(lm_mig *m, lm_runstate r, const char *fn)
         return;
     }
     if (m->runstate != LM_RUN_PRELAUNCH) {
-        lm_log("%s: ignored, the guest is '%s' (only a new context, in prelaunch, declares "
-               "its state)", fn, lm_runstate_name(m->runstate));
+        util_log("%s: ignored, the guest is '%s' (only a new context, in prelaunch, declares "
+                 "its state)", fn, lm_runstate_name(m->runstate));
         pthread_mutex_unlock(&m->lock);
         return;
     }
@@ -412,13 +413,13 @@ int lm_vm_start(lm_mig *m, lm_error *err)
     }
     if (r == LM_RUN_FINISH_MIGRATE) {
         pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "Guest is being switched over");
+        return error_set(err, -EBUSY, "Guest is being switched over");
     }
     if (!move_ok(m, &runstate_moves[0][0], NRUNSTATE, r, LM_RUN_RUNNING, "run state",
                  runstate_name_i)) {
         pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "the guest cannot be started from '%s'",
-                            lm_runstate_name(r));
+        return error_set(err, -EBUSY, "the guest cannot be started from '%s'",
+                         lm_runstate_name(r));
     }
     /* Running from here, before ops->start returns: a concurrent
      * lm_incoming (which takes only a guest that never ran) sees it. */
@@ -448,14 +449,14 @@ int mig_claim_runstate(lm_mig *m, bool incoming, lm_error *err)
     r = m->runstate;
     if (incoming && r != LM_RUN_PRELAUNCH && r != LM_RUN_INMIGRATE) {
         pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "cannot receive a migration: this guest is '%s' "
-                            "(only a guest that never ran can be a destination; start the "
-                            "program as one, e.g. with --incoming defer)",
-                            lm_runstate_name(r));
+        return error_set(err, -EBUSY, "cannot receive a migration: this guest is '%s' "
+                         "(only a guest that never ran can be a destination; start the "
+                         "program as one, e.g. with --incoming defer)",
+                         lm_runstate_name(r));
     }
     if (!incoming && r == LM_RUN_INMIGRATE) {
         pthread_mutex_unlock(&m->lock);
-        return lm_error_set(err, -EBUSY, "Guest is waiting for an incoming migration");
+        return error_set(err, -EBUSY, "Guest is waiting for an incoming migration");
     }
     if (incoming && r == LM_RUN_PRELAUNCH) {
         m->runstate = LM_RUN_INMIGRATE;
@@ -481,16 +482,6 @@ bool mig_commit(lm_mig *m)
     return committed;
 }
 
-bool mig_committed(lm_mig *m)
-{
-    bool c;
-
-    pthread_mutex_lock(&m->lock);
-    c = m->committed;
-    pthread_mutex_unlock(&m->lock);
-    return c;
-}
-
 int lm_cancel(lm_mig *m, lm_error *err)
 {
     bool active, committed, incoming;
@@ -503,11 +494,11 @@ int lm_cancel(lm_mig *m, lm_error *err)
         pthread_mutex_unlock(&m->lock);
         if (!active)
             return 0;
-        return lm_error_set(err, -EBUSY, incoming
-                            ? "too late to cancel: the whole stream arrived and the guest "
-                              "is starting here"
-                            : "too late to cancel: the destination has the whole "
-                              "stream and may be running the guest");
+        return error_set(err, -EBUSY, incoming
+                         ? "too late to cancel: the whole stream arrived and the guest "
+                         "is starting here"
+                         : "too late to cancel: the destination has the whole "
+                         "stream and may be running the guest");
     }
     /* Flag and (source) CANCELLING under one hold of the lock: the thread
      * cannot commit, nor move past CANCELLING, once either is seen. */

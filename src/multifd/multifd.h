@@ -29,7 +29,7 @@
  *                     packet without sleeping (a futex wake-up costs ~30 us
  *                     here, 15% of a 512 KiB packet's time on the wire).
  *   Barriers: the migration thread's store-release of pending_job=1 and
- *   lm_sem_post(c->sem) pair with the channel's lm_sem_wait (acquire) and its
+ *   fsem_post(c->sem) pair with the channel's fsem_wait (acquire) and its
  *   load-acquire of pending_job; the channel's store-release of pending_job=0
  *   and post of ms->ready pair with the migration thread's wait on ms->ready
  *   and load-acquire of pending_job.  `ms->ready` counts free slots.
@@ -51,12 +51,12 @@
  *
  * Errors: whichever thread fails first reports through `fail` (which keeps
  * the first error, sets the shared abort flag and shuts every socket down),
- * so every wait -- lm_sem_wait checks `abort`, blocked I/O returns on
+ * so every wait -- fsem_wait checks `abort`, blocked I/O returns on
  * shutdown -- ends; multifd_*_finish() joins every thread it started and
  * closes every socket.  No path waits forever.
  */
-#ifndef LM_MULTIFD_MULTIFD_H
-#define LM_MULTIFD_MULTIFD_H
+#ifndef MULTIFD_MULTIFD_H
+#define MULTIFD_MULTIFD_H
 
 #include <pthread.h>
 #include <stdatomic.h>
@@ -68,84 +68,84 @@
 #include "stream/transport.h"
 #include "util/sem.h"
 
-#define LM_MULTIFD_MAGIC 0x11223344U
-#define LM_MULTIFD_VERSION 1U
-#define LM_MULTIFD_PAGES 128
-#define LM_MULTIFD_INIT_SIZE 64
-#define LM_MULTIFD_HDR_SIZE (320 + 8 * LM_MULTIFD_PAGES)   /* 1344 */
-#define LM_MULTIFD_MAX_CHANNELS 64
+#define MULTIFD_MAGIC 0x11223344U
+#define MULTIFD_VERSION 1U
+#define MULTIFD_PAGES 128
+#define MULTIFD_INIT_SIZE 64
+#define MULTIFD_HDR_SIZE (320 + 8 * MULTIFD_PAGES)         /* 1344 */
+#define MULTIFD_MAX_CHANNELS 64
 
 enum {
-    LM_MULTIFD_FLAG_SYNC = 0x01,
-    LM_MULTIFD_FLAG_COMP_MASK = 0x0e,
-    LM_MULTIFD_FLAG_ZLIB = 0x02,
-    LM_MULTIFD_FLAG_ZSTD = 0x04,
+    MULTIFD_FLAG_SYNC = 0x01,
+    MULTIFD_FLAG_COMP_MASK = 0x0e,
+    MULTIFD_FLAG_ZLIB = 0x02,
+    MULTIFD_FLAG_ZSTD = 0x04,
 };
 
 /* multifd-compression, in the order of its parameter choices */
-enum { LM_MF_NONE, LM_MF_ZLIB, LM_MF_ZSTD };
+enum { MF_NONE, MF_ZLIB, MF_ZSTD };
 
 /* Per-channel streaming (de)compression (codec.c); owned by one thread. */
-typedef struct lm_mf_codec lm_mf_codec;
-lm_mf_codec *mf_codec_new(int method, int level, bool compress, lm_error *err);
-void mf_codec_free(lm_mf_codec *c);
+typedef struct mf_codec mf_codec;
+mf_codec *mf_codec_new(int method, int level, bool compress, lm_error *err);
+void mf_codec_free(mf_codec *c);
 size_t mf_codec_bound(int method);      /* largest payload of one packet */
 /* Compress one page; `last` ends the packet with a flush.  *outlen = bytes out. */
-int mf_codec_compress(lm_mf_codec *c, const uint8_t *page, bool last, uint8_t *out,
+int mf_codec_compress(mf_codec *c, const uint8_t *page, bool last, uint8_t *out,
                       size_t cap, size_t *outlen, lm_error *err);
-int mf_codec_decompress(lm_mf_codec *c, const uint8_t *in, size_t len, uint8_t *const *pages,
+int mf_codec_decompress(mf_codec *c, const uint8_t *in, size_t len, uint8_t *const *pages,
                         uint32_t n, lm_error *err);
 static inline uint32_t mf_comp_flags(int method)
 {
-    return method == LM_MF_ZLIB ? LM_MULTIFD_FLAG_ZLIB
-         : method == LM_MF_ZSTD ? LM_MULTIFD_FLAG_ZSTD : 0;
+    return method == MF_ZLIB ? MULTIFD_FLAG_ZLIB
+         : method == MF_ZSTD ? MULTIFD_FLAG_ZSTD : 0;
 }
 
-typedef enum lm_zero_detect {
-    LM_ZERO_NONE,       /* every page sent in full */
-    LM_ZERO_LEGACY,     /* migration thread checks; ZERO records on the main stream */
-    LM_ZERO_MULTIFD,    /* channel threads check; the packet's zero list */
-} lm_zero_detect;
+typedef enum zero_detect {
+    ZERO_NONE,          /* every page sent in full */
+    ZERO_LEGACY,        /* migration thread checks; ZERO records on the main stream */
+    ZERO_MULTIFD,       /* channel threads check; the packet's zero list */
+} zero_detect;
 
 /* Reports the first error of a channel thread; provided by the migration. */
-typedef void (*lm_multifd_fail_fn)(void *opaque, const lm_error *err);
+typedef void (*multifd_fail_fn)(void *opaque, const lm_error *err);
 
 /* One batch: up to 128 offsets of one block. */
-typedef struct lm_mf_batch {
-    const lm_ramblock *block;
+typedef struct mf_batch {
+    const ramblock *block;
     uint32_t num;
-    uint64_t offsets[LM_MULTIFD_PAGES];
-} lm_mf_batch;
+    uint64_t offsets[MULTIFD_PAGES];
+} mf_batch;
 
 /* ---- packet encoding (packet.c) ---- */
 
-typedef struct lm_mf_header {
+typedef struct mf_header {
     uint32_t flags;
     uint32_t pages_alloc;
     uint32_t normal, zero;
     uint32_t next_size;
     uint64_t packet_num;
     char idstr[256];
-    uint64_t offsets[LM_MULTIFD_PAGES];
-} lm_mf_header;
+    uint64_t offsets[MULTIFD_PAGES];
+} mf_header;
 
-void multifd_put_init(uint8_t out[LM_MULTIFD_INIT_SIZE], uint8_t id);
+void multifd_put_init(uint8_t out[MULTIFD_INIT_SIZE], uint8_t id);
 /* Check a handshake; fills *id.  Errors name the channel's peer. */
-int multifd_check_init(const uint8_t in[LM_MULTIFD_INIT_SIZE], int nchannels, uint8_t *id,
+int multifd_check_init(const uint8_t in[MULTIFD_INIT_SIZE], int nchannels, uint8_t *id,
                        lm_error *err);
-void multifd_put_header(uint8_t out[LM_MULTIFD_HDR_SIZE], const lm_mf_header *h);
+void multifd_put_header(uint8_t out[MULTIFD_HDR_SIZE], const mf_header *h);
 /*
  * Decode and validate a header against the destination's RAM: magic,
  * version, compression method, counts, block name, every offset inside the
  * block and page aligned.  *block is NULL only when the packet has no pages.
  */
-int multifd_get_header(const uint8_t in[LM_MULTIFD_HDR_SIZE], lm_mf_header *h,
-                       const lm_ram *ram, uint32_t comp_flags, const lm_ramblock **block,
+int multifd_get_header(const uint8_t in[MULTIFD_HDR_SIZE], mf_header *h,
+                       const ram_state *ram, uint32_t comp_flags, const ramblock **block,
                        lm_error *err);
 
 /* ---- source (send.c) ---- */
 
-typedef struct lm_multifd_send lm_multifd_send;
+typedef struct multifd_sender multifd_sender;
 
 /*
  * Migration thread: connect the `n` channels to `u` one after the other,
@@ -153,43 +153,43 @@ typedef struct lm_multifd_send lm_multifd_send;
  * every connection's first bytes before it accepts the next).  On failure
  * every connection made is closed and the error names the channel.
  */
-int multifd_send_connect(const lm_uri *u, int n, int cancel_fd, int timeout_ms,
-                         lm_conn *conns, lm_error *err);
+int multifd_send_connect(const transport_uri *u, int n, int cancel_fd, int timeout_ms,
+                         transport_conn *conns, lm_error *err);
 /*
  * Start one thread per channel connected by multifd_send_connect (ownership
  * of the descriptors passes to the multifd state).  `abort` is the
  * migration's cancel flag.
  */
-lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
-                                    int method, int level,
-                                    atomic_bool *stop, lm_multifd_fail_fn fail,
-                                    void *fail_opaque, lm_error *err);
+multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
+                                   int method, int level,
+                                   atomic_bool *stop, multifd_fail_fn fail,
+                                   void *fail_opaque, lm_error *err);
 /* Migration thread: queue one dirty page (not checked for zeros by caller
  * unless zd == LEGACY).  0 or -ECANCELED when the channels failed. */
-int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset);
+int multifd_send_page(multifd_sender *ms, const ramblock *b, uint64_t offset);
 /* The sink (ram.h) for the `ram` section: pages to the channels (or ZERO
  * records with legacy detection), a SYNC of every channel before each EOS. */
-ram_sink multifd_send_sink(lm_multifd_send *ms);
+ram_sink multifd_send_sink(multifd_sender *ms);
 /* Migration thread: hand off the partial batch, SYNC every channel, wait. */
-int multifd_send_sync(lm_multifd_send *ms);
+int multifd_send_sync(multifd_sender *ms);
 /* Any thread: make every channel thread and wait return (failure path). */
-void multifd_send_kick(lm_multifd_send *ms);
+void multifd_send_kick(multifd_sender *ms);
 /* Migration thread: stop and join all channels, close their sockets, free. */
-void multifd_send_finish(lm_multifd_send *ms);
+void multifd_send_finish(multifd_sender *ms);
 
-typedef struct lm_multifd_stats {
+typedef struct multifd_stats {
     uint64_t queued_pages;   /* handed in by the migration thread */
     uint64_t bytes;          /* on the wire, headers included */
     uint64_t compressed_bytes;   /* payload after compression (0 without) */
     uint64_t normal_pages;
     uint64_t zero_pages;     /* found by the channel threads */
     uint64_t packets;
-} lm_multifd_stats;
-void multifd_send_stats(lm_multifd_send *ms, lm_multifd_stats *st);
+} multifd_stats;
+void multifd_send_stats(multifd_sender *ms, multifd_stats *st);
 
 /* ---- destination (recv.c) ---- */
 
-typedef struct lm_multifd_recv lm_multifd_recv;
+typedef struct multifd_receiver multifd_receiver;
 
 /*
  * Take `n` channel connections whose handshakes were checked (conns[id] is
@@ -197,9 +197,9 @@ typedef struct lm_multifd_recv lm_multifd_recv;
  */
 /* main_fd: the main stream, watched while the incoming thread waits at a
  * barrier (a source that goes away is noticed even if no channel reads). */
-lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, int method,
-                                    int main_fd, atomic_bool *stop, lm_multifd_fail_fn fail,
-                                    void *fail_opaque, lm_error *err);
+multifd_receiver *multifd_recv_start(transport_conn *conns, int n, const ram_state *ram, int method,
+                                     int main_fd, atomic_bool *stop, multifd_fail_fn fail,
+                                     void *fail_opaque, lm_error *err);
 /*
  * Incoming thread: accept the main connection and `n` channels in whatever
  * order they arrive.  Each connection is classified by its first 4 bytes
@@ -208,21 +208,21 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
  * range, no duplicate).  The first accept waits for a source (cancel_fd
  * interrupts it); everything after it is bounded by timeout_ms.
  */
-int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *main_conn,
-                   lm_conn *chans, lm_error *err);
+int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
+                   transport_conn *main_conn, transport_conn *chans, lm_error *err);
 /* Incoming thread, at every ram EOS: the barrier described above. */
-int multifd_recv_sync(lm_multifd_recv *mr);
+int multifd_recv_sync(multifd_receiver *mr);
 /* The placer (ram.h): main-stream records (legacy ZERO) placed directly,
  * and every EOS the barrier above. */
-ram_placer multifd_recv_placer(lm_multifd_recv *mr);
-void multifd_recv_kick(lm_multifd_recv *mr);
+ram_placer multifd_recv_placer(multifd_receiver *mr);
+void multifd_recv_kick(multifd_receiver *mr);
 /*
  * Shut the channels down (the stream ended), join, close, free.  After the
  * final barrier a source sends no page: 0, or -EPROTO (in err) when a
  * channel had begun placing pages after its last SYNC -- the load must then
  * fail, since such pages (maybe half written) were never part of a round.
  */
-int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err);
-uint64_t multifd_recv_bytes(lm_multifd_recv *mr);
+int multifd_recv_finish(multifd_receiver *mr, lm_error *err);
+uint64_t multifd_recv_bytes(multifd_receiver *mr);
 
 #endif

@@ -20,32 +20,32 @@
 #include "util/zero.h"
 
 typedef struct mf_recv_chan {
-    lm_multifd_recv *mr;
+    multifd_receiver *mr;
     int id;
-    lm_conn conn;
+    transport_conn conn;
     pthread_t thread;
     bool started;
-    lm_sem release;              /* posted by the incoming thread after a sync */
-    uint8_t hdr[LM_MULTIFD_HDR_SIZE];
-    struct iovec iov[LM_MULTIFD_PAGES];
+    fsem release;                /* posted by the incoming thread after a sync */
+    uint8_t hdr[MULTIFD_HDR_SIZE];
+    struct iovec iov[MULTIFD_PAGES];
     _Atomic uint64_t bytes;
     /* pages this channel was told to place since the last SYNC it read;
      * after the final barrier it must stay 0 (multifd_recv_finish) */
     _Atomic uint64_t pages_since_sync;
-    lm_mf_codec *codec;          /* NULL without compression */
+    mf_codec *codec;             /* NULL without compression */
     uint8_t *cbuf;               /* one packet's compressed payload */
 } mf_recv_chan;
 
-struct lm_multifd_recv {
+struct multifd_receiver {
     int n;
     mf_recv_chan *chans;
-    const lm_ram *ram;
+    const ram_state *ram;
     int method;
     int main_fd;
-    lm_sem synced;               /* one post per channel that reached SYNC */
+    fsem synced;                 /* one post per channel that reached SYNC */
     atomic_bool *abort;
     atomic_bool finishing;       /* the main stream ended: EOF is expected */
-    lm_multifd_fail_fn fail;
+    multifd_fail_fn fail;
     void *fail_opaque;
 };
 
@@ -59,7 +59,7 @@ static void mr_fail(mf_recv_chan *c, const lm_error *why)
         multifd_recv_kick(c->mr);
         return;
     }
-    lm_error_set(&err, why->code, "multifd channel %d: %s", c->id, why->msg);
+    error_set(&err, why->code, "multifd channel %d: %s", c->id, why->msg);
     c->mr->fail(c->mr->fail_opaque, &err);
     multifd_recv_kick(c->mr);
 }
@@ -94,35 +94,35 @@ static int mr_readv_all(int fd, struct iovec *iov, int n, uint64_t *count)
 }
 
 /* Read next_packet_size bytes (bounded) and inflate them page by page. */
-static int mr_decompress(mf_recv_chan *c, const lm_mf_header *h, const lm_ramblock *b,
+static int mr_decompress(mf_recv_chan *c, const mf_header *h, const ramblock *b,
                          lm_error *err)
 {
-    uint8_t *pages[LM_MULTIFD_PAGES];
+    uint8_t *pages[MULTIFD_PAGES];
     struct iovec iov = { c->cbuf, h->next_size };
     uint64_t got = 0;
     int ret;
 
     if (h->next_size == 0 || h->next_size > mf_codec_bound(c->mr->method))
-        return lm_error_set(err, -EPROTO, "packet %" PRIu64 ": compressed size %u out of "
-                            "range (1..%zu)", h->packet_num, h->next_size,
-                            mf_codec_bound(c->mr->method));
+        return error_set(err, -EPROTO, "packet %" PRIu64 ": compressed size %u out of "
+                         "range (1..%zu)", h->packet_num, h->next_size,
+                         mf_codec_bound(c->mr->method));
     ret = mr_readv_all(c->conn.fd, &iov, 1, &got);
     atomic_fetch_add(&c->bytes, got);
     if (ret)
-        return lm_error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64 ": the "
-                            "channel ended in the middle of a packet", h->packet_num);
+        return error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64 ": the "
+                         "channel ended in the middle of a packet", h->packet_num);
     for (uint32_t i = 0; i < h->normal; i++)
         pages[i] = b->host + h->offsets[i];
     if (mf_codec_decompress(c->codec, c->cbuf, h->next_size, pages, h->normal, err)) {
-        lm_error_prefix(err, "packet %" PRIu64 " (block '%s')", h->packet_num, b->idstr);
+        error_prefix(err, "packet %" PRIu64 " (block '%s')", h->packet_num, b->idstr);
         return -EBADMSG;
     }
     return 0;
 }
 
-static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
+static int mr_packet(mf_recv_chan *c, mf_header *h, lm_error *err)
 {
-    const lm_ramblock *b;
+    const ramblock *b;
     struct iovec hiov = { c->hdr, sizeof(c->hdr) };
     uint64_t got = 0;
     int niov = 0, ret;
@@ -132,9 +132,9 @@ static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
     if (ret == 1)
         return 1;
     if (ret)
-        return lm_error_set(err, ret, "reading a packet header: %s",
-                            ret == -EPIPE ? "the channel ended in the middle of a packet"
-                                          : strerror(-ret));
+        return error_set(err, ret, "reading a packet header: %s",
+                         ret == -EPIPE ? "the channel ended in the middle of a packet"
+                         : strerror(-ret));
     if ((ret = multifd_get_header(c->hdr, h, c->mr->ram, mf_comp_flags(c->mr->method), &b, err)))
         return ret;
     /* Counted before any byte of them is placed: a packet torn after the
@@ -150,10 +150,10 @@ static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
     for (uint32_t i = 0; i < h->normal; i++) {
         uint8_t *p = b->host + h->offsets[i];
         if (niov && (uint8_t *)c->iov[niov - 1].iov_base + c->iov[niov - 1].iov_len == p) {
-            c->iov[niov - 1].iov_len += LM_PAGE_SIZE;
+            c->iov[niov - 1].iov_len += RAM_PAGE_SIZE;
         } else {
             c->iov[niov].iov_base = p;
-            c->iov[niov].iov_len = LM_PAGE_SIZE;
+            c->iov[niov].iov_len = RAM_PAGE_SIZE;
             niov++;
         }
     }
@@ -162,38 +162,38 @@ static int mr_packet(mf_recv_chan *c, lm_mf_header *h, lm_error *err)
         ret = mr_readv_all(c->conn.fd, c->iov, niov, &got);
         atomic_fetch_add(&c->bytes, got);
         if (ret)
-            return lm_error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64
-                                " pages: the channel ended in the middle of a packet",
-                                h->packet_num);
+            return error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64
+                             " pages: the channel ended in the middle of a packet",
+                             h->packet_num);
     }
 zeros:
     for (uint32_t i = h->normal; i < h->normal + h->zero; i++) {
         uint8_t *p = b->host + h->offsets[i];
-        if (!lm_is_zero(p, LM_PAGE_SIZE))
-            memset(p, 0, LM_PAGE_SIZE);
+        if (!buf_is_zero(p, RAM_PAGE_SIZE))
+            memset(p, 0, RAM_PAGE_SIZE);
     }
     for (uint32_t i = 0; i < h->normal + h->zero; i++)
-        ram_received(b, h->offsets[i] / LM_PAGE_SIZE, 1);
+        ram_received(b, h->offsets[i] / RAM_PAGE_SIZE, 1);
     return 0;
 }
 
 static void *mr_thread(void *arg)
 {
     mf_recv_chan *c = arg;
-    lm_multifd_recv *mr = c->mr;
+    multifd_receiver *mr = c->mr;
     char name[16];
 
     snprintf(name, sizeof(name), "lm-mfrecv-%d", c->id);
     pthread_setname_np(pthread_self(), name);
     for (;;) {
-        lm_mf_header h;
+        mf_header h;
         lm_error err = { 0 };
         int ret = mr_packet(c, &h, &err);
 
         if (ret == 1) {
             if (!atomic_load(&mr->finishing)) {
-                lm_error_set(&err, -EPIPE, "the source closed the channel before the "
-                             "migration ended");
+                error_set(&err, -EPIPE, "the source closed the channel before the "
+                          "migration ended");
                 mr_fail(c, &err);
             }
             break;
@@ -202,20 +202,20 @@ static void *mr_thread(void *arg)
             mr_fail(c, &err);
             break;
         }
-        if (h.flags & LM_MULTIFD_FLAG_SYNC) {
-            if (lm_fault_hit("dst", "sync", c->id)) {
-                lm_error_set(&err, -EIO, "injected fault at the SYNC barrier");
+        if (h.flags & MULTIFD_FLAG_SYNC) {
+            if (fault_hit("dst", "sync", c->id)) {
+                error_set(&err, -EIO, "injected fault at the SYNC barrier");
                 mr_fail(c, &err);
                 break;
             }
             /* Its pages are in place: the barrier is past them. */
             atomic_store(&c->pages_since_sync, 0);
-            lm_sem_post(&mr->synced);
-            if (lm_sem_wait(&c->release, mr->abort, -1))
+            fsem_post(&mr->synced);
+            if (fsem_wait(&c->release, mr->abort, -1))
                 break;
         }
-        if (lm_fault_hit("dst", "packet", c->id)) {
-            lm_error_set(&err, -EIO, "injected fault after packet %" PRIu64, h.packet_num);
+        if (fault_hit("dst", "packet", c->id)) {
+            error_set(&err, -EIO, "injected fault after packet %" PRIu64, h.packet_num);
             mr_fail(c, &err);
             break;
         }
@@ -223,11 +223,11 @@ static void *mr_thread(void *arg)
     return NULL;
 }
 
-lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, int method,
-                                    int main_fd, atomic_bool *stop, lm_multifd_fail_fn fail,
-                                    void *fail_opaque, lm_error *err)
+multifd_receiver *multifd_recv_start(transport_conn *conns, int n, const ram_state *ram, int method,
+                                     int main_fd, atomic_bool *stop, multifd_fail_fn fail,
+                                     void *fail_opaque, lm_error *err)
 {
-    lm_multifd_recv *mr = calloc(1, sizeof(*mr));
+    multifd_receiver *mr = calloc(1, sizeof(*mr));
 
     if (!mr)
         abort();
@@ -238,7 +238,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
     mr->abort = stop;
     mr->fail = fail;
     mr->fail_opaque = fail_opaque;
-    lm_sem_init(&mr->synced, 0, n + 1);
+    fsem_init(&mr->synced, 0, n + 1);
     mr->chans = calloc((size_t)n, sizeof(*mr->chans));
     if (!mr->chans)
         abort();
@@ -247,9 +247,9 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
         mr->chans[i].id = i;
         mr->chans[i].conn = conns[i];
         conns[i].fd = -1;
-        lm_sem_init(&mr->chans[i].release, 0, n + 1);
+        fsem_init(&mr->chans[i].release, 0, n + 1);
     }
-    for (int i = 0; i < n && method != LM_MF_NONE; i++) {
+    for (int i = 0; i < n && method != MF_NONE; i++) {
         mf_recv_chan *c = &mr->chans[i];
         c->codec = mf_codec_new(method, 0, false, err);
         c->cbuf = malloc(mf_codec_bound(method));
@@ -261,8 +261,8 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
     for (int i = 0; i < n; i++) {
         int ret = pthread_create(&mr->chans[i].thread, NULL, mr_thread, &mr->chans[i]);
         if (ret) {
-            lm_error_set(err, -ret, "cannot start multifd receive thread %d: %s", i,
-                         strerror(ret));
+            error_set(err, -ret, "cannot start multifd receive thread %d: %s", i,
+                      strerror(ret));
             multifd_recv_kick(mr);
             multifd_recv_finish(mr, NULL);
             return NULL;
@@ -272,7 +272,7 @@ lm_multifd_recv *multifd_recv_start(lm_conn *conns, int n, const lm_ram *ram, in
     return mr;
 }
 
-int multifd_recv_sync(lm_multifd_recv *mr)
+int multifd_recv_sync(multifd_receiver *mr)
 {
     /*
      * Channels parked at an earlier barrier do not read their sockets, and a
@@ -281,7 +281,7 @@ int multifd_recv_sync(lm_multifd_recv *mr)
      * after the last barrier, so a hang-up here means the source is gone.
      */
     for (int i = 0; i < mr->n;) {
-        int ret = lm_sem_wait(&mr->synced, mr->abort, 100);
+        int ret = fsem_wait(&mr->synced, mr->abort, 100);
         struct pollfd pfd = { .fd = mr->main_fd, .events = POLLRDHUP };
 
         if (ret == 0) {
@@ -293,19 +293,19 @@ int multifd_recv_sync(lm_multifd_recv *mr)
         if (mr->main_fd >= 0 && poll(&pfd, 1, 0) == 1 &&
             (pfd.revents & (POLLRDHUP | POLLHUP | POLLERR))) {
             lm_error err;
-            lm_error_set(&err, -ECONNRESET, "the source closed the main stream while %d of %d "
-                         "channels had not reached the SYNC barrier", mr->n - i, mr->n);
+            error_set(&err, -ECONNRESET, "the source closed the main stream while %d of %d "
+                      "channels had not reached the SYNC barrier", mr->n - i, mr->n);
             mr->fail(mr->fail_opaque, &err);
             multifd_recv_kick(mr);
             return -ECANCELED;
         }
     }
     for (int i = 0; i < mr->n; i++)
-        lm_sem_post(&mr->chans[i].release);
+        fsem_post(&mr->chans[i].release);
     return 0;
 }
 
-static int mr_place_sync(void *impl, lm_ram *r, lm_stream *s, uint64_t at)
+static int mr_place_sync(void *impl, ram_state *r, lm_stream *s, uint64_t at)
 {
     (void)r;
     if (multifd_recv_sync(impl)) {
@@ -321,22 +321,22 @@ static const ram_placer_ops mr_placer_ops = {
     .sync = mr_place_sync,
 };
 
-ram_placer multifd_recv_placer(lm_multifd_recv *mr)
+ram_placer multifd_recv_placer(multifd_receiver *mr)
 {
     return (ram_placer){ &mr_placer_ops, mr };
 }
 
-void multifd_recv_kick(lm_multifd_recv *mr)
+void multifd_recv_kick(multifd_receiver *mr)
 {
     atomic_store(mr->abort, true);
     for (int i = 0; i < mr->n; i++) {
-        lm_conn_shutdown(&mr->chans[i].conn);
-        lm_sem_kick(&mr->chans[i].release);
+        conn_shutdown(&mr->chans[i].conn);
+        fsem_kick(&mr->chans[i].release);
     }
-    lm_sem_kick(&mr->synced);
+    fsem_kick(&mr->synced);
 }
 
-int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err)
+int multifd_recv_finish(multifd_receiver *mr, lm_error *err)
 {
     int ret = 0;
 
@@ -344,8 +344,8 @@ int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err)
         return 0;
     atomic_store(&mr->finishing, true);
     for (int i = 0; i < mr->n; i++) {
-        lm_conn_shutdown(&mr->chans[i].conn);
-        lm_sem_post(&mr->chans[i].release);
+        conn_shutdown(&mr->chans[i].conn);
+        fsem_post(&mr->chans[i].release);
     }
     /* Join all before closing any socket (a running thread may kick them). */
     for (int i = 0; i < mr->n; i++)
@@ -354,12 +354,12 @@ int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err)
     for (int i = 0; i < mr->n && !ret; i++) {
         uint64_t late = atomic_load(&mr->chans[i].pages_since_sync);
         if (late)
-            ret = lm_error_set(err, -EPROTO, "multifd channel %d: %" PRIu64 " pages arrived "
-                               "after the final SYNC barrier (the source sends none there)",
-                               i, late);
+            ret = error_set(err, -EPROTO, "multifd channel %d: %" PRIu64 " pages arrived "
+                            "after the final SYNC barrier (the source sends none there)",
+                            i, late);
     }
     for (int i = 0; i < mr->n; i++) {
-        lm_conn_close(&mr->chans[i].conn, NULL);
+        conn_close(&mr->chans[i].conn, NULL);
         mf_codec_free(mr->chans[i].codec);
         free(mr->chans[i].cbuf);
     }
@@ -368,7 +368,7 @@ int multifd_recv_finish(lm_multifd_recv *mr, lm_error *err)
     return ret;
 }
 
-uint64_t multifd_recv_bytes(lm_multifd_recv *mr)
+uint64_t multifd_recv_bytes(multifd_receiver *mr)
 {
     uint64_t sum = 0;
 
@@ -386,7 +386,7 @@ static int mr_read_deadline(int fd, void *buf, size_t len, bool peek, int64_t de
     while (got < len) {
         struct pollfd pfd[2] = { { .fd = fd, .events = POLLIN },
                                  { .fd = cancel_fd, .events = POLLIN } };
-        int64_t left = deadline - lm_now_ms();
+        int64_t left = deadline - time_now_ms();
         ssize_t r;
 
         if (left <= 0)
@@ -423,8 +423,8 @@ static int mr_read_deadline(int fd, void *buf, size_t len, bool peek, int64_t de
     return 0;
 }
 
-int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *main_conn,
-                   lm_conn *chans, lm_error *err)
+int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
+                   transport_conn *main_conn, transport_conn *chans, lm_error *err)
 {
     bool have_main = false;
     int have = 0, ret = 0;
@@ -434,33 +434,33 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
         chans[i].fd = -1;
     main_conn->fd = -1;
     while (!have_main || have < n) {
-        lm_conn c = { .fd = -1 };
-        uint8_t magic[4], init[LM_MULTIFD_INIT_SIZE];
+        transport_conn c = { .fd = -1 };
+        uint8_t magic[4], init[MULTIFD_INIT_SIZE];
         uint8_t id;
 
-        ret = lm_transport_accept(l, &c, cancel_fd, deadline ? (int)(deadline - lm_now_ms())
+        ret = transport_accept(l, &c, cancel_fd, deadline ? (int)(deadline - time_now_ms())
                                                               : -1, err);
         if (ret) {
             if (ret == -ETIMEDOUT)
-                lm_error_set(err, ret, "multifd: only %d of %d channels%s connected within "
-                             "%d ms", have, n, have_main ? "" : " and no main stream",
-                             timeout_ms);
+                error_set(err, ret, "multifd: only %d of %d channels%s connected within "
+                          "%d ms", have, n, have_main ? "" : " and no main stream",
+                          timeout_ms);
             goto fail;
         }
         if (!deadline)
-            deadline = lm_now_ms() + timeout_ms;
+            deadline = time_now_ms() + timeout_ms;
         ret = mr_read_deadline(c.fd, magic, 4, true, deadline, cancel_fd);
         if (ret) {
-            lm_error_set(err, ret, "multifd: a connection from %s sent nothing usable: %s",
-                         c.peer, strerror(-ret));
-            lm_conn_close(&c, NULL);
+            error_set(err, ret, "multifd: a connection from %s sent nothing usable: %s",
+                      c.peer, strerror(-ret));
+            conn_close(&c, NULL);
             goto fail;
         }
         if (!memcmp(magic, "QEVM", 4)) {
             if (have_main) {
-                ret = lm_error_set(err, -EPROTO, "multifd: a second main stream connection "
-                                   "from %s", c.peer);
-                lm_conn_close(&c, NULL);
+                ret = error_set(err, -EPROTO, "multifd: a second main stream connection "
+                                "from %s", c.peer);
+                conn_close(&c, NULL);
                 goto fail;
             }
             *main_conn = c;
@@ -468,27 +468,27 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
             continue;
         }
         if (memcmp(magic, "\x11\x22\x33\x44", 4)) {
-            ret = lm_error_set(err, -EPROTO, "multifd: a connection from %s is neither the "
-                               "main stream nor a channel (first bytes %02x %02x %02x %02x)",
-                               c.peer, magic[0], magic[1], magic[2], magic[3]);
-            lm_conn_close(&c, NULL);
+            ret = error_set(err, -EPROTO, "multifd: a connection from %s is neither the "
+                            "main stream nor a channel (first bytes %02x %02x %02x %02x)",
+                            c.peer, magic[0], magic[1], magic[2], magic[3]);
+            conn_close(&c, NULL);
             goto fail;
         }
         ret = mr_read_deadline(c.fd, init, sizeof(init), false, deadline, cancel_fd);
         if (!ret && (ret = multifd_check_init(init, n, &id, err)) == 0 &&
-            lm_fault_hit("dst", "handshake", id))
-            ret = lm_error_set(err, -EPROTO, "multifd channel %u: injected handshake fault",
-                               id);
+            fault_hit("dst", "handshake", id))
+            ret = error_set(err, -EPROTO, "multifd channel %u: injected handshake fault",
+                            id);
         if (ret) {
             if (!err || !err->msg[0] || ret != -EPROTO)
-                lm_error_set(err, ret, "multifd: channel handshake from %s failed: %s",
-                             c.peer, strerror(-ret));
-            lm_conn_close(&c, NULL);
+                error_set(err, ret, "multifd: channel handshake from %s failed: %s",
+                          c.peer, strerror(-ret));
+            conn_close(&c, NULL);
             goto fail;
         }
         if (chans[id].fd >= 0) {
-            ret = lm_error_set(err, -EPROTO, "multifd: channel id %u connected twice", id);
-            lm_conn_close(&c, NULL);
+            ret = error_set(err, -EPROTO, "multifd: channel id %u connected twice", id);
+            conn_close(&c, NULL);
             goto fail;
         }
         chans[id] = c;
@@ -496,8 +496,8 @@ int multifd_accept(lm_listen *l, int n, int cancel_fd, int timeout_ms, lm_conn *
     }
     return 0;
 fail:
-    lm_conn_close(main_conn, NULL);
+    conn_close(main_conn, NULL);
     for (int i = 0; i < n; i++)
-        lm_conn_close(&chans[i], NULL);
+        conn_close(&chans[i], NULL);
     return ret;
 }

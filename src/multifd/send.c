@@ -18,37 +18,37 @@
 #include "util/zero.h"
 
 typedef struct mf_send_chan {
-    lm_multifd_send *ms;
+    multifd_sender *ms;
     int id;
-    lm_conn conn;
+    transport_conn conn;
     pthread_t thread;
     bool started;
-    lm_sem sem;                 /* posted for a job, a sync or quit */
-    lm_sem sem_sync;            /* posted when the SYNC packet is out */
+    fsem sem;                   /* posted for a job, a sync or quit */
+    fsem sem_sync;              /* posted when the SYNC packet is out */
     atomic_int pending_job;     /* 1: `next` holds a job and belongs to this thread */
     atomic_int pending_sync;
-    lm_mf_batch *batch;         /* the packet being sent; this thread's */
-    lm_mf_batch *next;          /* the hand-off slot, see multifd.h */
-    uint8_t hdr[LM_MULTIFD_HDR_SIZE];
-    struct iovec iov[1 + LM_MULTIFD_PAGES];
+    mf_batch *batch;            /* the packet being sent; this thread's */
+    mf_batch *next;             /* the hand-off slot, see multifd.h */
+    uint8_t hdr[MULTIFD_HDR_SIZE];
+    struct iovec iov[1 + MULTIFD_PAGES];
     _Atomic uint64_t bytes, packets, normal, zero, comp_bytes;
-    lm_mf_codec *codec;         /* NULL without compression */
+    mf_codec *codec;            /* NULL without compression */
     uint8_t *cbuf;              /* compressed payload, mf_codec_bound bytes */
     uint8_t *bounce;            /* one page: the guest keeps writing */
 } mf_send_chan;
 
-struct lm_multifd_send {
+struct multifd_sender {
     int n;
     mf_send_chan *chans;
-    lm_mf_batch *batch;         /* the migration thread's */
-    lm_sem ready;               /* counts channels without a pending job */
+    mf_batch *batch;            /* the migration thread's */
+    fsem ready;                 /* counts channels without a pending job */
     int next;
     atomic_bool *abort;
     atomic_bool quit;
     _Atomic uint64_t packet_num;
-    lm_zero_detect zd;
+    zero_detect zd;
     int method;
-    lm_multifd_fail_fn fail;
+    multifd_fail_fn fail;
     void *fail_opaque;
     uint64_t queued;            /* pages handed in (migration thread only) */
 };
@@ -63,9 +63,9 @@ static void mf_fail(mf_send_chan *c, int code, const char *what)
         multifd_send_kick(c->ms);
         return;
     }
-    lm_error_set(&err, code, "multifd channel %d: %s", c->id, what);
+    error_set(&err, code, "multifd channel %d: %s", c->id, what);
     if (code && code != -EPIPE && code != -ECANCELED)
-        lm_error_set(&err, code, "multifd channel %d: %s: %s", c->id, what, strerror(-code));
+        error_set(&err, code, "multifd channel %d: %s: %s", c->id, what, strerror(-code));
     c->ms->fail(c->ms->fail_opaque, &err);
     multifd_send_kick(c->ms);
 }
@@ -99,19 +99,19 @@ static int mf_writev_all(int fd, struct iovec *iov, int n)
  * Replace the page iovecs by the compressed payload.  Each page is copied to
  * a bounce page first: the codec must not see the guest change it mid-read.
  */
-static int mf_compress(mf_send_chan *c, lm_mf_header *h, int *niov)
+static int mf_compress(mf_send_chan *c, mf_header *h, int *niov)
 {
-    const lm_ramblock *b = c->batch->block;
+    const ramblock *b = c->batch->block;
     size_t len = 0;
     lm_error err;
 
     for (uint32_t i = 0; i < h->normal; i++) {
         size_t part;
 
-        memcpy(c->bounce, b->host + h->offsets[i], LM_PAGE_SIZE);
+        memcpy(c->bounce, b->host + h->offsets[i], RAM_PAGE_SIZE);
         if (mf_codec_compress(c->codec, c->bounce, i + 1 == h->normal, c->cbuf + len,
                               mf_codec_bound(c->ms->method) - len, &part, &err)) {
-            lm_log("multifd channel %d: %s", c->id, err.msg);
+            util_log("multifd channel %d: %s", c->id, err.msg);
             return -EIO;
         }
         len += part;
@@ -124,7 +124,7 @@ static int mf_compress(mf_send_chan *c, lm_mf_header *h, int *niov)
     return 0;
 }
 
-/* Pages ahead of the zero check; lm_is_zero reads 256 bytes first. */
+/* Pages ahead of the zero check; buf_is_zero reads 256 bytes first. */
 #define MF_PREFETCH_AHEAD 4
 
 static inline void mf_prefetch_head(const uint8_t *p)
@@ -136,10 +136,10 @@ static inline void mf_prefetch_head(const uint8_t *p)
 /* Build and write one packet for c->batch (may be empty: a SYNC packet). */
 static int mf_send_packet(mf_send_chan *c, uint32_t flags)
 {
-    lm_multifd_send *ms = c->ms;
-    const lm_mf_batch *b = c->batch;
-    lm_mf_header h = { .flags = flags, .pages_alloc = LM_MULTIFD_PAGES };
-    uint64_t zeros[LM_MULTIFD_PAGES];
+    multifd_sender *ms = c->ms;
+    const mf_batch *b = c->batch;
+    mf_header h = { .flags = flags, .pages_alloc = MULTIFD_PAGES };
+    uint64_t zeros[MULTIFD_PAGES];
     int niov = 1, ret;
 
     h.packet_num = atomic_fetch_add(&ms->packet_num, 1);
@@ -152,40 +152,40 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
             /* The zero check's first read of a page is a cache miss that
              * the hardware prefetcher (which stops at page boundaries)
              * cannot hide: start a later page's first lines now. */
-            if (ms->zd == LM_ZERO_MULTIFD && i + MF_PREFETCH_AHEAD < b->num)
+            if (ms->zd == ZERO_MULTIFD && i + MF_PREFETCH_AHEAD < b->num)
                 mf_prefetch_head(b->block->host + b->offsets[i + MF_PREFETCH_AHEAD]);
-            if (ms->zd == LM_ZERO_MULTIFD && lm_is_zero(p, LM_PAGE_SIZE)) {
+            if (ms->zd == ZERO_MULTIFD && buf_is_zero(p, RAM_PAGE_SIZE)) {
                 zeros[h.zero++] = off;
                 continue;
             }
             h.offsets[h.normal++] = off;
             /* Adjacent pages travel as one iovec: fewer, larger copies. */
             if (niov > 1 && (uint8_t *)c->iov[niov - 1].iov_base + c->iov[niov - 1].iov_len == p) {
-                c->iov[niov - 1].iov_len += LM_PAGE_SIZE;
+                c->iov[niov - 1].iov_len += RAM_PAGE_SIZE;
             } else {
                 c->iov[niov].iov_base = (void *)p;
-                c->iov[niov].iov_len = LM_PAGE_SIZE;
+                c->iov[niov].iov_len = RAM_PAGE_SIZE;
                 niov++;
             }
         }
         memcpy(h.offsets + h.normal, zeros, h.zero * sizeof(zeros[0]));
-        h.next_size = h.normal * (uint32_t)LM_PAGE_SIZE;
+        h.next_size = h.normal * (uint32_t)RAM_PAGE_SIZE;
         if (c->codec && h.normal && (ret = mf_compress(c, &h, &niov)))
             return ret;
     }
     multifd_put_header(c->hdr, &h);
     c->iov[0].iov_base = c->hdr;
-    c->iov[0].iov_len = LM_MULTIFD_HDR_SIZE;
-    if (lm_fault_hit("src", "packet", c->id)) {
+    c->iov[0].iov_len = MULTIFD_HDR_SIZE;
+    if (fault_hit("src", "packet", c->id)) {
         /* Half a header, then the failure: the peer sees a torn packet. */
-        c->iov[0].iov_len = LM_MULTIFD_HDR_SIZE / 2;
+        c->iov[0].iov_len = MULTIFD_HDR_SIZE / 2;
         mf_writev_all(c->conn.fd, c->iov, 1);
         return -EIO;
     }
     ret = mf_writev_all(c->conn.fd, c->iov, niov);
     if (ret)
         return ret;
-    atomic_fetch_add(&c->bytes, LM_MULTIFD_HDR_SIZE + (uint64_t)h.next_size);
+    atomic_fetch_add(&c->bytes, MULTIFD_HDR_SIZE + (uint64_t)h.next_size);
     atomic_fetch_add(&c->packets, 1);
     atomic_fetch_add(&c->normal, h.normal);
     atomic_fetch_add(&c->zero, h.zero);
@@ -195,17 +195,17 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
 static void *mf_send_thread(void *arg)
 {
     mf_send_chan *c = arg;
-    lm_multifd_send *ms = c->ms;
+    multifd_sender *ms = c->ms;
     char name[16];
     int ret;
 
     snprintf(name, sizeof(name), "lm-mfsend-%d", c->id);
     pthread_setname_np(pthread_self(), name);
     for (;;) {
-        if (lm_sem_wait(&c->sem, ms->abort, -1))
+        if (fsem_wait(&c->sem, ms->abort, -1))
             break;
         if (atomic_load_explicit(&c->pending_job, memory_order_acquire)) {
-            lm_mf_batch *job = c->next;
+            mf_batch *job = c->next;
 
             /* Take the job and free the slot at once, so the migration
              * thread can park the next batch here while this one is on
@@ -214,27 +214,27 @@ static void *mf_send_thread(void *arg)
             c->next = c->batch;
             c->batch = job;
             atomic_store_explicit(&c->pending_job, 0, memory_order_release);
-            lm_sem_post(&ms->ready);
+            fsem_post(&ms->ready);
             ret = mf_send_packet(c, mf_comp_flags(ms->method));
             if (ret) {
                 mf_fail(c, ret, "writing a packet failed");
                 break;
             }
         } else if (atomic_load_explicit(&c->pending_sync, memory_order_acquire)) {
-            const lm_mf_batch *saved = c->batch;
-            if (lm_fault_hit("src", "sync", c->id)) {
+            const mf_batch *saved = c->batch;
+            if (fault_hit("src", "sync", c->id)) {
                 mf_fail(c, -EIO, "injected fault before the SYNC packet");
                 break;
             }
             c->batch = NULL;
-            ret = mf_send_packet(c, LM_MULTIFD_FLAG_SYNC | mf_comp_flags(ms->method));
-            c->batch = (lm_mf_batch *)saved;
+            ret = mf_send_packet(c, MULTIFD_FLAG_SYNC | mf_comp_flags(ms->method));
+            c->batch = (mf_batch *)saved;
             atomic_store_explicit(&c->pending_sync, 0, memory_order_release);
             if (ret) {
                 mf_fail(c, ret, "writing the SYNC packet failed");
                 break;
             }
-            lm_sem_post(&c->sem_sync);
+            fsem_post(&c->sem_sync);
         } else if (atomic_load(&ms->quit)) {
             break;
         }
@@ -249,45 +249,45 @@ static void *mf_send_thread(void *arg)
  * would hold up every connection queued behind it (with 32 or more channels
  * the listen backlog fills and the later connects time out).
  */
-int multifd_send_connect(const lm_uri *u, int n, int cancel_fd, int timeout_ms,
-                         lm_conn *conns, lm_error *err)
+int multifd_send_connect(const transport_uri *u, int n, int cancel_fd, int timeout_ms,
+                         transport_conn *conns, lm_error *err)
 {
     int ret = 0, i;
 
     for (i = 0; i < n; i++)
         conns[i].fd = -1;
     for (i = 0; i < n; i++) {
-        uint8_t init[LM_MULTIFD_INIT_SIZE];
+        uint8_t init[MULTIFD_INIT_SIZE];
         struct iovec iov = { init, sizeof(init) };
 
-        if (lm_fault_hit("src", "connect", i))
-            ret = lm_error_set(err, -ECONNREFUSED, "injected connect failure");
+        if (fault_hit("src", "connect", i))
+            ret = error_set(err, -ECONNREFUSED, "injected connect failure");
         else
-            ret = lm_transport_connect(u, &conns[i], cancel_fd, timeout_ms, err);
+            ret = transport_connect(u, &conns[i], cancel_fd, timeout_ms, err);
         if (ret)
             goto fail;
         multifd_put_init(init, (uint8_t)i);
-        if (lm_fault_hit("src", "handshake", i))
+        if (fault_hit("src", "handshake", i))
             init[0] ^= 0xff;
         if ((ret = mf_writev_all(conns[i].fd, &iov, 1))) {
-            lm_error_set(err, ret, "sending the handshake failed: %s", strerror(-ret));
+            error_set(err, ret, "sending the handshake failed: %s", strerror(-ret));
             goto fail;
         }
     }
     return 0;
 fail:
-    lm_error_prefix(err, "multifd channel %d", i);
+    error_prefix(err, "multifd channel %d", i);
     for (int j = 0; j < n; j++)
-        lm_conn_close(&conns[j], NULL);
+        conn_close(&conns[j], NULL);
     return ret;
 }
 
-lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
-                                    int method, int level,
-                                    atomic_bool *stop, lm_multifd_fail_fn fail,
-                                    void *fail_opaque, lm_error *err)
+multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
+                                   int method, int level,
+                                   atomic_bool *stop, multifd_fail_fn fail,
+                                   void *fail_opaque, lm_error *err)
 {
-    lm_multifd_send *ms = calloc(1, sizeof(*ms));
+    multifd_sender *ms = calloc(1, sizeof(*ms));
 
     if (!ms)
         abort();
@@ -301,28 +301,28 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
     ms->batch = calloc(1, sizeof(*ms->batch));
     if (!ms->chans || !ms->batch)
         abort();
-    lm_sem_init(&ms->ready, (unsigned)n, n + 1);
+    fsem_init(&ms->ready, (unsigned)n, n + 1);
     for (int i = 0; i < n; i++) {
         mf_send_chan *c = &ms->chans[i];
 
         c->ms = ms;
         c->id = i;
         c->conn = conns[i];
-        c->bytes = LM_MULTIFD_INIT_SIZE;     /* its handshake, sent at connect */
+        c->bytes = MULTIFD_INIT_SIZE;        /* its handshake, sent at connect */
         conns[i].fd = -1;
-        lm_sem_init(&c->sem, 0, n + 1);
-        lm_sem_init(&c->sem_sync, 0, n + 1);
+        fsem_init(&c->sem, 0, n + 1);
+        fsem_init(&c->sem_sync, 0, n + 1);
         c->batch = calloc(1, sizeof(*c->batch));
         c->next = calloc(1, sizeof(*c->next));
         if (!c->batch || !c->next)
             abort();
     }
-    for (int i = 0; i < n && method != LM_MF_NONE; i++) {
+    for (int i = 0; i < n && method != MF_NONE; i++) {
         mf_send_chan *c = &ms->chans[i];
 
         c->codec = mf_codec_new(method, level, true, err);
         c->cbuf = malloc(mf_codec_bound(method));
-        c->bounce = aligned_alloc(LM_PAGE_SIZE, LM_PAGE_SIZE);
+        c->bounce = aligned_alloc(RAM_PAGE_SIZE, RAM_PAGE_SIZE);
         if (!c->codec || !c->cbuf || !c->bounce) {
             multifd_send_finish(ms);     /* no thread started: closes the sockets */
             return NULL;
@@ -331,8 +331,8 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
     for (int i = 0; i < n; i++) {
         int ret = pthread_create(&ms->chans[i].thread, NULL, mf_send_thread, &ms->chans[i]);
         if (ret) {
-            lm_error_set(err, -ret, "cannot start multifd channel thread %d: %s", i,
-                         strerror(ret));
+            error_set(err, -ret, "cannot start multifd channel thread %d: %s", i,
+                      strerror(ret));
             multifd_send_kick(ms);
             multifd_send_finish(ms);
             return NULL;
@@ -342,12 +342,12 @@ lm_multifd_send *multifd_send_start(lm_conn *conns, int n, lm_zero_detect zd,
     return ms;
 }
 
-static int mf_hand_off(lm_multifd_send *ms)
+static int mf_hand_off(multifd_sender *ms)
 {
     mf_send_chan *c = NULL;
-    lm_mf_batch *tmp;
+    mf_batch *tmp;
 
-    if (lm_sem_wait(&ms->ready, ms->abort, -1))
+    if (fsem_wait(&ms->ready, ms->abort, -1))
         return -ECANCELED;
     for (int k = 0; k < ms->n; k++) {
         int i = (ms->next + k) % ms->n;
@@ -363,17 +363,17 @@ static int mf_hand_off(lm_multifd_send *ms)
     c->next = ms->batch;
     ms->batch = tmp;
     atomic_store_explicit(&c->pending_job, 1, memory_order_release);
-    lm_sem_post(&c->sem);
+    fsem_post(&c->sem);
     return 0;
 }
 
-int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset)
+int multifd_send_page(multifd_sender *ms, const ramblock *b, uint64_t offset)
 {
-    lm_mf_batch *bt = ms->batch;
+    mf_batch *bt = ms->batch;
 
     if (atomic_load(ms->abort))
         return -ECANCELED;
-    if (bt->num && (bt->block != b || bt->num == LM_MULTIFD_PAGES)) {
+    if (bt->num && (bt->block != b || bt->num == MULTIFD_PAGES)) {
         int ret = mf_hand_off(ms);
         if (ret)
             return ret;
@@ -385,7 +385,7 @@ int multifd_send_page(lm_multifd_send *ms, const lm_ramblock *b, uint64_t offset
     return 0;
 }
 
-int multifd_send_sync(lm_multifd_send *ms)
+int multifd_send_sync(multifd_sender *ms)
 {
     int ret;
 
@@ -393,33 +393,33 @@ int multifd_send_sync(lm_multifd_send *ms)
         return ret;
     for (int i = 0; i < ms->n; i++) {
         atomic_store_explicit(&ms->chans[i].pending_sync, 1, memory_order_release);
-        lm_sem_post(&ms->chans[i].sem);
+        fsem_post(&ms->chans[i].sem);
     }
     for (int i = 0; i < ms->n; i++)
-        if (lm_sem_wait(&ms->chans[i].sem_sync, ms->abort, -1))
+        if (fsem_wait(&ms->chans[i].sem_sync, ms->abort, -1))
             return -ECANCELED;
     return 0;
 }
 
-void multifd_send_kick(lm_multifd_send *ms)
+void multifd_send_kick(multifd_sender *ms)
 {
     atomic_store(ms->abort, true);
     for (int i = 0; i < ms->n; i++) {
         mf_send_chan *c = &ms->chans[i];
-        lm_conn_shutdown(&c->conn);
-        lm_sem_kick(&c->sem);
-        lm_sem_kick(&c->sem_sync);
+        conn_shutdown(&c->conn);
+        fsem_kick(&c->sem);
+        fsem_kick(&c->sem_sync);
     }
-    lm_sem_kick(&ms->ready);
+    fsem_kick(&ms->ready);
 }
 
-void multifd_send_finish(lm_multifd_send *ms)
+void multifd_send_finish(multifd_sender *ms)
 {
     if (!ms)
         return;
     atomic_store(&ms->quit, true);
     for (int i = 0; i < ms->n; i++)
-        lm_sem_post(&ms->chans[i].sem);
+        fsem_post(&ms->chans[i].sem);
     /* Join every thread before closing any socket: a thread still running
      * may be kicking (shutting down) all of them. */
     for (int i = 0; i < ms->n; i++)
@@ -427,7 +427,7 @@ void multifd_send_finish(lm_multifd_send *ms)
             pthread_join(ms->chans[i].thread, NULL);
     for (int i = 0; i < ms->n; i++) {
         mf_send_chan *c = &ms->chans[i];
-        lm_conn_close(&c->conn, NULL);
+        conn_close(&c->conn, NULL);
         free(c->batch);
         free(c->next);
         mf_codec_free(c->codec);
@@ -442,26 +442,26 @@ void multifd_send_finish(lm_multifd_send *ms)
 /* The sink (ram.h): with legacy zero detection this thread writes ZERO
  * records on the main stream, otherwise every page goes to the channels
  * (which check for zeros with "multifd", or send all in full with "none"). */
-static int mf_sink_page(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+static int mf_sink_page(void *impl, ram_state *r, lm_stream *s, ramblock *b, uint64_t page)
 {
-    lm_multifd_send *ms = impl;
+    multifd_sender *ms = impl;
     int ret;
 
-    if (ms->zd == LM_ZERO_LEGACY && lm_is_zero(b->host + page * LM_PAGE_SIZE, LM_PAGE_SIZE)) {
+    if (ms->zd == ZERO_LEGACY && buf_is_zero(b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE)) {
         ram_put_zero(r, s, b, page);
         return RAM_SENT_ZERO;
     }
-    ret = multifd_send_page(ms, b, page * LM_PAGE_SIZE);
+    ret = multifd_send_page(ms, b, page * RAM_PAGE_SIZE);
     return ret ? ret : RAM_SENT_AWAY;
 }
 
 /* Before each EOS: per-section sync, QEMU 7.2's placement. */
-static int mf_sink_flush(void *impl, lm_ram *r, lm_stream *s, lm_error *err)
+static int mf_sink_flush(void *impl, ram_state *r, lm_stream *s, lm_error *err)
 {
     (void)r;
     (void)s;
     if (multifd_send_sync(impl))
-        return lm_error_set(err, -ECANCELED, "multifd: a channel failed");
+        return error_set(err, -ECANCELED, "multifd: a channel failed");
     return 0;
 }
 
@@ -471,12 +471,12 @@ static const ram_sink_ops mf_sink_ops = {
     .flush = mf_sink_flush,
 };
 
-ram_sink multifd_send_sink(lm_multifd_send *ms)
+ram_sink multifd_send_sink(multifd_sender *ms)
 {
     return (ram_sink){ &mf_sink_ops, ms };
 }
 
-void multifd_send_stats(lm_multifd_send *ms, lm_multifd_stats *st)
+void multifd_send_stats(multifd_sender *ms, multifd_stats *st)
 {
     memset(st, 0, sizeof(*st));
     st->queued_pages = ms ? ms->queued : 0;

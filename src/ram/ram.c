@@ -13,35 +13,35 @@
 #include "util/error.h"
 #include "util/zero.h"
 
-int ram_register(lm_ram *r, const char *idstr, void *host, uint64_t length,
+int ram_register(ram_state *r, const char *idstr, void *host, uint64_t length,
                  uint64_t page_size, lm_error *err)
 {
-    lm_ramblock *b;
+    ramblock *b;
 
     if (!idstr || !*idstr || strlen(idstr) > 255)
-        return lm_error_set(err, -EINVAL, "RAM block name must be 1 to 255 bytes");
+        return error_set(err, -EINVAL, "RAM block name must be 1 to 255 bytes");
     if (ram_find(r, idstr) >= 0)
-        return lm_error_set(err, -EEXIST, "RAM block '%s' is already registered", idstr);
-    if (page_size != LM_PAGE_SIZE)
-        return lm_error_set(err, -EINVAL, "RAM block '%s': page size %" PRIu64
-                            " not supported (only 4096)", idstr, page_size);
-    if (!host || ((uintptr_t)host & (LM_PAGE_SIZE - 1)) || !length ||
-        (length & (LM_PAGE_SIZE - 1)))
-        return lm_error_set(err, -EINVAL, "RAM block '%s': host address and length must "
-                            "be page aligned and non-zero", idstr);
-    if (r->nblocks == LM_RAM_MAX_BLOCKS)
-        return lm_error_set(err, -ENOSPC, "too many RAM blocks (max %d)", LM_RAM_MAX_BLOCKS);
+        return error_set(err, -EEXIST, "RAM block '%s' is already registered", idstr);
+    if (page_size != RAM_PAGE_SIZE)
+        return error_set(err, -EINVAL, "RAM block '%s': page size %" PRIu64
+                         " not supported (only 4096)", idstr, page_size);
+    if (!host || ((uintptr_t)host & (RAM_PAGE_SIZE - 1)) || !length ||
+        (length & (RAM_PAGE_SIZE - 1)))
+        return error_set(err, -EINVAL, "RAM block '%s': host address and length must "
+                         "be page aligned and non-zero", idstr);
+    if (r->nblocks == RAM_MAX_BLOCKS)
+        return error_set(err, -ENOSPC, "too many RAM blocks (max %d)", RAM_MAX_BLOCKS);
     b = &r->blocks[r->nblocks++];
     memset(b, 0, sizeof(*b));
     snprintf(b->idstr, sizeof(b->idstr), "%s", idstr);
     b->host = host;
     b->length = length;
-    b->npages = length / LM_PAGE_SIZE;
+    b->npages = length / RAM_PAGE_SIZE;
     r->total += length;
     return 0;
 }
 
-int ram_find(const lm_ram *r, const char *idstr)
+int ram_find(const ram_state *r, const char *idstr)
 {
     for (int i = 0; i < r->nblocks; i++)
         if (!strcmp(r->blocks[i].idstr, idstr))
@@ -51,15 +51,15 @@ int ram_find(const lm_ram *r, const char *idstr)
 
 /* ------------------------------------------------------------ source */
 
-void ram_save_start(lm_ram *r, lm_dirty *arm)
+void ram_save_start(ram_state *r, dirty_tracker *arm)
 {
     r->dirty = 0;
     r->arm = arm;
     for (int i = 0; i < r->nblocks; i++) {
-        lm_ramblock *b = &r->blocks[i];
-        lm_bitmap_free(b->bmap);
-        b->bmap = lm_bitmap_new(b->npages);
-        lm_bitmap_fill(b->bmap, b->npages);
+        ramblock *b = &r->blocks[i];
+        bitmap_free(b->bmap);
+        b->bmap = bitmap_new(b->npages);
+        bitmap_fill(b->bmap, b->npages);
         b->arm_next = arm ? 0 : b->npages;
         r->dirty += b->npages;
     }
@@ -69,29 +69,29 @@ void ram_save_start(lm_ram *r, lm_dirty *arm)
     r->zero_pages = r->normal_pages = r->offstream_bytes = 0;
 }
 
-void ram_save_finish(lm_ram *r)
+void ram_save_finish(ram_state *r)
 {
     for (int i = 0; i < r->nblocks; i++) {
-        lm_bitmap_free(r->blocks[i].bmap);
+        bitmap_free(r->blocks[i].bmap);
         r->blocks[i].bmap = NULL;
     }
 }
 
-void ram_put_eos(lm_ram *r, const ram_sink *sink, lm_stream *s)
+void ram_put_eos(ram_state *r, const ram_sink *sink, lm_stream *s)
 {
     lm_error err = { 0 };
 
     if (sink->ops && sink->ops->flush && !lm_stream_error(s) &&
         sink->ops->flush(sink->impl, r, s, &err) && !lm_stream_error(s))
         lm_stream_set_error(s, err.code ? err.code : -EIO, "%s", err.msg);
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
 }
 
-void ram_save_setup(lm_ram *r, const ram_sink *sink, lm_stream *s)
+void ram_save_setup(ram_state *r, const ram_sink *sink, lm_stream *s)
 {
-    lm_put_be64(s, r->total | LM_RAM_MEM_SIZE);
+    lm_put_be64(s, r->total | RAM_MEM_SIZE);
     for (int i = 0; i < r->nblocks; i++) {
-        lm_stream_put_counted(s, r->blocks[i].idstr);
+        stream_put_counted(s, r->blocks[i].idstr);
         lm_put_be64(s, r->blocks[i].length);
         if (sink->ops && sink->ops->block)
             sink->ops->block(sink->impl, r, s, &r->blocks[i]);
@@ -99,34 +99,34 @@ void ram_save_setup(lm_ram *r, const ram_sink *sink, lm_stream *s)
     ram_put_eos(r, sink, s);
 }
 
-void ram_put_record(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t offset,
+void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
                     uint64_t flags)
 {
     if (b == r->last_sent) {
-        lm_put_be64(s, offset | flags | LM_RAM_CONTINUE);
+        lm_put_be64(s, offset | flags | RAM_CONTINUE);
         return;
     }
     lm_put_be64(s, offset | flags);
-    lm_stream_put_counted(s, b->idstr);
+    stream_put_counted(s, b->idstr);
     r->last_sent = b;
 }
 
-void ram_put_zero(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page)
+void ram_put_zero(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page)
 {
-    ram_put_record(r, s, b, page * LM_PAGE_SIZE, LM_RAM_ZERO);
+    ram_put_record(r, s, b, page * RAM_PAGE_SIZE, RAM_ZERO);
     lm_put_u8(s, 0);
 }
 
-void ram_put_page(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page)
+void ram_put_page(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page)
 {
-    ram_put_record(r, s, b, page * LM_PAGE_SIZE, LM_RAM_PAGE);
-    lm_stream_put_page(s, b->host + page * LM_PAGE_SIZE, LM_PAGE_SIZE);
+    ram_put_record(r, s, b, page * RAM_PAGE_SIZE, RAM_PAGE);
+    stream_put_page(s, b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE);
 }
 
 /* The default sink: this thread checks for zeros and writes records. */
-static int ram_stream_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+static int ram_stream_page(ram_state *r, lm_stream *s, ramblock *b, uint64_t page)
 {
-    if (lm_is_zero(b->host + page * LM_PAGE_SIZE, LM_PAGE_SIZE)) {
+    if (buf_is_zero(b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE)) {
         ram_put_zero(r, s, b, page);
         return RAM_SENT_ZERO;
     }
@@ -134,7 +134,7 @@ static int ram_stream_page(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t pag
     return RAM_SENT_STREAM;
 }
 
-static void ram_save_page(lm_ram *r, const ram_sink *sink, lm_stream *s, lm_ramblock *b,
+static void ram_save_page(ram_state *r, const ram_sink *sink, lm_stream *s, ramblock *b,
                           uint64_t page)
 {
     int sent = sink->ops && sink->ops->page ? sink->ops->page(sink->impl, r, s, b, page)
@@ -145,7 +145,7 @@ static void ram_save_page(lm_ram *r, const ram_sink *sink, lm_stream *s, lm_ramb
         r->zero_pages++;
         break;
     case RAM_SENT_AWAY:
-        r->offstream_bytes += LM_PAGE_SIZE;
+        r->offstream_bytes += RAM_PAGE_SIZE;
         /* fall through */
     case RAM_SENT_STREAM:
         r->normal_pages++;
@@ -159,21 +159,21 @@ static void ram_save_page(lm_ram *r, const ram_sink *sink, lm_stream *s, lm_ramb
 }
 
 /* Work done so far: main-stream bytes plus pages handed to channels/files. */
-static uint64_t ram_progress(const lm_ram *r, lm_stream *s)
+static uint64_t ram_progress(const ram_state *r, lm_stream *s)
 {
     return lm_stream_offset(s) + r->offstream_bytes;
 }
 
 /* Arm tracking of the chunk holding `page` (see ram_save_start). */
-static int ram_arm(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
+static int ram_arm(ram_state *r, lm_stream *s, ramblock *b, uint64_t page)
 {
-    uint64_t end = (page / LM_RAM_ARM_PAGES + 1) * LM_RAM_ARM_PAGES;
+    uint64_t end = (page / RAM_ARM_PAGES + 1) * RAM_ARM_PAGES;
     lm_error err = { 0 };
     int ret;
 
     if (end > b->npages)
         end = b->npages;
-    ret = lm_dirty_arm(r->arm, (int)(b - r->blocks), end * LM_PAGE_SIZE, &err);
+    ret = dirty_arm(r->arm, (int)(b - r->blocks), end * RAM_PAGE_SIZE, &err);
     if (ret < 0) {
         lm_stream_set_error(s, ret, "%s", err.msg);
         return ret;
@@ -182,12 +182,12 @@ static int ram_arm(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page)
     return 0;
 }
 
-bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budget)
+bool ram_save_some(ram_state *r, const ram_sink *sink, lm_stream *s, uint64_t budget)
 {
     uint64_t start = ram_progress(r, s);
 
     while (!lm_stream_error(s)) {
-        lm_ramblock *b;
+        ramblock *b;
         uint64_t page;
 
         if (r->cur_block >= r->nblocks) {
@@ -196,7 +196,7 @@ bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budge
             return true;
         }
         b = &r->blocks[r->cur_block];
-        page = lm_bitmap_next_set(b->bmap, b->npages, r->cur_page);
+        page = bitmap_next_set(b->bmap, b->npages, r->cur_page);
         if (page >= b->npages) {
             r->cur_block++;
             r->cur_page = 0;
@@ -207,7 +207,7 @@ bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budge
         /* The walk owns the bit: cleared before the page is handed over, so a
          * write after the sink read it sets it again (dirty.h). */
         assert(r->dirty > 0);
-        lm_bitmap_clear(b->bmap, page);
+        bitmap_clear(b->bmap, page);
         r->dirty--;
         ram_save_page(r, sink, s, b, page);
         r->cur_page = page + 1;
@@ -217,12 +217,12 @@ bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budge
     return false;
 }
 
-int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err)
+int64_t ram_sync(ram_state *r, dirty_tracker *d, lm_error *err)
 {
     int64_t total = 0;
 
     for (int i = 0; i < r->nblocks; i++) {
-        int64_t n = lm_dirty_sync(d, i, r->blocks[i].bmap, err);
+        int64_t n = dirty_sync(d, i, r->blocks[i].bmap, err);
         if (n < 0)
             return n;
         total += n;
@@ -239,36 +239,36 @@ int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err)
  * again; a mapped-ram file does not write the pages its bitmap leaves out
  * (zero by definition), so what the last attempt placed is zeroed first.
  */
-static void ram_load_forget(lm_ramblock *b)
+static void ram_load_forget(ramblock *b)
 {
-    for (uint64_t p = lm_bitmap_next_set(b->rmap, b->npages, 0); p < b->npages;) {
-        uint64_t end = lm_bitmap_next_clear(b->rmap, b->npages, p);
+    for (uint64_t p = bitmap_next_set(b->rmap, b->npages, 0); p < b->npages;) {
+        uint64_t end = bitmap_next_clear(b->rmap, b->npages, p);
         for (uint64_t q = p; q < end; q++)
-            if (!lm_is_zero(b->host + q * LM_PAGE_SIZE, LM_PAGE_SIZE))
-                memset(b->host + q * LM_PAGE_SIZE, 0, LM_PAGE_SIZE);
-        p = lm_bitmap_next_set(b->rmap, b->npages, end);
+            if (!buf_is_zero(b->host + q * RAM_PAGE_SIZE, RAM_PAGE_SIZE))
+                memset(b->host + q * RAM_PAGE_SIZE, 0, RAM_PAGE_SIZE);
+        p = bitmap_next_set(b->rmap, b->npages, end);
     }
 }
 
-void ram_load_start(lm_ram *r)
+void ram_load_start(ram_state *r)
 {
     r->last_recv = NULL;
     r->seen_block_list = false;
     r->load_ended = false;
     for (int i = 0; i < r->nblocks; i++) {
-        lm_ramblock *b = &r->blocks[i];
+        ramblock *b = &r->blocks[i];
         if (b->rmap)
             ram_load_forget(b);
-        lm_bitmap_free(b->rmap);
-        b->rmap = lm_bitmap_new(b->npages);
+        bitmap_free(b->rmap);
+        b->rmap = bitmap_new(b->npages);
         b->listed = false;
     }
 }
 
-void ram_load_finish(lm_ram *r)
+void ram_load_finish(ram_state *r)
 {
     for (int i = 0; i < r->nblocks; i++) {
-        lm_bitmap_free(r->blocks[i].rmap);
+        bitmap_free(r->blocks[i].rmap);
         r->blocks[i].rmap = NULL;
     }
 }
@@ -291,7 +291,7 @@ static void ram_why(char *why, size_t len, const char *fmt, ...)
         memcpy(why + len - 4, "...", 4);
 }
 
-int ram_load_check(const lm_ram *r, char *why, size_t len)
+int ram_load_check(const ram_state *r, char *why, size_t len)
 {
     bool ok = true;
 
@@ -307,21 +307,21 @@ int ram_load_check(const lm_ram *r, char *why, size_t len)
         ok = false;
     }
     for (int i = 0; i < r->nblocks; i++) {
-        const lm_ramblock *b = &r->blocks[i];
-        uint64_t got = lm_bitmap_count(b->rmap, b->npages);
+        const ramblock *b = &r->blocks[i];
+        uint64_t got = bitmap_count(b->rmap, b->npages);
 
         if (got == b->npages)
             continue;
         ram_why(why, len, "%sRAM block '%s': %" PRIu64 " of %" PRIu64 " pages never arrived "
                 "(the first at offset 0x%" PRIx64 ")", ok ? "" : "; ", b->idstr,
                 b->npages - got, b->npages,
-                (uint64_t)(lm_bitmap_next_clear(b->rmap, b->npages, 0) * LM_PAGE_SIZE));
+                (uint64_t)(bitmap_next_clear(b->rmap, b->npages, 0) * RAM_PAGE_SIZE));
         ok = false;
     }
     return ok ? 0 : -1;
 }
 
-static int ram_load_block_list(lm_ram *r, const ram_placer *pl, lm_stream *s, uint64_t total,
+static int ram_load_block_list(ram_state *r, const ram_placer *pl, lm_stream *s, uint64_t total,
                                uint64_t at)
 {
     uint64_t sum = 0;
@@ -337,7 +337,7 @@ static int ram_load_block_list(lm_ram *r, const ram_placer *pl, lm_stream *s, ui
         uint64_t where = lm_stream_offset(s), len;
         int i;
 
-        if (lm_stream_get_counted(s, name) || lm_get_be64(s, &len))
+        if (stream_get_counted(s, name) || lm_get_be64(s, &len))
             return -1;
         i = ram_find(r, name);
         if (i < 0) {
@@ -373,19 +373,19 @@ static int ram_load_block_list(lm_ram *r, const ram_placer *pl, lm_stream *s, ui
 }
 
 /* Resolve the block of a page record (reading its idstr unless CONTINUE). */
-static const lm_ramblock *ram_load_block(lm_ram *r, lm_stream *s, uint64_t flags,
-                                         uint64_t at)
+static const ramblock *ram_load_block(ram_state *r, lm_stream *s, uint64_t flags,
+                                      uint64_t at)
 {
     char name[256];
     int i;
 
-    if (flags & LM_RAM_CONTINUE) {
+    if (flags & RAM_CONTINUE) {
         if (!r->last_recv)
             lm_stream_set_error(s, -EINVAL, "ram: CONTINUE record with no previous block "
                                 "at byte offset %" PRIu64, at);
         return r->last_recv;
     }
-    if (lm_stream_get_counted(s, name))
+    if (stream_get_counted(s, name))
         return NULL;
     i = ram_find(r, name);
     if (i < 0) {
@@ -397,47 +397,47 @@ static const lm_ramblock *ram_load_block(lm_ram *r, lm_stream *s, uint64_t flags
     return r->last_recv;
 }
 
-int ram_place_direct(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset, uint64_t flags,
+int ram_place_direct(ram_state *r, lm_stream *s, ramblock *b, uint64_t offset, uint64_t flags,
                      uint64_t at)
 {
     uint8_t fill;
 
     (void)r;
     switch (flags) {
-    case LM_RAM_PAGE:
-        if (lm_get_buffer(s, b->host + offset, LM_PAGE_SIZE))
+    case RAM_PAGE:
+        if (lm_get_buffer(s, b->host + offset, RAM_PAGE_SIZE))
             return -1;
         break;
-    case LM_RAM_ZERO:
+    case RAM_ZERO:
         if (lm_get_u8(s, &fill))
             return -1;
         /* A zero page that is already zero is not written: that keeps fresh
          * destination memory untouched (QEMU 7.2 also accepts a fill byte). */
-        if (fill || !lm_is_zero(b->host + offset, LM_PAGE_SIZE))
-            memset(b->host + offset, fill, LM_PAGE_SIZE);
+        if (fill || !buf_is_zero(b->host + offset, RAM_PAGE_SIZE))
+            memset(b->host + offset, fill, RAM_PAGE_SIZE);
         break;
     default:
         lm_stream_set_error(s, -EINVAL, "ram: compressed page at byte offset %" PRIu64 " but "
                             "the compress capability is off here", at);
         return -1;
     }
-    ram_received(b, offset / LM_PAGE_SIZE, 1);
+    ram_received(b, offset / RAM_PAGE_SIZE, 1);
     return 0;
 }
 
-int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type)
+int ram_load(ram_state *r, const ram_placer *pl, lm_stream *s, int section_type)
 {
     for (;;) {
         uint64_t at = lm_stream_offset(s), word, flags, offset;
-        lm_ramblock *b;
+        ramblock *b;
         int ret;
 
         if (lm_get_be64(s, &word))
             return -1;
-        flags = word & ~LM_PAGE_MASK;
-        offset = word & LM_PAGE_MASK;
+        flags = word & ~RAM_PAGE_MASK;
+        offset = word & RAM_PAGE_MASK;
 
-        if (flags == LM_RAM_EOS) {
+        if (flags == RAM_EOS) {
             /* every page of this section is in place before the next one */
             if (pl->ops && pl->ops->sync && pl->ops->sync(pl->impl, r, s, at))
                 return -1;
@@ -445,7 +445,7 @@ int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type)
                 r->load_ended = true;
             return 0;
         }
-        if (flags == LM_RAM_MEM_SIZE) {
+        if (flags == RAM_MEM_SIZE) {
             if (section_type != LM_SECTION_START || r->seen_block_list) {
                 lm_stream_set_error(s, -EINVAL, "ram: unexpected MEM_SIZE record at byte "
                                     "offset %" PRIu64, at);
@@ -460,17 +460,17 @@ int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type)
                                 "byte offset %" PRIu64, at);
             return -1;
         }
-        switch (flags & ~(uint64_t)LM_RAM_CONTINUE) {
-        case LM_RAM_ZERO:
-        case LM_RAM_PAGE:
-        case LM_RAM_COMPRESS_PAGE:
+        switch (flags & ~(uint64_t)RAM_CONTINUE) {
+        case RAM_ZERO:
+        case RAM_PAGE:
+        case RAM_COMPRESS_PAGE:
             break;
         default:
             lm_stream_set_error(s, -EINVAL, "ram: unsupported record flags 0x%" PRIx64
                                 " at byte offset %" PRIu64, flags, at);
             return -1;
         }
-        b = (lm_ramblock *)ram_load_block(r, s, flags, at);
+        b = (ramblock *)ram_load_block(r, s, flags, at);
         if (!b)
             return -1;
         if (offset >= b->length) {
@@ -479,7 +479,7 @@ int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type)
                                 offset, b->idstr, b->length, at);
             return -1;
         }
-        flags &= ~(uint64_t)LM_RAM_CONTINUE;
+        flags &= ~(uint64_t)RAM_CONTINUE;
         ret = pl->ops && pl->ops->record
                   ? pl->ops->record(pl->impl, r, s, b, offset, flags, at)
                   : ram_place_direct(r, s, b, offset, flags, at);

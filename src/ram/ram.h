@@ -21,8 +21,8 @@
  * placer (the default one reads each page straight into its place).  Nothing
  * writes outside a block.
  */
-#ifndef LM_RAM_RAM_H
-#define LM_RAM_RAM_H
+#ifndef RAM_RAM_H
+#define RAM_RAM_H
 
 #include <assert.h>
 #include <stdbool.h>
@@ -33,26 +33,26 @@
 #include "dirty/dirty.h"
 #include "util/bitmap.h"
 
-#define LM_PAGE_SIZE 4096ULL
-#define LM_PAGE_MASK (~(LM_PAGE_SIZE - 1))
+#define RAM_PAGE_SIZE 4096ULL
+#define RAM_PAGE_MASK (~(RAM_PAGE_SIZE - 1))
 
 /* Record flags in the low bits of the be64 header word (QEMU's values). */
 enum {
-    LM_RAM_ZERO = 0x002,
-    LM_RAM_MEM_SIZE = 0x004,
-    LM_RAM_PAGE = 0x008,
-    LM_RAM_EOS = 0x010,
-    LM_RAM_CONTINUE = 0x020,
-    LM_RAM_XBZRLE = 0x040,
-    LM_RAM_HOOK = 0x080,
-    LM_RAM_COMPRESS_PAGE = 0x100,
-    LM_RAM_MULTIFD_FLUSH = 0x200,
+    RAM_ZERO = 0x002,
+    RAM_MEM_SIZE = 0x004,
+    RAM_PAGE = 0x008,
+    RAM_EOS = 0x010,
+    RAM_CONTINUE = 0x020,
+    RAM_XBZRLE = 0x040,
+    RAM_HOOK = 0x080,
+    RAM_COMPRESS_PAGE = 0x100,
+    RAM_MULTIFD_FLUSH = 0x200,
 };
 
-#define LM_RAM_SECTION_VERSION 4
-#define LM_RAM_MAX_BLOCKS 64
+#define RAM_SECTION_VERSION 4
+#define RAM_MAX_BLOCKS 64
 
-typedef struct lm_ramblock {
+typedef struct ramblock {
     char idstr[256];
     uint8_t *host;
     uint64_t length;
@@ -64,27 +64,27 @@ typedef struct lm_ramblock {
      * block list named the block */
     unsigned long *rmap;
     bool listed;
-} lm_ramblock;
+} ramblock;
 
-typedef struct lm_ram {
-    lm_ramblock blocks[LM_RAM_MAX_BLOCKS];
+typedef struct ram_state {
+    ramblock blocks[RAM_MAX_BLOCKS];
     int nblocks;
     uint64_t total;             /* sum of block lengths */
 
     /* source save state */
     int cur_block;
     uint64_t cur_page;
-    const lm_ramblock *last_sent;   /* for CONTINUE */
+    const ramblock *last_sent;      /* for CONTINUE */
     uint64_t dirty;             /* bits set in all bitmaps */
     uint64_t zero_pages, normal_pages;
     uint64_t offstream_bytes;   /* page bytes a sink moved off the main stream */
-    lm_dirty *arm;              /* the tracker, started unarmed; NULL: all armed */
+    dirty_tracker *arm;         /* the tracker, started unarmed; NULL: all armed */
 
     /* destination load state */
-    const lm_ramblock *last_recv;
+    const ramblock *last_recv;
     bool seen_block_list;
     bool load_ended;            /* the END section's EOS was read */
-} lm_ram;
+} ram_state;
 
 /*
  * The page path (design note 9): this module owns blocks, bitmaps and
@@ -97,9 +97,9 @@ typedef struct lm_ram {
  *
  * Implementations today: sinks -- the main stream (default), multifd
  * (multifd_send_sink), mapped-ram (mapped_ram_sink), compression
- * (lm_compress_sink); placers -- direct copy (default), multifd's barrier
+ * (compress_sink); placers -- direct copy (default), multifd's barrier
  * (multifd_recv_placer), mapped-ram's pread (mapped_ram_placer), the
- * decompression pool (lm_decompress_placer).  Postcopy adds a sink for its
+ * decompression pool (decompress_placer).  Postcopy adds a sink for its
  * urgent channel and a placer that installs pages with UFFDIO_COPY /
  * UFFDIO_ZEROPAGE.  The bytes themselves are written where they arrive:
  * multifd channel threads and mapped-ram/decompression workers write guest
@@ -120,16 +120,16 @@ typedef struct ram_sink_ops {
     const char *name;
     /* START, after a block's idstr and length (mapped-ram: its header).
      * NULL: nothing. */
-    void (*block)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b);
+    void (*block)(void *impl, ram_state *r, lm_stream *s, ramblock *b);
     /* Send one dirty page (its bit already cleared): a ram_sent, or a
      * negative errno (the caller latches it on s).  NULL: the main stream's
      * ZERO / PAGE records (ram_put_zero, ram_put_page). */
-    int (*page)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t page);
+    int (*page)(void *impl, ram_state *r, lm_stream *s, ramblock *b, uint64_t page);
     /* Before every EOS: everything handed over is out (multifd SYNC,
      * mapped-ram writes done, compressed pages emitted), so a page sent in
      * this section can never overtake its resend in the next.  NULL:
      * nothing.  0 or a negative errno with err filled. */
-    int (*flush)(void *impl, lm_ram *r, lm_stream *s, lm_error *err);
+    int (*flush)(void *impl, ram_state *r, lm_stream *s, lm_error *err);
 } ram_sink_ops;
 
 typedef struct ram_sink {
@@ -141,19 +141,19 @@ typedef struct ram_placer_ops {
     const char *name;
     /* START, after a block's idstr and length (mapped-ram: read its header
      * and bitmap, queue the reads).  NULL: nothing.  Errors latched on s. */
-    int (*block)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b);
+    int (*block)(void *impl, ram_state *r, lm_stream *s, ramblock *b);
     /* After the whole block list.  NULL: nothing. */
-    int (*blocks_done)(void *impl, lm_ram *r, lm_stream *s);
+    int (*blocks_done)(void *impl, ram_state *r, lm_stream *s);
     /* One page record whose block and offset were checked: read its payload
      * from s and place it (flags: ZERO, PAGE or COMPRESS_PAGE, without
      * CONTINUE; `at` is the record's byte offset, for errors).  Every
      * implementation marks what it placed with ram_received().  NULL:
      * ram_place_direct. */
-    int (*record)(void *impl, lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset,
+    int (*record)(void *impl, ram_state *r, lm_stream *s, ramblock *b, uint64_t offset,
                   uint64_t flags, uint64_t at);
     /* At every EOS: each page of the section is in place (multifd barrier,
      * decompression done).  NULL: nothing.  Errors latched on s. */
-    int (*sync)(void *impl, lm_ram *r, lm_stream *s, uint64_t at);
+    int (*sync)(void *impl, ram_state *r, lm_stream *s, uint64_t at);
 } ram_placer_ops;
 
 typedef struct ram_placer {
@@ -168,42 +168,42 @@ static inline ram_placer ram_direct_placer(void) { return (ram_placer){ NULL, NU
 /* Main-stream record writers for sinks: a ZERO record, a PAGE record whose
  * data is queued by reference, a record header (CONTINUE when the block is
  * the last one named: the idstr otherwise). */
-void ram_put_zero(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page);
-void ram_put_page(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t page);
-void ram_put_record(lm_ram *r, lm_stream *s, const lm_ramblock *b, uint64_t offset,
+void ram_put_zero(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page);
+void ram_put_page(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page);
+void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
                     uint64_t flags);
 /* The default placement of one record (see ram_placer_ops.record). */
-int ram_place_direct(lm_ram *r, lm_stream *s, lm_ramblock *b, uint64_t offset, uint64_t flags,
+int ram_place_direct(ram_state *r, lm_stream *s, ramblock *b, uint64_t offset, uint64_t flags,
                      uint64_t at);
 
-int ram_register(lm_ram *r, const char *idstr, void *host, uint64_t length,
+int ram_register(ram_state *r, const char *idstr, void *host, uint64_t length,
                  uint64_t page_size, lm_error *err);
-int ram_find(const lm_ram *r, const char *idstr);
+int ram_find(const ram_state *r, const char *idstr);
 
 /* ---- source ---- */
 /*
- * `arm`: a tracker started with lm_dirty_start_unarmed(), or NULL.  The
- * first pass then arms each LM_RAM_ARM_PAGES chunk just before it queues
+ * `arm`: a tracker started with dirty_start_unarmed(), or NULL.  The
+ * first pass then arms each RAM_ARM_PAGES chunk just before it queues
  * the chunk's first page: every page of a chunk not reached yet is still set
  * in the all-set bitmap, so it is read after its arm (dirty.h's invariant).
  */
-void ram_save_start(lm_ram *r, lm_dirty *arm);
+void ram_save_start(ram_state *r, dirty_tracker *arm);
 /* 64 MiB, ~1 ms of write-protecting: few enough arms that their TLB
  * flushes (IPIs to the CPUs running the channel threads) stay negligible. */
-#define LM_RAM_ARM_PAGES 16384
-void ram_save_finish(lm_ram *r);          /* frees the bitmaps */
+#define RAM_ARM_PAGES 16384
+void ram_save_finish(ram_state *r);       /* frees the bitmaps */
 /* START payload incl. EOS */
-void ram_save_setup(lm_ram *r, const ram_sink *sink, lm_stream *s);
+void ram_save_setup(ram_state *r, const ram_sink *sink, lm_stream *s);
 /*
  * Queue dirty pages through `sink` until about `budget` bytes were queued
  * or the walk wrapped.  Returns true when it wrapped (a pass is complete).
  * The caller writes EOS (ram_put_eos) when it closes the section.
  */
-bool ram_save_some(lm_ram *r, const ram_sink *sink, lm_stream *s, uint64_t budget);
+bool ram_save_some(ram_state *r, const ram_sink *sink, lm_stream *s, uint64_t budget);
 /* End a ram payload: the sink's flush (its barrier), then EOS. */
-void ram_put_eos(lm_ram *r, const ram_sink *sink, lm_stream *s);
+void ram_put_eos(ram_state *r, const ram_sink *sink, lm_stream *s);
 /* Sync every block from the tracker; returns pages newly dirtied or -errno. */
-int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err);
+int64_t ram_sync(ram_state *r, dirty_tracker *d, lm_error *err);
 
 /* ---- destination ---- */
 /*
@@ -214,21 +214,21 @@ int64_t ram_sync(lm_ram *r, lm_dirty *d, lm_error *err);
  * out is zero by definition, so a block's pages all count once its header
  * is loaded).  Every path that places a page calls ram_received().
  */
-void ram_load_start(lm_ram *r);
+void ram_load_start(ram_state *r);
 /* Parse one ram section payload (through its EOS), placing every page
  * through `pl`.  Errors are latched on s. */
-int ram_load(lm_ram *r, const ram_placer *pl, lm_stream *s, int section_type);
+int ram_load(ram_state *r, const ram_placer *pl, lm_stream *s, int section_type);
 /* `n` pages from `page` of block b have been placed.  Any thread. */
-static inline void ram_received(const lm_ramblock *b, uint64_t page, uint64_t n)
+static inline void ram_received(const ramblock *b, uint64_t page, uint64_t n)
 {
     assert(b->rmap && page + n <= b->npages);   /* checked offsets only */
-    lm_bitmap_set_range_atomic(b->rmap, page, n);
+    bitmap_set_range_atomic(b->rmap, page, n);
 }
 /*
  * After EOF: 0 when everything registered arrived, else -1 with what is
  * missing (every block, with counts and the first missing page) in `why`.
  */
-int ram_load_check(const lm_ram *r, char *why, size_t len);
-void ram_load_finish(lm_ram *r);     /* frees the received bitmaps */
+int ram_load_check(const ram_state *r, char *why, size_t len);
+void ram_load_finish(ram_state *r);  /* frees the received bitmaps */
 
 #endif

@@ -46,11 +46,11 @@ void rp_writer_free(rp_writer *w)
 
 int rp_send(rp_writer *w, uint16_t type, const void *data, uint16_t len)
 {
-    uint8_t msg[4 + LM_RP_MAX_LEN];
+    uint8_t msg[4 + WIRE_RP_MAX_LEN];
     size_t n, done = 0;
     int ret = 0;
 
-    if (wire_rp_check(type, len) != LM_WIRE_OK)
+    if (wire_rp_check(type, len) != WIRE_OK)
         return -EINVAL;             /* a caller's bug; never on the wire */
     n = wire_rp_encode(msg, sizeof(msg), type, data, len);
     pthread_mutex_lock(&w->lock);
@@ -86,7 +86,7 @@ struct rp_reader {
     pthread_t thread;
 
     /* reader thread only */
-    uint8_t buf[4 + LM_RP_MAX_LEN];
+    uint8_t buf[4 + WIRE_RP_MAX_LEN];
     size_t len;
 
     /* under lock */
@@ -123,15 +123,15 @@ static int rd_parse(rp_reader *r)
         uint16_t len = (uint16_t)(r->buf[2] << 8 | r->buf[3]);
         const uint8_t *data = r->buf + 4;
 
-        /* Known type, its length, at most LM_RP_MAX_LEN: buf always has room. */
-        if (wire_rp_check(type, len) != LM_WIRE_OK) {
-            lm_error_set(&err, -EPROTO, "return path: bad message type %u length %u", type,
-                         len);
+        /* Known type, its length, at most WIRE_RP_MAX_LEN: buf always has room. */
+        if (wire_rp_check(type, len) != WIRE_OK) {
+            error_set(&err, -EPROTO, "return path: bad message type %u length %u", type,
+                      len);
             goto fail;
         }
         if (r->len < 4u + len)
             return 0;
-        if (type == LM_RP_SHUT) {
+        if (type == WIRE_RP_SHUT) {
             pthread_mutex_lock(&r->lock);
             r->shut_status = (int)wire_be32(data);
             if (r->shut_status < 0)             /* a status >= 2^31: still a failure */
@@ -144,13 +144,13 @@ static int rd_parse(rp_reader *r)
             int ret = r->ops.message(r->opaque, type, data, len, &err);
             if (ret) {
                 if (!err.code)
-                    lm_error_set(&err, ret, "return path: message type %u (%s) refused",
-                                 type, wire_rp_name(type));
+                    error_set(&err, ret, "return path: message type %u (%s) refused",
+                              type, wire_rp_name(type));
                 goto fail;
             }
-        } else if (type != LM_RP_PONG) {
-            lm_error_set(&err, -EPROTO, "return path: unexpected message type %u (%s)", type,
-                         wire_rp_name(type));
+        } else if (type != WIRE_RP_PONG) {
+            error_set(&err, -EPROTO, "return path: unexpected message type %u (%s)", type,
+                      wire_rp_name(type));
             goto fail;
         }
         memmove(r->buf, r->buf + 4 + len, r->len - 4 - len);
@@ -176,7 +176,7 @@ static void *rd_thread(void *arg)
         if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
-            lm_error_set_errno(&err, -errno, "return path poll");
+            error_set_errno(&err, -errno, "return path poll");
             rd_fail(r, &err);
             break;
         }
@@ -189,10 +189,10 @@ static void *rd_thread(void *arg)
             continue;
         if (n <= 0) {
             if (n == 0)
-                lm_error_set(&err, -ECONNRESET, "the destination closed the connection "
-                             "without confirming (it failed or was killed)");
+                error_set(&err, -ECONNRESET, "the destination closed the connection "
+                          "without confirming (it failed or was killed)");
             else
-                lm_error_set_errno(&err, -errno, "return path read");
+                error_set_errno(&err, -errno, "return path read");
             rd_fail(r, &err);
             break;
         }
@@ -222,7 +222,7 @@ rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_er
     r->shut_status = -1;
     r->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (r->stop_fd < 0) {
-        lm_error_set_errno(err, -errno, "return path: eventfd");
+        error_set_errno(err, -errno, "return path: eventfd");
         free(r);
         return NULL;
     }
@@ -237,7 +237,7 @@ rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_er
     ret = pthread_create(&r->thread, NULL, rd_thread, r);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (ret) {
-        lm_error_set(err, -ret, "cannot start the return-path thread: %s", strerror(ret));
+        error_set(err, -ret, "cannot start the return-path thread: %s", strerror(ret));
         close(r->stop_fd);
         pthread_cond_destroy(&r->cond);
         pthread_mutex_destroy(&r->lock);
@@ -267,10 +267,10 @@ void rp_reader_stop(rp_reader *r)
 static int rd_verdict_locked(rp_reader *r, lm_error *err)
 {
     if (r->shut_status > 0)
-        return lm_error_set(err, -EIO, "the destination failed to load the migration (it "
-                            "reported status %d; see its log)", r->shut_status);
+        return error_set(err, -EIO, "the destination failed to load the migration (it "
+                         "reported status %d; see its log)", r->shut_status);
     if (r->err.code) {
-        lm_error_copy(err, &r->err);
+        error_copy(err, &r->err);
         return r->err.code;
     }
     return 0;
@@ -284,22 +284,22 @@ int rp_reader_check(rp_reader *r, int *shut_status, lm_error *err)
     *shut_status = r->shut_status;
     ret = rd_verdict_locked(r, err);
     if (!ret && r->shut_status == 0)
-        ret = lm_error_set(err, -EPROTO, "return path: the destination confirmed (SHUT 0) "
-                           "before the stream ended");
+        ret = error_set(err, -EPROTO, "return path: the destination confirmed (SHUT 0) "
+                        "before the stream ended");
     pthread_mutex_unlock(&r->lock);
     return ret;
 }
 
 int rp_reader_wait_shut(rp_reader *r, int timeout_ms, uint32_t *status, lm_error *err)
 {
-    struct timespec dl = lm_deadline_ms(timeout_ms);
+    struct timespec dl = time_deadline_ms(timeout_ms);
     int ret = 0;
 
     pthread_mutex_lock(&r->lock);
     while (r->shut_status < 0 && !r->err.code && !r->ended) {
         if (pthread_cond_timedwait(&r->cond, &r->lock, &dl) == ETIMEDOUT) {
-            ret = lm_error_set(err, -ETIMEDOUT, "the destination did not confirm within "
-                               "%d ms", timeout_ms);
+            ret = error_set(err, -ETIMEDOUT, "the destination did not confirm within "
+                            "%d ms", timeout_ms);
             break;
         }
     }
@@ -308,7 +308,7 @@ int rp_reader_wait_shut(rp_reader *r, int timeout_ms, uint32_t *status, lm_error
     } else if (!ret) {
         ret = rd_verdict_locked(r, err);
         if (!ret)
-            ret = lm_error_set(err, -ECANCELED, "the return path was stopped");
+            ret = error_set(err, -ECANCELED, "the return path was stopped");
     }
     pthread_mutex_unlock(&r->lock);
     return ret;

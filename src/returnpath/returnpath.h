@@ -36,8 +36,8 @@
  * Ownership: both objects borrow the connection's descriptor; its owner
  * (the migration or incoming thread) stops/frees them before closing it.
  */
-#ifndef LM_RETURNPATH_RETURNPATH_H
-#define LM_RETURNPATH_RETURNPATH_H
+#ifndef RETURNPATH_RETURNPATH_H
+#define RETURNPATH_RETURNPATH_H
 
 #include <stdbool.h>
 #include <stdint.h>

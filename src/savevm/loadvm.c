@@ -13,14 +13,14 @@
 
 #include "savevm/savevm.h"
 
-lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
-                                    uint32_t version,
-                                    int (*load)(lm_stream *, void *, uint32_t, int),
-                                    void *opaque)
+loadvm_handler *loadvm_add_handler(loadvm *lv, const char *idstr, uint32_t instance,
+                                   uint32_t version,
+                                   int (*load)(lm_stream *, void *, uint32_t, int),
+                                   void *opaque)
 {
-    lm_load_handler *h;
+    loadvm_handler *h;
 
-    if (lv->nhandlers == LM_LOAD_MAX_HANDLERS)
+    if (lv->nhandlers == LOADVM_MAX_HANDLERS)
         return NULL;
     h = &lv->handlers[lv->nhandlers++];
     memset(h, 0, sizeof(*h));
@@ -32,7 +32,7 @@ lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t i
     return h;
 }
 
-int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *opaque)
+int loadvm_set_command(loadvm *lv, uint16_t cmd, loadvm_cmd_fn fn, void *opaque)
 {
     if (!wire_cmd_def(cmd))
         return -EINVAL;
@@ -46,17 +46,17 @@ int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *o
  * data has a length we can parse); the validated capability mapped-ram must
  * be set identically on both sides, as in QEMU.
  */
-static int loadvm_config_caps(lm_loadvm *lv, lm_stream *s)
+static int loadvm_config_caps(loadvm *lv, lm_stream *s)
 {
     bool mapped = false;
 
-    while (lm_stream_peek_u8(s) == LM_VM_SUBSECTION) {
+    while (stream_peek_u8(s) == WIRE_VM_SUBSECTION) {
         uint64_t at = lm_stream_offset(s);
         char name[256], cap[256];
         uint32_t version, count;
         uint8_t type;
 
-        if (lm_get_u8(s, &type) || lm_stream_get_counted(s, name) || lm_get_be32(s, &version))
+        if (lm_get_u8(s, &type) || stream_get_counted(s, name) || lm_get_be32(s, &version))
             return -1;
         if (strcmp(name, "configuration/capabilities") || version != 1) {
             lm_stream_set_error(s, -EINVAL, "configuration: unsupported subsection '%s' "
@@ -72,7 +72,7 @@ static int loadvm_config_caps(lm_loadvm *lv, lm_stream *s)
         }
         for (uint32_t i = 0; i < count; i++) {
             uint64_t cat = lm_stream_offset(s);
-            if (lm_stream_get_counted(s, cap))
+            if (stream_get_counted(s, cap))
                 return -1;
             if (!strcmp(cap, "mapped-ram")) {
                 mapped = true;
@@ -92,23 +92,23 @@ static int loadvm_config_caps(lm_loadvm *lv, lm_stream *s)
     return 0;
 }
 
-static int loadvm_header(lm_loadvm *lv, lm_stream *s)
+static int loadvm_header(loadvm *lv, lm_stream *s)
 {
     uint32_t magic, version, len;
     char name[64];
 
     if (lm_get_be32(s, &magic))
         return -1;
-    if (magic != LM_QEVM_MAGIC) {
+    if (magic != WIRE_QEVM_MAGIC) {
         lm_stream_set_error(s, -EINVAL, "bad magic 0x%08x at byte offset 0 (expected "
-                            "0x%08x, \"QEVM\"): not a migration stream", magic, LM_QEVM_MAGIC);
+                            "0x%08x, \"QEVM\"): not a migration stream", magic, WIRE_QEVM_MAGIC);
         return -1;
     }
     if (lm_get_be32(s, &version))
         return -1;
-    if (version != LM_QEVM_VERSION) {
+    if (version != WIRE_QEVM_VERSION) {
         lm_stream_set_error(s, -EINVAL, "unsupported stream version %u at byte offset 4 "
-                            "(expected %u)", version, LM_QEVM_VERSION);
+                            "(expected %u)", version, WIRE_QEVM_VERSION);
         return -1;
     }
     {
@@ -116,7 +116,7 @@ static int loadvm_header(lm_loadvm *lv, lm_stream *s)
         uint64_t at = lm_stream_offset(s);
         if (lm_get_u8(s, &type))
             return -1;
-        if (type != LM_VM_CONFIGURATION) {
+        if (type != WIRE_VM_CONFIGURATION) {
             lm_stream_set_error(s, -EINVAL, "expected the configuration section (0x07) at "
                                 "byte offset %" PRIu64 ", found 0x%02x", at, type);
             return -1;
@@ -132,15 +132,15 @@ static int loadvm_header(lm_loadvm *lv, lm_stream *s)
     if (lm_get_buffer(s, name, len))
         return -1;
     name[len] = 0;
-    if (strcmp(name, LM_MACHINE_NAME)) {
+    if (strcmp(name, SAVEVM_MACHINE_NAME)) {
         lm_stream_set_error(s, -EINVAL, "configuration: machine type '%s' at byte offset 13 "
-                            "is not '%s'", name, LM_MACHINE_NAME);
+                            "is not '%s'", name, SAVEVM_MACHINE_NAME);
         return -1;
     }
     return loadvm_config_caps(lv, s);
 }
 
-static int loadvm_find_handler(lm_loadvm *lv, const char *idstr, uint32_t instance)
+static int loadvm_find_handler(loadvm *lv, const char *idstr, uint32_t instance)
 {
     for (int i = 0; i < lv->nhandlers; i++)
         if (lv->handlers[i].instance == instance && !strcmp(lv->handlers[i].idstr, idstr))
@@ -148,7 +148,7 @@ static int loadvm_find_handler(lm_loadvm *lv, const char *idstr, uint32_t instan
     return -1;
 }
 
-static int loadvm_find_section(lm_loadvm *lv, uint32_t id)
+static int loadvm_find_section(loadvm *lv, uint32_t id)
 {
     for (int i = 0; i < lv->nsections; i++)
         if (lv->sections[i].id == id)
@@ -158,7 +158,7 @@ static int loadvm_find_section(lm_loadvm *lv, uint32_t id)
 
 /* START/FULL: bind the sender's id in `h` to a handler.  Returns the index
  * into lv->sections, or -1. */
-static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, const lm_wire_section *hdr)
+static int loadvm_section_start(loadvm *lv, lm_stream *s, const wire_section *hdr)
 {
     int h, sec;
 
@@ -182,15 +182,15 @@ static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, const lm_wire_secti
                                 PRIu64, hdr->id, hdr->idstr, hdr->at);
             return -1;
         }
-        if (hdr->type == LM_VM_SECTION_START) {
+        if (hdr->type == WIRE_VM_SECTION_START) {
             lm_stream_set_error(s, -EINVAL, "second START for section '%s' at byte offset %"
                                 PRIu64, hdr->idstr, hdr->at);
             return -1;
         }
         return sec;
     }
-    if (lv->nsections == LM_LOAD_MAX_SECTIONS) {
-        lm_stream_set_error(s, -ENOSPC, "too many sections (max %d)", LM_LOAD_MAX_SECTIONS);
+    if (lv->nsections == LOADVM_MAX_SECTIONS) {
+        lm_stream_set_error(s, -ENOSPC, "too many sections (max %d)", LOADVM_MAX_SECTIONS);
         return -1;
     }
     sec = lv->nsections++;
@@ -200,16 +200,16 @@ static int loadvm_section_start(lm_loadvm *lv, lm_stream *s, const lm_wire_secti
     return sec;
 }
 
-static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
+static int loadvm_section(loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
 {
-    lm_wire_section hdr;
-    lm_wire_footer f;
+    wire_section hdr;
+    wire_footer f;
     int sec, ret;
-    lm_load_handler *h;
+    loadvm_handler *h;
 
-    if (wire_get_section_header(s, type, at, &hdr) != LM_WIRE_OK)
+    if (wire_get_section_header(s, type, at, &hdr) != WIRE_OK)
         return -1;
-    if (type == LM_VM_SECTION_START || type == LM_VM_SECTION_FULL) {
+    if (type == WIRE_VM_SECTION_START || type == WIRE_VM_SECTION_FULL) {
         sec = loadvm_section_start(lv, s, &hdr);
     } else {
         sec = loadvm_find_section(lv, hdr.id);
@@ -235,14 +235,14 @@ static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at
     if (lm_stream_error(s))
         return -1;
     switch (wire_get_footer(s, lv->sections[sec].id, &f)) {
-    case LM_WIRE_OK:
+    case WIRE_OK:
         break;
-    case LM_WIRE_EMARK:
-    case LM_WIRE_EID: {
+    case WIRE_EMARK:
+    case WIRE_EID: {
         char found[24];
 
         /* the id is only read (and worth printing) after a real 0x7e */
-        if (f.mark == LM_VM_SECTION_FOOTER)
+        if (f.mark == WIRE_VM_SECTION_FOOTER)
             snprintf(found, sizeof(found), "0x%02x id %u", f.mark, f.id);
         else
             snprintf(found, sizeof(found), "0x%02x", f.mark);
@@ -254,7 +254,7 @@ static int loadvm_section(lm_loadvm *lv, lm_stream *s, uint8_t type, uint64_t at
     default:
         return -1;
     }
-    if (type == LM_VM_SECTION_FULL || type == LM_VM_SECTION_END)
+    if (type == WIRE_VM_SECTION_FULL || type == WIRE_VM_SECTION_END)
         h->done = true;
     return 0;
 }
@@ -273,12 +273,12 @@ static void loadvm_missing(char *why, size_t len, const char *item)
 }
 
 /* At EOF: did everything registered here arrive?  Error names the EOF. */
-static int loadvm_check_complete(lm_loadvm *lv, lm_stream *s, uint64_t at)
+static int loadvm_check_complete(loadvm *lv, lm_stream *s, uint64_t at)
 {
     char why[LM_ERROR_MAX - 128] = "", item[LM_ERROR_MAX - 128];
 
     for (int i = 0; i < lv->nhandlers; i++) {
-        lm_load_handler *h = &lv->handlers[i];
+        loadvm_handler *h = &lv->handlers[i];
 
         if (h->check && h->check(h->opaque, item, sizeof(item)))
             loadvm_missing(why, sizeof(why), item);
@@ -297,23 +297,23 @@ static int loadvm_check_complete(lm_loadvm *lv, lm_stream *s, uint64_t at)
 
 /*
  * One COMMAND record: the wire table judges number and length, lv->cmds[]
- * says whether this side handles it.  Returns 0, LM_LOADVM_QUIT or -1.
+ * says whether this side handles it.  Returns 0, LOADVM_QUIT or -1.
  */
-static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
+static int loadvm_command(loadvm *lv, lm_stream *s, uint64_t at)
 {
-    lm_wire_command c;
-    lm_loadvm_cmd lc;
+    wire_command c;
+    loadvm_cmd lc;
     uint8_t *data = NULL;
     int ret;
 
     switch (wire_get_command(s, at, &c)) {
-    case LM_WIRE_OK:
+    case WIRE_OK:
         break;
-    case LM_WIRE_EUNKNOWN:
+    case WIRE_EUNKNOWN:
         lm_stream_set_error(s, -ENOTSUP, "unsupported command %u (length %u) at byte offset %"
                             PRIu64, c.cmd, c.len, at);
         return -1;
-    case LM_WIRE_ELEN:
+    case WIRE_ELEN:
         lm_stream_set_error(s, -EINVAL, "command %u with bad length %u at byte offset %"
                             PRIu64, c.cmd, c.len, at);
         return -1;
@@ -321,7 +321,7 @@ static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
         return -1;
     }
     /* a number the table knows indexes lv->cmds[] */
-    assert(c.def && c.cmd < LM_CMD__MAX);
+    assert(c.def && c.cmd < WIRE_CMD__MAX);
     if (!lv->cmds[c.cmd].fn) {
         lm_stream_set_error(s, -ENOTSUP, "unsupported command %u (%s, length %u) at byte "
                             "offset %" PRIu64 ": this side has no handler for it", c.cmd,
@@ -339,25 +339,25 @@ static int loadvm_command(lm_loadvm *lv, lm_stream *s, uint64_t at)
             return -1;
         }
     }
-    lc = (lm_loadvm_cmd){ .cmd = c.cmd, .len = c.len, .at = at, .data = data, .s = s,
+    lc = (loadvm_cmd){ .cmd = c.cmd, .len = c.len, .at = at, .data = data, .s = s,
                           .lv = lv };
     ret = lv->cmds[c.cmd].fn(&lc, lv->cmds[c.cmd].opaque);
     free(data);
-    assert(ret <= 0 || ret == LM_LOADVM_QUIT);
-    if (ret == LM_LOADVM_QUIT)
-        return LM_LOADVM_QUIT;
+    assert(ret <= 0 || ret == LOADVM_QUIT);
+    if (ret == LOADVM_QUIT)
+        return LOADVM_QUIT;
     if (ret)
         lm_stream_set_error(s, ret, "command %u (%s) at byte offset %" PRIu64 " failed: %s",
                             c.cmd, c.def->name, at, strerror(-ret));
     return ret ? -1 : 0;
 }
 
-int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope)
+int loadvm_run_records(loadvm *lv, lm_stream *s, loadvm_scope scope)
 {
     /* A package's end is found by asking the stream for more; on a
      * descriptor that would block for the next record, so a package must be
      * in memory. */
-    assert(scope == LM_LOADVM_MAIN || s->mem);
+    assert(scope == LOADVM_MAIN || s->mem);
     for (;;) {
         uint64_t at = lm_stream_offset(s);
         uint8_t type;
@@ -365,29 +365,29 @@ int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope)
 
         /* Between records is the only place a package may end; inside one,
          * its end stays "truncated" like any stream's. */
-        if (scope == LM_LOADVM_PACKAGE && lm_stream_at_eof(s))
-            return LM_LOADVM_END;
+        if (scope == LOADVM_PACKAGE && stream_at_eof(s))
+            return LOADVM_END;
         if (lm_get_u8(s, &type))
             return -1;
         switch (type) {
-        case LM_VM_EOF:
-            if (scope == LM_LOADVM_PACKAGE) {
+        case WIRE_VM_EOF:
+            if (scope == LOADVM_PACKAGE) {
                 lm_stream_set_error(s, -EINVAL, "EOF record inside a package at byte offset %"
                                     PRIu64 " (a package ends with its blob)", at);
                 return -1;
             }
-            return loadvm_check_complete(lv, s, at) ? -1 : LM_LOADVM_EOF;
-        case LM_VM_SECTION_START:
-        case LM_VM_SECTION_PART:
-        case LM_VM_SECTION_END:
-        case LM_VM_SECTION_FULL:
+            return loadvm_check_complete(lv, s, at) ? -1 : LOADVM_EOF;
+        case WIRE_VM_SECTION_START:
+        case WIRE_VM_SECTION_PART:
+        case WIRE_VM_SECTION_END:
+        case WIRE_VM_SECTION_FULL:
             if (loadvm_section(lv, s, type, at))
                 return -1;
             break;
-        case LM_VM_COMMAND:
+        case WIRE_VM_COMMAND:
             ret = loadvm_command(lv, s, at);
             if (ret)
-                return ret;     /* -1 or LM_LOADVM_QUIT */
+                return ret;     /* -1 or LOADVM_QUIT */
             break;
         default:
             lm_stream_set_error(s, -EINVAL, "unknown record type 0x%02x at byte offset %"
@@ -397,12 +397,12 @@ int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope)
     }
 }
 
-int loadvm_run(lm_loadvm *lv, lm_stream *s)
+int loadvm_run(loadvm *lv, lm_stream *s)
 {
     lv->nsections = 0;
     for (int i = 0; i < lv->nhandlers; i++)
         lv->handlers[i].done = false;
     if (loadvm_header(lv, s))
         return -1;
-    return loadvm_run_records(lv, s, LM_LOADVM_MAIN);
+    return loadvm_run_records(lv, s, LOADVM_MAIN);
 }

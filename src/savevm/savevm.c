@@ -7,17 +7,17 @@
 
 void savevm_put_header(lm_stream *s, bool mapped_ram)
 {
-    lm_put_be32(s, LM_QEVM_MAGIC);
-    lm_put_be32(s, LM_QEVM_VERSION);
-    lm_put_u8(s, LM_VM_CONFIGURATION);
-    lm_put_be32(s, (uint32_t)strlen(LM_MACHINE_NAME));
-    lm_put_buffer(s, LM_MACHINE_NAME, strlen(LM_MACHINE_NAME));
+    lm_put_be32(s, WIRE_QEVM_MAGIC);
+    lm_put_be32(s, WIRE_QEVM_VERSION);
+    lm_put_u8(s, WIRE_VM_CONFIGURATION);
+    lm_put_be32(s, (uint32_t)strlen(SAVEVM_MACHINE_NAME));
+    lm_put_buffer(s, SAVEVM_MACHINE_NAME, strlen(SAVEVM_MACHINE_NAME));
     if (mapped_ram) {
-        lm_put_u8(s, LM_VM_SUBSECTION);
-        lm_stream_put_counted(s, "configuration/capabilities");
+        lm_put_u8(s, WIRE_VM_SUBSECTION);
+        stream_put_counted(s, "configuration/capabilities");
         lm_put_be32(s, 1);          /* subsection version */
         lm_put_be32(s, 1);          /* one capability */
-        lm_stream_put_counted(s, "mapped-ram");
+        stream_put_counted(s, "mapped-ram");
     }
 }
 
@@ -26,8 +26,8 @@ void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *
 {
     lm_put_u8(s, type);
     lm_put_be32(s, id);
-    if (type == LM_VM_SECTION_START || type == LM_VM_SECTION_FULL) {
-        lm_stream_put_counted(s, idstr);
+    if (type == WIRE_VM_SECTION_START || type == WIRE_VM_SECTION_FULL) {
+        stream_put_counted(s, idstr);
         lm_put_be32(s, instance);
         lm_put_be32(s, version);
     }
@@ -35,13 +35,13 @@ void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *
 
 void savevm_section_footer(lm_stream *s, uint32_t id)
 {
-    lm_put_u8(s, LM_VM_SECTION_FOOTER);
+    lm_put_u8(s, WIRE_VM_SECTION_FOOTER);
     lm_put_be32(s, id);
 }
 
 void savevm_put_command(lm_stream *s, uint16_t cmd, uint16_t len, const void *data)
 {
-    lm_put_u8(s, LM_VM_COMMAND);
+    lm_put_u8(s, WIRE_VM_COMMAND);
     lm_put_be16(s, cmd);
     lm_put_be16(s, len);
     if (len)
@@ -50,5 +50,5 @@ void savevm_put_command(lm_stream *s, uint16_t cmd, uint16_t len, const void *da
 
 void savevm_put_eof(lm_stream *s)
 {
-    lm_put_u8(s, LM_VM_EOF);
+    lm_put_u8(s, WIRE_VM_EOF);
 }

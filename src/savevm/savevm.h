@@ -34,8 +34,8 @@
  * Threads: the writer helpers run on the migration thread, the loader on the
  * incoming thread (or a test); they keep no state outside their arguments.
  */
-#ifndef LM_SAVEVM_SAVEVM_H
-#define LM_SAVEVM_SAVEVM_H
+#ifndef SAVEVM_SAVEVM_H
+#define SAVEVM_SAVEVM_H
 
 #include <stdbool.h>
 #include <stdint.h>
@@ -46,7 +46,7 @@
 
 /* The configuration section's machine name: livemig guests are not QEMU
  * machines, so a QEMU destination refuses our stream here, early and clearly. */
-#define LM_MACHINE_NAME "livemig-1"
+#define SAVEVM_MACHINE_NAME "livemig-1"
 
 /* ---- writing ---- */
 /* Header and configuration; with mapped-ram the configuration carries QEMU's
@@ -59,7 +59,7 @@ void savevm_put_command(lm_stream *s, uint16_t cmd, uint16_t len, const void *da
 void savevm_put_eof(lm_stream *s);
 
 /* ---- loading ---- */
-typedef struct lm_load_handler {
+typedef struct loadvm_handler {
     char idstr[256];
     uint32_t instance;
     uint32_t version;         /* highest version we can load */
@@ -69,23 +69,23 @@ typedef struct lm_load_handler {
      * what is missing written to why[0..len). */
     int (*check)(void *opaque, char *why, size_t len);
     bool done;                /* parse state: its FULL or END section loaded */
-} lm_load_handler;
+} loadvm_handler;
 
-#define LM_LOAD_MAX_HANDLERS 72
-#define LM_LOAD_MAX_SECTIONS 256
+#define LOADVM_MAX_HANDLERS 72
+#define LOADVM_MAX_SECTIONS 256
 
-typedef struct lm_loadvm lm_loadvm;
+typedef struct loadvm loadvm;
 
 /* A command as its handler gets it. */
-typedef struct lm_loadvm_cmd {
+typedef struct loadvm_cmd {
     uint16_t cmd, len;        /* len is one the wire table allows for cmd */
     uint64_t at;              /* byte offset of the COMMAND record's 0x08 */
     const uint8_t *data;      /* its len payload bytes, read by the loader
                                * (NULL when len is 0); valid during the call */
     lm_stream *s;             /* the stream it came from, just past the payload
                                * (PACKAGED's blob follows there) */
-    lm_loadvm *lv;            /* for a nested loadvm_run_records() */
-} lm_loadvm_cmd;
+    loadvm *lv;               /* for a nested loadvm_run_records() */
+} loadvm_cmd;
 
 /*
  * What a record loop ended with (loadvm_run_records), and what a command
@@ -93,71 +93,71 @@ typedef struct lm_loadvm_cmd {
  * the nested loop, and a PACKAGED handler that sees it end so passes it on).
  */
 enum {
-    LM_LOADVM_EOF = 0,        /* LM_LOADVM_MAIN: the EOF record, and all arrived */
-    LM_LOADVM_QUIT = 1,       /* a command handler returned LM_LOADVM_QUIT */
-    LM_LOADVM_END = 2,        /* LM_LOADVM_PACKAGE: the blob ended between records */
+    LOADVM_EOF = 0,           /* LOADVM_MAIN: the EOF record, and all arrived */
+    LOADVM_QUIT = 1,          /* a command handler returned LOADVM_QUIT */
+    LOADVM_END = 2,           /* LOADVM_PACKAGE: the blob ended between records */
 };
 
-/* Returns 0, LM_LOADVM_QUIT, or a negative errno: the loader then reports
+/* Returns 0, LOADVM_QUIT, or a negative errno: the loader then reports
  * "command N (NAME) at byte offset X failed: <errno text>", unless the
  * handler latched a more precise error on c->s first. */
-typedef int (*lm_loadvm_cmd_fn)(const lm_loadvm_cmd *c, void *opaque);
+typedef int (*loadvm_cmd_fn)(const loadvm_cmd *c, void *opaque);
 
-struct lm_loadvm {
-    lm_load_handler handlers[LM_LOAD_MAX_HANDLERS];
+struct loadvm {
+    loadvm_handler handlers[LOADVM_MAX_HANDLERS];
     int nhandlers;
     /* The commands this side handles, by number; fn NULL = refused. */
-    struct { lm_loadvm_cmd_fn fn; void *opaque; } cmds[LM_CMD__MAX];
+    struct { loadvm_cmd_fn fn; void *opaque; } cmds[WIRE_CMD__MAX];
     bool mapped_ram;          /* this side loads a mapped-ram file */
 
     /* parse state, shared by a package's nested loop and the stream around
      * it: sender's section id -> handler, and version in use */
-    struct { uint32_t id; int handler; uint32_t version; } sections[LM_LOAD_MAX_SECTIONS];
+    struct { uint32_t id; int handler; uint32_t version; } sections[LOADVM_MAX_SECTIONS];
     int nsections;
 };
 
 /* Register a section handler; NULL when the table is full.  The caller may
  * set the returned handler's `check`. */
-lm_load_handler *loadvm_add_handler(lm_loadvm *lv, const char *idstr, uint32_t instance,
-                                    uint32_t version,
-                                    int (*load)(lm_stream *, void *, uint32_t, int),
-                                    void *opaque);
-/* Handle command `cmd` (LM_CMD_*) with fn(c, opaque); fn NULL refuses it
+loadvm_handler *loadvm_add_handler(loadvm *lv, const char *idstr, uint32_t instance,
+                                   uint32_t version,
+                                   int (*load)(lm_stream *, void *, uint32_t, int),
+                                   void *opaque);
+/* Handle command `cmd` (WIRE_CMD_*) with fn(c, opaque); fn NULL refuses it
  * again.  -EINVAL when cmd is not in the wire table. */
-int loadvm_set_command(lm_loadvm *lv, uint16_t cmd, lm_loadvm_cmd_fn fn, void *opaque);
+int loadvm_set_command(loadvm *lv, uint16_t cmd, loadvm_cmd_fn fn, void *opaque);
 
 /*
  * Parse the whole main stream: the header, then loadvm_run_records(MAIN).
- * 0 = the EOF record and everything registered arrived; LM_LOADVM_QUIT = a
+ * 0 = the EOF record and everything registered arrived; LOADVM_QUIT = a
  * command handler ended the load before EOF (nothing is checked then: the
  * rest of the stream, with its EOF, is for whoever reads on); -1 = error
- * latched on s.  Resets the parse state first, so an lm_loadvm can be
+ * latched on s.  Resets the parse state first, so an loadvm can be
  * loaded again.
  */
-int loadvm_run(lm_loadvm *lv, lm_stream *s);
+int loadvm_run(loadvm *lv, lm_stream *s);
 
-typedef enum lm_loadvm_scope {
+typedef enum loadvm_scope {
     /* The main stream after its header (or after a command that ended an
      * earlier loop): it ends with its EOF record, which runs the "complete
      * means complete" check; the stream's end anywhere before is truncation. */
-    LM_LOADVM_MAIN,
-    /* A package: a stream over PACKAGED's blob (lm_stream_new_mem), which
+    LOADVM_MAIN,
+    /* A package: a stream over PACKAGED's blob (stream_new_mem), which
      * has no header and no EOF record; it ends with the blob's last byte,
      * which must be a record's last.  An EOF record in it is refused (QEMU
      * writes none; it would hide the rest of the blob), and nothing checks
      * completeness at its end: that is for the main stream's EOF. */
-    LM_LOADVM_PACKAGE,
-} lm_loadvm_scope;
+    LOADVM_PACKAGE,
+} loadvm_scope;
 
 /*
  * The record loop on its own: records from s until the scope's end or a
- * command handler's LM_LOADVM_QUIT (s is then just past that command).
- * Returns LM_LOADVM_EOF (MAIN), LM_LOADVM_END (PACKAGE), LM_LOADVM_QUIT, or
+ * command handler's LOADVM_QUIT (s is then just past that command).
+ * Returns LOADVM_EOF (MAIN), LOADVM_END (PACKAGE), LOADVM_QUIT, or
  * -1 with the error latched on s.  It does not reset the parse state: a
  * package's sections use the ids the stream around it bound, and the other
  * way round.  Offsets in errors are s's own, so in a package they count from
  * the blob's first byte; the PACKAGED handler says where the blob starts.
  */
-int loadvm_run_records(lm_loadvm *lv, lm_stream *s, lm_loadvm_scope scope);
+int loadvm_run_records(loadvm *lv, lm_stream *s, loadvm_scope scope);
 
 #endif

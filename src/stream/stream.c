@@ -23,29 +23,29 @@ static lm_stream *stream_alloc(int fd, bool is_socket, bool writer)
     s->fd = fd;
     s->is_socket = is_socket;
     s->writer = writer;
-    s->buf_cap = LM_STREAM_BUF_SIZE;
+    s->buf_cap = STREAM_BUF_SIZE;
     s->buf = malloc(s->buf_cap);
     if (!s->buf)
         abort();
     if (writer) {
-        s->iov = calloc(LM_STREAM_IOV_MAX, sizeof(*s->iov));
+        s->iov = calloc(STREAM_IOV_MAX, sizeof(*s->iov));
         if (!s->iov)
             abort();
     }
     return s;
 }
 
-lm_stream *lm_stream_new_writer(int fd, bool is_socket)
+lm_stream *stream_new_writer(int fd, bool is_socket)
 {
     return stream_alloc(fd, is_socket, true);
 }
 
-lm_stream *lm_stream_new_reader(int fd, bool is_socket)
+lm_stream *stream_new_reader(int fd, bool is_socket)
 {
     return stream_alloc(fd, is_socket, false);
 }
 
-lm_stream *lm_stream_new_mem(const void *data, size_t len)
+lm_stream *stream_new_mem(const void *data, size_t len)
 {
     lm_stream *s = calloc(1, sizeof(*s));
 
@@ -57,7 +57,7 @@ lm_stream *lm_stream_new_mem(const void *data, size_t len)
     return s;
 }
 
-void lm_stream_free(lm_stream *s)
+void stream_free(lm_stream *s)
 {
     if (!s)
         return;
@@ -123,7 +123,7 @@ static ssize_t stream_writev(lm_stream *s, struct iovec *iov, int n)
     return writev(s->fd, iov, n);
 }
 
-int lm_stream_flush(lm_stream *s)
+int stream_flush(lm_stream *s)
 {
     struct iovec *iov = s->iov;
     int n;
@@ -133,7 +133,7 @@ int lm_stream_flush(lm_stream *s)
     stream_close_segment(s);
     n = s->niov;
     while (n > 0) {
-        ssize_t w = stream_writev(s, iov, n > LM_STREAM_IOV_MAX ? LM_STREAM_IOV_MAX : n);
+        ssize_t w = stream_writev(s, iov, n > STREAM_IOV_MAX ? STREAM_IOV_MAX : n);
         if (w < 0) {
             if (errno == EINTR)
                 continue;
@@ -161,7 +161,7 @@ out:
     return s->err;
 }
 
-size_t lm_stream_pending(const lm_stream *s)
+size_t stream_pending(const lm_stream *s)
 {
     return (size_t)(s->pos - s->io_bytes);
 }
@@ -172,8 +172,8 @@ void lm_put_buffer(lm_stream *s, const void *buf, size_t len)
 
     while (len > 0 && !s->err) {
         size_t room = s->buf_cap - s->len;
-        if (room == 0 || s->niov >= LM_STREAM_IOV_MAX - 1) {
-            lm_stream_flush(s);
+        if (room == 0 || s->niov >= STREAM_IOV_MAX - 1) {
+            stream_flush(s);
             continue;
         }
         if (room > len)
@@ -186,13 +186,13 @@ void lm_put_buffer(lm_stream *s, const void *buf, size_t len)
     }
 }
 
-void lm_stream_put_page(lm_stream *s, const void *p, size_t len)
+void stream_put_page(lm_stream *s, const void *p, size_t len)
 {
     if (s->err)
         return;
     /* Room for the pending copied segment and this page. */
-    if (s->niov >= LM_STREAM_IOV_MAX - 2)
-        lm_stream_flush(s);
+    if (s->niov >= STREAM_IOV_MAX - 2)
+        stream_flush(s);
     stream_close_segment(s);
     s->iov[s->niov].iov_base = (void *)p;
     s->iov[s->niov].iov_len = len;
@@ -205,7 +205,7 @@ void lm_put_be16(lm_stream *s, uint16_t v) { v = htobe16(v); lm_put_buffer(s, &v
 void lm_put_be32(lm_stream *s, uint32_t v) { v = htobe32(v); lm_put_buffer(s, &v, 4); }
 void lm_put_be64(lm_stream *s, uint64_t v) { v = htobe64(v); lm_put_buffer(s, &v, 8); }
 
-void lm_stream_put_counted(lm_stream *s, const char *str)
+void stream_put_counted(lm_stream *s, const char *str)
 {
     size_t n = strlen(str);
 
@@ -325,7 +325,7 @@ int lm_get_buffer(lm_stream *s, void *buf, size_t len)
     return 0;
 }
 
-void lm_stream_seek(lm_stream *s, uint64_t pos)
+void stream_seek(lm_stream *s, uint64_t pos)
 {
     off_t delta;
 
@@ -339,7 +339,7 @@ void lm_stream_seek(lm_stream *s, uint64_t pos)
         return;
     }
     if (s->writer) {
-        if (lm_stream_flush(s))
+        if (stream_flush(s))
             return;
         delta = (off_t)(pos - s->pos);
     } else {
@@ -359,7 +359,7 @@ void lm_stream_seek(lm_stream *s, uint64_t pos)
     s->pos = pos;
 }
 
-int lm_stream_peek_u8(lm_stream *s)
+int stream_peek_u8(lm_stream *s)
 {
     if (s->err)
         return -1;
@@ -370,7 +370,7 @@ int lm_stream_peek_u8(lm_stream *s)
     return s->buf[s->rpos];
 }
 
-bool lm_stream_at_eof(lm_stream *s)
+bool stream_at_eof(lm_stream *s)
 {
     if (s->err)
         return false;
@@ -420,7 +420,7 @@ int lm_get_be64(lm_stream *s, uint64_t *v)
     return 0;
 }
 
-int lm_stream_get_counted(lm_stream *s, char *str)
+int stream_get_counted(lm_stream *s, char *str)
 {
     uint8_t n;
 

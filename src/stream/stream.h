@@ -3,8 +3,8 @@
  * zero-copy page references.
  *
  * Writing.  Small items (record headers, ids, device state) are copied into
- * a fixed buffer; guest pages are NOT copied: lm_stream_put_page() records
- * a pointer to guest RAM as its own iovec, and lm_stream_flush() hands the
+ * a fixed buffer; guest pages are NOT copied: stream_put_page() records
+ * a pointer to guest RAM as its own iovec, and stream_flush() hands the
  * whole list to one writev/sendmsg.  So a page costs 2 iovecs and no memcpy
  * on the source, and one system call carries ~2 MiB.  The price: a page's
  * bytes are read at flush time, not at put time.  That is fine for precopy
@@ -23,11 +23,11 @@
  *
  * Threads: a stream belongs to one thread at a time (the migration thread,
  * or the incoming thread).  The only cross-thread operation is shutting the
- * descriptor down (lm_conn_shutdown), which makes a blocked call return.
+ * descriptor down (conn_shutdown), which makes a blocked call return.
  * The stream never owns the descriptor: the caller closes it.
  */
-#ifndef LM_STREAM_STREAM_H
-#define LM_STREAM_STREAM_H
+#ifndef STREAM_STREAM_H
+#define STREAM_STREAM_H
 
 #include <stdbool.h>
 #include <stddef.h>
@@ -36,8 +36,8 @@
 
 #include "livemig/livemig.h"
 
-#define LM_STREAM_BUF_SIZE (256 * 1024)
-#define LM_STREAM_IOV_MAX 1024     /* kernel IOV_MAX */
+#define STREAM_BUF_SIZE (256 * 1024)
+#define STREAM_IOV_MAX 1024        /* kernel IOV_MAX */
 
 struct lm_stream {
     int fd;
@@ -49,7 +49,7 @@ struct lm_stream {
 
     uint64_t pos;            /* logical offset of the next byte read/written */
     uint64_t io_bytes;       /* bytes that really crossed the descriptor */
-    uint64_t skipped;        /* bytes jumped over by lm_stream_seek (writer) */
+    uint64_t skipped;        /* bytes jumped over by stream_seek (writer) */
 
     uint8_t *buf;
     size_t buf_cap;
@@ -64,37 +64,37 @@ struct lm_stream {
     char errmsg[LM_ERROR_MAX];
 };
 
-lm_stream *lm_stream_new_writer(int fd, bool is_socket);
-lm_stream *lm_stream_new_reader(int fd, bool is_socket);
+lm_stream *stream_new_writer(int fd, bool is_socket);
+lm_stream *stream_new_reader(int fd, bool is_socket);
 /* A reader over bytes in memory (tests, fuzzing).  `data` must outlive it. */
-lm_stream *lm_stream_new_mem(const void *data, size_t len);
-void lm_stream_free(lm_stream *s);
+lm_stream *stream_new_mem(const void *data, size_t len);
+void stream_free(lm_stream *s);
 
 /* Queue a reference to `len` bytes at `p` (a guest page). See invariant above. */
-void lm_stream_put_page(lm_stream *s, const void *p, size_t len);
+void stream_put_page(lm_stream *s, const void *p, size_t len);
 /* Put a counted string: u8 length then the bytes (no NUL); len <= 255. */
-void lm_stream_put_counted(lm_stream *s, const char *str);
+void stream_put_counted(lm_stream *s, const char *str);
 /* Write out everything queued.  Returns 0 or the latched error. */
-int lm_stream_flush(lm_stream *s);
+int stream_flush(lm_stream *s);
 /* Bytes queued but not yet written (the caller flushes past a threshold). */
-size_t lm_stream_pending(const lm_stream *s);
+size_t stream_pending(const lm_stream *s);
 
 /* Read a counted string into str (size >= 256, NUL-terminated). */
-int lm_stream_get_counted(lm_stream *s, char *str);
+int stream_get_counted(lm_stream *s, char *str);
 /* Next byte without consuming it, or -1 on error/EOF (EOF is NOT latched). */
-int lm_stream_peek_u8(lm_stream *s);
+int stream_peek_u8(lm_stream *s);
 /*
  * Seekable files only (mapped-ram): continue at logical offset `pos`.  A
  * writer flushes first; a reader drops what it had buffered.  Positions are
  * relative, so a stream that starts at file offset N keeps working.
  */
-void lm_stream_seek(lm_stream *s, uint64_t pos);
+void stream_seek(lm_stream *s, uint64_t pos);
 /* Bytes put into the stream: the offset minus what seeks jumped over. */
-static inline uint64_t lm_stream_bytes(const lm_stream *s) { return s->pos - s->skipped; }
+static inline uint64_t stream_bytes(const lm_stream *s) { return s->pos - s->skipped; }
 /* Writer: the logical offset up to which bytes were handed to the
  * descriptor -- what a peer may have received.  Bytes past it never left. */
-static inline uint64_t lm_stream_written(const lm_stream *s) { return s->io_bytes; }
+static inline uint64_t stream_written(const lm_stream *s) { return s->io_bytes; }
 /* True at a clean end of stream (nothing buffered, the peer closed). */
-bool lm_stream_at_eof(lm_stream *s);
+bool stream_at_eof(lm_stream *s);
 
 #endif

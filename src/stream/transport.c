@@ -34,7 +34,7 @@
  *  - exec: the child's stdin (outgoing) or stdout (incoming) is one end of
  *    an AF_UNIX socketpair, not a pipe.  To the command it reads and writes
  *    like a pipe, but on our side shutdown(2) wakes a thread blocked on a
- *    stuck command, so exec is as cancellable as tcp (lm_conn_shutdown).
+ *    stuck command, so exec is as cancellable as tcp (conn_shutdown).
  *    is_socket is still false: the command is not a livemig peer, so the
  *    migration must not open a return path on it.  A write after the command
  *    died raises SIGPIPE like a pipe would; the caller blocks or ignores it.
@@ -112,12 +112,12 @@ static void join3(char *dst, size_t size, const char *a, const char *b, const ch
 }
 
 /* The canonical printable form of a URI, for messages. */
-static void uri_name(const lm_uri *u, char *buf, size_t len)
+static void uri_name(const transport_uri *u, char *buf, size_t len)
 {
     char tail[48] = "";
 
     switch (u->kind) {
-    case LM_URI_TCP:
+    case URI_TCP:
         /* host and port are short: a 512-byte name never cuts them */
         if (strchr(u->host, ':'))
             snprintf(tail, sizeof(tail), "]:%s", u->port);
@@ -125,17 +125,17 @@ static void uri_name(const lm_uri *u, char *buf, size_t len)
             snprintf(tail, sizeof(tail), ":%s", u->port);
         join3(buf, len, strchr(u->host, ':') ? "tcp:[" : "tcp:", u->host, tail);
         break;
-    case LM_URI_UNIX:
+    case URI_UNIX:
         join3(buf, len, "unix:", u->path, "");
         break;
-    case LM_URI_FD:
+    case URI_FD:
         snprintf(tail, sizeof(tail), "fd:%d", u->fd);
         join3(buf, len, tail, "", "");
         break;
-    case LM_URI_EXEC:
+    case URI_EXEC:
         join3(buf, len, "exec:", u->cmd, "");
         break;
-    case LM_URI_FILE:
+    case URI_FILE:
         if (u->offset)
             snprintf(tail, sizeof(tail), ",offset=%llu", (unsigned long long)u->offset);
         join3(buf, len, "file:", u->path, tail);
@@ -165,7 +165,7 @@ static void sockaddr_name(const struct sockaddr *sa, socklen_t salen, char *buf,
     (void)r;
 }
 
-static void set_peer(lm_conn *c, const char *name)
+static void set_peer(transport_conn *c, const char *name)
 {
     copy_trunc(c->peer, sizeof(c->peer), name);
 }
@@ -183,7 +183,7 @@ static int bad_uri(lm_error *err, const char *s, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(why, sizeof(why), fmt, ap);
     va_end(ap);
-    return lm_error_set(err, -EINVAL, "bad migration URI '%s': %s", s, why);
+    return error_set(err, -EINVAL, "bad migration URI '%s': %s", s, why);
 }
 
 /* Decimal digits only, no sign, no spaces; false on overflow past `max`. */
@@ -214,7 +214,7 @@ static bool copy_part(char *dst, size_t size, const char *p, size_t n)
     return true;
 }
 
-static int parse_tcp(const char *s, const char *rest, lm_uri *u, lm_error *err)
+static int parse_tcp(const char *s, const char *rest, transport_uri *u, lm_error *err)
 {
     const char *host, *port;
     size_t hostlen;
@@ -249,11 +249,11 @@ static int parse_tcp(const char *s, const char *rest, lm_uri *u, lm_error *err)
     if (!parse_decimal(port, 65535, &pnum))
         return bad_uri(err, s, "invalid port '%s' (expected 0 to 65535)", port);
     snprintf(u->port, sizeof(u->port), "%u", (unsigned)pnum);
-    u->kind = LM_URI_TCP;
+    u->kind = URI_TCP;
     return 0;
 }
 
-static int parse_file(const char *s, const char *rest, lm_uri *u, lm_error *err)
+static int parse_file(const char *s, const char *rest, transport_uri *u, lm_error *err)
 {
     const char *comma = strrchr(rest, ',');
     size_t pathlen = strlen(rest);
@@ -273,18 +273,18 @@ static int parse_file(const char *s, const char *rest, lm_uri *u, lm_error *err)
     if (!copy_part(u->path, sizeof(u->path), rest, pathlen))
         return bad_uri(err, s, "file path too long (at most %zu bytes)",
                        sizeof(u->path) - 1);
-    u->kind = LM_URI_FILE;
+    u->kind = URI_FILE;
     return 0;
 }
 
-int lm_uri_parse(const char *s, lm_uri *u, lm_error *err)
+int transport_uri_parse(const char *s, transport_uri *u, lm_error *err)
 {
     struct sockaddr_un sa;
 
     memset(u, 0, sizeof(*u));
     u->fd = -1;
     if (!s)
-        return lm_error_set(err, -EINVAL, "bad migration URI: none given");
+        return error_set(err, -EINVAL, "bad migration URI: none given");
 
     if (strncmp(s, "tcp:", 4) == 0)
         return parse_tcp(s, s + 4, u, err);
@@ -298,7 +298,7 @@ int lm_uri_parse(const char *s, lm_uri *u, lm_error *err)
             return bad_uri(err, s, "unix path too long (%zu bytes, at most %zu)",
                            n, sizeof(sa.sun_path) - 1);
         memcpy(u->path, s + 5, n + 1);
-        u->kind = LM_URI_UNIX;
+        u->kind = URI_UNIX;
         return 0;
     }
 
@@ -307,7 +307,7 @@ int lm_uri_parse(const char *s, lm_uri *u, lm_error *err)
         if (!parse_decimal(s + 3, INT_MAX, &v))
             return bad_uri(err, s, "invalid file descriptor number '%s'", s + 3);
         u->fd = (int)v;
-        u->kind = LM_URI_FD;
+        u->kind = URI_FD;
         return 0;
     }
 
@@ -318,7 +318,7 @@ int lm_uri_parse(const char *s, lm_uri *u, lm_error *err)
         if (!copy_part(u->cmd, sizeof(u->cmd), s + 5, n))
             return bad_uri(err, s, "command too long (at most %zu bytes)",
                            sizeof(u->cmd) - 1);
-        u->kind = LM_URI_EXEC;
+        u->kind = URI_EXEC;
         return 0;
     }
 
@@ -333,7 +333,7 @@ int lm_uri_parse(const char *s, lm_uri *u, lm_error *err)
 
 static int64_t deadline_after(int timeout_ms)
 {
-    return timeout_ms < 0 ? -1 : lm_now_ms() + timeout_ms;
+    return timeout_ms < 0 ? -1 : time_now_ms() + timeout_ms;
 }
 
 /* Milliseconds left for poll(): -1 = forever, 0 = expired. */
@@ -343,7 +343,7 @@ static int deadline_left(int64_t deadline)
 
     if (deadline < 0)
         return -1;
-    left = deadline - lm_now_ms();
+    left = deadline - time_now_ms();
     if (left <= 0)
         return 0;
     return left > INT_MAX ? INT_MAX : (int)left;
@@ -387,14 +387,14 @@ static int wait_error(lm_error *err, int r, const char *name, const char *step,
                       int timeout_ms)
 {
     if (r == -ETIMEDOUT)
-        return lm_error_set(err, r, "%s: %s: timed out after %d ms", name, step,
-                            timeout_ms);
+        return error_set(err, r, "%s: %s: timed out after %d ms", name, step,
+                         timeout_ms);
     if (r == -ECANCELED)
-        return lm_error_set(err, r, "%s: %s: cancelled", name, step);
+        return error_set(err, r, "%s: %s: cancelled", name, step);
     if (r == -EBADF)
-        return lm_error_set(err, r, "%s: %s: cancel descriptor is not open",
-                            name, step);
-    return lm_error_set_errno(err, r, "%s: %s: poll", name, step);
+        return error_set(err, r, "%s: %s: cancel descriptor is not open",
+                         name, step);
+    return error_set_errno(err, r, "%s: %s: poll", name, step);
 }
 
 static int set_blocking(int fd)
@@ -408,7 +408,7 @@ static int set_blocking(int fd)
     return 0;
 }
 
-static void conn_init(lm_conn *c)
+static void conn_init(transport_conn *c)
 {
     memset(c, 0, sizeof(*c));
     c->fd = -1;
@@ -416,7 +416,7 @@ static void conn_init(lm_conn *c)
 
 /* ---------------------------------------------------------------- tcp */
 
-static int tcp_resolve(const lm_uri *u, bool passive, struct addrinfo **res,
+static int tcp_resolve(const transport_uri *u, bool passive, struct addrinfo **res,
                        const char *name, lm_error *err)
 {
     struct addrinfo hints = {
@@ -436,10 +436,10 @@ static int tcp_resolve(const lm_uri *u, bool passive, struct addrinfo **res,
     if (r == 0)
         return 0;
     if (r == EAI_SYSTEM)
-        return lm_error_set_errno(err, -errno, "%s: cannot resolve '%s'", name,
-                                  u->host);
-    return lm_error_set(err, -EHOSTUNREACH, "%s: cannot resolve '%s': %s", name,
-                        u->host, gai_strerror(r));
+        return error_set_errno(err, -errno, "%s: cannot resolve '%s'", name,
+                               u->host);
+    return error_set(err, -EHOSTUNREACH, "%s: cannot resolve '%s': %s", name,
+                     u->host, gai_strerror(r));
 }
 
 /* Nagle off: see the top of the file for the measurement. */
@@ -449,7 +449,7 @@ static void tcp_tune(int fd)
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
 }
 
-static int tcp_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_ms,
+static int tcp_connect(const transport_uri *u, transport_conn *c, int cancel_fd, int timeout_ms,
                        lm_error *err)
 {
     char name[NAME_MAX_LEN], peer[NI_MAXHOST + NI_MAXSERV + 8] = "tcp:";
@@ -493,13 +493,13 @@ next:
         close(fd);
         fd = -1;
     }
-    ret = lm_error_set_errno(err, last, "%s: connect", name);
+    ret = error_set_errno(err, last, "%s: connect", name);
     goto out;
 
 connected:
     ret = set_blocking(fd);
     if (ret < 0) {
-        lm_error_set_errno(err, ret, "%s: connect", name);
+        error_set_errno(err, ret, "%s: connect", name);
         goto out;
     }
     tcp_tune(fd);
@@ -516,7 +516,7 @@ out:
     return ret;
 }
 
-static int tcp_listen(lm_listen *l, lm_error *err)
+static int tcp_listen(transport_listener *l, lm_error *err)
 {
     char name[NAME_MAX_LEN], addr[NI_MAXHOST + NI_MAXSERV + 8] = "tcp:";
     struct addrinfo *res = NULL, *ai;
@@ -553,11 +553,11 @@ static int tcp_listen(lm_listen *l, lm_error *err)
         fd = -1;
     }
     if (fd < 0) {
-        ret = lm_error_set_errno(err, last, "%s: %s", name, step);
+        ret = error_set_errno(err, last, "%s: %s", name, step);
         goto out;
     }
     if (getsockname(fd, (struct sockaddr *)&ss, &sslen) < 0) {
-        ret = lm_error_set_errno(err, -errno, "%s: getsockname", name);
+        ret = error_set_errno(err, -errno, "%s: getsockname", name);
         goto out;
     }
     /* Report the port really bound, so port 0 tells the caller where to go. */
@@ -578,23 +578,23 @@ out:
 
 /* ---------------------------------------------------------------- unix */
 
-static int unix_addr(const lm_uri *u, struct sockaddr_un *sa, const char *name,
+static int unix_addr(const transport_uri *u, struct sockaddr_un *sa, const char *name,
                      lm_error *err)
 {
     size_t n = strlen(u->path);
 
     memset(sa, 0, sizeof(*sa));
     sa->sun_family = AF_UNIX;
-    /* Checked by the parser too; an lm_uri may also be built by hand. */
+    /* Checked by the parser too; an transport_uri may also be built by hand. */
     if (n == 0 || n >= sizeof(sa->sun_path))
-        return lm_error_set(err, -ENAMETOOLONG, "%s: unix path too long (%zu "
-                            "bytes, at most %zu)", name, n,
-                            sizeof(sa->sun_path) - 1);
+        return error_set(err, -ENAMETOOLONG, "%s: unix path too long (%zu "
+                         "bytes, at most %zu)", name, n,
+                         sizeof(sa->sun_path) - 1);
     memcpy(sa->sun_path, u->path, n + 1);
     return 0;
 }
 
-static int unix_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_ms,
+static int unix_connect(const transport_uri *u, transport_conn *c, int cancel_fd, int timeout_ms,
                         lm_error *err)
 {
     char name[NAME_MAX_LEN];
@@ -612,17 +612,17 @@ static int unix_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_
 
         fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
         if (fd < 0)
-            return lm_error_set_errno(err, -errno, "%s: socket", name);
+            return error_set_errno(err, -errno, "%s: socket", name);
         if (connect(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
             break;
         if (errno != EAGAIN && errno != EINTR) {
-            ret = lm_error_set_errno(err, -errno, "%s: connect", name);
+            ret = error_set_errno(err, -errno, "%s: connect", name);
             goto out;
         }
         close(fd);
         fd = -1;
         /* Backlog full: nothing to poll for but cancel; retry shortly. */
-        retry_at = lm_now_ms() + UNIX_RETRY_MS;
+        retry_at = time_now_ms() + UNIX_RETRY_MS;
         if (deadline >= 0 && deadline < retry_at)
             retry_at = deadline;
         ret = wait_fd(-1, 0, cancel_fd, retry_at);
@@ -633,7 +633,7 @@ static int unix_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_
     }
     ret = set_blocking(fd);
     if (ret < 0) {
-        lm_error_set_errno(err, ret, "%s: connect", name);
+        error_set_errno(err, ret, "%s: connect", name);
         goto out;
     }
     set_peer(c, name);
@@ -659,11 +659,11 @@ static int unix_reclaim(const struct sockaddr_un *sa, const char *name,
     int fd, r;
 
     if (lstat(sa->sun_path, &st) < 0)
-        return errno == ENOENT ? 1 : lm_error_set_errno(err, -errno, "%s: bind: "
-                                                        "stat", name);
+        return errno == ENOENT ? 1 : error_set_errno(err, -errno, "%s: bind: "
+                                                     "stat", name);
     if (!S_ISSOCK(st.st_mode))
-        return lm_error_set(err, -EADDRINUSE, "%s: bind: Address already in use "
-                            "(the path exists and is not a socket)", name);
+        return error_set(err, -EADDRINUSE, "%s: bind: Address already in use "
+                         "(the path exists and is not a socket)", name);
 
     /*
      * Probe.  Side effect: a live listener sees one connection that closes
@@ -671,25 +671,25 @@ static int unix_reclaim(const struct sockaddr_un *sa, const char *name,
      */
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return lm_error_set_errno(err, -errno, "%s: socket", name);
+        return error_set_errno(err, -errno, "%s: socket", name);
     r = connect(fd, (const struct sockaddr *)sa, sizeof(*sa)) == 0 ? 0 : errno;
     close(fd);
     if (r == 0 || r == EAGAIN)
-        return lm_error_set(err, -EADDRINUSE, "%s: bind: Address already in use "
-                            "(another process is listening on it)", name);
+        return error_set(err, -EADDRINUSE, "%s: bind: Address already in use "
+                         "(another process is listening on it)", name);
     if (r != ECONNREFUSED && r != ENOENT)
-        return lm_error_set_errno(err, -r, "%s: bind: Address already in use; "
-                                  "probing it failed", name);
+        return error_set_errno(err, -r, "%s: bind: Address already in use; "
+                               "probing it failed", name);
     /*
      * Stale.  Between the probe and unlink() another process could bind the
      * path anew; that window is inherent to path-named sockets.
      */
     if (unlink(sa->sun_path) < 0 && errno != ENOENT)
-        return lm_error_set_errno(err, -errno, "%s: removing stale socket", name);
+        return error_set_errno(err, -errno, "%s: removing stale socket", name);
     return 1;
 }
 
-static int unix_listen(lm_listen *l, lm_error *err)
+static int unix_listen(transport_listener *l, lm_error *err)
 {
     char name[NAME_MAX_LEN];
     struct sockaddr_un sa;
@@ -702,13 +702,13 @@ static int unix_listen(lm_listen *l, lm_error *err)
 
     fd = socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
     if (fd < 0)
-        return lm_error_set_errno(err, -errno, "%s: socket", name);
+        return error_set_errno(err, -errno, "%s: socket", name);
     /* Two tries: the second bind follows the removal of a stale file. */
     for (tries = 0;; tries++) {
         if (bind(fd, (struct sockaddr *)&sa, sizeof(sa)) == 0)
             break;
         if (errno != EADDRINUSE || tries == 1) {
-            ret = lm_error_set_errno(err, -errno, "%s: bind", name);
+            ret = error_set_errno(err, -errno, "%s: bind", name);
             goto out;
         }
         ret = unix_reclaim(&sa, name, err);
@@ -716,7 +716,7 @@ static int unix_listen(lm_listen *l, lm_error *err)
             goto out;
     }
     if (listen(fd, LISTEN_BACKLOG) < 0) {
-        ret = lm_error_set_errno(err, -errno, "%s: listen", name);
+        ret = error_set_errno(err, -errno, "%s: listen", name);
         unlink(sa.sun_path);
         goto out;
     }
@@ -733,22 +733,22 @@ out:
 /* ---------------------------------------------------------------- fd: */
 
 /* Open, and open in the direction the migration needs. */
-static int fd_check(const lm_uri *u, bool outgoing, const char *name, lm_error *err)
+static int fd_check(const transport_uri *u, bool outgoing, const char *name, lm_error *err)
 {
     int fl;
 
     if (u->fd < 0 || (fl = fcntl(u->fd, F_GETFL)) < 0)
-        return lm_error_set_errno(err, -EBADF, "%s", name);
+        return error_set_errno(err, -EBADF, "%s", name);
     if (outgoing && (fl & O_ACCMODE) == O_RDONLY)
-        return lm_error_set(err, -EBADF, "%s: descriptor is not open for writing",
-                            name);
+        return error_set(err, -EBADF, "%s: descriptor is not open for writing",
+                         name);
     if (!outgoing && (fl & O_ACCMODE) == O_WRONLY)
-        return lm_error_set(err, -EBADF, "%s: descriptor is not open for reading",
-                            name);
+        return error_set(err, -EBADF, "%s: descriptor is not open for reading",
+                         name);
     return 0;
 }
 
-static int fd_open(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
+static int fd_open(const transport_uri *u, transport_conn *c, bool outgoing, lm_error *err)
 {
     char name[NAME_MAX_LEN];
     struct stat st;
@@ -761,14 +761,14 @@ static int fd_open(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
     /* >= 3: keep a handed-over descriptor off stdin/stdout/stderr. */
     fd = fcntl(u->fd, F_DUPFD_CLOEXEC, 3);
     if (fd < 0)
-        return lm_error_set_errno(err, -errno, "%s: dup", name);
+        return error_set_errno(err, -errno, "%s: dup", name);
     if (fstat(fd, &st) < 0) {
-        ret = lm_error_set_errno(err, -errno, "%s: fstat", name);
+        ret = error_set_errno(err, -errno, "%s: fstat", name);
         goto out;
     }
     ret = set_blocking(fd);
     if (ret < 0) {
-        lm_error_set_errno(err, ret, "%s: clearing O_NONBLOCK", name);
+        error_set_errno(err, ret, "%s: clearing O_NONBLOCK", name);
         goto out;
     }
     set_peer(c, name);
@@ -784,7 +784,7 @@ out:
 
 /* ---------------------------------------------------------------- exec: */
 
-static int exec_spawn(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
+static int exec_spawn(const transport_uri *u, transport_conn *c, bool outgoing, lm_error *err)
 {
     char name[NAME_MAX_LEN];
     char *argv[] = { "sh", "-c", (char *)u->cmd, NULL };
@@ -796,7 +796,7 @@ static int exec_spawn(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
 
     uri_name(u, name, sizeof(name));
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0)
-        return lm_error_set_errno(err, -errno, "%s: socketpair", name);
+        return error_set_errno(err, -errno, "%s: socketpair", name);
 
     posix_spawn_file_actions_init(&fa);
     posix_spawnattr_init(&attr);
@@ -825,7 +825,7 @@ static int exec_spawn(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
     close(sv[1]);
     if (ret != 0) {
         close(sv[0]);
-        return lm_error_set_errno(err, -ret, "%s: starting /bin/sh", name);
+        return error_set_errno(err, -ret, "%s: starting /bin/sh", name);
     }
     set_peer(c, name);
     c->fd = sv[0];
@@ -872,7 +872,7 @@ static int child_wait(pid_t pid, int timeout_ms, int *status)
     return r < 0 ? -errno : 0;
 }
 
-static int exec_reap(lm_conn *c, lm_error *err)
+static int exec_reap(transport_conn *c, lm_error *err)
 {
     pid_t pid = c->child;
     int status = 0, r;
@@ -885,24 +885,24 @@ static int exec_reap(lm_conn *c, lm_error *err)
         do {
             r = waitpid(pid, &status, 0);
         } while (r < 0 && errno == EINTR);
-        return lm_error_set(err, -ETIMEDOUT, "%s did not exit within %d s after "
-                            "its channel was closed; killed",
-                            c->peer, EXEC_REAP_TIMEOUT_MS / 1000);
+        return error_set(err, -ETIMEDOUT, "%s did not exit within %d s after "
+                         "its channel was closed; killed",
+                         c->peer, EXEC_REAP_TIMEOUT_MS / 1000);
     }
     if (r < 0)
-        return lm_error_set_errno(err, r, "%s: waiting for the command", c->peer);
+        return error_set_errno(err, r, "%s: waiting for the command", c->peer);
     if (WIFEXITED(status) && WEXITSTATUS(status) != 0)
-        return lm_error_set(err, -EIO, "%s exited with status %d", c->peer,
-                            WEXITSTATUS(status));
+        return error_set(err, -EIO, "%s exited with status %d", c->peer,
+                         WEXITSTATUS(status));
     if (WIFSIGNALED(status))
-        return lm_error_set(err, -EIO, "%s was killed by signal %d (%s)", c->peer,
-                            WTERMSIG(status), strsignal(WTERMSIG(status)));
+        return error_set(err, -EIO, "%s was killed by signal %d (%s)", c->peer,
+                         WTERMSIG(status), strsignal(WTERMSIG(status)));
     return 0;
 }
 
 /* ---------------------------------------------------------------- file: */
 
-static int file_open(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
+static int file_open(const transport_uri *u, transport_conn *c, bool outgoing, lm_error *err)
 {
     char name[NAME_MAX_LEN];
     struct stat st;
@@ -913,24 +913,24 @@ static int file_open(const lm_uri *u, lm_conn *c, bool outgoing, lm_error *err)
     flags = outgoing ? O_WRONLY | O_CREAT | (u->offset ? 0 : O_TRUNC) : O_RDONLY;
     fd = open(u->path, flags | O_CLOEXEC | O_NONBLOCK, 0600);
     if (fd < 0)
-        return lm_error_set_errno(err, -errno, "%s: open", name);
+        return error_set_errno(err, -errno, "%s: open", name);
     if (fstat(fd, &st) < 0) {
-        ret = lm_error_set_errno(err, -errno, "%s: fstat", name);
+        ret = error_set_errno(err, -errno, "%s: fstat", name);
         goto out;
     }
     /* O_RDONLY opens a directory; reading it would fail later and vaguely. */
     if (S_ISDIR(st.st_mode)) {
-        ret = lm_error_set_errno(err, -EISDIR, "%s", name);
+        ret = error_set_errno(err, -EISDIR, "%s", name);
         goto out;
     }
     ret = set_blocking(fd);
     if (ret < 0) {
-        lm_error_set_errno(err, ret, "%s: clearing O_NONBLOCK", name);
+        error_set_errno(err, ret, "%s: clearing O_NONBLOCK", name);
         goto out;
     }
     if (u->offset && lseek(fd, (off_t)u->offset, SEEK_SET) < 0) {
-        ret = lm_error_set_errno(err, -errno, "%s: seek to offset %llu", name,
-                                 (unsigned long long)u->offset);
+        ret = error_set_errno(err, -errno, "%s: seek to offset %llu", name,
+                              (unsigned long long)u->offset);
         goto out;
     }
     set_peer(c, name);
@@ -944,26 +944,26 @@ out:
 
 /* ---------------------------------------------------------------- API */
 
-int lm_transport_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_ms,
-                         lm_error *err)
+int transport_connect(const transport_uri *u, transport_conn *c, int cancel_fd, int timeout_ms,
+                      lm_error *err)
 {
     conn_init(c);
     switch (u->kind) {
-    case LM_URI_TCP:
+    case URI_TCP:
         return tcp_connect(u, c, cancel_fd, timeout_ms, err);
-    case LM_URI_UNIX:
+    case URI_UNIX:
         return unix_connect(u, c, cancel_fd, timeout_ms, err);
-    case LM_URI_FD:
+    case URI_FD:
         return fd_open(u, c, true, err);
-    case LM_URI_EXEC:
+    case URI_EXEC:
         return exec_spawn(u, c, true, err);
-    case LM_URI_FILE:
+    case URI_FILE:
         return file_open(u, c, true, err);
     }
-    return lm_error_set(err, -EINVAL, "unknown transport kind %d", (int)u->kind);
+    return error_set(err, -EINVAL, "unknown transport kind %d", (int)u->kind);
 }
 
-int lm_transport_listen(const lm_uri *u, lm_listen *l, lm_error *err)
+int transport_listen(const transport_uri *u, transport_listener *l, lm_error *err)
 {
     char name[NAME_MAX_LEN];
     struct stat st;
@@ -975,24 +975,24 @@ int lm_transport_listen(const lm_uri *u, lm_listen *l, lm_error *err)
     copy_trunc(l->address, sizeof(l->address), name);
 
     switch (u->kind) {
-    case LM_URI_TCP:
+    case URI_TCP:
         return tcp_listen(l, err);
-    case LM_URI_UNIX:
+    case URI_UNIX:
         return unix_listen(l, err);
-    case LM_URI_FD:
+    case URI_FD:
         /* Nothing to listen on, but a bad descriptor is reported now. */
         return fd_check(u, false, name, err);
-    case LM_URI_EXEC:
+    case URI_EXEC:
         return 0;
-    case LM_URI_FILE:
+    case URI_FILE:
         if (stat(u->path, &st) < 0)
-            return lm_error_set_errno(err, -errno, "%s", name);
+            return error_set_errno(err, -errno, "%s", name);
         return 0;
     }
-    return lm_error_set(err, -EINVAL, "unknown transport kind %d", (int)u->kind);
+    return error_set(err, -EINVAL, "unknown transport kind %d", (int)u->kind);
 }
 
-static int sock_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
+static int sock_accept(transport_listener *l, transport_conn *c, int cancel_fd, int timeout_ms,
                        lm_error *err)
 {
     int64_t deadline = deadline_after(timeout_ms);
@@ -1002,7 +1002,7 @@ static int sock_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
     int fd, r;
 
     if (l->fd < 0)
-        return lm_error_set(err, -EBADF, "%s: accept: not listening", l->address);
+        return error_set(err, -EBADF, "%s: accept: not listening", l->address);
     for (;;) {
         r = wait_fd(l->fd, POLLIN, cancel_fd, deadline);
         if (r < 0)
@@ -1015,10 +1015,10 @@ static int sock_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
         if (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR ||
             errno == ECONNABORTED || errno == EPROTO)
             continue;
-        return lm_error_set_errno(err, -errno, "%s: accept", l->address);
+        return error_set_errno(err, -errno, "%s: accept", l->address);
     }
     /* Linux does not pass O_NONBLOCK from the listener: fd is blocking. */
-    if (l->uri.kind == LM_URI_TCP) {
+    if (l->uri.kind == URI_TCP) {
         tcp_tune(fd);
         sockaddr_name((struct sockaddr *)&ss, sslen, peer + 4, sizeof(peer) - 4);
         set_peer(c, peer);
@@ -1030,50 +1030,50 @@ static int sock_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
     return 0;
 }
 
-int lm_transport_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
-                        lm_error *err)
+int transport_accept(transport_listener *l, transport_conn *c, int cancel_fd, int timeout_ms,
+                     lm_error *err)
 {
     conn_init(c);
     switch (l->uri.kind) {
-    case LM_URI_TCP:
-    case LM_URI_UNIX:
+    case URI_TCP:
+    case URI_UNIX:
         return sock_accept(l, c, cancel_fd, timeout_ms, err);
-    case LM_URI_FD:
+    case URI_FD:
         return fd_open(&l->uri, c, false, err);
-    case LM_URI_EXEC:
+    case URI_EXEC:
         return exec_spawn(&l->uri, c, false, err);
-    case LM_URI_FILE:
+    case URI_FILE:
         return file_open(&l->uri, c, false, err);
     }
-    return lm_error_set(err, -EINVAL, "unknown transport kind %d", (int)l->uri.kind);
+    return error_set(err, -EINVAL, "unknown transport kind %d", (int)l->uri.kind);
 }
 
-void lm_transport_unlisten(lm_listen *l)
+void transport_unlisten(transport_listener *l)
 {
     if (l->fd < 0)
         return;
     /* Only while we hold the socket: a second call must not unlink a successor's. */
-    if (l->uri.kind == LM_URI_UNIX)
+    if (l->uri.kind == URI_UNIX)
         unlink(l->uri.path);
     close(l->fd);
     l->fd = -1;
 }
 
-void lm_conn_shutdown(lm_conn *c)
+void conn_shutdown(transport_conn *c)
 {
     /* exec: is a socketpair too, even though is_socket is false */
     if (c->fd >= 0 && (c->is_socket || c->child > 0))
         (void)shutdown(c->fd, SHUT_RDWR);
 }
 
-int lm_conn_close(lm_conn *c, lm_error *err)
+int conn_close(transport_conn *c, lm_error *err)
 {
     int ret = 0;
 
     if (c->fd >= 0) {
         /* Linux releases the descriptor even when close() fails. */
         if (close(c->fd) < 0 && errno != EINTR)
-            ret = lm_error_set_errno(err, -errno, "%s: close", c->peer);
+            ret = error_set_errno(err, -errno, "%s: close", c->peer);
         c->fd = -1;
     }
     /* Our end is closed, so the command sees EOF (or EPIPE) and can finish. */

@@ -2,8 +2,8 @@
  * Transports: turn a migration URI into a file descriptor.
  *
  *   tcp:HOST:PORT    IPv4, hostname, or [IPv6]:PORT.  Port 0 when listening
- *                    picks a free port (reported in lm_listen.address and
- *                    lm_listen.uri.port).
+ *                    picks a free port (reported in transport_listener.address and
+ *                    transport_listener.uri.port).
  *   unix:PATH        AF_UNIX stream socket.  Listening removes a stale socket
  *                    file only if nobody answers on it.
  *   fd:N             an already open descriptor (socket, pipe or file) that
@@ -13,7 +13,7 @@
  *   exec:COMMAND     /bin/sh -c COMMAND; outgoing writes to its stdin,
  *                    incoming reads its stdout.  The child is reaped on close
  *                    and a non-zero exit is an error.  Our end is one end of
- *                    an AF_UNIX socketpair, so lm_conn_shutdown works on it;
+ *                    an AF_UNIX socketpair, so conn_shutdown works on it;
  *                    is_socket is false all the same (no return path: the
  *                    command is not a livemig peer).
  *   file:PATH        outgoing creates/truncates PATH, incoming opens it; the
@@ -30,34 +30,34 @@
  * are blocking and close-on-exec; tcp ones have TCP_NODELAY set.
  *
  * Threads: all functions are plain calls with no shared state; the caller
- * owns every lm_conn / lm_listen it gets.
+ * owns every transport_conn / transport_listener it gets.
  */
-#ifndef LM_STREAM_TRANSPORT_H
-#define LM_STREAM_TRANSPORT_H
+#ifndef STREAM_TRANSPORT_H
+#define STREAM_TRANSPORT_H
 
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
 #include "livemig/livemig.h"
 
-typedef enum lm_uri_kind {
-    LM_URI_TCP, LM_URI_UNIX, LM_URI_FD, LM_URI_EXEC, LM_URI_FILE,
-} lm_uri_kind;
+typedef enum transport_uri_kind {
+    URI_TCP, URI_UNIX, URI_FD, URI_EXEC, URI_FILE,
+} transport_uri_kind;
 
-typedef struct lm_uri {
-    lm_uri_kind kind;
+typedef struct transport_uri {
+    transport_uri_kind kind;
     char host[256];       /* tcp: without brackets */
     char port[16];        /* tcp */
     char path[4096];      /* unix, file */
     char cmd[4096];       /* exec */
     int fd;               /* fd */
     uint64_t offset;      /* file: ,offset=N */
-} lm_uri;
+} transport_uri;
 
 /* Parse; "bad URI" errors say which part was wrong. */
-int lm_uri_parse(const char *s, lm_uri *u, lm_error *err);
+int transport_uri_parse(const char *s, transport_uri *u, lm_error *err);
 
-typedef struct lm_conn {
+typedef struct transport_conn {
     int fd;               /* -1 when closed */
     bool is_socket;       /* a socket with a peer that can answer (tcp, unix,
                              fd: socket): sendmsg(MSG_NOSIGNAL) works, a
@@ -66,43 +66,43 @@ typedef struct lm_conn {
     pid_t child;          /* exec: the shell, 0 otherwise */
     char peer[160];       /* printable peer, for messages: "tcp:ADDR:PORT",
                              "unix:PATH", "exec:CMD", "fd:N", "file:PATH" */
-} lm_conn;
+} transport_conn;
 
 /* Outgoing.  timeout_ms bounds connect (tcp/unix, all addresses together);
  * -1 = no limit.  Returns -ECANCELED / -ETIMEDOUT like accept. */
-int lm_transport_connect(const lm_uri *u, lm_conn *c, int cancel_fd, int timeout_ms,
-                         lm_error *err);
+int transport_connect(const transport_uri *u, transport_conn *c, int cancel_fd, int timeout_ms,
+                      lm_error *err);
 
-typedef struct lm_listen {
-    lm_uri uri;
+typedef struct transport_listener {
+    transport_uri uri;
     int fd;               /* listening socket; -1 for fd/exec/file */
     char address[160];    /* "tcp:127.0.0.1:40123", "unix:/path", ... */
-} lm_listen;
+} transport_listener;
 
 /*
  * Incoming: bind + listen (tcp/unix); for fd/file only checks that the
  * descriptor / file is there, so mistakes are reported at once.  A unix path
  * held by a live listener is refused; finding out connects to it once.
  */
-int lm_transport_listen(const lm_uri *u, lm_listen *l, lm_error *err);
+int transport_listen(const transport_uri *u, transport_listener *l, lm_error *err);
 /*
  * Wait for the connection (tcp/unix accept; fd/exec/file open at once).
  * Returns -ECANCELED when cancel_fd fires, -ETIMEDOUT after timeout_ms (-1 =
  * forever).
  */
-int lm_transport_accept(lm_listen *l, lm_conn *c, int cancel_fd, int timeout_ms,
-                        lm_error *err);
+int transport_accept(transport_listener *l, transport_conn *c, int cancel_fd, int timeout_ms,
+                     lm_error *err);
 /* Close, unlink a unix path.  Idempotent; not concurrently with accept. */
-void lm_transport_unlisten(lm_listen *l);
+void transport_unlisten(transport_listener *l);
 
 /* Make blocked reads/writes on c return (socket, exec: shutdown; others:
  * no-op).  Safe from another thread while one is blocked on c. */
-void lm_conn_shutdown(lm_conn *c);
+void conn_shutdown(transport_conn *c);
 /*
  * Close; for exec waits for the child and reports a failed exit in err.
  * That wait is bounded: after 10 s the command's process group is killed
  * (-ETIMEDOUT).  Idempotent.
  */
-int lm_conn_close(lm_conn *c, lm_error *err);
+int conn_close(transport_conn *c, lm_error *err);
 
 #endif

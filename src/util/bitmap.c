@@ -12,8 +12,8 @@
  *
  * Atomics.  Two functions touch bitmaps shared between threads (the
  * cooperative dirty log): writers OR bits in with
- * lm_bitmap_set_range_atomic() and one consumer drains them with
- * lm_bitmap_move_atomic().  The writer's OR is a release and the consumer's
+ * bitmap_set_range_atomic() and one consumer drains them with
+ * bitmap_move_atomic().  The writer's OR is a release and the consumer's
  * exchange an acquire: a writer that marks a page AFTER writing it is
  * guaranteed that whoever collects the bit also sees the data.  A bit set
  * while the consumer is draining lands either in this drain (the exchange
@@ -25,24 +25,24 @@
 
 #include "util/bitmap.h"
 
-/* Bits [lo, hi) of one word, 0 <= lo < hi <= LM_BITS_PER_LONG. */
+/* Bits [lo, hi) of one word, 0 <= lo < hi <= BITMAP_BITS_PER_LONG. */
 static inline unsigned long word_mask(unsigned lo, unsigned hi)
 {
     unsigned long m = ~0UL << lo;
-    if (hi < LM_BITS_PER_LONG)
+    if (hi < BITMAP_BITS_PER_LONG)
         m &= ~(~0UL << hi);
     return m;
 }
 
-size_t lm_bitmap_bytes(uint64_t nbits)
+size_t bitmap_bytes(uint64_t nbits)
 {
-    return LM_BITMAP_WORDS(nbits) * sizeof(unsigned long);
+    return BITMAP_WORDS(nbits) * sizeof(unsigned long);
 }
 
-unsigned long *lm_bitmap_new(uint64_t nbits)
+unsigned long *bitmap_new(uint64_t nbits)
 {
     /* At least one word so an empty bitmap is still a valid pointer. */
-    size_t words = LM_BITMAP_WORDS(nbits) ? LM_BITMAP_WORDS(nbits) : 1;
+    size_t words = BITMAP_WORDS(nbits) ? BITMAP_WORDS(nbits) : 1;
     unsigned long *map = calloc(words, sizeof(unsigned long));
 
     if (!map)
@@ -50,67 +50,67 @@ unsigned long *lm_bitmap_new(uint64_t nbits)
     return map;
 }
 
-void lm_bitmap_free(unsigned long *map)
+void bitmap_free(unsigned long *map)
 {
     free(map);
 }
 
-void lm_bitmap_set_range(unsigned long *map, uint64_t start, uint64_t n)
+void bitmap_set_range(unsigned long *map, uint64_t start, uint64_t n)
 {
     uint64_t end = start + n, w, wend;
 
     if (n == 0)
         return;
-    w = start / LM_BITS_PER_LONG;
-    wend = (end - 1) / LM_BITS_PER_LONG;
+    w = start / BITMAP_BITS_PER_LONG;
+    wend = (end - 1) / BITMAP_BITS_PER_LONG;
     if (w == wend) {
-        map[w] |= word_mask(start % LM_BITS_PER_LONG, (end - 1) % LM_BITS_PER_LONG + 1);
+        map[w] |= word_mask(start % BITMAP_BITS_PER_LONG, (end - 1) % BITMAP_BITS_PER_LONG + 1);
         return;
     }
-    map[w++] |= word_mask(start % LM_BITS_PER_LONG, LM_BITS_PER_LONG);
+    map[w++] |= word_mask(start % BITMAP_BITS_PER_LONG, BITMAP_BITS_PER_LONG);
     for (; w < wend; w++)
         map[w] = ~0UL;
-    map[wend] |= word_mask(0, (end - 1) % LM_BITS_PER_LONG + 1);
+    map[wend] |= word_mask(0, (end - 1) % BITMAP_BITS_PER_LONG + 1);
 }
 
-void lm_bitmap_clear_range(unsigned long *map, uint64_t start, uint64_t n)
+void bitmap_clear_range(unsigned long *map, uint64_t start, uint64_t n)
 {
     uint64_t end = start + n, w, wend;
 
     if (n == 0)
         return;
-    w = start / LM_BITS_PER_LONG;
-    wend = (end - 1) / LM_BITS_PER_LONG;
+    w = start / BITMAP_BITS_PER_LONG;
+    wend = (end - 1) / BITMAP_BITS_PER_LONG;
     if (w == wend) {
-        map[w] &= ~word_mask(start % LM_BITS_PER_LONG, (end - 1) % LM_BITS_PER_LONG + 1);
+        map[w] &= ~word_mask(start % BITMAP_BITS_PER_LONG, (end - 1) % BITMAP_BITS_PER_LONG + 1);
         return;
     }
-    map[w++] &= ~word_mask(start % LM_BITS_PER_LONG, LM_BITS_PER_LONG);
+    map[w++] &= ~word_mask(start % BITMAP_BITS_PER_LONG, BITMAP_BITS_PER_LONG);
     for (; w < wend; w++)
         map[w] = 0;
-    map[wend] &= ~word_mask(0, (end - 1) % LM_BITS_PER_LONG + 1);
+    map[wend] &= ~word_mask(0, (end - 1) % BITMAP_BITS_PER_LONG + 1);
 }
 
-void lm_bitmap_fill(unsigned long *map, uint64_t nbits)
+void bitmap_fill(unsigned long *map, uint64_t nbits)
 {
-    size_t words = LM_BITMAP_WORDS(nbits);
+    size_t words = BITMAP_WORDS(nbits);
 
     if (words == 0)
         return;
     memset(map, 0xff, words * sizeof(unsigned long));
     /* Keep the tail-clear invariant. */
-    if (nbits % LM_BITS_PER_LONG)
-        map[words - 1] = word_mask(0, nbits % LM_BITS_PER_LONG);
+    if (nbits % BITMAP_BITS_PER_LONG)
+        map[words - 1] = word_mask(0, nbits % BITMAP_BITS_PER_LONG);
 }
 
-void lm_bitmap_zero(unsigned long *map, uint64_t nbits)
+void bitmap_zero(unsigned long *map, uint64_t nbits)
 {
-    memset(map, 0, lm_bitmap_bytes(nbits));
+    memset(map, 0, bitmap_bytes(nbits));
 }
 
-uint64_t lm_bitmap_count(const unsigned long *map, uint64_t nbits)
+uint64_t bitmap_count(const unsigned long *map, uint64_t nbits)
 {
-    size_t words = LM_BITMAP_WORDS(nbits);
+    size_t words = BITMAP_WORDS(nbits);
     uint64_t c = 0;
 
     /* Whole words are safe to count: the tail bits are clear. */
@@ -127,17 +127,17 @@ uint64_t lm_bitmap_count(const unsigned long *map, uint64_t nbits)
 static uint64_t bitmap_find(const unsigned long *map, uint64_t nbits,
                             uint64_t start, unsigned long invert)
 {
-    size_t words = LM_BITMAP_WORDS(nbits);
+    size_t words = BITMAP_WORDS(nbits);
     size_t w;
     unsigned long bits;
 
     if (start >= nbits)
         return nbits;
-    w = start / LM_BITS_PER_LONG;
-    bits = (map[w] ^ invert) & (~0UL << (start % LM_BITS_PER_LONG));
+    w = start / BITMAP_BITS_PER_LONG;
+    bits = (map[w] ^ invert) & (~0UL << (start % BITMAP_BITS_PER_LONG));
     for (;;) {
         if (bits) {
-            uint64_t i = (uint64_t)w * LM_BITS_PER_LONG + (uint64_t)__builtin_ctzl(bits);
+            uint64_t i = (uint64_t)w * BITMAP_BITS_PER_LONG + (uint64_t)__builtin_ctzl(bits);
             return i < nbits ? i : nbits;
         }
         if (++w >= words)
@@ -146,35 +146,35 @@ static uint64_t bitmap_find(const unsigned long *map, uint64_t nbits,
     }
 }
 
-uint64_t lm_bitmap_next_set(const unsigned long *map, uint64_t nbits, uint64_t start)
+uint64_t bitmap_next_set(const unsigned long *map, uint64_t nbits, uint64_t start)
 {
     return bitmap_find(map, nbits, start, 0);
 }
 
-uint64_t lm_bitmap_next_clear(const unsigned long *map, uint64_t nbits, uint64_t start)
+uint64_t bitmap_next_clear(const unsigned long *map, uint64_t nbits, uint64_t start)
 {
     return bitmap_find(map, nbits, start, ~0UL);
 }
 
-void lm_bitmap_set_range_atomic(unsigned long *map, uint64_t start, uint64_t n)
+void bitmap_set_range_atomic(unsigned long *map, uint64_t start, uint64_t n)
 {
     uint64_t end = start + n, w, wend;
 
     if (n == 0)
         return;
-    w = start / LM_BITS_PER_LONG;
-    wend = (end - 1) / LM_BITS_PER_LONG;
+    w = start / BITMAP_BITS_PER_LONG;
+    wend = (end - 1) / BITMAP_BITS_PER_LONG;
     for (; w <= wend; w++) {
-        unsigned lo = w == start / LM_BITS_PER_LONG ? start % LM_BITS_PER_LONG : 0;
-        unsigned hi = w == wend ? (end - 1) % LM_BITS_PER_LONG + 1 : LM_BITS_PER_LONG;
-        /* Release: pairs with the acquire exchange in lm_bitmap_move_atomic. */
+        unsigned lo = w == start / BITMAP_BITS_PER_LONG ? start % BITMAP_BITS_PER_LONG : 0;
+        unsigned hi = w == wend ? (end - 1) % BITMAP_BITS_PER_LONG + 1 : BITMAP_BITS_PER_LONG;
+        /* Release: pairs with the acquire exchange in bitmap_move_atomic. */
         __atomic_fetch_or(&map[w], word_mask(lo, hi), __ATOMIC_RELEASE);
     }
 }
 
-uint64_t lm_bitmap_move_atomic(unsigned long *dst, unsigned long *src, uint64_t nbits)
+uint64_t bitmap_move_atomic(unsigned long *dst, unsigned long *src, uint64_t nbits)
 {
-    size_t words = LM_BITMAP_WORDS(nbits);
+    size_t words = BITMAP_WORDS(nbits);
     uint64_t newly = 0;
 
     for (size_t w = 0; w < words; w++) {

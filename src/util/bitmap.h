@@ -4,52 +4,52 @@
  * mapped-ram file stores.  Plain functions for the owner thread and a few
  * atomic ones for bitmaps written by other threads (the cooperative dirty
  * log).  Bits past nbits in the last word are always kept clear, so
- * lm_bitmap_count() can count whole words.
+ * bitmap_count() can count whole words.
  */
-#ifndef LM_UTIL_BITMAP_H
-#define LM_UTIL_BITMAP_H
+#ifndef UTIL_BITMAP_H
+#define UTIL_BITMAP_H
 
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
 
-#define LM_BITS_PER_LONG (sizeof(unsigned long) * 8)
-#define LM_BITMAP_WORDS(nbits) (((nbits) + LM_BITS_PER_LONG - 1) / LM_BITS_PER_LONG)
+#define BITMAP_BITS_PER_LONG (sizeof(unsigned long) * 8)
+#define BITMAP_WORDS(nbits) (((nbits) + BITMAP_BITS_PER_LONG - 1) / BITMAP_BITS_PER_LONG)
 
-unsigned long *lm_bitmap_new(uint64_t nbits);          /* zeroed; aborts on OOM */
-void lm_bitmap_free(unsigned long *map);
-size_t lm_bitmap_bytes(uint64_t nbits);                /* words * sizeof(long) */
+unsigned long *bitmap_new(uint64_t nbits);             /* zeroed; aborts on OOM */
+void bitmap_free(unsigned long *map);
+size_t bitmap_bytes(uint64_t nbits);                   /* words * sizeof(long) */
 
-static inline bool lm_bitmap_test(const unsigned long *map, uint64_t i)
+static inline bool bitmap_test(const unsigned long *map, uint64_t i)
 {
-    return (map[i / LM_BITS_PER_LONG] >> (i % LM_BITS_PER_LONG)) & 1;
+    return (map[i / BITMAP_BITS_PER_LONG] >> (i % BITMAP_BITS_PER_LONG)) & 1;
 }
-static inline void lm_bitmap_set(unsigned long *map, uint64_t i)
+static inline void bitmap_set(unsigned long *map, uint64_t i)
 {
-    map[i / LM_BITS_PER_LONG] |= 1UL << (i % LM_BITS_PER_LONG);
+    map[i / BITMAP_BITS_PER_LONG] |= 1UL << (i % BITMAP_BITS_PER_LONG);
 }
-static inline void lm_bitmap_clear(unsigned long *map, uint64_t i)
+static inline void bitmap_clear(unsigned long *map, uint64_t i)
 {
-    map[i / LM_BITS_PER_LONG] &= ~(1UL << (i % LM_BITS_PER_LONG));
+    map[i / BITMAP_BITS_PER_LONG] &= ~(1UL << (i % BITMAP_BITS_PER_LONG));
 }
 
-void lm_bitmap_set_range(unsigned long *map, uint64_t start, uint64_t n);
-void lm_bitmap_clear_range(unsigned long *map, uint64_t start, uint64_t n);
-void lm_bitmap_fill(unsigned long *map, uint64_t nbits);   /* all set, tail clear */
-void lm_bitmap_zero(unsigned long *map, uint64_t nbits);
-uint64_t lm_bitmap_count(const unsigned long *map, uint64_t nbits);
+void bitmap_set_range(unsigned long *map, uint64_t start, uint64_t n);
+void bitmap_clear_range(unsigned long *map, uint64_t start, uint64_t n);
+void bitmap_fill(unsigned long *map, uint64_t nbits);      /* all set, tail clear */
+void bitmap_zero(unsigned long *map, uint64_t nbits);
+uint64_t bitmap_count(const unsigned long *map, uint64_t nbits);
 /* First set bit at index >= start, or nbits if none. */
-uint64_t lm_bitmap_next_set(const unsigned long *map, uint64_t nbits, uint64_t start);
+uint64_t bitmap_next_set(const unsigned long *map, uint64_t nbits, uint64_t start);
 /* First clear bit at index >= start, or nbits if none. */
-uint64_t lm_bitmap_next_clear(const unsigned long *map, uint64_t nbits, uint64_t start);
+uint64_t bitmap_next_clear(const unsigned long *map, uint64_t nbits, uint64_t start);
 
-/* Atomic: safe against concurrent lm_bitmap_set_range_atomic on the same map. */
-void lm_bitmap_set_range_atomic(unsigned long *map, uint64_t start, uint64_t n);
+/* Atomic: safe against concurrent bitmap_set_range_atomic on the same map. */
+void bitmap_set_range_atomic(unsigned long *map, uint64_t start, uint64_t n);
 /*
  * Move every set bit of `src` into `dst` (dst |= src; src = 0), word by word
  * with an atomic exchange on src so no concurrently set bit is lost.
  * Returns how many bits were newly set in dst.
  */
-uint64_t lm_bitmap_move_atomic(unsigned long *dst, unsigned long *src, uint64_t nbits);
+uint64_t bitmap_move_atomic(unsigned long *dst, unsigned long *src, uint64_t nbits);
 
 #endif

@@ -7,7 +7,7 @@
 
 #include "util/error.h"
 
-int lm_error_setv(lm_error *err, int code, const char *fmt, va_list ap)
+int error_setv(lm_error *err, int code, const char *fmt, va_list ap)
 {
     if (err) {
         err->code = code ? code : -EINVAL;
@@ -16,20 +16,20 @@ int lm_error_setv(lm_error *err, int code, const char *fmt, va_list ap)
     return code ? code : -EINVAL;
 }
 
-int lm_error_set(lm_error *err, int code, const char *fmt, ...)
+int error_set(lm_error *err, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    code = lm_error_setv(err, code, fmt, ap);
+    code = error_setv(err, code, fmt, ap);
     va_end(ap);
     return code;
 }
 
-int lm_error_set_errno(lm_error *err, int code, const char *fmt, ...)
+int error_set_errno(lm_error *err, int code, const char *fmt, ...)
 {
     va_list ap;
     va_start(ap, fmt);
-    code = lm_error_setv(err, code, fmt, ap);
+    code = error_setv(err, code, fmt, ap);
     va_end(ap);
     if (err) {
         size_t n = strlen(err->msg);
@@ -38,7 +38,7 @@ int lm_error_set_errno(lm_error *err, int code, const char *fmt, ...)
     return code;
 }
 
-void lm_error_prefix(lm_error *err, const char *fmt, ...)
+void error_prefix(lm_error *err, const char *fmt, ...)
 {
     char old[LM_ERROR_MAX];
     size_t n;
@@ -63,13 +63,13 @@ void lm_error_prefix(lm_error *err, const char *fmt, ...)
     }
 }
 
-void lm_error_copy(lm_error *dst, const lm_error *src)
+void error_copy(lm_error *dst, const lm_error *src)
 {
     if (dst && src)
         *dst = *src;
 }
 
-void lm_log(const char *fmt, ...)
+void util_log(const char *fmt, ...)
 {
     char buf[1024];
     va_list ap;

@@ -6,7 +6,7 @@
  * compares and, for a matching fault, one atomic increment -- no lock on the
  * data path of the channels that call it.
  */
-#ifdef LM_FAULT_INJECTION
+#ifdef FAULT_INJECTION
 #include <errno.h>
 #include <pthread.h>
 #include <stdatomic.h>
@@ -63,19 +63,19 @@ static void fault_parse(void)
         struct fault *f = &faults[nfaults];
 
         if (nfaults == MAX_FAULTS) {
-            lm_log("LIVEMIG_FAULT: more than %d faults; ignoring '%s' and the rest",
-                   MAX_FAULTS, tok);
+            util_log("LIVEMIG_FAULT: more than %d faults; ignoring '%s' and the rest",
+                     MAX_FAULTS, tok);
             break;
         }
         if (fault_parse_one(tok, f) == 0)
             nfaults++;
         else
-            lm_log("LIVEMIG_FAULT: ignoring '%s' (expected SIDE:POINT:CHANNEL[:N], N >= 1)",
-                   tok);
+            util_log("LIVEMIG_FAULT: ignoring '%s' (expected SIDE:POINT:CHANNEL[:N], N >= 1)",
+                     tok);
     }
 }
 
-bool lm_fault_hit(const char *side, const char *point, int channel)
+bool fault_hit(const char *side, const char *point, int channel)
 {
     bool fire = false;
 
@@ -94,7 +94,7 @@ bool lm_fault_hit(const char *side, const char *point, int channel)
             continue;
         hit = atomic_fetch_add_explicit(&f->hits, 1, memory_order_relaxed) + 1;
         if (hit == f->nth) {
-            lm_log("injected fault: %s %s on channel %d (hit %lu)", side, point, channel, hit);
+            util_log("injected fault: %s %s on channel %d (hit %lu)", side, point, channel, hit);
             fire = true;
         }
     }

@@ -7,7 +7,7 @@
  * connect, handshake, packet (in the middle of a packet), sync (just before
  * the SYNC packet / while waiting at the SYNC barrier); CHANNEL is the
  * multifd channel id.  N (default 1) picks the hit that fails: the fault
- * fires on the N-th time lm_fault_hit() is reached for that side, point and
+ * fires on the N-th time fault_hit() is reached for that side, point and
  * channel, and never again, so each listed fault fires at most once per
  * process.  Hits are counted per process, across migrations: a source that
  * migrates twice keeps counting from where its first migration stopped.
@@ -26,24 +26,24 @@
  * packets that is ~50 MiB into that channel's share of the first pass.
  *
  * Compiled in only with the meson option fault_injection (on for
- * development builds, off for release packages); otherwise lm_fault_hit() is
+ * development builds, off for release packages); otherwise fault_hit() is
  * constant false.
  *
- * Threads: lm_fault_hit() may be called from any thread, concurrently.  The
+ * Threads: fault_hit() may be called from any thread, concurrently.  The
  * parsed list is the one process-wide state in livemig: it is set once from
  * the environment (pthread_once) and then only read, except for each
  * fault's hit counter, which is atomic: two threads hitting the same fault
  * get distinct hit numbers, so exactly one of them sees the N-th.
  */
-#ifndef LM_UTIL_FAULT_H
-#define LM_UTIL_FAULT_H
+#ifndef UTIL_FAULT_H
+#define UTIL_FAULT_H
 
 #include <stdbool.h>
 
-#ifdef LM_FAULT_INJECTION
-bool lm_fault_hit(const char *side, const char *point, int channel);
+#ifdef FAULT_INJECTION
+bool fault_hit(const char *side, const char *point, int channel);
 #else
-static inline bool lm_fault_hit(const char *side, const char *point, int channel)
+static inline bool fault_hit(const char *side, const char *point, int channel)
 {
     (void)side; (void)point; (void)channel;
     return false;

@@ -71,7 +71,7 @@ static bool is_pow2(uint32_t v)
     return v && !(v & (v - 1));
 }
 
-int lm_spsc_init(lm_spsc *r, uint32_t size, uint32_t start)
+int spsc_init(spsc *r, uint32_t size, uint32_t start)
 {
     if (!is_pow2(size) || size > (1u << 30))
         return -EINVAL;
@@ -84,13 +84,13 @@ int lm_spsc_init(lm_spsc *r, uint32_t size, uint32_t start)
     return 0;
 }
 
-void lm_spsc_destroy(lm_spsc *r)
+void spsc_destroy(spsc *r)
 {
     free(r->slot);
     r->slot = NULL;
 }
 
-bool lm_spsc_push(lm_spsc *r, void *item)
+bool spsc_push(spsc *r, void *item)
 {
     uint32_t h = atomic_load_explicit(&r->head, RELAXED);  /* ours */
     uint32_t t = atomic_load_explicit(&r->tail, ACQUIRE);  /* R2: slot h-size was read */
@@ -104,7 +104,7 @@ bool lm_spsc_push(lm_spsc *r, void *item)
     return true;
 }
 
-void *lm_spsc_peek(lm_spsc *r)
+void *spsc_peek(spsc *r)
 {
     uint32_t t = atomic_load_explicit(&r->tail, RELAXED);  /* ours */
     uint32_t h = atomic_load(&r->head);                    /* R1 / W1 */
@@ -112,7 +112,7 @@ void *lm_spsc_peek(lm_spsc *r)
     return h == t ? NULL : r->slot[t & r->mask];
 }
 
-void lm_spsc_pop(lm_spsc *r)
+void spsc_pop(spsc *r)
 {
     uint32_t t = atomic_load_explicit(&r->tail, RELAXED);
 
@@ -120,7 +120,7 @@ void lm_spsc_pop(lm_spsc *r)
     atomic_store_explicit(&r->tail, t + 1, RELEASE);
 }
 
-uint32_t lm_spsc_count(lm_spsc *r)
+uint32_t spsc_count(spsc *r)
 {
     uint32_t t = atomic_load_explicit(&r->tail, ACQUIRE);
     uint32_t h = atomic_load_explicit(&r->head, ACQUIRE);
@@ -128,7 +128,7 @@ uint32_t lm_spsc_count(lm_spsc *r)
     return h - t;
 }
 
-int lm_mpsc_init(lm_mpsc *r, uint32_t size, uint32_t start)
+int mpsc_init(mpsc *r, uint32_t size, uint32_t start)
 {
     if (!is_pow2(size) || size < 2 || size > (1u << 30))
         return -EINVAL;
@@ -145,18 +145,18 @@ int lm_mpsc_init(lm_mpsc *r, uint32_t size, uint32_t start)
     return 0;
 }
 
-void lm_mpsc_destroy(lm_mpsc *r)
+void mpsc_destroy(mpsc *r)
 {
     free(r->cell);
     r->cell = NULL;
 }
 
-bool lm_mpsc_push(lm_mpsc *r, void *item)
+bool mpsc_push(mpsc *r, void *item)
 {
     uint32_t pos = atomic_load_explicit(&r->head, RELAXED);
 
     for (;;) {
-        lm_mpsc_cell *c = &r->cell[pos & r->mask];
+        mpsc_cell *c = &r->cell[pos & r->mask];
         uint32_t seq = atomic_load_explicit(&c->seq, ACQUIRE);  /* D2 */
         int32_t dif = (int32_t)(seq - pos);
 
@@ -179,10 +179,10 @@ bool lm_mpsc_push(lm_mpsc *r, void *item)
     }
 }
 
-void *lm_mpsc_pop(lm_mpsc *r)
+void *mpsc_pop(mpsc *r)
 {
     uint32_t pos = r->tail;
-    lm_mpsc_cell *c = &r->cell[pos & r->mask];
+    mpsc_cell *c = &r->cell[pos & r->mask];
     void *item;
 
     if (atomic_load_explicit(&c->seq, ACQUIRE) != pos + 1)  /* D1 */
@@ -200,20 +200,20 @@ void *lm_mpsc_pop(lm_mpsc *r)
 enum { REQ_FREE = 0x46524545, REQ_HELD, REQ_QUEUED, REQ_KEPT };
 
 typedef struct pool_worker {
-    lm_spsc ring;                           /* producer: owner; consumer: worker */
+    spsc ring;                              /* producer: owner; consumer: worker */
     _Alignas(64) _Atomic uint32_t sleeping; /* futex word, W1 */
     _Atomic uint64_t handled;
     _Atomic uint64_t sleeps;
     /* Owner only. */
-    _Alignas(64) lm_pool_req *free;
+    _Alignas(64) pool_req *free;
     /* Fixed after create. */
-    lm_pool *pool;
+    worker_pool *pool;
     unsigned index;
     pool_thread pt;
 } pool_worker;
 
-struct lm_pool {
-    lm_mpsc done;                            /* producers: workers; consumer: owner */
+struct worker_pool {
+    mpsc done;                               /* producers: workers; consumer: owner */
     _Alignas(64) _Atomic uint32_t published; /* pushes to `done`, mod 2^32; W2 */
     _Alignas(64) _Atomic uint32_t owner_sleeping; /* futex word, W2 */
     _Atomic uint32_t owner_want;             /* owner's target, set before sleeping */
@@ -228,7 +228,7 @@ struct lm_pool {
     unsigned nworkers, ring_size;
     size_t stride;                           /* req_size rounded up to 64 */
     int64_t spin_ns;
-    lm_pool_ops ops;
+    pool_ops ops;
     void *opaque;
     char name[16];
     unsigned char *reqmem;                   /* nworkers * ring_size * stride */
@@ -266,31 +266,31 @@ static bool wake_if_sleeping(_Atomic uint32_t *word)
     return false;
 }
 
-static lm_pool_req *req_at(lm_pool *p, unsigned worker, unsigned k)
+static pool_req *req_at(worker_pool *p, unsigned worker, unsigned k)
 {
-    return (lm_pool_req *)(p->reqmem + ((size_t)worker * p->ring_size + k) * p->stride);
+    return (pool_req *)(p->reqmem + ((size_t)worker * p->ring_size + k) * p->stride);
 }
 
 /* Worker: wait for a request on our ring; NULL when told to exit. */
-static lm_pool_req *worker_idle(pool_worker *w)
+static pool_req *worker_idle(pool_worker *w)
 {
-    lm_pool *p = w->pool;
-    lm_pool_req *req;
-    int64_t start = lm_now_ns();
+    worker_pool *p = w->pool;
+    pool_req *req;
+    int64_t start = time_now_ns();
 
     for (unsigned spins = 1;; spins++) {
-        if ((req = lm_spsc_peek(&w->ring)))
+        if ((req = spsc_peek(&w->ring)))
             return req;
         if (atomic_load_explicit(&p->exiting, RELAXED))
             return NULL;
         /* The clock costs ~25 ns here; a pause ~40 ns: look every 16. */
-        if (!(spins & 15) && lm_now_ns() - start >= p->spin_ns)
+        if (!(spins & 15) && time_now_ns() - start >= p->spin_ns)
             break;
-        lm_cpu_relax();
+        cpu_relax();
     }
     for (;;) {
         atomic_store(&w->sleeping, 1);                 /* W1, W3 */
-        req = lm_spsc_peek(&w->ring);                  /* W1: seq_cst load of head */
+        req = spsc_peek(&w->ring);                     /* W1: seq_cst load of head */
         if (req || atomic_load(&p->exiting)) {         /* W3 */
             atomic_store_explicit(&w->sleeping, 0, RELAXED);
             return req;
@@ -299,7 +299,7 @@ static lm_pool_req *worker_idle(pool_worker *w)
         /* Unbounded, but interruptible: destroy() sets exiting and wakes us. */
         futex_wait(&w->sleeping, 1, -1);
         atomic_store_explicit(&w->sleeping, 0, RELAXED);
-        if ((req = lm_spsc_peek(&w->ring)))
+        if ((req = spsc_peek(&w->ring)))
             return req;
         if (atomic_load_explicit(&p->exiting, RELAXED))
             return NULL;
@@ -317,13 +317,13 @@ static bool enough(uint32_t published, uint32_t consumed, uint32_t want)
 }
 
 /* Worker: hand a finished request back and wake the owner if it waits for it. */
-static void worker_finish(lm_pool *p, lm_pool_req *req)
+static void worker_finish(worker_pool *p, pool_req *req)
 {
     uint32_t pub;
 
     /* Cannot fail: the ring has room for every request of the pool.  Spin
      * rather than lose a request if that invariant were ever broken. */
-    while (!lm_mpsc_push(&p->done, req))
+    while (!mpsc_push(&p->done, req))
         sched_yield();
     pub = atomic_fetch_add(&p->published, 1) + 1;     /* W2 */
     if (atomic_load(&p->owner_sleeping)) {            /* W2 */
@@ -340,16 +340,16 @@ static void worker_finish(lm_pool *p, lm_pool_req *req)
 static void *pool_worker_main(void *arg)
 {
     pool_worker *w = arg;
-    lm_pool *p = w->pool;
+    worker_pool *p = w->pool;
 
     for (;;) {
-        lm_pool_req *req = lm_spsc_peek(&w->ring);
+        pool_req *req = spsc_peek(&w->ring);
 
         if (!req && !(req = worker_idle(w)))
             break;
         /* Free the slot first: we hold the request, and the owner may queue
          * the next one while we work. */
-        lm_spsc_pop(&w->ring);
+        spsc_pop(&w->ring);
         p->ops.handler(p->opaque, w->pt.wctx, req);
         atomic_fetch_add_explicit(&w->handled, 1, RELAXED);
         worker_finish(p, req);
@@ -359,7 +359,7 @@ static void *pool_worker_main(void *arg)
     return NULL;
 }
 
-static void pool_teardown(lm_pool *p)
+static void pool_teardown(worker_pool *p)
 {
     unsigned i;
 
@@ -369,8 +369,8 @@ static void pool_teardown(lm_pool *p)
             wake_if_sleeping(&p->w[i].sleeping);
     pool_threads_stop(&p->w[0].pt, sizeof(p->w[0]), p->nworkers, &p->ops, p->opaque);
     for (i = 0; i < p->nworkers; i++)
-        lm_spsc_destroy(&p->w[i].ring);
-    lm_mpsc_destroy(&p->done);
+        spsc_destroy(&p->w[i].ring);
+    mpsc_destroy(&p->done);
     free(p->w);
     free(p->reqmem);
     free(p);
@@ -397,22 +397,22 @@ static uint32_t roundup_pow2(uint64_t v)
     return r;
 }
 
-lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_size,
-                              const char *name, const lm_pool_ops *ops, void *opaque,
-                              const lm_pool_tuning *tuning, lm_error *err)
+worker_pool *pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_size,
+                               const char *name, const pool_ops *ops, void *opaque,
+                               const pool_tuning *tuning, lm_error *err)
 {
-    lm_pool_tuning t = tuning ? *tuning : LM_POOL_TUNING_DEFAULT;
-    lm_pool *p;
+    pool_tuning t = tuning ? *tuning : POOL_TUNING_DEFAULT;
+    worker_pool *p;
     unsigned i, k;
 
     if (!name)
         name = "pool";
     if (ring_size == 0)
-        ring_size = LM_POOL_RING_DEFAULT;
+        ring_size = POOL_RING_DEFAULT;
     if (pool_check_args(nworkers, ring_size, req_size, name, ops, err))
         return NULL;
     if (t.spin_ns < 0)
-        t.spin_ns = nworkers + 1 <= online_cpus() ? LM_POOL_SPIN_NS : 0;
+        t.spin_ns = nworkers + 1 <= online_cpus() ? POOL_SPIN_NS : 0;
 
     p = calloc(1, sizeof(*p));
     if (!p)
@@ -426,7 +426,7 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
     snprintf(p->name, sizeof(p->name), "%.10s", name);
     p->w = calloc(nworkers, sizeof(*p->w));
     p->reqmem = aligned_alloc(64, (size_t)nworkers * ring_size * p->stride);
-    if (!p->w || !p->reqmem || lm_mpsc_init(&p->done, roundup_pow2(
+    if (!p->w || !p->reqmem || mpsc_init(&p->done, roundup_pow2(
             (uint64_t)nworkers * ring_size < 2 ? 2 : (uint64_t)nworkers * ring_size),
             t.start_index) < 0) {
         free(p->w);
@@ -441,13 +441,13 @@ lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_
 
         w->pool = p;
         w->index = i;
-        if (lm_spsc_init(&w->ring, ring_size, t.start_index) < 0) {
-            lm_error_set(err, -ENOMEM, "pool %s: out of memory", name);
+        if (spsc_init(&w->ring, ring_size, t.start_index) < 0) {
+            error_set(err, -ENOMEM, "pool %s: out of memory", name);
             goto fail;
         }
         /* Push in reverse so prepare hands out requests in address order. */
         for (k = ring_size; k-- > 0;) {
-            lm_pool_req *req = req_at(p, i, k);
+            pool_req *req = req_at(p, i, k);
 
             req->pool_worker = i;
             req->pool_state = REQ_FREE;
@@ -464,23 +464,23 @@ fail:
     pool_teardown(p);
     return NULL;
 oom:
-    lm_error_set(err, -ENOMEM, "pool %s: out of memory", name);
+    error_set(err, -ENOMEM, "pool %s: out of memory", name);
     return NULL;
 }
 
-void lm_pool_destroy(lm_pool *p)
+void pool_destroy(worker_pool *p)
 {
     if (p)
         pool_teardown(p);
 }
 
-lm_pool_req *lm_pool_submit_prepare(lm_pool *p)
+pool_req *pool_submit_prepare(worker_pool *p)
 {
     unsigned idx = p->next;
 
     for (unsigned i = 0; i < p->nworkers; i++) {
         pool_worker *w = &p->w[idx];
-        lm_pool_req *req = w->free;
+        pool_req *req = w->free;
 
         if (++idx == p->nworkers)
             idx = 0;
@@ -494,36 +494,36 @@ lm_pool_req *lm_pool_submit_prepare(lm_pool *p)
     return NULL;
 }
 
-void lm_pool_submit_commit(lm_pool *p, lm_pool_req *req)
+void pool_submit_commit(worker_pool *p, pool_req *req)
 {
     pool_worker *w = &p->w[req->pool_worker];
     bool ok;
 
     if (req->pool_state != REQ_HELD) {
-        lm_log("pool %s: commit of a request not obtained from prepare (state %#x)",
-               p->name, req->pool_state);
+        util_log("pool %s: commit of a request not obtained from prepare (state %#x)",
+                 p->name, req->pool_state);
         abort();
     }
     req->pool_state = REQ_QUEUED;
     p->outstanding++;
     atomic_fetch_add_explicit(&p->submitted, 1, RELAXED);
     /* Cannot fail: the worker owns ring_size requests and we hold one. */
-    ok = lm_spsc_push(&w->ring, req);                  /* R1, W1 */
+    ok = spsc_push(&w->ring, req);                     /* R1, W1 */
     if (!ok) {
-        lm_log("pool %s: worker %u ring full with a free request", p->name, req->pool_worker);
+        util_log("pool %s: worker %u ring full with a free request", p->name, req->pool_worker);
         abort();
     }
     if (wake_if_sleeping(&w->sleeping))                /* W1 */
         atomic_fetch_add_explicit(&p->worker_wakes, 1, RELAXED);
 }
 
-void lm_pool_req_release(lm_pool *p, lm_pool_req *req)
+void pool_req_release(worker_pool *p, pool_req *req)
 {
     pool_worker *w = &p->w[req->pool_worker];
 
     if (req->pool_state != REQ_HELD && req->pool_state != REQ_KEPT) {
-        lm_log("pool %s: release of a request the owner does not hold (state %#x)",
-               p->name, req->pool_state);
+        util_log("pool %s: release of a request the owner does not hold (state %#x)",
+                 p->name, req->pool_state);
         abort();
     }
     req->pool_state = REQ_FREE;
@@ -531,13 +531,13 @@ void lm_pool_req_release(lm_pool *p, lm_pool_req *req)
     w->free = req;
 }
 
-unsigned lm_pool_poll_done(lm_pool *p)
+unsigned pool_poll_done(worker_pool *p)
 {
-    lm_pool_req *req;
+    pool_req *req;
     unsigned n = 0;
 
-    while ((req = lm_mpsc_pop(&p->done))) {            /* D1 */
-        lm_pool_disposition d = LM_POOL_RECYCLE;
+    while ((req = mpsc_pop(&p->done))) {               /* D1 */
+        pool_disposition d = POOL_RECYCLE;
 
         atomic_store_explicit(&p->consumed, atomic_load_explicit(&p->consumed, RELAXED) + 1,
                               RELAXED);
@@ -546,8 +546,8 @@ unsigned lm_pool_poll_done(lm_pool *p)
         req->pool_state = REQ_KEPT;
         if (p->ops.done)
             d = p->ops.done(p->opaque, req);
-        if (d == LM_POOL_RECYCLE)
-            lm_pool_req_release(p, req);
+        if (d == POOL_RECYCLE)
+            pool_req_release(p, req);
     }
     return n;
 }
@@ -557,7 +557,7 @@ unsigned lm_pool_poll_done(lm_pool *p)
  * yet consumed.  0, -ETIMEDOUT at `deadline` (ns, INT64_MAX = none), or
  * -ECANCELED.
  */
-static int owner_wait(lm_pool *p, uint32_t need, int64_t deadline)
+static int owner_wait(worker_pool *p, uint32_t need, int64_t deadline)
 {
     uint32_t cons = atomic_load_explicit(&p->consumed, RELAXED);  /* ours */
 
@@ -565,7 +565,7 @@ static int owner_wait(lm_pool *p, uint32_t need, int64_t deadline)
      * lasts several handler runs, and measured spinning through part of it
      * only took CPU from the workers (bench/pool.md). */
     for (;;) {
-        int64_t now = lm_now_ns();
+        int64_t now = time_now_ns();
         int rc = 0;
 
         atomic_store_explicit(&p->owner_want, need, RELAXED);
@@ -590,31 +590,31 @@ out:
     }
 }
 
-int pool_wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
+int pool_wait_for(worker_pool *p, unsigned want, int64_t deadline, int64_t timeout_ms,
                   lm_error *err)
 {
     unsigned polled;
     int rc;
 
     if (atomic_load(&p->interrupted))
-        return lm_error_set(err, -ECANCELED, "pool %s: interrupted", p->name);
+        return error_set(err, -ECANCELED, "pool %s: interrupted", p->name);
     if (want == 0)
         want = 1;
     if (want > p->outstanding)
         want = p->outstanding;
     /* Invariant: want - polled <= outstanding, since every poll lowers both
      * sides by one and done() committing more only raises outstanding. */
-    polled = lm_pool_poll_done(p);
+    polled = pool_poll_done(p);
     while (polled < want) {
         unsigned n;
 
         rc = owner_wait(p, want - polled, deadline);
         if (rc == -ECANCELED)
-            return lm_error_set(err, rc, "pool %s: interrupted", p->name);
+            return error_set(err, rc, "pool %s: interrupted", p->name);
         if (rc == -ETIMEDOUT)
-            return lm_error_set(err, rc, "pool %s: %u request(s) still running after %lld ms",
-                                p->name, p->outstanding, (long long)timeout_ms);
-        n = lm_pool_poll_done(p);
+            return error_set(err, rc, "pool %s: %u request(s) still running after %lld ms",
+                             p->name, p->outstanding, (long long)timeout_ms);
+        n = pool_poll_done(p);
         /* Published but not poppable: a worker claimed an earlier cell and
          * was preempted before filling it.  Let it run. */
         if (n == 0)
@@ -624,33 +624,33 @@ int pool_wait_for(lm_pool *p, unsigned want, int64_t deadline, int64_t timeout_m
     return (int)polled;
 }
 
-void lm_pool_interrupt(lm_pool *p)
+void pool_interrupt(worker_pool *p)
 {
     atomic_store(&p->interrupted, 1);                  /* W3 */
     wake_if_sleeping(&p->owner_sleeping);
 }
 
-bool lm_pool_interrupted(lm_pool *p)
+bool pool_interrupted(worker_pool *p)
 {
     return atomic_load(&p->interrupted);
 }
 
-int64_t lm_pool_spin_ns(const lm_pool *p)
+int64_t pool_spin_ns(const worker_pool *p)
 {
     return p->spin_ns;
 }
 
-unsigned lm_pool_outstanding(const lm_pool *p)
+unsigned pool_outstanding(const worker_pool *p)
 {
     return p->outstanding;
 }
 
-unsigned lm_pool_nworkers(const lm_pool *p)
+unsigned pool_nworkers(const worker_pool *p)
 {
     return p->nworkers;
 }
 
-void lm_pool_get_stats(lm_pool *p, lm_pool_stats *st)
+void pool_get_stats(worker_pool *p, pool_stats *st)
 {
     memset(st, 0, sizeof(*st));
     st->submitted = atomic_load_explicit(&p->submitted, RELAXED);
@@ -663,7 +663,7 @@ void lm_pool_get_stats(lm_pool *p, lm_pool_stats *st)
     }
 }
 
-uint64_t lm_pool_worker_handled(lm_pool *p, unsigned worker)
+uint64_t pool_worker_handled(worker_pool *p, unsigned worker)
 {
     return worker < p->nworkers ? atomic_load_explicit(&p->w[worker].handled, RELAXED) : 0;
 }

@@ -1,5 +1,5 @@
 /*
- * lm_pool: a fixed set of worker threads fed through lockless rings.
+ * worker_pool: a fixed set of worker threads fed through lockless rings.
  *
  * Why: handing each 4 KiB page to a worker under a mutex, one pending page
  * per worker, costs a cross-CPU wake-up (~30 us here) per page in each
@@ -19,8 +19,8 @@
  *
  * Requests are preallocated: each worker owns `ring_size` requests of
  * `req_size` bytes (64-byte aligned, zeroed once at creation).  The caller's
- * request struct embeds lm_pool_req as its FIRST member and is cast back
- * from the lm_pool_req pointer.  Nothing is allocated per request.
+ * request struct embeds pool_req as its FIRST member and is cast back
+ * from the pool_req pointer.  Nothing is allocated per request.
  *
  * A request's life (the owner may only touch it while it holds it):
  *   free --prepare--> held by owner --commit--> queued --worker--> handler
@@ -28,7 +28,7 @@
  *     +--release <-- kept by owner <--KEEP-- done() <-- done ring <---+
  *     +--------------------------RECYCLE-------------------------'
  *
- * Dispatch: lm_pool_submit_prepare() starts at the worker after the last
+ * Dispatch: pool_submit_prepare() starts at the worker after the last
  * one used (round robin) and takes the first worker that still has a free
  * request; a worker whose requests are all out (queued, running, or finished
  * but not yet polled) is skipped, so one slow worker never stalls the
@@ -39,23 +39,23 @@
  *   thread   | waits on                   | woken by                | owns
  *   ---------+----------------------------+-------------------------+--------------------
  *   owner    | p->owner_sleeping futex,   | the worker whose push   | free and kept
- *   (one,    | in lm_pool_wait_*() only,  | reaches what the owner  | requests; the done
+ *   (one,    | in pool_wait_*() only,  | reaches what the owner  | requests; the done
  *   fixed)   | until its timeout at most  | waits for; interrupt()  | ring's consumer side
  *   worker i | w->sleeping futex when its | commit() on its ring;   | the request it is
  *            | ring stayed empty for the  | destroy()               | running; its ring's
  *            | spin budget                |                         | consumer side
- * Exit: lm_pool_destroy() sets `exiting` and wakes every worker; a worker
+ * Exit: pool_destroy() sets `exiting` and wakes every worker; a worker
  * finishes the request it is running, drops what is still queued and
  * returns; all are joined.
  *
  * The owner is ONE thread for the pool's whole life (it does not have to be
  * the creating thread, but it must not change while requests are out):
  * submit_prepare, submit_commit, poll_done, wait_*, req_release and destroy
- * are owner-only.  lm_pool_interrupt() and lm_pool_get_stats() may be called
+ * are owner-only.  pool_interrupt() and pool_get_stats() may be called
  * from any thread.  ops->init and ops->uninit run on the thread that calls
  * create / destroy; ops->handler on a worker; ops->done on the owner.
  *
- * Sleeping and waking -- LM_POOL_SPIN_NS: a worker whose ring is empty
+ * Sleeping and waking -- POOL_SPIN_NS: a worker whose ring is empty
  * spins (pause instruction) for this long before it sleeps on a futex; the
  * owner only makes the FUTEX_WAKE call when the worker really sleeps.  It
  * is the one setting that trades CPU for wake-ups; bench/pool.md has the
@@ -63,7 +63,7 @@
  * its own (nworkers + 1 <= CPUs this process may run on); otherwise workers
  * do not spin, since a spinning thread would hold the CPU that the thread
  * it waits for needs.  The owner does not spin: it waits for a batch of
- * results (lm_pool_wait_any's `want`), which lasts several handler runs,
+ * results (pool_wait_any's `want`), which lasts several handler runs,
  * and a worker wakes it once per batch, not per request.
  *
  * Memory ordering, pair by pair (the code repeats each at its site):
@@ -95,8 +95,8 @@
  * interrupted, with a message.  Handlers cannot fail as far as the pool is
  * concerned: a request that failed carries its error in the caller's struct.
  */
-#ifndef LM_UTIL_POOL_H
-#define LM_UTIL_POOL_H
+#ifndef UTIL_POOL_H
+#define UTIL_POOL_H
 
 #include <stdatomic.h>
 #include <stdbool.h>
@@ -116,58 +116,58 @@
  */
 
 /* Single producer, single consumer. */
-typedef struct lm_spsc {
+typedef struct spsc {
     _Alignas(64) _Atomic uint32_t head;  /* next index to write; producer */
     _Alignas(64) _Atomic uint32_t tail;  /* next index to read; consumer */
     _Alignas(64) uint32_t mask;          /* size - 1 */
     void **slot;
-} lm_spsc;
+} spsc;
 
 /* size: a power of two >= 1.  0, or -EINVAL / -ENOMEM. */
-int lm_spsc_init(lm_spsc *r, uint32_t size, uint32_t start);
-void lm_spsc_destroy(lm_spsc *r);
+int spsc_init(spsc *r, uint32_t size, uint32_t start);
+void spsc_destroy(spsc *r);
 /* Producer: false when full. */
-bool lm_spsc_push(lm_spsc *r, void *item);
+bool spsc_push(spsc *r, void *item);
 /* Consumer: the oldest item, left in place, or NULL when empty. */
-void *lm_spsc_peek(lm_spsc *r);
+void *spsc_peek(spsc *r);
 /* Consumer: drop the item peek returned; its slot may be reused at once. */
-void lm_spsc_pop(lm_spsc *r);
+void spsc_pop(spsc *r);
 /* Any thread; exact only on the producer or consumer thread. */
-uint32_t lm_spsc_count(lm_spsc *r);
+uint32_t spsc_count(spsc *r);
 
 /*
  * Multiple producers, single consumer: a bounded array of cells, each with a
  * sequence number telling whose turn it is (producers claim an index with a
  * CAS on head; the cell's sequence says when it was written and when read).
  */
-typedef struct lm_mpsc_cell {
+typedef struct mpsc_cell {
     _Atomic uint32_t seq;  /* == index: free for the producer of `index`;
                             * == index + 1: holds that producer's item */
     void *item;
-} lm_mpsc_cell;
+} mpsc_cell;
 
-typedef struct lm_mpsc {
+typedef struct mpsc {
     _Alignas(64) _Atomic uint32_t head;  /* next index to claim; producers */
     _Alignas(64) uint32_t tail;          /* next index to read; consumer only */
     uint32_t mask;
-    lm_mpsc_cell *cell;
-} lm_mpsc;
+    mpsc_cell *cell;
+} mpsc;
 
-int lm_mpsc_init(lm_mpsc *r, uint32_t size, uint32_t start);
-void lm_mpsc_destroy(lm_mpsc *r);
+int mpsc_init(mpsc *r, uint32_t size, uint32_t start);
+void mpsc_destroy(mpsc *r);
 /* Any thread: false when full. */
-bool lm_mpsc_push(lm_mpsc *r, void *item);
+bool mpsc_push(mpsc *r, void *item);
 /*
  * Consumer: the oldest item, or NULL when empty -- or when the producer that
  * claimed the oldest index has not finished writing it yet (items behind it
  * wait; they are returned by a later pop).
  */
-void *lm_mpsc_pop(lm_mpsc *r);
+void *mpsc_pop(mpsc *r);
 
 /* ------------------------------------------------------------------ pool */
 
 /* Default request ring size per worker (a power of two). */
-#define LM_POOL_RING_DEFAULT 4
+#define POOL_RING_DEFAULT 4
 
 /*
  * Spin budget, in ns, before an idle worker sleeps on its futex (when the
@@ -176,29 +176,29 @@ void *lm_mpsc_pop(lm_mpsc *r);
  * cannot win, and an idle pool stops burning a CPU almost at once.
  * Measured in bench/pool.md.
  */
-#define LM_POOL_SPIN_NS 20000
+#define POOL_SPIN_NS 20000
 
-#define LM_POOL_MAX_WORKERS 256
+#define POOL_MAX_WORKERS 256
 
-typedef struct lm_pool lm_pool;
+typedef struct worker_pool worker_pool;
 
 /*
  * The pool's header of a request; the caller's request struct starts with
  * it.  All fields are the pool's: do not touch them.
  */
-typedef struct lm_pool_req {
-    struct lm_pool_req *pool_next;  /* owner-side free list link */
+typedef struct pool_req {
+    struct pool_req *pool_next;     /* owner-side free list link */
     uint32_t pool_worker;           /* the worker this request belongs to */
     uint32_t pool_state;            /* owner's view, for sanity checks */
-} lm_pool_req;
+} pool_req;
 
 /* What done() wants done with the request afterwards. */
-typedef enum lm_pool_disposition {
-    LM_POOL_RECYCLE = 0,  /* back to the free list now */
-    LM_POOL_KEEP = 1,     /* the owner keeps it; lm_pool_req_release() later */
-} lm_pool_disposition;
+typedef enum pool_disposition {
+    POOL_RECYCLE = 0,     /* back to the free list now */
+    POOL_KEEP = 1,        /* the owner keeps it; pool_req_release() later */
+} pool_disposition;
 
-typedef struct lm_pool_ops {
+typedef struct pool_ops {
     /*
      * Optional.  Called on the creating thread once per worker before any
      * worker runs; *wctx becomes the worker's private context, passed to
@@ -209,52 +209,52 @@ typedef struct lm_pool_ops {
     /* Optional.  On the destroying thread, after the worker was joined. */
     void (*uninit)(void *opaque, unsigned worker, void *wctx);
     /* Required.  On worker `worker`: do the work described by req. */
-    void (*handler)(void *opaque, void *wctx, lm_pool_req *req);
+    void (*handler)(void *opaque, void *wctx, pool_req *req);
     /* Optional (NULL = recycle).  On the owner, from poll_done / wait_*. */
-    lm_pool_disposition (*done)(void *opaque, lm_pool_req *req);
-} lm_pool_ops;
+    pool_disposition (*done)(void *opaque, pool_req *req);
+} pool_ops;
 
-/* For tests and benchmarks; LM_POOL_TUNING_DEFAULT is what create uses. */
-typedef struct lm_pool_tuning {
-    int64_t spin_ns;       /* spin budget; < 0: LM_POOL_SPIN_NS or 0, see above */
+/* For tests and benchmarks; POOL_TUNING_DEFAULT is what create uses. */
+typedef struct pool_tuning {
+    int64_t spin_ns;       /* spin budget; < 0: POOL_SPIN_NS or 0, see above */
     uint32_t start_index;  /* first index of every ring (0) */
-} lm_pool_tuning;
+} pool_tuning;
 
-#define LM_POOL_TUNING_DEFAULT ((lm_pool_tuning){ .spin_ns = -1, .start_index = 0 })
+#define POOL_TUNING_DEFAULT ((pool_tuning){ .spin_ns = -1, .start_index = 0 })
 
 /*
- * Start `nworkers` (1..LM_POOL_MAX_WORKERS) threads named "<name>/<i>"
+ * Start `nworkers` (1..POOL_MAX_WORKERS) threads named "<name>/<i>"
  * (name: at most 10 bytes are used).  ring_size: a power of two, 0 =
- * LM_POOL_RING_DEFAULT.  req_size >= sizeof(lm_pool_req).  NULL on error.
+ * POOL_RING_DEFAULT.  req_size >= sizeof(pool_req).  NULL on error.
  */
-lm_pool *lm_pool_create(unsigned nworkers, unsigned ring_size, size_t req_size,
-                        const char *name, const lm_pool_ops *ops, void *opaque,
-                        lm_error *err);
-lm_pool *lm_pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_size,
-                              const char *name, const lm_pool_ops *ops, void *opaque,
-                              const lm_pool_tuning *tuning, lm_error *err);
+worker_pool *pool_create(unsigned nworkers, unsigned ring_size, size_t req_size,
+                         const char *name, const pool_ops *ops, void *opaque,
+                         lm_error *err);
+worker_pool *pool_create_tuned(unsigned nworkers, unsigned ring_size, size_t req_size,
+                               const char *name, const pool_ops *ops, void *opaque,
+                               const pool_tuning *tuning, lm_error *err);
 
 /*
  * Stop and join the workers and free everything, including requests that
  * are queued (never handled), finished but not polled (done() is not called
- * for them) or kept.  Call lm_pool_wait_done() first to have every result.
+ * for them) or kept.  Call pool_wait_done() first to have every result.
  * NULL is a no-op.
  */
-void lm_pool_destroy(lm_pool *p);
+void pool_destroy(worker_pool *p);
 
 /*
  * A free request bound to a worker with room, or NULL when every worker has
  * all its requests out.  Contents are what the last user left (zero at
- * first).  Does not poll: call lm_pool_poll_done() to get requests back.
+ * first).  Does not poll: call pool_poll_done() to get requests back.
  */
-lm_pool_req *lm_pool_submit_prepare(lm_pool *p);
+pool_req *pool_submit_prepare(worker_pool *p);
 /* Queue a prepared request on its worker (waking it if it sleeps). */
-void lm_pool_submit_commit(lm_pool *p, lm_pool_req *req);
+void pool_submit_commit(worker_pool *p, pool_req *req);
 /* Give back a request held after prepare (not committed) or kept by done(). */
-void lm_pool_req_release(lm_pool *p, lm_pool_req *req);
+void pool_req_release(worker_pool *p, pool_req *req);
 
 /* Call done() for every finished request now in the done ring; how many. */
-unsigned lm_pool_poll_done(lm_pool *p);
+unsigned pool_poll_done(worker_pool *p);
 
 /*
  * Wait until at least min(want, outstanding) requests have finished (want 0
@@ -262,39 +262,39 @@ unsigned lm_pool_poll_done(lm_pool *p);
  * that this thread is woken once per batch and the workers still have
  * queued work while it refills.  Returns how many were polled (0 when nothing was
  * outstanding), -ETIMEDOUT after timeout_ms (< 0: no limit; only an
- * interrupt ends the wait then), -ECANCELED once lm_pool_interrupt() was
+ * interrupt ends the wait then), -ECANCELED once pool_interrupt() was
  * called.
  */
-int lm_pool_wait_any(lm_pool *p, unsigned want, int64_t timeout_ms, lm_error *err);
+int pool_wait_any(worker_pool *p, unsigned want, int64_t timeout_ms, lm_error *err);
 
 /* Wait for and poll every outstanding request.  0, -ETIMEDOUT, -ECANCELED. */
-int lm_pool_wait_done(lm_pool *p, int64_t timeout_ms, lm_error *err);
+int pool_wait_done(worker_pool *p, int64_t timeout_ms, lm_error *err);
 
 /*
  * Any thread: make the owner's current and every later wait return
  * -ECANCELED (for a migration that is being cancelled).  Sticky.
  */
-void lm_pool_interrupt(lm_pool *p);
-bool lm_pool_interrupted(lm_pool *p);
+void pool_interrupt(worker_pool *p);
+bool pool_interrupted(worker_pool *p);
 
 /* The spin budget in use, ns. */
-int64_t lm_pool_spin_ns(const lm_pool *p);
+int64_t pool_spin_ns(const worker_pool *p);
 /* Owner: requests committed and not yet polled. */
-unsigned lm_pool_outstanding(const lm_pool *p);
-unsigned lm_pool_nworkers(const lm_pool *p);
+unsigned pool_outstanding(const worker_pool *p);
+unsigned pool_nworkers(const worker_pool *p);
 
-typedef struct lm_pool_stats {
+typedef struct pool_stats {
     uint64_t submitted;     /* commits */
     uint64_t completed;     /* handler runs finished */
     uint64_t worker_sleeps; /* futex waits by workers */
     uint64_t worker_wakes;  /* FUTEX_WAKE calls made to wake a worker */
     uint64_t owner_sleeps;  /* futex waits by the owner */
     uint64_t owner_wakes;   /* FUTEX_WAKE calls made to wake the owner */
-} lm_pool_stats;
+} pool_stats;
 
 /* Any thread; counters are read one by one (each exact, not a snapshot). */
-void lm_pool_get_stats(lm_pool *p, lm_pool_stats *st);
+void pool_get_stats(worker_pool *p, pool_stats *st);
 /* Requests worker `worker` has finished, for any thread (tests, benchmarks). */
-uint64_t lm_pool_worker_handled(lm_pool *p, unsigned worker);
+uint64_t pool_worker_handled(worker_pool *p, unsigned worker);
 
 #endif

@@ -1,5 +1,5 @@
 /*
- * The parts of lm_pool creation shared by pool.c and bench/pool_mutex.c
+ * The parts of worker_pool creation shared by pool.c and bench/pool_mutex.c
  * (pool_common.h says why they are shared).
  */
 #include <errno.h>
@@ -18,28 +18,28 @@ static bool is_pow2(uint32_t v)
 }
 
 int pool_check_args(unsigned nworkers, unsigned ring_size, size_t req_size, const char *name,
-                    const lm_pool_ops *ops, lm_error *err)
+                    const pool_ops *ops, lm_error *err)
 {
-    if (nworkers < 1 || nworkers > LM_POOL_MAX_WORKERS)
-        return lm_error_set(err, -EINVAL, "pool %s: %u workers (must be 1..%d)", name,
-                            nworkers, LM_POOL_MAX_WORKERS);
+    if (nworkers < 1 || nworkers > POOL_MAX_WORKERS)
+        return error_set(err, -EINVAL, "pool %s: %u workers (must be 1..%d)", name,
+                         nworkers, POOL_MAX_WORKERS);
     if (!is_pow2(ring_size) || ring_size > 65536)
-        return lm_error_set(err, -EINVAL, "pool %s: ring size %u is not a power of two in "
-                            "1..65536", name, ring_size);
-    if (req_size < sizeof(lm_pool_req) || req_size > (1u << 30))
-        return lm_error_set(err, -EINVAL, "pool %s: request size %zu out of range", name,
-                            req_size);
+        return error_set(err, -EINVAL, "pool %s: ring size %u is not a power of two in "
+                         "1..65536", name, ring_size);
+    if (req_size < sizeof(pool_req) || req_size > (1u << 30))
+        return error_set(err, -EINVAL, "pool %s: request size %zu out of range", name,
+                         req_size);
     if (!ops || !ops->handler)
-        return lm_error_set(err, -EINVAL, "pool %s: no handler", name);
+        return error_set(err, -EINVAL, "pool %s: no handler", name);
     return 0;
 }
 
 /* The same in both models: the defaults are create_tuned's. */
-lm_pool *lm_pool_create(unsigned nworkers, unsigned ring_size, size_t req_size,
-                        const char *name, const lm_pool_ops *ops, void *opaque,
-                        lm_error *err)
+worker_pool *pool_create(unsigned nworkers, unsigned ring_size, size_t req_size,
+                         const char *name, const pool_ops *ops, void *opaque,
+                         lm_error *err)
 {
-    return lm_pool_create_tuned(nworkers, ring_size, req_size, name, ops, opaque, NULL, err);
+    return pool_create_tuned(nworkers, ring_size, req_size, name, ops, opaque, NULL, err);
 }
 
 static pool_thread *pt_at(pool_thread *pt0, size_t stride, unsigned i)
@@ -48,7 +48,7 @@ static pool_thread *pt_at(pool_thread *pt0, size_t stride, unsigned i)
 }
 
 int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
-                       const lm_pool_ops *ops, void *opaque, const char *name,
+                       const pool_ops *ops, void *opaque, const char *name,
                        void *(*fn)(void *), lm_error *err)
 {
     unsigned i;
@@ -58,7 +58,7 @@ int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
         pool_thread *pt = pt_at(pt0, stride, i);
 
         if (ops->init && (r = ops->init(opaque, i, &pt->wctx, err)) < 0) {
-            lm_error_prefix(err, "pool %s: worker %u", name, i);
+            error_prefix(err, "pool %s: worker %u", name, i);
             return r;
         }
         pt->inited = true;
@@ -73,7 +73,7 @@ int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
         r = pthread_create(&pt->thread, NULL, fn, (char *)w0 + (size_t)i * stride);
         pthread_sigmask(SIG_SETMASK, &old, NULL);
         if (r)
-            return lm_error_set_errno(err, -r, "pool %s: cannot start worker %u", name, i);
+            return error_set_errno(err, -r, "pool %s: cannot start worker %u", name, i);
         pt->started = true;
         snprintf(tname, sizeof(tname), "%s/%u", name, i);
         tname[15] = 0;  /* the kernel's limit */
@@ -82,7 +82,7 @@ int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
     return 0;
 }
 
-void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const lm_pool_ops *ops,
+void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const pool_ops *ops,
                        void *opaque)
 {
     for (unsigned i = 0; i < n; i++)
@@ -95,21 +95,21 @@ void pool_threads_stop(pool_thread *pt0, size_t stride, unsigned n, const lm_poo
 
 static int64_t deadline_of(int64_t timeout_ms)
 {
-    return timeout_ms < 0 ? INT64_MAX : lm_now_ns() + timeout_ms * 1000000;
+    return timeout_ms < 0 ? INT64_MAX : time_now_ns() + timeout_ms * 1000000;
 }
 
-int lm_pool_wait_any(lm_pool *p, unsigned want, int64_t timeout_ms, lm_error *err)
+int pool_wait_any(worker_pool *p, unsigned want, int64_t timeout_ms, lm_error *err)
 {
     return pool_wait_for(p, want, deadline_of(timeout_ms), timeout_ms, err);
 }
 
-int lm_pool_wait_done(lm_pool *p, int64_t timeout_ms, lm_error *err)
+int pool_wait_done(worker_pool *p, int64_t timeout_ms, lm_error *err)
 {
     int64_t deadline = deadline_of(timeout_ms);
 
     /* A loop because done() may commit more work. */
-    while (lm_pool_outstanding(p)) {
-        int rc = pool_wait_for(p, lm_pool_outstanding(p), deadline, timeout_ms, err);
+    while (pool_outstanding(p)) {
+        int rc = pool_wait_for(p, pool_outstanding(p), deadline, timeout_ms, err);
 
         if (rc < 0)
             return rc;

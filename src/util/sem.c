@@ -12,18 +12,18 @@
 #include "util/sem.h"
 #include "util/time.h"
 
-static void sem_futex_wait(lm_sem *s, int64_t ns)
+static void sem_futex_wait(fsem *s, int64_t ns)
 {
     struct timespec ts = { .tv_sec = ns / 1000000000, .tv_nsec = ns % 1000000000 };
     syscall(SYS_futex, &s->count, FUTEX_WAIT_PRIVATE, 0, &ts, NULL, 0);
 }
 
-static void sem_futex_wake(lm_sem *s, int n)
+static void sem_futex_wake(fsem *s, int n)
 {
     syscall(SYS_futex, &s->count, FUTEX_WAKE_PRIVATE, n, NULL, NULL, 0);
 }
 
-static bool sem_try(lm_sem *s)
+static bool sem_try(fsem *s)
 {
     unsigned v = atomic_load_explicit(&s->count, memory_order_relaxed);
 
@@ -34,31 +34,31 @@ static bool sem_try(lm_sem *s)
     return false;
 }
 
-void lm_sem_init(lm_sem *s, unsigned v, int threads)
+void fsem_init(fsem *s, unsigned v, int threads)
 {
     cpu_set_t set;
     int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
 
     atomic_init(&s->count, v);
     atomic_init(&s->sleepers, 0);
-    s->spin_ns = threads < cpus ? LM_SEM_SPIN_NS : 0;
+    s->spin_ns = threads < cpus ? FSEM_SPIN_NS : 0;
 }
 
-void lm_sem_post(lm_sem *s)
+void fsem_post(fsem *s)
 {
     atomic_fetch_add(&s->count, 1);
     if (atomic_load(&s->sleepers))
         sem_futex_wake(s, 1);
 }
 
-void lm_sem_kick(lm_sem *s)
+void fsem_kick(fsem *s)
 {
     sem_futex_wake(s, INT_MAX);
 }
 
-int lm_sem_wait(lm_sem *s, const atomic_bool *abort, int timeout_ms)
+int fsem_wait(fsem *s, const atomic_bool *abort, int timeout_ms)
 {
-    int64_t start = lm_now_ns();
+    int64_t start = time_now_ns();
     int64_t deadline = timeout_ms < 0 ? INT64_MAX : start + (int64_t)timeout_ms * 1000000;
 
     for (;;) {
@@ -66,11 +66,11 @@ int lm_sem_wait(lm_sem *s, const atomic_bool *abort, int timeout_ms)
             return 0;
         if (abort && atomic_load(abort))
             return -ECANCELED;
-        int64_t now = lm_now_ns();
+        int64_t now = time_now_ns();
         if (now >= deadline)
             return -ETIMEDOUT;
         if (now - start < s->spin_ns) {
-            lm_cpu_relax();
+            cpu_relax();
             continue;
         }
         /* Sleep at most 100 ms at a time: a safety net, not the wake-up path. */

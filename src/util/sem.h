@@ -1,13 +1,13 @@
 /*
- * lm_sem: a counting semaphore on a futex that spins briefly before it
+ * fsem: a counting semaphore on a futex that spins briefly before it
  * sleeps, and whose every wait can be interrupted.
  *
  * Why not sem_t: on these machines waking a thread on the other CPU costs
  * ~30 us, so a hand-off per multifd packet must avoid the sleep when the
- * partner is about to post anyway (spin LM_SEM_SPIN_NS first), and the
+ * partner is about to post anyway (spin FSEM_SPIN_NS first), and the
  * poster must skip the wake-up system call when nobody sleeps (the `sleepers`
  * count).  And every wait must end when the migration fails: waiters pass an
- * `abort` flag; lm_sem_kick() wakes every sleeper so they re-check it.
+ * `abort` flag; fsem_kick() wakes every sleeper so they re-check it.
  *
  * Ordering: post increments `count` (seq_cst) and then reads `sleepers`;
  * a waiter increments `sleepers` (seq_cst) and then futex-waits on
@@ -16,14 +16,14 @@
  * A successful wait is an acquire (CAS on count), a post a release, so data
  * written before post is visible after the matching wait.
  */
-#ifndef LM_UTIL_SEM_H
-#define LM_UTIL_SEM_H
+#ifndef UTIL_SEM_H
+#define UTIL_SEM_H
 
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
 
-static inline void lm_cpu_relax(void)
+static inline void cpu_relax(void)
 {
 #if defined(__x86_64__) || defined(__i386__)
     __builtin_ia32_pause();
@@ -33,13 +33,13 @@ static inline void lm_cpu_relax(void)
 }
 
 /* How long a waiter spins before sleeping (one hand-off round trip here). */
-#define LM_SEM_SPIN_NS 20000
+#define FSEM_SPIN_NS 20000
 
-typedef struct lm_sem {
+typedef struct fsem {
     _Atomic unsigned count;
     _Atomic unsigned sleepers;
     int64_t spin_ns;            /* spin budget of waiters on this semaphore */
-} lm_sem;
+} fsem;
 
 /*
  * `threads`: how many threads take part in the hand-offs on this semaphore
@@ -48,16 +48,16 @@ typedef struct lm_sem {
  * CPU the poster needs (measured here: 2 multifd channels on 2 CPUs moved
  * 2.7 GB/s with spinning, 3.6 GB/s without).
  */
-void lm_sem_init(lm_sem *s, unsigned v, int threads);
+void fsem_init(fsem *s, unsigned v, int threads);
 
-void lm_sem_post(lm_sem *s);
+void fsem_post(fsem *s);
 /*
  * Wait for a post.  Returns 0 when one was taken, -ECANCELED as soon as
  * *abort is true (checked after every wake-up), -ETIMEDOUT after timeout_ms
  * (-1 = no limit).
  */
-int lm_sem_wait(lm_sem *s, const atomic_bool *abort, int timeout_ms);
+int fsem_wait(fsem *s, const atomic_bool *abort, int timeout_ms);
 /* Wake every sleeper so it re-checks its abort flag. */
-void lm_sem_kick(lm_sem *s);
+void fsem_kick(fsem *s);
 
 #endif

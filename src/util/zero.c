@@ -25,7 +25,7 @@
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
-#define LM_ZERO_X86 1
+#define ZERO_X86 1
 #endif
 
 /* ---------------------------------------------------------------- scalar */
@@ -78,7 +78,7 @@ static inline bool vector_ok(const void *p, size_t len)
     return ((uintptr_t)p & 63) == 0 && (len & 63) == 0;
 }
 
-#ifdef LM_ZERO_X86
+#ifdef ZERO_X86
 /* ---------------------------------------------------------------- SSE2 */
 
 __attribute__((target("sse2")))
@@ -178,16 +178,16 @@ static bool zero_avx512(const void *p, size_t len)
 {
     return vector_ok(p, len) ? zero_avx512_body(p, len) : zero_scalar(p, len);
 }
-#endif /* LM_ZERO_X86 */
+#endif /* ZERO_X86 */
 
 /* ---------------------------------------------------------------- selection */
 
 static const struct zero_impl {
     const char *name;
-    lm_is_zero_fn fn;
+    buf_is_zero_fn fn;
 } zero_impls[] = {
     /* Widest first: selection takes the first one the CPU supports. */
-#ifdef LM_ZERO_X86
+#ifdef ZERO_X86
     { "avx512", zero_avx512 },
     { "avx2", zero_avx2 },
     { "sse2", zero_sse2 },
@@ -199,7 +199,7 @@ static const struct zero_impl {
 
 static bool impl_supported(const struct zero_impl *z)
 {
-#ifdef LM_ZERO_X86
+#ifdef ZERO_X86
     __builtin_cpu_init();
     if (z->fn == zero_avx512)
         return __builtin_cpu_supports("avx512f");
@@ -228,17 +228,17 @@ static const struct zero_impl *zero_choose(void)
     return &zero_impls[c];
 }
 
-bool lm_is_zero(const void *p, size_t len)
+bool buf_is_zero(const void *p, size_t len)
 {
     return zero_choose()->fn(p, len);
 }
 
-const char *lm_is_zero_impl(void)
+const char *buf_is_zero_impl(void)
 {
     return zero_choose()->name;
 }
 
-lm_is_zero_fn lm_is_zero_get(const char *impl)
+buf_is_zero_fn buf_is_zero_get(const char *impl)
 {
     for (size_t i = 0; i < N_IMPLS; i++)
         if (!strcmp(zero_impls[i].name, impl))

@@ -1,5 +1,5 @@
 /*
- * Zero-page detection.  lm_is_zero() picks the widest vector unit the CPU
+ * Zero-page detection.  buf_is_zero() picks the widest vector unit the CPU
  * has (AVX-512, AVX2, SSE2) once, at first use, and reads the buffer with
  * it; on these machines that is ~15 GB/s from DRAM, so checking every page
  * costs far less than sending it.  `len` must be a multiple of 64 and `p`
@@ -7,23 +7,23 @@
  * take a plain word loop.  Any thread may call it; it keeps no state but
  * the (idempotent) choice of implementation.
  */
-#ifndef LM_UTIL_ZERO_H
-#define LM_UTIL_ZERO_H
+#ifndef UTIL_ZERO_H
+#define UTIL_ZERO_H
 
 #include <stdbool.h>
 #include <stddef.h>
 
-bool lm_is_zero(const void *p, size_t len);
+bool buf_is_zero(const void *p, size_t len);
 /* The implementation chosen ("avx512", "avx2", "sse2", "scalar"). */
-const char *lm_is_zero_impl(void);
+const char *buf_is_zero_impl(void);
 
 /*
  * For tests and benchmarks: the checker named `impl` ("avx512", "avx2",
  * "sse2", "scalar"), or NULL if this CPU cannot run it or the name is
- * unknown.  The returned function has lm_is_zero()'s contract, including the
+ * unknown.  The returned function has buf_is_zero()'s contract, including the
  * scalar fallback for unaligned buffers.
  */
-typedef bool (*lm_is_zero_fn)(const void *p, size_t len);
-lm_is_zero_fn lm_is_zero_get(const char *impl);
+typedef bool (*buf_is_zero_fn)(const void *p, size_t len);
+buf_is_zero_fn buf_is_zero_get(const char *impl);
 
 #endif

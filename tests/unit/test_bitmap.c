@@ -23,66 +23,66 @@
 static void check_same(const unsigned long *map, const bool *ref, uint64_t nbits)
 {
     for (uint64_t i = 0; i < nbits; i++)
-        if (lm_bitmap_test(map, i) != ref[i])
+        if (bitmap_test(map, i) != ref[i])
             fail_msg("bit %llu is %d, expected %d", (unsigned long long)i,
-                     lm_bitmap_test(map, i), ref[i]);
+                     bitmap_test(map, i), ref[i]);
 }
 
 /* Bits past nbits in the last word must stay clear. */
 static void check_tail_clear(const unsigned long *map, uint64_t nbits)
 {
-    uint64_t words = LM_BITMAP_WORDS(nbits);
+    uint64_t words = BITMAP_WORDS(nbits);
 
-    if (nbits % LM_BITS_PER_LONG)
-        assert_int_equal(map[words - 1] >> (nbits % LM_BITS_PER_LONG), 0);
+    if (nbits % BITMAP_BITS_PER_LONG)
+        assert_int_equal(map[words - 1] >> (nbits % BITMAP_BITS_PER_LONG), 0);
 }
 
 static void test_single_bits(void **state)
 {
-    unsigned long *map = lm_bitmap_new(NB);
+    unsigned long *map = bitmap_new(NB);
     uint64_t idx[] = { 0, 1, 62, 63, 64, 65, 127, 128, 191, 192, NB - 1 };
 
-    assert_int_equal(lm_bitmap_bytes(NB), 4 * sizeof(unsigned long));
-    assert_int_equal(lm_bitmap_count(map, NB), 0);
+    assert_int_equal(bitmap_bytes(NB), 4 * sizeof(unsigned long));
+    assert_int_equal(bitmap_count(map, NB), 0);
     for (size_t k = 0; k < sizeof(idx) / sizeof(idx[0]); k++) {
-        assert_false(lm_bitmap_test(map, idx[k]));
-        lm_bitmap_set(map, idx[k]);
-        assert_true(lm_bitmap_test(map, idx[k]));
-        assert_int_equal(lm_bitmap_count(map, NB), k + 1);
+        assert_false(bitmap_test(map, idx[k]));
+        bitmap_set(map, idx[k]);
+        assert_true(bitmap_test(map, idx[k]));
+        assert_int_equal(bitmap_count(map, NB), k + 1);
     }
     /* Setting twice does not count twice. */
-    lm_bitmap_set(map, 64);
-    assert_int_equal(lm_bitmap_count(map, NB), sizeof(idx) / sizeof(idx[0]));
+    bitmap_set(map, 64);
+    assert_int_equal(bitmap_count(map, NB), sizeof(idx) / sizeof(idx[0]));
     for (size_t k = 0; k < sizeof(idx) / sizeof(idx[0]); k++) {
-        lm_bitmap_clear(map, idx[k]);
-        assert_false(lm_bitmap_test(map, idx[k]));
+        bitmap_clear(map, idx[k]);
+        assert_false(bitmap_test(map, idx[k]));
     }
-    assert_int_equal(lm_bitmap_count(map, NB), 0);
-    lm_bitmap_free(map);
+    assert_int_equal(bitmap_count(map, NB), 0);
+    bitmap_free(map);
 }
 
 /* Every (start, n) on a bitmap that starts half full in a known pattern. */
 static void test_ranges_exhaustive(void **state)
 {
-    unsigned long *map = lm_bitmap_new(NB);
+    unsigned long *map = bitmap_new(NB);
     bool ref[NB];
 
     for (int op = 0; op < 2; op++) {
         for (uint64_t start = 0; start < NB; start++) {
             for (uint64_t n = 0; start + n <= NB; n++) {
                 /* Pattern: every third bit set. */
-                lm_bitmap_zero(map, NB);
+                bitmap_zero(map, NB);
                 for (uint64_t i = 0; i < NB; i++) {
                     ref[i] = i % 3 == 0;
                     if (ref[i])
-                        lm_bitmap_set(map, i);
+                        bitmap_set(map, i);
                 }
                 if (op == 0) {
-                    lm_bitmap_set_range(map, start, n);
+                    bitmap_set_range(map, start, n);
                     for (uint64_t i = start; i < start + n; i++)
                         ref[i] = true;
                 } else {
-                    lm_bitmap_clear_range(map, start, n);
+                    bitmap_clear_range(map, start, n);
                     for (uint64_t i = start; i < start + n; i++)
                         ref[i] = false;
                 }
@@ -91,11 +91,11 @@ static void test_ranges_exhaustive(void **state)
                 uint64_t c = 0;
                 for (uint64_t i = 0; i < NB; i++)
                     c += ref[i];
-                assert_int_equal(lm_bitmap_count(map, NB), c);
+                assert_int_equal(bitmap_count(map, NB), c);
             }
         }
     }
-    lm_bitmap_free(map);
+    bitmap_free(map);
 }
 
 static void test_fill_zero_tail(void **state)
@@ -104,96 +104,96 @@ static void test_fill_zero_tail(void **state)
 
     for (size_t k = 0; k < sizeof(sizes) / sizeof(sizes[0]); k++) {
         uint64_t nb = sizes[k];
-        unsigned long *map = lm_bitmap_new(nb);
+        unsigned long *map = bitmap_new(nb);
 
-        lm_bitmap_fill(map, nb);
-        assert_int_equal(lm_bitmap_count(map, nb), nb);
+        bitmap_fill(map, nb);
+        assert_int_equal(bitmap_count(map, nb), nb);
         check_tail_clear(map, nb);
-        assert_int_equal(lm_bitmap_next_clear(map, nb, 0), nb);
+        assert_int_equal(bitmap_next_clear(map, nb, 0), nb);
         /* A full-length set_range must not spill into the tail either. */
-        lm_bitmap_zero(map, nb);
-        assert_int_equal(lm_bitmap_count(map, nb), 0);
-        lm_bitmap_set_range(map, 0, nb);
-        assert_int_equal(lm_bitmap_count(map, nb), nb);
+        bitmap_zero(map, nb);
+        assert_int_equal(bitmap_count(map, nb), 0);
+        bitmap_set_range(map, 0, nb);
+        assert_int_equal(bitmap_count(map, nb), nb);
         check_tail_clear(map, nb);
-        lm_bitmap_free(map);
+        bitmap_free(map);
     }
 }
 
 static void test_next_set_clear(void **state)
 {
-    unsigned long *map = lm_bitmap_new(NB);
+    unsigned long *map = bitmap_new(NB);
 
     /* Empty: no set bit anywhere, first clear bit is start itself. */
-    assert_int_equal(lm_bitmap_next_set(map, NB, 0), NB);
-    assert_int_equal(lm_bitmap_next_set(map, NB, NB - 1), NB);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, 0), 0);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, NB - 1), NB - 1);
+    assert_int_equal(bitmap_next_set(map, NB, 0), NB);
+    assert_int_equal(bitmap_next_set(map, NB, NB - 1), NB);
+    assert_int_equal(bitmap_next_clear(map, NB, 0), 0);
+    assert_int_equal(bitmap_next_clear(map, NB, NB - 1), NB - 1);
     /* Start at or past the end. */
-    assert_int_equal(lm_bitmap_next_set(map, NB, NB), NB);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, NB), NB);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, NB + 1000), NB);
+    assert_int_equal(bitmap_next_set(map, NB, NB), NB);
+    assert_int_equal(bitmap_next_clear(map, NB, NB), NB);
+    assert_int_equal(bitmap_next_clear(map, NB, NB + 1000), NB);
 
-    lm_bitmap_set(map, 0);
-    lm_bitmap_set(map, 63);
-    lm_bitmap_set(map, 64);
-    lm_bitmap_set(map, NB - 1);
-    assert_int_equal(lm_bitmap_next_set(map, NB, 0), 0);
-    assert_int_equal(lm_bitmap_next_set(map, NB, 1), 63);
-    assert_int_equal(lm_bitmap_next_set(map, NB, 63), 63);
-    assert_int_equal(lm_bitmap_next_set(map, NB, 64), 64);
-    assert_int_equal(lm_bitmap_next_set(map, NB, 65), NB - 1);
-    assert_int_equal(lm_bitmap_next_set(map, NB, NB - 1), NB - 1);
+    bitmap_set(map, 0);
+    bitmap_set(map, 63);
+    bitmap_set(map, 64);
+    bitmap_set(map, NB - 1);
+    assert_int_equal(bitmap_next_set(map, NB, 0), 0);
+    assert_int_equal(bitmap_next_set(map, NB, 1), 63);
+    assert_int_equal(bitmap_next_set(map, NB, 63), 63);
+    assert_int_equal(bitmap_next_set(map, NB, 64), 64);
+    assert_int_equal(bitmap_next_set(map, NB, 65), NB - 1);
+    assert_int_equal(bitmap_next_set(map, NB, NB - 1), NB - 1);
 
     /* Full except a few: next_clear must find them and never the tail. */
-    lm_bitmap_fill(map, NB);
-    lm_bitmap_clear(map, 64);
-    lm_bitmap_clear(map, 130);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, 0), 64);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, 64), 64);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, 65), 130);
-    assert_int_equal(lm_bitmap_next_clear(map, NB, 131), NB);
-    assert_int_equal(lm_bitmap_next_set(map, NB, 64), 65);
+    bitmap_fill(map, NB);
+    bitmap_clear(map, 64);
+    bitmap_clear(map, 130);
+    assert_int_equal(bitmap_next_clear(map, NB, 0), 64);
+    assert_int_equal(bitmap_next_clear(map, NB, 64), 64);
+    assert_int_equal(bitmap_next_clear(map, NB, 65), 130);
+    assert_int_equal(bitmap_next_clear(map, NB, 131), NB);
+    assert_int_equal(bitmap_next_set(map, NB, 64), 65);
 
     /* Walking with next_set visits exactly the set bits. */
-    lm_bitmap_zero(map, NB);
+    bitmap_zero(map, NB);
     for (uint64_t i = 0; i < NB; i += 7)
-        lm_bitmap_set(map, i);
+        bitmap_set(map, i);
     uint64_t seen = 0, expect = 0;
-    for (uint64_t i = lm_bitmap_next_set(map, NB, 0); i < NB;
-         i = lm_bitmap_next_set(map, NB, i + 1)) {
+    for (uint64_t i = bitmap_next_set(map, NB, 0); i < NB;
+         i = bitmap_next_set(map, NB, i + 1)) {
         assert_int_equal(i, expect);
         expect += 7;
         seen++;
     }
     assert_int_equal(seen, (NB + 6) / 7);
-    lm_bitmap_free(map);
+    bitmap_free(map);
 }
 
 static void test_move_counts_newly_set(void **state)
 {
-    unsigned long *dst = lm_bitmap_new(NB), *src = lm_bitmap_new(NB);
+    unsigned long *dst = bitmap_new(NB), *src = bitmap_new(NB);
 
-    lm_bitmap_set(dst, 1);
-    lm_bitmap_set(dst, 2);
-    lm_bitmap_set(src, 2);
-    lm_bitmap_set(src, 3);
-    lm_bitmap_set(src, 150);
-    assert_int_equal(lm_bitmap_move_atomic(dst, src, NB), 2);
-    assert_int_equal(lm_bitmap_count(src, NB), 0);
-    assert_int_equal(lm_bitmap_count(dst, NB), 4);
-    assert_true(lm_bitmap_test(dst, 3));
-    assert_true(lm_bitmap_test(dst, 150));
+    bitmap_set(dst, 1);
+    bitmap_set(dst, 2);
+    bitmap_set(src, 2);
+    bitmap_set(src, 3);
+    bitmap_set(src, 150);
+    assert_int_equal(bitmap_move_atomic(dst, src, NB), 2);
+    assert_int_equal(bitmap_count(src, NB), 0);
+    assert_int_equal(bitmap_count(dst, NB), 4);
+    assert_true(bitmap_test(dst, 3));
+    assert_true(bitmap_test(dst, 150));
     /* Nothing left to move. */
-    assert_int_equal(lm_bitmap_move_atomic(dst, src, NB), 0);
+    assert_int_equal(bitmap_move_atomic(dst, src, NB), 0);
     /* Atomic set behaves like the plain one on ranges across words. */
-    lm_bitmap_set_range_atomic(src, 60, 70);
-    assert_int_equal(lm_bitmap_count(src, NB), 70);
-    assert_int_equal(lm_bitmap_next_set(src, NB, 0), 60);
-    assert_int_equal(lm_bitmap_next_clear(src, NB, 60), 130);
+    bitmap_set_range_atomic(src, 60, 70);
+    assert_int_equal(bitmap_count(src, NB), 70);
+    assert_int_equal(bitmap_next_set(src, NB, 0), 60);
+    assert_int_equal(bitmap_next_clear(src, NB, 60), 130);
     check_tail_clear(src, NB);
-    lm_bitmap_free(dst);
-    lm_bitmap_free(src);
+    bitmap_free(dst);
+    bitmap_free(src);
 }
 
 /* ---------------------------------------------------------------- concurrency */
@@ -228,7 +228,7 @@ static void *setter_main(void *arg)
     for (uint32_t i = 0; i < OPS; i++) {
         uint64_t start, n;
         op_range(s->seed, i, &start, &n);
-        lm_bitmap_set_range_atomic(s->log, start, n);
+        bitmap_set_range_atomic(s->log, start, n);
     }
     __atomic_add_fetch(s->done, 1, __ATOMIC_RELEASE);
     return NULL;
@@ -236,8 +236,8 @@ static void *setter_main(void *arg)
 
 static void test_atomic_concurrent_no_loss(void **state)
 {
-    unsigned long *log = lm_bitmap_new(CNB), *dst = lm_bitmap_new(CNB);
-    unsigned long *ref = lm_bitmap_new(CNB);
+    unsigned long *log = bitmap_new(CNB), *dst = bitmap_new(CNB);
+    unsigned long *ref = bitmap_new(CNB);
     struct setter s[2];
     int done = 0;
     uint64_t moved = 0, rounds = 0;
@@ -249,29 +249,29 @@ static void test_atomic_concurrent_no_loss(void **state)
     }
     /* Drain while the setters run; they do a fixed amount of work, so this ends. */
     while (__atomic_load_n(&done, __ATOMIC_ACQUIRE) < 2) {
-        moved += lm_bitmap_move_atomic(dst, log, CNB);
+        moved += bitmap_move_atomic(dst, log, CNB);
         rounds++;
     }
     for (int t = 0; t < 2; t++)
         pthread_join(s[t].tid, NULL);
-    moved += lm_bitmap_move_atomic(dst, log, CNB);
-    assert_int_equal(lm_bitmap_count(log, CNB), 0);
+    moved += bitmap_move_atomic(dst, log, CNB);
+    assert_int_equal(bitmap_count(log, CNB), 0);
 
     for (int t = 0; t < 2; t++)
         for (uint32_t i = 0; i < OPS; i++) {
             uint64_t start, n;
             op_range(s[t].seed, i, &start, &n);
-            lm_bitmap_set_range(ref, start, n);
+            bitmap_set_range(ref, start, n);
         }
     /* Checksum first (cheap to read in a failure), then exact equality. */
-    assert_int_equal(lm_bitmap_count(dst, CNB), lm_bitmap_count(ref, CNB));
-    assert_int_equal(moved, lm_bitmap_count(ref, CNB));
-    assert_memory_equal(dst, ref, lm_bitmap_bytes(CNB));
+    assert_int_equal(bitmap_count(dst, CNB), bitmap_count(ref, CNB));
+    assert_int_equal(moved, bitmap_count(ref, CNB));
+    assert_memory_equal(dst, ref, bitmap_bytes(CNB));
     print_message("# %llu drain rounds ran concurrently with the setters\n",
                   (unsigned long long)rounds);
-    lm_bitmap_free(log);
-    lm_bitmap_free(dst);
-    lm_bitmap_free(ref);
+    bitmap_free(log);
+    bitmap_free(dst);
+    bitmap_free(ref);
 }
 
 /*
@@ -295,7 +295,7 @@ static void *walker_main(void *arg)
     struct walker *s = arg;
 
     for (uint64_t b = s->parity; b < DNB; b += 2) {
-        lm_bitmap_set_range_atomic(s->log, b, 1);
+        bitmap_set_range_atomic(s->log, b, 1);
         __atomic_store_n(&s->pos, b, __ATOMIC_RELAXED);
     }
     __atomic_add_fetch(s->done, 1, __ATOMIC_RELEASE);
@@ -304,10 +304,10 @@ static void *walker_main(void *arg)
 
 static void test_atomic_drain_no_loss(void **state)
 {
-    unsigned long *log = lm_bitmap_new(DNB), *dst = lm_bitmap_new(DNB);
+    unsigned long *log = bitmap_new(DNB), *dst = bitmap_new(DNB);
     struct walker s[2];
     int done = 0;
-    uint64_t moved = 0, rounds = 0, words = LM_BITMAP_WORDS(DNB);
+    uint64_t moved = 0, rounds = 0, words = BITMAP_WORDS(DNB);
 
     for (int t = 0; t < 2; t++) {
         s[t] = (struct walker){ .log = log, .parity = (uint64_t)t, .done = &done };
@@ -316,22 +316,22 @@ static void test_atomic_drain_no_loss(void **state)
     while (__atomic_load_n(&done, __ATOMIC_ACQUIRE) < 2) {
         uint64_t a = __atomic_load_n(&s[0].pos, __ATOMIC_RELAXED);
         uint64_t b = __atomic_load_n(&s[1].pos, __ATOMIC_RELAXED);
-        uint64_t w = (a < b ? a : b) / LM_BITS_PER_LONG;
+        uint64_t w = (a < b ? a : b) / BITMAP_BITS_PER_LONG;
         uint64_t w0 = w > 2 ? w - 2 : 0, nw = words - w0 < 8 ? words - w0 : 8;
 
-        moved += lm_bitmap_move_atomic(dst + w0, log + w0, nw * LM_BITS_PER_LONG);
+        moved += bitmap_move_atomic(dst + w0, log + w0, nw * BITMAP_BITS_PER_LONG);
         rounds++;
     }
     for (int t = 0; t < 2; t++)
         pthread_join(s[t].tid, NULL);
-    moved += lm_bitmap_move_atomic(dst, log, DNB);
-    assert_int_equal(lm_bitmap_count(log, DNB), 0);
-    assert_int_equal(lm_bitmap_count(dst, DNB), DNB);
+    moved += bitmap_move_atomic(dst, log, DNB);
+    assert_int_equal(bitmap_count(log, DNB), 0);
+    assert_int_equal(bitmap_count(dst, DNB), DNB);
     assert_int_equal(moved, DNB);
     print_message("# %llu window drains ran concurrently with the setters\n",
                   (unsigned long long)rounds);
-    lm_bitmap_free(log);
-    lm_bitmap_free(dst);
+    bitmap_free(log);
+    bitmap_free(dst);
 }
 
 int main(void)

@@ -27,7 +27,7 @@
 
 #include "compress/compress.h"
 
-#define PAGE LM_COMPRESS_PAGE_SIZE
+#define PAGE COMPRESS_PAGE_SIZE
 
 enum { KIND_TEXT, KIND_ZERO, KIND_RANDOM, KIND_MIXED };
 
@@ -83,7 +83,7 @@ typedef struct result {
     unsigned count;          /* times emitted: must end as 1 */
     bool compressed;
     uint32_t len;
-    unsigned char data[LM_COMPRESS_BOUND];
+    unsigned char data[COMPRESS_BOUND];
 } result;
 
 typedef struct capture {
@@ -145,8 +145,8 @@ static void test_kinds(void **state)
     const int kinds[] = { KIND_TEXT, KIND_ZERO, KIND_RANDOM, KIND_MIXED };
     unsigned char page[PAGE], orig[4][PAGE];
     lm_error err = { 0 };
-    lm_compress_stats st;
-    lm_compress *c = lm_compress_new(1, 1, &err);
+    compress_stats st;
+    compressor *c = compress_new(1, 1, &err);
     capture cap;
 
     assert_non_null(c);
@@ -154,11 +154,11 @@ static void test_kinds(void **state)
     for (int k = 0; k < 4; k++) {
         fill_page(page, kinds[k], 100 + k);
         memcpy(orig[k], page, PAGE);
-        assert_int_equal(lm_compress_submit(c, page, (uint64_t)k, capture_emit, &cap, &err), 0);
+        assert_int_equal(compress_submit(c, page, (uint64_t)k, capture_emit, &cap, &err), 0);
         /* The caller's page is free again at once: the bounce copy counts. */
         memset(page, 0xAB, PAGE);
     }
-    assert_int_equal(lm_compress_flush(c, capture_emit, &cap, &err), 0);
+    assert_int_equal(compress_flush(c, capture_emit, &cap, &err), 0);
     assert_false(cap.wrong_thread);
     assert_false(cap.bad_tag);
     for (int k = 0; k < 4; k++)
@@ -174,7 +174,7 @@ static void test_kinds(void **state)
     assert_int_equal(cap.r[KIND_RANDOM].len, PAGE);
     assert_memory_equal(cap.r[KIND_RANDOM].data, orig[KIND_RANDOM], PAGE);
 
-    lm_compress_get_stats(c, &st);
+    compress_get_stats(c, &st);
     assert_int_equal(st.submitted, 4);
     assert_int_equal(st.pages, 3);
     assert_int_equal(st.not_smaller, 1);
@@ -183,7 +183,7 @@ static void test_kinds(void **state)
     assert_true(st.compression_rate > 3.0);
     assert_true(st.compression_rate ==
                 (double)3 * PAGE / (double)st.compressed_size);
-    lm_compress_free(c);
+    compress_free(c);
     free(cap.r);
 }
 
@@ -195,20 +195,20 @@ static void test_levels(void **state)
 
     fill_page(page, KIND_TEXT, 7);
     for (int level = 0; level <= 9; level++) {
-        lm_compress *c = lm_compress_new(1, level, &err);
+        compressor *c = compress_new(1, level, &err);
         capture cap;
 
         assert_non_null(c);
         capture_init(&cap, 1);
-        assert_int_equal(lm_compress_submit(c, page, 0, capture_emit, &cap, &err), 0);
-        assert_int_equal(lm_compress_flush(c, capture_emit, &cap, &err), 0);
+        assert_int_equal(compress_submit(c, page, 0, capture_emit, &cap, &err), 0);
+        assert_int_equal(compress_flush(c, capture_emit, &cap, &err), 0);
         assert_int_equal(cap.r[0].count, 1);
         len[level] = cap.r[0].len;
         if (level == 0)
             assert_false(cap.r[0].compressed);  /* stored blocks only grow */
         else
             check_zlib_stream(&cap.r[0], page);
-        lm_compress_free(c);
+        compress_free(c);
         free(cap.r);
     }
     assert_true(len[9] <= len[1]);
@@ -220,9 +220,9 @@ static void many_pages(int nthreads, int dthreads, size_t npages)
     unsigned char *src = malloc(npages * PAGE);
     unsigned char *dst = malloc(npages * PAGE);
     lm_error err = { 0 };
-    lm_compress_stats st;
-    lm_compress *c = lm_compress_new(nthreads, 1, &err);
-    lm_decompress *d = lm_decompress_new(dthreads, &err);
+    compress_stats st;
+    compressor *c = compress_new(nthreads, 1, &err);
+    decompressor *d = decompress_new(dthreads, &err);
     capture cap;
     uint64_t zsize = 0, ncomp = 0;
 
@@ -235,10 +235,10 @@ static void many_pages(int nthreads, int dthreads, size_t npages)
         fill_page(src + i * PAGE, (int)(i % 7 == 3 ? KIND_RANDOM : i % 5 == 1 ? KIND_MIXED
                                         : KIND_TEXT), i);
     for (size_t i = 0; i < npages; i++) {
-        assert_int_equal(lm_compress_submit(c, src + i * PAGE, i, capture_emit, &cap, &err), 0);
-        assert_true(lm_compress_poll(c, capture_emit, &cap) >= 0);
+        assert_int_equal(compress_submit(c, src + i * PAGE, i, capture_emit, &cap, &err), 0);
+        assert_true(compress_poll(c, capture_emit, &cap) >= 0);
     }
-    assert_int_equal(lm_compress_flush(c, capture_emit, &cap, &err), 0);
+    assert_int_equal(compress_flush(c, capture_emit, &cap, &err), 0);
     assert_false(cap.wrong_thread);
     assert_false(cap.bad_tag);
     assert_int_equal(cap.emitted, npages);
@@ -252,18 +252,18 @@ static void many_pages(int nthreads, int dthreads, size_t npages)
         if (r->compressed) {
             ncomp++;
             zsize += r->len;
-            assert_int_equal(lm_decompress_submit(d, dst + i * PAGE, r->data, r->len,
-                                                  1000 + i, &err), 0);
+            assert_int_equal(decompress_submit(d, dst + i * PAGE, r->data, r->len,
+                                               1000 + i, &err), 0);
         } else {
             memcpy(dst + i * PAGE, r->data, PAGE);
         }
     }
-    assert_int_equal(lm_decompress_wait(d, &err), 0);
+    assert_int_equal(decompress_wait(d, &err), 0);
     for (size_t i = 0; i < npages; i++)
         if (memcmp(dst + i * PAGE, src + i * PAGE, PAGE))
             fail_msg("page %zu differs after the round trip", i);
 
-    lm_compress_get_stats(c, &st);
+    compress_get_stats(c, &st);
     assert_int_equal(st.submitted, npages);
     assert_int_equal(st.pages, ncomp);
     assert_int_equal(st.pages + st.not_smaller, npages);
@@ -273,8 +273,8 @@ static void many_pages(int nthreads, int dthreads, size_t npages)
     print_message("# %d+%d threads, %zu pages: busy %llu (%.2f), rate %.2f\n", nthreads,
                   dthreads, npages, (unsigned long long)st.busy, st.busy_rate,
                   st.compression_rate);
-    lm_compress_free(c);
-    lm_decompress_free(d);
+    compress_free(c);
+    decompress_free(d);
     free(cap.r);
     free(src);
     free(dst);
@@ -296,7 +296,7 @@ static void test_emit_in_submit(void **state)
 {
     unsigned char page[PAGE];
     lm_error err = { 0 };
-    lm_compress *c = lm_compress_new(1, 1, &err);
+    compressor *c = compress_new(1, 1, &err);
     capture cap;
     int rc, failures = 0;
 
@@ -307,22 +307,22 @@ static void test_emit_in_submit(void **state)
     cap.fail_after = 50;
     for (int i = 0; i < 200; i++) {
         fill_page(page, KIND_TEXT, (uint64_t)i);
-        rc = lm_compress_submit(c, page, (uint64_t)i, capture_emit, &cap, &err);
+        rc = compress_submit(c, page, (uint64_t)i, capture_emit, &cap, &err);
         if (rc == -EIO) {
             failures++;
             assert_string_equal(err.msg,
                                 "compress: emitting a finished page: Input/output error");
-            rc = lm_compress_submit(c, page, (uint64_t)i, capture_emit, &cap, &err);
+            rc = compress_submit(c, page, (uint64_t)i, capture_emit, &cap, &err);
         }
         assert_int_equal(rc, 0);
     }
     assert_int_equal(failures, 1);
-    assert_true(cap.emitted >= 200 - LM_COMPRESS_RING);  /* all but what the worker holds */
-    assert_int_equal(lm_compress_flush(c, capture_emit, &cap, &err), 0);
+    assert_true(cap.emitted >= 200 - COMPRESS_RING);     /* all but what the worker holds */
+    assert_int_equal(compress_flush(c, capture_emit, &cap, &err), 0);
     assert_int_equal(cap.emitted, 200);
     for (int i = 0; i < 200; i++)
         assert_int_equal(cap.r[i].count, 1);
-    lm_compress_free(c);
+    compress_free(c);
     free(cap.r);
 }
 
@@ -330,22 +330,22 @@ static void test_interrupt(void **state)
 {
     unsigned char page[PAGE];
     lm_error err = { 0 };
-    lm_compress *c = lm_compress_new(1, 9, &err);
+    compressor *c = compress_new(1, 9, &err);
     capture cap;
     int rc = 0;
 
     assert_non_null(c);
     capture_init(&cap, 1000);
     fill_page(page, KIND_TEXT, 2);
-    lm_compress_interrupt(c);
+    compress_interrupt(c);
     /* Submits go on while there is room; the first that must wait fails.
      * (Level 9 takes far longer per page than a submit.) */
     for (int i = 0; i < 1000 && rc == 0; i++)
-        rc = lm_compress_submit(c, page, (uint64_t)i, capture_emit, &cap, &err);
+        rc = compress_submit(c, page, (uint64_t)i, capture_emit, &cap, &err);
     assert_int_equal(rc, -ECANCELED);
     assert_non_null(strstr(err.msg, "interrupted"));
-    assert_int_equal(lm_compress_flush(c, capture_emit, &cap, &err), -ECANCELED);
-    lm_compress_free(c);  /* with work outstanding */
+    assert_int_equal(compress_flush(c, capture_emit, &cap, &err), -ECANCELED);
+    compress_free(c);     /* with work outstanding */
     free(cap.r);
 }
 
@@ -353,18 +353,18 @@ static void test_new_errors(void **state)
 {
     lm_error err = { 0 };
 
-    assert_null(lm_compress_new(0, 1, &err));
+    assert_null(compress_new(0, 1, &err));
     assert_int_equal(err.code, -EINVAL);
     assert_non_null(strstr(err.msg, "compress-threads 0"));
-    assert_null(lm_compress_new(256, 1, &err));
-    assert_null(lm_compress_new(1, 10, &err));
+    assert_null(compress_new(256, 1, &err));
+    assert_null(compress_new(1, 10, &err));
     assert_non_null(strstr(err.msg, "compress-level 10"));
-    assert_null(lm_compress_new(1, -1, &err));
-    assert_null(lm_decompress_new(0, &err));
+    assert_null(compress_new(1, -1, &err));
+    assert_null(decompress_new(0, &err));
     assert_non_null(strstr(err.msg, "decompress-threads 0"));
-    assert_int_equal(compressBound(PAGE), LM_COMPRESS_BOUND);
-    lm_compress_free(NULL);
-    lm_decompress_free(NULL);
+    assert_int_equal(compressBound(PAGE), COMPRESS_BOUND);
+    compress_free(NULL);
+    decompress_free(NULL);
 }
 
 /* ------------------------------------------------------------------ destination */
@@ -412,15 +412,15 @@ static uint32_t zlib_of(unsigned char *out, size_t outsize, size_t n)
 static void expect_corrupt(const void *data, uint32_t len, uint64_t where, const char *reason)
 {
     lm_error err = { 0 };
-    lm_decompress *d = lm_decompress_new(2, &err);
+    decompressor *d = decompress_new(2, &err);
     guarded g = guarded_new();
     char want[256];
     int rc;
 
     assert_non_null(d);
-    rc = lm_decompress_submit(d, g.page, data, len, where, &err);
+    rc = decompress_submit(d, g.page, data, len, where, &err);
     if (rc == 0)
-        rc = lm_decompress_wait(d, &err);
+        rc = decompress_wait(d, &err);
     assert_int_equal(rc, -EINVAL);
     snprintf(want, sizeof(want), "corrupt compressed page at byte offset %llu: zlib: ",
              (unsigned long long)where);
@@ -433,17 +433,17 @@ static void expect_corrupt(const void *data, uint32_t len, uint64_t where, const
     guarded_check(&g);
     /* Latched: later submits and waits report the same error. */
     lm_error err2 = { 0 };
-    assert_int_equal(lm_decompress_submit(d, g.page, data, len, where + 1, &err2), -EINVAL);
+    assert_int_equal(decompress_submit(d, g.page, data, len, where + 1, &err2), -EINVAL);
     assert_string_equal(err2.msg, err.msg);
-    assert_int_equal(lm_decompress_wait(d, &err2), -EINVAL);
+    assert_int_equal(decompress_wait(d, &err2), -EINVAL);
     assert_string_equal(err2.msg, err.msg);
-    lm_decompress_free(d);
+    decompress_free(d);
     free(g.buf);
 }
 
 static void test_corrupt(void **state)
 {
-    unsigned char good[LM_COMPRESS_BOUND], bad[LM_COMPRESS_BOUND];
+    unsigned char good[COMPRESS_BOUND], bad[COMPRESS_BOUND];
     unsigned char big[3 * PAGE];
     uint32_t len = zlib_of(good, sizeof(good), PAGE);
     uint32_t n;
@@ -478,7 +478,7 @@ static void test_corrupt(void **state)
     {
         uLongf blen = sizeof(bad);
         assert_int_equal(compress2(bad, &blen, big, sizeof(big), 9), Z_OK);
-        assert_true(blen <= LM_COMPRESS_BOUND);
+        assert_true(blen <= COMPRESS_BOUND);
         expect_corrupt(bad, (uint32_t)blen, 13, "more than 4096 bytes");
     }
     /* Random bytes. */
@@ -506,28 +506,28 @@ static void test_corrupt(void **state)
 
 static void test_oversize(void **state)
 {
-    unsigned char data[LM_COMPRESS_BOUND + 1];
+    unsigned char data[COMPRESS_BOUND + 1];
     lm_error err = { 0 };
-    lm_decompress *d = lm_decompress_new(1, &err);
+    decompressor *d = decompress_new(1, &err);
     guarded g = guarded_new();
 
     assert_non_null(d);
     memset(data, 0, sizeof(data));
-    assert_int_equal(lm_decompress_submit(d, g.page, data, LM_COMPRESS_BOUND + 1, 99, &err),
+    assert_int_equal(decompress_submit(d, g.page, data, COMPRESS_BOUND + 1, 99, &err),
                      -EINVAL);
     assert_string_equal(err.msg, "compressed page at byte offset 99 has length 4111 > bound 4110");
-    assert_int_equal(lm_decompress_wait(d, &err), -EINVAL);
+    assert_int_equal(decompress_wait(d, &err), -EINVAL);
     assert_string_equal(err.msg, "compressed page at byte offset 99 has length 4111 > bound 4110");
     guarded_check(&g);
-    lm_decompress_free(d);
+    decompress_free(d);
     free(g.buf);
 }
 
 static void test_decompress_exact(void **state)
 {
-    unsigned char z[LM_COMPRESS_BOUND], orig[PAGE];
+    unsigned char z[COMPRESS_BOUND], orig[PAGE];
     lm_error err = { 0 };
-    lm_decompress *d = lm_decompress_new(1, &err);
+    decompressor *d = decompress_new(1, &err);
     guarded g = guarded_new();
     uLongf len = sizeof(z);
 
@@ -535,13 +535,13 @@ static void test_decompress_exact(void **state)
      * random data at level 0 is stored, 4096 + 11 bytes. */
     fill_page(orig, KIND_RANDOM, 5);
     assert_int_equal(compress2(z, &len, orig, PAGE, 0), Z_OK);
-    assert_true(len <= LM_COMPRESS_BOUND);
+    assert_true(len <= COMPRESS_BOUND);
     assert_non_null(d);
-    assert_int_equal(lm_decompress_submit(d, g.page, z, (uint32_t)len, 0, &err), 0);
-    assert_int_equal(lm_decompress_wait(d, &err), 0);
+    assert_int_equal(decompress_submit(d, g.page, z, (uint32_t)len, 0, &err), 0);
+    assert_int_equal(decompress_wait(d, &err), 0);
     assert_memory_equal(g.page, orig, PAGE);
     guarded_check(&g);
-    lm_decompress_free(d);
+    decompress_free(d);
     free(g.buf);
 }
 

@@ -3,7 +3,7 @@
  *
  * Each behavioural test runs once per tracker (the tracker name is the
  * test's prestate).  "Written" means: the test stores to the page, and for
- * the cooperative tracker then reports it with lm_dirty_mark(), as a VMM
+ * the cooperative tracker then reports it with dirty_mark(), as a VMM
  * would.  Every sync is compared with the exact set of pages written, not a
  * superset: a tracker that reports too much wastes bandwidth, one that
  * reports too little corrupts the guest.
@@ -56,8 +56,8 @@ struct fixture {
     bool coop;
     uint8_t *mem;
     uint64_t len;
-    lm_dirty_region reg;
-    lm_dirty *d;
+    dirty_region reg;
+    dirty_tracker *d;
 };
 
 static uint64_t xorshift(uint64_t *s)
@@ -92,38 +92,38 @@ static void fixture_open(struct fixture *f, void **state, uint64_t len, bool pop
     f->coop = !strcmp(f->tracker, "cooperative");
     f->len = len;
     f->mem = map_anon(len, populate);
-    f->reg = (lm_dirty_region){ .host = f->mem, .length = len, .page_size = PS };
-    f->d = lm_dirty_new(f->tracker, &f->reg, 1, &err);
+    f->reg = (dirty_region){ .host = f->mem, .length = len, .page_size = PS };
+    f->d = dirty_new(f->tracker, &f->reg, 1, &err);
     if (!f->d) {
         munmap(f->mem, len);
         if (!f->coop) {
             print_message("# SKIP: uffd-wp tracker unavailable here: %s\n", err.msg);
             skip();
         }
-        fail_msg("lm_dirty_new(%s): %s", f->tracker, err.msg);
+        fail_msg("dirty_new(%s): %s", f->tracker, err.msg);
     }
-    assert_string_equal(lm_dirty_name(f->d), f->tracker);
+    assert_string_equal(dirty_name(f->d), f->tracker);
 }
 
 static void fixture_close(struct fixture *f)
 {
-    lm_dirty_free(f->d);
+    dirty_free(f->d);
     munmap(f->mem, f->len);
 }
 
-static void start_ok(lm_dirty *d)
+static void start_ok(dirty_tracker *d)
 {
     lm_error err = { 0 };
-    if (lm_dirty_start(d, &err) < 0)
-        fail_msg("lm_dirty_start: %s", err.msg);
+    if (dirty_start(d, &err) < 0)
+        fail_msg("dirty_start: %s", err.msg);
 }
 
-static int64_t sync_ok(lm_dirty *d, int r, unsigned long *map)
+static int64_t sync_ok(dirty_tracker *d, int r, unsigned long *map)
 {
     lm_error err = { 0 };
-    int64_t n = lm_dirty_sync(d, r, map, &err);
+    int64_t n = dirty_sync(d, r, map, &err);
     if (n < 0)
-        fail_msg("lm_dirty_sync(%d): %s", r, err.msg);
+        fail_msg("dirty_sync(%d): %s", r, err.msg);
     return n;
 }
 
@@ -133,7 +133,7 @@ static void write_at(struct fixture *f, int r, uint8_t *base, uint64_t off, uint
 {
     memset(base + off, v, len);
     if (f->coop)
-        lm_dirty_mark(f->d, r, off, len);
+        dirty_mark(f->d, r, off, len);
 }
 
 /*
@@ -146,32 +146,32 @@ static void write_known_set(struct fixture *f, unsigned long *expect, uint64_t s
     uint64_t npages = f->len / PS, s = seed;
 
     write_at(f, 0, f->mem, 0, 8, 1);
-    lm_bitmap_set(expect, 0);
+    bitmap_set(expect, 0);
     write_at(f, 0, f->mem, (npages - 1) * PS + PS - 8, 8, 2);
-    lm_bitmap_set(expect, npages - 1);
+    bitmap_set(expect, npages - 1);
     for (uint64_t p = 1000; p < 1300 && p < npages; p++) {
         write_at(f, 0, f->mem, p * PS + 64, 8, 3);
-        lm_bitmap_set(expect, p);
+        bitmap_set(expect, p);
     }
     for (int i = 0; i < 200; i++) {
         uint64_t p = xorshift(&s) % npages;
         write_at(f, 0, f->mem, p * PS + (xorshift(&s) % (PS / 8)) * 8, 8, 4);
-        lm_bitmap_set(expect, p);
+        bitmap_set(expect, p);
     }
     write_at(f, 0, f->mem, 5000 * PS + PS - 1, 1, 5);
-    lm_bitmap_set(expect, 5000);
+    bitmap_set(expect, 5000);
     write_at(f, 0, f->mem, 7001 * PS - 8, 16, 6);
-    lm_bitmap_set(expect, 7000);
-    lm_bitmap_set(expect, 7001);
+    bitmap_set(expect, 7000);
+    bitmap_set(expect, 7001);
 }
 
 static void assert_bitmap_equal(const unsigned long *got, const unsigned long *expect,
                                 uint64_t nbits)
 {
     for (uint64_t i = 0; i < nbits; i++)
-        if (lm_bitmap_test(got, i) != lm_bitmap_test(expect, i))
+        if (bitmap_test(got, i) != bitmap_test(expect, i))
             fail_msg("page %llu: reported %d, written %d", (unsigned long long)i,
-                     lm_bitmap_test(got, i), lm_bitmap_test(expect, i));
+                     bitmap_test(got, i), bitmap_test(expect, i));
 }
 
 /* Start, write a known set, sync: exactly that set; sync again: nothing. */
@@ -182,30 +182,30 @@ static void exact_set(void **state, bool populate)
     int64_t n;
 
     fixture_open(&f, state, REGION, populate);
-    expect = lm_bitmap_new(NPAGES);
-    got = lm_bitmap_new(NPAGES);
+    expect = bitmap_new(NPAGES);
+    got = bitmap_new(NPAGES);
     start_ok(f.d);
     write_known_set(&f, expect, 42);
 
     n = sync_ok(f.d, 0, got);
     assert_bitmap_equal(got, expect, NPAGES);
-    assert_int_equal(n, lm_bitmap_count(expect, NPAGES));
+    assert_int_equal(n, bitmap_count(expect, NPAGES));
 
-    lm_bitmap_zero(got, NPAGES);
+    bitmap_zero(got, NPAGES);
     assert_int_equal(sync_ok(f.d, 0, got), 0);
-    assert_int_equal(lm_bitmap_count(got, NPAGES), 0);
+    assert_int_equal(bitmap_count(got, NPAGES), 0);
 
     /* The count is of newly set bits: a page already in the bitmap is not counted. */
-    lm_bitmap_set(got, 6);
+    bitmap_set(got, 6);
     write_at(&f, 0, f.mem, 5 * PS, 8, 7);
     write_at(&f, 0, f.mem, 6 * PS, 8, 7);
     assert_int_equal(sync_ok(f.d, 0, got), 1);
-    assert_int_equal(lm_bitmap_count(got, NPAGES), 2);
-    assert_true(lm_bitmap_test(got, 5) && lm_bitmap_test(got, 6));
+    assert_int_equal(bitmap_count(got, NPAGES), 2);
+    assert_true(bitmap_test(got, 5) && bitmap_test(got, 6));
 
-    lm_dirty_stop(f.d);
-    lm_bitmap_free(expect);
-    lm_bitmap_free(got);
+    dirty_stop(f.d);
+    bitmap_free(expect);
+    bitmap_free(got);
     fixture_close(&f);
 }
 
@@ -226,24 +226,24 @@ static void test_exact_set_unpopulated(void **state)
 static void test_many_runs(void **state)
 {
     struct fixture f;
-    unsigned long *expect = lm_bitmap_new(NPAGES), *got = lm_bitmap_new(NPAGES);
+    unsigned long *expect = bitmap_new(NPAGES), *got = bitmap_new(NPAGES);
 
     fixture_open(&f, state, REGION, true);
     start_ok(f.d);
     for (int round = 0; round < 2; round++) {
-        lm_bitmap_zero(expect, NPAGES);
-        lm_bitmap_zero(got, NPAGES);
+        bitmap_zero(expect, NPAGES);
+        bitmap_zero(got, NPAGES);
         for (uint64_t p = (uint64_t)round; p < NPAGES; p += 2) {
             write_at(&f, 0, f.mem, p * PS, 1, 1);
-            lm_bitmap_set(expect, p);
+            bitmap_set(expect, p);
         }
         assert_int_equal(sync_ok(f.d, 0, got), NPAGES / 2);
         assert_bitmap_equal(got, expect, NPAGES);
     }
-    lm_bitmap_zero(got, NPAGES);
+    bitmap_zero(got, NPAGES);
     assert_int_equal(sync_ok(f.d, 0, got), 0);
-    lm_bitmap_free(expect);
-    lm_bitmap_free(got);
+    bitmap_free(expect);
+    bitmap_free(got);
     fixture_close(&f);
 }
 
@@ -251,40 +251,40 @@ static void test_many_runs(void **state)
 static void test_restart(void **state)
 {
     struct fixture f;
-    unsigned long *expect = lm_bitmap_new(NPAGES), *got = lm_bitmap_new(NPAGES);
+    unsigned long *expect = bitmap_new(NPAGES), *got = bitmap_new(NPAGES);
 
     fixture_open(&f, state, REGION, true);
     for (int round = 0; round < 3; round++) {
         start_ok(f.d);
-        lm_bitmap_zero(expect, NPAGES);
-        lm_bitmap_zero(got, NPAGES);
+        bitmap_zero(expect, NPAGES);
+        bitmap_zero(got, NPAGES);
         write_known_set(&f, expect, 1000 + (uint64_t)round);
-        assert_int_equal(sync_ok(f.d, 0, got), lm_bitmap_count(expect, NPAGES));
+        assert_int_equal(sync_ok(f.d, 0, got), bitmap_count(expect, NPAGES));
         assert_bitmap_equal(got, expect, NPAGES);
         /* Leave some writes unsynced: the next start must forget them. */
         write_at(&f, 0, f.mem, 123 * PS, 8, 9);
-        lm_dirty_stop(f.d);
-        lm_dirty_stop(f.d);   /* idempotent */
+        dirty_stop(f.d);
+        dirty_stop(f.d);      /* idempotent */
         /* Untracked writes (for cooperative, also marked: ignored while stopped). */
         for (uint64_t p = 2000; p < 2100; p++)
             write_at(&f, 0, f.mem, p * PS, 8, 10);
     }
     /* A second tracker on the same memory after the first is gone (a second migration). */
-    lm_dirty_free(f.d);
+    dirty_free(f.d);
     {
         lm_error err = { 0 };
-        f.d = lm_dirty_new(f.tracker, &f.reg, 1, &err);
+        f.d = dirty_new(f.tracker, &f.reg, 1, &err);
         if (!f.d)
-            fail_msg("second lm_dirty_new: %s", err.msg);
+            fail_msg("second dirty_new: %s", err.msg);
     }
     start_ok(f.d);
-    lm_bitmap_zero(expect, NPAGES);
-    lm_bitmap_zero(got, NPAGES);
+    bitmap_zero(expect, NPAGES);
+    bitmap_zero(got, NPAGES);
     write_known_set(&f, expect, 77);
-    assert_int_equal(sync_ok(f.d, 0, got), lm_bitmap_count(expect, NPAGES));
+    assert_int_equal(sync_ok(f.d, 0, got), bitmap_count(expect, NPAGES));
     assert_bitmap_equal(got, expect, NPAGES);
-    lm_bitmap_free(expect);
-    lm_bitmap_free(got);
+    bitmap_free(expect);
+    bitmap_free(got);
     fixture_close(&f);
 }
 
@@ -294,17 +294,17 @@ static void test_two_regions(void **state)
     const char *tracker = *state;
     bool coop = !strcmp(tracker, "cooperative");
     uint64_t len[2] = { 8 << 20, 3 << 20 };
-    lm_dirty_region regs[2];
+    dirty_region regs[2];
     unsigned long *got[2];
     lm_error err = { 0 };
-    lm_dirty *d;
+    dirty_tracker *d;
 
     for (int r = 0; r < 2; r++) {
-        regs[r] = (lm_dirty_region){ .host = map_anon(len[r], true), .length = len[r],
+        regs[r] = (dirty_region){ .host = map_anon(len[r], true), .length = len[r],
                                      .page_size = PS };
-        got[r] = lm_bitmap_new(len[r] / PS);
+        got[r] = bitmap_new(len[r] / PS);
     }
-    d = lm_dirty_new(tracker, regs, 2, &err);
+    d = dirty_new(tracker, regs, 2, &err);
     if (!d) {
         for (int r = 0; r < 2; r++)
             munmap(regs[r].host, len[r]);
@@ -312,26 +312,26 @@ static void test_two_regions(void **state)
             print_message("# SKIP: uffd-wp tracker unavailable here: %s\n", err.msg);
             skip();
         }
-        fail_msg("lm_dirty_new: %s", err.msg);
+        fail_msg("dirty_new: %s", err.msg);
     }
     start_ok(d);
     regs[0].host[3 * PS] = 1;
     regs[1].host[7 * PS] = 1;
     regs[1].host[len[1] - 1] = 1;
     if (coop) {
-        lm_dirty_mark(d, 0, 3 * PS, 1);
-        lm_dirty_mark(d, 1, 7 * PS, 1);
-        lm_dirty_mark(d, 1, len[1] - 1, 1);
+        dirty_mark(d, 0, 3 * PS, 1);
+        dirty_mark(d, 1, 7 * PS, 1);
+        dirty_mark(d, 1, len[1] - 1, 1);
     }
     assert_int_equal(sync_ok(d, 0, got[0]), 1);
-    assert_true(lm_bitmap_test(got[0], 3));
+    assert_true(bitmap_test(got[0], 3));
     assert_int_equal(sync_ok(d, 1, got[1]), 2);
-    assert_true(lm_bitmap_test(got[1], 7));
-    assert_true(lm_bitmap_test(got[1], len[1] / PS - 1));
-    lm_dirty_free(d);
+    assert_true(bitmap_test(got[1], 7));
+    assert_true(bitmap_test(got[1], len[1] / PS - 1));
+    dirty_free(d);
     for (int r = 0; r < 2; r++) {
         munmap(regs[r].host, len[r]);
-        lm_bitmap_free(got[r]);
+        bitmap_free(got[r]);
     }
 }
 
@@ -364,7 +364,7 @@ static void *writer_main(void *arg)
         /* Atomic only so the test's racy page copy is well defined. */
         __atomic_store_n(p, val++, __ATOMIC_RELAXED);
         if (w->f->coop)
-            lm_dirty_mark(w->f->d, 0, page * PS + word * 8, 8);
+            dirty_mark(w->f->d, 0, page * PS + word * 8, 8);
         w->rec[n++] = (uint32_t)page;
         __atomic_store_n(&w->nrec, n, __ATOMIC_RELEASE);
     }
@@ -377,13 +377,13 @@ static void copy_reported(struct fixture *f, const unsigned long *map, uint8_t *
 {
     uint64_t npages = f->len / PS;
 
-    for (uint64_t p = lm_bitmap_next_set(map, npages, 0); p < npages;
-         p = lm_bitmap_next_set(map, npages, p + 1)) {
+    for (uint64_t p = bitmap_next_set(map, npages, 0); p < npages;
+         p = bitmap_next_set(map, npages, p + 1)) {
         const uint64_t *src = (const uint64_t *)(f->mem + p * PS);
         uint64_t *dst = (uint64_t *)(shadow + p * PS);
         for (size_t i = 0; i < PS / 8; i++)
             dst[i] = __atomic_load_n(&src[i], __ATOMIC_RELAXED);
-        lm_bitmap_set(ever, p);
+        bitmap_set(ever, p);
     }
 }
 
@@ -392,7 +392,7 @@ static void test_concurrent_writer(void **state)
     struct fixture f;
     struct writer w = { 0 };
     uint64_t npages = REGION / PS, rounds = 0, reported = 0;
-    unsigned long *map = lm_bitmap_new(npages), *ever = lm_bitmap_new(npages);
+    unsigned long *map = bitmap_new(npages), *ever = bitmap_new(npages);
     uint8_t *shadow;
     int64_t deadline;
 
@@ -408,9 +408,9 @@ static void test_concurrent_writer(void **state)
     memcpy(shadow, f.mem, REGION);
     assert_int_equal(pthread_create(&w.tid, NULL, writer_main, &w), 0);
 
-    deadline = lm_now_ms() + DEADLINE_MS;
+    deadline = time_now_ms() + DEADLINE_MS;
     while (rounds < MIN_ROUNDS || __atomic_load_n(&w.nrec, __ATOMIC_ACQUIRE) < MIN_RECORDED) {
-        if (lm_now_ms() > deadline) {
+        if (time_now_ms() > deadline) {
             __atomic_store_n(&w.stop, 1, __ATOMIC_RELAXED);
             pthread_join(w.tid, NULL);
             fail_msg("writer made no progress: %llu rounds, %llu writes in %d ms",
@@ -418,19 +418,19 @@ static void test_concurrent_writer(void **state)
                      (unsigned long long)__atomic_load_n(&w.nrec, __ATOMIC_ACQUIRE),
                      DEADLINE_MS);
         }
-        lm_bitmap_zero(map, npages);
+        bitmap_zero(map, npages);
         reported += (uint64_t)sync_ok(f.d, 0, map);
         copy_reported(&f, map, shadow, ever);
         rounds++;
     }
     __atomic_store_n(&w.stop, 1, __ATOMIC_RELAXED);
     pthread_join(w.tid, NULL);
-    lm_bitmap_zero(map, npages);
+    bitmap_zero(map, npages);
     reported += (uint64_t)sync_ok(f.d, 0, map);
     copy_reported(&f, map, shadow, ever);
 
     for (uint64_t i = 0; i < w.nrec; i++)
-        if (!lm_bitmap_test(ever, w.rec[i]))
+        if (!bitmap_test(ever, w.rec[i]))
             fail_msg("write %llu to page %u was never reported", (unsigned long long)i,
                      w.rec[i]);
     for (uint64_t p = 0; p < npages; p++)
@@ -442,8 +442,8 @@ static void test_concurrent_writer(void **state)
                   (unsigned long long)reported);
     free(w.rec);
     free(shadow);
-    lm_bitmap_free(map);
-    lm_bitmap_free(ever);
+    bitmap_free(map);
+    bitmap_free(ever);
     fixture_close(&f);
 }
 
@@ -453,32 +453,32 @@ static void test_coop_mark_rules(void **state)
 {
     static const char *coop = "cooperative";
     struct fixture f;
-    unsigned long *got = lm_bitmap_new(NPAGES);
+    unsigned long *got = bitmap_new(NPAGES);
     void *st = (void *)coop;
 
     fixture_open(&f, &st, REGION, false);
     /* Before start: ignored. */
-    lm_dirty_mark(f.d, 0, 0, PS);
+    dirty_mark(f.d, 0, 0, PS);
     start_ok(f.d);
     assert_int_equal(sync_ok(f.d, 0, got), 0);
     /* Bad region, zero length, past the end: ignored without harm. */
-    lm_dirty_mark(f.d, 1, 0, PS);
-    lm_dirty_mark(f.d, -1, 0, PS);
-    lm_dirty_mark(f.d, 0, 10 * PS, 0);
-    lm_dirty_mark(f.d, 0, REGION, PS);
-    lm_dirty_mark(f.d, 0, UINT64_MAX, 2);
+    dirty_mark(f.d, 1, 0, PS);
+    dirty_mark(f.d, -1, 0, PS);
+    dirty_mark(f.d, 0, 10 * PS, 0);
+    dirty_mark(f.d, 0, REGION, PS);
+    dirty_mark(f.d, 0, UINT64_MAX, 2);
     assert_int_equal(sync_ok(f.d, 0, got), 0);
     /* A range running past the end is clipped to the last page. */
-    lm_dirty_mark(f.d, 0, REGION - PS - 1, UINT64_MAX);
+    dirty_mark(f.d, 0, REGION - PS - 1, UINT64_MAX);
     assert_int_equal(sync_ok(f.d, 0, got), 2);
-    assert_true(lm_bitmap_test(got, NPAGES - 2) && lm_bitmap_test(got, NPAGES - 1));
+    assert_true(bitmap_test(got, NPAGES - 2) && bitmap_test(got, NPAGES - 1));
     /* A multi-page range marks every page it touches. */
-    lm_bitmap_zero(got, NPAGES);
-    lm_dirty_mark(f.d, 0, 10 * PS + 100, 3 * PS);
+    bitmap_zero(got, NPAGES);
+    dirty_mark(f.d, 0, 10 * PS + 100, 3 * PS);
     assert_int_equal(sync_ok(f.d, 0, got), 4);
-    assert_int_equal(lm_bitmap_next_set(got, NPAGES, 0), 10);
-    assert_int_equal(lm_bitmap_next_clear(got, NPAGES, 10), 14);
-    lm_bitmap_free(got);
+    assert_int_equal(bitmap_next_set(got, NPAGES, 0), 10);
+    assert_int_equal(bitmap_next_clear(got, NPAGES, 10), 14);
+    bitmap_free(got);
     fixture_close(&f);
 }
 
@@ -486,29 +486,29 @@ static void test_uffd_ignores_marks_and_busy(void **state)
 {
     static const char *uffd = "uffd-wp";
     struct fixture f;
-    unsigned long *got = lm_bitmap_new(NPAGES);
+    unsigned long *got = bitmap_new(NPAGES);
     void *st = (void *)uffd;
     lm_error err = { 0 };
-    lm_dirty *other;
+    dirty_tracker *other;
 
     fixture_open(&f, &st, REGION, true);
     start_ok(f.d);
     /* uffd-wp sees writes, not reports. */
-    lm_dirty_mark(f.d, 0, 0, REGION);
+    dirty_mark(f.d, 0, 0, REGION);
     assert_int_equal(sync_ok(f.d, 0, got), 0);
 
     /* A second tracker cannot take memory that is already tracked: clear error. */
-    other = lm_dirty_new("uffd-wp", &f.reg, 1, &err);
+    other = dirty_new("uffd-wp", &f.reg, 1, &err);
     assert_non_null(other);
-    assert_true(lm_dirty_start(other, &err) < 0);
+    assert_true(dirty_start(other, &err) < 0);
     assert_non_null(strstr(err.msg, "register region 0"));
     print_message("# expected error: %s\n", err.msg);
-    lm_dirty_free(other);
+    dirty_free(other);
     /* ...and the failed attempt did not disturb the first tracker. */
     f.mem[9 * PS] = 1;
     assert_int_equal(sync_ok(f.d, 0, got), 1);
-    assert_true(lm_bitmap_test(got, 9));
-    lm_bitmap_free(got);
+    assert_true(bitmap_test(got, 9));
+    bitmap_free(got);
     fixture_close(&f);
 }
 
@@ -521,7 +521,7 @@ static void test_uffd_kernel_writes(void **state)
 {
     static const char *uffd = "uffd-wp";
     struct fixture f;
-    unsigned long *got = lm_bitmap_new(NPAGES);
+    unsigned long *got = bitmap_new(NPAGES);
     void *st = (void *)uffd;
     int pfd[2];
     char msg[2 * 4096];
@@ -536,9 +536,9 @@ static void test_uffd_kernel_writes(void **state)
     close(pfd[0]);
     close(pfd[1]);
     assert_int_equal(sync_ok(f.d, 0, got), 3);
-    assert_int_equal(lm_bitmap_next_set(got, NPAGES, 0), 100);
-    assert_int_equal(lm_bitmap_next_clear(got, NPAGES, 100), 103);
-    lm_bitmap_free(got);
+    assert_int_equal(bitmap_next_set(got, NPAGES, 0), 100);
+    assert_int_equal(bitmap_next_clear(got, NPAGES, 100), 103);
+    bitmap_free(got);
     fixture_close(&f);
 }
 
@@ -547,10 +547,10 @@ static void test_uffd_memfd(void **state)
 {
     uint64_t len = 16 << 20, np = len / PS;
     int fd = memfd_create("lm-test", MFD_CLOEXEC);
-    unsigned long *got = lm_bitmap_new(np);
+    unsigned long *got = bitmap_new(np);
     lm_error err = { 0 };
-    lm_dirty_region reg;
-    lm_dirty *d;
+    dirty_region reg;
+    dirty_tracker *d;
     uint8_t *mem;
 
     assert_true(fd >= 0);
@@ -558,16 +558,16 @@ static void test_uffd_memfd(void **state)
     mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
     assert_true(mem != MAP_FAILED);
     memset(mem, 0, len / 2);   /* half populated, half never touched */
-    reg = (lm_dirty_region){ .host = mem, .length = len, .page_size = PS };
-    d = lm_dirty_new("uffd-wp", &reg, 1, &err);
+    reg = (dirty_region){ .host = mem, .length = len, .page_size = PS };
+    d = dirty_new("uffd-wp", &reg, 1, &err);
     if (!d) {
         munmap(mem, len);
         close(fd);
         print_message("# SKIP: uffd-wp tracker unavailable here: %s\n", err.msg);
         skip();
     }
-    if (lm_dirty_start(d, &err) < 0) {
-        lm_dirty_free(d);
+    if (dirty_start(d, &err) < 0) {
+        dirty_free(d);
         munmap(mem, len);
         close(fd);
         print_message("# SKIP: uffd-wp cannot track memfd memory here: %s\n", err.msg);
@@ -578,37 +578,37 @@ static void test_uffd_memfd(void **state)
     mem[len / 2] = 1;
     mem[len - 1] = 1;
     assert_int_equal(sync_ok(d, 0, got), 4);
-    assert_true(lm_bitmap_test(got, 0) && lm_bitmap_test(got, np / 2 - 1) &&
-                lm_bitmap_test(got, np / 2) && lm_bitmap_test(got, np - 1));
-    lm_bitmap_zero(got, np);
+    assert_true(bitmap_test(got, 0) && bitmap_test(got, np / 2 - 1) &&
+                bitmap_test(got, np / 2) && bitmap_test(got, np - 1));
+    bitmap_zero(got, np);
     assert_int_equal(sync_ok(d, 0, got), 0);
-    lm_dirty_free(d);
+    dirty_free(d);
     munmap(mem, len);
     close(fd);
-    lm_bitmap_free(got);
+    bitmap_free(got);
 }
 
 static void test_auto(void **state)
 {
     uint8_t *mem = map_anon(1 << 20, true);
-    lm_dirty_region reg = { .host = mem, .length = 1 << 20, .page_size = PS };
+    dirty_region reg = { .host = mem, .length = 1 << 20, .page_size = PS };
     lm_error err = { 0 };
-    lm_dirty *u = lm_dirty_new("uffd-wp", &reg, 1, &err);
-    lm_dirty *a = lm_dirty_new("auto", &reg, 1, NULL);
+    dirty_tracker *u = dirty_new("uffd-wp", &reg, 1, &err);
+    dirty_tracker *a = dirty_new("auto", &reg, 1, NULL);
 
     assert_non_null(a);
     if (!u) {
         /* Must still work, by falling back. */
-        assert_string_equal(lm_dirty_name(a), "cooperative");
-        lm_dirty_free(a);
+        assert_string_equal(dirty_name(a), "cooperative");
+        dirty_free(a);
         munmap(mem, 1 << 20);
         print_message("# SKIP: uffd-wp unavailable (%s); auto fell back to cooperative\n",
                       err.msg);
         skip();
     }
-    assert_string_equal(lm_dirty_name(a), "uffd-wp");
-    lm_dirty_free(u);
-    lm_dirty_free(a);
+    assert_string_equal(dirty_name(a), "uffd-wp");
+    dirty_free(u);
+    dirty_free(a);
     munmap(mem, 1 << 20);
 }
 
@@ -625,7 +625,7 @@ static void test_auto(void **state)
 #endif
 
 struct nouffd {
-    lm_dirty_region reg;
+    dirty_region reg;
     int status;            /* 0 = all checks passed, else which one failed */
     char msg[LM_ERROR_MAX];
     char names[2][32];
@@ -650,7 +650,7 @@ static void *nouffd_main(void *arg)
     };
     struct sock_fprog prog = { .len = sizeof(filter) / sizeof(filter[0]), .filter = filter };
     lm_error err = { 0 };
-    lm_dirty *d;
+    dirty_tracker *d;
 
     /* Without SECCOMP_FILTER_FLAG_TSYNC the filter binds this thread only. */
     if (prctl(PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) < 0 ||
@@ -658,21 +658,21 @@ static void *nouffd_main(void *arg)
         t->status = -errno;
         return NULL;
     }
-    d = lm_dirty_new("uffd-wp", &t->reg, 1, &err);
+    d = dirty_new("uffd-wp", &t->reg, 1, &err);
     if (d) {
-        lm_dirty_free(d);
+        dirty_free(d);
         t->status = 1;
         return NULL;
     }
     snprintf(t->msg, sizeof(t->msg), "%s", err.msg);
     for (int i = 0; i < 2; i++) {
-        d = lm_dirty_new("auto", &t->reg, 1, &err);
+        d = dirty_new("auto", &t->reg, 1, &err);
         if (!d) {
             t->status = 2;
             return NULL;
         }
-        snprintf(t->names[i], sizeof(t->names[i]), "%s", lm_dirty_name(d));
-        lm_dirty_free(d);
+        snprintf(t->names[i], sizeof(t->names[i]), "%s", dirty_name(d));
+        dirty_free(d);
     }
     return NULL;
 }
@@ -687,7 +687,7 @@ static void test_auto_fallback(void **state)
     pthread_t tid;
     size_t got;
 
-    /* Capture stderr (lm_log) for the duration of the thread. */
+    /* Capture stderr (util_log) for the duration of the thread. */
     assert_non_null(log);
     fflush(stderr);
     saved = dup(2);
@@ -736,10 +736,10 @@ static void test_uffd_file_memory(void **state)
 {
     uint64_t len = 1 << 20, np = len / PS;
     int fd = open("/var/tmp", O_TMPFILE | O_RDWR | O_CLOEXEC, 0600);
-    unsigned long *got = lm_bitmap_new(np);
+    unsigned long *got = bitmap_new(np);
     lm_error err = { 0 };
-    lm_dirty_region reg;
-    lm_dirty *d;
+    dirty_region reg;
+    dirty_tracker *d;
     uint8_t *mem;
 
     if (fd < 0) {
@@ -750,32 +750,32 @@ static void test_uffd_file_memory(void **state)
     mem = mmap(NULL, len, PROT_READ | PROT_WRITE, MAP_PRIVATE, fd, 0);
     assert_true(mem != MAP_FAILED);
     mem[PS] = 1;   /* one page already copied-on-write before start */
-    reg = (lm_dirty_region){ .host = mem, .length = len, .page_size = PS };
-    d = lm_dirty_new("uffd-wp", &reg, 1, &err);
+    reg = (dirty_region){ .host = mem, .length = len, .page_size = PS };
+    d = dirty_new("uffd-wp", &reg, 1, &err);
     if (!d) {
         munmap(mem, len);
         close(fd);
         print_message("# SKIP: uffd-wp tracker unavailable here: %s\n", err.msg);
         skip();
     }
-    if (lm_dirty_start(d, &err) < 0) {
+    if (dirty_start(d, &err) < 0) {
         print_message("# refused, as allowed: %s\n", err.msg);
         assert_non_null(strstr(err.msg, "register region 0"));
         /* The failed start left nothing behind: sync refuses, free is clean. */
-        assert_true(lm_dirty_sync(d, 0, got, &err) < 0);
+        assert_true(dirty_sync(d, 0, got, &err) < 0);
     } else {
         print_message("# file-backed private memory is tracked by this kernel\n");
         mem[PS + 1] = 2;
         mem[3 * PS] = 3;   /* never touched before start */
         mem[len - 1] = 4;
         assert_int_equal(sync_ok(d, 0, got), 3);
-        assert_true(lm_bitmap_test(got, 1) && lm_bitmap_test(got, 3) &&
-                    lm_bitmap_test(got, np - 1));
-        lm_bitmap_zero(got, np);
+        assert_true(bitmap_test(got, 1) && bitmap_test(got, 3) &&
+                    bitmap_test(got, np - 1));
+        bitmap_zero(got, np);
         assert_int_equal(sync_ok(d, 0, got), 0);
     }
-    lm_dirty_free(d);
-    lm_bitmap_free(got);
+    dirty_free(d);
+    bitmap_free(got);
     munmap(mem, len);
     close(fd);
 }
@@ -783,36 +783,36 @@ static void test_uffd_file_memory(void **state)
 static void test_errors(void **state)
 {
     uint8_t *mem = map_anon(1 << 20, false);
-    lm_dirty_region reg = { .host = mem, .length = 1 << 20, .page_size = PS };
+    dirty_region reg = { .host = mem, .length = 1 << 20, .page_size = PS };
     lm_error err = { 0 };
     unsigned long map[4] = { 0 };
-    lm_dirty *d;
+    dirty_tracker *d;
 
-    assert_null(lm_dirty_new("soft-dirty", &reg, 1, &err));
+    assert_null(dirty_new("soft-dirty", &reg, 1, &err));
     assert_int_equal(err.code, -EINVAL);
     assert_non_null(strstr(err.msg, "soft-dirty"));
 
     reg.host = mem + 100;
-    assert_null(lm_dirty_new("cooperative", &reg, 1, &err));
+    assert_null(dirty_new("cooperative", &reg, 1, &err));
     assert_non_null(strstr(err.msg, "aligned"));
     reg.host = mem;
     reg.page_size = 3000;
-    assert_null(lm_dirty_new("cooperative", &reg, 1, &err));
+    assert_null(dirty_new("cooperative", &reg, 1, &err));
     assert_non_null(strstr(err.msg, "power of two"));
     reg.page_size = PS;
-    assert_null(lm_dirty_new("cooperative", &reg, -1, &err));
+    assert_null(dirty_new("cooperative", &reg, -1, &err));
 
-    d = lm_dirty_new("cooperative", &reg, 1, &err);
+    d = dirty_new("cooperative", &reg, 1, &err);
     assert_non_null(d);
-    assert_int_equal(lm_dirty_sync(d, 0, map, &err), -EINVAL);
+    assert_int_equal(dirty_sync(d, 0, map, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "before start"));
     start_ok(d);
-    assert_int_equal(lm_dirty_start(d, &err), -EBUSY);
-    assert_int_equal(lm_dirty_sync(d, 1, map, &err), -EINVAL);
+    assert_int_equal(dirty_start(d, &err), -EBUSY);
+    assert_int_equal(dirty_sync(d, 1, map, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "no region 1"));
-    assert_int_equal(lm_dirty_sync(d, 0, NULL, &err), -EINVAL);
-    lm_dirty_free(d);   /* while started: stops first */
-    lm_dirty_free(NULL);
+    assert_int_equal(dirty_sync(d, 0, NULL, &err), -EINVAL);
+    dirty_free(d);      /* while started: stops first */
+    dirty_free(NULL);
     munmap(mem, 1 << 20);
 }
 
@@ -824,12 +824,12 @@ static void test_sync_cost_1g(void **state)
     const char *names[] = { "uffd-wp", "cooperative" };
     uint64_t len = 1ULL << 30, np = len / PS, ndirty = np / 100;
     uint8_t *mem = map_anon(len, true);
-    unsigned long *map = lm_bitmap_new(np);
-    lm_dirty_region reg = { .host = mem, .length = len, .page_size = PS };
+    unsigned long *map = bitmap_new(np);
+    dirty_region reg = { .host = mem, .length = len, .page_size = PS };
 
     for (int k = 0; k < 2; k++) {
         lm_error err = { 0 };
-        lm_dirty *d = lm_dirty_new(names[k], &reg, 1, &err);
+        dirty_tracker *d = dirty_new(names[k], &reg, 1, &err);
         int64_t t0, t_clean, t_dirty, n;
         uint64_t s = 99;
 
@@ -837,35 +837,35 @@ static void test_sync_cost_1g(void **state)
             print_message("# %s: not measured (%s)\n", names[k], err.msg);
             continue;
         }
-        t0 = lm_now_ns();
+        t0 = time_now_ns();
         start_ok(d);
-        t0 = lm_now_ns() - t0;
-        t_clean = lm_now_ns();
+        t0 = time_now_ns() - t0;
+        t_clean = time_now_ns();
         sync_ok(d, 0, map);
-        t_clean = lm_now_ns() - t_clean;
+        t_clean = time_now_ns() - t_clean;
         for (uint64_t i = 0; i < ndirty; i++) {
             uint64_t p = xorshift(&s) % np;
             mem[p * PS] = (uint8_t)i;
             if (k == 1)
-                lm_dirty_mark(d, 0, p * PS, 1);
+                dirty_mark(d, 0, p * PS, 1);
         }
-        lm_bitmap_zero(map, np);
-        t_dirty = lm_now_ns();
+        bitmap_zero(map, np);
+        t_dirty = time_now_ns();
         n = sync_ok(d, 0, map);
-        t_dirty = lm_now_ns() - t_dirty;
+        t_dirty = time_now_ns() - t_dirty;
         print_message("# %s, 1 GiB: start %.2f ms, clean sync %.3f ms, sync with %lld dirty "
                       "pages (1%%) %.3f ms\n", names[k], t0 / 1e6, t_clean / 1e6,
                       (long long)n, t_dirty / 1e6);
         /* Sanity, not performance: the pages written are the pages reported. */
         assert_true(n > 0 && (uint64_t)n <= ndirty);
-        lm_dirty_free(d);
+        dirty_free(d);
     }
-    lm_bitmap_free(map);
+    bitmap_free(map);
     munmap(mem, len);
 }
 
 /*
- * Lazy arming (lm_dirty_start_unarmed + lm_dirty_arm), as the first pass of
+ * Lazy arming (dirty_start_unarmed + dirty_arm), as the first pass of
  * a migration uses it: writes after a range's arm are reported; sync arms
  * whatever is left, so writes after it are reported everywhere; arming
  * backwards or past the end is harmless.
@@ -875,30 +875,30 @@ static void test_lazy_arm(void **state)
     struct fixture f;
     lm_error err = { 0 };
     uint64_t npages = 1024;
-    unsigned long *map = lm_bitmap_new(npages);
+    unsigned long *map = bitmap_new(npages);
 
     fixture_open(&f, state, npages * PS, true);
-    if (lm_dirty_start_unarmed(f.d, &err) < 0)
-        fail_msg("lm_dirty_start_unarmed: %s", err.msg);
-    assert_int_equal(lm_dirty_arm(f.d, 0, 512 * PS, &err), 0);
-    assert_int_equal(lm_dirty_arm(f.d, 0, 100 * PS, &err), 0);     /* backwards */
+    if (dirty_start_unarmed(f.d, &err) < 0)
+        fail_msg("dirty_start_unarmed: %s", err.msg);
+    assert_int_equal(dirty_arm(f.d, 0, 512 * PS, &err), 0);
+    assert_int_equal(dirty_arm(f.d, 0, 100 * PS, &err), 0);        /* backwards */
     write_at(&f, 0, f.mem, 5 * PS, 8, 1);        /* armed */
     write_at(&f, 0, f.mem, 700 * PS, 8, 1);      /* not armed yet */
     assert_true(sync_ok(f.d, 0, map) >= 1);
-    assert_true(lm_bitmap_test(map, 5));
+    assert_true(bitmap_test(map, 5));
     if (!f.coop)   /* written before its arm: the caller sends it anyway */
-        assert_false(lm_bitmap_test(map, 700));
+        assert_false(bitmap_test(map, 700));
     /* The sync armed the rest: every later write is seen. */
-    lm_bitmap_zero(map, npages);
+    bitmap_zero(map, npages);
     write_at(&f, 0, f.mem, 50 * PS, 8, 2);
     write_at(&f, 0, f.mem, 900 * PS, 8, 2);
     write_at(&f, 0, f.mem, (npages - 1) * PS, 8, 2);
     assert_int_equal(sync_ok(f.d, 0, map), 3);
-    assert_true(lm_bitmap_test(map, 50) && lm_bitmap_test(map, 900) &&
-                lm_bitmap_test(map, npages - 1));
-    assert_int_equal(lm_dirty_arm(f.d, 0, 4 * npages * PS, &err), 0);   /* clamped */
-    assert_int_equal(lm_dirty_arm(f.d, 5, PS, &err), 0);                /* no region 5 */
-    lm_bitmap_free(map);
+    assert_true(bitmap_test(map, 50) && bitmap_test(map, 900) &&
+                bitmap_test(map, npages - 1));
+    assert_int_equal(dirty_arm(f.d, 0, 4 * npages * PS, &err), 0);      /* clamped */
+    assert_int_equal(dirty_arm(f.d, 5, PS, &err), 0);                   /* no region 5 */
+    bitmap_free(map);
     fixture_close(&f);
 }
 

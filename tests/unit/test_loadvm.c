@@ -27,7 +27,7 @@
 #define NPAGES 16
 /* the main stream's records: the default sink */
 static const ram_sink SINK = { NULL, NULL };
-#define BLOCK_LEN (NPAGES * LM_PAGE_SIZE)
+#define BLOCK_LEN (NPAGES * RAM_PAGE_SIZE)
 
 typedef struct buf {
     uint8_t *data;
@@ -43,10 +43,10 @@ static buf build(void (*fn)(lm_stream *, void *), void *arg)
     off_t end;
 
     assert_true(fd >= 0);
-    s = lm_stream_new_writer(fd, false);
+    s = stream_new_writer(fd, false);
     fn(s, arg);
-    assert_int_equal(lm_stream_flush(s), 0);
-    lm_stream_free(s);
+    assert_int_equal(stream_flush(s), 0);
+    stream_free(s);
     end = lseek(fd, 0, SEEK_END);
     b.len = (size_t)end;
     b.data = malloc(b.len + 1);
@@ -58,7 +58,7 @@ static buf build(void (*fn)(lm_stream *, void *), void *arg)
 /* ---- a destination: one RAM block and one device ---- */
 
 typedef struct dest {
-    lm_ram ram;
+    ram_state ram;
     uint8_t *mem;
     uint32_t dev_value;
     int dev_loads;
@@ -84,7 +84,7 @@ static void dest_init(dest *d)
     memset(d, 0, sizeof(*d));
     d->mem = mmap(NULL, BLOCK_LEN, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     assert_true(d->mem != MAP_FAILED);
-    assert_int_equal(ram_register(&d->ram, "pc.ram", d->mem, BLOCK_LEN, LM_PAGE_SIZE, NULL), 0);
+    assert_int_equal(ram_register(&d->ram, "pc.ram", d->mem, BLOCK_LEN, RAM_PAGE_SIZE, NULL), 0);
 }
 
 static void dest_fini(dest *d)
@@ -100,29 +100,29 @@ static int ram_check(void *opaque, char *why, size_t len)
 }
 
 /* OPEN_RETURN_PATH on a destination with nothing to open: accepted. */
-static int cmd_accept(const lm_loadvm_cmd *c, void *opaque)
+static int cmd_accept(const loadvm_cmd *c, void *opaque)
 {
     return 0;
 }
 
 /* The destination's loader: "ram", "dev" and OPEN_RETURN_PATH. */
-static lm_loadvm *dest_loader(dest *d)
+static loadvm *dest_loader(dest *d)
 {
-    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    loadvm *lv = calloc(1, sizeof(*lv));
 
     assert_non_null(lv);
-    loadvm_add_handler(lv, "ram", 0, LM_RAM_SECTION_VERSION, ram_handler, d)->check =
+    loadvm_add_handler(lv, "ram", 0, RAM_SECTION_VERSION, ram_handler, d)->check =
         ram_check;
     loadvm_add_handler(lv, "dev", 0, 2, dev_load, d);
-    assert_int_equal(loadvm_set_command(lv, LM_CMD_OPEN_RETURN_PATH, cmd_accept, NULL), 0);
+    assert_int_equal(loadvm_set_command(lv, WIRE_CMD_OPEN_RETURN_PATH, cmd_accept, NULL), 0);
     return lv;
 }
 
 /* Load `b` into a fresh destination; returns 0 or -1, message in msg. */
 static int load(const buf *b, dest *d, char *msg, size_t msglen)
 {
-    lm_loadvm *lv = dest_loader(d);
-    lm_stream *s = lm_stream_new_mem(b->data, b->len);
+    loadvm *lv = dest_loader(d);
+    lm_stream *s = stream_new_mem(b->data, b->len);
     int ret;
 
     ram_load_start(&d->ram);
@@ -131,7 +131,7 @@ static int load(const buf *b, dest *d, char *msg, size_t msglen)
         snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
     if (ret)
         assert_true(lm_stream_error(s) != 0);
-    lm_stream_free(s);
+    stream_free(s);
     free(lv);
     return ret;
 }
@@ -139,7 +139,7 @@ static int load(const buf *b, dest *d, char *msg, size_t msglen)
 /* ---- a source: the same block with known content ---- */
 
 typedef struct src {
-    lm_ram ram;
+    ram_state ram;
     uint8_t *mem;
 } src;
 
@@ -150,8 +150,8 @@ static void src_init(src *sr)
     assert_true(sr->mem != MAP_FAILED);
     for (int p = 0; p < NPAGES; p++)
         if (p % 3)    /* every third page stays zero */
-            memset(sr->mem + p * LM_PAGE_SIZE, 0x40 + p, LM_PAGE_SIZE);
-    assert_int_equal(ram_register(&sr->ram, "pc.ram", sr->mem, BLOCK_LEN, LM_PAGE_SIZE, NULL),
+            memset(sr->mem + p * RAM_PAGE_SIZE, 0x40 + p, RAM_PAGE_SIZE);
+    assert_int_equal(ram_register(&sr->ram, "pc.ram", sr->mem, BLOCK_LEN, RAM_PAGE_SIZE, NULL),
                      0);
 }
 
@@ -161,19 +161,19 @@ static void write_good(lm_stream *s, void *arg)
 
     savevm_put_header(s, false);
     savevm_put_command(s, 1, 0, NULL);                 /* OPEN_RETURN_PATH */
-    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
+    savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
     ram_save_start(&sr->ram, NULL);
-    savevm_section_header(s, LM_VM_SECTION_PART, 1, NULL, 0, 0);
-    while (!ram_save_some(&sr->ram, &SINK, s, 3 * LM_PAGE_SIZE))
+    savevm_section_header(s, WIRE_VM_SECTION_PART, 1, NULL, 0, 0);
+    while (!ram_save_some(&sr->ram, &SINK, s, 3 * RAM_PAGE_SIZE))
         ;
     ram_put_eos(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
-    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
+    savevm_section_header(s, WIRE_VM_SECTION_END, 1, NULL, 0, 0);
     ram_put_eos(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
-    savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+    savevm_section_header(s, WIRE_VM_SECTION_FULL, 2, "dev", 0, 2);
     lm_put_be32(s, 0xdeadbeef);
     savevm_section_footer(s, 2);
     savevm_put_eof(s);
@@ -211,7 +211,7 @@ static void test_primitives(void **state)
     static const uint8_t want[] = { 0x12, 0x12, 0x34, 0x12, 0x34, 0x56, 0x78, 0x01, 0x02,
                                     0x03, 0x04, 0x05, 0x06, 0x07, 0x08, 3, 'a', 'b', 'c' };
     int fd = memfd_create("p", 0);
-    lm_stream *s = lm_stream_new_writer(fd, false);
+    lm_stream *s = stream_new_writer(fd, false);
     uint8_t got[sizeof(want)];
     lm_stream *r;
     uint8_t v8;
@@ -224,14 +224,14 @@ static void test_primitives(void **state)
     lm_put_be16(s, 0x1234);
     lm_put_be32(s, 0x12345678);
     lm_put_be64(s, 0x0102030405060708ULL);
-    lm_stream_put_counted(s, "abc");
+    stream_put_counted(s, "abc");
     assert_int_equal(lm_stream_offset(s), sizeof(want));
-    assert_int_equal(lm_stream_flush(s), 0);
+    assert_int_equal(stream_flush(s), 0);
     assert_int_equal(pread(fd, got, sizeof(got), 0), sizeof(want));
     assert_memory_equal(got, want, sizeof(want));
-    lm_stream_free(s);
+    stream_free(s);
 
-    r = lm_stream_new_mem(want, sizeof(want));
+    r = stream_new_mem(want, sizeof(want));
     assert_int_equal(lm_get_u8(r, &v8), 0);
     assert_int_equal(v8, 0x12);
     assert_int_equal(lm_get_be16(r, &v16), 0);
@@ -240,12 +240,12 @@ static void test_primitives(void **state)
     assert_int_equal(v32, 0x12345678);
     assert_int_equal(lm_get_be64(r, &v64), 0);
     assert_true(v64 == 0x0102030405060708ULL);
-    assert_int_equal(lm_stream_get_counted(r, str), 0);
+    assert_int_equal(stream_get_counted(r, str), 0);
     assert_string_equal(str, "abc");
-    assert_true(lm_stream_at_eof(r));
+    assert_true(stream_at_eof(r));
     assert_int_equal(lm_get_u8(r, &v8), -1);
     assert_non_null(strstr(lm_stream_error_msg(r), "truncated at byte offset 19"));
-    lm_stream_free(r);
+    stream_free(r);
     close(fd);
 }
 
@@ -286,7 +286,7 @@ static void test_bad_version(void **state)
 static void w_unknown_section(lm_stream *s, void *arg)
 {
     savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_FULL, 7, "nosuch", 0, 1);
+    savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "nosuch", 0, 1);
     savevm_section_footer(s, 7);
     savevm_put_eof(s);
 }
@@ -301,7 +301,7 @@ static void test_unknown_section(void **state)
 static void w_unknown_instance(lm_stream *s, void *arg)
 {
     savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_FULL, 7, "dev", 3, 1);
+    savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "dev", 3, 1);
     savevm_put_eof(s);
 }
 
@@ -315,7 +315,7 @@ static void test_unknown_instance(void **state)
 static void w_new_version(lm_stream *s, void *arg)
 {
     savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_FULL, 7, "dev", 0, 3);
+    savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "dev", 0, 3);
     savevm_put_eof(s);
 }
 
@@ -334,84 +334,84 @@ static void w_ram(lm_stream *s, void *arg)
     extra_fn extra = (extra_fn)arg;
 
     savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
-    lm_put_be64(s, BLOCK_LEN | LM_RAM_MEM_SIZE);
-    lm_stream_put_counted(s, "pc.ram");
+    savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
+    lm_put_be64(s, BLOCK_LEN | RAM_MEM_SIZE);
+    stream_put_counted(s, "pc.ram");
     lm_put_be64(s, BLOCK_LEN);
     extra(s);
 }
 
 static void x_unknown_block(lm_stream *s)
 {
-    lm_put_be64(s, 0 | LM_RAM_PAGE);
-    lm_stream_put_counted(s, "other.ram");
+    lm_put_be64(s, 0 | RAM_PAGE);
+    stream_put_counted(s, "other.ram");
 }
 
 static void x_page_out_of_range(lm_stream *s)
 {
-    lm_put_be64(s, BLOCK_LEN | LM_RAM_ZERO);
-    lm_stream_put_counted(s, "pc.ram");
+    lm_put_be64(s, BLOCK_LEN | RAM_ZERO);
+    stream_put_counted(s, "pc.ram");
     lm_put_u8(s, 0);
 }
 
 static void x_huge_offset(lm_stream *s)
 {
-    lm_put_be64(s, 0xfffffffffffff000ULL | LM_RAM_PAGE);
-    lm_stream_put_counted(s, "pc.ram");
+    lm_put_be64(s, 0xfffffffffffff000ULL | RAM_PAGE);
+    stream_put_counted(s, "pc.ram");
 }
 
 static void x_continue_first(lm_stream *s)
 {
-    lm_put_be64(s, 0 | LM_RAM_PAGE | LM_RAM_CONTINUE);
+    lm_put_be64(s, 0 | RAM_PAGE | RAM_CONTINUE);
 }
 
 static void x_bad_flags(lm_stream *s)
 {
-    lm_put_be64(s, 0 | LM_RAM_XBZRLE);
+    lm_put_be64(s, 0 | RAM_XBZRLE);
 }
 
 static void x_bad_footer(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 9);
 }
 
 static void x_part_unknown_id(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
-    savevm_section_header(s, LM_VM_SECTION_PART, 5, NULL, 0, 0);
+    savevm_section_header(s, WIRE_VM_SECTION_PART, 5, NULL, 0, 0);
 }
 
 static void x_unknown_record(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
     lm_put_u8(s, 0x42);
 }
 
 static void x_bad_command(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
     savevm_put_command(s, 2, 7, "1234567");   /* PING must be 4 bytes */
 }
 
 static void x_unknown_command(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
     savevm_put_command(s, 99, 0, NULL);
 }
 
 static void x_second_mem_size(lm_stream *s)
 {
-    lm_put_be64(s, BLOCK_LEN | LM_RAM_MEM_SIZE);
+    lm_put_be64(s, BLOCK_LEN | RAM_MEM_SIZE);
 }
 
 static void x_no_eof(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
 }
 
@@ -441,9 +441,9 @@ static void test_ram_rejections(void **state)
 static void w_wrong_total(lm_stream *s, void *arg)
 {
     savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
-    lm_put_be64(s, (uint64_t)arg | LM_RAM_MEM_SIZE);
-    lm_stream_put_counted(s, "pc.ram");
+    savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
+    lm_put_be64(s, (uint64_t)arg | RAM_MEM_SIZE);
+    stream_put_counted(s, "pc.ram");
     lm_put_be64(s, 2 * BLOCK_LEN);
 }
 
@@ -459,9 +459,9 @@ static void test_oversized_lengths(void **state)
 
 static void w_wrong_machine(lm_stream *s, void *arg)
 {
-    lm_put_be32(s, LM_QEVM_MAGIC);
+    lm_put_be32(s, WIRE_QEVM_MAGIC);
     lm_put_be32(s, 3);
-    lm_put_u8(s, LM_VM_CONFIGURATION);
+    lm_put_u8(s, WIRE_VM_CONFIGURATION);
     lm_put_be32(s, 10);
     lm_put_buffer(s, "pc-q35-7.2", 10);
     savevm_put_eof(s);
@@ -493,7 +493,7 @@ static void test_empty_stream(void **state)
 
 static void x_list_then_eof(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
     savevm_put_eof(s);
 }
@@ -501,18 +501,33 @@ static void x_list_then_eof(lm_stream *s)
 /* The block list, one page, END, the device; 15 pages never sent. */
 static void x_pages_missing(lm_stream *s)
 {
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
-    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
-    lm_put_be64(s, 0 | LM_RAM_ZERO);
-    lm_stream_put_counted(s, "pc.ram");
+    savevm_section_header(s, WIRE_VM_SECTION_END, 1, NULL, 0, 0);
+    lm_put_be64(s, 0 | RAM_ZERO);
+    stream_put_counted(s, "pc.ram");
     lm_put_u8(s, 0);
-    lm_put_be64(s, LM_RAM_EOS);
+    lm_put_be64(s, RAM_EOS);
     savevm_section_footer(s, 1);
-    savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+    savevm_section_header(s, WIRE_VM_SECTION_FULL, 2, "dev", 0, 2);
     lm_put_be32(s, 1);
     savevm_section_footer(s, 2);
     savevm_put_eof(s);
+}
+
+/* Header, the ram START, all of RAM in one END: a stream without devices. */
+static void w_ram_whole(lm_stream *s, src *sr)
+{
+    savevm_put_header(s, false);
+    savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
+    ram_save_setup(&sr->ram, &SINK, s);
+    savevm_section_footer(s, 1);
+    ram_save_start(&sr->ram, NULL);
+    savevm_section_header(s, WIRE_VM_SECTION_END, 1, NULL, 0, 0);
+    while (!ram_save_some(&sr->ram, &SINK, s, UINT64_MAX))
+        ;
+    ram_put_eos(&sr->ram, &SINK, s);
+    savevm_section_footer(s, 1);
 }
 
 /* The good stream with its device section left out. */
@@ -520,19 +535,10 @@ static void w_no_device(lm_stream *s, void *arg)
 {
     src *sr = arg;
 
-    savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
-    ram_save_setup(&sr->ram, &SINK, s);
-    savevm_section_footer(s, 1);
-    ram_save_start(&sr->ram, NULL);
-    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
-    while (!ram_save_some(&sr->ram, &SINK, s, UINT64_MAX))
-        ;
-    ram_put_eos(&sr->ram, &SINK, s);
-    savevm_section_footer(s, 1);
+    w_ram_whole(s, sr);
     if (arg && ((src *)arg)->mem[0] == 0xdd) {   /* the device twice */
         for (int i = 0; i < 2; i++) {
-            savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+            savevm_section_header(s, WIRE_VM_SECTION_FULL, 2, "dev", 0, 2);
             lm_put_be32(s, 7);
             savevm_section_footer(s, 2);
         }
@@ -620,7 +626,7 @@ typedef struct seen {
     int ret;                  /* what the handler returns */
 } seen;
 
-static int cmd_record(const lm_loadvm_cmd *c, void *opaque)
+static int cmd_record(const loadvm_cmd *c, void *opaque)
 {
     seen *w = opaque;
 
@@ -652,15 +658,15 @@ static void w_raw(lm_stream *s, void *arg)
 }
 
 /* Load header + rec + EOF with `lv` (no section handlers: EOF is complete). */
-static int load_raw(lm_loadvm *lv, const void *rec, size_t len, char *msg, size_t msglen)
+static int load_raw(loadvm *lv, const void *rec, size_t len, char *msg, size_t msglen)
 {
     raw r = { rec, len };
     buf b = build(w_raw, &r);
-    lm_stream *s = lm_stream_new_mem(b.data, b.len);
+    lm_stream *s = stream_new_mem(b.data, b.len);
     int ret = loadvm_run(lv, s);
 
     snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
-    lm_stream_free(s);
+    stream_free(s);
     free(b.data);
     return ret;
 }
@@ -673,21 +679,21 @@ static void expect_words(const char *msg, const char *w1, const char *w2)
 
 static void test_command_dispatch(void **state)
 {
-    lm_loadvm *lv = calloc(1, sizeof(*lv));
+    loadvm *lv = calloc(1, sizeof(*lv));
     seen ping = { 0 }, bitmap = { 0 };
     char msg[512];
 
     /* A command with a handler gets its payload and offset (header: 22). */
-    assert_int_equal(loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping), 0);
+    assert_int_equal(loadvm_set_command(lv, WIRE_CMD_PING, cmd_record, &ping), 0);
     assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), 0);
     assert_int_equal(ping.calls, 1);
-    assert_int_equal(ping.cmd, LM_CMD_PING);
+    assert_int_equal(ping.cmd, WIRE_CMD_PING);
     assert_int_equal(ping.len, 4);
     assert_int_equal(ping.at, 22);
     assert_int_equal(wire_be32(ping.data), 7);
 
     /* A variable-length one gets exactly its bytes. */
-    assert_int_equal(loadvm_set_command(lv, LM_CMD_RECV_BITMAP, cmd_record, &bitmap), 0);
+    assert_int_equal(loadvm_set_command(lv, WIRE_CMD_RECV_BITMAP, cmd_record, &bitmap), 0);
     assert_int_equal(load_raw(lv, "\x08\0\x0a\0\x04\x03" "abc", 9, msg, sizeof(msg)), 0);
     assert_int_equal(bitmap.len, 4);
     assert_memory_equal(bitmap.data, "\3abc", 4);
@@ -716,21 +722,21 @@ static void test_command_dispatch(void **state)
     expect_words(msg, "command 2 (PING) at byte offset 22 failed", strerror(EPIPE));
 
     /* Detached again: refused again.  Numbers outside the table: -EINVAL. */
-    assert_int_equal(loadvm_set_command(lv, LM_CMD_PING, NULL, NULL), 0);
+    assert_int_equal(loadvm_set_command(lv, WIRE_CMD_PING, NULL, NULL), 0);
     assert_int_equal(load_raw(lv, "\x08\0\x02\0\x04\0\0\0\x07", 9, msg, sizeof(msg)), -1);
     expect_words(msg, "unsupported command 2 (PING", NULL);
-    assert_int_equal(loadvm_set_command(lv, LM_CMD_INVALID, cmd_record, NULL), -EINVAL);
-    assert_int_equal(loadvm_set_command(lv, LM_CMD__MAX, cmd_record, NULL), -EINVAL);
+    assert_int_equal(loadvm_set_command(lv, WIRE_CMD_INVALID, cmd_record, NULL), -EINVAL);
+    assert_int_equal(loadvm_set_command(lv, WIRE_CMD__MAX, cmd_record, NULL), -EINVAL);
     free(lv);
 }
 
 /* ---- packages: the record loop over a blob, no header ---- */
 
 /* POSTCOPY_RUN's part in a nested loop: end it. */
-static int cmd_quit(const lm_loadvm_cmd *c, void *opaque)
+static int cmd_quit(const loadvm_cmd *c, void *opaque)
 {
     (*(int *)opaque)++;
-    return LM_LOADVM_QUIT;
+    return LOADVM_QUIT;
 }
 
 enum { PKG_PLAIN, PKG_RUN, PKG_RUN_NO_DEV, PKG_BAD_FOOTER };
@@ -742,13 +748,13 @@ static void w_package(lm_stream *s, void *arg)
     int kind = (int)(uintptr_t)arg;
 
     if (kind != PKG_RUN_NO_DEV) {
-        savevm_section_header(s, LM_VM_SECTION_FULL, 2, "dev", 0, 2);
+        savevm_section_header(s, WIRE_VM_SECTION_FULL, 2, "dev", 0, 2);
         lm_put_be32(s, 0xfeedf00d);
         savevm_section_footer(s, kind == PKG_BAD_FOOTER ? 3 : 2);
-        savevm_put_command(s, LM_CMD_PING, 4, "\0\0\0\3");
+        savevm_put_command(s, WIRE_CMD_PING, 4, "\0\0\0\3");
     }
     if (kind == PKG_RUN || kind == PKG_RUN_NO_DEV) {
-        savevm_put_command(s, LM_CMD_POSTCOPY_RUN, 0, NULL);
+        savevm_put_command(s, WIRE_CMD_POSTCOPY_RUN, 0, NULL);
         lm_put_u8(s, 0x42);
     }
 }
@@ -765,16 +771,16 @@ static void test_package_records(void **state)
      * record it is a truncation. */
     for (size_t n = 0; n <= blob.len; n++) {
         dest d;
-        lm_loadvm *lv;
-        lm_stream *s = lm_stream_new_mem(blob.data, n);
+        loadvm *lv;
+        lm_stream *s = stream_new_mem(blob.data, n);
         int ret;
 
         dest_init(&d);
         lv = dest_loader(&d);
-        loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping);
-        ret = loadvm_run_records(lv, s, LM_LOADVM_PACKAGE);
+        loadvm_set_command(lv, WIRE_CMD_PING, cmd_record, &ping);
+        ret = loadvm_run_records(lv, s, LOADVM_PACKAGE);
         if (n == 0 || n == 26 || n == 35) {
-            if (ret != LM_LOADVM_END)
+            if (ret != LOADVM_END)
                 fail_msg("blob cut to %zu bytes: %d, '%s'", n, ret, lm_stream_error_msg(s));
             assert_int_equal(d.dev_loads, n ? 1 : 0);
         } else {
@@ -786,7 +792,7 @@ static void test_package_records(void **state)
             assert_int_equal(ping.at, 26);
             assert_int_equal(wire_be32(ping.data), 3);
         }
-        lm_stream_free(s);
+        stream_free(s);
         free(lv);
         dest_fini(&d);
     }
@@ -795,21 +801,21 @@ static void test_package_records(void **state)
     /* An EOF record inside a package is refused (QEMU writes none). */
     {
         dest d;
-        lm_loadvm *lv;
+        loadvm *lv;
         uint8_t bytes[36];
         lm_stream *s;
 
         blob = build(w_package, (void *)(uintptr_t)PKG_PLAIN);
         memcpy(bytes, blob.data, 35);
-        bytes[35] = LM_VM_EOF;
-        s = lm_stream_new_mem(bytes, sizeof(bytes));
+        bytes[35] = WIRE_VM_EOF;
+        s = stream_new_mem(bytes, sizeof(bytes));
         dest_init(&d);
         lv = dest_loader(&d);
-        loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping);
-        assert_int_equal(loadvm_run_records(lv, s, LM_LOADVM_PACKAGE), -1);
+        loadvm_set_command(lv, WIRE_CMD_PING, cmd_record, &ping);
+        assert_int_equal(loadvm_run_records(lv, s, LOADVM_PACKAGE), -1);
         expect_words(lm_stream_error_msg(s), "EOF record inside a package at byte offset 35",
                      NULL);
-        lm_stream_free(s);
+        stream_free(s);
         free(lv);
         dest_fini(&d);
         free(blob.data);
@@ -819,21 +825,21 @@ static void test_package_records(void **state)
      * it and never reads what follows. */
     {
         dest d;
-        lm_loadvm *lv;
+        loadvm *lv;
         lm_stream *s;
 
         blob = build(w_package, (void *)(uintptr_t)PKG_RUN);
-        s = lm_stream_new_mem(blob.data, blob.len);
+        s = stream_new_mem(blob.data, blob.len);
         dest_init(&d);
         lv = dest_loader(&d);
-        loadvm_set_command(lv, LM_CMD_PING, cmd_record, &ping);
-        loadvm_set_command(lv, LM_CMD_POSTCOPY_RUN, cmd_quit, &runs);
-        assert_int_equal(loadvm_run_records(lv, s, LM_LOADVM_PACKAGE), LM_LOADVM_QUIT);
+        loadvm_set_command(lv, WIRE_CMD_PING, cmd_record, &ping);
+        loadvm_set_command(lv, WIRE_CMD_POSTCOPY_RUN, cmd_quit, &runs);
+        assert_int_equal(loadvm_run_records(lv, s, LOADVM_PACKAGE), LOADVM_QUIT);
         assert_int_equal(runs, 1);
         assert_int_equal(lm_stream_offset(s), 40);
         assert_int_equal(lm_stream_error(s), 0);
         assert_int_equal(d.dev_loads, 1);
-        lm_stream_free(s);
+        stream_free(s);
         free(lv);
         dest_fini(&d);
         free(blob.data);
@@ -856,27 +862,18 @@ static void w_packaged(lm_stream *s, void *arg)
     pkg_stream *p = arg;
     src *sr = p->sr;
 
-    savevm_put_header(s, false);
-    savevm_section_header(s, LM_VM_SECTION_START, 1, "ram", 0, 4);
-    ram_save_setup(&sr->ram, &SINK, s);
-    savevm_section_footer(s, 1);
-    ram_save_start(&sr->ram, NULL);
-    savevm_section_header(s, LM_VM_SECTION_END, 1, NULL, 0, 0);
-    while (!ram_save_some(&sr->ram, &SINK, s, UINT64_MAX))
-        ;
-    ram_put_eos(&sr->ram, &SINK, s);
-    savevm_section_footer(s, 1);
-    lm_put_u8(s, LM_VM_COMMAND);
-    lm_put_be16(s, LM_CMD_PACKAGED);
+    w_ram_whole(s, sr);
+    lm_put_u8(s, WIRE_VM_COMMAND);
+    lm_put_be16(s, WIRE_CMD_PACKAGED);
     lm_put_be16(s, 4);
     lm_put_be32(s, (uint32_t)p->blob->len);
     lm_put_buffer(s, p->blob->data, p->blob->len);
-    savevm_put_command(s, LM_CMD_PING, 4, "\0\0\0\4");
+    savevm_put_command(s, WIRE_CMD_PING, 4, "\0\0\0\4");
     savevm_put_eof(s);
     ram_save_finish(&sr->ram);
 }
 
-static int cmd_packaged(const lm_loadvm_cmd *c, void *opaque)
+static int cmd_packaged(const loadvm_cmd *c, void *opaque)
 {
     uint32_t n = wire_be32(c->data);
     uint64_t at = lm_stream_offset(c->s);
@@ -889,14 +886,14 @@ static int cmd_packaged(const lm_loadvm_cmd *c, void *opaque)
         free(blob);
         return -EIO;
     }
-    ps = lm_stream_new_mem(blob, n);
-    ret = loadvm_run_records(c->lv, ps, LM_LOADVM_PACKAGE);
+    ps = stream_new_mem(blob, n);
+    ret = loadvm_run_records(c->lv, ps, LOADVM_PACKAGE);
     if (ret < 0)
         lm_stream_set_error(c->s, lm_stream_error(ps), "in the package at byte offset %llu: "
                             "%s", (unsigned long long)at, lm_stream_error_msg(ps));
-    lm_stream_free(ps);
+    stream_free(ps);
     free(blob);
-    return ret < 0 ? -EINVAL : ret == LM_LOADVM_QUIT ? LM_LOADVM_QUIT : 0;
+    return ret < 0 ? -EINVAL : ret == LOADVM_QUIT ? LOADVM_QUIT : 0;
 }
 
 /* Load the packaged stream around `kind`'s blob: loadvm_run, then (after a
@@ -906,7 +903,7 @@ static int load_packaged(int kind, dest *d, src *sr, seen *ping, char *msg, size
     buf blob = build(w_package, (void *)(uintptr_t)kind);
     pkg_stream p = { sr, &blob };
     buf b;
-    lm_loadvm *lv;
+    loadvm *lv;
     lm_stream *s;
     int runs = 0, ret;
 
@@ -914,18 +911,18 @@ static int load_packaged(int kind, dest *d, src *sr, seen *ping, char *msg, size
     b = build(w_packaged, &p);
     dest_init(d);
     lv = dest_loader(d);
-    loadvm_set_command(lv, LM_CMD_PING, cmd_record, ping);
-    loadvm_set_command(lv, LM_CMD_POSTCOPY_RUN, cmd_quit, &runs);
-    loadvm_set_command(lv, LM_CMD_PACKAGED, cmd_packaged, NULL);
+    loadvm_set_command(lv, WIRE_CMD_PING, cmd_record, ping);
+    loadvm_set_command(lv, WIRE_CMD_POSTCOPY_RUN, cmd_quit, &runs);
+    loadvm_set_command(lv, WIRE_CMD_PACKAGED, cmd_packaged, NULL);
     ram_load_start(&d->ram);
-    s = lm_stream_new_mem(b.data, b.len);
+    s = stream_new_mem(b.data, b.len);
     ret = loadvm_run(lv, s);
-    if (ret == LM_LOADVM_QUIT) {
+    if (ret == LOADVM_QUIT) {
         assert_int_equal(runs, 1);
-        ret = loadvm_run_records(lv, s, LM_LOADVM_MAIN);
+        ret = loadvm_run_records(lv, s, LOADVM_MAIN);
     }
     snprintf(msg, msglen, "%s", lm_stream_error_msg(s));
-    lm_stream_free(s);
+    stream_free(s);
     free(lv);
     free(b.data);
     free(blob.data);
@@ -940,7 +937,7 @@ static void test_packaged_stream(void **state)
     char msg[512];
 
     /* The device's state comes in the package; PING 4 after it, on the rest. */
-    assert_int_equal(load_packaged(PKG_RUN, &d, &sr, &ping, msg, sizeof(msg)), LM_LOADVM_EOF);
+    assert_int_equal(load_packaged(PKG_RUN, &d, &sr, &ping, msg, sizeof(msg)), LOADVM_EOF);
     assert_int_equal(d.dev_value, 0xfeedf00d);
     assert_memory_equal(d.mem, sr.mem, BLOCK_LEN);
     assert_int_equal(ping.calls, 2);

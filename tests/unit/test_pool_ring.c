@@ -1,5 +1,5 @@
 /*
- * Unit tests for the rings of src/util/pool.c (lm_spsc, lm_mpsc), on their
+ * Unit tests for the rings of src/util/pool.c (spsc, mpsc), on their
  * own.  Only against liblivemig: the mutex model (bench/pool_mutex.c) has
  * no rings.  The pool API is tested by test_pool.c on both models.
  *
@@ -47,37 +47,37 @@ static uint64_t value_of(void *p)
 
 static void spsc_check(uint32_t size, uint32_t start)
 {
-    lm_spsc r;
+    spsc r;
     uint64_t in = 0, out = 0;
 
-    assert_int_equal(lm_spsc_init(&r, size, start), 0);
-    assert_null(lm_spsc_peek(&r));
-    assert_int_equal(lm_spsc_count(&r), 0);
+    assert_int_equal(spsc_init(&r, size, start), 0);
+    assert_null(spsc_peek(&r));
+    assert_int_equal(spsc_count(&r), 0);
     /* Several full/empty rounds so head and tail both cross 2^32. */
     for (int round = 0; round < 8; round++) {
         for (uint32_t k = 0; k < size; k++)
-            assert_true(lm_spsc_push(&r, item_of(in++)));
-        assert_int_equal(lm_spsc_count(&r), size);
-        assert_false(lm_spsc_push(&r, item_of(999999)));
+            assert_true(spsc_push(&r, item_of(in++)));
+        assert_int_equal(spsc_count(&r), size);
+        assert_false(spsc_push(&r, item_of(999999)));
         for (uint32_t k = 0; k < size; k++) {
-            void *p = lm_spsc_peek(&r);
+            void *p = spsc_peek(&r);
 
             assert_non_null(p);
-            assert_ptr_equal(lm_spsc_peek(&r), p);  /* peek leaves it */
+            assert_ptr_equal(spsc_peek(&r), p);     /* peek leaves it */
             assert_int_equal(value_of(p), out++);
-            lm_spsc_pop(&r);
+            spsc_pop(&r);
             /* Room again after every pop. */
-            assert_true(lm_spsc_push(&r, item_of(in++)));
-            assert_false(lm_spsc_push(&r, item_of(999999)));
+            assert_true(spsc_push(&r, item_of(in++)));
+            assert_false(spsc_push(&r, item_of(999999)));
         }
-        while (lm_spsc_peek(&r)) {
-            assert_int_equal(value_of(lm_spsc_peek(&r)), out++);
-            lm_spsc_pop(&r);
+        while (spsc_peek(&r)) {
+            assert_int_equal(value_of(spsc_peek(&r)), out++);
+            spsc_pop(&r);
         }
-        assert_int_equal(lm_spsc_count(&r), 0);
+        assert_int_equal(spsc_count(&r), 0);
         assert_int_equal(in, out);
     }
-    lm_spsc_destroy(&r);
+    spsc_destroy(&r);
 }
 
 static void test_spsc_full_empty(void **state)
@@ -98,38 +98,38 @@ static void test_spsc_wrap(void **state)
 
 static void test_ring_bad_size(void **state)
 {
-    lm_spsc s;
-    lm_mpsc m;
+    spsc s;
+    mpsc m;
 
-    assert_int_equal(lm_spsc_init(&s, 0, 0), -EINVAL);
-    assert_int_equal(lm_spsc_init(&s, 3, 0), -EINVAL);
-    assert_int_equal(lm_mpsc_init(&m, 1, 0), -EINVAL);  /* needs two cells */
-    assert_int_equal(lm_mpsc_init(&m, 6, 0), -EINVAL);
+    assert_int_equal(spsc_init(&s, 0, 0), -EINVAL);
+    assert_int_equal(spsc_init(&s, 3, 0), -EINVAL);
+    assert_int_equal(mpsc_init(&m, 1, 0), -EINVAL);     /* needs two cells */
+    assert_int_equal(mpsc_init(&m, 6, 0), -EINVAL);
 }
 
 /* ------------------------------------------------------------------ MPSC */
 
 static void mpsc_check(uint32_t size, uint32_t start)
 {
-    lm_mpsc r;
+    mpsc r;
     uint64_t in = 0, out = 0;
 
-    assert_int_equal(lm_mpsc_init(&r, size, start), 0);
-    assert_null(lm_mpsc_pop(&r));
+    assert_int_equal(mpsc_init(&r, size, start), 0);
+    assert_null(mpsc_pop(&r));
     for (int round = 0; round < 8; round++) {
         for (uint32_t k = 0; k < size; k++)
-            assert_true(lm_mpsc_push(&r, item_of(in++)));
-        assert_false(lm_mpsc_push(&r, item_of(999999)));
+            assert_true(mpsc_push(&r, item_of(in++)));
+        assert_false(mpsc_push(&r, item_of(999999)));
         for (uint32_t k = 0; k < size / 2; k++)
-            assert_int_equal(value_of(lm_mpsc_pop(&r)), out++);
+            assert_int_equal(value_of(mpsc_pop(&r)), out++);
         for (uint32_t k = 0; k < size / 2; k++)
-            assert_true(lm_mpsc_push(&r, item_of(in++)));
-        assert_false(lm_mpsc_push(&r, item_of(999999)));
-        for (void *p; (p = lm_mpsc_pop(&r));)
+            assert_true(mpsc_push(&r, item_of(in++)));
+        assert_false(mpsc_push(&r, item_of(999999)));
+        for (void *p; (p = mpsc_pop(&r));)
             assert_int_equal(value_of(p), out++);
         assert_int_equal(in, out);
     }
-    lm_mpsc_destroy(&r);
+    mpsc_destroy(&r);
 }
 
 static void test_mpsc_full_empty(void **state)
@@ -151,7 +151,7 @@ static void test_mpsc_wrap(void **state)
 #define STRESS_ITEMS 200000   /* per producer */
 
 typedef struct stress {
-    lm_mpsc ring;
+    mpsc ring;
     atomic_int go;
     uint64_t sum[STRESS_PRODUCERS], xor[STRESS_PRODUCERS];
     atomic_bool timed_out;
@@ -172,15 +172,15 @@ static void *stress_producer(void *arg)
 {
     stress_arg *a = arg;
     stress *s = a->s;
-    int64_t deadline = lm_now_ms() + DEADLINE_MS;
+    int64_t deadline = time_now_ms() + DEADLINE_MS;
 
     while (!atomic_load(&s->go))
         sched_yield();
     for (uint64_t i = 0; i < STRESS_ITEMS; i++) {
         uint64_t v = stress_item(a->id, i);
 
-        while (!lm_mpsc_push(&s->ring, item_of(v))) {
-            if (lm_now_ms() > deadline) {
+        while (!mpsc_push(&s->ring, item_of(v))) {
+            if (time_now_ms() > deadline) {
                 atomic_store(&s->timed_out, true);
                 return NULL;
             }
@@ -199,21 +199,21 @@ static void test_mpsc_stress(void **state)
     pthread_t th[STRESS_PRODUCERS];
     uint64_t next[STRESS_PRODUCERS] = { 0 };
     uint64_t sum = 0, xor = 0, n = 0, want_sum = 0, want_xor = 0;
-    int64_t deadline = lm_now_ms() + DEADLINE_MS;
+    int64_t deadline = time_now_ms() + DEADLINE_MS;
 
     assert_non_null(s);
     /* 8 cells, starting so the indices cross 2^32 early in the run. */
-    assert_int_equal(lm_mpsc_init(&s->ring, 8, UINT32_MAX - 1000), 0);
+    assert_int_equal(mpsc_init(&s->ring, 8, UINT32_MAX - 1000), 0);
     for (unsigned i = 0; i < STRESS_PRODUCERS; i++) {
         args[i] = (stress_arg){ s, i };
         assert_int_equal(pthread_create(&th[i], NULL, stress_producer, &args[i]), 0);
     }
     atomic_store(&s->go, 1);
     while (n < (uint64_t)STRESS_PRODUCERS * STRESS_ITEMS) {
-        void *p = lm_mpsc_pop(&s->ring);
+        void *p = mpsc_pop(&s->ring);
 
         if (!p) {
-            if (lm_now_ms() > deadline || atomic_load(&s->timed_out))
+            if (time_now_ms() > deadline || atomic_load(&s->timed_out))
                 break;
             sched_yield();
             continue;
@@ -235,14 +235,14 @@ static void test_mpsc_stress(void **state)
         pthread_join(th[i], NULL);
     assert_false(atomic_load(&s->timed_out));
     assert_int_equal(n, (uint64_t)STRESS_PRODUCERS * STRESS_ITEMS);
-    assert_null(lm_mpsc_pop(&s->ring));
+    assert_null(mpsc_pop(&s->ring));
     for (unsigned i = 0; i < STRESS_PRODUCERS; i++) {
         want_sum += s->sum[i];
         want_xor ^= s->xor[i];
     }
     assert_int_equal(sum, want_sum);
     assert_int_equal(xor, want_xor);
-    lm_mpsc_destroy(&s->ring);
+    mpsc_destroy(&s->ring);
     free(s);
 }
 

@@ -87,9 +87,9 @@ static void test_shut_verdicts(void **state)
     rp_reader *r = rp_reader_start(p.fds[0], &ops_precopy, &p, &err);
     assert_non_null(r);
     rp_writer *w = rp_writer_new(p.fds[1]);
-    assert_int_equal(rp_send_u32(w, LM_RP_PONG, 7), 0);
+    assert_int_equal(rp_send_u32(w, WIRE_RP_PONG, 7), 0);
     assert_int_equal(rp_reader_check(r, &st, &err), 0);
-    assert_int_equal(rp_send_u32(w, LM_RP_SHUT, 0), 0);
+    assert_int_equal(rp_send_u32(w, WIRE_RP_SHUT, 0), 0);
     assert_int_equal(rp_reader_wait_shut(r, T_MS, &status, &err), 0);
     assert_int_equal(status, 0);
     /* a verdict before the stream ended is an error when checked */
@@ -105,7 +105,7 @@ static void test_shut_verdicts(void **state)
     peer_open(&p);
     r = rp_reader_start(p.fds[0], &ops_precopy, &p, &err);
     w = rp_writer_new(p.fds[1]);
-    assert_int_equal(rp_send_u32(w, LM_RP_SHUT, 1), 0);
+    assert_int_equal(rp_send_u32(w, WIRE_RP_SHUT, 1), 0);
     assert_int_equal(rp_reader_wait_shut(r, T_MS, &status, &err), 0);
     assert_int_equal(status, 1);
     assert_int_equal(rp_reader_check(r, &st, &err), -EIO);
@@ -174,7 +174,7 @@ static void test_bad_messages(void **state)
     r = rp_reader_start(p.fds[0], &ops_all, &p, &err);
     raw(p.fds[1], req, sizeof(req));
     rp_writer *w = rp_writer_new(p.fds[1]);
-    assert_int_equal(rp_send_u32(w, LM_RP_PONG, 1), 0);
+    assert_int_equal(rp_send_u32(w, WIRE_RP_PONG, 1), 0);
     for (int i = 0; i < T_MS && atomic_load(&p.messages) < 2; i++)
         usleep(1000);
     assert_int_equal(p.messages, 2);
@@ -200,7 +200,7 @@ static void *send_many(void *arg)
     sender *s = arg;
 
     for (uint32_t i = 0; i < PER_THREAD; i++)
-        if (rp_send_u32(s->w, LM_RP_PONG, s->base + i))
+        if (rp_send_u32(s->w, WIRE_RP_PONG, s->base + i))
             return (void *)1;
     return NULL;
 }
@@ -227,7 +227,7 @@ static void test_writer_threads(void **state)
             assert_true(r > 0);
             got += (size_t)r;
         }
-        assert_int_equal(msg[0] << 8 | msg[1], LM_RP_PONG);
+        assert_int_equal(msg[0] << 8 | msg[1], WIRE_RP_PONG);
         assert_int_equal(msg[2] << 8 | msg[3], 4);
         uint32_t v = wire_be32(msg + 4);
         int who = (int)(v >> 24);
@@ -242,7 +242,7 @@ static void test_writer_threads(void **state)
     }
     /* not a valid message: refused before anything is written */
     assert_int_equal(rp_send(w, 99, NULL, 0), -EINVAL);
-    assert_int_equal(rp_send(w, LM_RP_SHUT, "ab", 2), -EINVAL);
+    assert_int_equal(rp_send(w, WIRE_RP_SHUT, "ab", 2), -EINVAL);
     rp_writer_free(w);
     peer_close(&p);
 }

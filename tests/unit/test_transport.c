@@ -61,10 +61,10 @@ static void tmp_path(char *buf, size_t len, const char *leaf)
     assert_true(n > 0 && (size_t)n < len);
 }
 
-static void parse_ok(const char *s, lm_uri *u)
+static void parse_ok(const char *s, transport_uri *u)
 {
     lm_error err = { 0 };
-    int r = lm_uri_parse(s, u, &err);
+    int r = transport_uri_parse(s, u, &err);
     if (r != 0)
         fail_msg("parse '%s': %s", s, err.msg);
 }
@@ -218,18 +218,19 @@ static void canceller_join(struct canceller *k)
 }
 
 /* Listen on uri, connect to the reported address, accept; both conns open. */
-static void open_pair(const char *uri, lm_listen *l, lm_conn *out, lm_conn *in)
+static void open_pair(const char *uri, transport_listener *l, transport_conn *out,
+                      transport_conn *in)
 {
-    lm_uri u, cu;
+    transport_uri u, cu;
     lm_error err = { 0 };
 
     parse_ok(uri, &u);
-    if (lm_transport_listen(&u, l, &err) != 0)
+    if (transport_listen(&u, l, &err) != 0)
         fail_msg("listen %s: %s", uri, err.msg);
     parse_ok(l->address, &cu);
-    if (lm_transport_connect(&cu, out, -1, IO_TIMEOUT_MS, &err) != 0)
+    if (transport_connect(&cu, out, -1, IO_TIMEOUT_MS, &err) != 0)
         fail_msg("connect %s: %s", l->address, err.msg);
-    if (lm_transport_accept(l, in, -1, IO_TIMEOUT_MS, &err) != 0)
+    if (transport_accept(l, in, -1, IO_TIMEOUT_MS, &err) != 0)
         fail_msg("accept %s: %s", l->address, err.msg);
 }
 
@@ -237,11 +238,11 @@ static void open_pair(const char *uri, lm_listen *l, lm_conn *out, lm_conn *in)
 
 static void test_parse_good(void **state)
 {
-    lm_uri u;
+    transport_uri u;
     (void)state;
 
     parse_ok("tcp:127.0.0.1:4444", &u);
-    assert_int_equal(u.kind, LM_URI_TCP);
+    assert_int_equal(u.kind, URI_TCP);
     assert_string_equal(u.host, "127.0.0.1");
     assert_string_equal(u.port, "4444");
 
@@ -258,19 +259,19 @@ static void test_parse_good(void **state)
     assert_string_equal(u.port, "80");
 
     parse_ok("unix:/run/x.sock", &u);
-    assert_int_equal(u.kind, LM_URI_UNIX);
+    assert_int_equal(u.kind, URI_UNIX);
     assert_string_equal(u.path, "/run/x.sock");
 
     parse_ok("fd:7", &u);
-    assert_int_equal(u.kind, LM_URI_FD);
+    assert_int_equal(u.kind, URI_FD);
     assert_int_equal(u.fd, 7);
 
     parse_ok("exec:cat > /tmp/f, x:y", &u);
-    assert_int_equal(u.kind, LM_URI_EXEC);
+    assert_int_equal(u.kind, URI_EXEC);
     assert_string_equal(u.cmd, "cat > /tmp/f, x:y");
 
     parse_ok("file:/tmp/f", &u);
-    assert_int_equal(u.kind, LM_URI_FILE);
+    assert_int_equal(u.kind, URI_FILE);
     assert_string_equal(u.path, "/tmp/f");
     assert_int_equal(u.offset, 0);
 
@@ -317,13 +318,13 @@ static void test_parse_bad(void **state)
     };
     char longunix[300], longhost[400], expect[400];
     lm_error err;
-    lm_uri u;
+    transport_uri u;
     size_t i;
     (void)state;
 
     for (i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         memset(&err, 0, sizeof(err));
-        if (lm_uri_parse(cases[i].uri, &u, &err) != -EINVAL)
+        if (transport_uri_parse(cases[i].uri, &u, &err) != -EINVAL)
             fail_msg("'%s' parsed", cases[i].uri);
         assert_int_equal(err.code, -EINVAL);
         snprintf(expect, sizeof(expect), "bad migration URI '%s': ", cases[i].uri);
@@ -338,24 +339,24 @@ static void test_parse_bad(void **state)
     assert_int_equal(strlen(u.path), 107);
     longunix[5 + 108 - 1] = 'b';         /* 108 bytes: no room for the NUL */
     memset(&err, 0, sizeof(err));
-    assert_int_equal(lm_uri_parse(longunix, &u, &err), -EINVAL);
+    assert_int_equal(transport_uri_parse(longunix, &u, &err), -EINVAL);
     assert_msg_has(&err, "unix path too long", "108 bytes", NULL);
 
     memset(longhost, 'h', sizeof(longhost));
     memcpy(longhost, "tcp:", 4);
     memcpy(longhost + sizeof(longhost) - 4, ":80", 4);
     memset(&err, 0, sizeof(err));
-    assert_int_equal(lm_uri_parse(longhost, &u, &err), -EINVAL);
+    assert_int_equal(transport_uri_parse(longhost, &u, &err), -EINVAL);
     assert_msg_has(&err, "host name too long", NULL);
 
     memset(&err, 0, sizeof(err));
-    assert_int_equal(lm_uri_parse(NULL, &u, &err), -EINVAL);
+    assert_int_equal(transport_uri_parse(NULL, &u, &err), -EINVAL);
     assert_msg_has(&err, "bad migration URI", NULL);
 }
 
 /* ---------------------------------------------------------------- tcp */
 
-static void check_tcp_pair(lm_conn *out, lm_conn *in)
+static void check_tcp_pair(transport_conn *out, transport_conn *in)
 {
     int nodelay = 0;
     socklen_t len = sizeof(nodelay);
@@ -373,10 +374,10 @@ static void check_tcp_pair(lm_conn *out, lm_conn *in)
 
 static void test_tcp_v4(void **state)
 {
-    lm_listen l;
-    lm_conn out, in;
+    transport_listener l;
+    transport_conn out, in;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     char uri[64];
     (void)state;
 
@@ -389,41 +390,41 @@ static void test_tcp_v4(void **state)
     check_tcp_pair(&out, &in);
 
     /* closing the source gives EOF at the destination */
-    assert_int_equal(lm_conn_close(&out, &err), 0);
+    assert_int_equal(conn_close(&out, &err), 0);
     assert_int_equal(out.fd, -1);
     {
         char buf[4];
         assert_int_equal(read_to_eof(in.fd, buf, sizeof(buf)), 0);
     }
-    assert_int_equal(lm_conn_close(&in, &err), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);    /* twice is harmless */
+    assert_int_equal(conn_close(&in, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);       /* twice is harmless */
 
     /* a host name works too */
     snprintf(uri, sizeof(uri), "tcp:localhost:%s", l.uri.port);
     parse_ok(uri, &u);
-    if (lm_transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err) != 0)
+    if (transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err) != 0)
         fail_msg("%s", err.msg);
-    assert_int_equal(lm_transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
     ping_pong(out.fd, in.fd);
-    assert_int_equal(lm_conn_close(&out, &err), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
+    assert_int_equal(conn_close(&out, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);
 
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l);
     assert_int_equal(l.fd, -1);
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l);
 }
 
 static void test_tcp_v6(void **state)
 {
-    lm_listen l;
-    lm_conn out, in;
+    transport_listener l;
+    transport_conn out, in;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     int r;
     (void)state;
 
     parse_ok("tcp:[::1]:0", &u);
-    r = lm_transport_listen(&u, &l, &err);
+    r = transport_listen(&u, &l, &err);
     if (r == -EADDRNOTAVAIL || r == -EAFNOSUPPORT || r == -EHOSTUNREACH) {
         print_message("# ::1 unavailable (%s), skipping\n", err.msg);
         skip();
@@ -435,34 +436,34 @@ static void test_tcp_v6(void **state)
 
     parse_ok(l.address, &u);
     assert_string_equal(u.host, "::1");
-    if (lm_transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err) != 0)
+    if (transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err) != 0)
         fail_msg("%s", err.msg);
-    assert_int_equal(lm_transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
     assert_string_equal(out.peer, l.address);
     assert_true(strncmp(in.peer, "tcp:[::1]:", 10) == 0);
     check_tcp_pair(&out, &in);
-    assert_int_equal(lm_conn_close(&out, &err), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
-    lm_transport_unlisten(&l);
+    assert_int_equal(conn_close(&out, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);
+    transport_unlisten(&l);
 }
 
 static void test_tcp_address_in_use(void **state)
 {
-    lm_listen l, l2;
+    transport_listener l, l2;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     char expect[256];
     (void)state;
 
     parse_ok("tcp:127.0.0.1:0", &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
     parse_ok(l.address, &u);
-    assert_int_equal(lm_transport_listen(&u, &l2, &err), -EADDRINUSE);
+    assert_int_equal(transport_listen(&u, &l2, &err), -EADDRINUSE);
     assert_int_equal(l2.fd, -1);
     snprintf(expect, sizeof(expect), "%s: bind: Address already in use", l.address);
     assert_msg_has(&err, expect, NULL);
-    lm_transport_unlisten(&l2);
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l2);
+    transport_unlisten(&l);
 }
 
 static void test_tcp_refused(void **state)
@@ -471,8 +472,8 @@ static void test_tcp_refused(void **state)
                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK) };
     socklen_t len = sizeof(sa);
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     char uri[64], expect[256];
     int s;
     (void)state;
@@ -484,12 +485,12 @@ static void test_tcp_refused(void **state)
     assert_int_equal(getsockname(s, (struct sockaddr *)&sa, &len), 0);
     snprintf(uri, sizeof(uri), "tcp:127.0.0.1:%u", ntohs(sa.sin_port));
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err),
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err),
                      -ECONNREFUSED);
     assert_int_equal(c.fd, -1);
     snprintf(expect, sizeof(expect), "%s: connect: Connection refused", uri);
     assert_msg_has(&err, expect, NULL);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
+    assert_int_equal(conn_close(&c, &err), 0);
     close(s);
 }
 
@@ -524,16 +525,16 @@ static void test_tcp_connect_timeout(void **state)
     int fillers[4], s, i;
     char uri[64], expect[256];
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     int64_t t0, dt;
     (void)state;
 
     s = full_listener(uri, sizeof(uri), fillers, 4);
     parse_ok(uri, &u);
-    t0 = lm_now_ms();
-    assert_int_equal(lm_transport_connect(&u, &c, -1, 200, &err), -ETIMEDOUT);
-    dt = lm_now_ms() - t0;
+    t0 = time_now_ms();
+    assert_int_equal(transport_connect(&u, &c, -1, 200, &err), -ETIMEDOUT);
+    dt = time_now_ms() - t0;
     assert_true(dt >= 190 && dt < 5000);
     snprintf(expect, sizeof(expect), "%s: connect: timed out after 200 ms", uri);
     assert_msg_has(&err, expect, NULL);
@@ -549,17 +550,17 @@ static void test_tcp_connect_cancel(void **state)
     int fillers[4], s, i;
     char uri[64];
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     int64_t t0, dt;
     (void)state;
 
     s = full_listener(uri, sizeof(uri), fillers, 4);
     parse_ok(uri, &u);
     canceller_start(&k, 50);
-    t0 = lm_now_ms();
-    assert_int_equal(lm_transport_connect(&u, &c, k.efd, 20000, &err), -ECANCELED);
-    dt = lm_now_ms() - t0;
+    t0 = time_now_ms();
+    assert_int_equal(transport_connect(&u, &c, k.efd, 20000, &err), -ECANCELED);
+    dt = time_now_ms() - t0;
     assert_true(dt < 5000);
     assert_msg_has(&err, uri, "connect: cancelled", NULL);
     canceller_join(&k);
@@ -571,22 +572,22 @@ static void test_tcp_connect_cancel(void **state)
 static void test_accept_cancel(void **state)
 {
     struct canceller k;
-    lm_listen l;
-    lm_conn c;
+    transport_listener l;
+    transport_conn c;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     int64_t t0, dt;
     uint64_t one = 1;
     (void)state;
 
     parse_ok("tcp:127.0.0.1:0", &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
 
     /* cancelled while blocked */
     canceller_start(&k, 50);
-    t0 = lm_now_ms();
-    assert_int_equal(lm_transport_accept(&l, &c, k.efd, 20000, &err), -ECANCELED);
-    dt = lm_now_ms() - t0;
+    t0 = time_now_ms();
+    assert_int_equal(transport_accept(&l, &c, k.efd, 20000, &err), -ECANCELED);
+    dt = time_now_ms() - t0;
     assert_true(dt < 5000);
     assert_msg_has(&err, l.address, "accept: cancelled", NULL);
     assert_int_equal(c.fd, -1);
@@ -598,50 +599,50 @@ static void test_accept_cancel(void **state)
     assert_true(k.efd >= 0);
     assert_int_equal(write(k.efd, &one, sizeof(one)), (ssize_t)sizeof(one));
     {
-        lm_conn out;
-        lm_uri cu;
+        transport_conn out;
+        transport_uri cu;
         parse_ok(l.address, &cu);
-        assert_int_equal(lm_transport_connect(&cu, &out, -1, IO_TIMEOUT_MS, &err), 0);
-        assert_int_equal(lm_transport_accept(&l, &c, k.efd, -1, &err), -ECANCELED);
+        assert_int_equal(transport_connect(&cu, &out, -1, IO_TIMEOUT_MS, &err), 0);
+        assert_int_equal(transport_accept(&l, &c, k.efd, -1, &err), -ECANCELED);
         /* and without the cancel the same connection is accepted */
-        assert_int_equal(lm_transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
+        assert_int_equal(transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
         ping_pong(out.fd, c.fd);
-        assert_int_equal(lm_conn_close(&out, &err), 0);
-        assert_int_equal(lm_conn_close(&c, &err), 0);
+        assert_int_equal(conn_close(&out, &err), 0);
+        assert_int_equal(conn_close(&c, &err), 0);
     }
     close(k.efd);
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l);
 }
 
 static void test_accept_timeout(void **state)
 {
-    lm_listen l;
-    lm_conn c;
+    transport_listener l;
+    transport_conn c;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     int64_t t0, dt;
     char path[300], uri[320];
     (void)state;
 
     parse_ok("tcp:127.0.0.1:0", &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
-    t0 = lm_now_ms();
-    assert_int_equal(lm_transport_accept(&l, &c, -1, 100, &err), -ETIMEDOUT);
-    dt = lm_now_ms() - t0;
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
+    t0 = time_now_ms();
+    assert_int_equal(transport_accept(&l, &c, -1, 100, &err), -ETIMEDOUT);
+    dt = time_now_ms() - t0;
     assert_true(dt >= 95 && dt < 5000);
     assert_msg_has(&err, l.address, "accept: timed out after 100 ms", NULL);
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l);
 
     /* zero means "only if one is already waiting" */
     tmp_path(path, sizeof(path), "to.sock");
     snprintf(uri, sizeof(uri), "unix:%s", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
-    assert_int_equal(lm_transport_accept(&l, &c, -1, 0, &err), -ETIMEDOUT);
-    lm_transport_unlisten(&l);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_accept(&l, &c, -1, 0, &err), -ETIMEDOUT);
+    transport_unlisten(&l);
 }
 
-/* lm_conn_shutdown wakes a thread blocked reading the connection. */
+/* conn_shutdown wakes a thread blocked reading the connection. */
 struct blocked_reader {
     pthread_t thread;
     int fd;
@@ -656,13 +657,13 @@ static void *blocked_reader_main(void *arg)
     return NULL;
 }
 
-static void shutdown_wakes_reader(lm_conn *c)
+static void shutdown_wakes_reader(transport_conn *c)
 {
     struct blocked_reader b = { .fd = c->fd, .result = -2 };
     struct timespec ts;
 
     assert_int_equal(pthread_create(&b.thread, NULL, blocked_reader_main, &b), 0);
-    lm_conn_shutdown(c);
+    conn_shutdown(c);
     clock_gettime(CLOCK_REALTIME, &ts);
     ts.tv_sec += 10;
     assert_int_equal(pthread_timedjoin_np(b.thread, NULL, &ts), 0);
@@ -671,23 +672,23 @@ static void shutdown_wakes_reader(lm_conn *c)
 
 static void test_conn_shutdown(void **state)
 {
-    lm_listen l;
-    lm_conn out, in;
+    transport_listener l;
+    transport_conn out, in;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     (void)state;
 
     open_pair("tcp:127.0.0.1:0", &l, &out, &in);
     shutdown_wakes_reader(&in);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
-    assert_int_equal(lm_conn_close(&out, &err), 0);
-    lm_transport_unlisten(&l);
+    assert_int_equal(conn_close(&in, &err), 0);
+    assert_int_equal(conn_close(&out, &err), 0);
+    transport_unlisten(&l);
 
     /* exec: too (a command that never writes back to us) */
     parse_ok("exec:cat > /dev/null", &u);
-    assert_int_equal(lm_transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err), 0);
     shutdown_wakes_reader(&out);
-    if (lm_conn_close(&out, &err) != 0)
+    if (conn_close(&out, &err) != 0)
         fail_msg("%s", err.msg);
 }
 
@@ -697,8 +698,8 @@ static void test_unix(void **state)
 {
     char path[300], uri[320];
     struct stat st;
-    lm_listen l;
-    lm_conn out, in;
+    transport_listener l;
+    transport_conn out, in;
     lm_error err = { 0 };
     (void)state;
 
@@ -711,11 +712,11 @@ static void test_unix(void **state)
     assert_int_equal(fcntl(out.fd, F_GETFL) & O_NONBLOCK, 0);
     assert_int_equal(fcntl(in.fd, F_GETFL) & O_NONBLOCK, 0);
     ping_pong(out.fd, in.fd);
-    assert_int_equal(lm_conn_close(&out, &err), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
+    assert_int_equal(conn_close(&out, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);
 
     assert_int_equal(lstat(path, &st), 0);
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l);
     assert_int_equal(lstat(path, &st), -1);
     assert_int_equal(errno, ENOENT);
 }
@@ -724,14 +725,14 @@ static void test_unix_connect_missing(void **state)
 {
     char path[300], uri[320];
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     (void)state;
 
     tmp_path(path, sizeof(path), "nobody.sock");
     snprintf(uri, sizeof(uri), "unix:%s", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -ENOENT);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -ENOENT);
     assert_msg_has(&err, uri, "connect: No such file or directory", NULL);
 }
 
@@ -740,10 +741,10 @@ static void test_unix_stale_and_live(void **state)
     struct sockaddr_un sa = { .sun_family = AF_UNIX };
     char path[300], uri[320], buf[8];
     struct stat st;
-    lm_listen l, l2;
-    lm_conn out, in;
+    transport_listener l, l2;
+    transport_conn out, in;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     size_t n;
     int s;
     (void)state;
@@ -762,28 +763,28 @@ static void test_unix_stale_and_live(void **state)
 
     open_pair(uri, &l, &out, &in);
     ping_pong(out.fd, in.fd);
-    assert_int_equal(lm_conn_close(&out, &err), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
+    assert_int_equal(conn_close(&out, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);
 
     /* a live one is refused and left alone */
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_listen(&u, &l2, &err), -EADDRINUSE);
+    assert_int_equal(transport_listen(&u, &l2, &err), -EADDRINUSE);
     assert_msg_has(&err, uri, "Address already in use", "listening", NULL);
     assert_int_equal(l2.fd, -1);
-    assert_int_equal(lm_transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &out, -1, IO_TIMEOUT_MS, &err), 0);
     /* the probe of the refused listen arrives first: it closes at once */
-    assert_int_equal(lm_transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
     assert_int_equal(read_to_eof(in.fd, buf, sizeof(buf)), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
-    assert_int_equal(lm_transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);
+    assert_int_equal(transport_accept(&l, &in, -1, IO_TIMEOUT_MS, &err), 0);
     ping_pong(out.fd, in.fd);
-    assert_int_equal(lm_conn_close(&out, &err), 0);
-    assert_int_equal(lm_conn_close(&in, &err), 0);
-    lm_transport_unlisten(&l);
+    assert_int_equal(conn_close(&out, &err), 0);
+    assert_int_equal(conn_close(&in, &err), 0);
+    transport_unlisten(&l);
 
     /* a regular file in the way is never removed */
     spit_file(path, "keep");
-    assert_int_equal(lm_transport_listen(&u, &l2, &err), -EADDRINUSE);
+    assert_int_equal(transport_listen(&u, &l2, &err), -EADDRINUSE);
     assert_msg_has(&err, uri, "Address already in use", "not a socket", NULL);
     slurp_file(path, buf, sizeof(buf), &n);
     assert_int_equal(n, 4);
@@ -796,17 +797,17 @@ static void test_fd(void **state)
 {
     int sv[2], bad;
     char uri[32], path[300];
-    lm_listen l;
-    lm_conn c;
+    transport_listener l;
+    transport_conn c;
     lm_error err = { 0 };
-    lm_uri u;
+    transport_uri u;
     (void)state;
 
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv), 0);
     assert_int_equal(fcntl(sv[0], F_SETFL, O_NONBLOCK), 0);
     snprintf(uri, sizeof(uri), "fd:%d", sv[0]);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_true(c.fd >= 3 && c.fd != sv[0]);
     assert_true(c.is_socket);
     assert_false(c.seekable);
@@ -814,17 +815,17 @@ static void test_fd(void **state)
     assert_int_equal(fcntl(c.fd, F_GETFL) & O_NONBLOCK, 0);   /* made blocking */
     assert_string_equal(c.peer, uri);
     ping_pong(c.fd, sv[1]);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
+    assert_int_equal(conn_close(&c, &err), 0);
     assert_true(fcntl(sv[0], F_GETFD) >= 0);     /* the caller keeps its own */
 
     /* incoming: accept hands out a dup as well */
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
     assert_int_equal(l.fd, -1);
     assert_string_equal(l.address, uri);
-    assert_int_equal(lm_transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
     ping_pong(sv[1], c.fd);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
-    lm_transport_unlisten(&l);
+    assert_int_equal(conn_close(&c, &err), 0);
+    transport_unlisten(&l);
     close(sv[0]);
     close(sv[1]);
 
@@ -835,21 +836,21 @@ static void test_fd(void **state)
     assert_true(sv[0] >= 0);
     snprintf(uri, sizeof(uri), "fd:%d", sv[0]);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_false(c.is_socket);
     assert_true(c.seekable);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
+    assert_int_equal(conn_close(&c, &err), 0);
     close(sv[0]);
 
     /* wrong direction */
     assert_int_equal(pipe2(sv, O_CLOEXEC), 0);
     snprintf(uri, sizeof(uri), "fd:%d", sv[0]);   /* read end */
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -EBADF);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -EBADF);
     assert_msg_has(&err, uri, "not open for writing", NULL);
     snprintf(uri, sizeof(uri), "fd:%d", sv[1]);   /* write end */
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), -EBADF);
+    assert_int_equal(transport_listen(&u, &l, &err), -EBADF);
     assert_msg_has(&err, uri, "not open for reading", NULL);
     close(sv[0]);
     close(sv[1]);
@@ -858,11 +859,11 @@ static void test_fd(void **state)
     bad = closed_fd();
     snprintf(uri, sizeof(uri), "fd:%d", bad);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -EBADF);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -EBADF);
     assert_msg_has(&err, uri, ": Bad file descriptor", NULL);
     assert_int_equal(c.fd, -1);
     memset(&err, 0, sizeof(err));
-    assert_int_equal(lm_transport_listen(&u, &l, &err), -EBADF);
+    assert_int_equal(transport_listen(&u, &l, &err), -EBADF);
     assert_msg_has(&err, uri, ": Bad file descriptor", NULL);
 }
 
@@ -872,22 +873,22 @@ static void test_exec_out(void **state)
 {
     char path[300], uri[400], buf[64];
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     size_t n;
     (void)state;
 
     tmp_path(path, sizeof(path), "exec-out");
     snprintf(uri, sizeof(uri), "exec:cat > '%s'", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_true(c.child > 0);
     assert_false(c.is_socket);        /* no return path over a command */
     assert_false(c.seekable);
     assert_true(is_cloexec(c.fd));
     assert_string_equal(c.peer, uri);
     write_all(c.fd, "hello, exec", 11);
-    if (lm_conn_close(&c, &err) != 0)
+    if (conn_close(&c, &err) != 0)
         fail_msg("%s", err.msg);
     assert_int_equal(c.child, 0);
     assert_int_equal(c.fd, -1);
@@ -899,48 +900,48 @@ static void test_exec_out(void **state)
 static void test_exec_in(void **state)
 {
     char buf[64];
-    lm_listen l;
+    transport_listener l;
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     (void)state;
 
     parse_ok("exec:printf abc", &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
     assert_int_equal(l.fd, -1);
     assert_string_equal(l.address, "exec:printf abc");
-    assert_int_equal(lm_transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_true(c.child > 0);
     assert_int_equal(read_to_eof(c.fd, buf, sizeof(buf)), 3);
     assert_memory_equal(buf, "abc", 3);
-    if (lm_conn_close(&c, &err) != 0)
+    if (conn_close(&c, &err) != 0)
         fail_msg("%s", err.msg);
-    lm_transport_unlisten(&l);
+    transport_unlisten(&l);
 }
 
 static void test_exec_fail(void **state)
 {
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     (void)state;
 
     parse_ok("exec:exit 3", &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
-    assert_int_equal(lm_conn_close(&c, &err), -EIO);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(conn_close(&c, &err), -EIO);
     assert_msg_has(&err, "exec:exit 3 exited with status 3", NULL);
     assert_int_equal(c.child, 0);
     memset(&err, 0, sizeof(err));
-    assert_int_equal(lm_conn_close(&c, &err), 0);     /* already reaped */
+    assert_int_equal(conn_close(&c, &err), 0);        /* already reaped */
 
     parse_ok("exec:kill -TERM $$", &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
-    assert_int_equal(lm_conn_close(&c, &err), -EIO);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(conn_close(&c, &err), -EIO);
     assert_msg_has(&err, "exec:kill -TERM $$ was killed by signal 15", NULL);
 
     /* a command that is gone: EOF when reading, EPIPE when writing */
     parse_ok("exec:true", &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     {
         struct pollfd pf = { .fd = c.fd, .events = POLLIN };
         char x;
@@ -950,7 +951,7 @@ static void test_exec_fail(void **state)
         assert_int_equal(send(c.fd, "x", 1, MSG_NOSIGNAL), -1);
         assert_int_equal(errno, EPIPE);
     }
-    assert_int_equal(lm_conn_close(&c, &err), 0);
+    assert_int_equal(conn_close(&c, &err), 0);
 }
 
 /*
@@ -963,8 +964,8 @@ static void test_exec_hung(void **state)
 {
     char fifo[300], uri[400], x;
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     int64_t t0, dt;
     struct pollfd pf;
     int rd;
@@ -976,13 +977,13 @@ static void test_exec_hung(void **state)
     assert_true(rd >= 0);
     snprintf(uri, sizeof(uri), "exec:{ printf x; exec sleep 60; } > '%s' & wait", fifo);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     read_exact(rd, &x, 1);
     assert_int_equal(x, 'x');
 
-    t0 = lm_now_ms();
-    assert_int_equal(lm_conn_close(&c, &err), -ETIMEDOUT);
-    dt = lm_now_ms() - t0;
+    t0 = time_now_ms();
+    assert_int_equal(conn_close(&c, &err), -ETIMEDOUT);
+    dt = time_now_ms() - t0;
     assert_true(dt >= 9900 && dt < 15000);
     assert_msg_has(&err, uri, "did not exit within 10 s", "killed", NULL);
     assert_int_equal(c.child, 0);
@@ -999,10 +1000,10 @@ static void test_exec_hung(void **state)
 static void test_file(void **state)
 {
     char path[300], uri[400], buf[64];
-    lm_listen l;
+    transport_listener l;
     lm_error err = { 0 };
-    lm_conn c;
-    lm_uri u;
+    transport_conn c;
+    transport_uri u;
     size_t n;
     struct stat st;
     (void)state;
@@ -1011,64 +1012,64 @@ static void test_file(void **state)
     spit_file(path, "old contents that must go away");
     snprintf(uri, sizeof(uri), "file:%s", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_true(c.seekable);
     assert_false(c.is_socket);
     assert_true(is_cloexec(c.fd));
     assert_int_equal(fcntl(c.fd, F_GETFL) & O_NONBLOCK, 0);
     write_all(c.fd, "0123456789", 10);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
+    assert_int_equal(conn_close(&c, &err), 0);
     assert_int_equal(stat(path, &st), 0);
     assert_int_equal(st.st_size, 10);             /* truncated */
     assert_int_equal(st.st_mode & 0777, 0600);
 
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
-    assert_int_equal(lm_transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_true(c.seekable);
     assert_int_equal(read_to_eof(c.fd, buf, sizeof(buf)), 10);
     assert_memory_equal(buf, "0123456789", 10);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
-    lm_transport_unlisten(&l);
+    assert_int_equal(conn_close(&c, &err), 0);
+    transport_unlisten(&l);
 
     /* with an offset: write in place, read from there */
     snprintf(uri, sizeof(uri), "file:%s,offset=4", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), 0);
     write_all(c.fd, "ab", 2);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
+    assert_int_equal(conn_close(&c, &err), 0);
     slurp_file(path, buf, sizeof(buf), &n);
     assert_int_equal(n, 10);
     assert_memory_equal(buf, "0123ab6789", 10);
 
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
-    assert_int_equal(lm_transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), 0);
     assert_int_equal(read_to_eof(c.fd, buf, sizeof(buf)), 6);
     assert_memory_equal(buf, "ab6789", 6);
-    assert_int_equal(lm_conn_close(&c, &err), 0);
-    lm_transport_unlisten(&l);
+    assert_int_equal(conn_close(&c, &err), 0);
+    transport_unlisten(&l);
 
     /* a missing file is reported when listening */
     tmp_path(path, sizeof(path), "missing.bin");
     snprintf(uri, sizeof(uri), "file:%s", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), -ENOENT);
+    assert_int_equal(transport_listen(&u, &l, &err), -ENOENT);
     assert_msg_has(&err, uri, "No such file or directory", NULL);
 
     /* a directory is refused when it is opened */
     snprintf(uri, sizeof(uri), "file:%s", tmpdir);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_listen(&u, &l, &err), 0);
-    assert_int_equal(lm_transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), -EISDIR);
+    assert_int_equal(transport_listen(&u, &l, &err), 0);
+    assert_int_equal(transport_accept(&l, &c, -1, IO_TIMEOUT_MS, &err), -EISDIR);
     assert_msg_has(&err, uri, "Is a directory", NULL);
     assert_int_equal(c.fd, -1);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -EISDIR);
-    lm_transport_unlisten(&l);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -EISDIR);
+    transport_unlisten(&l);
 
     /* an output directory that does not exist */
     tmp_path(path, sizeof(path), "no/such/dir");
     snprintf(uri, sizeof(uri), "file:%s", path);
     parse_ok(uri, &u);
-    assert_int_equal(lm_transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -ENOENT);
+    assert_int_equal(transport_connect(&u, &c, -1, IO_TIMEOUT_MS, &err), -ENOENT);
     assert_msg_has(&err, uri, "open: No such file or directory", NULL);
 }
 

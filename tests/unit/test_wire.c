@@ -45,9 +45,9 @@ static const struct { uint16_t type; const char *name; int32_t len; uint16_t min
 static void test_command_table(void **state)
 {
     (void)state;
-    assert_int_equal(LM_CMD__MAX, 12);
+    assert_int_equal(WIRE_CMD__MAX, 12);
     for (size_t i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
-        const lm_wire_def *d = wire_cmd_def(cmds[i].cmd);
+        const wire_item_def *d = wire_cmd_def(cmds[i].cmd);
 
         assert_non_null(d);
         assert_string_equal(d->name, cmds[i].name);
@@ -55,61 +55,61 @@ static void test_command_table(void **state)
         assert_int_equal(d->len, cmds[i].len);
         assert_int_equal(d->min_len, cmds[i].min);
         if (cmds[i].len >= 0) {
-            assert_int_equal(wire_cmd_check(cmds[i].cmd, (uint16_t)cmds[i].len), LM_WIRE_OK);
+            assert_int_equal(wire_cmd_check(cmds[i].cmd, (uint16_t)cmds[i].len), WIRE_OK);
             assert_int_equal(wire_cmd_check(cmds[i].cmd, (uint16_t)cmds[i].len + 1),
-                             LM_WIRE_ELEN);
+                             WIRE_ELEN);
         } else {
-            assert_int_equal(wire_cmd_check(cmds[i].cmd, cmds[i].min), LM_WIRE_OK);
-            assert_int_equal(wire_cmd_check(cmds[i].cmd, 65535), LM_WIRE_OK);
+            assert_int_equal(wire_cmd_check(cmds[i].cmd, cmds[i].min), WIRE_OK);
+            assert_int_equal(wire_cmd_check(cmds[i].cmd, 65535), WIRE_OK);
             if (cmds[i].min)
-                assert_int_equal(wire_cmd_check(cmds[i].cmd, cmds[i].min - 1), LM_WIRE_ELEN);
+                assert_int_equal(wire_cmd_check(cmds[i].cmd, cmds[i].min - 1), WIRE_ELEN);
         }
     }
     /* INVALID and everything from MAX on are not commands. */
     assert_null(wire_cmd_def(0));
-    assert_null(wire_cmd_def(LM_CMD__MAX));
+    assert_null(wire_cmd_def(WIRE_CMD__MAX));
     assert_null(wire_cmd_def(65535));
     assert_string_equal(wire_cmd_name(0), "?");
     assert_string_equal(wire_cmd_name(12), "?");
-    assert_int_equal(wire_cmd_check(0, 0), LM_WIRE_EUNKNOWN);
-    assert_int_equal(wire_cmd_check(12, 0), LM_WIRE_EUNKNOWN);
+    assert_int_equal(wire_cmd_check(0, 0), WIRE_EUNKNOWN);
+    assert_int_equal(wire_cmd_check(12, 0), WIRE_EUNKNOWN);
     /* The symbolic names are the table's numbers. */
-    assert_string_equal(wire_cmd_name(LM_CMD_PACKAGED), "PACKAGED");
-    assert_string_equal(wire_cmd_name(LM_CMD_POSTCOPY_RUN), "POSTCOPY_RUN");
+    assert_string_equal(wire_cmd_name(WIRE_CMD_PACKAGED), "PACKAGED");
+    assert_string_equal(wire_cmd_name(WIRE_CMD_POSTCOPY_RUN), "POSTCOPY_RUN");
 }
 
 static void test_return_path_table(void **state)
 {
-    uint8_t msg[LM_RP_MAX_LEN + 8], v[4] = { 0, 0, 0, 7 };
+    uint8_t msg[WIRE_RP_MAX_LEN + 8], v[4] = { 0, 0, 0, 7 };
 
     (void)state;
-    assert_int_equal(LM_RP__MAX, 8);
+    assert_int_equal(WIRE_RP__MAX, 8);
     for (size_t i = 0; i < sizeof(rps) / sizeof(rps[0]); i++) {
-        const lm_wire_def *d = wire_rp_def(rps[i].type);
+        const wire_item_def *d = wire_rp_def(rps[i].type);
 
         assert_non_null(d);
         assert_string_equal(wire_rp_name(rps[i].type), rps[i].name);
         assert_int_equal(d->len, rps[i].len);
         assert_int_equal(d->min_len, rps[i].min);
         if (rps[i].len >= 0) {
-            assert_int_equal(wire_rp_check(rps[i].type, (uint16_t)rps[i].len), LM_WIRE_OK);
+            assert_int_equal(wire_rp_check(rps[i].type, (uint16_t)rps[i].len), WIRE_OK);
             assert_int_equal(wire_rp_check(rps[i].type, (uint16_t)rps[i].len + 4),
-                             LM_WIRE_ELEN);
+                             WIRE_ELEN);
         } else {
             /* variable: from the minimum up to the 512-byte cap */
-            assert_int_equal(wire_rp_check(rps[i].type, rps[i].min), LM_WIRE_OK);
-            assert_int_equal(wire_rp_check(rps[i].type, LM_RP_MAX_LEN), LM_WIRE_OK);
-            assert_int_equal(wire_rp_check(rps[i].type, LM_RP_MAX_LEN + 1), LM_WIRE_ELEN);
-            assert_int_equal(wire_rp_check(rps[i].type, rps[i].min - 1), LM_WIRE_ELEN);
+            assert_int_equal(wire_rp_check(rps[i].type, rps[i].min), WIRE_OK);
+            assert_int_equal(wire_rp_check(rps[i].type, WIRE_RP_MAX_LEN), WIRE_OK);
+            assert_int_equal(wire_rp_check(rps[i].type, WIRE_RP_MAX_LEN + 1), WIRE_ELEN);
+            assert_int_equal(wire_rp_check(rps[i].type, rps[i].min - 1), WIRE_ELEN);
         }
     }
-    assert_int_equal(wire_rp_check(0, 4), LM_WIRE_EUNKNOWN);
-    assert_int_equal(wire_rp_check(LM_RP__MAX, 4), LM_WIRE_EUNKNOWN);
+    assert_int_equal(wire_rp_check(0, 4), WIRE_EUNKNOWN);
+    assert_int_equal(wire_rp_check(WIRE_RP__MAX, 4), WIRE_EUNKNOWN);
     assert_string_equal(wire_rp_name(9), "?");
 
-    assert_int_equal(wire_rp_encode(msg, sizeof(msg), LM_RP_PONG, v, 4), 8);
+    assert_int_equal(wire_rp_encode(msg, sizeof(msg), WIRE_RP_PONG, v, 4), 8);
     assert_memory_equal(msg, "\0\2\0\4\0\0\0\7", 8);
-    assert_int_equal(wire_rp_encode(msg, sizeof(msg), LM_RP_SWITCHOVER_ACK, NULL, 0), 4);
+    assert_int_equal(wire_rp_encode(msg, sizeof(msg), WIRE_RP_SWITCHOVER_ACK, NULL, 0), 4);
     assert_memory_equal(msg, "\0\7\0\0", 4);
 }
 
@@ -128,13 +128,13 @@ static const uint8_t sections[] = {
 
 static void test_section_decoders(void **state)
 {
-    lm_stream *s = lm_stream_new_mem(sections, sizeof(sections));
-    lm_wire_section h;
-    lm_wire_footer f;
+    lm_stream *s = stream_new_mem(sections, sizeof(sections));
+    wire_section h;
+    wire_footer f;
 
     (void)state;
-    assert_int_equal(wire_get_section_header(s, LM_VM_SECTION_START, 100, &h), LM_WIRE_OK);
-    assert_int_equal(h.type, LM_VM_SECTION_START);
+    assert_int_equal(wire_get_section_header(s, WIRE_VM_SECTION_START, 100, &h), WIRE_OK);
+    assert_int_equal(h.type, WIRE_VM_SECTION_START);
     assert_int_equal(h.at, 100);
     assert_int_equal(h.id, 7);
     assert_string_equal(h.idstr, "dev");
@@ -144,47 +144,47 @@ static void test_section_decoders(void **state)
     assert_int_equal(h.version, 3);
     assert_int_equal(lm_stream_offset(s), 16);
 
-    assert_int_equal(wire_get_section_header(s, LM_VM_SECTION_PART, 15, &h), LM_WIRE_OK);
+    assert_int_equal(wire_get_section_header(s, WIRE_VM_SECTION_PART, 15, &h), WIRE_OK);
     assert_int_equal(h.id, 7);
     assert_string_equal(h.idstr, "");
     assert_int_equal(h.instance, 0);
     assert_int_equal(lm_stream_offset(s), 20);
 
-    assert_int_equal(wire_get_footer(s, 7, &f), LM_WIRE_OK);
+    assert_int_equal(wire_get_footer(s, 7, &f), WIRE_OK);
     assert_int_equal(f.at, 20);
-    assert_int_equal(wire_get_footer(s, 7, &f), LM_WIRE_EID);
+    assert_int_equal(wire_get_footer(s, 7, &f), WIRE_EID);
     assert_int_equal(f.at, 25);
     assert_int_equal(f.id, 9);
-    assert_int_equal(wire_get_footer(s, 7, &f), LM_WIRE_EMARK);
+    assert_int_equal(wire_get_footer(s, 7, &f), WIRE_EMARK);
     assert_int_equal(f.at, 30);
     assert_int_equal(f.mark, 0x42);
     /* a bad mark leaves what follows it unread */
     assert_int_equal(lm_stream_offset(s), 31);
     assert_int_equal(lm_stream_error(s), 0);
-    lm_stream_free(s);
+    stream_free(s);
 
     /* Every prefix of the START header is a latched truncation. */
     for (size_t n = 0; n < 16; n++) {
-        s = lm_stream_new_mem(sections, n);
-        assert_int_equal(wire_get_section_header(s, LM_VM_SECTION_FULL, 0, &h),
-                         LM_WIRE_ESTREAM);
+        s = stream_new_mem(sections, n);
+        assert_int_equal(wire_get_section_header(s, WIRE_VM_SECTION_FULL, 0, &h),
+                         WIRE_ESTREAM);
         assert_non_null(strstr(lm_stream_error_msg(s), "truncated"));
-        lm_stream_free(s);
+        stream_free(s);
     }
-    s = lm_stream_new_mem(sections + 20, 3);
-    assert_int_equal(wire_get_footer(s, 7, &f), LM_WIRE_ESTREAM);
-    lm_stream_free(s);
+    s = stream_new_mem(sections + 20, 3);
+    assert_int_equal(wire_get_footer(s, 7, &f), WIRE_ESTREAM);
+    stream_free(s);
 
     /* A NUL inside the name: the count says so, for callers that care. */
     {
         static const uint8_t nul[] = { 0, 0, 0, 1, 3, 'd', 0, 'v', 0, 0, 0, 0, 0, 0, 0, 1 };
 
-        s = lm_stream_new_mem(nul, sizeof(nul));
-        assert_int_equal(wire_get_section_header(s, LM_VM_SECTION_FULL, 0, &h), LM_WIRE_OK);
+        s = stream_new_mem(nul, sizeof(nul));
+        assert_int_equal(wire_get_section_header(s, WIRE_VM_SECTION_FULL, 0, &h), WIRE_OK);
         assert_int_equal(h.idstr_len, 3);
         assert_int_equal(strlen(h.idstr), 1);
         assert_int_equal(h.version, 1);
-        lm_stream_free(s);
+        stream_free(s);
     }
 }
 
@@ -195,46 +195,46 @@ static void test_command_decoder(void **state)
     static const uint8_t unknown[] = { 0, 99, 0, 0 };
     static const uint8_t invalid[] = { 0, 0, 0, 0 };
     static const uint8_t discard[] = { 0, 6, 0, 19 };           /* one byte short */
-    lm_wire_command c;
+    wire_command c;
     lm_stream *s;
 
     (void)state;
-    s = lm_stream_new_mem(good, sizeof(good));
-    assert_int_equal(wire_get_command(s, 40, &c), LM_WIRE_OK);
+    s = stream_new_mem(good, sizeof(good));
+    assert_int_equal(wire_get_command(s, 40, &c), WIRE_OK);
     assert_int_equal(c.at, 40);
-    assert_int_equal(c.cmd, LM_CMD_PING);
+    assert_int_equal(c.cmd, WIRE_CMD_PING);
     assert_int_equal(c.len, 4);
     assert_non_null(c.def);
     assert_string_equal(c.def->name, "PING");
     /* the payload is the caller's */
     assert_int_equal(lm_stream_offset(s), 4);
-    lm_stream_free(s);
+    stream_free(s);
 
-    s = lm_stream_new_mem(badlen, sizeof(badlen));
-    assert_int_equal(wire_get_command(s, 0, &c), LM_WIRE_ELEN);
+    s = stream_new_mem(badlen, sizeof(badlen));
+    assert_int_equal(wire_get_command(s, 0, &c), WIRE_ELEN);
     assert_int_equal(c.cmd, 2);
     assert_int_equal(c.len, 7);
-    lm_stream_free(s);
+    stream_free(s);
 
-    s = lm_stream_new_mem(unknown, sizeof(unknown));
-    assert_int_equal(wire_get_command(s, 0, &c), LM_WIRE_EUNKNOWN);
+    s = stream_new_mem(unknown, sizeof(unknown));
+    assert_int_equal(wire_get_command(s, 0, &c), WIRE_EUNKNOWN);
     assert_int_equal(c.cmd, 99);
     assert_null(c.def);
-    lm_stream_free(s);
+    stream_free(s);
 
-    s = lm_stream_new_mem(invalid, sizeof(invalid));
-    assert_int_equal(wire_get_command(s, 0, &c), LM_WIRE_EUNKNOWN);
-    lm_stream_free(s);
+    s = stream_new_mem(invalid, sizeof(invalid));
+    assert_int_equal(wire_get_command(s, 0, &c), WIRE_EUNKNOWN);
+    stream_free(s);
 
-    s = lm_stream_new_mem(discard, sizeof(discard));
-    assert_int_equal(wire_get_command(s, 0, &c), LM_WIRE_ELEN);
-    lm_stream_free(s);
+    s = stream_new_mem(discard, sizeof(discard));
+    assert_int_equal(wire_get_command(s, 0, &c), WIRE_ELEN);
+    stream_free(s);
 
     for (size_t n = 0; n < 4; n++) {
-        s = lm_stream_new_mem(good, n);
-        assert_int_equal(wire_get_command(s, 0, &c), LM_WIRE_ESTREAM);
+        s = stream_new_mem(good, n);
+        assert_int_equal(wire_get_command(s, 0, &c), WIRE_ESTREAM);
         assert_true(lm_stream_error(s) != 0);
-        lm_stream_free(s);
+        stream_free(s);
     }
 }
 

@@ -1,7 +1,7 @@
 /*
  * Unit tests for src/util/zero.c.
  *
- * Every implementation this CPU can run (lm_is_zero_get) gets the same
+ * Every implementation this CPU can run (buf_is_zero_get) gets the same
  * checks: an all-zero page is zero; a page with one non-zero byte is not,
  * for every offset of that byte and several byte values (a checker that
  * only looked at some lanes or some bits would miss one); unaligned
@@ -33,21 +33,21 @@ static unsigned char *alloc_aligned(size_t len)
 
 static void test_choice(void **state)
 {
-    const char *chosen = lm_is_zero_impl();
+    const char *chosen = buf_is_zero_impl();
     size_t k;
 
-    assert_non_null(lm_is_zero_get("scalar"));
-    assert_null(lm_is_zero_get("mmx"));
+    assert_non_null(buf_is_zero_get("scalar"));
+    assert_null(buf_is_zero_get("mmx"));
     /* The chosen one is the widest this CPU supports. */
     for (k = 0; k < N_IMPLS; k++)
-        if (lm_is_zero_get(impls[k]))
+        if (buf_is_zero_get(impls[k]))
             break;
     assert_true(k < N_IMPLS);
     assert_string_equal(chosen, impls[k]);
-    print_message("# lm_is_zero uses %s\n", chosen);
+    print_message("# buf_is_zero uses %s\n", chosen);
 }
 
-static void check_page(lm_is_zero_fn fn, const char *name)
+static void check_page(buf_is_zero_fn fn, const char *name)
 {
     static const unsigned char vals[] = { 0x01, 0x80, 0xff, 0x10 };
     unsigned char *buf = alloc_aligned(PAGE);
@@ -78,7 +78,7 @@ static void test_page_every_offset(void **state)
     int tested = 0;
 
     for (size_t k = 0; k < N_IMPLS; k++) {
-        lm_is_zero_fn fn = lm_is_zero_get(impls[k]);
+        buf_is_zero_fn fn = buf_is_zero_get(impls[k]);
         if (!fn) {
             print_message("# %s not supported by this CPU, not tested\n", impls[k]);
             continue;
@@ -87,11 +87,11 @@ static void test_page_every_offset(void **state)
         tested++;
     }
     /* The public entry point too. */
-    check_page(lm_is_zero, "lm_is_zero");
+    check_page(buf_is_zero, "buf_is_zero");
     assert_true(tested >= 1);
 }
 
-static void check_odd(lm_is_zero_fn fn, const char *name)
+static void check_odd(buf_is_zero_fn fn, const char *name)
 {
     enum { SLACK = 80, MAXLEN = 300 };
     unsigned char *buf = alloc_aligned(SLACK + MAXLEN + SLACK);
@@ -137,11 +137,11 @@ static void check_odd(lm_is_zero_fn fn, const char *name)
 static void test_unaligned_odd_lengths(void **state)
 {
     for (size_t k = 0; k < N_IMPLS; k++) {
-        lm_is_zero_fn fn = lm_is_zero_get(impls[k]);
+        buf_is_zero_fn fn = buf_is_zero_get(impls[k]);
         if (fn)
             check_odd(fn, impls[k]);
     }
-    check_odd(lm_is_zero, "lm_is_zero");
+    check_odd(buf_is_zero, "buf_is_zero");
 }
 
 static void test_large_buffer(void **state)
@@ -150,7 +150,7 @@ static void test_large_buffer(void **state)
     unsigned char *buf = alloc_aligned(len);
 
     for (size_t k = 0; k < N_IMPLS; k++) {
-        lm_is_zero_fn fn = lm_is_zero_get(impls[k]);
+        buf_is_zero_fn fn = buf_is_zero_get(impls[k]);
         if (!fn)
             continue;
         assert_true(fn(buf, len));
