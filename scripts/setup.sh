@@ -35,9 +35,11 @@ PACKAGES=(
 
 # Only the test suite needs these (scripts/test.sh asks for them with
 # --test-deps): the analyzer's tests run a real QEMU 7.2 and compare its
-# stream with its own memory dump.
+# stream with its own memory dump; the silent-link test drops a connection's
+# packets with nftables.
 TEST_PACKAGES=(
     qemu-system-x86
+    nftables
 )
 
 deps_only=0

@@ -406,6 +406,7 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
     ret = transport_uri_parse(uri, &m->uri, err);
     if (ret)
         return ret;
+    m->uri.link_timeout_ms = (int)mig_params(m).link_timeout;
     if (!incoming && (ret = mig_dirty_get(m, err)))
         return ret;
     m->cancel_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);

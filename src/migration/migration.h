@@ -75,6 +75,7 @@ typedef struct mig_paramset {
     int64_t compress_threads;
     int64_t decompress_threads;
     int64_t switchover_confirm_timeout;/* ms the source waits for the destination's answer */
+    int64_t link_timeout;              /* ms after which a silent tcp link fails; 0 = kernel's */
 } mig_paramset;
 
 /* Copied by value under the lock, then called without it. */

@@ -56,6 +56,9 @@ static const param_def param_defs[] = {
     /* livemig's own: how long the source waits, after the whole stream was
      * sent, for the destination to say it runs the guest (or failed). */
     P("switchover-confirm-timeout", switchover_confirm_timeout, 100, 86400000, 300000, true),
+    /* livemig's own: a tcp link that drops everything (no reset) fails the
+     * migration on both sides after about this long (0: TCP's ~15 min). */
+    P("link-timeout", link_timeout, 0, 3600000, 10000, false),
 };
 #undef P
 #undef S

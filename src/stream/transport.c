@@ -442,11 +442,28 @@ static int tcp_resolve(const transport_uri *u, bool passive, struct addrinfo **r
                      u->host, gai_strerror(r));
 }
 
-/* Nagle off: see the top of the file for the measurement. */
-static void tcp_tune(int fd)
+/*
+ * Nagle off: see the top of the file for the measurement.  And a silent
+ * link noticed in about link_ms instead of TCP's ~15 minutes: keepalive
+ * probes every third of it once the connection is idle for a third of it,
+ * three unanswered ones end it; TCP_USER_TIMEOUT ends it when sent data
+ * stays unacknowledged that long (and caps the probing too).
+ */
+static void tcp_tune(int fd, int link_ms)
 {
     int one = 1;
+
     (void)setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
+    if (link_ms > 0) {
+        int third = link_ms / 3000 > 0 ? link_ms / 3000 : 1, cnt = 3;
+        unsigned int ut = (unsigned int)link_ms;
+
+        (void)setsockopt(fd, SOL_SOCKET, SO_KEEPALIVE, &one, sizeof(one));
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPIDLE, &third, sizeof(third));
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPINTVL, &third, sizeof(third));
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_KEEPCNT, &cnt, sizeof(cnt));
+        (void)setsockopt(fd, IPPROTO_TCP, TCP_USER_TIMEOUT, &ut, sizeof(ut));
+    }
 }
 
 static int tcp_connect(const transport_uri *u, transport_conn *c, int cancel_fd, int timeout_ms,
@@ -502,7 +519,7 @@ connected:
         error_set_errno(err, ret, "%s: connect", name);
         goto out;
     }
-    tcp_tune(fd);
+    tcp_tune(fd, u->link_timeout_ms);
     sockaddr_name(ai->ai_addr, ai->ai_addrlen, peer + 4, sizeof(peer) - 4);
     set_peer(c, peer);
     c->fd = fd;
@@ -1019,7 +1036,7 @@ static int sock_accept(transport_listener *l, transport_conn *c, int cancel_fd, 
     }
     /* Linux does not pass O_NONBLOCK from the listener: fd is blocking. */
     if (l->uri.kind == URI_TCP) {
-        tcp_tune(fd);
+        tcp_tune(fd, l->uri.link_timeout_ms);
         sockaddr_name((struct sockaddr *)&ss, sslen, peer + 4, sizeof(peer) - 4);
         set_peer(c, peer);
     } else {

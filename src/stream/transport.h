@@ -52,6 +52,12 @@ typedef struct transport_uri {
     char cmd[4096];       /* exec */
     int fd;               /* fd */
     uint64_t offset;      /* file: ,offset=N */
+    /* tcp: a link that goes silent (packets dropped, no reset) fails the
+     * connection after about this long, both ways: keepalive probes when
+     * nothing is sent, TCP_USER_TIMEOUT when sent data stays unacknowledged.
+     * 0 = the kernel's defaults (retransmissions for ~15 minutes).  Set by
+     * the caller after transport_uri_parse. */
+    int link_timeout_ms;
 } transport_uri;
 
 /* Parse; "bad URI" errors say which part was wrong. */

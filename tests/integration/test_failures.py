@@ -22,12 +22,16 @@ the case acts.  What must hold afterwards:
                     `cont`.
 """
 
+import os
 import re
+import shutil
 import socket
+import subprocess
 import threading
+import time
 
 import lmtest
-from lmtest import (PAGE_SIZE, TestFailure, check, check_destination,
+from lmtest import (PAGE_SIZE, TestFailure, check, check_destination, skip,
                     check_runstate, check_source_done, check_verified,
                     check_writes_advance, describe_exit, free_tcp_port,
                     mem_bytes, note, ram, test, wait_incoming_exit, wait_listening,
@@ -245,6 +249,60 @@ def _(env):
 @test("connection cut as the destination answers: source stays stopped, outcome unknown")
 def _(env):
     check_outcome_unknown(env, "cut")
+
+
+# ------------------------------------------------------- a silent link
+
+NFT_TABLE = "livemig_test_silent"
+
+
+def nft(*args):
+    return subprocess.run(["nft"] + list(args), capture_output=True, text=True, timeout=20)
+
+
+def silence_port(port):
+    """Drop every packet to or from tcp `port` (no reset, no FIN): the link
+    goes silent as a dead switch or a pulled cable would make it."""
+    nft("delete", "table", "inet", NFT_TABLE)
+    for cmd in (["add", "table", "inet", NFT_TABLE],
+                ["add", "chain", "inet", NFT_TABLE, "out",
+                 "{ type filter hook output priority 0 ; policy accept ; }"],
+                ["add", "rule", "inet", NFT_TABLE, "out", "tcp", "dport", str(port), "drop"],
+                ["add", "rule", "inet", NFT_TABLE, "out", "tcp", "sport", str(port), "drop"]):
+        r = nft(*cmd)
+        check(r.returncode == 0, "nft %s: %s", " ".join(cmd), r.stderr.strip())
+
+
+@test("a link that drops every packet mid-migration: both sides notice within link-timeout")
+def _(env):
+    if shutil.which("nft") is None or os.geteuid() != 0:
+        skip("needs nftables (nft) and root to drop the link's packets")
+    if nft("list", "tables").returncode != 0:
+        skip("nft cannot list tables here: %s" % nft("list", "tables").stderr.strip())
+    port = free_tcp_port("127.0.0.1")
+    uri = "tcp:127.0.0.1:%d" % port
+    dst = env.guest("dst", mem=MEM, incoming="defer")
+    dst.set_params(link_timeout=2000)
+    dst.cmd("migrate-incoming", {"uri": uri})
+    wait_listening(uri, dst)
+    src = env.guest("src", mem=MEM, dirty_rate=DIRTY_RATE)
+    wait_until(lambda: src.info()["writes"] > 0, 30, "the source's writers to start")
+    src.set_params(max_bandwidth=SLOW, link_timeout=2000)
+    src.cmd("migrate", {"uri": uri})
+    wait_until(lambda: ram(src.query_migrate(), "transferred") >= MIDWAY, 30,
+               "%d MiB to be sent" % (MIDWAY >> 20))
+    try:
+        silence_port(port)
+        t0 = time.monotonic()
+        # TCP alone would retransmit for ~15 minutes; 2 s plus probing
+        # slack must do.  The bound fails the case, it measures nothing.
+        info = wait_migration(src, until=("failed",), timeout=30)
+        note("source noticed after %.1f s: %s" % (time.monotonic() - t0, info.get("error-desc")))
+        check_dst_failed(dst, timeout=30)
+        note("destination gave up %.1f s after the link went silent" % (time.monotonic() - t0))
+    finally:
+        nft("delete", "table", "inet", NFT_TABLE)
+    check_source_survived(src)
 
 
 if __name__ == "__main__":
