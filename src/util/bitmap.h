@@ -45,6 +45,19 @@ uint64_t bitmap_next_clear(const unsigned long *map, uint64_t nbits, uint64_t st
 
 /* Atomic: safe against concurrent bitmap_set_range_atomic on the same map. */
 void bitmap_set_range_atomic(unsigned long *map, uint64_t start, uint64_t n);
+/* Atomic test (acquire: the data a setter wrote before its release OR is
+ * visible), and test-and-set (true when this call set the bit). */
+static inline bool bitmap_test_atomic(const unsigned long *map, uint64_t i)
+{
+    return (__atomic_load_n(&map[i / BITMAP_BITS_PER_LONG], __ATOMIC_ACQUIRE) >>
+            (i % BITMAP_BITS_PER_LONG)) & 1;
+}
+static inline bool bitmap_test_and_set_atomic(unsigned long *map, uint64_t i)
+{
+    unsigned long bit = 1UL << (i % BITMAP_BITS_PER_LONG);
+
+    return !(__atomic_fetch_or(&map[i / BITMAP_BITS_PER_LONG], bit, __ATOMIC_ACQ_REL) & bit);
+}
 /*
  * Move every set bit of `src` into `dst` (dst |= src; src = 0), word by word
  * with an atomic exchange on src so no concurrently set bit is lost.

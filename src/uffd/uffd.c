@@ -1,0 +1,324 @@
+/*
+ * userfaultfd MISSING-mode RAM for postcopy's destination; see uffd.h.
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <linux/userfaultfd.h>
+#include <poll.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/eventfd.h>
+#include <sys/ioctl.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include "uffd/uffd.h"
+#include "util/bitmap.h"
+#include "util/error.h"
+
+#define UFFD_MSGS 64            /* faults taken per read() */
+
+struct uffd_ram {
+    ram_state *ram;
+    int fd;
+    int stop_fd;
+    bool registered[RAM_MAX_BLOCKS];
+    unsigned long *requested[RAM_MAX_BLOCKS];   /* atomic bits */
+    uint8_t *bounce;            /* the placer's page (its thread only) */
+
+    pthread_t thread;
+    bool thread_started;
+    uffd_request_fn request;
+    void *request_opaque;
+
+    _Atomic uint64_t copied, zeroed, present, faults, requests;
+};
+
+/* The syscall first (root); a process without the capability gets only
+ * user-mode faults (UFFD_USER_MODE_ONLY): the kernel's own accesses to a
+ * missing page then fail with EFAULT instead of waiting -- say so. */
+static int uffd_new_fd(lm_error *err)
+{
+    int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+
+    if (fd >= 0)
+        return fd;
+    if (errno == EPERM) {
+        fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK | UFFD_USER_MODE_ONLY);
+        if (fd >= 0) {
+            util_log("userfaultfd: user-mode faults only (no CAP_SYS_PTRACE): a system call "
+                     "reading a missing guest page fails instead of waiting");
+            return fd;
+        }
+    }
+    return error_set_errno(err, -errno, "userfaultfd: cannot create one (postcopy needs it: "
+                           "root, or vm.unprivileged_userfaultfd=1)");
+}
+
+static ptrdiff_t uffd_block_index(const uffd_ram *u, const ramblock *b)
+{
+    return b - u->ram->blocks;
+}
+
+uffd_ram *uffd_open(ram_state *r, lm_error *err)
+{
+    uffd_ram *u = calloc(1, sizeof(*u));
+    struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+
+    if (!u)
+        abort();
+    u->ram = r;
+    u->fd = -1;
+    u->stop_fd = -1;
+    u->bounce = aligned_alloc(RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+    if (!u->bounce)
+        abort();
+    u->fd = uffd_new_fd(err);
+    if (u->fd < 0)
+        goto fail;
+    if (ioctl(u->fd, UFFDIO_API, &api) < 0) {
+        error_set_errno(err, -errno, "userfaultfd: UFFDIO_API");
+        goto fail;
+    }
+    for (int i = 0; i < r->nblocks; i++) {
+        ramblock *b = &r->blocks[i];
+        struct uffdio_register reg = {
+            .range = { .start = (uintptr_t)b->host, .len = b->length },
+            .mode = UFFDIO_REGISTER_MODE_MISSING,
+        };
+        const uint64_t need = (1ULL << _UFFDIO_COPY) | (1ULL << _UFFDIO_ZEROPAGE);
+
+        if (!b->rmap) {
+            error_set(err, -EINVAL, "userfaultfd: RAM block '%s' has no received bitmap "
+                      "(ram_load_start first)", b->idstr);
+            goto fail;
+        }
+        if (ioctl(u->fd, UFFDIO_REGISTER, &reg) < 0) {
+            error_set_errno(err, -errno, "userfaultfd: cannot register RAM block '%s'",
+                            b->idstr);
+            goto fail;
+        }
+        u->registered[i] = true;
+        if ((reg.ioctls & need) != need) {
+            error_set(err, -ENOTSUP, "userfaultfd: RAM block '%s' does not support "
+                      "UFFDIO_COPY and UFFDIO_ZEROPAGE", b->idstr);
+            goto fail;
+        }
+        u->requested[i] = bitmap_new(b->npages);
+    }
+    return u;
+fail:
+    uffd_close(u);
+    return NULL;
+}
+
+/* ------------------------------------------------------------ the placer */
+
+/* Install one page at `dst`: the bounce copy, or zeros.  EEXIST: it is there
+ * already (requested and placed first), so this older copy is dropped. */
+static int uffd_install(uffd_ram *u, lm_stream *s, ramblock *b, uint64_t offset, bool zero,
+                        uint64_t at)
+{
+    uintptr_t dst = (uintptr_t)(b->host + offset);
+    int ret;
+
+    if (zero) {
+        struct uffdio_zeropage z = { .range = { .start = dst, .len = RAM_PAGE_SIZE } };
+        ret = ioctl(u->fd, UFFDIO_ZEROPAGE, &z);
+    } else {
+        struct uffdio_copy c = { .dst = dst, .src = (uintptr_t)u->bounce,
+                                 .len = RAM_PAGE_SIZE };
+        ret = ioctl(u->fd, UFFDIO_COPY, &c);
+    }
+    if (ret < 0 && errno == EEXIST) {
+        if (bitmap_test_atomic(b->rmap, offset / RAM_PAGE_SIZE)) {
+            atomic_fetch_add(&u->present, 1);
+            return 0;       /* placed first (requested): this copy is older */
+        }
+        lm_stream_set_error(s, -EEXIST, "postcopy: page 0x%" PRIx64 " of RAM block '%s' "
+                            "(record at byte offset %" PRIu64 ") was present before it "
+                            "arrived: its memory was not discarded", offset, b->idstr, at);
+        return -1;
+    }
+    if (ret < 0) {
+        lm_stream_set_error(s, -errno, "postcopy: installing page 0x%" PRIx64 " of RAM block "
+                            "'%s' (record at byte offset %" PRIu64 ") failed: %s", offset,
+                            b->idstr, at, strerror(errno));
+        return -1;
+    }
+    atomic_fetch_add(zero ? &u->zeroed : &u->copied, 1);
+    ram_received(b, offset / RAM_PAGE_SIZE, 1);
+    return 0;
+}
+
+static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b,
+                             uint64_t offset, uint64_t flags, uint64_t at)
+{
+    uffd_ram *u = impl;
+    uint8_t fill;
+
+    (void)r;
+    switch (flags) {
+    case RAM_PAGE:
+        if (lm_get_buffer(s, u->bounce, RAM_PAGE_SIZE))
+            return -1;
+        return uffd_install(u, s, b, offset, false, at);
+    case RAM_ZERO:
+        if (lm_get_u8(s, &fill))
+            return -1;
+        if (fill)
+            memset(u->bounce, fill, RAM_PAGE_SIZE);
+        return uffd_install(u, s, b, offset, fill == 0, at);
+    default:
+        lm_stream_set_error(s, -EINVAL, "postcopy: compressed page at byte offset %" PRIu64
+                            " (only ZERO and PAGE records are placed in postcopy)", at);
+        return -1;
+    }
+}
+
+static const ram_placer_ops uffd_placer_ops = {
+    .name = "postcopy",
+    .record = uffd_place_record,
+};
+
+ram_placer uffd_placer(uffd_ram *u)
+{
+    return (ram_placer){ &uffd_placer_ops, u };
+}
+
+/* ------------------------------------------------------------ the fault thread */
+
+static ramblock *uffd_find(uffd_ram *u, uint64_t addr, uint64_t *page)
+{
+    for (int i = 0; i < u->ram->nblocks; i++) {
+        ramblock *b = &u->ram->blocks[i];
+        uintptr_t base = (uintptr_t)b->host;
+
+        if (addr >= base && addr < base + b->length) {
+            *page = (addr - base) / RAM_PAGE_SIZE;
+            return b;
+        }
+    }
+    return NULL;
+}
+
+static void uffd_fault(uffd_ram *u, uint64_t addr)
+{
+    uint64_t page;
+    ramblock *b = uffd_find(u, addr, &page);
+    ptrdiff_t i;
+
+    atomic_fetch_add(&u->faults, 1);
+    if (!b)
+        return;     /* not guest RAM: cannot happen, nothing else is registered */
+    i = uffd_block_index(u, b);
+    if (bitmap_test_atomic(b->rmap, page)) {
+        /* Installed between the fault and now: the COPY woke it already,
+         * unless it raced ahead of the fault's queueing; a wake is harmless. */
+        struct uffdio_range wr = { .start = (uintptr_t)b->host + page * RAM_PAGE_SIZE,
+                                   .len = RAM_PAGE_SIZE };
+        (void)ioctl(u->fd, UFFDIO_WAKE, &wr);
+        return;
+    }
+    if (!bitmap_test_and_set_atomic(u->requested[i], page))
+        return;     /* asked for already: its page is on the way */
+    atomic_fetch_add(&u->requests, 1);
+    u->request(u->request_opaque, b, page);
+}
+
+static void *uffd_thread(void *arg)
+{
+    uffd_ram *u = arg;
+    struct uffd_msg msgs[UFFD_MSGS];
+
+    pthread_setname_np(pthread_self(), "lm-uffd");
+    for (;;) {
+        struct pollfd pfd[2] = { { .fd = u->fd, .events = POLLIN },
+                                 { .fd = u->stop_fd, .events = POLLIN } };
+        ssize_t n;
+
+        if (poll(pfd, 2, -1) < 0) {
+            if (errno == EINTR)
+                continue;
+            util_log("userfaultfd: poll: %s", strerror(errno));
+            break;
+        }
+        if (pfd[1].revents)
+            break;
+        n = read(u->fd, msgs, sizeof(msgs));
+        if (n < 0) {
+            if (errno == EAGAIN || errno == EINTR)
+                continue;
+            util_log("userfaultfd: read: %s", strerror(errno));
+            break;
+        }
+        for (ssize_t k = 0; k < n / (ssize_t)sizeof(msgs[0]); k++)
+            if (msgs[k].event == UFFD_EVENT_PAGEFAULT)
+                uffd_fault(u, msgs[k].arg.pagefault.address & RAM_PAGE_MASK);
+    }
+    return NULL;
+}
+
+int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_error *err)
+{
+    sigset_t all, old;
+    int ret;
+
+    u->request = request;
+    u->request_opaque = opaque;
+    u->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+    if (u->stop_fd < 0)
+        return error_set_errno(err, -errno, "userfaultfd: eventfd");
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    ret = pthread_create(&u->thread, NULL, uffd_thread, u);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (ret)
+        return error_set(err, -ret, "cannot start the userfaultfd thread: %s", strerror(ret));
+    u->thread_started = true;
+    return 0;
+}
+
+void uffd_close(uffd_ram *u)
+{
+    uint64_t one = 1;
+
+    if (!u)
+        return;
+    if (u->thread_started) {
+        if (write(u->stop_fd, &one, sizeof(one)) < 0) {
+            /* only fails when the counter is full: it is readable then */
+        }
+        pthread_join(u->thread, NULL);
+    }
+    /* Unregistering wakes any thread still waiting on a missing page: it
+     * then finds ordinary (zero) memory there. */
+    for (int i = 0; i < u->ram->nblocks; i++) {
+        ramblock *b = &u->ram->blocks[i];
+        struct uffdio_range range = { .start = (uintptr_t)b->host, .len = b->length };
+
+        if (u->registered[i])
+            (void)ioctl(u->fd, UFFDIO_UNREGISTER, &range);
+        bitmap_free(u->requested[i]);
+    }
+    if (u->stop_fd >= 0)
+        close(u->stop_fd);
+    if (u->fd >= 0)
+        close(u->fd);
+    free(u->bounce);
+    free(u);
+}
+
+void uffd_get_stats(uffd_ram *u, uffd_stats *st)
+{
+    st->copied = atomic_load(&u->copied);
+    st->zeroed = atomic_load(&u->zeroed);
+    st->present = atomic_load(&u->present);
+    st->faults = atomic_load(&u->faults);
+    st->requests = atomic_load(&u->requests);
+}

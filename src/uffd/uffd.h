@@ -1,0 +1,71 @@
+/*
+ * Postcopy's destination RAM: guest memory registered with userfaultfd in
+ * MISSING mode, so that the guest can run before all of it arrived.
+ *
+ * Two halves, both over one uffd_ram:
+ *
+ *   the placer   (ram.h's ram_placer) installs every page record atomically:
+ *                UFFDIO_COPY from a bounce page for PAGE, UFFDIO_ZEROPAGE for
+ *                a ZERO record with fill 0.  A vCPU never sees half a page.
+ *                A page that is already present (the kernel says EEXIST) is
+ *                not touched again: whatever got there first -- the page
+ *                requested at fault time, sent on the urgent path -- is never
+ *                overwritten by an older copy from the background stream.
+ *                Every installed page is marked with ram_received().
+ *
+ *   the fault thread ("lm-uffd") reads the userfaultfd and turns each fault
+ *                on a missing page into one call of `request` (the owner
+ *                sends REQ_PAGES / REQ_PAGES_ID on the return path): never
+ *                for a page already received, never twice for one page (a
+ *                per-block requested bitmap).  The faulting thread sleeps in
+ *                the kernel until the placer installs the page (UFFDIO_COPY
+ *                wakes it).
+ *
+ * Threads: uffd_open / uffd_close on the owner (the incoming thread); the
+ * placer on the thread that loads the stream (the listen thread in
+ * postcopy); `request` on the fault thread, which must not block for long
+ * (it queues a message).  received/requested bits are atomic: the placer
+ * and the fault thread race on them by design (a fault that comes just
+ * after the page was installed finds the bit set and asks for nothing).
+ *
+ * Ownership: uffd_ram borrows the ram_state (its blocks must stay mapped
+ * and registered until uffd_close, which unregisters them: after it the
+ * memory is ordinary anonymous memory again).
+ *
+ * Needs: the userfaultfd syscall (root, or UFFD_USER_MODE_ONLY, see
+ * ../shared/reference/linux-mechanisms-measured.md section 2), with the COPY
+ * and ZEROPAGE ioctls on anonymous memory.  uffd_open says clearly what is
+ * missing.
+ */
+#ifndef UFFD_UFFD_H
+#define UFFD_UFFD_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include "livemig/livemig.h"
+#include "ram/ram.h"
+
+typedef struct uffd_ram uffd_ram;
+
+/* The fault thread asks for page `page` of block `b` (not yet received). */
+typedef void (*uffd_request_fn)(void *opaque, const ramblock *b, uint64_t page);
+
+/* Register every block of r in MISSING mode.  Pages already present stay
+ * (they fault no more); the caller discards what must arrive again. */
+uffd_ram *uffd_open(ram_state *r, lm_error *err);
+/* Start the fault thread. */
+int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_error *err);
+/* Stop the fault thread (if started), unregister, close, free. */
+void uffd_close(uffd_ram *u);
+
+/* The placer of the stream's page records (ram.h). */
+ram_placer uffd_placer(uffd_ram *u);
+
+/* Counters (any thread): pages installed, already there, faults, requests. */
+typedef struct uffd_stats {
+    uint64_t copied, zeroed, present, faults, requests;
+} uffd_stats;
+void uffd_get_stats(uffd_ram *u, uffd_stats *st);
+
+#endif
