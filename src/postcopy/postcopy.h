@@ -1,0 +1,60 @@
+/*
+ * Postcopy: the destination runs the guest before all of its RAM arrived
+ * and pulls what is missing.  This module holds postcopy's commands as the
+ * destination applies them; src/uffd/ holds the memory side (MISSING-mode
+ * registration, the atomic placer, the fault thread).  Not wired into a
+ * migration yet (the postcopy issue does that).
+ *
+ * What is here: the two commands that make destination RAM "missing"
+ * again, parsed as a hostile peer could send them (wire layouts in
+ * ../shared/reference/qemu-migration-format.md section 6.1):
+ *
+ *   POSTCOPY_ADVISE      0 or 16 bytes: be64 summary of the source's page
+ *                        sizes, be64 its target page size.  Both must be
+ *                        this side's (4096: no huge pages here).  Applying
+ *                        it discards ALL of RAM (MADV_DONTNEED): pages built
+ *                        locally must not survive, and a page that is to
+ *                        fault later must not be present.
+ *   POSTCOPY_RAM_DISCARD u8 version (0), u8 n, block name (n bytes), u8 0,
+ *                        then 1..12 ranges of be64 start, be64 length in
+ *                        BYTES, each page aligned and inside the block:
+ *                        pages sent during precopy and dirtied since.  Each
+ *                        range is dropped and its received bits cleared, so
+ *                        the page faults (or comes again in the background).
+ *
+ * Threads: the loading thread (commands arrive in stream order), before the
+ * guest runs and before any fault thread starts; the received bitmaps are
+ * cleared with plain stores for that reason.
+ */
+#ifndef POSTCOPY_POSTCOPY_H
+#define POSTCOPY_POSTCOPY_H
+
+#include <stdint.h>
+
+#include "livemig/livemig.h"
+#include "ram/ram.h"
+
+#define POSTCOPY_DISCARD_MAX_RANGES 12
+
+/* ADVISE's payload (len 0 or 16) checked against this side; 0 or -EINVAL. */
+int postcopy_check_advise(const uint8_t *data, uint16_t len, lm_error *err);
+/* Drop every page of every block (ADVISE applied).  0 or -errno. */
+int postcopy_discard_all(ram_state *r, lm_error *err);
+
+/* One range of a RAM_DISCARD command, checked: page aligned, in the block. */
+typedef struct postcopy_range {
+    ramblock *block;
+    uint64_t start, length;     /* bytes */
+} postcopy_range;
+
+/*
+ * Parse a RAM_DISCARD payload.  Fills ranges[0..*n) (at most
+ * POSTCOPY_DISCARD_MAX_RANGES); 0, or -EINVAL with what was wrong (and the
+ * range's index) in err.  Nothing is applied unless all of it is valid.
+ */
+int postcopy_parse_discard(ram_state *r, const uint8_t *data, uint16_t len,
+                           postcopy_range *ranges, int *n, lm_error *err);
+/* Drop the ranges' pages and clear their received bits.  0 or -errno. */
+int postcopy_apply_discard(const postcopy_range *ranges, int n, lm_error *err);
+
+#endif
