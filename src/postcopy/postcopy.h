@@ -5,8 +5,8 @@
  * registration, the atomic placer, the fault thread).  Not wired into a
  * migration yet (the postcopy issue does that).
  *
- * What is here: the two commands that make destination RAM "missing"
- * again, parsed as a hostile peer could send them (wire layouts in
+ * What is here, destination: the two commands that make destination RAM
+ * "missing" again, parsed as a hostile peer could send them (wire layouts in
  * ../shared/reference/qemu-migration-format.md section 6.1):
  *
  *   POSTCOPY_ADVISE      0 or 16 bytes: be64 summary of the source's page
@@ -29,6 +29,8 @@
 #ifndef POSTCOPY_POSTCOPY_H
 #define POSTCOPY_POSTCOPY_H
 
+#include <pthread.h>
+#include <stdbool.h>
 #include <stdint.h>
 
 #include "livemig/livemig.h"
@@ -56,5 +58,35 @@ int postcopy_parse_discard(ram_state *r, const uint8_t *data, uint16_t len,
                            postcopy_range *ranges, int *n, lm_error *err);
 /* Drop the ranges' pages and clear their received bits.  0 or -errno. */
 int postcopy_apply_discard(const postcopy_range *ranges, int n, lm_error *err);
+
+/* ---------------------------------------------------------------- source */
+
+/*
+ * The queue of pages the destination asked for (REQ_PAGES_ID names a block
+ * and a page; REQ_PAGES a page of the same block), filled by the
+ * return-path reader thread (rp_reader_ops.message) and emptied by the
+ * migration thread, which sends them before the background pass.  Each
+ * request must be exactly one page inside its block; at most
+ * POSTCOPY_MAX_QUEUED wait at once (a destination asks once per missing
+ * page it faults on, so more means a broken or hostile peer).
+ */
+#define POSTCOPY_MAX_QUEUED (1u << 20)
+
+typedef struct postcopy_requests postcopy_requests;
+
+typedef struct postcopy_request {
+    ramblock *block;
+    uint64_t page;
+} postcopy_request;
+
+postcopy_requests *postcopy_requests_new(ram_state *r);
+void postcopy_requests_free(postcopy_requests *pr);
+/* Reader thread: one REQ_PAGES_ID / REQ_PAGES payload.  0, or a negative
+ * errno with err filled (the reader then fails the migration). */
+int postcopy_requests_add(postcopy_requests *pr, uint16_t type, const uint8_t *data,
+                          uint16_t len, lm_error *err);
+/* Migration thread: the oldest request, without waiting; false if none. */
+bool postcopy_requests_pop(postcopy_requests *pr, postcopy_request *rq);
+uint64_t postcopy_requests_total(postcopy_requests *pr);   /* ever queued */
 
 #endif

@@ -16,6 +16,7 @@
 #include <sys/mman.h>
 
 #include "postcopy/postcopy.h"
+#include "savevm/wire.h"
 #include "util/bitmap.h"
 
 #define NPAGES 16
@@ -165,11 +166,80 @@ static void test_discard(void **state)
     dest_fini(&d);
 }
 
+static uint16_t req_id(uint8_t *b, uint64_t start, uint32_t len, const char *name)
+{
+    size_t n = strlen(name);
+
+    be64(b, start);
+    b[8] = (uint8_t)(len >> 24);
+    b[9] = (uint8_t)(len >> 16);
+    b[10] = (uint8_t)(len >> 8);
+    b[11] = (uint8_t)len;
+    b[12] = (uint8_t)n;
+    memcpy(b + 13, name, n);
+    return (uint16_t)(13 + n);
+}
+
+static void test_requests(void **state)
+{
+    postcopy_requests *pr;
+    postcopy_request rq;
+    lm_error err = { 0 };
+    uint8_t b[64];
+    uint16_t len;
+    dest d;
+
+    (void)state;
+    dest_init(&d);
+    pr = postcopy_requests_new(&d.ram);
+    /* REQ_PAGES before any block was named */
+    req_id(b, 0, RAM_PAGE_SIZE, "");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES, b, 12, &err), -EPROTO);
+    len = req_id(b, 3 * RAM_PAGE_SIZE, RAM_PAGE_SIZE, "pc.ram");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), 0);
+    req_id(b, 7 * RAM_PAGE_SIZE, RAM_PAGE_SIZE, "");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES, b, 12, &err), 0);
+    assert_true(postcopy_requests_pop(pr, &rq));
+    assert_int_equal(rq.page, 3);
+    assert_ptr_equal(rq.block, &d.ram.blocks[0]);
+    assert_true(postcopy_requests_pop(pr, &rq));
+    assert_int_equal(rq.page, 7);
+    assert_false(postcopy_requests_pop(pr, &rq));
+    assert_int_equal(postcopy_requests_total(pr), 2);
+    /* hostile: unknown block, a name that does not fit, not one page,
+     * outside the block, unaligned */
+    len = req_id(b, 0, RAM_PAGE_SIZE, "nosuch");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ENOENT);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, (uint16_t)(len - 1),
+                                           &err), -EPROTO);
+    len = req_id(b, 0, 2 * RAM_PAGE_SIZE, "pc.ram");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ERANGE);
+    len = req_id(b, NPAGES * RAM_PAGE_SIZE, RAM_PAGE_SIZE, "pc.ram");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ERANGE);
+    len = req_id(b, 100, RAM_PAGE_SIZE, "pc.ram");
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ERANGE);
+    assert_non_null(strstr(err.msg, "not one page"));
+    assert_false(postcopy_requests_pop(pr, &rq));
+    /* many at once: the queue grows, order kept */
+    len = req_id(b, 0, RAM_PAGE_SIZE, "pc.ram");
+    for (int i = 0; i < 3000; i++) {
+        be64(b, (uint64_t)(i % NPAGES) * RAM_PAGE_SIZE);
+        assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), 0);
+    }
+    for (int i = 0; i < 3000; i++) {
+        assert_true(postcopy_requests_pop(pr, &rq));
+        assert_int_equal(rq.page, (uint64_t)(i % NPAGES));
+    }
+    postcopy_requests_free(pr);
+    dest_fini(&d);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_advise),
         cmocka_unit_test(test_discard),
+        cmocka_unit_test(test_requests),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
