@@ -2,7 +2,9 @@
  * The KVM dirty-log tracker (kvm_dirty.c) against a real KVM VM: a tiny
  * real-mode guest writes a few pages and halts, and the tracker's sync must
  * report exactly those pages; after the clear a second run writes other
- * pages (one of them again) and only those come back.
+ * pages (one of them again) and only those come back.  Then a whole
+ * in-process migration of a running KVM guest, with the KVM log as the
+ * only tracker: the destination's memory must equal the stopped source's.
  *
  * Guest code is emulated on the test machines (~1 us an instruction), so
  * the guest is a handful of instructions per page.  The test skips, saying
@@ -17,6 +19,9 @@
 
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -263,12 +268,161 @@ static void test_errors(void **state)
     vm_close(&v);
 }
 
+/* ------------------------------------------------------------ migration */
+
+/*
+ * A running guest for a migration: a vCPU thread runs, until stopped, a
+ * loop that increments one byte in every page 1..GUEST_PAGES-1, forever
+ *   again: mov bx, 0x100          BB 00 01
+ *   next:  mov ds, bx             8E DB
+ *          inc byte [MARK_OFF]    FE 06 10 00
+ *          add bx, 0x100          81 C3 00 01
+ *          cmp bx, 64 * 0x100     81 FB 00 40
+ *          jb next                72 F0
+ *          jmp again              EB EB
+ * so every page is dirtied again all the time.  vm stop kicks the vCPU out
+ * of KVM_RUN (immediate_exit + a signal) and waits until it is parked.
+ */
+struct vcpu_thread {
+    struct vm *v;
+    pthread_t tid;
+    atomic_bool pause_req, parked, quit;
+    atomic_ulong runs;
+};
+
+static void kick_handler(int sig)
+{
+    (void)sig;
+}
+
+static void *vcpu_main(void *arg)
+{
+    struct vcpu_thread *t = arg;
+
+    while (!atomic_load(&t->quit)) {
+        if (atomic_load(&t->pause_req)) {
+            atomic_store(&t->parked, true);
+            while (atomic_load(&t->pause_req) && !atomic_load(&t->quit))
+                usleep(100);
+            atomic_store(&t->parked, false);
+            continue;
+        }
+        __atomic_store_n(&t->v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
+        if (atomic_load(&t->pause_req) || atomic_load(&t->quit))
+            continue;
+        if (ioctl(t->v->vcpu, KVM_RUN, 0) < 0 && errno != EINTR)
+            break;
+        atomic_fetch_add(&t->runs, 1);
+    }
+    atomic_store(&t->parked, true);
+    return NULL;
+}
+
+static void vcpu_kick_until_parked(struct vcpu_thread *t)
+{
+    for (int i = 0; i < 10000 && !atomic_load(&t->parked); i++) {
+        __atomic_store_n(&t->v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
+        pthread_kill(t->tid, SIGUSR1);
+        usleep(100);
+    }
+}
+
+static void vm_ops_stop(void *opaque)
+{
+    struct vcpu_thread *t = opaque;
+
+    atomic_store(&t->pause_req, true);
+    vcpu_kick_until_parked(t);
+    assert_true(atomic_load(&t->parked));
+}
+
+static void vm_ops_start(void *opaque)
+{
+    struct vcpu_thread *t = opaque;
+
+    atomic_store(&t->pause_req, false);
+}
+
+static void test_migrate_running_guest(void **state)
+{
+    static const uint8_t loop[] = { 0xbb, 0x00, 0x01, 0x8e, 0xdb, 0xfe, 0x06, MARK_OFF, 0x00,
+                                    0x81, 0xc3, 0x00, 0x01, 0x81, 0xfb, 0x00,
+                                    (uint8_t)GUEST_PAGES, 0x72, 0xf0, 0xeb, 0xeb };
+    const lm_vm_ops ops = { .stop = vm_ops_stop, .start = vm_ops_start };
+    struct sigaction sa = { .sa_handler = kick_handler };
+    struct vcpu_thread t = { 0 };
+    struct kvm_sregs sregs;
+    struct kvm_regs regs = { .rip = 0, .rflags = 0x2 };
+    lm_mig *src, *dst;
+    uint8_t *dmem;
+    lm_error err = { 0 };
+    lm_stats st;
+    struct vm v;
+
+    vm_open(&v, 0);
+    memcpy(v.mem, loop, sizeof(loop));
+    assert_int_equal(ioctl(v.vcpu, KVM_GET_SREGS, &sregs), 0);
+    sregs.cs.base = 0;
+    sregs.cs.selector = 0;
+    assert_int_equal(ioctl(v.vcpu, KVM_SET_SREGS, &sregs), 0);
+    assert_int_equal(ioctl(v.vcpu, KVM_SET_REGS, &regs), 0);
+    sigemptyset(&sa.sa_mask);
+    assert_int_equal(sigaction(SIGUSR1, &sa, NULL), 0);
+
+    src = lm_new();
+    dst = lm_new();
+    dmem = mmap(NULL, GUEST_PAGES * PAGE, PROT_READ | PROT_WRITE,
+                MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    assert_true(dmem != MAP_FAILED);
+    if (lm_ram_register(src, "pc.ram", v.mem, GUEST_PAGES * PAGE, PAGE, &err) ||
+        lm_ram_register(dst, "pc.ram", dmem, GUEST_PAGES * PAGE, PAGE, &err))
+        fail_msg("%s", err.msg);
+    assert_int_equal(kvm_dirty_attach(src, v.kd, &err), 0);
+    t.v = &v;
+    lm_set_vm_ops(src, &ops, &t);
+    lm_runstate_set_running(src);
+    assert_int_equal(pthread_create(&t.tid, NULL, vcpu_main, &t), 0);
+    /* the guest is running and dirtying before the migration starts */
+    for (int i = 0; i < 5000 && v.mem[(GUEST_PAGES - 1) * PAGE + MARK_OFF] == 0; i++)
+        usleep(1000);
+    assert_int_not_equal(v.mem[(GUEST_PAGES - 1) * PAGE + MARK_OFF], 0);
+
+    assert_int_equal(lm_incoming(dst, "tcp:127.0.0.1:0", &err), 0);
+    lm_query(dst, &st);
+    if (lm_migrate(src, st.socket_address, &err))
+        fail_msg("migrate: %s", err.msg);
+    assert_int_equal(lm_wait(src, 60000), LM_STATUS_COMPLETED);
+    assert_int_equal(lm_wait(dst, 60000), LM_STATUS_COMPLETED);
+    /* the source guest is stopped: its memory is final */
+    assert_int_equal(lm_runstate_get(src), LM_RUN_POSTMIGRATE);
+    assert_true(atomic_load(&t.parked));
+    lm_query(src, &st);
+    print_message("# running KVM guest migrated: %llu syncs, %llu pages sent for %llu, "
+                  "%lu vCPU runs\n", (unsigned long long)st.dirty_sync_count,
+                  (unsigned long long)(st.normal + st.duplicate),
+                  (unsigned long long)GUEST_PAGES, atomic_load(&t.runs));
+    assert_string_equal(st.dirty_tracker, KVM_DIRTY_TRACKER_NAME);
+    assert_true(st.dirty_sync_count >= 2);
+    /* pages the guest wrote during the migration were sent again */
+    assert_true(st.normal + st.duplicate > GUEST_PAGES);
+    assert_memory_equal(v.mem, dmem, GUEST_PAGES * PAGE);
+
+    atomic_store(&t.quit, true);
+    vcpu_kick_until_parked(&t);
+    pthread_join(t.tid, NULL);
+    lm_free(src);
+    lm_free(dst);
+    munmap(dmem, GUEST_PAGES * PAGE);
+    vm_close(&v);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_slot_logging),
         cmocka_unit_test(test_slot_logging_by_start),
         cmocka_unit_test(test_errors),
+        cmocka_unit_test(test_migrate_running_guest),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
