@@ -155,7 +155,8 @@ const char *lm_dirty_tracker_name(lm_mig *m);
  *           (page aligned, at most the block's length).  The library calls
  *           it before its first pass reads those pages (so a write before
  *           arm is in what is sent), and with end = length before the
- *           block's first sync.  Errors as for start.
+ *           block's first sync.  0, or a negative errno and a message in
+ *           err: the migration fails with it (stop is called).
  *   sync    many times: report the pages of `block` (lm_ram_find's index,
  *           registration order) written since the last sync of that block
  *           returned (or since start / arm returned), and every page
