@@ -330,7 +330,17 @@ static void vcpu_kick_until_parked(struct vcpu_thread *t)
 static void vm_ops_stop(void *opaque)
 {
     struct vcpu_thread *t = opaque;
+    volatile uint8_t *last = t->v->mem + (GUEST_PAGES - 1) * PAGE + MARK_OFF;
+    uint8_t seen = *last;
 
+    /*
+     * On a busy machine the vCPU thread may not have been scheduled since
+     * the last pass (the whole migration takes a few ms): let the guest
+     * write once more here, after the last pass's sync, so that the final
+     * sync has something to report.  Bounded: the test checks the resend.
+     */
+    for (int i = 0; i < 5000 && *last == seen; i++)
+        usleep(1000);
     atomic_store(&t->pause_req, true);
     vcpu_kick_until_parked(t);
     assert_true(atomic_load(&t->parked));
