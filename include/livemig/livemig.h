@@ -10,7 +10,8 @@
  *   2. lm_ram_register()                for each RAM block;
  *      lm_device_register()             for each piece of device state;
  *      lm_set_vm_ops()                  how to stop / start / throttle the guest;
- *      lm_set_dirty_tracker()           "auto", "uffd-wp" or "cooperative".
+ *      lm_set_dirty_tracker()           "auto", "uffd-wp" or "cooperative",
+ *      or lm_set_dirty_tracker_ops()    the program's own dirty log.
  *   3. lm_cap_set() / lm_param_set_*()  optional tuning (QEMU's names).
  *   4. lm_migrate(URI) on the source,   or lm_incoming(URI) on the destination.
  *      Both return at once; the work runs on a library thread.
@@ -122,8 +123,75 @@ int lm_ram_register(lm_mig *m, const char *idstr, void *host, uint64_t length,
  */
 int lm_set_dirty_tracker(lm_mig *m, const char *name, lm_error *err);
 
-/* The tracker in use ("uffd-wp" / "cooperative"), or the requested one. */
+/* The tracker in use ("uffd-wp" / "cooperative" / the ops' name), or the
+ * requested one. */
 const char *lm_dirty_tracker_name(lm_mig *m);
+
+/*
+ * A dirty log of the program's own (a VMM's KVM_GET_DIRTY_LOG, a device
+ * model's log, ...) as the tracker, named `name` (1 to 31 bytes of
+ * [A-Za-z0-9._-], not "auto", "uffd-wp" or "cooperative").  The name is what
+ * lm_dirty_tracker_name() and lm_stats.dirty_tracker (QMP query-migrate's
+ * "x-dirty-tracker") report.  Like lm_set_dirty_tracker(), it must be
+ * called before the first lm_migrate (-EBUSY after), and a later call of
+ * either replaces the choice.  `ops` is copied; `opaque` must stay valid
+ * until lm_free.  Only a source uses a tracker: a destination never calls
+ * these ops.
+ *
+ * Threads.  start, arm, sync and stop are called on the migration thread
+ * only, one at a time, never from inside another library call the program
+ * made.  lm_ram_mark_dirty() keeps working beside the ops (for writes the
+ * log does not see, e.g. a VMM's own device emulation writing guest RAM);
+ * both are merged.
+ *
+ * Per migration (lm_migrate):
+ *   start   once, before the first page is read.  From its return on,
+ *           every write to every registered block must be logged (but see
+ *           arm).  0, or a negative errno and a message in err: the
+ *           migration fails with that message and stop is not called.
+ *   arm     optional.  NULL: start tracks everything.  Otherwise start
+ *           need not track anything yet; arm(block, end) asks to track
+ *           bytes [0, end) of the block from now on, with `end` growing
+ *           (page aligned, at most the block's length).  The library calls
+ *           it before its first pass reads those pages (so a write before
+ *           arm is in what is sent), and with end = length before the
+ *           block's first sync.  0, or a negative errno and a message in
+ *           err: the migration fails with it (stop is called).
+ *   sync    many times: report the pages of `block` (lm_ram_find's index,
+ *           registration order) written since the last sync of that block
+ *           returned (or since start / arm returned), and every page
+ *           written while the previous sync ran that it did not report;
+ *           then re-arm them, so the next write is logged again.  A log
+ *           with get-then-clear semantics (KVM manual protect) satisfies
+ *           this as long as it only clears what it reported.  The last
+ *           sync runs after lm_vm_ops.stop returned: it must report
+ *           everything up to then.  Reporting an unwritten page only costs
+ *           its resend; missing a written page corrupts the destination.
+ *           `bitmap` is (npages + LONG_BIT - 1) / LONG_BIT unsigned longs,
+ *           page i in bit i % LONG_BIT of word i / LONG_BIT (host endian),
+ *           pages of 4096 bytes: page i = bytes [4096 i, 4096 (i + 1)).  It
+ *           is ZEROED by the library before each call and valid only during
+ *           it; set the bits of written pages (or store whole words: it is
+ *           the layout KVM_GET_DIRTY_LOG writes on 64-bit hosts).  Bits at
+ *           or past npages are ignored.  The library ORs the result into its
+ *           own bitmap, so a clear bit never un-dirties a page.  0, or a
+ *           negative errno with a message in err: the tracker no longer
+ *           knows what is dirty, so the migration fails with the message
+ *           (the guest keeps running on the source) and stop is called.
+ *   stop    once, after the migration ended (completed, failed or
+ *           cancelled), if start succeeded: end logging.  Must not fail.
+ */
+typedef struct lm_dirty_tracker_ops {
+    int (*start)(void *opaque, lm_error *err);
+    int (*arm)(void *opaque, int block, uint64_t end, lm_error *err);   /* may be NULL */
+    int (*sync)(void *opaque, int block, unsigned long *bitmap, uint64_t npages,
+                lm_error *err);
+    void (*stop)(void *opaque);
+} lm_dirty_tracker_ops;
+
+/* start, sync and stop are required (-EINVAL otherwise). */
+int lm_set_dirty_tracker_ops(lm_mig *m, const char *name, const lm_dirty_tracker_ops *ops,
+                             void *opaque, lm_error *err);
 
 /*
  * Cooperative tracking: report that [offset, offset+len) of block `idstr`

@@ -20,6 +20,7 @@
  * threads only look at the backend's own atomic flag.
  */
 #include <errno.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -37,6 +38,7 @@ static dirty_tracker *dirty_create(const dirty_backend *be, const dirty_region *
     if (!d)
         goto oom;
     d->be = be;
+    snprintf(d->name, sizeof(d->name), "%s", be->name);
     d->n = n;
     d->regions = calloc(n ? (size_t)n : 1, sizeof(*d->regions));
     d->npages = calloc(n ? (size_t)n : 1, sizeof(*d->npages));
@@ -177,6 +179,28 @@ dirty_tracker *dirty_new(const char *name, const dirty_region *regions, int n,
     return dirty_create(be, regions, n, err);
 }
 
+dirty_tracker *dirty_new_ops(const char *name, const lm_dirty_tracker_ops *ops,
+                             void *opaque, const dirty_region *regions, int n,
+                             lm_error *err)
+{
+    dirty_tracker *d;
+
+    if (!name || !*name || !ops || !ops->start || !ops->sync || !ops->stop) {
+        error_set(err, -EINVAL, "dirty tracker ops: a name and start, sync and stop "
+                  "are required");
+        return NULL;
+    }
+    if (check_regions(regions, n, err) < 0)
+        return NULL;
+    d = dirty_create(&dirty_backend_ops, regions, n, err);
+    if (!d)
+        return NULL;
+    snprintf(d->name, sizeof(d->name), "%s", name);
+    d->ops = *ops;
+    d->ops_opaque = opaque;
+    return d;
+}
+
 void dirty_free(dirty_tracker *d)
 {
     if (!d)
@@ -190,7 +214,7 @@ void dirty_free(dirty_tracker *d)
 
 const char *dirty_name(const dirty_tracker *d)
 {
-    return d->be->name;
+    return d->name;
 }
 
 int dirty_start_unarmed(dirty_tracker *d, lm_error *err)
@@ -198,7 +222,7 @@ int dirty_start_unarmed(dirty_tracker *d, lm_error *err)
     int ret;
 
     if (d->started)
-        return error_set(err, -EBUSY, "%s: dirty tracking already started", d->be->name);
+        return error_set(err, -EBUSY, "%s: dirty tracking already started", d->name);
     ret = d->be->start(d, err);
     if (ret < 0)
         return ret;
@@ -234,12 +258,12 @@ int dirty_arm(dirty_tracker *d, int r, uint64_t end, lm_error *err)
 int64_t dirty_sync(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err)
 {
     if (r < 0 || r >= d->n)
-        return error_set(err, -EINVAL, "%s: no region %d (have %d)", d->be->name, r, d->n);
+        return error_set(err, -EINVAL, "%s: no region %d (have %d)", d->name, r, d->n);
     if (!d->started)
-        return error_set(err, -EINVAL, "%s: sync of region %d before start", d->be->name, r);
+        return error_set(err, -EINVAL, "%s: sync of region %d before start", d->name, r);
     if (!bitmap)
         return error_set(err, -EINVAL, "%s: sync of region %d into no bitmap",
-                         d->be->name, r);
+                         d->name, r);
     if (d->regions[r].length == 0)
         return 0;
     return d->be->sync(d, r, bitmap, err);

@@ -1,6 +1,6 @@
 /*
  * Dirty-page trackers: which pages of guest RAM were written since the last
- * sync.  Two implementations behind one interface:
+ * sync.  Three implementations behind one interface:
  *
  *   uffd-wp      userfaultfd write-protect in async mode (UFFD_FEATURE_WP_ASYNC,
  *                the kernel resolves the fault itself and just marks the PTE
@@ -11,6 +11,10 @@
  *   cooperative  the program reports writes (lm_ram_mark_dirty); they land in
  *                an atomic per-block log that sync moves into the caller's
  *                bitmap.
+ *   ops          the program's own log (lm_set_dirty_tracker_ops): every
+ *                call is forwarded to its lm_dirty_tracker_ops, whose
+ *                contract (livemig.h) is this file's; cooperative reports
+ *                are merged in as for "cooperative".
  *
  * Lifetime: dirty_new() when the context picks a tracker; start() (or
  * start_unarmed() and arm()) when a migration begins (after which every page counts as written once more, see
@@ -63,9 +67,17 @@ typedef struct dirty_tracker dirty_tracker;
  */
 dirty_tracker *dirty_new(const char *name, const dirty_region *regions, int n,
                          lm_error *err);
+/*
+ * A tracker that forwards to the program's ops (see lm_set_dirty_tracker_ops
+ * for their contract; the caller checked the name and the required ops).
+ * `name` is copied and is what dirty_name() returns.  No op is called here.
+ */
+dirty_tracker *dirty_new_ops(const char *name, const lm_dirty_tracker_ops *ops,
+                             void *opaque, const dirty_region *regions, int n,
+                             lm_error *err);
 void dirty_free(dirty_tracker *d);
 
-/* "uffd-wp" or "cooperative": the tracker actually chosen. */
+/* "uffd-wp", "cooperative" or the ops' name: the tracker actually chosen. */
 const char *dirty_name(const dirty_tracker *d);
 
 /* Begin tracking all regions (uffd-wp: register + write-protect everything). */
@@ -97,7 +109,8 @@ int64_t dirty_sync(dirty_tracker *d, int r, unsigned long *bitmap, lm_error *err
 /* End tracking: unprotect and unregister.  Idempotent. */
 void dirty_stop(dirty_tracker *d);
 
-/* Cooperative reports; ignored unless started and cooperative. Lock-free. */
+/* Cooperative reports; ignored unless started and cooperative or ops.
+ * Lock-free. */
 void dirty_mark(dirty_tracker *d, int r, uint64_t offset, uint64_t len);
 
 #endif

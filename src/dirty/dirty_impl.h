@@ -2,7 +2,7 @@
  * Private to src/dirty/: the tracker object and the backend interface.
  *
  * dirty.c owns the public functions (argument checks, the started/stopped
- * state, the "auto" choice); each backend (uffd_wp.c, coop.c) fills one
+ * state, the "auto" choice); each backend (uffd_wp.c, coop.c, ops.c) fills one
  * dirty_backend table and keeps its own state in the dirty_tracker fields
  * marked for it.  Backends are called only after dirty.c checked the
  * arguments, and only in the order init, (start, (arm | sync)*, stop)*, fini.
@@ -39,6 +39,7 @@ typedef struct dirty_backend {
 
 struct dirty_tracker {
     const dirty_backend *be;
+    char name[32];               /* be->name, or the ops tracker's own */
     dirty_region *regions;       /* owned copy of the caller's array */
     uint64_t *npages;            /* pages per region */
     int n;
@@ -55,9 +56,21 @@ struct dirty_tracker {
      */
     unsigned long **coop_log;
     int coop_on;
+
+    /*
+     * ops backend (ops.c): the program's table and, per region, a scratch
+     * bitmap its sync fills and how far its arm was asked to track.  It
+     * also uses the coop_* fields above for lm_ram_mark_dirty reports.
+     * Owner thread only.
+     */
+    lm_dirty_tracker_ops ops;
+    void *ops_opaque;
+    unsigned long **ops_scratch;
+    uint64_t *ops_armed;
 };
 
 extern const dirty_backend dirty_backend_uffd_wp;
 extern const dirty_backend dirty_backend_coop;
+extern const dirty_backend dirty_backend_ops;
 
 #endif

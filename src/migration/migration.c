@@ -143,6 +143,31 @@ int lm_set_dirty_tracker(lm_mig *m, const char *name, lm_error *err)
     if (m->dirty)
         return error_set(err, -EBUSY, "the dirty tracker is chosen already");
     snprintf(m->tracker_req, sizeof(m->tracker_req), "%s", name);
+    m->tracker_has_ops = false;
+    return 0;
+}
+
+int lm_set_dirty_tracker_ops(lm_mig *m, const char *name, const lm_dirty_tracker_ops *ops,
+                             void *opaque, lm_error *err)
+{
+    size_t len = name ? strlen(name) : 0;
+
+    if (len == 0 || len >= sizeof(m->tracker_req) ||
+        strspn(name, "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._-") != len)
+        return error_set(err, -EINVAL, "dirty tracker name '%s' must be 1 to %zu bytes of "
+                         "[A-Za-z0-9._-]", name ? name : "", sizeof(m->tracker_req) - 1);
+    if (!strcmp(name, "auto") || !strcmp(name, "uffd-wp") || !strcmp(name, "cooperative"))
+        return error_set(err, -EINVAL, "dirty tracker name '%s' is a built-in tracker's",
+                         name);
+    if (!ops || !ops->start || !ops->sync || !ops->stop)
+        return error_set(err, -EINVAL, "dirty tracker '%s': start, sync and stop are "
+                         "required", name);
+    if (m->dirty)
+        return error_set(err, -EBUSY, "the dirty tracker is chosen already");
+    snprintf(m->tracker_req, sizeof(m->tracker_req), "%s", name);
+    m->tracker_ops = *ops;
+    m->tracker_opaque = opaque;
+    m->tracker_has_ops = true;
     return 0;
 }
 
@@ -166,7 +191,11 @@ static int mig_dirty_get(lm_mig *m, lm_error *err)
         regs[i].length = m->ram.blocks[i].length;
         regs[i].page_size = RAM_PAGE_SIZE;
     }
-    d = dirty_new(m->tracker_req, regs, m->ram.nblocks, err);
+    if (m->tracker_has_ops)
+        d = dirty_new_ops(m->tracker_req, &m->tracker_ops, m->tracker_opaque, regs,
+                          m->ram.nblocks, err);
+    else
+        d = dirty_new(m->tracker_req, regs, m->ram.nblocks, err);
     if (!d)
         return err && err->code ? err->code : -EINVAL;
     atomic_store_explicit(&m->dirty, d, memory_order_release);

@@ -117,7 +117,10 @@ struct lm_mig {
     ram_state ram;                     /* blocks; save/load state is the thread's */
     mig_device devices[MIG_MAX_DEVICES];
     int ndevices;
-    char tracker_req[32];              /* "auto", "uffd-wp", "cooperative" */
+    char tracker_req[32];              /* "auto", "uffd-wp", "cooperative", ops' name */
+    bool tracker_has_ops;              /* lm_set_dirty_tracker_ops: tracker_ops */
+    lm_dirty_tracker_ops tracker_ops;
+    void *tracker_opaque;
     dirty_tracker *_Atomic dirty;      /* created at first migration, freed by lm_free */
 
     /* --- the running migration --- */

@@ -13,6 +13,9 @@
  * after the writer stops and one last sync, the shadow must equal memory
  * and every page the writer recorded must have been reported.
  *
+ * The ops tracker (the program's own log) is tested with a fake log whose
+ * reports, arms and failures are scripted.
+ *
  * When this kernel cannot do uffd-wp, its tests skip and say why.
  */
 #include <errno.h>
@@ -902,6 +905,219 @@ static void test_lazy_arm(void **state)
     fixture_close(&f);
 }
 
+/* ------------------------------------------------------------ ops tracker */
+
+/*
+ * A fake program log for the ops tracker: `log` is what its sync reports
+ * (bits past the region's end included, to check that they are ignored);
+ * the counters and the arm ends say what the backend called.
+ */
+struct fake_log {
+    unsigned long log[BITMAP_WORDS(1024)];
+    int starts, syncs, stops, arms;
+    uint64_t arm_end[8];
+    uint64_t armed_at_sync;      /* last arm end when sync was called */
+    int fail_start, fail_sync;   /* negative errno to return */
+    const char *fail_msg;        /* NULL: leave err empty */
+};
+
+static int fake_start(void *opaque, lm_error *err)
+{
+    struct fake_log *f = opaque;
+
+    f->starts++;
+    if (f->fail_start) {
+        if (f->fail_msg)
+            snprintf(err->msg, sizeof(err->msg), "%s", f->fail_msg);
+        return f->fail_start;
+    }
+    return 0;
+}
+
+static int fake_arm(void *opaque, int block, uint64_t end, lm_error *err)
+{
+    struct fake_log *f = opaque;
+
+    assert_int_equal(block, 0);
+    if (f->arms < 8)
+        f->arm_end[f->arms] = end;
+    f->arms++;
+    return 0;
+}
+
+static int fake_sync(void *opaque, int block, unsigned long *bitmap, uint64_t npages,
+                     lm_error *err)
+{
+    struct fake_log *f = opaque;
+
+    f->syncs++;
+    f->armed_at_sync = f->arms ? f->arm_end[f->arms - 1] : 0;
+    assert_int_equal(block, 0);
+    assert_int_equal(npages, 1000);
+    /* the library hands a zeroed bitmap */
+    for (size_t w = 0; w < BITMAP_WORDS(npages); w++)
+        assert_int_equal(bitmap[w], 0);
+    if (f->fail_sync) {
+        if (f->fail_msg)
+            snprintf(err->msg, sizeof(err->msg), "%s", f->fail_msg);
+        return f->fail_sync;
+    }
+    memcpy(bitmap, f->log, BITMAP_WORDS(npages) * sizeof(*bitmap));
+    memset(f->log, 0, sizeof(f->log));
+    return 0;
+}
+
+static void fake_stop(void *opaque)
+{
+    ((struct fake_log *)opaque)->stops++;
+}
+
+static const lm_dirty_tracker_ops fake_ops = { fake_start, fake_arm, fake_sync, fake_stop };
+static const lm_dirty_tracker_ops fake_ops_noarm = { fake_start, NULL, fake_sync, fake_stop };
+
+static dirty_tracker *fake_open(struct fake_log *f, const lm_dirty_tracker_ops *ops,
+                                uint8_t **mem)
+{
+    lm_error err = { 0 };
+    dirty_region reg;
+    dirty_tracker *d;
+
+    memset(f, 0, sizeof(*f));
+    *mem = map_anon(1000 * PS, false);
+    reg = (dirty_region){ .host = *mem, .length = 1000 * PS, .page_size = PS };
+    d = dirty_new_ops("fake-vmm", ops, f, &reg, 1, &err);
+    if (!d)
+        fail_msg("dirty_new_ops: %s", err.msg);
+    assert_string_equal(dirty_name(d), "fake-vmm");
+    /* creating it calls nothing of the program's */
+    assert_int_equal(f->starts + f->syncs + f->stops + f->arms, 0);
+    return d;
+}
+
+/* What the program's log reports ends up in the caller's bitmap, counted once. */
+static void test_ops_forwarding(void **state)
+{
+    struct fake_log f;
+    uint8_t *mem;
+    dirty_tracker *d = fake_open(&f, &fake_ops, &mem);
+    unsigned long *map = bitmap_new(1000);
+    lm_error err = { 0 };
+
+    assert_int_equal(dirty_start_unarmed(d, &err), 0);
+    assert_int_equal(f.starts, 1);
+    assert_int_equal(f.arms, 0);
+    assert_int_equal(dirty_arm(d, 0, 512 * PS, &err), 0);
+    assert_int_equal(dirty_arm(d, 0, 100 * PS, &err), 0);   /* backwards: not forwarded */
+    assert_int_equal(f.arms, 1);
+    assert_int_equal(f.arm_end[0], 512 * PS);
+
+    /* pages 3 and 999 reported, page 3 already set by the caller; the log's
+     * bits past the region's end (1000..1023) are dropped */
+    bitmap_set(f.log, 3);
+    bitmap_set(f.log, 999);
+    f.log[BITMAP_WORDS(1000) - 1] |= ~0UL << (1000 % BITMAP_BITS_PER_LONG);
+    bitmap_set(map, 3);
+    assert_int_equal(sync_ok(d, 0, map), 1);
+    /* the first sync armed the rest of the region before asking */
+    assert_int_equal(f.arms, 2);
+    assert_int_equal(f.armed_at_sync, 1000 * PS);
+    assert_int_equal(bitmap_count(map, 1000), 2);
+    assert_true(bitmap_test(map, 3) && bitmap_test(map, 999));
+    assert_int_equal(map[BITMAP_WORDS(1000) - 1] >> (1000 % BITMAP_BITS_PER_LONG), 0);
+
+    /* nothing reported: the caller's bits stay (a program cannot clear them) */
+    assert_int_equal(sync_ok(d, 0, map), 0);
+    assert_int_equal(bitmap_count(map, 1000), 2);
+
+    /* cooperative reports are merged with the program's log */
+    bitmap_zero(map, 1000);
+    dirty_mark(d, 0, 10 * PS + 5, 1);
+    bitmap_set(f.log, 10);
+    bitmap_set(f.log, 11);
+    assert_int_equal(sync_ok(d, 0, map), 2);
+    assert_int_equal(bitmap_count(map, 1000), 2);
+    assert_true(bitmap_test(map, 10) && bitmap_test(map, 11));
+    assert_int_equal(f.syncs, 3);
+    assert_int_equal(f.arms, 2);
+
+    dirty_stop(d);
+    dirty_stop(d);
+    assert_int_equal(f.stops, 1);
+    /* a second migration: start and stop once more, arming from scratch */
+    assert_int_equal(dirty_start(d, &err), 0);
+    assert_int_equal(f.starts, 2);
+    assert_int_equal(f.arms, 3);
+    assert_int_equal(f.arm_end[2], 1000 * PS);
+    dirty_free(d);
+    assert_int_equal(f.stops, 2);
+    bitmap_free(map);
+    munmap(mem, 1000 * PS);
+}
+
+/* Without an arm op, start tracks everything: arming is a no-op. */
+static void test_ops_no_arm(void **state)
+{
+    struct fake_log f;
+    uint8_t *mem;
+    dirty_tracker *d = fake_open(&f, &fake_ops_noarm, &mem);
+    unsigned long *map = bitmap_new(1000);
+    lm_error err = { 0 };
+
+    assert_int_equal(dirty_start_unarmed(d, &err), 0);
+    assert_int_equal(dirty_arm(d, 0, 512 * PS, &err), 0);
+    bitmap_set(f.log, 600);
+    assert_int_equal(sync_ok(d, 0, map), 1);
+    assert_true(bitmap_test(map, 600));
+    dirty_free(d);
+    assert_int_equal(f.starts, 1);
+    assert_int_equal(f.stops, 1);
+    bitmap_free(map);
+    munmap(mem, 1000 * PS);
+}
+
+/* The program's failures come back with its message (or one naming the op). */
+static void test_ops_errors(void **state)
+{
+    struct fake_log f;
+    uint8_t *mem;
+    dirty_tracker *d = fake_open(&f, &fake_ops, &mem);
+    unsigned long *map = bitmap_new(1000);
+    lm_error err = { 0 };
+    dirty_region reg = { .host = mem, .length = 1000 * PS, .page_size = PS };
+    lm_dirty_tracker_ops bad = fake_ops;
+
+    /* start fails: not started, and stop is never called */
+    f.fail_start = -EACCES;
+    f.fail_msg = "fake: no log for you";
+    assert_int_equal(dirty_start_unarmed(d, &err), -EACCES);
+    assert_string_equal(err.msg, "fake: no log for you");
+    assert_true(dirty_sync(d, 0, map, &err) < 0);          /* not started */
+    f.fail_start = 0;
+    f.fail_msg = NULL;
+    assert_int_equal(dirty_start_unarmed(d, &err), 0);
+    /* sync fails with the program's message, as it is */
+    f.fail_sync = -EIO;
+    f.fail_msg = "fake: dirty log lost";
+    assert_int_equal(dirty_sync(d, 0, map, &err), -EIO);
+    assert_int_equal(err.code, -EIO);
+    assert_string_equal(err.msg, "fake: dirty log lost");
+    /* without a message: one naming the tracker, the op and the block */
+    f.fail_sync = -ENXIO;
+    f.fail_msg = NULL;
+    assert_int_equal(dirty_sync(d, 0, map, &err), -ENXIO);
+    assert_non_null(strstr(err.msg, "fake-vmm: sync of block 0 failed"));
+    dirty_free(d);
+    assert_int_equal(f.starts, 2);
+    assert_int_equal(f.stops, 1);
+
+    bad.sync = NULL;
+    assert_null(dirty_new_ops("x", &bad, &f, &reg, 1, &err));
+    assert_int_equal(err.code, -EINVAL);
+    assert_null(dirty_new_ops("x", NULL, &f, &reg, 1, &err));
+    bitmap_free(map);
+    munmap(mem, 1000 * PS);
+}
+
 /* One case per tracker, named so the TAP output says which one failed. */
 #define PER_TRACKER(fn) \
     { .name = #fn "(uffd-wp)", .test_func = fn, .initial_state = (void *)"uffd-wp" }, \
@@ -926,6 +1142,9 @@ int main(void)
         cmocka_unit_test(test_auto),
         cmocka_unit_test(test_errors),
         cmocka_unit_test(test_sync_cost_1g),
+        cmocka_unit_test(test_ops_forwarding),
+        cmocka_unit_test(test_ops_no_arm),
+        cmocka_unit_test(test_ops_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

@@ -59,8 +59,23 @@
 #define WRITER_NAP_US 50
 #endif
 
+/*
+ * A VMM's own dirty log behind lm_set_dirty_tracker_ops (tracker
+ * "vmm-log"): the writer sets a page's bit after writing it, sync moves the
+ * bits out.  The counters and the thread checks say how the library
+ * called it; fail_at_sync and stop_writes script the two tests that use it.
+ */
+typedef struct vmm_log {
+    unsigned long bits[MEM / PAGE / (8 * sizeof(unsigned long))];
+    atomic_int starts, syncs, stops, wrong_thread;
+    pthread_t thread;            /* start's; sync and stop must be on it too */
+    int fail_at_sync;            /* 0, or which sync fails (1 = the first) */
+    bool stop_writes;            /* vm stop writes pages 5 (logged) and 6 (not) */
+} vmm_log;
+
 typedef struct guest {
     lm_mig *m;
+    vmm_log *log;
     uint8_t *mem;
     int block;
     bool coop;
@@ -94,6 +109,9 @@ static void *writer_main(void *arg)
             p[(x >> (i * 3)) % (PAGE / 8)] = x + (uint64_t)i;
         if (g->coop)
             lm_ram_mark_dirty_idx(g->m, g->block, page * PAGE, PAGE);
+        if (g->log)
+            __atomic_fetch_or(&g->log->bits[page / (8 * sizeof(unsigned long))],
+                              1UL << (page % (8 * sizeof(unsigned long))), __ATOMIC_RELEASE);
         atomic_fetch_add(&g->writes, 1);
         if (atomic_load(&g->writes) % 64 == 0)
             usleep((useconds_t)atomic_load(&g->nap_us));  /* dirtying, not saturating */
@@ -111,6 +129,13 @@ static void g_stop(void *opaque)
     for (int i = 0; i < 100000 && !atomic_load(&g->parked); i++)
         usleep(10);
     assert_true(atomic_load(&g->parked));
+    if (g->log && g->log->stop_writes) {
+        /* the guest's last writes, after the migration's last pass: one the
+         * log saw (must arrive), one it did not (must not be resent) */
+        memset(g->mem + 5 * PAGE, 0xa5, PAGE);
+        __atomic_fetch_or(&g->log->bits[0], 1UL << 5, __ATOMIC_RELEASE);
+        memset(g->mem + 6 * PAGE, 0x5a, PAGE);
+    }
 }
 
 static void g_start(void *opaque)
@@ -140,6 +165,62 @@ static int dev_load(lm_stream *s, void *opaque, uint32_t version, int type)
 }
 
 static const lm_vm_ops vm_ops = { g_stop, g_start, g_throttle };
+
+static pthread_t main_thread;
+
+/* The ops run on the migration thread, and all on the same one. */
+static void vmm_check_thread(vmm_log *l, bool first)
+{
+    char name[16] = "";
+
+    pthread_getname_np(pthread_self(), name, sizeof(name));
+    if (first)
+        l->thread = pthread_self();
+    if (strcmp(name, "lm-migrate") || pthread_equal(pthread_self(), main_thread) ||
+        !pthread_equal(pthread_self(), l->thread))
+        atomic_fetch_add(&l->wrong_thread, 1);
+}
+
+static int vmm_start(void *opaque, lm_error *err)
+{
+    guest *g = opaque;
+
+    atomic_fetch_add(&g->log->starts, 1);
+    vmm_check_thread(g->log, true);
+    return 0;
+}
+
+static int vmm_sync(void *opaque, int block, unsigned long *bitmap, uint64_t npages,
+                    lm_error *err)
+{
+    guest *g = opaque;
+    vmm_log *l = g->log;
+    int n = atomic_fetch_add(&l->syncs, 1) + 1;
+
+    vmm_check_thread(l, false);
+    if (block != g->block || npages != MEM / PAGE)
+        return -EINVAL;
+    if (n == l->fail_at_sync) {
+        snprintf(err->msg, sizeof(err->msg), "vmm-log: lost the dirty log of block %d",
+                 block);
+        return -EIO;
+    }
+    for (size_t w = 0; w < sizeof(l->bits) / sizeof(l->bits[0]); w++)
+        bitmap[w] |= __atomic_exchange_n(&l->bits[w], 0UL, __ATOMIC_ACQUIRE);
+    return 0;
+}
+
+static void vmm_stop(void *opaque)
+{
+    guest *g = opaque;
+
+    vmm_check_thread(g->log, false);
+    atomic_fetch_add(&g->log->stops, 1);
+}
+
+/* No arm: the log tracks everything from start on. */
+static const lm_dirty_tracker_ops vmm_ops = { .start = vmm_start, .sync = vmm_sync,
+                                              .stop = vmm_stop };
 static const lm_device_ops dev_ops = { .save = dev_save, .load = dev_load };
 
 static void guest_init(guest *g, bool source, const char *tracker, uint64_t mem)
@@ -162,7 +243,12 @@ static void guest_init(guest *g, bool source, const char *tracker, uint64_t mem)
     g->block = lm_ram_find(g->m, "guest.ram");
     assert_int_equal(lm_device_register(g->m, "dev", 0, 1, &dev_ops, g, &err), 0);
     lm_set_vm_ops(g->m, &vm_ops, g);
-    if (tracker) {
+    if (tracker && !strcmp(tracker, "vmm-log")) {
+        g->log = calloc(1, sizeof(*g->log));
+        assert_non_null(g->log);
+        if (lm_set_dirty_tracker_ops(g->m, "vmm-log", &vmm_ops, g, &err))
+            fail_msg("%s", err.msg);
+    } else if (tracker) {
         assert_int_equal(lm_set_dirty_tracker(g->m, tracker, &err), 0);
         g->coop = !strcmp(tracker, "cooperative");
     }
@@ -180,7 +266,15 @@ static void guest_fini(guest *g, uint64_t mem)
         pthread_join(g->writer, NULL);
     }
     lm_free(g->m);
+    free(g->log);
     munmap(g->mem, mem);
+}
+
+/* stop runs after the final status is published: wait for it, bounded. */
+static void wait_vmm_stopped(guest *g)
+{
+    for (int i = 0; i < 10000 && atomic_load(&g->log->stops) == 0; i++)
+        usleep(1000);
 }
 
 static void sock_path(char *buf, size_t n, const char *tag)
@@ -555,6 +649,111 @@ static void test_tcp_auto(void **state)
     migrate_ok(NULL, true);
 }
 
+/*
+ * The program's own dirty log as the tracker: only what it reports is sent
+ * again, and its start / sync / stop are called on the migration thread,
+ * start and stop once each.
+ */
+static void test_vmm_log_tracker(void **state)
+{
+    guest src, dst;
+    lm_error err = { 0 };
+    lm_stats st;
+    char uri[160];
+    uint8_t page6[PAGE];
+
+    guest_init(&src, true, "vmm-log", MEM);
+    guest_init(&dst, false, NULL, MEM);
+    src.log->stop_writes = true;
+    memcpy(page6, src.mem + 6 * PAGE, PAGE);
+#ifdef TEST_DOWNTIME_LIMIT_MS
+    assert_int_equal(lm_param_set_int(src.m, "downtime-limit", TEST_DOWNTIME_LIMIT_MS, &err), 0);
+#endif
+    assert_string_equal(lm_dirty_tracker_name(src.m), "vmm-log");
+    sock_path(uri, sizeof(uri), "vmm-log");
+    assert_int_equal(lm_incoming(dst.m, uri, &err), 0);
+    wait_dirtying(&src);
+    if (lm_migrate(src.m, uri, &err))
+        fail_msg("migrate: %s", err.msg);
+    wait_completed(src.m, "source");
+    wait_completed(dst.m, "destination");
+    wait_vmm_stopped(&src);
+
+    assert_int_equal(atomic_load(&src.log->starts), 1);
+    assert_int_equal(atomic_load(&src.log->stops), 1);
+    assert_int_equal(atomic_load(&src.log->wrong_thread), 0);
+    lm_query(src.m, &st);
+    assert_string_equal(st.dirty_tracker, "vmm-log");
+    assert_string_equal(lm_dirty_tracker_name(src.m), "vmm-log");
+    /* one block: one call of sync per bitmap sync */
+    assert_true(st.dirty_sync_count >= 2);
+    assert_int_equal((uint64_t)atomic_load(&src.log->syncs), st.dirty_sync_count);
+    /* the writer's pages (reported) and page 5 (reported after the stop)
+     * arrived; page 6, written but never reported, was not sent again */
+    assert_memory_equal(src.mem, dst.mem, 6 * PAGE);
+    assert_memory_equal(src.mem + 7 * PAGE, dst.mem + 7 * PAGE, MEM - 7 * PAGE);
+    assert_int_equal(dst.mem[5 * PAGE + 100], 0xa5);
+    assert_memory_equal(dst.mem + 6 * PAGE, page6, PAGE);
+    assert_int_equal(src.mem[6 * PAGE + 100], 0x5a);
+    assert_int_equal(dst.starts, 1);
+    guest_fini(&src, MEM);
+    guest_fini(&dst, MEM);
+}
+
+/* A sync that fails fails the migration with the program's message. */
+static void test_vmm_log_sync_fails(void **state)
+{
+    guest src, dst;
+    lm_error err = { 0 };
+    lm_stats st;
+    char uri[160];
+
+    guest_init(&src, true, "vmm-log", MEM);
+    guest_init(&dst, false, NULL, MEM);
+    src.log->fail_at_sync = 1;
+    sock_path(uri, sizeof(uri), "vmm-fail");
+    assert_int_equal(lm_incoming(dst.m, uri, &err), 0);
+    assert_int_equal(lm_migrate(src.m, uri, &err), 0);
+    assert_int_equal(lm_wait(src.m, WAIT_MS), LM_STATUS_FAILED);
+    assert_int_equal(lm_wait(dst.m, WAIT_MS), LM_STATUS_FAILED);
+    wait_vmm_stopped(&src);
+    lm_query(src.m, &st);
+    assert_non_null(strstr(st.error_desc, "vmm-log: lost the dirty log of block 0"));
+    assert_int_equal(lm_runstate_get(src.m), LM_RUN_RUNNING);
+    assert_int_equal(dst.starts, 0);
+    assert_int_equal(atomic_load(&src.log->starts), 1);
+    assert_int_equal(atomic_load(&src.log->syncs), 1);
+    assert_int_equal(atomic_load(&src.log->stops), 1);
+    assert_int_equal(atomic_load(&src.log->wrong_thread), 0);
+    guest_fini(&src, MEM);
+    guest_fini(&dst, MEM);
+}
+
+/* lm_set_dirty_tracker_ops checks what it is given. */
+static void test_vmm_log_set_errors(void **state)
+{
+    lm_mig *m = lm_new();
+    lm_error err = { 0 };
+    lm_dirty_tracker_ops no_sync = vmm_ops;
+
+    no_sync.sync = NULL;
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "", &vmm_ops, NULL, &err), -EINVAL);
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "has space", &vmm_ops, NULL, &err), -EINVAL);
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "a-name-that-is-far-too-long-for-it",
+                                              &vmm_ops, NULL, &err), -EINVAL);
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "cooperative", &vmm_ops, NULL, &err),
+                     -EINVAL);
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "kvm", &no_sync, NULL, &err), -EINVAL);
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "kvm", NULL, NULL, &err), -EINVAL);
+    assert_string_equal(lm_dirty_tracker_name(m), "auto");
+    assert_int_equal(lm_set_dirty_tracker_ops(m, "kvm-dirty-log", &vmm_ops, NULL, &err), 0);
+    assert_string_equal(lm_dirty_tracker_name(m), "kvm-dirty-log");
+    /* a built-in chosen later replaces it */
+    assert_int_equal(lm_set_dirty_tracker(m, "cooperative", &err), 0);
+    assert_string_equal(lm_dirty_tracker_name(m), "cooperative");
+    lm_free(m);
+}
+
 static void test_cancel(void **state)
 {
     guest src, dst;
@@ -665,11 +864,15 @@ static void test_params_and_caps(void **state)
 
 int main(void)
 {
+    main_thread = pthread_self();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_params_and_caps),
         cmocka_unit_test(test_unix_uffd),
         cmocka_unit_test(test_unix_cooperative),
         cmocka_unit_test(test_tcp_auto),
+        cmocka_unit_test(test_vmm_log_tracker),
+        cmocka_unit_test(test_vmm_log_sync_fails),
+        cmocka_unit_test(test_vmm_log_set_errors),
         cmocka_unit_test(test_cancel),
         cmocka_unit_test(test_destination_refuses),
         cmocka_unit_test(test_refused_and_bad_uri),
