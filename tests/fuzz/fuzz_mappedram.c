@@ -13,6 +13,7 @@
 #include <errno.h>
 #include <stdbool.h>
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <sys/mman.h>
 #include <unistd.h>
@@ -106,6 +107,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     ram_load_start(&ram);
     if (loadvm_run(lv, s) < 0 && lm_stream_error(s) == 0)
         abort();
+    if (getenv("FUZZ_VERBOSE"))
+        fprintf(stderr, "mappedram: %d %s\n", lm_stream_error(s), lm_stream_error_msg(s));
     ram_load_finish(&ram);
     stream_free(s);
     mapped_ram_close(mr);
