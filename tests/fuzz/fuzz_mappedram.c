@@ -4,11 +4,8 @@
  * incoming side does -- stream_new_reader on the file, mapped_ram_open on
  * the same file (by its /proc/self/fd path), ram_load through
  * mapped_ram_placer -- into one 64 KiB "guest.ram" block, what
- * `livemig guest --mem 64K` saves.  A real file is mostly the zeros before
- * its 1 MiB-aligned pages region, so the input is compact: be32 hole
- * offset, be32 hole length (at most 8 MiB), then the file without the
- * hole; the target writes the file back with the hole as a sparse gap
- * (make-corpus.py cuts out the longest zero run).
+ * `livemig guest --mem 64K` saves.  The input is the file with its zero
+ * hole cut out (fuzz_hole_file in fuzz_util.h).
  */
 #include <errno.h>
 #include <stdbool.h>
@@ -25,7 +22,6 @@
 #include "stream/stream.h"
 
 #define GUEST_LEN (64u << 10)
-#define MAX_HOLE (8u << 20)
 
 static ram_state ram;
 static ram_placer placer;
@@ -53,27 +49,9 @@ static int dev_skip(lm_stream *s, void *opaque, uint32_t version, int type)
     return lm_stream_error(s);
 }
 
-static uint32_t be32(const uint8_t *p)
-{
-    return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3];
-}
-
-/* The file: data[0..at), `hole` zero bytes (sparse), data[at..size). */
-static int make_file(const uint8_t *data, size_t size, size_t at, size_t hole)
-{
-    int fd = fuzz_memfd(data, at);
-
-    if (lseek(fd, (off_t)(at + hole), SEEK_SET) < 0 ||
-        (size > at && write(fd, data + at, size - at) != (ssize_t)(size - at)) ||
-        ftruncate(fd, (off_t)(size + hole)) || lseek(fd, 0, SEEK_SET) != 0)
-        abort();
-    return fd;
-}
-
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     static uint8_t *mem;
-    size_t at, hole;
     int fd;
     char path[64];
     lm_error err = { 0 };
@@ -87,11 +65,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             ram_register(&ram, "guest.ram", mem, GUEST_LEN, RAM_PAGE_SIZE, NULL))
             abort();
     }
-    if (size < 8)
+    fd = fuzz_hole_file(data, size);
+    if (fd < 0)
         return 0;
-    at = be32(data) % (size - 8 + 1);
-    hole = be32(data + 4) % (MAX_HOLE + 1);
-    fd = make_file(data + 8, size - 8, at, hole);
     fuzz_fd_path(path, sizeof(path), fd);
     mr = mapped_ram_open(path, 0, fd, 1, false, false, &err);
     if (!mr)
