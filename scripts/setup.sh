@@ -18,7 +18,9 @@ cd "$(dirname "$0")/.."
 
 # gcc and the sanitizer runtimes (libasan8, libubsan1) come with
 # build-essential; libclang-rt-14-dev holds clang's TSan/ASan runtimes
-# (scripts/test.sh --tsan and the clang compile check in .ci/run).
+# (scripts/test.sh --tsan and the clang compile check in .ci/run) and
+# libFuzzer's (libclang_rt.fuzzer*.a: the -Dfuzz=true targets,
+# scripts/fuzz.sh and .ci/run's fuzz step; docs/fuzzing.md).
 PACKAGES=(
     build-essential
     clang
