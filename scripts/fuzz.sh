@@ -38,7 +38,7 @@ for t in "${sel[@]}"; do
 done
 
 if [[ ! -f build-fuzz/build.ninja ]]; then
-    CC=clang meson setup build-fuzz -Dfuzz=true -Dtests=false --buildtype=debugoptimized
+    CC=clang meson setup build-fuzz -Dfuzz=true -Dtests=false -Db_lundef=false --buildtype=debugoptimized
 fi
 ninja -C build-fuzz
 
