@@ -1251,50 +1251,33 @@ static int an_parse(an_ctx *c)
 
 /* ------------------------------------------------------------ completeness */
 
-static void an_missing(lm_analysis *a, const char *fmt, ...)
-    __attribute__((format(printf, 2, 3)));
-
-/* Append one item to a->missing ("; "-separated, cut with "..."). */
-static void an_missing(lm_analysis *a, const char *fmt, ...)
-{
-    size_t used = strlen(a->missing), len = sizeof(a->missing);
-    va_list ap;
-
-    if (used + 8 >= len)
-        return;
-    if (used)
-        used += (size_t)snprintf(a->missing + used, len - used, "; ");
-    va_start(ap, fmt);
-    vsnprintf(a->missing + used, len - used, fmt, ap);
-    va_end(ap);
-    if (strlen(a->missing) == len - 1)
-        memcpy(a->missing + len - 4, "...", 4);
-}
-
 /* A file that parsed: does it hold a whole migration?  (see analyze.h) */
 static void an_check_complete(an_ctx *c)
 {
     lm_analysis *a = c->a;
     json_t *devs = c->vmdesc ? json_object_get(c->vmdesc, "devices") : NULL, *d;
+    char *miss = a->missing;
+    const size_t msz = sizeof(a->missing);
     size_t i;
 
     if (!c->ram_listed)
-        an_missing(a, "no RAM block list (no ram section START)");
+        error_list_add(miss, msz, "no RAM block list (no ram section START)");
     else if (!c->ram_ended)
-        an_missing(a, "no END of the ram section");
+        error_list_add(miss, msz, "no END of the ram section");
     for (size_t k = 0; k < c->nbinds; k++) {
         const lm_an_section *first = &a->sections[c->binds[k].section];
         if (!c->binds[k].ended && strcmp(first->idstr, "ram"))
-            an_missing(a, "section '%s' instance %u (id %u) started at byte offset %llu never "
-                       "ended", first->idstr, first->instance_id, first->section_id,
-                       (unsigned long long)first->start);
+            error_list_add(miss, msz, "section '%s' instance %u (id %u) started at byte offset "
+                           "%llu never ended", first->idstr, first->instance_id,
+                           first->section_id, (unsigned long long)first->start);
     }
     for (size_t k = 0; k < a->nblocks && !a->mapped_ram; k++) {
         const lm_an_block *b = &a->blocks[k];
         if (b->counts.pages_present < b->counts.pages)
-            an_missing(a, "RAM block '%s': %llu of %llu pages not in this stream", b->idstr,
-                       (unsigned long long)(b->counts.pages - b->counts.pages_present),
-                       (unsigned long long)b->counts.pages);
+            error_list_add(miss, msz, "RAM block '%s': %llu of %llu pages not in this stream",
+                           b->idstr,
+                           (unsigned long long)(b->counts.pages - b->counts.pages_present),
+                           (unsigned long long)b->counts.pages);
     }
     json_array_foreach(devs, i, d) {
         json_t *name = json_object_get(d, "name"), *inst = json_object_get(d, "instance_id");
@@ -1308,9 +1291,9 @@ static void an_check_complete(an_ctx *c)
                    a->sections[k].instance_id == json_integer_value(inst) &&
                    !strcmp(a->sections[k].idstr, json_string_value(name));
         if (!seen)
-            an_missing(a, "device '%s' instance %lld: described by the VMDESCRIPTION but "
-                       "its state is not in the stream", json_string_value(name),
-                       (long long)json_integer_value(inst));
+            error_list_add(miss, msz, "device '%s' instance %lld: described by the "
+                           "VMDESCRIPTION but its state is not in the stream",
+                           json_string_value(name), (long long)json_integer_value(inst));
     }
     a->complete = !a->missing[0];
 }

@@ -4,7 +4,6 @@
 #include <assert.h>
 #include <errno.h>
 #include <inttypes.h>
-#include <stdarg.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -273,37 +272,17 @@ void ram_load_finish(ram_state *r)
     }
 }
 
-/* Append to why[0..len) without overflowing (a long list is cut with "..."). */
-static void ram_why(char *why, size_t len, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void ram_why(char *why, size_t len, const char *fmt, ...)
-{
-    size_t used = strnlen(why, len);
-    va_list ap;
-
-    if (used + 4 >= len)
-        return;
-    va_start(ap, fmt);
-    vsnprintf(why + used, len - used, fmt, ap);
-    va_end(ap);
-    if (strnlen(why, len) == len - 1)
-        memcpy(why + len - 4, "...", 4);
-}
-
 int ram_load_check(const ram_state *r, char *why, size_t len)
 {
     bool ok = true;
 
-    if (len)
-        why[0] = 0;
     if (!r->seen_block_list && r->nblocks) {
-        ram_why(why, len, "no RAM block list (%d block%s registered here)", r->nblocks,
-                r->nblocks == 1 ? "" : "s");
+        error_list_add(why, len, "no RAM block list (%d block%s registered here)",
+                       r->nblocks, r->nblocks == 1 ? "" : "s");
         return -1;
     }
     if (!r->load_ended) {
-        ram_why(why, len, "no END of the ram section");
+        error_list_add(why, len, "no END of the ram section");
         ok = false;
     }
     for (int i = 0; i < r->nblocks; i++) {
@@ -312,10 +291,10 @@ int ram_load_check(const ram_state *r, char *why, size_t len)
 
         if (got == b->npages)
             continue;
-        ram_why(why, len, "%sRAM block '%s': %" PRIu64 " of %" PRIu64 " pages never arrived "
-                "(the first at offset 0x%" PRIx64 ")", ok ? "" : "; ", b->idstr,
-                b->npages - got, b->npages,
-                (uint64_t)(bitmap_next_clear(b->rmap, b->npages, 0) * RAM_PAGE_SIZE));
+        error_list_add(why, len, "RAM block '%s': %" PRIu64 " of %" PRIu64 " pages never "
+                       "arrived (the first at offset 0x%" PRIx64 ")", b->idstr,
+                       b->npages - got, b->npages,
+                       (uint64_t)(bitmap_next_clear(b->rmap, b->npages, 0) * RAM_PAGE_SIZE));
         ok = false;
     }
     return ok ? 0 : -1;

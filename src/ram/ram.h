@@ -226,7 +226,8 @@ static inline void ram_received(const ramblock *b, uint64_t page, uint64_t n)
 }
 /*
  * After EOF: 0 when everything registered arrived, else -1 with what is
- * missing (every block, with counts and the first missing page) in `why`.
+ * missing (every block, with counts and the first missing page) appended to
+ * the list why[0..len) (error_list_add).
  */
 int ram_load_check(const ram_state *r, char *why, size_t len);
 void ram_load_finish(ram_state *r);  /* frees the received bitmaps */

@@ -12,6 +12,7 @@
 #include <string.h>
 
 #include "savevm/savevm.h"
+#include "util/error.h"
 
 loadvm_handler *loadvm_add_handler(loadvm *lv, const char *idstr, uint32_t instance,
                                    uint32_t version,
@@ -259,34 +260,19 @@ static int loadvm_section(loadvm *lv, lm_stream *s, uint8_t type, uint64_t at)
     return 0;
 }
 
-/* Append one item to the list of what is missing (cut with "..." when full). */
-static void loadvm_missing(char *why, size_t len, const char *item)
-{
-    size_t used = strlen(why);
-    int n;
-
-    if (used + 8 >= len)
-        return;
-    n = snprintf(why + used, len - used, "%s%s", used ? "; " : "", item);
-    if (n < 0 || (size_t)n >= len - used)        /* cut: say so */
-        memcpy(why + len - 4, "...", 4);
-}
-
 /* At EOF: did everything registered here arrive?  Error names the EOF. */
 static int loadvm_check_complete(loadvm *lv, lm_stream *s, uint64_t at)
 {
-    char why[LM_ERROR_MAX - 128] = "", item[LM_ERROR_MAX - 128];
+    char why[LM_ERROR_MAX - 128] = "";
 
     for (int i = 0; i < lv->nhandlers; i++) {
         loadvm_handler *h = &lv->handlers[i];
 
-        if (h->check && h->check(h->opaque, item, sizeof(item)))
-            loadvm_missing(why, sizeof(why), item);
-        else if (!h->done && !h->check) {
-            snprintf(item, sizeof(item), "device '%s' instance %u: no state (no FULL or END "
-                     "section)", h->idstr, h->instance);
-            loadvm_missing(why, sizeof(why), item);
-        }
+        if (h->check)
+            h->check(h->opaque, why, sizeof(why));
+        else if (!h->done)
+            error_list_add(why, sizeof(why), "device '%s' instance %u: no state (no FULL or "
+                           "END section)", h->idstr, h->instance);
     }
     if (!why[0])
         return 0;

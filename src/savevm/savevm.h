@@ -66,7 +66,8 @@ typedef struct loadvm_handler {
     int (*load)(lm_stream *s, void *opaque, uint32_t version, int section_type);
     void *opaque;
     /* Optional, at EOF: 0 when this handler has all it needs, else -1 with
-     * what is missing written to why[0..len). */
+     * what is missing appended to the list why[0..len) (error_list_add).
+     * Without it, the handler needs its FULL or END section (`done`). */
     int (*check)(void *opaque, char *why, size_t len);
     bool done;                /* parse state: its FULL or END section loaded */
 } loadvm_handler;

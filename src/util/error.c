@@ -79,3 +79,20 @@ void util_log(const char *fmt, ...)
     va_end(ap);
     fprintf(stderr, "livemig: %s\n", buf);
 }
+
+void error_list_add(char *list, size_t size, const char *fmt, ...)
+{
+    size_t used = strnlen(list, size);
+    va_list ap;
+    int n;
+
+    if (used + 8 >= size)
+        return;                         /* full: its "..." says so already */
+    if (used)
+        used += (size_t)snprintf(list + used, size - used, "; ");
+    va_start(ap, fmt);
+    n = vsnprintf(list + used, size - used, fmt, ap);
+    va_end(ap);
+    if (n < 0 || (size_t)n >= size - used)
+        memcpy(list + size - 4, "...", 4);
+}

@@ -19,6 +19,13 @@ int error_setv(lm_error *err, int code, const char *fmt, va_list ap);
 /* Like error_set, appending ": strerror(-code)". */
 int error_set_errno(lm_error *err, int code, const char *fmt, ...)
     __attribute__((format(printf, 3, 4)));
+/*
+ * Append one item to a "; "-separated list in list[0..size) (a message
+ * naming everything that is missing, say); a list that no longer fits ends
+ * in "...".  list must be NUL-terminated ("" to start).
+ */
+void error_list_add(char *list, size_t size, const char *fmt, ...)
+    __attribute__((format(printf, 3, 4)));
 /* Prepend "prefix: " to an already set message. */
 void error_prefix(lm_error *err, const char *fmt, ...)
     __attribute__((format(printf, 2, 3)));
