@@ -39,7 +39,6 @@
 typedef struct incoming {
     lm_mig *m;
     lm_stream *s;
-    bool rp;
     int64_t last_publish_ns;
     lm_stats st;
     multifd_receiver *mfr;
@@ -147,7 +146,6 @@ static int in_open_rp(const loadvm_cmd *c, void *opaque)
         return -ENOTSUP;    /* a return path needs a bidirectional channel */
     if (!in->rpw)
         in->rpw = rp_writer_new(in->m->conn.fd);
-    in->rp = true;
     return 0;
 }
 
@@ -157,7 +155,7 @@ static int in_ping(const loadvm_cmd *c, void *opaque)
     incoming *in = opaque;
 
     assert(c->len == 4);    /* the wire table's length for PING, checked */
-    if (!in->rp)
+    if (!in->rpw)
         return -ENOTCONN;
     return in_rp_send(in, WIRE_RP_PONG, wire_be32(c->data));
 }
@@ -295,11 +293,11 @@ void *incoming_thread(void *arg)
     } else {
         mig_set_runstate(m, LM_RUN_PAUSED);
     }
-    if (in.rp && in_rp_send(&in, WIRE_RP_SHUT, 0))
+    if (in.rpw && in_rp_send(&in, WIRE_RP_SHUT, 0))
         util_log("could not confirm to the source (return path write failed); the guest "
                  "runs here anyway");
     mig_set_status(m, LM_STATUS_COMPLETED);
-    if (in.rp)
+    if (in.rpw)
         in_drain(&in);
     rp_writer_free(in.rpw);             /* before the connection it borrows */
     mig_conn_close(m, NULL);
@@ -309,7 +307,7 @@ void *incoming_thread(void *arg)
 
 fail:
     in_workers_finish(&in, true, NULL);
-    if (in.rp)
+    if (in.rpw)
         in_rp_send(&in, WIRE_RP_SHUT, 1);
     if (in.s)
         in_publish(&in);

@@ -236,27 +236,31 @@ int lm_device_register(lm_mig *m, const char *idstr, uint32_t instance, uint32_t
 
 
 
+/* Under lock: keep err (a code of 0 becomes -EIO), unless one is kept and
+ * `replace` is false; then it is only logged. */
+static void error_keep_locked(lm_mig *m, const lm_error *err, bool replace)
+{
+    if (m->error.code && !replace) {
+        util_log("later error (first one is kept): %s", err->msg);
+        return;
+    }
+    m->error = *err;
+    if (!m->error.code)
+        m->error.code = -EIO;
+    snprintf(m->stats.error_desc, sizeof(m->stats.error_desc), "%s", err->msg);
+}
+
 void mig_set_error(lm_mig *m, const lm_error *err)
 {
     pthread_mutex_lock(&m->lock);
-    if (!m->error.code) {
-        m->error = *err;
-        if (!m->error.code)
-            m->error.code = -EIO;
-        snprintf(m->stats.error_desc, sizeof(m->stats.error_desc), "%s", err->msg);
-    } else {
-        util_log("later error (first one is kept): %s", err->msg);
-    }
+    error_keep_locked(m, err, false);
     pthread_mutex_unlock(&m->lock);
 }
 
 void mig_replace_error(lm_mig *m, const lm_error *err)
 {
     pthread_mutex_lock(&m->lock);
-    m->error = *err;
-    if (!m->error.code)
-        m->error.code = -EIO;
-    snprintf(m->stats.error_desc, sizeof(m->stats.error_desc), "%s", err->msg);
+    error_keep_locked(m, err, true);
     pthread_mutex_unlock(&m->lock);
 }
 

@@ -56,7 +56,6 @@ typedef struct precopy {
     ram_state *ram;
     dirty_tracker *dirty;
     mig_paramset p;
-    bool rp;                    /* return path open: destination will SHUT */
     bool vm_stopped;            /* we entered finish-migrate */
     bool eof_queued;            /* past the commit point: EOF is in the stream */
     uint64_t eof_at;            /* stream offset of the EOF byte */
@@ -283,7 +282,6 @@ static int pc_setup(precopy *pc, lm_error *err)
     savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM));
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, WIRE_CMD_OPEN_RETURN_PATH, 0, NULL);
-        pc->rp = true;
         pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, m, err);
         if (!pc->rpr)
             return err->code ? err->code : -EIO;

@@ -17,6 +17,7 @@
 #include <stdatomic.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "returnpath/returnpath.h"
@@ -29,6 +30,8 @@ typedef struct peer {
     atomic_int failed;
     lm_error fail_err;
     atomic_int messages;
+    pthread_mutex_t lock;       /* with cond: a message was taken */
+    pthread_cond_t cond;
     uint16_t last_type;
     int refuse;                 /* message callback returns this */
 } peer;
@@ -36,6 +39,8 @@ typedef struct peer {
 static void peer_open(peer *p)
 {
     memset(p, 0, sizeof(*p));
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->cond, NULL);
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM, 0, p->fds), 0);
 }
 
@@ -44,6 +49,8 @@ static void peer_close(peer *p)
     close(p->fds[0]);
     if (p->fds[1] >= 0)
         close(p->fds[1]);
+    pthread_cond_destroy(&p->cond);
+    pthread_mutex_destroy(&p->lock);
 }
 
 static int on_message(void *opaque, uint16_t type, const uint8_t *data, uint16_t len,
@@ -53,8 +60,11 @@ static int on_message(void *opaque, uint16_t type, const uint8_t *data, uint16_t
 
     (void)data;
     (void)len;
+    pthread_mutex_lock(&p->lock);
     p->last_type = type;
     atomic_fetch_add(&p->messages, 1);
+    pthread_cond_broadcast(&p->cond);
+    pthread_mutex_unlock(&p->lock);
     return p->refuse;
 }
 
@@ -64,6 +74,23 @@ static void on_failed(void *opaque, const lm_error *err)
 
     p->fail_err = *err;
     atomic_fetch_add(&p->failed, 1);
+}
+
+/* Wait (bounded) until n messages were taken; how many were. */
+static int wait_messages(peer *p, int n)
+{
+    struct timespec dl;
+    int got;
+
+    clock_gettime(CLOCK_REALTIME, &dl);
+    dl.tv_sec += T_MS / 1000;
+    pthread_mutex_lock(&p->lock);
+    while (atomic_load(&p->messages) < n &&
+           pthread_cond_timedwait(&p->cond, &p->lock, &dl) == 0)
+        ;
+    got = atomic_load(&p->messages);
+    pthread_mutex_unlock(&p->lock);
+    return got;
 }
 
 static const rp_reader_ops ops_all = { .message = on_message, .failed = on_failed };
@@ -175,9 +202,7 @@ static void test_bad_messages(void **state)
     raw(p.fds[1], req, sizeof(req));
     rp_writer *w = rp_writer_new(p.fds[1]);
     assert_int_equal(rp_send_u32(w, WIRE_RP_PONG, 1), 0);
-    for (int i = 0; i < T_MS && atomic_load(&p.messages) < 2; i++)
-        usleep(1000);
-    assert_int_equal(p.messages, 2);
+    assert_int_equal(wait_messages(&p, 2), 2);
     p.refuse = -EINVAL;
     raw(p.fds[1], req, sizeof(req));
     assert_int_equal(rp_reader_wait_shut(r, T_MS, &status, &err), -EINVAL);
