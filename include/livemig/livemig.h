@@ -84,6 +84,9 @@ typedef enum lm_runstate {
     LM_RUN_PAUSED,         /* "paused": stopped by the user */
     LM_RUN_FINISH_MIGRATE, /* "finish-migrate": source stopped for switch-over */
     LM_RUN_POSTMIGRATE,    /* "postmigrate": source after a completed migration */
+    /* "internal-error": a postcopy failed after the destination started the
+     * guest, so neither side holds all of it; `cont` is refused on both */
+    LM_RUN_INTERNAL_ERROR,
 } lm_runstate;
 
 const char *lm_runstate_name(lm_runstate s);
@@ -289,6 +292,12 @@ typedef enum lm_status {
     LM_STATUS_FAILED,
     LM_STATUS_CANCELLING,
     LM_STATUS_CANCELLED,
+    /* postcopy (capability postcopy-ram, lm_migrate_start_postcopy): */
+    LM_STATUS_POSTCOPY_DEVICE, /* source: the package (device state, RUN) sent, the
+                                * destination's confirmation that it loaded it
+                                * not yet in; a failure now resumes the guest here */
+    LM_STATUS_POSTCOPY_ACTIVE, /* the destination runs the guest; the rest of RAM
+                                * streams in the background, faults ask first */
 } lm_status;
 
 const char *lm_status_name(lm_status s);
@@ -314,6 +323,20 @@ int lm_migrate(lm_mig *m, const char *uri, lm_error *err);
  * The guest is started (vm ops start) only after a stream that ended cleanly.
  */
 int lm_incoming(lm_mig *m, const char *uri, lm_error *err);
+
+/*
+ * Postcopy (capability "postcopy-ram" set before lm_migrate, on a socket
+ * URI): switch a running precopy migration to postcopy at its next
+ * section.  The guest stops here, its device state and the pages dirtied
+ * since they were sent are handed over, and the destination runs it while
+ * the rest of RAM follows; a page it touches before that is asked for and
+ * sent first.  Until the destination confirms it loaded the device state
+ * (status postcopy-device) a failure still gives the guest back here; after
+ * it (postcopy-active) neither side has all of the guest, so a failure
+ * leaves both in run state internal-error.  -EINVAL when the capability is
+ * off, -EBUSY when no migration is active (QEMU's migrate-start-postcopy).
+ */
+int lm_migrate_start_postcopy(lm_mig *m, lm_error *err);
 
 /* Ask a running migration to stop; returns at once (see lm_wait). */
 int lm_cancel(lm_mig *m, lm_error *err);
@@ -360,6 +383,15 @@ typedef struct lm_stats {
     /* source: failed after the commit point without an answer (see
      * MIGRATION_OUTCOME_UNKNOWN below); the guest was not resumed */
     bool outcome_unknown;
+    /* postcopy (QEMU's names in query-migrate) */
+    uint64_t postcopy_requests;  /* pages the destination asked for */
+    uint64_t postcopy_bytes;     /* bytes sent after the switch */
+    /* destination: fault latency (request to page placed), microseconds */
+    uint64_t postcopy_faults;    /* pages requested (= latency samples) */
+    uint64_t postcopy_latency_us;        /* mean */
+    uint64_t postcopy_latency_p50_us, postcopy_latency_p99_us, postcopy_latency_max_us;
+    uint64_t postcopy_latency_dist[24];  /* [2^i, 2^(i+1)) us; the last open-ended */
+    uint64_t postcopy_blocktime_ms;      /* sum of all requested pages' waits */
 } lm_stats;
 
 void lm_query(lm_mig *m, lm_stats *st);

@@ -296,8 +296,19 @@ static int cmd_migrate_incoming(void *opaque, const char *args_json, char **repl
 
 static bool mig_status_running(lm_status s)
 {
-    return s == LM_STATUS_SETUP || s == LM_STATUS_ACTIVE ||
-           s == LM_STATUS_DEVICE || s == LM_STATUS_CANCELLING;
+    return !(s == LM_STATUS_NONE || s == LM_STATUS_COMPLETED || s == LM_STATUS_FAILED ||
+             s == LM_STATUS_CANCELLED);
+}
+
+static int cmd_migrate_start_postcopy(void *opaque, const char *args_json, char **reply,
+                                      lm_error *err)
+{
+    qmp_migration *mig = opaque;
+
+    (void)reply;
+    if (args_none_check(args_json, err) < 0)
+        return err->code;
+    return lm_migrate_start_postcopy(mig->m, err);
 }
 
 /* Like QEMU, cancelling when nothing runs is not an error. */
@@ -365,14 +376,40 @@ static json_t *mig_ram_info(const lm_stats *st)
                      "dirty-pages-rate", (json_int_t)st->dirty_pages_rate,
                      "mbps", st->mbps,
                      "dirty-sync-count", (json_int_t)st->dirty_sync_count,
-                     "postcopy-requests", (json_int_t)0,
+                     "postcopy-requests", (json_int_t)st->postcopy_requests,
                      "page-size", (json_int_t)st->page_size,
                      "multifd-bytes", (json_int_t)st->multifd_bytes,
                      "pages-per-second", (json_int_t)st->pages_per_second,
                      "precopy-bytes", (json_int_t)st->precopy_bytes,
                      "downtime-bytes", (json_int_t)st->downtime_bytes,
-                     "postcopy-bytes", (json_int_t)0,
+                     "postcopy-bytes", (json_int_t)st->postcopy_bytes,
                      "dirty-sync-missed-zero-copy", (json_int_t)0);
+}
+
+/*
+ * A postcopy destination's fault figures: QEMU's postcopy-blocktime (ms)
+ * and 10.1's postcopy-latency (mean, ns) and postcopy-latency-dist (24
+ * power-of-two microsecond buckets); the request count, quantiles and
+ * maximum are livemig's (x-).
+ */
+static void mig_postcopy_info(json_t *r, const lm_stats *st)
+{
+    json_t *dist = json_array();
+
+    for (int k = 0; dist && k < 24; k++)
+        json_array_append_new(dist, json_integer((json_int_t)st->postcopy_latency_dist[k]));
+    json_object_set_new(r, "postcopy-blocktime", json_integer((json_int_t)st->postcopy_blocktime_ms));
+    json_object_set_new(r, "postcopy-latency",
+                        json_integer((json_int_t)(st->postcopy_latency_us * 1000)));
+    if (dist)
+        json_object_set_new(r, "postcopy-latency-dist", dist);
+    json_object_set_new(r, "x-postcopy-requests", json_integer((json_int_t)st->postcopy_requests));
+    json_object_set_new(r, "x-postcopy-latency-p50-us",
+                        json_integer((json_int_t)st->postcopy_latency_p50_us));
+    json_object_set_new(r, "x-postcopy-latency-p99-us",
+                        json_integer((json_int_t)st->postcopy_latency_p99_us));
+    json_object_set_new(r, "x-postcopy-latency-max-us",
+                        json_integer((json_int_t)st->postcopy_latency_max_us));
 }
 
 /* A destination reports its status and the address it listens on. */
@@ -386,6 +423,8 @@ static void mig_info_incoming(json_t *r, const lm_stats *st)
         json_object_set_new(r, "status", qmp_string(lm_status_name(st->status)));
     if (st->status == LM_STATUS_FAILED && st->error_desc[0])
         json_object_set_new(r, "error-desc", qmp_string(st->error_desc));
+    if (st->postcopy_requests)
+        mig_postcopy_info(r, st);
 }
 
 /* Times and "ram" while running and once completed. */
@@ -420,6 +459,8 @@ static void mig_info_outgoing(json_t *r, const lm_stats *st)
     switch (st->status) {
     case LM_STATUS_ACTIVE:
     case LM_STATUS_DEVICE:
+    case LM_STATUS_POSTCOPY_DEVICE:
+    case LM_STATUS_POSTCOPY_ACTIVE:
     case LM_STATUS_CANCELLING:
     case LM_STATUS_COMPLETED:
         mig_info_progress(r, st);
@@ -790,6 +831,7 @@ static const struct {
     { "migrate-incoming", cmd_migrate_incoming },
     { "migrate_cancel", cmd_migrate_cancel },      /* QEMU's old spelling */
     { "migrate-cancel", cmd_migrate_cancel },
+    { "migrate-start-postcopy", cmd_migrate_start_postcopy },
     { "query-migrate", cmd_query_migrate },
     { "migrate-set-capabilities", cmd_set_capabilities },
     { "query-migrate-capabilities", cmd_query_capabilities },

@@ -24,35 +24,18 @@
 #include <unistd.h>
 #include <endian.h>
 
-#include "migration/migration.h"
-#include "compress/compress.h"
-#include "mappedram/mappedram.h"
-#include "multifd/multifd.h"
-#include "returnpath/returnpath.h"
-#include "savevm/savevm.h"
+#include "migration/incoming.h"
+#include "util/bitmap.h"
 #include "util/error.h"
 #include "util/time.h"
 
 #define IN_DRAIN_MS 10000
 #define IN_CHANNELS_MS 30000     /* all channels must arrive within this */
 
-typedef struct incoming {
-    lm_mig *m;
-    lm_stream *s;
-    int64_t last_publish_ns;
-    lm_stats st;
-    multifd_receiver *mfr;
-    mapped_ram_file *mapped;
-    decompressor *decomp;
-    rp_writer *rpw;             /* the return path, once OPEN_RETURN_PATH came */
-    ram_placer placer;          /* where every page record goes, chosen at accept */
-    uint64_t mf_bytes;
-} incoming;
-
 /* Stop the helpers of the load (decompression pool, mapped-ram I/O workers,
  * multifd channels): interrupted on failure, drained on success.  0, or the
  * error of a helper that broke the stream's rules after its end. */
-static int in_workers_finish(incoming *in, bool failed, lm_error *err)
+int in_workers_finish(incoming *in, bool failed, lm_error *err)
 {
     int ret;
 
@@ -119,12 +102,13 @@ static int in_setup_placer(incoming *in, transport_conn *chans, int n, lm_error 
     return 0;
 }
 
-static void in_publish(incoming *in)
+void in_publish(incoming *in)
 {
     if (in->mfr)
         in->mf_bytes = multifd_recv_bytes(in->mfr);
     in->st.multifd_bytes = in->mf_bytes;
-    in->st.transferred = lm_stream_offset(in->s) + in->mf_bytes;
+    in->st.transferred = lm_stream_offset(postcopy_in_stream(in)) + in->mf_bytes;
+    postcopy_in_stats(in, &in->st);
     in->st.duplicate = 0;
     mig_publish(in->m, &in->st);
 }
@@ -208,13 +192,37 @@ static void in_drain(incoming *in)
     }
 }
 
+/*
+ * Postcopy failed after RUN: the guest ran here with part of its memory and
+ * the rest is gone with the source's stream.  It is stopped for good (its
+ * threads waiting on missing pages were released onto zeroed memory), so
+ * nobody mistakes it for a whole guest.
+ */
+static void in_split(incoming *in, lm_error *err)
+{
+    lm_mig *m = in->m;
+    uint64_t missing = 0;
+
+    for (int i = 0; i < m->ram.nblocks; i++)
+        missing += m->ram.blocks[i].npages - bitmap_count(m->ram.blocks[i].rmap,
+                                                          m->ram.blocks[i].npages);
+    error_prefix(err, "postcopy failed after the guest started here: %" PRIu64 " pages never "
+                 "arrived and neither side has all of its memory; the guest is stopped, run "
+                 "state internal-error", missing);
+    if (m->vm.stop)
+        m->vm.stop(m->vm_opaque);
+    mig_set_runstate(m, LM_RUN_INTERNAL_ERROR);
+    util_log("%s", err->msg);
+}
+
 void *incoming_thread(void *arg)
 {
     lm_mig *m = arg;
     incoming in = { .m = m };
     loadvm *lv = calloc(1, sizeof(*lv));
     lm_error err = { 0 };
-    int ret;
+    bool after_run = false;
+    int ret, pc;
 
     if (!lv)
         abort();
@@ -257,9 +265,21 @@ void *incoming_thread(void *arg)
         loadvm_add_handler(lv, m->devices[i].idstr, m->devices[i].instance,
                            m->devices[i].version, m->devices[i].ops.load,
                            m->devices[i].opaque);
+    in.lv = lv;
+    postcopy_in_register(&in);
     ram_load_start(&m->ram);
     ret = loadvm_run(lv, in.s);
-    /* None of the commands handled here ends the load before EOF. */
+    /* Only postcopy's RUN ends the main thread's load before EOF. */
+    assert(ret <= 0 || ret == LOADVM_QUIT);
+    pc = postcopy_in_finish(&in, ret < 0 ? -1 : 0, &after_run, &err);
+    if (pc < 0) {
+        ret = pc;
+        if (mig_cancelled(m) && !after_run)
+            error_set(&err, -ECANCELED, "incoming migration cancelled");
+        goto fail;
+    }
+    if (pc == 0)
+        goto arrived;       /* postcopy: the guest runs since RUN */
     assert(ret <= 0);
     if (ret) {
         ret = lm_stream_error(in.s);
@@ -293,6 +313,8 @@ void *incoming_thread(void *arg)
     } else {
         mig_set_runstate(m, LM_RUN_PAUSED);
     }
+arrived:
+    in_publish(&in);
     if (in.rpw && in_rp_send(&in, WIRE_RP_SHUT, 0))
         util_log("could not confirm to the source (return path write failed); the guest "
                  "runs here anyway");
@@ -301,11 +323,14 @@ void *incoming_thread(void *arg)
         in_drain(&in);
     rp_writer_free(in.rpw);             /* before the connection it borrows */
     mig_conn_close(m, NULL);
+    postcopy_in_free(&in);
     stream_free(in.s);
     free(lv);
     return NULL;
 
 fail:
+    if (after_run)
+        in_split(&in, &err);
     in_workers_finish(&in, true, NULL);
     if (in.rpw)
         in_rp_send(&in, WIRE_RP_SHUT, 1);
@@ -313,8 +338,12 @@ fail:
         in_publish(&in);
     rp_writer_free(in.rpw);
     mig_conn_close(m, NULL);
-    mig_set_error(m, &err);
+    if (after_run)
+        mig_replace_error(m, &err);
+    else
+        mig_set_error(m, &err);
     mig_set_status(m, LM_STATUS_FAILED);
+    postcopy_in_free(&in);
     stream_free(in.s);
     free(lv);
     return NULL;

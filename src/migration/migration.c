@@ -446,6 +446,7 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
     if (m->cancel_fd < 0)
         return error_set_errno(err, -errno, "eventfd");
     atomic_store(&m->cancel, false);
+    atomic_store(&m->postcopy_start, false);
     m->committed = false;
     m->user_cancel = false;
 
@@ -502,7 +503,37 @@ static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
                          "multifd or mapped-ram (use multifd-compression)");
     if (p.direct_io && !mapped)
         return error_set(err, -EINVAL, "direct-io needs the mapped-ram capability");
+    if (mig_cap(m, MIG_CAP_POSTCOPY_RAM) &&
+        (mapped || mig_cap(m, MIG_CAP_COMPRESS)))
+        return error_set(err, -EINVAL, "postcopy-ram cannot be combined with %s",
+                         mapped ? "mapped-ram" : "the compress capability");
+    if (mig_cap(m, MIG_CAP_POSTCOPY_RAM) && u.kind != URI_TCP && u.kind != URI_UNIX &&
+        u.kind != URI_FD)
+        return error_set(err, -EINVAL, "postcopy-ram needs a return path: a tcp:, unix: or "
+                         "fd: (socket) URI, not '%s'", uri);
+    if (mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT) && !mig_cap(m, MIG_CAP_POSTCOPY_RAM))
+        return error_set(err, -EINVAL, "Postcopy preempt requires postcopy-ram");
+    if (mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT) && u.kind == URI_FD)
+        return error_set(err, -EINVAL, "postcopy-preempt needs a second connection: a tcp: "
+                         "or unix: URI, not '%s'", uri);
     return 0;
+}
+
+int lm_migrate_start_postcopy(lm_mig *m, lm_error *err)
+{
+    int ret = 0;
+
+    pthread_mutex_lock(&m->lock);
+    if (!m->caps[MIG_CAP_POSTCOPY_RAM])
+        ret = error_set(err, -EINVAL, "Enable postcopy with migrate_set_capability before "
+                        "the start of migration");
+    else if (m->incoming || (m->status != LM_STATUS_SETUP && m->status != LM_STATUS_ACTIVE))
+        ret = error_set(err, -EBUSY, "Postcopy must be started after migration has been "
+                        "started");
+    else
+        atomic_store(&m->postcopy_start, true);
+    pthread_mutex_unlock(&m->lock);
+    return ret;
 }
 
 int lm_migrate(lm_mig *m, const char *uri, lm_error *err)

@@ -54,6 +54,9 @@ enum mig_capability {
     MIG_CAP_MULTIFD,
     MIG_CAP_MAPPED_RAM,
     MIG_CAP_COMPRESS,
+    MIG_CAP_POSTCOPY_RAM,
+    MIG_CAP_RETURN_PATH,      /* accepted for QEMU's scripts: sockets always have one */
+    MIG_CAP_POSTCOPY_PREEMPT,
     MIG_CAP__MAX,
 };
 
@@ -76,6 +79,8 @@ typedef struct mig_paramset {
     int64_t decompress_threads;
     int64_t switchover_confirm_timeout;/* ms the source waits for the destination's answer */
     int64_t link_timeout;              /* ms after which a silent tcp link fails; 0 = kernel's */
+    int64_t max_postcopy_bandwidth;    /* bytes/s after the postcopy switch, 0 = unlimited */
+    int64_t postcopy_after;            /* ms; >0: switch to postcopy by itself (see params.c) */
 } mig_paramset;
 
 /* Copied by value under the lock, then called without it. */
@@ -128,6 +133,7 @@ struct lm_mig {
     pthread_t thread_self;             /* under lock: set by the thread itself */
     bool thread_self_valid;
     atomic_bool cancel;
+    atomic_bool postcopy_start;        /* lm_migrate_start_postcopy asked for the switch */
     bool committed;                    /* under lock: EOF sent, cancel refused */
     bool user_cancel;                  /* under lock: lm_cancel asked (vs. a failure) */
     int cancel_fd;                     /* eventfd, readable once cancelled */

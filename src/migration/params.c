@@ -19,6 +19,9 @@ static const char *const cap_names[MIG_CAP__MAX] = {
     [MIG_CAP_MULTIFD] = "multifd",
     [MIG_CAP_MAPPED_RAM] = "mapped-ram",
     [MIG_CAP_COMPRESS] = "compress",
+    [MIG_CAP_POSTCOPY_RAM] = "postcopy-ram",
+    [MIG_CAP_RETURN_PATH] = "return-path",
+    [MIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
 };
 
 typedef struct param_def {
@@ -59,6 +62,13 @@ static const param_def param_defs[] = {
     /* livemig's own: a tcp link that drops everything (no reset) fails the
      * migration on both sides after about this long (0: TCP's ~15 min). */
     P("link-timeout", link_timeout, 0, 3600000, 10000, false),
+    P("max-postcopy-bandwidth", max_postcopy_bandwidth, 0, INT64_MAX, 0, true),
+    /* livemig's own (postcopy-ram on): switch to postcopy without
+     * migrate-start-postcopy when precopy cannot converge -- a pass ended
+     * with a remainder over the downtime limit that did not shrink by a
+     * fifth since the pass before -- or when precopy has run this many ms.
+     * 0 = only on request, as QEMU. */
+    P("x-postcopy-after", postcopy_after, 0, 86400000, 0, true),
 };
 #undef P
 #undef S
@@ -86,8 +96,7 @@ static int cap_index(const char *name)
 
 static bool mig_busy(lm_mig *m)
 {
-    return m->status == LM_STATUS_SETUP || m->status == LM_STATUS_ACTIVE ||
-           m->status == LM_STATUS_DEVICE || m->status == LM_STATUS_CANCELLING;
+    return !mig_status_final(m->status);
 }
 
 int lm_cap_set(lm_mig *m, const char *name, bool on, lm_error *err)

@@ -29,9 +29,11 @@
 #include <inttypes.h>
 #include <jansson.h>
 #include <poll.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <unistd.h>
 #include <endian.h>
@@ -40,6 +42,7 @@
 #include "compress/compress.h"
 #include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
+#include "postcopy/postcopy.h"
 #include "returnpath/returnpath.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
@@ -91,6 +94,16 @@ typedef struct precopy {
     multifd_stats mf_final;             /* kept when the channels are gone */
     uint64_t mapped_final;              /* mapped-ram page bytes, kept likewise */
     bool multifd_file;                  /* mapped-ram pages written by multifd channels */
+
+    /* postcopy (capability postcopy-ram; see "postcopy" below) */
+    postcopy_requests *req;             /* pages asked for: the reader pushes, we pop */
+    int wake_fd;                        /* eventfd: a request or the package's PONG came */
+    atomic_bool in_postcopy;            /* the package is going: requests are legal */
+    atomic_bool pkg_loaded;             /* PONG(PC_PING_PACKAGE) arrived */
+    bool postcopy_committed;            /* the destination runs the guest */
+    uint64_t switch_bytes;              /* pc_bytes at the switch */
+    uint64_t prev_remaining;            /* dirty bytes at the previous pass's end */
+    int passes;
 } precopy;
 
 static void pc_mf_stats(precopy *pc, multifd_stats *mf)
@@ -168,6 +181,8 @@ static void pc_publish(precopy *pc)
         pc->st.compression_rate = cs.compression_rate;
     }
     pc->st.cpu_throttle_percentage = pc->throttle;
+    if (pc->switch_bytes)
+        pc->st.postcopy_bytes = bytes - pc->switch_bytes;
     if (pc->vm_stopped)
         pc->st.downtime_bytes = bytes - pc->st.precopy_bytes;
     else
@@ -187,7 +202,54 @@ static void pc_rp_failed(void *opaque, const lm_error *err)
         mig_fail(opaque, err);
 }
 
-static const rp_reader_ops pc_rp_ops = { .failed = pc_rp_failed };
+/* PING's value inside the package, after the device state, before RUN: its
+ * PONG says the destination loaded the package (QEMU 10.2's 0x42). */
+#define PC_PING_PACKAGE 0x42
+
+static void pc_wake(precopy *pc)
+{
+    uint64_t one = 1;
+
+    if (write(pc->wake_fd, &one, sizeof(one)) < 0) {
+        /* only when the counter is full: it is readable then */
+    }
+}
+
+/* Reader thread: PONG and, in postcopy, the destination's page requests. */
+static int pc_rp_message(void *opaque, uint16_t type, const uint8_t *data, uint16_t len,
+                         lm_error *err)
+{
+    precopy *pc = opaque;
+    int ret;
+
+    switch (type) {
+    case WIRE_RP_PONG:
+        if (wire_be32(data) == PC_PING_PACKAGE && atomic_load(&pc->in_postcopy)) {
+            atomic_store(&pc->pkg_loaded, true);
+            pc_wake(pc);
+        }
+        return 0;
+    case WIRE_RP_REQ_PAGES_ID:
+    case WIRE_RP_REQ_PAGES:
+        if (!pc->req || !atomic_load(&pc->in_postcopy))
+            return error_set(err, -EPROTO, "the destination asked for a page (return-path "
+                             "message %u) but this migration is not in postcopy", type);
+        ret = postcopy_requests_add(pc->req, type, data, len, err);
+        if (!ret)
+            pc_wake(pc);
+        return ret;
+    default:
+        return error_set(err, -EPROTO, "unexpected return-path message %u (%u bytes)",
+                         type, len);
+    }
+}
+
+static void pc_rp_failed_pc(void *opaque, const lm_error *err)
+{
+    pc_rp_failed(((precopy *)opaque)->m, err);
+}
+
+static const rp_reader_ops pc_rp_ops = { .message = pc_rp_message, .failed = pc_rp_failed_pc };
 
 /* Between sections: the reader's error, or the destination's early verdict. */
 static int pc_rp_check(precopy *pc, lm_error *err)
@@ -282,9 +344,24 @@ static int pc_setup(precopy *pc, lm_error *err)
     savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM));
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, WIRE_CMD_OPEN_RETURN_PATH, 0, NULL);
-        pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, m, err);
+        if (mig_cap(m, MIG_CAP_POSTCOPY_RAM)) {
+            pc->req = postcopy_requests_new(pc->ram);
+            pc->wake_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
+            if (pc->wake_fd < 0)
+                return error_set_errno(err, -errno, "eventfd");
+        }
+        pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, pc, err);
         if (!pc->rpr)
             return err->code ? err->code : -EIO;
+    }
+    if (mig_cap(m, MIG_CAP_POSTCOPY_RAM)) {
+        /* This side's page sizes: a destination with others refuses here. */
+        uint64_t advise[2] = { htobe64(RAM_PAGE_SIZE), htobe64(RAM_PAGE_SIZE) };
+
+        if (!pc->rpr)
+            return error_set(err, -EINVAL, "postcopy-ram needs a return path (%s is not a "
+                             "socket)", m->conn.peer);
+        savevm_put_command(pc->s, WIRE_CMD_POSTCOPY_ADVISE, sizeof(advise), advise);
     }
     /* The main stream's header is on the wire before any channel connects:
      * QEMU 7.2 destinations take the first connection as the main one. */
@@ -435,6 +512,19 @@ static int pc_pass_done(precopy *pc, bool *switchover, lm_error *err)
     expected = bw > 0 ? (double)remaining / bw : 1e12;
     pc->st.expected_downtime = (int64_t)expected;
     *switchover = false;
+    pc->passes++;
+    /* x-postcopy-after: precopy is not converging (over the limit, and the
+     * remainder did not shrink by a fifth in the last pass) or ran too long */
+    if (mig_cap(pc->m, MIG_CAP_POSTCOPY_RAM) && pc->p.postcopy_after > 0 &&
+        expected > (double)pc->p.downtime_limit &&
+        ((pc->passes >= 2 && (double)remaining >= 0.8 * (double)pc->prev_remaining) ||
+         time_now_ms() - pc->start_ms >= pc->p.postcopy_after)) {
+        util_log("precopy does not converge (%" PRIu64 " MiB left after pass %d, %.0f ms "
+                 "to send): switching to postcopy (x-postcopy-after)",
+                 remaining >> 20, pc->passes, expected);
+        atomic_store(&pc->m->postcopy_start, true);
+    }
+    pc->prev_remaining = remaining;
     if (expected <= (double)pc->p.downtime_limit) {
         if (expected <= PC_SWITCHOVER_SMALL_MS ||
             (pc->prev_fit && (double)remaining >= 0.8 * (double)pc->prev_fit))
@@ -446,7 +536,13 @@ static int pc_pass_done(precopy *pc, bool *switchover, lm_error *err)
     return 0;
 }
 
-static int pc_iterate(precopy *pc, lm_error *err)
+static bool pc_postcopy_wanted(precopy *pc)
+{
+    return pc->req && atomic_load(&pc->m->postcopy_start);
+}
+
+/* Until switch-over, or until postcopy was asked for (then *postcopy). */
+static int pc_iterate(precopy *pc, bool *postcopy, lm_error *err)
 {
     int ret;
 
@@ -468,6 +564,10 @@ static int pc_iterate(precopy *pc, lm_error *err)
                 return ret;
             if (switchover)
                 return 0;
+        }
+        if (pc_postcopy_wanted(pc)) {
+            *postcopy = true;
+            return 0;
         }
         pc_publish(pc);
     }
@@ -516,11 +616,10 @@ static void pc_put_vmdesc(precopy *pc, const uint64_t *sizes)
     free(text);
 }
 
-static int pc_complete(precopy *pc, lm_error *err)
+/* Switch-over begins: the guest stops (status device). */
+static void pc_stop_guest(precopy *pc)
 {
     lm_mig *m = pc->m;
-    int64_t newly;
-    int ret;
 
     /* Only a running guest is stopped (and restarted on failure), as QEMU's
      * vm_was_running: a paused or never-started guest stays as it was. */
@@ -532,7 +631,41 @@ static int pc_complete(precopy *pc, lm_error *err)
     mig_set_runstate(m, LM_RUN_FINISH_MIGRATE);
     mig_set_status(m, LM_STATUS_DEVICE);
     pc->st.precopy_bytes = pc_bytes(pc);
+}
 
+/* Wait for the destination's answer to the whole stream (SHUT): 0 when it
+ * runs the guest, whatever `ret` (our own error after EOF) said. */
+static int pc_wait_verdict(precopy *pc, int ret, lm_error *err)
+{
+    lm_error rerr = { 0 };
+    uint32_t status;
+    int rret = rp_reader_wait_shut(pc->rpr, (int)mig_params(pc->m).switchover_confirm_timeout,
+                                   &status, &rerr);
+
+    if (!rret)
+        pc->dest_status = (int)status;
+    if (!rret && status == 0) {
+        if (ret)
+            util_log("after EOF (%s); the destination confirmed it runs the guest", err->msg);
+        return 0;
+    }
+    if (!rret)
+        return error_set(err, -EIO, "the destination failed to load the migration (it "
+                         "reported status %u; see its log)", status);
+    if (!ret) {
+        *err = rerr;
+        ret = rret;
+    }
+    return ret;
+}
+
+static int pc_complete(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int64_t newly;
+    int ret;
+
+    pc_stop_guest(pc);
     newly = ram_sync(pc->ram, pc->dirty, err);
     if (newly < 0)
         return (int)newly;
@@ -585,31 +718,251 @@ static int pc_complete(precopy *pc, lm_error *err)
      * SHUT 0: it runs the guest, whatever failed here; SHUT != 0: it failed
      * and never will; no answer in time: the outcome is unknown.
      */
-    {
-        lm_error rerr = { 0 };
-        uint32_t status;
-        int rret = rp_reader_wait_shut(pc->rpr, (int)mig_params(m).switchover_confirm_timeout,
-                                       &status, &rerr);
-        if (!rret)
-            pc->dest_status = (int)status;
-        if (!rret && status == 0) {
-            if (ret)
-                util_log("after EOF (%s); the destination confirmed it runs the guest",
-                         err->msg);
-            ret = 0;
-        } else if (!rret) {
-            ret = error_set(err, -EIO, "the destination failed to load the migration (it "
-                            "reported status %u; see its log)", status);
-        } else if (!ret) {
-            *err = rerr;
-            ret = rret;
-        }
-    }
+    ret = pc_wait_verdict(pc, ret, err);
 out:
     if (ret)
         return ret;
     pc->st.downtime = (time_now_ns() - pc->stop_ns + 999999) / 1000000;
     return 0;
+}
+
+/* ------------------------------------------------------------ postcopy */
+
+/*
+ * Postcopy, the source's half (../shared/reference/qemu-migration-format.md
+ * section 6.2 has QEMU's sequence; this is it):
+ *
+ *   switch   guest stopped (status device), the multifd channels closed --
+ *            the last PART's EOS was their SYNC, and the destination reads
+ *            nothing past that EOS before every page of it is in place, so
+ *            no precopy page can land after a postcopy one --, a last
+ *            bitmap sync, END of the iterable devices, RAM_DISCARD for
+ *            every page still dirty, then PACKAGED: LISTEN, every other
+ *            device's FULL section, PING(0x42), RUN.  Status
+ *            postcopy-device.
+ *   stream   PART sections of background pages (max-postcopy-bandwidth),
+ *            each requested page first, as soon as the reader queued it.
+ *   commit   PONG(0x42): the destination loaded the package and is about to
+ *            run the guest.  Before it any failure resumes the guest here
+ *            (the destination never ran it -- but see docs/format.md for
+ *            the one window QEMU 10.2 has too: a PONG lost with the link);
+ *            after it (postcopy-active) neither side has all of the guest.
+ *            EOF is never written before it.
+ *   end      every page sent: END, EOF (no VMDESCRIPTION, as QEMU), then
+ *            the destination's SHUT once it has every page.
+ */
+
+static void pc_be32(uint8_t *p, uint32_t v)
+{
+    v = htobe32(v);
+    memcpy(p, &v, 4);
+}
+
+/* Wait up to ms for a request, the package's PONG or a cancel. */
+static void pc_wait_wake(precopy *pc, int ms)
+{
+    struct pollfd pfd[2] = { { .fd = pc->wake_fd, .events = POLLIN },
+                             { .fd = pc->m->cancel_fd, .events = POLLIN } };
+    uint64_t v;
+
+    if (poll(pfd, 2, ms) > 0 && pfd[0].revents && read(pc->wake_fd, &v, sizeof(v)) < 0) {
+        /* EAGAIN: another look drained it */
+    }
+}
+
+/* Every page asked for so far, before anything else.  Returns pages sent. */
+static int pc_serve_requests(precopy *pc)
+{
+    postcopy_request rq;
+    int n = 0;
+
+    while (postcopy_requests_pop(pc->req, &rq)) {
+        pc->st.postcopy_requests++;
+        /* A clear bit: sent after the switch, ahead of us in this stream. */
+        if (ram_save_requested(pc->ram, &pc->sink, pc->s, rq.block, rq.page, false))
+            n++;
+    }
+    if (n)
+        stream_flush(pc->s);
+    return n;
+}
+
+/* The package: LISTEN, the device state, PING(0x42), RUN -- in memory
+ * first, since PACKAGED states its length before it. */
+static int pc_put_package(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    lm_stream *pkg = stream_new_mem_writer();
+    uint8_t ping[4], lenbuf[4];
+    const uint8_t *data;
+    size_t len;
+    int ret = 0;
+
+    savevm_put_command(pkg, WIRE_CMD_POSTCOPY_LISTEN, 0, NULL);
+    for (int i = 0; i < m->ndevices && !ret; i++) {
+        mig_device *d = &m->devices[i];
+
+        if (d->ops.save_iterate)
+            continue;       /* its END went before the discards */
+        savevm_section_header(pkg, WIRE_VM_SECTION_FULL, d->section_id, d->idstr,
+                              d->instance, d->version);
+        if ((ret = d->ops.save(pkg, d->opaque)))
+            error_set(err, ret, "device '%s': save failed", d->idstr);
+        savevm_section_footer(pkg, d->section_id);
+    }
+    pc_be32(ping, PC_PING_PACKAGE);
+    savevm_put_command(pkg, WIRE_CMD_PING, 4, ping);
+    savevm_put_command(pkg, WIRE_CMD_POSTCOPY_RUN, 0, NULL);
+    if (!ret && lm_stream_error(pkg))
+        ret = error_set(err, lm_stream_error(pkg), "postcopy package: %s",
+                        lm_stream_error_msg(pkg));
+    data = stream_mem_data(pkg, &len);
+    if (!ret && len > UINT32_MAX)
+        ret = error_set(err, -EFBIG, "postcopy package: %zu bytes of device state (at most "
+                        "4 GiB)", len);
+    if (!ret) {
+        pc_be32(lenbuf, (uint32_t)len);
+        savevm_put_command(pc->s, WIRE_CMD_PACKAGED, 4, lenbuf);
+        lm_put_buffer(pc->s, data, len);
+    }
+    stream_free(pkg);
+    return ret;
+}
+
+static int pc_postcopy_switch(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int64_t newly;
+    int ret;
+
+    pc_stop_guest(pc);
+    if (pc->mfs) {
+        mig_helper_remove(m, pc->mfs);
+        multifd_send_stats(pc->mfs, &pc->mf_final);
+        multifd_send_finish(pc->mfs);
+        pc->mfs = NULL;
+    }
+    pc->sink = ram_stream_sink();
+    newly = ram_sync(pc->ram, pc->dirty, err);
+    if (newly < 0)
+        return (int)newly;
+    pc->st.dirty_sync_count++;
+    for (int i = 0; i < m->ndevices; i++) {
+        mig_device *d = &m->devices[i];
+
+        if (!d->ops.save_iterate)
+            continue;
+        savevm_section_header(pc->s, WIRE_VM_SECTION_END, d->section_id, d->idstr,
+                              d->instance, d->version);
+        if ((ret = d->ops.save(pc->s, d->opaque)))
+            return error_set(err, ret, "device '%s': save failed", d->idstr);
+        savevm_section_footer(pc->s, d->section_id);
+    }
+    postcopy_put_discards(pc->ram, pc->s);
+    /* From here the destination may fault (its device loads read RAM). */
+    atomic_store(&pc->in_postcopy, true);
+    if ((ret = pc_put_package(pc, err)))
+        return ret;
+    if (stream_flush(pc->s))
+        return pc_stream_err(pc, err);
+    pc->switch_bytes = pc_bytes(pc);
+    mig_set_status(m, LM_STATUS_POSTCOPY_DEVICE);
+    util_log("postcopy: switched with %" PRIu64 " MiB left to send", pc->ram->dirty >> 8);
+    return 0;
+}
+
+/* PONG(0x42) came: the commit point of postcopy. */
+static int pc_postcopy_commit(precopy *pc, lm_error *err)
+{
+    if (!mig_commit(pc->m))
+        return error_set(err, -ECANCELED, "migration cancelled");
+    pc->postcopy_committed = true;
+    pc->st.downtime = (time_now_ns() - pc->stop_ns + 999999) / 1000000;
+    mig_set_status(pc->m, LM_STATUS_POSTCOPY_ACTIVE);
+    return 0;
+}
+
+static int pc_postcopy_stream(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int64_t section_ns = time_now_ns();
+    int64_t confirm_by = time_now_ms() + mig_params(m).switchover_confirm_timeout;
+    int ret;
+
+    savevm_section_header(pc->s, WIRE_VM_SECTION_PART, RAM_SECTION_ID, NULL, 0, 0);
+    for (;;) {
+        pc->p = mig_params(m);
+        pc->p.max_bandwidth = pc->p.max_postcopy_bandwidth;
+        if (mig_cancelled(m))
+            return error_set(err, -ECANCELED, "migration cancelled");
+        if ((ret = pc_rp_check(pc, err)) || (ret = pc_stream_err(pc, err)))
+            return ret;
+        pc_serve_requests(pc);
+        if (!pc->postcopy_committed && atomic_load(&pc->pkg_loaded) &&
+            (ret = pc_postcopy_commit(pc, err)))
+            return ret;
+        if (pc->ram->dirty == 0) {
+            if (pc->postcopy_committed)
+                break;
+            if (time_now_ms() > confirm_by)
+                return error_set(err, -ETIMEDOUT, "postcopy: the destination did not confirm "
+                                 "that it loaded the device state within %lld ms "
+                                 "(switchover-confirm-timeout)",
+                                 (long long)pc->p.switchover_confirm_timeout);
+            stream_flush(pc->s);
+            pc_wait_wake(pc, 100);
+            continue;
+        }
+        ram_save_some(pc->ram, &pc->sink, pc->s, PC_CHUNK_BYTES);
+        /* Out at once: a request then waits behind one chunk, not a buffer. */
+        stream_flush(pc->s);
+        if ((ret = pc_rate_limit(pc, err)))
+            return ret;
+        if (time_now_ns() - section_ns > PC_SECTION_MAX_MS * 1000000LL) {
+            ram_put_eos(pc->ram, &pc->sink, pc->s);
+            savevm_section_footer(pc->s, RAM_SECTION_ID);
+            savevm_section_header(pc->s, WIRE_VM_SECTION_PART, RAM_SECTION_ID, NULL, 0, 0);
+            section_ns = time_now_ns();
+            pc_publish(pc);
+        }
+    }
+    ram_put_eos(pc->ram, &pc->sink, pc->s);
+    savevm_section_footer(pc->s, RAM_SECTION_ID);
+    savevm_section_header(pc->s, WIRE_VM_SECTION_END, RAM_SECTION_ID, NULL, 0, 0);
+    ram_put_eos(pc->ram, &pc->sink, pc->s);
+    savevm_section_footer(pc->s, RAM_SECTION_ID);
+    pc->eof_queued = true;
+    pc->eof_at = lm_stream_offset(pc->s);
+    savevm_put_eof(pc->s);
+    stream_flush(pc->s);
+    ret = pc_stream_err(pc, err);
+    pc_publish(pc);
+    return pc_wait_verdict(pc, ret, err);
+}
+
+static int pc_postcopy(precopy *pc, lm_error *err)
+{
+    int ret = pc_postcopy_switch(pc, err);
+
+    return ret ? ret : pc_postcopy_stream(pc, err);
+}
+
+/* After the commit of postcopy, a failure: say what it means, keep the
+ * guest stopped for good (nobody has all of it). */
+static void pc_report_split(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+
+    pthread_mutex_lock(&m->lock);
+    if (m->error.code)
+        *err = m->error;
+    pthread_mutex_unlock(&m->lock);
+    error_prefix(err, "postcopy failed after the destination started the guest: neither "
+                 "side has all of its memory (%" PRIu64 " pages were never sent); it stays "
+                 "stopped here, run state internal-error", pc->ram->dirty);
+    pc->vm_stopped = false;
+    mig_set_runstate(m, LM_RUN_INTERNAL_ERROR);
+    util_log("%s", err->msg);
 }
 
 /*
@@ -672,7 +1025,9 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     if (ret) {
         /* the socket shut (the peer sees the end), every helper interrupted */
         mig_kick(m);
-        if (pc_outcome_unknown(pc))
+        if (pc->postcopy_committed)
+            pc_report_split(pc, err);
+        else if (pc_outcome_unknown(pc))
             pc_report_unknown(pc, err);
         else
             pc_restore_guest(pc);
@@ -706,7 +1061,9 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     } else if (!ret && cerr.code) {     /* e.g. exec: command exited non-zero */
         ret = cerr.code;
         *err = cerr;
-        if (pc_outcome_unknown(pc))
+        if (pc->postcopy_committed)
+            pc_report_split(pc, err);
+        else if (pc_outcome_unknown(pc))
             pc_report_unknown(pc, err);
         else
             pc_restore_guest(pc);
@@ -728,7 +1085,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
         mig_set_status(m, LM_STATUS_CANCELLED);
     } else {
         /* A channel's failure was recorded first; our -ECANCELED is its echo. */
-        if (pc->st.outcome_unknown)
+        if (pc->st.outcome_unknown || pc->postcopy_committed)
             mig_replace_error(m, err);  /* it says what matters most now */
         else if (!(ret == -ECANCELED && mig_has_error(m)))
             mig_set_error(m, err);
@@ -744,12 +1101,18 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
      * The next lm_migrate joins this thread before it touches the tracker.
      */
     dirty_stop(pc->dirty);
+    postcopy_requests_free(pc->req);
+    pc->req = NULL;
+    if (pc->wake_fd >= 0)
+        close(pc->wake_fd);
 }
 
 void *precopy_thread(void *arg)
 {
     lm_mig *m = arg;
-    precopy pc = { .m = m, .ram = &m->ram, .dirty = m->dirty, .dest_status = -1 };
+    precopy pc = { .m = m, .ram = &m->ram, .dirty = m->dirty, .dest_status = -1,
+                   .wake_fd = -1 };
+    bool postcopy = false;
     lm_error err = { 0 };
     int64_t t0 = time_now_ms();
     int ret;
@@ -765,10 +1128,10 @@ void *precopy_thread(void *arg)
     if (!ret) {
         mig_set_status(m, LM_STATUS_ACTIVE);
         pc_publish(&pc);
-        ret = pc_iterate(&pc, &err);
+        ret = pc_iterate(&pc, &postcopy, &err);
     }
     if (!ret)
-        ret = pc_complete(&pc, &err);
+        ret = postcopy ? pc_postcopy(&pc, &err) : pc_complete(&pc, &err);
     if (ret && mig_cancelled(m) && !err.code)
         error_set(&err, -ECANCELED, "migration cancelled");
     pc_finish(&pc, ret, &err);

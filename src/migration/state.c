@@ -44,6 +44,8 @@ static const char *const status_names[] = {
     [LM_STATUS_FAILED] = "failed",
     [LM_STATUS_CANCELLING] = "cancelling",
     [LM_STATUS_CANCELLED] = "cancelled",
+    [LM_STATUS_POSTCOPY_DEVICE] = "postcopy-device",
+    [LM_STATUS_POSTCOPY_ACTIVE] = "postcopy-active",
 };
 
 static const char *const runstate_names[] = {
@@ -53,6 +55,7 @@ static const char *const runstate_names[] = {
     [LM_RUN_PAUSED] = "paused",
     [LM_RUN_FINISH_MIGRATE] = "finish-migrate",
     [LM_RUN_POSTMIGRATE] = "postmigrate",
+    [LM_RUN_INTERNAL_ERROR] = "internal-error",
 };
 
 #define NSTATUS ((int)(sizeof(status_names) / sizeof(status_names[0])))
@@ -88,6 +91,16 @@ static const unsigned char status_moves[NSTATUS][NSTATUS] = {
     [LM_STATUS_ACTIVE][LM_STATUS_CANCELLING] = CALLER | SRC,
     [LM_STATUS_DEVICE][LM_STATUS_CANCELLING] = CALLER | SRC,
     [LM_STATUS_CANCELLING][LM_STATUS_CANCELLED] = THREAD | SRC,
+    /* postcopy, source: the package sent (device state, RUN), then the
+     * destination's confirmation that it loaded it (the commit point) */
+    [LM_STATUS_DEVICE][LM_STATUS_POSTCOPY_DEVICE] = THREAD | SRC,
+    [LM_STATUS_POSTCOPY_DEVICE][LM_STATUS_POSTCOPY_ACTIVE] = THREAD | SRC,
+    [LM_STATUS_POSTCOPY_DEVICE][LM_STATUS_FAILED] = THREAD | SRC,
+    [LM_STATUS_POSTCOPY_DEVICE][LM_STATUS_CANCELLING] = CALLER | SRC,
+    /* postcopy, destination: LISTEN (the listen thread takes the stream) */
+    [LM_STATUS_ACTIVE][LM_STATUS_POSTCOPY_ACTIVE] = THREAD | DST,
+    [LM_STATUS_POSTCOPY_ACTIVE][LM_STATUS_COMPLETED] = THREAD | BOTH,
+    [LM_STATUS_POSTCOPY_ACTIVE][LM_STATUS_FAILED] = THREAD | BOTH,
 };
 
 static const unsigned char runstate_moves[NRUNSTATE][NRUNSTATE] = {
@@ -112,6 +125,11 @@ static const unsigned char runstate_moves[NRUNSTATE][NRUNSTATE] = {
     [LM_RUN_FINISH_MIGRATE][LM_RUN_PRELAUNCH] = THREAD | SRC,
     [LM_RUN_FINISH_MIGRATE][LM_RUN_RUNNING] = THREAD | SRC,
     [LM_RUN_FINISH_MIGRATE][LM_RUN_PAUSED] = THREAD | SRC,
+    /* postcopy failed after the destination ran the guest: nobody has all
+     * of it, and nothing moves out of this state (cont is refused) */
+    [LM_RUN_FINISH_MIGRATE][LM_RUN_INTERNAL_ERROR] = THREAD | SRC,
+    [LM_RUN_RUNNING][LM_RUN_INTERNAL_ERROR] = THREAD | DST,
+    [LM_RUN_PAUSED][LM_RUN_INTERNAL_ERROR] = THREAD | DST,
 };
 
 const char *lm_status_name(lm_status s)
@@ -415,6 +433,12 @@ int lm_vm_start(lm_mig *m, lm_error *err)
         pthread_mutex_unlock(&m->lock);
         return error_set(err, -EBUSY, "Guest is being switched over");
     }
+    if (r == LM_RUN_INTERNAL_ERROR) {
+        pthread_mutex_unlock(&m->lock);
+        return error_set(err, -EBUSY, "the guest cannot run: a postcopy migration failed "
+                         "after the destination started it, so its memory is split "
+                         "between the two sides");
+    }
     if (!move_ok(m, &runstate_moves[0][0], NRUNSTATE, r, LM_RUN_RUNNING, "run state",
                  runstate_name_i)) {
         pthread_mutex_unlock(&m->lock);
@@ -485,8 +509,10 @@ bool mig_commit(lm_mig *m)
 int lm_cancel(lm_mig *m, lm_error *err)
 {
     bool active, committed, incoming;
+    lm_status status;
 
     pthread_mutex_lock(&m->lock);
+    status = m->status;
     active = !mig_status_final(m->status);
     committed = m->committed;
     incoming = m->incoming;
@@ -494,6 +520,10 @@ int lm_cancel(lm_mig *m, lm_error *err)
         pthread_mutex_unlock(&m->lock);
         if (!active)
             return 0;
+        if (status == LM_STATUS_POSTCOPY_ACTIVE)
+            return error_set(err, -EBUSY, "too late to cancel: in postcopy the "
+                             "destination runs the guest and only the migration's end "
+                             "gives it all of its memory");
         return error_set(err, -EBUSY, incoming
                          ? "too late to cancel: the whole stream arrived and the guest "
                          "is starting here"

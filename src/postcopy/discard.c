@@ -3,13 +3,14 @@
  * postcopy.h.  Parse everything, check everything, then apply: a command
  * that is wrong anywhere changes nothing.
  */
+#include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <string.h>
 #include <sys/mman.h>
 
 #include "postcopy/postcopy.h"
-#include "savevm/wire.h"
+#include "savevm/savevm.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 
@@ -106,4 +107,51 @@ int postcopy_apply_discard(const postcopy_range *ranges, int n, lm_error *err)
             return ret;
     }
     return 0;
+}
+
+/* ---------------------------------------------------------------- source */
+
+/* One RAM_DISCARD command: ranges[0..n) of block b, in bytes. */
+static void put_discard(lm_stream *s, const ramblock *b, const uint64_t (*ranges)[2], int n)
+{
+    uint8_t buf[3 + 255 + 16 * POSTCOPY_DISCARD_MAX_RANGES];
+    size_t namelen = strlen(b->idstr), at = 0;
+
+    buf[at++] = 0;                      /* version */
+    buf[at++] = (uint8_t)namelen;
+    memcpy(buf + at, b->idstr, namelen);
+    at += namelen;
+    buf[at++] = 0;
+    for (int k = 0; k < n; k++) {
+        uint64_t v[2] = { htobe64(ranges[k][0]), htobe64(ranges[k][1]) };
+        memcpy(buf + at, v, 16);
+        at += 16;
+    }
+    savevm_put_command(s, WIRE_CMD_POSTCOPY_RAM_DISCARD, (uint16_t)at, buf);
+}
+
+uint64_t postcopy_put_discards(const ram_state *r, lm_stream *s)
+{
+    uint64_t ranges[POSTCOPY_DISCARD_MAX_RANGES][2], pages = 0;
+
+    for (int i = 0; i < r->nblocks; i++) {
+        const ramblock *b = &r->blocks[i];
+        int n = 0;
+
+        for (uint64_t p = bitmap_next_set(b->bmap, b->npages, 0); p < b->npages;) {
+            uint64_t end = bitmap_next_clear(b->bmap, b->npages, p);
+
+            ranges[n][0] = p * RAM_PAGE_SIZE;
+            ranges[n][1] = (end - p) * RAM_PAGE_SIZE;
+            pages += end - p;
+            if (++n == POSTCOPY_DISCARD_MAX_RANGES) {
+                put_discard(s, b, ranges, n);
+                n = 0;
+            }
+            p = end < b->npages ? bitmap_next_set(b->bmap, b->npages, end) : end;
+        }
+        if (n)
+            put_discard(s, b, ranges, n);
+    }
+    return pages;
 }

@@ -62,6 +62,14 @@ int postcopy_apply_discard(const postcopy_range *ranges, int n, lm_error *err);
 /* ---------------------------------------------------------------- source */
 
 /*
+ * At the switch, guest stopped, bitmaps synced a last time: one
+ * RAM_DISCARD command per run of up to 12 ranges of pages still dirty in
+ * each block's bmap (sent and written since, or never sent: either way the
+ * destination must not keep what it has there).  Returns the pages named.
+ */
+uint64_t postcopy_put_discards(const ram_state *r, lm_stream *s);
+
+/*
  * The queue of pages the destination asked for (REQ_PAGES_ID names a block
  * and a page; REQ_PAGES a page of the same block), filled by the
  * return-path reader thread (rp_reader_ops.message) and emptied by the

@@ -216,6 +216,24 @@ bool ram_save_some(ram_state *r, const ram_sink *sink, lm_stream *s, uint64_t bu
     return false;
 }
 
+bool ram_save_requested(ram_state *r, const ram_sink *sink, lm_stream *s, ramblock *b,
+                        uint64_t page, bool again)
+{
+    assert(page < b->npages);
+    if (bitmap_test(b->bmap, page)) {
+        assert(r->dirty > 0);
+        bitmap_clear(b->bmap, page);
+        r->dirty--;
+    } else if (!again) {
+        return false;
+    }
+    ram_save_page(r, sink, s, b, page);
+    /* The guest faults near where it faulted last: go on from there. */
+    r->cur_block = (int)(b - r->blocks);
+    r->cur_page = page + 1;
+    return true;
+}
+
 int64_t ram_sync(ram_state *r, dirty_tracker *d, lm_error *err)
 {
     int64_t total = 0;

@@ -200,6 +200,16 @@ void ram_save_setup(ram_state *r, const ram_sink *sink, lm_stream *s);
  * The caller writes EOS (ram_put_eos) when it closes the section.
  */
 bool ram_save_some(ram_state *r, const ram_sink *sink, lm_stream *s, uint64_t budget);
+/*
+ * Postcopy, a page the destination asked for: sent now through `sink` if
+ * its bit is set (cleared then), or even when it is clear with `again`
+ * (a page sent already but still queued behind others on a slower
+ * channel; the destination keeps whichever copy lands first, and both are
+ * the stopped guest's).  The background walk then goes on just past it
+ * (QEMU 10.1's locality hint: guests fault in runs).  True if sent.
+ */
+bool ram_save_requested(ram_state *r, const ram_sink *sink, lm_stream *s, ramblock *b,
+                        uint64_t page, bool again);
 /* End a ram payload: the sink's flush (its barrier), then EOS. */
 void ram_put_eos(ram_state *r, const ram_sink *sink, lm_stream *s);
 /* Sync every block from the tracker; returns pages newly dirtied or -errno. */

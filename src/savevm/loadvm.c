@@ -33,6 +33,13 @@ loadvm_handler *loadvm_add_handler(loadvm *lv, const char *idstr, uint32_t insta
     return h;
 }
 
+void loadvm_merge_done(loadvm *lv, const loadvm *from)
+{
+    assert(lv->nhandlers == from->nhandlers);   /* one copied from the other */
+    for (int i = 0; i < lv->nhandlers; i++)
+        lv->handlers[i].done |= from->handlers[i].done;
+}
+
 int loadvm_set_command(loadvm *lv, uint16_t cmd, loadvm_cmd_fn fn, void *opaque)
 {
     if (!wire_cmd_def(cmd))
@@ -362,6 +369,8 @@ int loadvm_run_records(loadvm *lv, lm_stream *s, loadvm_scope scope)
                                     PRIu64 " (a package ends with its blob)", at);
                 return -1;
             }
+            if (lv->at_eof && lv->at_eof(lv, s, lv->at_eof_opaque))
+                return -1;
             return loadvm_check_complete(lv, s, at) ? -1 : LOADVM_EOF;
         case WIRE_VM_SECTION_START:
         case WIRE_VM_SECTION_PART:

@@ -110,12 +110,22 @@ struct loadvm {
     /* The commands this side handles, by number; fn NULL = refused. */
     struct { loadvm_cmd_fn fn; void *opaque; } cmds[WIRE_CMD__MAX];
     bool mapped_ram;          /* this side loads a mapped-ram file */
+    /* Optional, at the EOF record of a LOADVM_MAIN loop, before the
+     * completeness check: 0 to go on, or -1 with the error latched on s
+     * (postcopy's listen thread waits there for the main thread to finish
+     * the package, whose device sections the check counts). */
+    int (*at_eof)(loadvm *lv, lm_stream *s, void *opaque);
+    void *at_eof_opaque;
 
     /* parse state, shared by a package's nested loop and the stream around
      * it: sender's section id -> handler, and version in use */
     struct { uint32_t id; int handler; uint32_t version; } sections[LOADVM_MAX_SECTIONS];
     int nsections;
 };
+
+/* The handlers' "last section loaded" flags of `from` are added to lv's
+ * (postcopy: the package's devices, loaded by another loop). */
+void loadvm_merge_done(loadvm *lv, const loadvm *from);
 
 /* Register a section handler; NULL when the table is full.  The caller may
  * set the returned handler's `check`. */

@@ -2,6 +2,7 @@
  * Buffered stream with zero-copy page references; see stream.h for the
  * design and the invariants.
  */
+#include <assert.h>
 #include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -55,6 +56,36 @@ lm_stream *stream_new_mem(const void *data, size_t len)
     s->mem = data;
     s->mem_len = len;
     return s;
+}
+
+lm_stream *stream_new_mem_writer(void)
+{
+    lm_stream *s = stream_alloc(-1, false, true);
+
+    s->mem_writer = true;
+    return s;
+}
+
+const uint8_t *stream_mem_data(const lm_stream *s, size_t *len)
+{
+    assert(s->mem_writer);
+    *len = s->len;
+    return s->buf;
+}
+
+lm_stream *stream_hand_over(lm_stream *s)
+{
+    lm_stream *n = stream_alloc(s->fd, s->is_socket, false);
+    size_t left = s->rlen - s->rpos;
+
+    assert(!s->writer && !s->mem && !s->err);
+    memcpy(n->buf, s->buf + s->rpos, left);
+    n->rlen = left;
+    n->pos = s->pos;
+    n->io_bytes = s->io_bytes;
+    s->rpos = s->rlen = 0;
+    s->fd = -1;
+    return n;
 }
 
 void stream_free(lm_stream *s)
@@ -128,6 +159,8 @@ int stream_flush(lm_stream *s)
     struct iovec *iov = s->iov;
     int n;
 
+    if (s->mem_writer)
+        return s->err;      /* everything stays in buf */
     if (!s->writer || s->err)
         goto out;
     stream_close_segment(s);
@@ -166,12 +199,29 @@ size_t stream_pending(const lm_stream *s)
     return (size_t)(s->pos - s->io_bytes);
 }
 
+/* A memory writer's buffer grows (doubling) to hold `more` bytes. */
+static void stream_mem_grow(lm_stream *s, size_t more)
+{
+    size_t cap = s->buf_cap;
+
+    while (cap - s->len < more)
+        cap *= 2;
+    s->buf = realloc(s->buf, cap);
+    if (!s->buf)
+        abort();
+    s->buf_cap = cap;
+}
+
 void lm_put_buffer(lm_stream *s, const void *buf, size_t len)
 {
     const uint8_t *p = buf;
 
     while (len > 0 && !s->err) {
         size_t room = s->buf_cap - s->len;
+        if (room < len && s->mem_writer) {
+            stream_mem_grow(s, len);
+            continue;
+        }
         if (room == 0 || s->niov >= STREAM_IOV_MAX - 1) {
             stream_flush(s);
             continue;
@@ -190,6 +240,10 @@ void stream_put_page(lm_stream *s, const void *p, size_t len)
 {
     if (s->err)
         return;
+    if (s->mem_writer) {        /* no descriptor to hand references to */
+        lm_put_buffer(s, p, len);
+        return;
+    }
     /* Room for the pending copied segment and this page. */
     if (s->niov >= STREAM_IOV_MAX - 2)
         stream_flush(s);

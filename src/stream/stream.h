@@ -46,6 +46,8 @@ struct lm_stream {
     /* Memory reader: data/len is the whole stream, fd is -1. */
     const uint8_t *mem;
     size_t mem_len;
+    /* Memory writer: everything put stays in buf[0..len), which grows. */
+    bool mem_writer;
 
     uint64_t pos;            /* logical offset of the next byte read/written */
     uint64_t io_bytes;       /* bytes that really crossed the descriptor */
@@ -68,6 +70,18 @@ lm_stream *stream_new_writer(int fd, bool is_socket);
 lm_stream *stream_new_reader(int fd, bool is_socket);
 /* A reader over bytes in memory (tests, fuzzing).  `data` must outlive it. */
 lm_stream *stream_new_mem(const void *data, size_t len);
+/* A writer into memory (postcopy's package is built whole before it is
+ * sent): pages are copied, flush does nothing. */
+lm_stream *stream_new_mem_writer(void);
+/* A memory writer's bytes so far (valid until the next put or free). */
+const uint8_t *stream_mem_data(const lm_stream *s, size_t *len);
+/*
+ * A descriptor reader's stream goes to another thread (postcopy's listen
+ * thread takes the main stream over from the loading thread): a new stream
+ * with s's unread bytes and offsets; s is left without a descriptor, so a
+ * read on it fails instead of stealing bytes.  The caller frees both.
+ */
+lm_stream *stream_hand_over(lm_stream *s);
 void stream_free(lm_stream *s);
 
 /* Queue a reference to `len` bytes at `p` (a guest page). See invariant above. */

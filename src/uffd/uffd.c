@@ -15,6 +15,7 @@
 #include <sys/eventfd.h>
 #include <sys/ioctl.h>
 #include <sys/syscall.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "uffd/uffd.h"
@@ -37,7 +38,41 @@ struct uffd_ram {
     void *request_opaque;
 
     _Atomic uint64_t copied, zeroed, present, faults, requests;
+    /* fault latency: when each page was asked for (the fault thread), and
+     * what the placer saw when it installed a requested page */
+    _Atomic uint64_t *req_ns[RAM_MAX_BLOCKS];
+    _Atomic uint64_t lat_count, lat_sum_ns, lat_max_ns, lat_dist[UFFD_LAT_BUCKETS];
+    _Atomic bool released;
 };
+
+static uint64_t uffd_now_ns(void)
+{
+    struct timespec ts;
+
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* A requested page was installed: one latency sample. */
+static void uffd_latency(uffd_ram *u, ptrdiff_t bi, uint64_t page)
+{
+    uint64_t t0 = atomic_load_explicit(&u->req_ns[bi][page], memory_order_relaxed);
+    uint64_t ns, us, max;
+    int k = 0;
+
+    if (!t0)
+        return;     /* background copy raced the request's bookkeeping */
+    ns = uffd_now_ns() - t0;
+    us = ns / 1000;
+    while (k < UFFD_LAT_BUCKETS - 1 && us >= (2ull << k))
+        k++;
+    atomic_fetch_add(&u->lat_dist[k], 1);
+    atomic_fetch_add(&u->lat_count, 1);
+    atomic_fetch_add(&u->lat_sum_ns, ns);
+    max = atomic_load(&u->lat_max_ns);
+    while (ns > max && !atomic_compare_exchange_weak(&u->lat_max_ns, &max, ns))
+        ;
+}
 
 /* The syscall first (root); a process without the capability gets only
  * user-mode faults (UFFD_USER_MODE_ONLY): the kernel's own accesses to a
@@ -110,6 +145,9 @@ uffd_ram *uffd_open(ram_state *r, lm_error *err)
             goto fail;
         }
         u->requested[i] = bitmap_new(b->npages);
+        u->req_ns[i] = calloc(b->npages, sizeof(*u->req_ns[i]));
+        if (!u->req_ns[i])
+            abort();
     }
     return u;
 fail:
@@ -153,6 +191,8 @@ static int uffd_install(uffd_ram *u, lm_stream *s, ramblock *b, uint64_t offset,
     }
     atomic_fetch_add(zero ? &u->zeroed : &u->copied, 1);
     ram_received(b, offset / RAM_PAGE_SIZE, 1);
+    if (bitmap_test_atomic(u->requested[uffd_block_index(u, b)], offset / RAM_PAGE_SIZE))
+        uffd_latency(u, uffd_block_index(u, b), offset / RAM_PAGE_SIZE);
     return 0;
 }
 
@@ -227,6 +267,7 @@ static void uffd_fault(uffd_ram *u, uint64_t addr)
     }
     if (!bitmap_test_and_set_atomic(u->requested[i], page))
         return;     /* asked for already: its page is on the way */
+    atomic_store_explicit(&u->req_ns[i][page], uffd_now_ns(), memory_order_relaxed);
     atomic_fetch_add(&u->requests, 1);
     u->request(u->request_opaque, b, page);
 }
@@ -284,6 +325,19 @@ int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_err
     return 0;
 }
 
+void uffd_release(uffd_ram *u)
+{
+    if (atomic_exchange(&u->released, true))
+        return;
+    for (int i = 0; i < u->ram->nblocks; i++) {
+        ramblock *b = &u->ram->blocks[i];
+        struct uffdio_range range = { .start = (uintptr_t)b->host, .len = b->length };
+
+        if (u->registered[i])
+            (void)ioctl(u->fd, UFFDIO_UNREGISTER, &range);
+    }
+}
+
 void uffd_close(uffd_ram *u)
 {
     uint64_t one = 1;
@@ -298,13 +352,10 @@ void uffd_close(uffd_ram *u)
     }
     /* Unregistering wakes any thread still waiting on a missing page: it
      * then finds ordinary (zero) memory there. */
+    uffd_release(u);
     for (int i = 0; i < u->ram->nblocks; i++) {
-        ramblock *b = &u->ram->blocks[i];
-        struct uffdio_range range = { .start = (uintptr_t)b->host, .len = b->length };
-
-        if (u->registered[i])
-            (void)ioctl(u->fd, UFFDIO_UNREGISTER, &range);
         bitmap_free(u->requested[i]);
+        free((void *)u->req_ns[i]);
     }
     if (u->stop_fd >= 0)
         close(u->stop_fd);
@@ -321,4 +372,9 @@ void uffd_get_stats(uffd_ram *u, uffd_stats *st)
     st->present = atomic_load(&u->present);
     st->faults = atomic_load(&u->faults);
     st->requests = atomic_load(&u->requests);
+    st->lat_count = atomic_load(&u->lat_count);
+    st->lat_sum_ns = atomic_load(&u->lat_sum_ns);
+    st->lat_max_ns = atomic_load(&u->lat_max_ns);
+    for (int k = 0; k < UFFD_LAT_BUCKETS; k++)
+        st->lat_dist[k] = atomic_load(&u->lat_dist[k]);
 }

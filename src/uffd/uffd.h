@@ -62,9 +62,23 @@ void uffd_close(uffd_ram *u);
 /* The placer of the stream's page records (ram.h). */
 ram_placer uffd_placer(uffd_ram *u);
 
-/* Counters (any thread): pages installed, already there, faults, requests. */
+/*
+ * Unregister every block now (any thread, once; uffd_close does it too):
+ * every thread waiting on a missing page wakes and finds ordinary zeroed
+ * memory.  Only for a load that failed, so that nothing waits for a page
+ * that will never come.
+ */
+void uffd_release(uffd_ram *u);
+
+/* Counters (any thread): pages installed, already there, faults, requests;
+ * fault latency (from the fault thread's request to the page installed) in
+ * power-of-two microsecond buckets [2^k, 2^(k+1)), the first from 0 and the
+ * last open-ended (QEMU 10.1's postcopy-latency-dist). */
+#define UFFD_LAT_BUCKETS 24
 typedef struct uffd_stats {
     uint64_t copied, zeroed, present, faults, requests;
+    uint64_t lat_count, lat_sum_ns, lat_max_ns;
+    uint64_t lat_dist[UFFD_LAT_BUCKETS];
 } uffd_stats;
 void uffd_get_stats(uffd_ram *u, uffd_stats *st);
 

@@ -10,6 +10,7 @@
 #include <errno.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "guest.h"
 
@@ -34,6 +35,38 @@ static int state_save(lm_stream *s, void *opaque)
     }
     free(buf);
     return lm_stream_error(s);
+}
+
+/*
+ * A real device's state load reads guest memory (DMA rings, descriptors):
+ * so does this one, to keep postcopy honest -- there the pages may not have
+ * arrived yet, the read faults and the page is asked for while the loader
+ * is inside the package.  A few pages picked from the table must hold the
+ * version the table names (the header of page_fill, or zeros at version 0).
+ */
+#define STATE_PROBES 4
+
+static int state_probe_ram(lm_stream *s, struct guest *g, uint64_t at)
+{
+    const uint32_t *v = guest_versions(g);
+    const uint8_t *ram = guest_ram(g);
+    uint64_t pages = guest_pages(g), h = GUEST_GOLDEN;
+
+    for (uint64_t i = 0; i < pages; i += pages / 64 + 1)
+        h = guest_mix64(h ^ v[i]);
+    for (int k = 0; k < STATE_PROBES; k++) {
+        uint64_t i = guest_mix64(h + (uint64_t)k) % pages, hdr[2];
+
+        memcpy(hdr, ram + i * GUEST_PAGE_SIZE, sizeof(hdr));
+        if (le64toh(hdr[0]) == (v[i] ? i : 0) && le64toh(hdr[1]) == v[i])
+            continue;
+        lm_stream_set_error(s, -EINVAL, "guest: page %llu holds version %llu but the device "
+                            "state (byte offset %llu) says %u: RAM and device state do not "
+                            "belong together", (unsigned long long)i,
+                            (unsigned long long)le64toh(hdr[1]), (unsigned long long)at, v[i]);
+        return -EINVAL;
+    }
+    return 0;
 }
 
 static int state_load(lm_stream *s, void *opaque, uint32_t version, int section_type)
@@ -79,6 +112,8 @@ static int state_load(lm_stream *s, void *opaque, uint32_t version, int section_
     }
     free(buf);
     guest_set_fill(g, (enum guest_fill)fill);
+    if (!lm_stream_error(s) && pages)
+        return state_probe_ram(s, g, at);
     return lm_stream_error(s);
 }
 

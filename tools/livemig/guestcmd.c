@@ -60,6 +60,9 @@ struct gctx {
     _Atomic bool quit;             /* QMP quit */
     _Atomic bool incoming_seen;    /* an incoming migration has begun */
     _Atomic bool arrival_started;  /* the first start() after it ran */
+    /* postcopy: the guest started before all of its RAM was here, so the
+     * arrival check waits for the migration's end (main thread) */
+    _Atomic bool postcopy_arrival;
 
     pthread_mutex_t lock;          /* protects the arrival result */
     bool arrival_done;
@@ -119,6 +122,26 @@ static void vm_stop(void *opaque)
         fprintf(stderr, "livemig guest: %s\n", err.msg);
 }
 
+/* The arrival check: every page against the table; a bad page ends the
+ * process (a corrupt guest must not run). */
+static void arrival_check(struct gctx *gc)
+{
+    struct verify_report r;
+    lm_error err = { 0 };
+
+    if (guest_verify(gc->g, &r, &err)) {
+        fprintf(stderr, "livemig guest: arrival check: %s\n", err.msg);
+        return;
+    }
+    pthread_mutex_lock(&gc->lock);
+    gc->arrival = r;
+    gc->arrival_done = true;
+    pthread_mutex_unlock(&gc->lock);
+    report_print("arrival check", &r);
+    if (r.bad)
+        _exit(3);   /* nothing to clean up for */
+}
+
 static void vm_start(void *opaque)
 {
     struct gctx *gc = opaque;
@@ -130,19 +153,15 @@ static void vm_start(void *opaque)
                     (atomic_load(&gc->incoming_seen) ||
                      lm_runstate_get(gc->m) == LM_RUN_INMIGRATE);
     if (arriving && !atomic_exchange(&gc->arrival_started, true) && gc->verify_on_arrival) {
-        struct verify_report r;
-        lm_error err = { 0 };
-        if (guest_verify(gc->g, &r, &err)) {
-            fprintf(stderr, "livemig guest: arrival check: %s\n", err.msg);
-        } else {
-            pthread_mutex_lock(&gc->lock);
-            gc->arrival = r;
-            gc->arrival_done = true;
-            pthread_mutex_unlock(&gc->lock);
-            report_print("arrival check", &r);
-            if (r.bad)
-                _exit(3);   /* a corrupt guest must not run; nothing to clean up for */
-        }
+        lm_stats st;
+
+        lm_query(gc->m, &st);
+        /* In postcopy the writers run (and fault) before the last page;
+         * the check runs when the migration completes (guest_wait). */
+        if (st.status == LM_STATUS_POSTCOPY_ACTIVE)
+            atomic_store(&gc->postcopy_arrival, true);
+        else
+            arrival_check(gc);
     }
     guest_vm_start(gc->g);
 }
@@ -499,6 +518,18 @@ static int guest_wait(struct gctx *gc)
         int sig = sigtimedwait(&set, NULL, &tick);
         if (sig == SIGINT || sig == SIGTERM || atomic_load(&gc->quit))
             return 0;
+        if (atomic_load(&gc->postcopy_arrival)) {
+            lm_stats st;
+            lm_query(gc->m, &st);
+            if (st.status == LM_STATUS_COMPLETED) {
+                atomic_store(&gc->postcopy_arrival, false);
+                arrival_check(gc);
+            } else if (st.status == LM_STATUS_FAILED) {
+                fprintf(stderr, "livemig guest: incoming postcopy migration failed after "
+                        "the guest started: %s\n", st.error_desc);
+                return 1;
+            }
+        }
         /* Before the arrival, a failure can only be the incoming migration's
          * (after it, this guest may itself be migrated away, and that
          * failing is no reason to exit). */
