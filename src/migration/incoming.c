@@ -274,7 +274,7 @@ void *incoming_thread(void *arg)
     pc = postcopy_in_finish(&in, ret < 0 ? -1 : 0, &after_run, &err);
     if (pc < 0) {
         ret = pc;
-        if (mig_cancelled(m) && !after_run)
+        if (mig_user_cancelled(m) && !after_run)
             error_set(&err, -ECANCELED, "incoming migration cancelled");
         goto fail;
     }

@@ -57,12 +57,15 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/socket.h>
+#include <unistd.h>
 #include <endian.h>
 
 #include "migration/incoming.h"
 #include "postcopy/postcopy.h"
 #include "uffd/uffd.h"
 #include "util/error.h"
+#include "util/fault.h"
 #include "util/time.h"
 
 /* Device state of one guest: 1 GiB is far beyond any (a 2 GiB demo guest
@@ -201,6 +204,14 @@ static int pci_packaged(const loadvm_cmd *c, void *opaque)
         free(blob);
         return -EIO;        /* the stream's own "ended after N bytes" */
     }
+    /* Tests: the destination fails (0) or dies (1) with the package read,
+     * before it confirms it: the source must take its guest back. */
+    if (fault_hit("dst", "package", 0)) {
+        free(blob);
+        return pci_fail(c, -EIO, "fault injected: dst:package:0");
+    }
+    if (fault_hit("dst", "package", 1))
+        _exit(1);
     pkg = stream_new_mem(blob, len);
     pci->outer = c->s;
     pci->in_package = true;
@@ -406,8 +417,9 @@ static int pci_run(const loadvm_cmd *c, void *opaque)
         return pci_fail(c, -EINVAL, "POSTCOPY_RUN outside a package");
     if (atomic_load(&pci->state) != PCI_LISTENING)
         return pci_fail(c, -EINVAL, "POSTCOPY_RUN before POSTCOPY_LISTEN");
-    if (atomic_load(&pci->listen_failed))
-        return pci_fail(c, -EIO, "POSTCOPY_RUN after the page stream failed");
+    if (atomic_load(&pci->listen_failed))   /* listen_err is written before it */
+        return pci_fail(c, -EIO, "POSTCOPY_RUN after the page stream failed: %s",
+                        pci->listen_err.msg);
     /* The destination's commit point: from here the guest runs here. */
     if (!mig_commit(m))
         return pci_fail(c, -ECANCELED, "incoming migration cancelled");
@@ -444,9 +456,13 @@ int postcopy_in_finish(incoming *in, int main_ret, bool *after_run, lm_error *er
     if (!pci || !pci->listen_started)
         return 1;
     if (main_ret < 0) {
-        /* The package failed: the listen thread must stop reading, and
-         * nothing may wait for a page. */
-        mig_kick(in->m);
+        /* The package failed: the listen thread must stop reading (only
+         * reading: SHUT(1) still goes back), and nothing may wait for a
+         * page. */
+        pthread_mutex_lock(&in->m->conn_lock);
+        if (in->m->conn.fd >= 0)
+            shutdown(in->m->conn.fd, SHUT_RD);
+        pthread_mutex_unlock(&in->m->conn_lock);
         uffd_release(pci->uffd);
     }
     pthread_mutex_lock(&pci->lock);

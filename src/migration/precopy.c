@@ -559,16 +559,16 @@ static int pc_iterate(precopy *pc, bool *postcopy, lm_error *err)
         stream_flush(pc->s);
         if ((ret = pc_stream_err(pc, err)))
             return ret;
-        if (wrapped) {
-            if ((ret = pc_pass_done(pc, &switchover, err)))
-                return ret;
-            if (switchover)
-                return 0;
-        }
+        if (wrapped && (ret = pc_pass_done(pc, &switchover, err)))
+            return ret;
+        /* Asked for, postcopy wins even over a switch-over that is due:
+         * migrate-start-postcopy is an order, as in QEMU. */
         if (pc_postcopy_wanted(pc)) {
             *postcopy = true;
             return 0;
         }
+        if (switchover)
+            return 0;
         pc_publish(pc);
     }
 }
@@ -732,10 +732,11 @@ out:
  * Postcopy, the source's half (../shared/reference/qemu-migration-format.md
  * section 6.2 has QEMU's sequence; this is it):
  *
- *   switch   guest stopped (status device), the multifd channels closed --
- *            the last PART's EOS was their SYNC, and the destination reads
- *            nothing past that EOS before every page of it is in place, so
- *            no precopy page can land after a postcopy one --, a last
+ *   switch   guest stopped (status device), the multifd channels idle from
+ *            now on -- the last PART's EOS was their SYNC, and the
+ *            destination reads nothing past that EOS before every page of
+ *            it is in place, so no precopy page can land after a postcopy
+ *            one; it ends them at the first postcopy command --, a last
  *            bitmap sync, END of the iterable devices, RAM_DISCARD for
  *            every page still dirty, then PACKAGED: LISTEN, every other
  *            device's FULL section, PING(0x42), RUN.  Status
@@ -836,12 +837,9 @@ static int pc_postcopy_switch(precopy *pc, lm_error *err)
     int ret;
 
     pc_stop_guest(pc);
-    if (pc->mfs) {
-        mig_helper_remove(m, pc->mfs);
-        multifd_send_stats(pc->mfs, &pc->mf_final);
-        multifd_send_finish(pc->mfs);
-        pc->mfs = NULL;
-    }
+    /* The channels stay connected but idle until the end: the destination
+     * ends them itself at the first postcopy command (a channel closed
+     * first would look like a source gone). */
     pc->sink = ram_stream_sink();
     newly = ram_sync(pc->ram, pc->dirty, err);
     if (newly < 0)
@@ -882,6 +880,27 @@ static int pc_postcopy_commit(precopy *pc, lm_error *err)
     return 0;
 }
 
+/*
+ * Background pages within max-postcopy-bandwidth (100 ms windows, as
+ * precopy's limit).  False when this window is used up: it then waits for
+ * the window's end, or less when a request comes -- requested pages are
+ * never held back by the limit.
+ */
+static bool pc_postcopy_budget(precopy *pc)
+{
+    int64_t now = time_now_ns(), limit = pc->p.max_postcopy_bandwidth;
+
+    if (now - pc->win_ns >= 100 * 1000000LL) {
+        pc->win_ns = now;
+        pc->win_bytes = pc_rate_bytes(pc);
+        return true;
+    }
+    if (limit <= 0 || pc_rate_bytes(pc) - pc->win_bytes < (uint64_t)limit / 10)
+        return true;
+    pc_wait_wake(pc, (int)((pc->win_ns + 100 * 1000000LL - now + 999999) / 1000000));
+    return false;
+}
+
 static int pc_postcopy_stream(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
@@ -892,7 +911,6 @@ static int pc_postcopy_stream(precopy *pc, lm_error *err)
     savevm_section_header(pc->s, WIRE_VM_SECTION_PART, RAM_SECTION_ID, NULL, 0, 0);
     for (;;) {
         pc->p = mig_params(m);
-        pc->p.max_bandwidth = pc->p.max_postcopy_bandwidth;
         if (mig_cancelled(m))
             return error_set(err, -ECANCELED, "migration cancelled");
         if ((ret = pc_rp_check(pc, err)) || (ret = pc_stream_err(pc, err)))
@@ -913,11 +931,11 @@ static int pc_postcopy_stream(precopy *pc, lm_error *err)
             pc_wait_wake(pc, 100);
             continue;
         }
+        if (!pc_postcopy_budget(pc))
+            continue;
         ram_save_some(pc->ram, &pc->sink, pc->s, PC_CHUNK_BYTES);
         /* Out at once: a request then waits behind one chunk, not a buffer. */
         stream_flush(pc->s);
-        if ((ret = pc_rate_limit(pc, err)))
-            return ret;
         if (time_now_ns() - section_ns > PC_SECTION_MAX_MS * 1000000LL) {
             ram_put_eos(pc->ram, &pc->sink, pc->s);
             savevm_section_footer(pc->s, RAM_SECTION_ID);

@@ -22,6 +22,9 @@
  *   dst handshake   one per accepted channel and migration
  *   dst packet      every packet the channel has read, data and SYNC alike
  *   dst sync        every SYNC packet read, before the barrier
+ *   dst package     postcopy's PACKAGED, read whole, before it is loaded:
+ *                   channel 0 fails the load, channel 1 ends the process
+ *                   (_exit(1)), both before the confirmation PONG
  * So "src:packet:1:100" tears the 100th packet of channel 1: with 512 KiB
  * packets that is ~50 MiB into that channel's share of the first pass.
  *

@@ -33,6 +33,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -65,6 +66,7 @@ struct gctx {
     _Atomic bool postcopy_arrival;
 
     pthread_mutex_t lock;          /* protects the arrival result */
+    pthread_cond_t arrival_cv;     /* broadcast when it is in */
     bool arrival_done;
     struct verify_report arrival;
 };
@@ -136,6 +138,7 @@ static void arrival_check(struct gctx *gc)
     pthread_mutex_lock(&gc->lock);
     gc->arrival = r;
     gc->arrival_done = true;
+    pthread_cond_broadcast(&gc->arrival_cv);
     pthread_mutex_unlock(&gc->lock);
     report_print("arrival check", &r);
     if (r.bad)
@@ -240,6 +243,14 @@ static int qmp_verify(void *opaque, const char *args_json, char **reply_json, lm
     }
     if (json_is_true(cached)) {
         pthread_mutex_lock(&gc->lock);
+        /* After postcopy the check runs once the migration completed: a
+         * client that saw "completed" waits for it here (bounded). */
+        struct timespec dl;
+        clock_gettime(CLOCK_REALTIME, &dl);
+        dl.tv_sec += 120;
+        while (!gc->arrival_done && atomic_load(&gc->postcopy_arrival) &&
+               pthread_cond_timedwait(&gc->arrival_cv, &gc->lock, &dl) == 0)
+            ;
         bool done = gc->arrival_done;
         r = gc->arrival;
         pthread_mutex_unlock(&gc->lock);
@@ -522,8 +533,11 @@ static int guest_wait(struct gctx *gc)
             lm_stats st;
             lm_query(gc->m, &st);
             if (st.status == LM_STATUS_COMPLETED) {
-                atomic_store(&gc->postcopy_arrival, false);
                 arrival_check(gc);
+                pthread_mutex_lock(&gc->lock);
+                atomic_store(&gc->postcopy_arrival, false);
+                pthread_cond_broadcast(&gc->arrival_cv);
+                pthread_mutex_unlock(&gc->lock);
             } else if (st.status == LM_STATUS_FAILED) {
                 fprintf(stderr, "livemig guest: incoming postcopy migration failed after "
                         "the guest started: %s\n", st.error_desc);
@@ -582,6 +596,7 @@ int cmd_guest(int argc, char **argv)
     gc.verify_on_arrival = a.verify_on_arrival;
     gc.main_thread = pthread_self();
     pthread_mutex_init(&gc.lock, NULL);
+    pthread_cond_init(&gc.arrival_cv, NULL);
 
     if (guest_setup(&gc, &a, &err)) {
         fprintf(stderr, "livemig guest: %s\n", err.msg[0] ? err.msg : "setup failed");
@@ -599,5 +614,6 @@ out:
         lm_free(gc.m);
     guest_free(gc.g);
     pthread_mutex_destroy(&gc.lock);
+    pthread_cond_destroy(&gc.arrival_cv);
     return ret;
 }
