@@ -291,7 +291,7 @@ int kvm_vm_reset(kvm_vm *v, lm_error *err)
 
 static void serial_out(kvm_vm *v, uint8_t c)
 {
-    while (write(v->serial_fd, &c, 1) < 0 && errno == EINTR)
+    while (v->serial_fd >= 0 && write(v->serial_fd, &c, 1) < 0 && errno == EINTR)
         ;
     atomic_fetch_add(&v->serial_bytes, 1);
 }
@@ -463,6 +463,44 @@ int kvm_vm_pause(kvm_vm *v, lm_error *err)
         }
         pthread_cond_timedwait(&v->cond, &v->lock, &tick);
     }
+    pthread_mutex_unlock(&v->lock);
+    return rc;
+}
+
+int kvm_vm_set_slot_flags(kvm_vm *v, uint32_t flags, lm_error *err)
+{
+    struct kvm_userspace_memory_region r = v->slot;
+
+    r.flags = flags;
+    if (ioctl(v->fd, KVM_SET_USER_MEMORY_REGION, &r) < 0)
+        return tool_error_errno(err, -errno, "kvm: setting slot 0's flags to %#x", flags);
+    v->slot = r;
+    return 0;
+}
+
+int kvm_vm_wait_halted(kvm_vm *v, int timeout_ms, lm_error *err)
+{
+    int64_t deadline = tool_now_ns() + (int64_t)timeout_ms * 1000000;
+    int rc = 0;
+
+    pthread_mutex_lock(&v->lock);
+    while (!v->halted && !v->dead) {
+        struct timespec tick;
+        if (tool_now_ns() >= deadline) {
+            rc = tool_error(err, -ETIMEDOUT, "kvm: the guest did not halt within %d ms",
+                            timeout_ms);
+            break;
+        }
+        clock_gettime(CLOCK_REALTIME, &tick);
+        tick.tv_nsec += 10 * 1000 * 1000;
+        if (tick.tv_nsec >= 1000000000) {
+            tick.tv_sec++;
+            tick.tv_nsec -= 1000000000;
+        }
+        pthread_cond_timedwait(&v->cond, &v->lock, &tick);
+    }
+    if (!rc && v->dead)
+        rc = tool_error(err, -EIO, "kvm: the vCPU stopped: %s", v->error);
     pthread_mutex_unlock(&v->lock);
     return rc;
 }

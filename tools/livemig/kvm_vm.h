@@ -48,7 +48,7 @@ typedef struct kvm_vm kvm_vm;
 /*
  * Open /dev/kvm, create the VM with `ram_size` bytes of RAM (a multiple of
  * 4096, zeroed, anonymous) in slot 0 and one vCPU.  `serial_fd` receives
- * COM1's output (not closed by kvm_vm_free).  NULL with a message in err;
+ * COM1's output (not closed by kvm_vm_free; -1 drops it).  NULL with a message in err;
  * code -ENODEV when /dev/kvm or a VM cannot be had at all.
  */
 kvm_vm *kvm_vm_new(uint64_t ram_size, int serial_fd, lm_error *err);
@@ -61,6 +61,10 @@ uint8_t *kvm_vm_ram(const kvm_vm *v);
 uint64_t kvm_vm_ram_size(const kvm_vm *v);
 const struct kvm_userspace_memory_region *kvm_vm_slot(const kvm_vm *v);
 
+/* Re-register slot 0 with these flags (KVM_MEM_LOG_DIRTY_PAGES or 0);
+ * only before kvm_dirty_new copies the slot. */
+int kvm_vm_set_slot_flags(kvm_vm *v, uint32_t flags, lm_error *err);
+
 /* Copy the file at `path` to guest physical 0x7c00 (it must fit in RAM). */
 int kvm_vm_load(kvm_vm *v, const char *path, lm_error *err);
 /* Real mode at 0000:7C00 (see above). */
@@ -71,6 +75,10 @@ int kvm_vm_start_thread(kvm_vm *v, lm_error *err);
 void kvm_vm_run(kvm_vm *v);
 /* 0 once parked; -ETIMEDOUT (message in err) if it did not park in 10 s. */
 int kvm_vm_pause(kvm_vm *v, lm_error *err);
+
+/* Wait until the running guest executes HLT (or its vCPU stops for good):
+ * 0, or -ETIMEDOUT / -EIO with a message. */
+int kvm_vm_wait_halted(kvm_vm *v, int timeout_ms, lm_error *err);
 
 bool kvm_vm_running(kvm_vm *v);          /* asked to run (not paused) */
 bool kvm_vm_halted(kvm_vm *v);           /* the guest executed HLT */
