@@ -22,6 +22,11 @@ or the VM exits 3.
                analyze --json` naming every vCPU state device in it, and a
                restore from it into a fresh process (incoming defer) that
                checks and runs on.
+  kills        a migration slowed by max-bandwidth, one side SIGKILLed
+               mid-way: with the destination gone the source fails the
+               migration and its guest runs on (pass counter and serial
+               output advance, its pattern still consistent); with the
+               source gone the destination exits 1 and never ran its guest.
   bad state    a plain-stream save whose vCPU state is then made invalid
                in the file (an MSR index KVM does not know; CR0 with paging
                but not protection): the restore fails with an error naming
@@ -200,6 +205,53 @@ def t_precopy(env):
 @test("multifd 2 channels: a running KVM guest migrates and runs on, pattern intact")
 def t_multifd(env):
     live_migration(env, caps={"multifd": True}, params={"multifd-channels": 2})
+
+
+def slow_migration(env):
+    """A source and a destination with a migration at 4 MB/s, half-way."""
+    need_kvm()
+    src = VM(env, "src", check_arrival=False)
+    wait_pass(src, 2, "guest running")
+    port = free_tcp_port("127.0.0.1")
+    uri = "tcp:127.0.0.1:%d" % port
+    dst = VM(env, "dst", incoming=uri)
+    lmtest.wait_listening(uri, dst)
+    src.set_params(**{"max-bandwidth": 4 << 20})
+    src.cmd("migrate", {"uri": uri})
+    wait_until(lambda: src.query_migrate().get("status") == "active" and
+               lmtest.ram(src.query_migrate(), "transferred") > (2 << 20), WAIT_S,
+               "the migration to be under way")
+    return src, dst
+
+
+@test("kill the destination mid-migration: the source VM keeps running")
+def t_kill_destination(env):
+    src, dst = slow_migration(env)
+    dst.kill()
+    info = wait_migration(src, until=("failed",), timeout=WAIT_S)
+    note("source: %s" % info.get("error-desc"))
+    lmtest.check_runstate(src, "running")
+    p = src.info()["pass"]
+    wait_pass(src, p + 3, "guest progress after the failed migration")
+    last = max(src.serial_passes())
+    wait_until(lambda: max(src.serial_passes()) > last, WAIT_S, "more serial output")
+    src.cmd("stop")
+    c = src.cmd("x-vm-check")
+    check(c["ok"], "source after the failed migration: x-vm-check %r", c)
+    src.cmd("cont")
+
+
+@test("kill the source mid-migration: the destination fails and never runs the guest")
+def t_kill_source(env):
+    src, dst = slow_migration(env)
+    src.kill()
+    rc = dst.wait_exit(WAIT_S)
+    check(rc == 1, "destination: %s (expected exit status 1); stderr:\n%s", describe_exit(rc),
+          dst.stderr_tail())
+    check("incoming migration failed" in dst.stderr(), "destination stderr:\n%s",
+          dst.stderr_tail())
+    check(dst.serial() == "", "the destination's guest ran: %r", dst.serial()[:200])
+    note("destination: %s" % dst.stderr_tail(1))
 
 
 def analyze(env, path):
