@@ -18,10 +18,10 @@ or the VM exits 3.
                and a check of a pmemsave dump done here, in Python.  The
                KVM dirty log is the tracker, with at least two syncs.
   multifd      the same over 2 multifd channels.
-  mapped-ram   a save of the running VM to a mapped-ram file, `livemig
-               analyze --json` naming every vCPU state device in it, and a
-               restore from it into a fresh process (incoming defer) that
-               checks and runs on.
+  mapped-ram   a save of the running VM to a mapped-ram file (without and
+               with 2 multifd channels), `livemig analyze --json` naming
+               every vCPU state device in it, and a restore from it into a
+               fresh process (incoming defer) that checks and runs on.
   kills        a migration slowed by max-bandwidth, one side SIGKILLed
                mid-way: with the destination gone the source fails the
                migration and its guest runs on (pass counter and serial
@@ -276,22 +276,40 @@ def save(env, src, path, caps=None):
     wait_migration(src, timeout=WAIT_S)
 
 
-@test("mapped-ram: save a running KVM guest to a file, analyze it, restore and run on")
-def t_mapped_ram(env):
+def mapped_ram_round_trip(env, channels=None):
     need_kvm()
+    caps = {"mapped-ram": True}
+    params = {}
+    if channels:
+        caps["multifd"] = True
+        params["multifd-channels"] = channels
     src = VM(env, "src", check_arrival=False)
     wait_pass(src, 3, "guest running")
     path = env.path("vm.mig")
-    save(env, src, path, caps={"mapped-ram": True})
+    if params:
+        src.set_params(**params)
+    save(env, src, path, caps=caps)
     doc = analyze(env, path)
     names = {s["idstr"] for s in doc["sections"]}
     missing = [d for d in STATE_DEVICES if d not in names]
     check(not missing, "analyze lists no section for %s (it has %s)", missing, sorted(names))
     dst = VM(env, "dst", incoming="defer")
-    dst.set_caps(**{"mapped-ram": True})
+    dst.set_caps(**caps)
+    if params:
+        dst.set_params(**params)
     dst.cmd("migrate-incoming", {"uri": "file:" + path})
     wait_migration(dst, timeout=WAIT_S)
     check_arrived(src, dst, env)
+
+
+@test("mapped-ram: save a running KVM guest to a file, analyze it, restore and run on")
+def t_mapped_ram(env):
+    mapped_ram_round_trip(env)
+
+
+@test("mapped-ram with multifd 2 channels: save, analyze, restore, run on")
+def t_mapped_ram_multifd(env):
+    mapped_ram_round_trip(env, channels=2)
 
 
 def section_payload(doc, idstr):
