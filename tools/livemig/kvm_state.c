@@ -5,6 +5,7 @@
  */
 #include "kvm_state.h"
 
+#include <assert.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -379,6 +380,9 @@ int kvm_state_msrs_skipped(const kvm_state *ks)
 static int dev_save(lm_stream *s, void *opaque)
 {
     kst_dev *d = opaque;
+
+    /* the library saves devices only after vm ops stop returned */
+    assert(kvm_vm_parked(d->ks->v));
     return d->kind->save(d, s);
 }
 
@@ -386,6 +390,8 @@ static int dev_load(lm_stream *s, void *opaque, uint32_t version, int section_ty
 {
     kst_dev *d = opaque;
 
+    /* a destination's vCPU has not run: it starts after the whole load */
+    assert(kvm_vm_parked(d->ks->v));
     if (version != KVM_STATE_VERSION || section_type != LM_SECTION_FULL) {
         lm_stream_set_error(s, -EINVAL, "%s: unexpected section (version %u, type %d) at "
                             "byte offset %llu", d->kind->idstr, version, section_type,

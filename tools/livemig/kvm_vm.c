@@ -513,6 +513,14 @@ bool kvm_vm_running(kvm_vm *v)
     return r;
 }
 
+bool kvm_vm_parked(kvm_vm *v)
+{
+    pthread_mutex_lock(&v->lock);
+    bool p = v->parked;
+    pthread_mutex_unlock(&v->lock);
+    return p;
+}
+
 bool kvm_vm_halted(kvm_vm *v)
 {
     pthread_mutex_lock(&v->lock);

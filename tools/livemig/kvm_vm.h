@@ -81,6 +81,7 @@ int kvm_vm_pause(kvm_vm *v, lm_error *err);
 int kvm_vm_wait_halted(kvm_vm *v, int timeout_ms, lm_error *err);
 
 bool kvm_vm_running(kvm_vm *v);          /* asked to run (not paused) */
+bool kvm_vm_parked(kvm_vm *v);           /* out of KVM_RUN, nothing pending */
 bool kvm_vm_halted(kvm_vm *v);           /* the guest executed HLT */
 uint64_t kvm_vm_exits(kvm_vm *v);        /* KVM_RUN returns so far */
 uint64_t kvm_vm_serial_bytes(kvm_vm *v); /* bytes the guest wrote to COM1 */
