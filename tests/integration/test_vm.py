@@ -29,7 +29,8 @@ or the VM exits 3.
                source gone the destination exits 1 and never ran its guest.
   bad state    a plain-stream save whose vCPU state is then made invalid
                in the file (an MSR index KVM does not know; CR0 with paging
-               but not protection): the restore fails with an error naming
+               but not protection; a register block of the wrong size): the
+               restore fails with an error naming
                the device and what KVM refused, the destination exits 1,
                and its guest never ran (no serial output).
 
@@ -254,6 +255,39 @@ def t_kill_source(env):
     note("destination: %s" % dst.stderr_tail(1))
 
 
+@test("QMP: pmemsave and x-vm-check refuse what they cannot do")
+def t_qmp_refusals(env):
+    need_kvm()
+    vm = VM(env, "vm", check_arrival=False)
+    wait_pass(vm, 1, "guest running")
+    mem = lmtest.mem_bytes(vm.mem)
+    for args, want in (({"val": mem - 4096, "size": 8192, "filename": env.path("x")},
+                        "not inside"),
+                       ({"val": -1, "size": 1, "filename": env.path("x")}, "not inside"),
+                       ({"val": 0, "size": 1}, "needs"),
+                       ({"val": 0, "size": 1, "filename": env.path("no/such/dir")},
+                        "cannot open")):
+        try:
+            vm.cmd("pmemsave", args)
+            raise TestFailure("pmemsave %r succeeded" % args)
+        except QMPError as e:
+            check(want in e.desc, "pmemsave %r: %r does not say %r", args, e.desc, want)
+    try:
+        vm.cmd("x-vm-check")
+        raise TestFailure("x-vm-check of a running guest succeeded")
+    except QMPError as e:
+        check("running" in e.desc, "x-vm-check while running: %r", e.desc)
+    # a dump of part of RAM is exactly that part: the header page
+    vm.cmd("stop")
+    vm.cmd("pmemsave", {"val": HDR, "size": 20, "filename": env.path("hdr")})
+    with open(env.path("hdr"), "rb") as f:
+        magic, p, _c, start, n = struct.unpack("<5I", f.read())
+    check(magic == MAGIC and start == 1 << 20 and n == (mem >> 12) - 256,
+          "header dump: magic %#x start %#x pages %d", magic, start, n)
+    check(vm.cmd("x-vm-check")["pass"] == p, "x-vm-check and pmemsave disagree on the pass")
+    vm.cmd("cont")
+
+
 def analyze(env, path):
     out_path, err_path = env.path("analyze.out"), env.path("analyze.err")
     with open(out_path, "wb") as out, open(err_path, "wb") as err:
@@ -359,7 +393,13 @@ def t_bad_state(env):
         # struct kvm_sregs: 8 segments x 24 bytes, gdt and idt x 16, then cr0
         struct.pack_into("<Q", data, at + 4 + 224, 0x80000000)   # PG without PE
 
+    def bad_size(data):
+        at = section_payload(doc, "kvm-regs")
+        size = struct.unpack_from(">I", data, at)[0]
+        struct.pack_into(">I", data, at, size + 8)
+
     restore_refused(env, path, "msr", bad_msr, ["kvm-msrs", "KVM refused MSR 0xdeadbeef"])
+    restore_refused(env, path, "size", bad_size, ["kvm-regs", "general registers has"])
     restore_refused(env, path, "cr0", bad_cr0, ["kvm-sregs", "KVM refused", "cr0=0x80000000"])
     # and the good file still restores
     dst = VM(env, "dst", incoming="file:" + path)
