@@ -399,7 +399,7 @@ def t_bad_state(env):
         struct.pack_into(">I", data, at, size + 8)
 
     restore_refused(env, path, "msr", bad_msr, ["kvm-msrs", "KVM refused MSR 0xdeadbeef"])
-    restore_refused(env, path, "size", bad_size, ["kvm-regs", "general registers has"])
+    restore_refused(env, path, "size", bad_size, ["kvm-regs", "bytes of general registers from the source"])
     restore_refused(env, path, "cr0", bad_cr0, ["kvm-sregs", "KVM refused", "cr0=0x80000000"])
     # and the good file still restores
     dst = VM(env, "dst", incoming="file:" + path)

@@ -90,9 +90,9 @@ static int raw_load(kst_dev *d, lm_stream *s)
     if (lm_get_be32(s, &size))
         return lm_stream_error(s);
     if (size != d->size) {
-        lm_stream_set_error(s, -EINVAL, "%s: the source's %s has %u bytes, this KVM's %zu "
-                            "(byte offset %llu)", d->kind->idstr, d->kind->what, size,
-                            d->size, (unsigned long long)at);
+        lm_stream_set_error(s, -EINVAL, "%s: %u bytes of %s from the source, but this KVM's "
+                            "structure has %zu (byte offset %llu)", d->kind->idstr, size,
+                            d->kind->what, d->size, (unsigned long long)at);
         return -EINVAL;
     }
     memset(ks->buf, 0, ks->buf_size);
