@@ -10,5 +10,6 @@
 int cmd_guest(int argc, char **argv);
 int cmd_migrate(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
+int cmd_vm(int argc, char **argv);          /* vmcmd.c, with KVM only */
 
 #endif

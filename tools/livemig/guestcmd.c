@@ -16,10 +16,8 @@
  *   QMP           quit, x-guest-verify, x-guest-info, x-guest-set-dirty-rate.
  *
  * Threads: main parses options, sets everything up, then sleeps in
- * sigtimedwait() for SIGINT/SIGTERM or for SIGUSR1, which the QMP `quit`
- * handler and the migration listener send it (pthread_kill) to say "look at
- * the flags".  SIGINT/SIGTERM/SIGUSR1 are blocked in every thread, so only
- * that wait ever takes them.  QMP handlers run on the QMP thread; vm ops and
+ * tool_host_wait() (host.h: the signals, quit and the listener, shared with
+ * `livemig vm`).  QMP handlers run on the QMP thread; vm ops and
  * device callbacks on library threads.  Teardown order: QMP (no more
  * handlers), hold the writers (no more write hooks into the context), the
  * library (joins its threads, which may still call vm ops), then the guest
@@ -44,37 +42,23 @@
 #include "commands.h"
 #include "guest.h"
 #include "guest_state.h"
+#include "host.h"
 #include "util.h"
 #include "verify.h"
 
 #define RAM_IDSTR "guest.ram"
 
 struct gctx {
+    struct tool_host h;            /* the context, QMP, quit and arrival flags */
     struct guest *g;
-    lm_mig *m;
-    lm_qmp *q;
     int block;                     /* RAM block index for cooperative marks */
-    bool incoming;                 /* started as a destination */
     bool verify_on_arrival;
-    pthread_t main_thread;
-
-    _Atomic bool quit;             /* QMP quit */
-    _Atomic bool incoming_seen;    /* an incoming migration has begun */
-    _Atomic bool arrival_started;  /* the first start() after it ran */
-    /* postcopy: the guest started before all of its RAM was here, so the
-     * arrival check waits for the migration's end (main thread) */
-    _Atomic bool postcopy_arrival;
 
     pthread_mutex_t lock;          /* protects the arrival result */
-    pthread_cond_t arrival_cv;     /* broadcast when it is in */
+    pthread_cond_t arrival_cv;     /* broadcast when it is in (or given up) */
     bool arrival_done;
     struct verify_report arrival;
 };
-
-static void gctx_wake_main(struct gctx *gc)
-{
-    pthread_kill(gc->main_thread, SIGUSR1);
-}
 
 /* ---------------------------------------------------------------- reports */
 
@@ -125,7 +109,7 @@ static void vm_stop(void *opaque)
 }
 
 /* The arrival check: every page against the table; a bad page ends the
- * process (a corrupt guest must not run). */
+ * process (a corrupt guest must not run; nothing to clean up for). */
 static void arrival_check(struct gctx *gc)
 {
     struct verify_report r;
@@ -142,7 +126,19 @@ static void arrival_check(struct gctx *gc)
     pthread_mutex_unlock(&gc->lock);
     report_print("arrival check", &r);
     if (r.bad)
-        _exit(3);   /* nothing to clean up for */
+        _exit(3);
+}
+
+/* Postcopy: the check after the last page (main thread, tool_host_wait). */
+static void late_arrival(struct tool_host *h)
+{
+    struct gctx *gc = (struct gctx *)h;     /* h is its first member */
+
+    arrival_check(gc);
+    pthread_mutex_lock(&gc->lock);
+    atomic_store(&gc->h.postcopy_arrival, false);
+    pthread_cond_broadcast(&gc->arrival_cv);
+    pthread_mutex_unlock(&gc->lock);
 }
 
 static void vm_start(void *opaque)
@@ -150,22 +146,11 @@ static void vm_start(void *opaque)
     struct gctx *gc = opaque;
 
     /* The first start of a destination once an incoming migration began is
-     * the arrival; the listener may not have run yet, so the run state
-     * counts too. */
-    bool arriving = gc->incoming && !atomic_load(&gc->arrival_started) &&
-                    (atomic_load(&gc->incoming_seen) ||
-                     lm_runstate_get(gc->m) == LM_RUN_INMIGRATE);
-    if (arriving && !atomic_exchange(&gc->arrival_started, true) && gc->verify_on_arrival) {
-        lm_stats st;
-
-        lm_query(gc->m, &st);
-        /* In postcopy the writers run (and fault) before the last page;
-         * the check runs when the migration completes (guest_wait). */
-        if (st.status == LM_STATUS_POSTCOPY_ACTIVE)
-            atomic_store(&gc->postcopy_arrival, true);
-        else
-            arrival_check(gc);
-    }
+     * the arrival; in postcopy the writers run (and fault) before the last
+     * page, and the check waits for the end. */
+    if (tool_host_arriving(&gc->h) && gc->verify_on_arrival &&
+        !tool_host_defer_arrival(&gc->h))
+        arrival_check(gc);
     guest_vm_start(gc->g);
 }
 
@@ -180,57 +165,15 @@ static void vm_throttle(void *opaque, int percent)
 static void mark_dirty(void *opaque, uint64_t page)
 {
     struct gctx *gc = opaque;
-    lm_ram_mark_dirty_idx(gc->m, gc->block, page * GUEST_PAGE_SIZE, GUEST_PAGE_SIZE);
-}
-
-/* ---------------------------------------------------------------- listener */
-
-static void on_status(void *opaque, lm_status s)
-{
-    struct gctx *gc = opaque;
-
-    if (s != LM_STATUS_NONE && gc->incoming)
-        atomic_store(&gc->incoming_seen, true);
-    if (s == LM_STATUS_COMPLETED || s == LM_STATUS_FAILED || s == LM_STATUS_CANCELLED)
-        gctx_wake_main(gc);
+    lm_ram_mark_dirty_idx(gc->h.m, gc->block, page * GUEST_PAGE_SIZE, GUEST_PAGE_SIZE);
 }
 
 /* ---------------------------------------------------------------- QMP */
 
-static int reply(json_t *o, char **reply_json, lm_error *err)
-{
-    *reply_json = o ? json_dumps(o, JSON_COMPACT) : NULL;
-    json_decref(o);
-    if (o && !*reply_json)
-        return tool_error(err, -ENOMEM, "out of memory");
-    return 0;
-}
-
-static json_t *parse_args(const char *args_json, lm_error *err)
-{
-    json_error_t je;
-    json_t *a = json_loads(args_json ? args_json : "{}", 0, &je);
-    if (!json_is_object(a)) {
-        json_decref(a);
-        tool_error(err, -EINVAL, "arguments must be a JSON object");
-        return NULL;
-    }
-    return a;
-}
-
-static int qmp_quit(void *opaque, const char *args_json, char **reply_json, lm_error *err)
-{
-    struct gctx *gc = opaque;
-    atomic_store(&gc->quit, true);
-    gctx_wake_main(gc);
-    *reply_json = NULL;
-    return 0;
-}
-
 static int qmp_verify(void *opaque, const char *args_json, char **reply_json, lm_error *err)
 {
     struct gctx *gc = opaque;
-    json_t *a = parse_args(args_json, err);
+    json_t *a = tool_host_args(args_json, err);
     struct verify_report r;
     int rc = 0;
 
@@ -248,7 +191,7 @@ static int qmp_verify(void *opaque, const char *args_json, char **reply_json, lm
         struct timespec dl;
         clock_gettime(CLOCK_REALTIME, &dl);
         dl.tv_sec += 120;
-        while (!gc->arrival_done && atomic_load(&gc->postcopy_arrival) &&
+        while (!gc->arrival_done && atomic_load(&gc->h.postcopy_arrival) &&
                pthread_cond_timedwait(&gc->arrival_cv, &gc->lock, &dl) == 0)
             ;
         bool done = gc->arrival_done;
@@ -256,21 +199,21 @@ static int qmp_verify(void *opaque, const char *args_json, char **reply_json, lm
         pthread_mutex_unlock(&gc->lock);
         if (!done) {
             rc = tool_error(err, -ENOENT, "no arrival check has run%s",
-                            gc->incoming ? (gc->verify_on_arrival ? " yet" : " (--verify-on-arrival off)")
+                            gc->h.incoming ? (gc->verify_on_arrival ? " yet" : " (--verify-on-arrival off)")
                                          : " (not a destination)");
             goto out;
         }
-        rc = reply(report_json(&r, true), reply_json, err);
+        rc = tool_host_reply(report_json(&r, true), reply_json, err);
         goto out;
     }
-    if (lm_runstate_get(gc->m) == LM_RUN_INMIGRATE) {
+    if (lm_runstate_get(gc->h.m) == LM_RUN_INMIGRATE) {
         rc = tool_error(err, -EBUSY, "an incoming migration is loading guest RAM; "
                                      "verify after it completes");
         goto out;
     }
     rc = guest_verify(gc->g, &r, err);
     if (!rc)
-        rc = reply(report_json(&r, false), reply_json, err);
+        rc = tool_host_reply(report_json(&r, false), reply_json, err);
 out:
     json_decref(a);
     return rc;
@@ -289,16 +232,16 @@ static int qmp_info(void *opaque, const char *args_json, char **reply_json, lm_e
                           "pattern", guest_pattern_name(c->pattern),
                           "fill", guest_fill_name(guest_fill(gc->g)),
                           "writes", (json_int_t)guest_writes(gc->g),
-                          "dirty-tracker", lm_dirty_tracker_name(gc->m),
+                          "dirty-tracker", lm_dirty_tracker_name(gc->h.m),
                           "running", guest_vm_running(gc->g),
                           "last-stop-us", (json_int_t)(guest_last_stop_ns(gc->g) / 1000));
-    return reply(o, reply_json, err);
+    return tool_host_reply(o, reply_json, err);
 }
 
 static int qmp_set_rate(void *opaque, const char *args_json, char **reply_json, lm_error *err)
 {
     struct gctx *gc = opaque;
-    json_t *a = parse_args(args_json, err);
+    json_t *a = tool_host_args(args_json, err);
     int rc = 0;
 
     if (!a)
@@ -461,44 +404,43 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
     static const lm_vm_ops vm_ops = {
         .stop = vm_stop, .start = vm_start, .throttle = vm_throttle,
     };
-    static const lm_listener listener = { .status_changed = on_status };
     int rc;
 
     rc = guest_new(&gc->g, &a->cfg, err);
     if (rc)
         return rc;
-    gc->m = lm_new();
-    rc = lm_ram_register(gc->m, RAM_IDSTR, guest_ram(gc->g), a->cfg.mem, GUEST_PAGE_SIZE, err);
+    gc->h.m = lm_new();
+    rc = lm_ram_register(gc->h.m, RAM_IDSTR, guest_ram(gc->g), a->cfg.mem, GUEST_PAGE_SIZE, err);
     if (rc)
         return rc;
-    gc->block = lm_ram_find(gc->m, RAM_IDSTR);
-    rc = lm_device_register(gc->m, GUEST_STATE_IDSTR, 0, GUEST_STATE_VERSION, &guest_state_ops,
+    gc->block = lm_ram_find(gc->h.m, RAM_IDSTR);
+    rc = lm_device_register(gc->h.m, GUEST_STATE_IDSTR, 0, GUEST_STATE_VERSION, &guest_state_ops,
                             gc->g, err);
     if (rc)
         return rc;
-    lm_set_vm_ops(gc->m, &vm_ops, gc);
-    rc = lm_set_dirty_tracker(gc->m, a->tracker, err);
+    lm_set_vm_ops(gc->h.m, &vm_ops, gc);
+    rc = lm_set_dirty_tracker(gc->h.m, a->tracker, err);
     if (rc)
         return rc;
     /* Report writes unless the tracker is known to see them by itself. */
-    if (strcmp(lm_dirty_tracker_name(gc->m), "uffd-wp"))
+    if (strcmp(lm_dirty_tracker_name(gc->h.m), "uffd-wp"))
         guest_set_write_hook(gc->g, mark_dirty, gc);
-    if (lm_add_listener(gc->m, &listener, gc) < 0)
+    if (lm_add_listener(gc->h.m, &tool_host_listener, &gc->h) < 0)
         return tool_error(err, -ENOSPC, "cannot add a migration listener");
     rc = guest_start_writers(gc->g, err);
     if (rc)
         return rc;
 
     if (a->qmp) {
-        gc->q = lm_qmp_new(gc->m, a->qmp, err);
-        if (!gc->q)
+        gc->h.q = lm_qmp_new(gc->h.m, a->qmp, err);
+        if (!gc->h.q)
             return err->code ? err->code : -EIO;
-        if (lm_qmp_register(gc->q, "quit", qmp_quit, gc) ||
-            lm_qmp_register(gc->q, "x-guest-verify", qmp_verify, gc) ||
-            lm_qmp_register(gc->q, "x-guest-info", qmp_info, gc) ||
-            lm_qmp_register(gc->q, "x-guest-set-dirty-rate", qmp_set_rate, gc))
+        if (lm_qmp_register(gc->h.q, "quit", tool_host_qmp_quit, &gc->h) ||
+            lm_qmp_register(gc->h.q, "x-guest-verify", qmp_verify, gc) ||
+            lm_qmp_register(gc->h.q, "x-guest-info", qmp_info, gc) ||
+            lm_qmp_register(gc->h.q, "x-guest-set-dirty-rate", qmp_set_rate, gc))
             return tool_error(err, -ENOMEM, "cannot register the guest's QMP commands");
-        lm_qmp_open(gc->q);     /* only now can a client see the command set */
+        lm_qmp_open(gc->h.q);     /* only now can a client see the command set */
     }
 
     if (!a->incoming) {
@@ -506,58 +448,13 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
          * start the writers here and tell the library (lm_vm_start would
          * refuse: it only resumes a paused guest). */
         guest_vm_start(gc->g);
-        lm_runstate_set_running(gc->m);
+        lm_runstate_set_running(gc->h.m);
         return 0;
     }
     if (strcmp(a->incoming, "defer"))
-        return lm_incoming(gc->m, a->incoming, err);
-    lm_runstate_set_inmigrate(gc->m);     /* query-status: "inmigrate", as QEMU */
+        return lm_incoming(gc->h.m, a->incoming, err);
+    lm_runstate_set_inmigrate(gc->h.m);     /* query-status: "inmigrate", as QEMU */
     return 0;
-}
-
-/* Sleep until quit, a signal, or a failed incoming migration; the exit code. */
-static int guest_wait(struct gctx *gc)
-{
-    sigset_t set;
-    struct timespec tick = { 1, 0 };
-
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGUSR1);
-    for (;;) {
-        int sig = sigtimedwait(&set, NULL, &tick);
-        if (sig == SIGINT || sig == SIGTERM || atomic_load(&gc->quit))
-            return 0;
-        if (atomic_load(&gc->postcopy_arrival)) {
-            lm_stats st;
-            lm_query(gc->m, &st);
-            if (st.status == LM_STATUS_COMPLETED) {
-                arrival_check(gc);
-                pthread_mutex_lock(&gc->lock);
-                atomic_store(&gc->postcopy_arrival, false);
-                pthread_cond_broadcast(&gc->arrival_cv);
-                pthread_mutex_unlock(&gc->lock);
-            } else if (st.status == LM_STATUS_FAILED) {
-                fprintf(stderr, "livemig guest: incoming postcopy migration failed after "
-                        "the guest started: %s\n", st.error_desc);
-                return 1;
-            }
-        }
-        /* Before the arrival, a failure can only be the incoming migration's
-         * (after it, this guest may itself be migrated away, and that
-         * failing is no reason to exit). */
-        if (gc->incoming && atomic_load(&gc->incoming_seen) &&
-            !atomic_load(&gc->arrival_started)) {
-            lm_stats st;
-            lm_query(gc->m, &st);
-            if (st.status == LM_STATUS_FAILED || st.status == LM_STATUS_CANCELLED) {
-                fprintf(stderr, "livemig guest: incoming migration failed: %s\n",
-                        st.error_desc[0] ? st.error_desc : lm_status_name(st.status));
-                return 1;
-            }
-        }
-    }
 }
 
 int cmd_guest(int argc, char **argv)
@@ -568,9 +465,8 @@ int cmd_guest(int argc, char **argv)
         .tracker = "auto",
         .verify_on_arrival = true,
     };
-    struct gctx gc = { .block = -1 };
+    struct gctx gc = { .h.name = "livemig guest", .block = -1 };
     lm_error err = { 0 };
-    sigset_t set;
     int rc, ret = 1;
 
     rc = guest_parse(argc, argv, &a, &err);
@@ -586,15 +482,11 @@ int cmd_guest(int argc, char **argv)
     }
 
     /* Before any thread exists, so every thread inherits the mask. */
-    sigemptyset(&set);
-    sigaddset(&set, SIGINT);
-    sigaddset(&set, SIGTERM);
-    sigaddset(&set, SIGUSR1);
-    pthread_sigmask(SIG_BLOCK, &set, NULL);
+    tool_host_block_signals(&gc.h);
 
-    gc.incoming = a.incoming != NULL;
+    gc.h.incoming = a.incoming != NULL;
     gc.verify_on_arrival = a.verify_on_arrival;
-    gc.main_thread = pthread_self();
+    gc.h.late_arrival = late_arrival;
     pthread_mutex_init(&gc.lock, NULL);
     pthread_cond_init(&gc.arrival_cv, NULL);
 
@@ -602,16 +494,16 @@ int cmd_guest(int argc, char **argv)
         fprintf(stderr, "livemig guest: %s\n", err.msg[0] ? err.msg : "setup failed");
         goto out;
     }
-    ret = guest_wait(&gc);
+    ret = tool_host_wait(&gc.h);
 out:
-    if (gc.q)
-        lm_qmp_stop(gc.q);
+    if (gc.h.q)
+        lm_qmp_stop(gc.h.q);
     /* Park the writers for good before the context goes: their write hook
      * reports to it, and lm_free may still call start() on a cancel. */
     if (gc.g && guest_hold(gc.g, &err))
         fprintf(stderr, "livemig guest: %s\n", err.msg);
-    if (gc.m)
-        lm_free(gc.m);
+    if (gc.h.m)
+        lm_free(gc.h.m);
     guest_free(gc.g);
     pthread_mutex_destroy(&gc.lock);
     pthread_cond_destroy(&gc.arrival_cv);

@@ -4,6 +4,7 @@
  *   livemig guest    a self-verifying demo guest serving QMP (guestcmd.c)
  *   livemig migrate  drive a migration of a running source (migrate.c)
  *   livemig demo     source + destination + migration + check (demo.c)
+ *   livemig vm       a minimal KVM VMM serving QMP (vmcmd.c; when built with KVM)
  *
  * main() only dispatches: each command parses its own options and returns
  * the exit status.  Usage errors exit 2 everywhere.  SIGPIPE is ignored
@@ -27,6 +28,9 @@ static const struct {
     { "migrate", cmd_migrate, "migrate a running source guest over QMP, showing progress" },
     { "demo", cmd_demo, "migrate a demo guest between two child processes and verify it" },
     { "analyze", cmd_analyze, "describe a migration file; --json, --extract-ram DIR" },
+#ifdef LIVEMIG_HAVE_KVM
+    { "vm", cmd_vm, "run a minimal KVM virtual machine with a QMP socket" },
+#endif
 };
 
 #define NCOMMANDS (sizeof(commands) / sizeof(commands[0]))

@@ -18,9 +18,6 @@
 #include <cmocka.h>
 
 #include <errno.h>
-#include <fcntl.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -31,16 +28,17 @@
 #include <linux/kvm.h>
 
 #include "kvm_dirty.h"
+#include "kvm_vm.h"
 
 #define PAGE 4096ULL
 #define GUEST_PAGES 64ULL          /* one 64-bit word of dirty bitmap */
 #define MARK_OFF 0x10              /* where the guest writes in each page */
 #define MARK_VAL 0x77
+#define CODE_PAGE (KVM_VM_BOOT_ADDR / PAGE)   /* the guest's code: only read */
 
+/* The VM (kvm_vm.h, the one `livemig vm` runs) and the tracker on its slot. */
 struct vm {
-    int kvm, fd, vcpu;
-    struct kvm_run *run;
-    size_t run_size;
+    kvm_vm *kv;
     uint8_t *mem;
     struct kvm_userspace_memory_region slot;
     kvm_dirty *kd;
@@ -49,16 +47,7 @@ struct vm {
 static void vm_close(struct vm *v)
 {
     kvm_dirty_free(v->kd);
-    if (v->run)
-        munmap(v->run, v->run_size);
-    if (v->vcpu >= 0)
-        close(v->vcpu);
-    if (v->fd >= 0)
-        close(v->fd);
-    if (v->kvm >= 0)
-        close(v->kvm);
-    if (v->mem)
-        munmap(v->mem, GUEST_PAGES * PAGE);
+    kvm_vm_free(v->kv);
 }
 
 /* Skip (does not return) with the reason, after cleaning up. */
@@ -81,45 +70,41 @@ static void vm_skip(struct vm *v, const char *fmt, ...)
 static void vm_open(struct vm *v, uint32_t slot_flags)
 {
     lm_error err = { 0 };
-    int mmap_size;
 
     memset(v, 0, sizeof(*v));
-    v->kvm = v->fd = v->vcpu = -1;
-    v->kvm = open("/dev/kvm", O_RDWR | O_CLOEXEC);
-    if (v->kvm < 0)
-        vm_skip(v, "/dev/kvm: %s", strerror(errno));
-    v->fd = ioctl(v->kvm, KVM_CREATE_VM, 0);
-    if (v->fd < 0)
-        vm_skip(v, "KVM_CREATE_VM: %s", strerror(errno));
-    v->mem = mmap(NULL, GUEST_PAGES * PAGE, PROT_READ | PROT_WRITE,
-                  MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    assert_true(v->mem != MAP_FAILED);
-    v->slot = (struct kvm_userspace_memory_region){
-        .slot = 0, .flags = slot_flags, .guest_phys_addr = 0,
-        .memory_size = GUEST_PAGES * PAGE, .userspace_addr = (uintptr_t)v->mem };
-    if (ioctl(v->fd, KVM_SET_USER_MEMORY_REGION, &v->slot) < 0)
-        fail_msg("KVM_SET_USER_MEMORY_REGION: %s", strerror(errno));
-    v->kd = kvm_dirty_new(v->fd, &v->slot, 1, &err);
+    v->kv = kvm_vm_new(GUEST_PAGES * PAGE, -1, &err);
+    if (!v->kv) {
+        if (err.code == -ENODEV)
+            vm_skip(v, "%s", err.msg);
+        fail_msg("kvm_vm_new: %s", err.msg);
+    }
+    if (slot_flags && kvm_vm_set_slot_flags(v->kv, slot_flags, &err))
+        fail_msg("%s", err.msg);
+    v->mem = kvm_vm_ram(v->kv);
+    v->slot = *kvm_vm_slot(v->kv);
+    v->kd = kvm_dirty_new(kvm_vm_fd(v->kv), &v->slot, 1, &err);
     if (!v->kd) {
         if (err.code == -ENOTSUP)
             vm_skip(v, "%s", err.msg);
         fail_msg("kvm_dirty_new: %s", err.msg);
     }
-    /* real mode on VMX without unrestricted guest needs a TSS; harmless elsewhere */
-    (void)ioctl(v->fd, KVM_SET_TSS_ADDR, 0xfffbd000UL);
-    v->vcpu = ioctl(v->fd, KVM_CREATE_VCPU, 0);
-    if (v->vcpu < 0)
-        fail_msg("KVM_CREATE_VCPU: %s", strerror(errno));
-    mmap_size = ioctl(v->kvm, KVM_GET_VCPU_MMAP_SIZE, 0);
-    assert_true(mmap_size > 0);
-    v->run_size = (size_t)mmap_size;
-    v->run = mmap(NULL, v->run_size, PROT_READ | PROT_WRITE, MAP_SHARED, v->vcpu, 0);
-    assert_true(v->run != MAP_FAILED);
+    if (kvm_vm_start_thread(v->kv, &err))
+        fail_msg("%s", err.msg);
+}
+
+/* Put `code` at 0x7c00, reset the vCPU there. */
+static void vm_boot(struct vm *v, const uint8_t *code, size_t len)
+{
+    lm_error err = { 0 };
+
+    memcpy(v->mem + KVM_VM_BOOT_ADDR, code, len);
+    if (kvm_vm_reset(v->kv, &err))
+        fail_msg("%s", err.msg);
 }
 
 /*
- * Put code at guest physical 0 that writes MARK_VAL at MARK_OFF of each
- * page in `pages`, then halts, and run it to the hlt.  Per page (10 bytes):
+ * Put code at 0x7c00 that writes MARK_VAL at MARK_OFF of each page in
+ * `pages`, then halts, and run it to the hlt.  Per page (10 bytes):
  *   mov ax, page * 0x100      B8 lo hi     (the page's real-mode segment)
  *   mov ds, ax                8E D8
  *   mov byte [MARK_OFF], val  C6 06 10 00 77
@@ -127,43 +112,24 @@ static void vm_open(struct vm *v, uint32_t slot_flags)
  */
 static void vm_run_writes(struct vm *v, const int *pages, int n)
 {
-    uint8_t *c = v->mem;
-    struct kvm_sregs sregs;
-    struct kvm_regs regs = { .rip = 0, .rflags = 0x2 };
-    int exits = 0;
+    uint8_t code[512], *c = code;
+    lm_error err = { 0 };
 
     for (int i = 0; i < n; i++) {
         uint16_t seg = (uint16_t)(pages[i] * (PAGE / 16));
 
-        assert_true(pages[i] > 0 && (uint64_t)pages[i] < GUEST_PAGES);
+        assert_true(pages[i] > 0 && (uint64_t)pages[i] < GUEST_PAGES && pages[i] != CODE_PAGE);
         *c++ = 0xb8, *c++ = (uint8_t)seg, *c++ = (uint8_t)(seg >> 8);
         *c++ = 0x8e, *c++ = 0xd8;
         *c++ = 0xc6, *c++ = 0x06, *c++ = MARK_OFF, *c++ = 0x00, *c++ = MARK_VAL;
     }
     *c++ = 0xf4;   /* hlt */
-
-    if (ioctl(v->vcpu, KVM_GET_SREGS, &sregs) < 0)
-        fail_msg("KVM_GET_SREGS: %s", strerror(errno));
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    if (ioctl(v->vcpu, KVM_SET_SREGS, &sregs) < 0)
-        fail_msg("KVM_SET_SREGS: %s", strerror(errno));
-    if (ioctl(v->vcpu, KVM_SET_REGS, &regs) < 0)
-        fail_msg("KVM_SET_REGS: %s", strerror(errno));
-    for (;;) {
-        if (ioctl(v->vcpu, KVM_RUN, 0) < 0) {
-            if (errno == EINTR && exits++ < 100)
-                continue;
-            fail_msg("KVM_RUN: %s", strerror(errno));
-        }
-        if (v->run->exit_reason == KVM_EXIT_HLT)
-            break;
-        if (exits++ >= 100)
-            fail_msg("guest did not reach hlt (last exit reason %u)", v->run->exit_reason);
-        if (v->run->exit_reason != KVM_EXIT_INTR)
-            fail_msg("guest exit reason %u (internal error suberror %u), not hlt",
-                     v->run->exit_reason, v->run->internal.suberror);
-    }
+    vm_boot(v, code, (size_t)(c - code));
+    kvm_vm_run(v->kv);
+    if (kvm_vm_wait_halted(v->kv, 10000, &err))
+        fail_msg("%s", err.msg);
+    if (kvm_vm_pause(v->kv, &err))
+        fail_msg("%s", err.msg);
     for (int i = 0; i < n; i++)
         assert_int_equal(v->mem[(uint64_t)pages[i] * PAGE + MARK_OFF], MARK_VAL);
 }
@@ -258,7 +224,7 @@ static void test_errors(void **state)
     kvm_dirty_ops.stop(v.kd);
     bad = v.slot;
     bad.memory_size = 100;
-    assert_null(kvm_dirty_new(v.fd, &bad, 1, &err));
+    assert_null(kvm_dirty_new(kvm_vm_fd(v.kv), &bad, 1, &err));
     assert_int_equal(err.code, -EINVAL);
     /* the tracker by its name on a context */
     lm_mig *m = lm_new();
@@ -271,8 +237,9 @@ static void test_errors(void **state)
 /* ------------------------------------------------------------ migration */
 
 /*
- * A running guest for a migration: a vCPU thread runs, until stopped, a
- * loop that increments one byte in every page 1..GUEST_PAGES-1, forever
+ * A running guest for a migration: the vCPU thread (kvm_vm.c) runs, until
+ * stopped, a loop that increments one byte in every page 1..GUEST_PAGES-1,
+ * forever
  *   again: mov bx, 0x100          BB 00 01
  *   next:  mov ds, bx             8E DB
  *          inc byte [MARK_OFF]    FE 06 10 00
@@ -280,58 +247,14 @@ static void test_errors(void **state)
  *          cmp bx, 64 * 0x100     81 FB 00 40
  *          jb next                72 F0
  *          jmp again              EB EB
- * so every page is dirtied again all the time.  vm stop kicks the vCPU out
- * of KVM_RUN (immediate_exit + a signal) and waits until it is parked.
+ * so every page is dirtied again all the time.  vm stop is kvm_vm_pause.
  */
-struct vcpu_thread {
-    struct vm *v;
-    pthread_t tid;
-    atomic_bool pause_req, parked, quit;
-    atomic_ulong runs;
-};
-
-static void kick_handler(int sig)
-{
-    (void)sig;
-}
-
-static void *vcpu_main(void *arg)
-{
-    struct vcpu_thread *t = arg;
-
-    while (!atomic_load(&t->quit)) {
-        if (atomic_load(&t->pause_req)) {
-            atomic_store(&t->parked, true);
-            while (atomic_load(&t->pause_req) && !atomic_load(&t->quit))
-                usleep(100);
-            atomic_store(&t->parked, false);
-            continue;
-        }
-        __atomic_store_n(&t->v->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
-        if (atomic_load(&t->pause_req) || atomic_load(&t->quit))
-            continue;
-        if (ioctl(t->v->vcpu, KVM_RUN, 0) < 0 && errno != EINTR)
-            break;
-        atomic_fetch_add(&t->runs, 1);
-    }
-    atomic_store(&t->parked, true);
-    return NULL;
-}
-
-static void vcpu_kick_until_parked(struct vcpu_thread *t)
-{
-    for (int i = 0; i < 10000 && !atomic_load(&t->parked); i++) {
-        __atomic_store_n(&t->v->run->immediate_exit, 1, __ATOMIC_SEQ_CST);
-        pthread_kill(t->tid, SIGUSR1);
-        usleep(100);
-    }
-}
-
 static void vm_ops_stop(void *opaque)
 {
-    struct vcpu_thread *t = opaque;
-    volatile uint8_t *last = t->v->mem + (GUEST_PAGES - 1) * PAGE + MARK_OFF;
+    struct vm *v = opaque;
+    volatile uint8_t *last = v->mem + (GUEST_PAGES - 1) * PAGE + MARK_OFF;
     uint8_t seen = *last;
+    lm_error err = { 0 };
 
     /*
      * On a busy machine the vCPU thread may not have been scheduled since
@@ -341,16 +264,15 @@ static void vm_ops_stop(void *opaque)
      */
     for (int i = 0; i < 5000 && *last == seen; i++)
         usleep(1000);
-    atomic_store(&t->pause_req, true);
-    vcpu_kick_until_parked(t);
-    assert_true(atomic_load(&t->parked));
+    if (kvm_vm_pause(v->kv, &err))
+        fail_msg("%s", err.msg);
 }
 
 static void vm_ops_start(void *opaque)
 {
-    struct vcpu_thread *t = opaque;
+    struct vm *v = opaque;
 
-    atomic_store(&t->pause_req, false);
+    kvm_vm_run(v->kv);
 }
 
 static void test_migrate_running_guest(void **state)
@@ -359,10 +281,6 @@ static void test_migrate_running_guest(void **state)
                                     0x81, 0xc3, 0x00, 0x01, 0x81, 0xfb, 0x00,
                                     (uint8_t)GUEST_PAGES, 0x72, 0xf0, 0xeb, 0xeb };
     const lm_vm_ops ops = { .stop = vm_ops_stop, .start = vm_ops_start };
-    struct sigaction sa = { .sa_handler = kick_handler };
-    struct vcpu_thread t = { 0 };
-    struct kvm_sregs sregs;
-    struct kvm_regs regs = { .rip = 0, .rflags = 0x2 };
     lm_mig *src, *dst;
     uint8_t *dmem;
     lm_error err = { 0 };
@@ -370,28 +288,20 @@ static void test_migrate_running_guest(void **state)
     struct vm v;
 
     vm_open(&v, 0);
-    memcpy(v.mem, loop, sizeof(loop));
-    assert_int_equal(ioctl(v.vcpu, KVM_GET_SREGS, &sregs), 0);
-    sregs.cs.base = 0;
-    sregs.cs.selector = 0;
-    assert_int_equal(ioctl(v.vcpu, KVM_SET_SREGS, &sregs), 0);
-    assert_int_equal(ioctl(v.vcpu, KVM_SET_REGS, &regs), 0);
-    sigemptyset(&sa.sa_mask);
-    assert_int_equal(sigaction(SIGUSR1, &sa, NULL), 0);
+    vm_boot(&v, loop, sizeof(loop));
 
     src = lm_new();
     dst = lm_new();
     dmem = mmap(NULL, GUEST_PAGES * PAGE, PROT_READ | PROT_WRITE,
                 MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
     assert_true(dmem != MAP_FAILED);
-    if (lm_ram_register(src, "pc.ram", v.mem, GUEST_PAGES * PAGE, PAGE, &err) ||
-        lm_ram_register(dst, "pc.ram", dmem, GUEST_PAGES * PAGE, PAGE, &err))
+    if (lm_ram_register(src, KVM_VM_RAM_IDSTR, v.mem, GUEST_PAGES * PAGE, PAGE, &err) ||
+        lm_ram_register(dst, KVM_VM_RAM_IDSTR, dmem, GUEST_PAGES * PAGE, PAGE, &err))
         fail_msg("%s", err.msg);
     assert_int_equal(kvm_dirty_attach(src, v.kd, &err), 0);
-    t.v = &v;
-    lm_set_vm_ops(src, &ops, &t);
+    lm_set_vm_ops(src, &ops, &v);
     lm_runstate_set_running(src);
-    assert_int_equal(pthread_create(&t.tid, NULL, vcpu_main, &t), 0);
+    kvm_vm_run(v.kv);
     /* the guest is running and dirtying before the migration starts */
     for (int i = 0; i < 5000 && v.mem[(GUEST_PAGES - 1) * PAGE + MARK_OFF] == 0; i++)
         usleep(1000);
@@ -405,21 +315,18 @@ static void test_migrate_running_guest(void **state)
     assert_int_equal(lm_wait(dst, 60000), LM_STATUS_COMPLETED);
     /* the source guest is stopped: its memory is final */
     assert_int_equal(lm_runstate_get(src), LM_RUN_POSTMIGRATE);
-    assert_true(atomic_load(&t.parked));
+    assert_false(kvm_vm_running(v.kv));
     lm_query(src, &st);
     print_message("# running KVM guest migrated: %llu syncs, %llu pages sent for %llu, "
-                  "%lu vCPU runs\n", (unsigned long long)st.dirty_sync_count,
+                  "%llu vCPU exits\n", (unsigned long long)st.dirty_sync_count,
                   (unsigned long long)(st.normal + st.duplicate),
-                  (unsigned long long)GUEST_PAGES, atomic_load(&t.runs));
+                  (unsigned long long)GUEST_PAGES, (unsigned long long)kvm_vm_exits(v.kv));
     assert_string_equal(st.dirty_tracker, KVM_DIRTY_TRACKER_NAME);
     assert_true(st.dirty_sync_count >= 2);
     /* pages the guest wrote during the migration were sent again */
     assert_true(st.normal + st.duplicate > GUEST_PAGES);
     assert_memory_equal(v.mem, dmem, GUEST_PAGES * PAGE);
 
-    atomic_store(&t.quit, true);
-    vcpu_kick_until_parked(&t);
-    pthread_join(t.tid, NULL);
     lm_free(src);
     lm_free(dst);
     munmap(dmem, GUEST_PAGES * PAGE);
