@@ -244,7 +244,10 @@ void *incoming_thread(void *arg)
         if (!ret)
             ret = in_setup_placer(&in, chans, n, &err);
     }
-    transport_unlisten(&m->listen);
+    /* postcopy-preempt: the source opens one more connection at the
+     * switch, accepted at LISTEN (postcopy_in.c closes the listener). */
+    if (!mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT) || ret)
+        transport_unlisten(&m->listen);
     if (ret) {
         if (ret == -ECANCELED)
             error_set(&err, ret, "incoming migration cancelled before a source connected");
@@ -324,6 +327,7 @@ arrived:
     rp_writer_free(in.rpw);             /* before the connection it borrows */
     mig_conn_close(m, NULL);
     postcopy_in_free(&in);
+    transport_unlisten(&m->listen);     /* preempt's, if it was never needed */
     stream_free(in.s);
     free(lv);
     return NULL;
@@ -344,6 +348,7 @@ fail:
         mig_set_error(m, &err);
     mig_set_status(m, LM_STATUS_FAILED);
     postcopy_in_free(&in);
+    transport_unlisten(&m->listen);
     stream_free(in.s);
     free(lv);
     return NULL;

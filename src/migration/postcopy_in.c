@@ -90,11 +90,36 @@ struct postcopy_in {
     pthread_mutex_t lock;
     pthread_cond_t cond;
     bool main_done, main_failed;     /* under lock: the package is over */
+    bool preempt_drained;       /* under lock: the preempt channel's EOS was read */
+    bool preempt_gone;          /* under lock: its thread is ending */
 
     int listen_ret;             /* the listen thread's, read after the join */
     lm_error listen_err;
     const ramblock *last_req;   /* fault thread: the block REQ_PAGES refers to */
+
+    /* postcopy-preempt: requested pages on their own connection */
+    transport_conn pconn;       /* fd -1 when none */
+    lm_stream *preempt_s;
+    pthread_t preempt;
+    bool preempt_started, preempt_helper;
+    _Atomic bool finishing;     /* every page is in: the channel may go */
+    _Atomic bool preempt_failed;
+    lm_error preempt_err;       /* written before preempt_failed */
+    _Atomic int first_failure;  /* which thread failed first: its error is the cause */
 };
+
+enum { PCI_FAIL_NONE, PCI_FAIL_LISTEN, PCI_FAIL_PREEMPT };
+
+static void pci_first_failure(postcopy_in *pci, int who)
+{
+    int none = PCI_FAIL_NONE;
+
+    atomic_compare_exchange_strong(&pci->first_failure, &none, who);
+}
+
+/* How long LISTEN waits for the source's preempt connection, which it
+ * opens at the switch, before the package. */
+#define PCI_PREEMPT_MS 10000
 
 /* Refuse a command: the message with its byte offset latched on c->s. */
 static int pci_fail(const loadvm_cmd *c, int code, const char *fmt, ...)
@@ -153,6 +178,7 @@ static int pci_advise(const loadvm_cmd *c, void *opaque)
     pci->in = in;
     pthread_mutex_init(&pci->lock, NULL);
     pthread_cond_init(&pci->cond, NULL);
+    pci->pconn.fd = -1;
     atomic_store(&pci->state, PCI_ADVISED);
     in->pci = pci;
     return 0;
@@ -300,7 +326,8 @@ static int pci_listen_at_eof(loadvm *lv, lm_stream *s, void *opaque)
     bool failed;
 
     pthread_mutex_lock(&pci->lock);
-    while (!pci->main_done) {
+    while (!pci->main_done ||
+           (pci->preempt_started && !pci->preempt_drained && !pci->preempt_gone)) {
         struct timespec dl = time_deadline_ms(100);
 
         pthread_cond_timedwait(&pci->cond, &pci->lock, &dl);
@@ -331,6 +358,7 @@ static void *pci_listen_thread(void *arg)
 
         error_set(&pci->listen_err, code ? code : -EIO, "%s",
                   code ? lm_stream_error_msg(pci->listen_s) : "the page stream stopped");
+        pci_first_failure(pci, PCI_FAIL_LISTEN);
         atomic_store(&pci->listen_failed, true);
         /* No page will come any more: whoever waits for one (the main
          * thread in a device load, the guest) must not wait for ever. */
@@ -339,6 +367,97 @@ static void *pci_listen_thread(void *arg)
     }
     pci->listen_ret = ret;
     return NULL;
+}
+
+/*
+ * The preempt channel's thread ("lm-preempt"): bare page records, placed
+ * with the second uffd placer, until the channel is shut down.  Before the
+ * end, losing it is losing the pages the guest waits for: the whole
+ * migration is stopped (mig_kick), with this channel's error.
+ */
+static void *pci_preempt_thread(void *arg)
+{
+    incoming *in = arg;
+    postcopy_in *pci = in->pci;
+    ram_placer pl = uffd_placer(pci->uffd, 1);
+    const ramblock *last = NULL;
+
+    pthread_setname_np(pthread_self(), "lm-preempt");
+    /* Each EOS: every page the source sent here so far is in (it writes
+     * one before EOF on the main stream, which waits for it). */
+    while (ram_load_records(&in->m->ram, &last, &pl, pci->preempt_s) == 0) {
+        pthread_mutex_lock(&pci->lock);
+        pci->preempt_drained = true;
+        pthread_cond_broadcast(&pci->cond);
+        pthread_mutex_unlock(&pci->lock);
+    }
+    if (!atomic_load(&pci->finishing)) {
+        int code = lm_stream_error(pci->preempt_s);
+
+        error_set(&pci->preempt_err, code ? code : -EIO, "postcopy preempt channel: %s",
+                  lm_stream_error_msg(pci->preempt_s));
+        pci_first_failure(pci, PCI_FAIL_PREEMPT);
+        atomic_store(&pci->preempt_failed, true);
+        uffd_release(pci->uffd);
+        mig_kick(in->m);
+    }
+    pthread_mutex_lock(&pci->lock);
+    pci->preempt_gone = true;
+    pthread_cond_broadcast(&pci->cond);
+    pthread_mutex_unlock(&pci->lock);
+    return NULL;
+}
+
+static void pci_kick_preempt(void *opaque)
+{
+    postcopy_in *pci = opaque;
+
+    conn_shutdown(&pci->pconn);
+}
+
+/* LISTEN with postcopy-preempt: take the source's second connection. */
+static int pci_open_preempt(incoming *in, const loadvm_cmd *c)
+{
+    postcopy_in *pci = in->pci;
+    lm_mig *m = in->m;
+    lm_error err = { 0 };
+    sigset_t all, old;
+    int ret;
+
+    ret = transport_accept(&m->listen, &pci->pconn, m->cancel_fd, PCI_PREEMPT_MS, &err);
+    transport_unlisten(&m->listen);
+    if (ret)
+        return pci_fail(c, ret, "postcopy-preempt: no preempt connection from the source "
+                        "(is postcopy-preempt on there too?): %s", err.msg);
+    mig_helper_add(m, pci_kick_preempt, pci);
+    pci->preempt_helper = true;
+    pci->preempt_s = stream_new_reader(pci->pconn.fd, true);
+    sigfillset(&all);
+    pthread_sigmask(SIG_BLOCK, &all, &old);
+    ret = pthread_create(&pci->preempt, NULL, pci_preempt_thread, in);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (ret)
+        return pci_fail(c, -ret, "cannot start the postcopy preempt thread: %s",
+                        strerror(ret));
+    pci->preempt_started = true;
+    return 0;
+}
+
+static void pci_close_preempt(incoming *in)
+{
+    postcopy_in *pci = in->pci;
+
+    atomic_store(&pci->finishing, true);
+    if (pci->preempt_started) {
+        conn_shutdown(&pci->pconn);
+        pthread_join(pci->preempt, NULL);
+        pci->preempt_started = false;
+    }
+    if (pci->preempt_helper) {
+        mig_helper_remove(in->m, pci);
+        pci->preempt_helper = false;
+    }
+    conn_close(&pci->pconn, NULL);
 }
 
 static int pci_listen(const loadvm_cmd *c, void *opaque)
@@ -361,7 +480,9 @@ static int pci_listen(const loadvm_cmd *c, void *opaque)
     pci->uffd = uffd_open(&in->m->ram, &err);
     if (!pci->uffd || uffd_start_faults(pci->uffd, pci_request, in, &err))
         return pci_fail_err(c, &err);
-    in->placer = uffd_placer(pci->uffd);
+    in->placer = uffd_placer(pci->uffd, 0);
+    if (mig_cap(in->m, MIG_CAP_POSTCOPY_PREEMPT) && (ret = pci_open_preempt(in, c)))
+        return ret;
 
     /* The listen thread's loader: a copy, so that the two threads share no
      * parse state; it loads RAM and answers PINGs, nothing else. */
@@ -472,7 +593,12 @@ int postcopy_in_finish(incoming *in, int main_ret, bool *after_run, lm_error *er
     pthread_mutex_unlock(&pci->lock);
     pthread_join(pci->listen, NULL);
     pci->listen_started = false;
+    pci_close_preempt(in);
     *after_run = atomic_load(&pci->state) == PCI_RUNNING;
+    if (atomic_load(&pci->preempt_failed) && pci->first_failure == PCI_FAIL_PREEMPT) {
+        *err = pci->preempt_err;        /* the cause; the main stream's end is its echo */
+        return err->code ? err->code : -EIO;
+    }
     if (main_ret < 0) {
         int code = lm_stream_error(in->s);
 
@@ -537,7 +663,9 @@ void postcopy_in_free(incoming *in)
     if (!pci)
         return;
     assert(!pci->listen_started);
+    pci_close_preempt(in);
     uffd_close(pci->uffd);
+    stream_free(pci->preempt_s);
     stream_free(pci->listen_s);
     free(pci->lv_listen);
     pthread_mutex_destroy(&pci->lock);

@@ -104,6 +104,16 @@ typedef struct precopy {
     uint64_t switch_bytes;              /* pc_bytes at the switch */
     uint64_t prev_remaining;            /* dirty bytes at the previous pass's end */
     int passes;
+    /* postcopy-preempt: the reader thread writes each requested page here
+     * (its own stream and CONTINUE context); the migration thread only
+     * opens and closes it */
+    transport_conn pconn;
+    lm_stream *ps;
+    const ramblock *ps_last;
+    uint64_t ps_pages;
+    _Atomic uint64_t ps_bytes;          /* written on it (the reader stores, we read) */
+    pthread_mutex_t ps_lock;            /* the reader's sends vs. the closing EOS */
+    bool ps_closed;                     /* under ps_lock: EOS written, no more pages */
 } precopy;
 
 static void pc_mf_stats(precopy *pc, multifd_stats *mf)
@@ -121,7 +131,7 @@ static uint64_t pc_bytes(precopy *pc)
 
     pc_mf_stats(pc, &mf);
     return stream_bytes(pc->s) + mf.bytes + mapped_ram_bytes(pc->mapped) +
-           pc->mapped_final;
+           pc->mapped_final + atomic_load(&pc->ps_bytes);
 }
 
 static int pc_stream_err(precopy *pc, lm_error *err)
@@ -220,6 +230,7 @@ static int pc_rp_message(void *opaque, uint16_t type, const uint8_t *data, uint1
                          lm_error *err)
 {
     precopy *pc = opaque;
+    postcopy_request rq;
     int ret;
 
     switch (type) {
@@ -234,10 +245,28 @@ static int pc_rp_message(void *opaque, uint16_t type, const uint8_t *data, uint1
         if (!pc->req || !atomic_load(&pc->in_postcopy))
             return error_set(err, -EPROTO, "the destination asked for a page (return-path "
                              "message %u) but this migration is not in postcopy", type);
-        ret = postcopy_requests_add(pc->req, type, data, len, err);
-        if (!ret)
-            pc_wake(pc);
-        return ret;
+        ret = postcopy_requests_add(pc->req, type, data, len, &rq, err);
+        if (ret)
+            return ret;
+        if (pc->ps) {
+            /* preempt: the page leaves now, on its own channel, whatever
+             * the migration thread is busy with (the guest is stopped: its
+             * memory does not change under the send).  After the closing
+             * EOS every page is out anyway. */
+            pthread_mutex_lock(&pc->ps_lock);
+            if (!pc->ps_closed) {
+                ram_put_urgent(pc->ps, &pc->ps_last, rq.block, rq.page);
+                ret = stream_flush(pc->ps);
+                pc->ps_pages++;
+                atomic_store(&pc->ps_bytes, stream_bytes(pc->ps));
+            }
+            pthread_mutex_unlock(&pc->ps_lock);
+            if (ret)
+                return error_set(err, ret, "postcopy preempt channel: %s",
+                                 lm_stream_error_msg(pc->ps));
+        }
+        pc_wake(pc);        /* the migration thread takes the page's bit */
+        return 0;
     default:
         return error_set(err, -EPROTO, "unexpected return-path message %u (%u bytes)",
                          type, len);
@@ -779,8 +808,10 @@ static int pc_serve_requests(precopy *pc)
 
     while (postcopy_requests_pop(pc->req, &rq)) {
         pc->st.postcopy_requests++;
+        if (pc->ps)     /* sent already, by the reader, on the preempt channel */
+            ram_take_requested(pc->ram, rq.block, rq.page);
         /* A clear bit: sent after the switch, ahead of us in this stream. */
-        if (ram_save_requested(pc->ram, &pc->sink, pc->s, rq.block, rq.page, false))
+        else if (ram_save_requested(pc->ram, &pc->sink, pc->s, rq.block, rq.page))
             n++;
     }
     if (n)
@@ -830,6 +861,59 @@ static int pc_put_package(precopy *pc, lm_error *err)
     return ret;
 }
 
+static void pc_kick_preempt(void *opaque)
+{
+    conn_shutdown(&((precopy *)opaque)->pconn);
+}
+
+/* postcopy-preempt: a second connection to the destination, before the
+ * package, so it is there when the destination's LISTEN takes it; like
+ * QEMU's it carries bare page records, no header. */
+static int pc_open_preempt(precopy *pc, lm_error *err)
+{
+    lm_mig *m = pc->m;
+    int ret = transport_connect(&m->uri, &pc->pconn, m->cancel_fd, 10000, err);
+
+    if (ret) {
+        error_prefix(err, "postcopy-preempt: cannot open the preempt channel");
+        return ret;
+    }
+    mig_helper_add(m, pc_kick_preempt, pc);
+    pc->ps = stream_new_writer(pc->pconn.fd, true);
+    return 0;
+}
+
+/*
+ * Before EOF on the main stream: an EOS on the preempt channel after its
+ * last page, so that the destination, which checks at EOF that every page
+ * arrived, first drains this channel up to here (a requested page may have
+ * gone only this way).
+ */
+static int pc_end_preempt(precopy *pc, lm_error *err)
+{
+    int ret;
+
+    if (!pc->ps)
+        return 0;
+    pthread_mutex_lock(&pc->ps_lock);
+    lm_put_be64(pc->ps, RAM_EOS);
+    ret = stream_flush(pc->ps);
+    pc->ps_closed = true;
+    pthread_mutex_unlock(&pc->ps_lock);
+    return ret ? error_set(err, ret, "postcopy preempt channel: %s",
+                           lm_stream_error_msg(pc->ps)) : 0;
+}
+
+static void pc_close_preempt(precopy *pc)
+{
+    if (!pc->ps)
+        return;
+    mig_helper_remove(pc->m, pc);
+    conn_close(&pc->pconn, NULL);
+    stream_free(pc->ps);
+    pc->ps = NULL;
+}
+
 static int pc_postcopy_switch(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
@@ -837,6 +921,8 @@ static int pc_postcopy_switch(precopy *pc, lm_error *err)
     int ret;
 
     pc_stop_guest(pc);
+    if (mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT) && (ret = pc_open_preempt(pc, err)))
+        return ret;
     /* The channels stay connected but idle until the end: the destination
      * ends them itself at the first postcopy command (a channel closed
      * first would look like a source gone). */
@@ -949,6 +1035,8 @@ static int pc_postcopy_stream(precopy *pc, lm_error *err)
     savevm_section_header(pc->s, WIRE_VM_SECTION_END, RAM_SECTION_ID, NULL, 0, 0);
     ram_put_eos(pc->ram, &pc->sink, pc->s);
     savevm_section_footer(pc->s, RAM_SECTION_ID);
+    if ((ret = pc_end_preempt(pc, err)))
+        return ret;
     pc->eof_queued = true;
     pc->eof_at = lm_stream_offset(pc->s);
     savevm_put_eof(pc->s);
@@ -1037,9 +1125,11 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     lm_error cerr = { 0 };
 
     pc_set_throttle(pc, 0);
-    /* First, so that shutting the socket below is no news to it. */
+    /* First, so that shutting the socket below is no news to it (and the
+     * preempt channel it writes is ours again). */
     rp_reader_stop(pc->rpr);
     pc->rpr = NULL;
+    pc_close_preempt(pc);
     if (ret) {
         /* the socket shut (the peer sees the end), every helper interrupted */
         mig_kick(m);
@@ -1129,7 +1219,7 @@ void *precopy_thread(void *arg)
 {
     lm_mig *m = arg;
     precopy pc = { .m = m, .ram = &m->ram, .dirty = m->dirty, .dest_status = -1,
-                   .wake_fd = -1 };
+                   .wake_fd = -1, .pconn = { .fd = -1 } };
     bool postcopy = false;
     lm_error err = { 0 };
     int64_t t0 = time_now_ms();
@@ -1137,6 +1227,7 @@ void *precopy_thread(void *arg)
 
     pc.start_ms = t0;
     pc.rate_ns = time_now_ns();
+    pthread_mutex_init(&pc.ps_lock, NULL);
     pthread_setname_np(pthread_self(), "lm-migrate");
     mig_thread_enter(m);
     pc.p = mig_params(m);
@@ -1154,5 +1245,6 @@ void *precopy_thread(void *arg)
         error_set(&err, -ECANCELED, "migration cancelled");
     pc_finish(&pc, ret, &err);
     stream_free(pc.s);
+    pthread_mutex_destroy(&pc.ps_lock);
     return NULL;
 }

@@ -89,10 +89,11 @@ typedef struct postcopy_request {
 
 postcopy_requests *postcopy_requests_new(ram_state *r);
 void postcopy_requests_free(postcopy_requests *pr);
-/* Reader thread: one REQ_PAGES_ID / REQ_PAGES payload.  0, or a negative
- * errno with err filled (the reader then fails the migration). */
+/* Reader thread: one REQ_PAGES_ID / REQ_PAGES payload, queued and (out,
+ * when not NULL) returned.  0, or a negative errno with err filled (the
+ * reader then fails the migration). */
 int postcopy_requests_add(postcopy_requests *pr, uint16_t type, const uint8_t *data,
-                          uint16_t len, lm_error *err);
+                          uint16_t len, postcopy_request *out, lm_error *err);
 /* Migration thread: the oldest request, without waiting; false if none. */
 bool postcopy_requests_pop(postcopy_requests *pr, postcopy_request *rq);
 uint64_t postcopy_requests_total(postcopy_requests *pr);   /* ever queued */

@@ -69,7 +69,7 @@ static void push_locked(postcopy_requests *pr, postcopy_request rq)
 }
 
 int postcopy_requests_add(postcopy_requests *pr, uint16_t type, const uint8_t *data,
-                          uint16_t len, lm_error *err)
+                          uint16_t len, postcopy_request *out, lm_error *err)
 {
     uint64_t start;
     uint32_t bytes;
@@ -119,6 +119,8 @@ int postcopy_requests_add(postcopy_requests *pr, uint16_t type, const uint8_t *d
         goto out;
     }
     push_locked(pr, (postcopy_request){ b, start / RAM_PAGE_SIZE });
+    if (out)
+        *out = (postcopy_request){ b, start / RAM_PAGE_SIZE };
 out:
     pthread_mutex_unlock(&pr->lock);
     return ret;

@@ -98,16 +98,36 @@ void ram_save_setup(ram_state *r, const ram_sink *sink, lm_stream *s)
     ram_put_eos(r, sink, s);
 }
 
-void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
-                    uint64_t flags)
+/* CONTINUE is relative to the stream a record is on: `last` is its own. */
+static void ram_put_record_on(lm_stream *s, const ramblock **last, const ramblock *b,
+                              uint64_t offset, uint64_t flags)
 {
-    if (b == r->last_sent) {
+    if (b == *last) {
         lm_put_be64(s, offset | flags | RAM_CONTINUE);
         return;
     }
     lm_put_be64(s, offset | flags);
     stream_put_counted(s, b->idstr);
-    r->last_sent = b;
+    *last = b;
+}
+
+void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
+                    uint64_t flags)
+{
+    ram_put_record_on(s, &r->last_sent, b, offset, flags);
+}
+
+void ram_put_urgent(lm_stream *s, const ramblock **last, const ramblock *b, uint64_t page)
+{
+    const uint8_t *p = b->host + page * RAM_PAGE_SIZE;
+
+    if (buf_is_zero(p, RAM_PAGE_SIZE)) {
+        ram_put_record_on(s, last, b, page * RAM_PAGE_SIZE, RAM_ZERO);
+        lm_put_u8(s, 0);
+        return;
+    }
+    ram_put_record_on(s, last, b, page * RAM_PAGE_SIZE, RAM_PAGE);
+    stream_put_page(s, p, RAM_PAGE_SIZE);
 }
 
 void ram_put_zero(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page)
@@ -216,21 +236,28 @@ bool ram_save_some(ram_state *r, const ram_sink *sink, lm_stream *s, uint64_t bu
     return false;
 }
 
-bool ram_save_requested(ram_state *r, const ram_sink *sink, lm_stream *s, ramblock *b,
-                        uint64_t page, bool again)
+bool ram_take_requested(ram_state *r, ramblock *b, uint64_t page)
 {
+    bool was = bitmap_test(b->bmap, page);
+
     assert(page < b->npages);
-    if (bitmap_test(b->bmap, page)) {
+    if (was) {
         assert(r->dirty > 0);
         bitmap_clear(b->bmap, page);
         r->dirty--;
-    } else if (!again) {
-        return false;
     }
-    ram_save_page(r, sink, s, b, page);
     /* The guest faults near where it faulted last: go on from there. */
     r->cur_block = (int)(b - r->blocks);
     r->cur_page = page + 1;
+    return was;
+}
+
+bool ram_save_requested(ram_state *r, const ram_sink *sink, lm_stream *s, ramblock *b,
+                        uint64_t page)
+{
+    if (!ram_take_requested(r, b, page))
+        return false;
+    ram_save_page(r, sink, s, b, page);
     return true;
 }
 
@@ -369,18 +396,19 @@ static int ram_load_block_list(ram_state *r, const ram_placer *pl, lm_stream *s,
     return 0;
 }
 
-/* Resolve the block of a page record (reading its idstr unless CONTINUE). */
-static const ramblock *ram_load_block(ram_state *r, lm_stream *s, uint64_t flags,
-                                      uint64_t at)
+/* Resolve the block of a page record (reading its idstr unless CONTINUE,
+ * which names the previous record's block on the same stream: *last). */
+static const ramblock *ram_load_block(ram_state *r, const ramblock **last, lm_stream *s,
+                                      uint64_t flags, uint64_t at)
 {
     char name[256];
     int i;
 
     if (flags & RAM_CONTINUE) {
-        if (!r->last_recv)
+        if (!*last)
             lm_stream_set_error(s, -EINVAL, "ram: CONTINUE record with no previous block "
                                 "at byte offset %" PRIu64, at);
-        return r->last_recv;
+        return *last;
     }
     if (stream_get_counted(s, name))
         return NULL;
@@ -390,8 +418,8 @@ static const ramblock *ram_load_block(ram_state *r, lm_stream *s, uint64_t flags
                             name, at);
         return NULL;
     }
-    r->last_recv = &r->blocks[i];
-    return r->last_recv;
+    *last = &r->blocks[i];
+    return *last;
 }
 
 int ram_place_direct(ram_state *r, lm_stream *s, ramblock *b, uint64_t offset, uint64_t flags,
@@ -422,7 +450,21 @@ int ram_place_direct(ram_state *r, lm_stream *s, ramblock *b, uint64_t offset, u
     return 0;
 }
 
+static int ram_load_on(ram_state *r, const ramblock **last, const ram_placer *pl,
+                       lm_stream *s, int section_type);
+
 int ram_load(ram_state *r, const ram_placer *pl, lm_stream *s, int section_type)
+{
+    return ram_load_on(r, &r->last_recv, pl, s, section_type);
+}
+
+int ram_load_records(ram_state *r, const ramblock **last, const ram_placer *pl, lm_stream *s)
+{
+    return ram_load_on(r, last, pl, s, LM_SECTION_PART);
+}
+
+static int ram_load_on(ram_state *r, const ramblock **last, const ram_placer *pl,
+                       lm_stream *s, int section_type)
 {
     for (;;) {
         uint64_t at = lm_stream_offset(s), word, flags, offset;
@@ -467,7 +509,7 @@ int ram_load(ram_state *r, const ram_placer *pl, lm_stream *s, int section_type)
                                 " at byte offset %" PRIu64, flags, at);
             return -1;
         }
-        b = (ramblock *)ram_load_block(r, s, flags, at);
+        b = (ramblock *)ram_load_block(r, last, s, flags, at);
         if (!b)
             return -1;
         if (offset >= b->length) {

@@ -202,14 +202,19 @@ void ram_save_setup(ram_state *r, const ram_sink *sink, lm_stream *s);
 bool ram_save_some(ram_state *r, const ram_sink *sink, lm_stream *s, uint64_t budget);
 /*
  * Postcopy, a page the destination asked for: sent now through `sink` if
- * its bit is set (cleared then), or even when it is clear with `again`
- * (a page sent already but still queued behind others on a slower
- * channel; the destination keeps whichever copy lands first, and both are
- * the stopped guest's).  The background walk then goes on just past it
- * (QEMU 10.1's locality hint: guests fault in runs).  True if sent.
+ * its bit is set (cleared then; a clear bit means it was sent since the
+ * switch, ahead of us on this stream).  The background walk then goes on
+ * just past it (QEMU 10.1's locality hint: guests fault in runs).  True if
+ * sent.
  */
 bool ram_save_requested(ram_state *r, const ram_sink *sink, lm_stream *s, ramblock *b,
-                        uint64_t page, bool again);
+                        uint64_t page);
+/* The same without sending (another thread sent it on the preempt channel):
+ * the bit cleared if set, the walk moved past it.  True if it was set. */
+bool ram_take_requested(ram_state *r, ramblock *b, uint64_t page);
+/* A requested page as a record on its own stream (postcopy's preempt
+ * channel: bare records, CONTINUE relative to *last, that stream's). */
+void ram_put_urgent(lm_stream *s, const ramblock **last, const ramblock *b, uint64_t page);
 /* End a ram payload: the sink's flush (its barrier), then EOS. */
 void ram_put_eos(ram_state *r, const ram_sink *sink, lm_stream *s);
 /* Sync every block from the tracker; returns pages newly dirtied or -errno. */
@@ -228,6 +233,10 @@ void ram_load_start(ram_state *r);
 /* Parse one ram section payload (through its EOS), placing every page
  * through `pl`.  Errors are latched on s. */
 int ram_load(ram_state *r, const ram_placer *pl, lm_stream *s, int section_type);
+/* Page records outside any section (postcopy's preempt channel) up to an
+ * EOS, with the stream's own CONTINUE context *last.  0 at EOS, -1 with
+ * the error latched on s. */
+int ram_load_records(ram_state *r, const ramblock **last, const ram_placer *pl, lm_stream *s);
 /* `n` pages from `page` of block b have been placed.  Any thread. */
 static inline void ram_received(const ramblock *b, uint64_t page, uint64_t n)
 {

@@ -1,6 +1,7 @@
 /*
  * userfaultfd MISSING-mode RAM for postcopy's destination; see uffd.h.
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
@@ -30,7 +31,12 @@ struct uffd_ram {
     int stop_fd;
     bool registered[RAM_MAX_BLOCKS];
     unsigned long *requested[RAM_MAX_BLOCKS];   /* atomic bits */
-    uint8_t *bounce;            /* the placer's page (its thread only) */
+    /* one per placer, each used by one thread (the listen thread, the
+     * preempt channel's): its own bounce page */
+    struct uffd_placer_ctx {
+        uffd_ram *u;
+        uint8_t *bounce;
+    } placers[UFFD_PLACERS];
 
     pthread_t thread;
     bool thread_started;
@@ -110,9 +116,12 @@ uffd_ram *uffd_open(ram_state *r, lm_error *err)
     u->ram = r;
     u->fd = -1;
     u->stop_fd = -1;
-    u->bounce = aligned_alloc(RAM_PAGE_SIZE, RAM_PAGE_SIZE);
-    if (!u->bounce)
-        abort();
+    for (int i = 0; i < UFFD_PLACERS; i++) {
+        u->placers[i].u = u;
+        u->placers[i].bounce = aligned_alloc(RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+        if (!u->placers[i].bounce)
+            abort();
+    }
     u->fd = uffd_new_fd(err);
     if (u->fd < 0)
         goto fail;
@@ -159,25 +168,38 @@ fail:
 
 /* Install one page at `dst`: the bounce copy, or zeros.  EEXIST: it is there
  * already (requested and placed first), so this older copy is dropped. */
-static int uffd_install(uffd_ram *u, lm_stream *s, ramblock *b, uint64_t offset, bool zero,
-                        uint64_t at)
+/*
+ * Install one page at `dst`: the bounce copy, or zeros.  Two placers may
+ * carry the same page (the background stream and the preempt channel), so
+ * each first claims it by setting its received bit: the one that finds it
+ * set drops its copy -- the page is there or being installed, and the
+ * first copy to land is as new as any (the source is stopped).  A page
+ * that the kernel says is present although nobody claimed it was never
+ * discarded: an error.  A claimed page counts as received before its
+ * ioctl returns; nobody reads the bit as "installed" before the stream
+ * that carried it is drained (the completeness check runs after both).
+ */
+static int uffd_install(uffd_ram *u, const uint8_t *bounce, lm_stream *s, ramblock *b,
+                        uint64_t offset, bool zero, uint64_t at)
 {
     uintptr_t dst = (uintptr_t)(b->host + offset);
+    uint64_t page = offset / RAM_PAGE_SIZE;
     int ret;
 
+    assert(page < b->npages);
+    if (!bitmap_test_and_set_atomic(b->rmap, page)) {
+        atomic_fetch_add(&u->present, 1);
+        return 0;       /* there already, or the other placer is installing it */
+    }
     if (zero) {
         struct uffdio_zeropage z = { .range = { .start = dst, .len = RAM_PAGE_SIZE } };
         ret = ioctl(u->fd, UFFDIO_ZEROPAGE, &z);
     } else {
-        struct uffdio_copy c = { .dst = dst, .src = (uintptr_t)u->bounce,
+        struct uffdio_copy c = { .dst = dst, .src = (uintptr_t)bounce,
                                  .len = RAM_PAGE_SIZE };
         ret = ioctl(u->fd, UFFDIO_COPY, &c);
     }
     if (ret < 0 && errno == EEXIST) {
-        if (bitmap_test_atomic(b->rmap, offset / RAM_PAGE_SIZE)) {
-            atomic_fetch_add(&u->present, 1);
-            return 0;       /* placed first (requested): this copy is older */
-        }
         lm_stream_set_error(s, -EEXIST, "postcopy: page 0x%" PRIx64 " of RAM block '%s' "
                             "(record at byte offset %" PRIu64 ") was present before it "
                             "arrived: its memory was not discarded", offset, b->idstr, at);
@@ -190,30 +212,29 @@ static int uffd_install(uffd_ram *u, lm_stream *s, ramblock *b, uint64_t offset,
         return -1;
     }
     atomic_fetch_add(zero ? &u->zeroed : &u->copied, 1);
-    ram_received(b, offset / RAM_PAGE_SIZE, 1);
-    if (bitmap_test_atomic(u->requested[uffd_block_index(u, b)], offset / RAM_PAGE_SIZE))
-        uffd_latency(u, uffd_block_index(u, b), offset / RAM_PAGE_SIZE);
+    if (bitmap_test_atomic(u->requested[uffd_block_index(u, b)], page))
+        uffd_latency(u, uffd_block_index(u, b), page);
     return 0;
 }
 
 static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b,
                              uint64_t offset, uint64_t flags, uint64_t at)
 {
-    uffd_ram *u = impl;
+    struct uffd_placer_ctx *pc = impl;
     uint8_t fill;
 
     (void)r;
     switch (flags) {
     case RAM_PAGE:
-        if (lm_get_buffer(s, u->bounce, RAM_PAGE_SIZE))
+        if (lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE))
             return -1;
-        return uffd_install(u, s, b, offset, false, at);
+        return uffd_install(pc->u, pc->bounce, s, b, offset, false, at);
     case RAM_ZERO:
         if (lm_get_u8(s, &fill))
             return -1;
         if (fill)
-            memset(u->bounce, fill, RAM_PAGE_SIZE);
-        return uffd_install(u, s, b, offset, fill == 0, at);
+            memset(pc->bounce, fill, RAM_PAGE_SIZE);
+        return uffd_install(pc->u, pc->bounce, s, b, offset, fill == 0, at);
     default:
         lm_stream_set_error(s, -EINVAL, "postcopy: compressed page at byte offset %" PRIu64
                             " (only ZERO and PAGE records are placed in postcopy)", at);
@@ -226,9 +247,10 @@ static const ram_placer_ops uffd_placer_ops = {
     .record = uffd_place_record,
 };
 
-ram_placer uffd_placer(uffd_ram *u)
+ram_placer uffd_placer(uffd_ram *u, int i)
 {
-    return (ram_placer){ &uffd_placer_ops, u };
+    assert(i >= 0 && i < UFFD_PLACERS);
+    return (ram_placer){ &uffd_placer_ops, &u->placers[i] };
 }
 
 /* ------------------------------------------------------------ the fault thread */
@@ -361,7 +383,8 @@ void uffd_close(uffd_ram *u)
         close(u->stop_fd);
     if (u->fd >= 0)
         close(u->fd);
-    free(u->bounce);
+    for (int i = 0; i < UFFD_PLACERS; i++)
+        free(u->placers[i].bounce);
     free(u);
 }
 

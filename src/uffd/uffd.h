@@ -59,8 +59,11 @@ int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_err
 /* Stop the fault thread (if started), unregister, close, free. */
 void uffd_close(uffd_ram *u);
 
-/* The placer of the stream's page records (ram.h). */
-ram_placer uffd_placer(uffd_ram *u);
+/* A placer of page records (ram.h), one per thread that places: i is 0
+ * (the main stream's) or 1 (the preempt channel's); each has its own
+ * bounce page, and both may run at once. */
+#define UFFD_PLACERS 2
+ram_placer uffd_placer(uffd_ram *u, int i);
 
 /*
  * Unregister every block now (any thread, once; uffd_close does it too):

@@ -40,7 +40,7 @@ PAGES = mem_bytes(MEM) // PAGE_SIZE
 
 
 def pair(env, mem=MEM, dirty_rate="max", pattern="sequential", multifd=False,
-         dst_environ=None, tcp=False):
+         dst_environ=None, tcp=False, preempt=False):
     if tcp:
         uri = "tcp:127.0.0.1:%d" % lmtest.free_tcp_port("127.0.0.1")
     else:
@@ -55,6 +55,8 @@ def pair(env, mem=MEM, dirty_rate="max", pattern="sequential", multifd=False,
     caps = {"postcopy-ram": True}
     if multifd:
         caps["multifd"] = True
+    if preempt:
+        caps["postcopy-preempt"] = True
     dst.set_caps(**caps)
     src.set_caps(**caps)
     dst.cmd("migrate-incoming", {"uri": uri})
@@ -114,9 +116,37 @@ def _(env):
     check_postcopy_done(src, dst, sinfo)
 
 
-@test("postcopy over tcp with a bandwidth limit: writers fault and are served", timeout=240)
+@test("postcopy-preempt: requested pages on their own channel; every page verified",
+      timeout=240)
 def _(env):
-    uri, src, dst = pair(env, tcp=True)
+    uri, src, dst = pair(env, preempt=True)
+    start_then_postcopy(src, uri)
+    sinfo = wait_migration(src, timeout=120)
+    check_postcopy_done(src, dst, sinfo)
+
+
+@test("postcopy-preempt after multifd precopy", timeout=240)
+def _(env):
+    uri, src, dst = pair(env, preempt=True, multifd=True, tcp=True)
+    start_then_postcopy(src, uri, after_syncs=3)
+    sinfo = wait_migration(src, timeout=120)
+    check_postcopy_done(src, dst, sinfo)
+
+
+@test("postcopy-preempt on the source only: the destination has no channel for it",
+      timeout=120)
+def _(env):
+    uri, src, dst = pair(env)
+    dst.expect_exit = True      # its load fails: the source went away mid-stream
+    src.set_caps(postcopy_preempt=True)
+    start_then_postcopy(src, uri)
+    sinfo = wait_migration(src, until=("failed",), timeout=60)
+    note("source: %s" % sinfo.get("error-desc"))
+    check_runstate(src, "running")
+
+
+def bandwidth_limited(env, preempt):
+    uri, src, dst = pair(env, tcp=True, preempt=preempt)
     src.set_params(max_postcopy_bandwidth=16 << 20)
     seen = []
     start_then_postcopy(src, uri)
@@ -127,6 +157,16 @@ def _(env):
           "the destination's writers never faulted on a missing page: %r", dinfo)
     check(len(dinfo.get("postcopy-latency-dist") or []) == 24,
           "postcopy-latency-dist is not 24 buckets: %r", dinfo.get("postcopy-latency-dist"))
+
+
+@test("postcopy over tcp with a bandwidth limit: writers fault and are served", timeout=240)
+def _(env):
+    bandwidth_limited(env, False)
+
+
+@test("postcopy-preempt over tcp with a bandwidth limit", timeout=240)
+def _(env):
+    bandwidth_limited(env, True)
 
 
 @test("x-postcopy-after: a guest that cannot converge switches by itself", timeout=240)

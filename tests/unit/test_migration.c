@@ -430,7 +430,7 @@ static void migrate_ok_mf(const char *tracker, bool tcp, int multifd, const char
  * toucher faults on pages that have not arrived.  The source stops at the
  * switch and the destination never writes, so both memories must be equal.
  */
-static void migrate_postcopy(int multifd, int syncs, bool idle)
+static void migrate_postcopy_p(int multifd, int syncs, bool idle, bool preempt)
 {
     guest src, dst;
     lm_error err = { 0 };
@@ -444,6 +444,8 @@ static void migrate_postcopy(int multifd, int syncs, bool idle)
         atomic_store(&src.nap_us, 100000);
     for (guest *g = &src; g; g = g == &src ? &dst : NULL) {
         assert_int_equal(lm_cap_set(g->m, "postcopy-ram", true, &err), 0);
+        if (preempt)
+            assert_int_equal(lm_cap_set(g->m, "postcopy-preempt", true, &err), 0);
         if (multifd) {
             assert_int_equal(lm_cap_set(g->m, "multifd", true, &err), 0);
             assert_int_equal(lm_param_set_int(g->m, "multifd-channels", multifd, &err), 0);
@@ -453,7 +455,7 @@ static void migrate_postcopy(int multifd, int syncs, bool idle)
         assert_int_equal(lm_param_set_int(src.m, "downtime-limit", 1, &err), 0);
         assert_int_equal(lm_param_set_int(src.m, "max-bandwidth", 64 << 20, &err), 0);
     }
-    sock_path(uri, sizeof(uri), multifd ? "pc-mf" : "pc");
+    sock_path(uri, sizeof(uri), preempt ? "pc-pre" : multifd ? "pc-mf" : "pc");
     if (lm_incoming(dst.m, uri, &err))
         fail_msg("incoming: %s", err.msg);
     lm_query(dst.m, &st);
@@ -487,9 +489,19 @@ static void migrate_postcopy(int multifd, int syncs, bool idle)
     guest_fini(&dst, MEM);
 }
 
+static void migrate_postcopy(int multifd, int syncs, bool idle)
+{
+    migrate_postcopy_p(multifd, syncs, idle, false);
+}
+
 static void test_postcopy(void **state)
 {
     migrate_postcopy(0, 2, false);
+}
+
+static void test_postcopy_preempt(void **state)
+{
+    migrate_postcopy_p(2, 2, false, true);
 }
 
 static void test_postcopy_multifd(void **state)
@@ -1007,6 +1019,7 @@ int main(void)
         cmocka_unit_test(test_params_and_caps),
         cmocka_unit_test(test_postcopy),
         cmocka_unit_test(test_postcopy_multifd),
+        cmocka_unit_test(test_postcopy_preempt),
         cmocka_unit_test(test_postcopy_idle),
         cmocka_unit_test(test_postcopy_refused),
         cmocka_unit_test(test_unix_uffd),

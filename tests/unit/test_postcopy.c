@@ -194,11 +194,11 @@ static void test_requests(void **state)
     pr = postcopy_requests_new(&d.ram);
     /* REQ_PAGES before any block was named */
     req_id(b, 0, RAM_PAGE_SIZE, "");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES, b, 12, &err), -EPROTO);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES, b, 12, NULL, &err), -EPROTO);
     len = req_id(b, 3 * RAM_PAGE_SIZE, RAM_PAGE_SIZE, "pc.ram");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), 0);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, NULL, &err), 0);
     req_id(b, 7 * RAM_PAGE_SIZE, RAM_PAGE_SIZE, "");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES, b, 12, &err), 0);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES, b, 12, NULL, &err), 0);
     assert_true(postcopy_requests_pop(pr, &rq));
     assert_int_equal(rq.page, 3);
     assert_ptr_equal(rq.block, &d.ram.blocks[0]);
@@ -209,22 +209,22 @@ static void test_requests(void **state)
     /* hostile: unknown block, a name that does not fit, not one page,
      * outside the block, unaligned */
     len = req_id(b, 0, RAM_PAGE_SIZE, "nosuch");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ENOENT);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, NULL, &err), -ENOENT);
     assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, (uint16_t)(len - 1),
-                                           &err), -EPROTO);
+                                           NULL, &err), -EPROTO);
     len = req_id(b, 0, 2 * RAM_PAGE_SIZE, "pc.ram");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ERANGE);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, NULL, &err), -ERANGE);
     len = req_id(b, NPAGES * RAM_PAGE_SIZE, RAM_PAGE_SIZE, "pc.ram");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ERANGE);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, NULL, &err), -ERANGE);
     len = req_id(b, 100, RAM_PAGE_SIZE, "pc.ram");
-    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), -ERANGE);
+    assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, NULL, &err), -ERANGE);
     assert_non_null(strstr(err.msg, "not one page"));
     assert_false(postcopy_requests_pop(pr, &rq));
     /* many at once: the queue grows, order kept */
     len = req_id(b, 0, RAM_PAGE_SIZE, "pc.ram");
     for (int i = 0; i < 3000; i++) {
         be64(b, (uint64_t)(i % NPAGES) * RAM_PAGE_SIZE);
-        assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, &err), 0);
+        assert_int_equal(postcopy_requests_add(pr, WIRE_RP_REQ_PAGES_ID, b, len, NULL, &err), 0);
     }
     for (int i = 0; i < 3000; i++) {
         assert_true(postcopy_requests_pop(pr, &rq));

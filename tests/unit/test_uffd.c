@@ -70,7 +70,7 @@ static int place(fixture *f, uint64_t page, uint64_t flags, uint8_t byte, char *
 {
     uint8_t data[RAM_PAGE_SIZE];
     lm_stream *s;
-    ram_placer pl = uffd_placer(f->u);
+    ram_placer pl = uffd_placer(f->u, 0);
     int ret;
 
     memset(data, byte, sizeof(data));
