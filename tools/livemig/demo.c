@@ -179,14 +179,16 @@ static void child_stop(struct child *c, struct qmpc *q)
 /* ---------------------------------------------------------------- verdict */
 
 /* Print VERIFIED / CORRUPT from an x-guest-verify reply; true if verified. */
-static bool print_verdict(const json_t *r)
+static bool print_verdict(const json_t *r, bool postcopy)
 {
     json_int_t checked = json_integer_value(json_object_get(r, "checked"));
     json_int_t bad = json_integer_value(json_object_get(r, "bad"));
 
     if (bad == 0 && checked > 0) {
-        printf("VERIFIED: %lld pages, 0 bad (checked in %lld ms before the guest resumed)\n",
-               (long long)checked, (long long)json_integer_value(json_object_get(r, "time-ms")));
+        printf("VERIFIED: %lld pages, 0 bad (checked in %lld ms %s)\n",
+               (long long)checked, (long long)json_integer_value(json_object_get(r, "time-ms")),
+               postcopy ? "after the last page arrived; the guest ran during postcopy"
+                        : "before the guest resumed");
         return true;
     }
     printf("CORRUPT: %lld bad of %lld pages (lost %lld, stale %lld, torn %lld, misplaced %lld)\n",
@@ -213,7 +215,24 @@ static bool print_verdict(const json_t *r)
  * cached result until it exists, the destination fails or dies, or the
  * bound expires.  Returns 0 verified, 1 corrupt or unknown.
  */
-static int fetch_arrival(struct child *dst, struct qmpc *q, int64_t *check_ms)
+/* After a postcopy: how long the destination's faults waited. */
+static void print_postcopy(struct qmpc *q)
+{
+    lm_error err = { 0 };
+    json_t *r = NULL;
+
+    if (qmpc_execute(q, "query-migrate", NULL, &r, CMD_TIMEOUT_MS, &err))
+        return;
+    printf("postcopy: the destination ran the guest before its last page and asked for "
+           "%lld pages it touched first: fault latency p50 %lld us, p99 %lld us, max %lld us\n",
+           (long long)json_integer_value(json_object_get(r, "x-postcopy-requests")),
+           (long long)json_integer_value(json_object_get(r, "x-postcopy-latency-p50-us")),
+           (long long)json_integer_value(json_object_get(r, "x-postcopy-latency-p99-us")),
+           (long long)json_integer_value(json_object_get(r, "x-postcopy-latency-max-us")));
+    json_decref(r);
+}
+
+static int fetch_arrival(struct child *dst, struct qmpc *q, bool postcopy, int64_t *check_ms)
 {
     int64_t deadline = tool_now_ms() + ARRIVAL_WAIT_MS;
     lm_error err = { 0 };
@@ -224,7 +243,7 @@ static int fetch_arrival(struct child *dst, struct qmpc *q, int64_t *check_ms)
         int rc = qmpc_execute(q, "x-guest-verify", json_pack("{s:b}", "cached", 1), &r,
                               CMD_TIMEOUT_MS, &err);
         if (!rc) {
-            bool ok = print_verdict(r);
+            bool ok = print_verdict(r, postcopy);
             *check_ms = json_integer_value(json_object_get(r, "time-ms"));
             json_decref(r);
             return ok ? 0 : 1;
@@ -291,6 +310,10 @@ static void demo_usage(FILE *f)
         "  --fill F             random | text | zero (default random)\n"
         "  --dirty-tracker T    auto | uffd-wp | cooperative, for the source (default auto)\n"
         "  --timeout S          cancel the migration after S seconds (default 600)\n"
+        "  --postcopy WHEN      auto (default): switch to postcopy only when precopy\n"
+        "                       cannot converge; a time (3s): switch then; off\n"
+        "  --preempt on|off     postcopy's requested pages on their own connection\n"
+        "                       (default on)\n"
         "  -h, --help           show this help\n"
         "\n"
         "Exit status: 0 if the migration completed and the guest verified,\n"
@@ -306,6 +329,8 @@ struct demo_args {
     const char *fill;
     const char *tracker;
     int timeout_s;
+    const char *postcopy;        /* --postcopy off|auto|TIME */
+    bool preempt;
 };
 
 static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
@@ -319,6 +344,8 @@ static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
         { "fill", required_argument, NULL, 'f' },
         { "timeout", required_argument, NULL, 't' },
         { "dirty-tracker", required_argument, NULL, 'T' },
+        { "postcopy", required_argument, NULL, 'P' },
+        { "preempt", required_argument, NULL, 'E' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -367,6 +394,14 @@ static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
                                   optarg);
             a->timeout_s = (int)v;
             break;
+        case 'P':
+            a->postcopy = optarg;
+            break;
+        case 'E':
+            if (strcmp(optarg, "on") && strcmp(optarg, "off"))
+                return tool_error(err, -EINVAL, "--preempt: '%s' is not on or off", optarg);
+            a->preempt = !strcmp(optarg, "on");
+            break;
         case 'T':
             if (strcmp(optarg, "auto") && strcmp(optarg, "uffd-wp") &&
                 strcmp(optarg, "cooperative"))
@@ -400,6 +435,7 @@ int cmd_demo(int argc, char **argv)
     struct demo_args a = {
         .mem = 1ull << 30, .rate = 20000, .vcpus = 2, .uri = "tcp:127.0.0.1:0",
         .pattern = "random", .fill = "random", .tracker = "auto", .timeout_s = 600,
+        .postcopy = "auto", .preempt = true,
     };
     struct child src = { .name = "source guest", .pidfd = -1 };
     struct child dst = { .name = "destination guest", .pidfd = -1 };
@@ -423,6 +459,15 @@ int cmd_demo(int argc, char **argv)
         return 2;
     }
     mo.timeout_s = a.timeout_s;
+    if (migrate_opt_postcopy(&mo, a.postcopy, &err)) {
+        fprintf(stderr, "livemig demo: %s\nTry 'livemig demo --help'.\n", err.msg);
+        return 2;
+    }
+    bool preempt = a.preempt && mo.postcopy;
+    if (preempt && migrate_opt_cap(&mo, "postcopy-preempt=on", &err)) {
+        fprintf(stderr, "livemig demo: %s\n", err.msg);
+        return 2;
+    }
     migrate_block_signals();
 
     if (!mkdtemp(dir)) {
@@ -470,6 +515,13 @@ int cmd_demo(int argc, char **argv)
         goto fail;
 
     json_t *r = NULL;
+    /* postcopy-preempt must be set on both sides (with postcopy-ram) */
+    if (preempt && qmpc_execute(qd, "migrate-set-capabilities",
+                                json_pack("{s:[{s:s,s:b},{s:s,s:b}]}", "capabilities",
+                                          "capability", "postcopy-ram", "state", 1,
+                                          "capability", "postcopy-preempt", "state", 1),
+                                NULL, CMD_TIMEOUT_MS, &err))
+        goto fail;
     if (qmpc_execute(qd, "migrate-incoming", json_pack("{s:s}", "uri", a.uri), NULL,
                      CMD_TIMEOUT_MS, &err) ||
         qmpc_execute(qd, "query-migrate", NULL, &r, CMD_TIMEOUT_MS, &err))
@@ -496,10 +548,13 @@ int cmd_demo(int argc, char **argv)
         fprintf(stderr, "livemig demo: %s\n", err.msg);
     } else {
         migrated = true;
-        ret = fetch_arrival(&dst, qd, &check_ms);
+        ret = fetch_arrival(&dst, qd, mi.postcopy_bytes > 0, &check_ms);
+        if (mi.postcopy_bytes)
+            print_postcopy(qd);
         /* The check runs inside the destination's start, which the source's
          * downtime clock waits for when the destination confirms its start. */
-        if (ret == 0 && mi.has_downtime && check_ms > 0 && mi.downtime >= check_ms)
+        if (ret == 0 && mi.has_downtime && check_ms > 0 && mi.downtime >= check_ms &&
+            !mi.postcopy_bytes)
             printf("note: the downtime above includes the %lld ms arrival check\n",
                    (long long)check_ms);
     }

@@ -117,6 +117,8 @@ void mig_info_parse(const json_t *r, struct mig_info *mi)
         mi->dirty_pages_rate = jint(ram, "dirty-pages-rate");
         mi->pages_per_second = jint(ram, "pages-per-second");
         mi->precopy_bytes = jint(ram, "precopy-bytes");
+        mi->postcopy_bytes = jint(ram, "postcopy-bytes");
+        mi->postcopy_requests = jint(ram, "postcopy-requests");
         mi->downtime_bytes = jint(ram, "downtime-bytes");
         const json_t *mb = json_object_get(ram, "mbps");
         mi->mbps = json_is_number(mb) ? json_number_value(mb) : 0;
@@ -340,6 +342,11 @@ static void print_summary(FILE *f, const struct mig_info *mi)
         fprintf(f, "page size: %llu kbytes\n", (unsigned long long)(mi->page_size >> 10));
         fprintf(f, "dirty pages rate: %llu pages\n", (unsigned long long)mi->dirty_pages_rate);
         fprintf(f, "pages-per-second: %llu\n", (unsigned long long)mi->pages_per_second);
+        if (mi->postcopy_bytes) {
+            fprintf(f, "postcopy ram: %llu kbytes\n", (unsigned long long)(mi->postcopy_bytes >> 10));
+            fprintf(f, "postcopy request count: %llu\n",
+                    (unsigned long long)mi->postcopy_requests);
+        }
         if (mi->precopy_bytes || mi->downtime_bytes) {
             fprintf(f, "precopy ram: %llu kbytes\n", (unsigned long long)(mi->precopy_bytes >> 10));
             fprintf(f, "downtime ram: %llu kbytes\n",
@@ -352,6 +359,49 @@ static void print_summary(FILE *f, const struct mig_info *mi)
     if (mi->error_desc[0])
         fprintf(f, "error: %s\n", mi->error_desc);
     fflush(f);
+}
+
+int migrate_opt_postcopy(struct migrate_opts *o, const char *arg, lm_error *err)
+{
+    char *end;
+    double v;
+
+    if (!strcmp(arg, "off")) {
+        o->postcopy = 0;
+        return 0;
+    }
+    if (!strcmp(arg, "auto")) {
+        o->postcopy = MIGRATE_POSTCOPY_AUTO;
+        return 0;
+    }
+    v = strtod(arg, &end);
+    if (end != arg && !strcmp(end, "s"))
+        v *= 1000;
+    else if (end == arg || (*end && strcmp(end, "ms")))
+        v = -1;
+    if (v < 1 || v > 86400000.0)
+        return tool_error(err, -EINVAL, "--postcopy: '%s' is not off, auto or a time "
+                          "(3000, 3000ms, 3s)", arg);
+    o->postcopy = (int64_t)v;
+    return 0;
+}
+
+/* --postcopy: the capability, and for auto the engine's own switch. */
+static int set_postcopy(struct qmpc *src, const struct migrate_opts *o, lm_error *err)
+{
+    json_t *caps, *params;
+    int rc;
+
+    if (!o->postcopy)
+        return 0;
+    caps = json_pack("{s:[{s:s,s:b}]}", "capabilities", "capability", "postcopy-ram",
+                     "state", 1);
+    rc = qmpc_execute(src, "migrate-set-capabilities", caps, NULL, CMD_TIMEOUT_MS, err);
+    if (rc || o->postcopy != MIGRATE_POSTCOPY_AUTO)
+        return rc;
+    /* switch when the forecast says precopy will not converge, or at 60 s */
+    params = json_pack("{s:I}", "x-postcopy-after", (json_int_t)60000);
+    return qmpc_execute(src, "migrate-set-parameters", params, NULL, CMD_TIMEOUT_MS, err);
 }
 
 /* ---------------------------------------------------------------- drive */
@@ -367,7 +417,9 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
     int rc;
 
     mig_info_parse(NULL, &mi);
-    rc = set_caps(src, o->caps, err);
+    rc = set_postcopy(src, o, err);
+    if (!rc)
+        rc = set_caps(src, o->caps, err);
     if (!rc && o->params)
         rc = set_params(src, o->params, err);
     if (!rc)
@@ -377,8 +429,17 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
         goto out;
 
     int64_t start = tool_now_ms(), next_query = start, next_line = start, cancel_at = 0;
+    bool postcopy_asked = false;
     for (;;) {
         int64_t now = tool_now_ms();
+        if (o->postcopy > 0 && !postcopy_asked && now - start >= o->postcopy &&
+            (!strcmp(mi.status, "active") || !strcmp(mi.status, "setup"))) {
+            postcopy_asked = true;
+            lm_error perr = { 0 };
+            /* It may be switching over by itself already: then say why not. */
+            if (qmpc_execute(src, "migrate-start-postcopy", NULL, NULL, CMD_TIMEOUT_MS, &perr))
+                fprintf(stderr, "%s: migrate-start-postcopy: %s\n", pfx, perr.msg);
+        }
         if (!why[0] && migrate_interrupted())
             snprintf(why, sizeof(why), "interrupted");
         if (!why[0] && o->timeout_s > 0 && now - start > (int64_t)o->timeout_s * 1000)
@@ -402,7 +463,10 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
             goto out;
         }
         if (now < next_query) {
-            rc = qmpc_poll(src, (int)(next_query - now), err);
+            int wait_ms = (int)(next_query - now);
+            if (o->postcopy > 0 && !postcopy_asked && start + o->postcopy - now < wait_ms)
+                wait_ms = (int)(start + o->postcopy - now > 0 ? start + o->postcopy - now : 0);
+            rc = qmpc_poll(src, wait_ms, err);
             if (rc)
                 goto out;
         }
@@ -483,6 +547,10 @@ static void migrate_usage(FILE *f)
         "                        (integers accept K/M/G suffixes)\n"
         "  --timeout S           cancel the migration after S seconds (default 600,\n"
         "                        0 = no limit)\n"
+        "  --postcopy WHEN       postcopy-ram on, and switch: 'auto' when precopy\n"
+        "                        cannot converge (x-postcopy-after), or after a\n"
+        "                        time (3000, 3s) with migrate-start-postcopy;\n"
+        "                        'off' (default) leaves it to --cap/--param\n"
         "  -h, --help            show this help\n"
         "\n"
         "Exit status: 0 completed, 1 failed or cancelled (Ctrl-C cancels), 2 usage.\n");
@@ -495,6 +563,7 @@ int cmd_migrate(int argc, char **argv)
         { "cap", required_argument, NULL, 'c' },
         { "param", required_argument, NULL, 'p' },
         { "timeout", required_argument, NULL, 't' },
+        { "postcopy", required_argument, NULL, 'P' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -517,6 +586,10 @@ int cmd_migrate(int argc, char **argv)
             break;
         case 'p':
             if (migrate_opt_param(&mo, optarg, &err))
+                goto usage_err;
+            break;
+        case 'P':
+            if (migrate_opt_postcopy(&mo, optarg, &err))
                 goto usage_err;
             break;
         case 't':

@@ -31,6 +31,7 @@ struct mig_info {
     uint64_t transferred, remaining, total, duplicate, normal, normal_bytes;
     uint64_t dirty_sync_count, page_size, dirty_pages_rate, pages_per_second;
     uint64_t precopy_bytes, downtime_bytes;
+    uint64_t postcopy_bytes, postcopy_requests;
     double mbps;
     bool has_ram, has_total_time, has_downtime, has_expected_downtime, has_setup_time;
     char dirty_tracker[32];
@@ -51,7 +52,14 @@ struct migrate_opts {
     const char *prefix;  /* for messages: "livemig migrate" */
     FILE *out;           /* progress and summary; NULL = stdout.  Progress is
                             one updating line when this is a terminal. */
+    /* --postcopy: 0 off; MIGRATE_POSTCOPY_AUTO the engine switches when
+     * precopy cannot converge (x-postcopy-after); N > 0: migrate-start-postcopy
+     * N ms after the start, as a QEMU script does.  Either sets postcopy-ram. */
+    int64_t postcopy;
 };
+#define MIGRATE_POSTCOPY_AUTO (-1)
+/* Parse --postcopy's value (off, auto, or a time like 3000 or 3s). */
+int migrate_opt_postcopy(struct migrate_opts *o, const char *arg, lm_error *err);
 
 /* Parse "NAME=on|off" into opts->caps, "NAME=VALUE" into opts->params. */
 int migrate_opt_cap(struct migrate_opts *o, const char *arg, lm_error *err);
