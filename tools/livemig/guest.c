@@ -443,7 +443,12 @@ int guest_start_writers(struct guest *g, lm_error *err)
         struct writer *w = &g->writers[k];
         w->g = g;
         w->k = k;
-        w->npages = (g->pages - k + n - 1) / n;
+        uint64_t ws = g->cfg.working_set ? g->cfg.working_set / GUEST_PAGE_SIZE : g->pages;
+        if (ws > g->pages)
+            ws = g->pages;
+        if (ws < n)
+            ws = n;     /* every writer owns at least one page */
+        w->npages = (ws - k + n - 1) / n;
         w->rng = guest_mix64(g->cfg.seed * GUEST_GOLDEN + k + 1);
         atomic_init(&w->writes, 0);
         int rc = pthread_create(&w->thread, NULL, writer_main, w);

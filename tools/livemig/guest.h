@@ -58,6 +58,7 @@ struct guest_config {
     enum guest_pattern pattern;
     enum guest_fill fill;
     uint64_t seed;                /* writers' page choice */
+    uint64_t working_set;         /* bytes from the start the writers write; 0 = all */
     bool incoming;                /* destination: zeroed RAM, prefaulted, no fill */
 };
 

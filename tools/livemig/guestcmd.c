@@ -277,6 +277,8 @@ static void guest_usage(FILE *f)
         "  --fill F                  initial content: random | text | zero\n"
         "                            (default random)\n"
         "  --seed N                  seed of the writers' page choice (default 1)\n"
+        "  --working-set SIZE        the writers write only the first SIZE of RAM\n"
+        "                            (default all of it)\n"
         "  --qmp unix:PATH           serve QMP on this socket\n"
         "  --dirty-tracker T         auto | uffd-wp | cooperative (default auto)\n"
         "  --incoming URI|defer      be a migration destination; 'defer' waits for\n"
@@ -309,6 +311,7 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
         { "pattern", required_argument, NULL, 'p' },
         { "fill", required_argument, NULL, 'f' },
         { "seed", required_argument, NULL, 's' },
+        { "working-set", required_argument, NULL, 'w' },
         { "qmp", required_argument, NULL, 'q' },
         { "dirty-tracker", required_argument, NULL, 't' },
         { "incoming", required_argument, NULL, 'i' },
@@ -356,6 +359,13 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
             if (!tool_parse_int(optarg, 0, INT64_MAX, &v))
                 return tool_error(err, -EINVAL, "--seed: '%s' is not a number", optarg);
             a->cfg.seed = (uint64_t)v;
+            break;
+        case 'w':
+            v = lm_parse_size(optarg);
+            if (v <= 0 || v % GUEST_PAGE_SIZE)
+                return tool_error(err, -EINVAL, "--working-set: '%s' is not a size that is a "
+                                  "multiple of 4096", optarg);
+            a->cfg.working_set = (uint64_t)v;
             break;
         case 'q':
             if (strncmp(optarg, "unix:", 5) || !optarg[5])
