@@ -76,6 +76,16 @@ typedef struct lm_vm_ops {
 
 void lm_set_vm_ops(lm_mig *m, const lm_vm_ops *ops, void *opaque);
 
+/*
+ * The guest's vCPU threads, by kernel thread id (gettid()), vCPU i first:
+ * in postcopy the destination then accounts how long each of them waited
+ * for missing pages (query-migrate's postcopy-vcpu-blocktime).  At most
+ * LM_MAX_VCPUS; call before lm_incoming, again to replace the list.
+ * -EINVAL for a bad count or id.
+ */
+#define LM_MAX_VCPUS 64
+int lm_set_vcpu_threads(lm_mig *m, const int *tids, int n, lm_error *err);
+
 /* Run states, named as QEMU's query-status names them. */
 typedef enum lm_runstate {
     LM_RUN_PRELAUNCH,      /* "prelaunch": destination before any migration */
@@ -392,6 +402,8 @@ typedef struct lm_stats {
     uint64_t postcopy_latency_p50_us, postcopy_latency_p99_us, postcopy_latency_max_us;
     uint64_t postcopy_latency_dist[24];  /* [2^i, 2^(i+1)) us; the last open-ended */
     uint64_t postcopy_blocktime_ms;      /* sum of all requested pages' waits */
+    int postcopy_nvcpus;                 /* vCPUs of lm_set_vcpu_threads */
+    uint64_t postcopy_vcpu_blocktime_ms[LM_MAX_VCPUS];  /* each one's waits */
 } lm_stats;
 
 void lm_query(lm_mig *m, lm_stats *st);

@@ -403,6 +403,14 @@ static void mig_postcopy_info(json_t *r, const lm_stats *st)
                         json_integer((json_int_t)(st->postcopy_latency_us * 1000)));
     if (dist)
         json_object_set_new(r, "postcopy-latency-dist", dist);
+    if (st->postcopy_nvcpus > 0) {
+        json_t *vb = json_array();
+        for (int v = 0; vb && v < st->postcopy_nvcpus; v++)
+            json_array_append_new(vb, json_integer(
+                (json_int_t)st->postcopy_vcpu_blocktime_ms[v]));
+        if (vb)
+            json_object_set_new(r, "postcopy-vcpu-blocktime", vb);
+    }
     json_object_set_new(r, "x-postcopy-requests", json_integer((json_int_t)st->postcopy_requests));
     json_object_set_new(r, "x-postcopy-latency-p50-us",
                         json_integer((json_int_t)st->postcopy_latency_p50_us));

@@ -88,6 +88,20 @@ void lm_set_vm_ops(lm_mig *m, const lm_vm_ops *ops, void *opaque)
     m->vm_opaque = opaque;
 }
 
+int lm_set_vcpu_threads(lm_mig *m, const int *tids, int n, lm_error *err)
+{
+    if (n < 0 || n > LM_MAX_VCPUS)
+        return error_set(err, -EINVAL, "%d vCPU threads (at most %d)", n, LM_MAX_VCPUS);
+    for (int i = 0; i < n; i++)
+        if (tids[i] <= 0)
+            return error_set(err, -EINVAL, "vCPU %d: thread id %d", i, tids[i]);
+    pthread_mutex_lock(&m->lock);
+    memcpy(m->vcpu_tids, tids, (size_t)n * sizeof(*tids));
+    m->nvcpus = n;
+    pthread_mutex_unlock(&m->lock);
+    return 0;
+}
+
 
 
 

@@ -119,6 +119,8 @@ struct lm_mig {
     /* --- set before a migration, read-only while one runs --- */
     lm_vm_ops vm;
     void *vm_opaque;
+    int vcpu_tids[LM_MAX_VCPUS];       /* lm_set_vcpu_threads */
+    int nvcpus;
     ram_state ram;                     /* blocks; save/load state is the thread's */
     mig_device devices[MIG_MAX_DEVICES];
     int ndevices;

@@ -477,7 +477,15 @@ static int pci_listen(const loadvm_cmd *c, void *opaque)
         return pci_fail(c, -EINVAL, "POSTCOPY_LISTEN twice");
     if ((ret = pci_end_multifd(in, c)))
         return ret;
-    pci->uffd = uffd_open(&in->m->ram, &err);
+    {
+        int tids[LM_MAX_VCPUS], n;
+
+        pthread_mutex_lock(&in->m->lock);
+        n = in->m->nvcpus;
+        memcpy(tids, in->m->vcpu_tids, sizeof(tids));
+        pthread_mutex_unlock(&in->m->lock);
+        pci->uffd = uffd_open(&in->m->ram, tids, n, &err);
+    }
     if (!pci->uffd || uffd_start_faults(pci->uffd, pci_request, in, &err))
         return pci_fail_err(c, &err);
     in->placer = uffd_placer(pci->uffd, 0);
@@ -654,6 +662,9 @@ void postcopy_in_stats(incoming *in, lm_stats *st)
     st->postcopy_latency_p99_us = pci_quantile(u.lat_dist, u.lat_count, 0.99);
     st->postcopy_blocktime_ms = u.lat_sum_ns / 1000000;
     memcpy(st->postcopy_latency_dist, u.lat_dist, sizeof(st->postcopy_latency_dist));
+    st->postcopy_nvcpus = u.nvcpus;
+    for (int v = 0; v < u.nvcpus; v++)
+        st->postcopy_vcpu_blocktime_ms[v] = u.vcpu_blocktime_ns[v] / 1000000;
 }
 
 void postcopy_in_free(incoming *in)

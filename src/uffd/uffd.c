@@ -49,7 +49,19 @@ struct uffd_ram {
     _Atomic uint64_t *req_ns[RAM_MAX_BLOCKS];
     _Atomic uint64_t lat_count, lat_sum_ns, lat_max_ns, lat_dist[UFFD_LAT_BUCKETS];
     _Atomic bool released;
+    /* per vCPU thread: the page it waits for (0 none, else key+1) since
+     * when, and its waits so far; a thread waits on one fault at a time */
+    int nvcpus;
+    int vcpu_tids[LM_MAX_VCPUS];
+    struct {
+        _Atomic uint64_t key, since_ns, blocktime_ns;
+    } vcpu[LM_MAX_VCPUS];
 };
+
+static uint64_t uffd_key(ptrdiff_t bi, uint64_t page)
+{
+    return ((uint64_t)bi << 48 | page) + 1;
+}
 
 static uint64_t uffd_now_ns(void)
 {
@@ -106,13 +118,18 @@ static ptrdiff_t uffd_block_index(const uffd_ram *u, const ramblock *b)
     return b - u->ram->blocks;
 }
 
-uffd_ram *uffd_open(ram_state *r, lm_error *err)
+uffd_ram *uffd_open(ram_state *r, const int *vcpu_tids, int nvcpus, lm_error *err)
 {
     uffd_ram *u = calloc(1, sizeof(*u));
-    struct uffdio_api api = { .api = UFFD_API, .features = 0 };
+    struct uffdio_api api = { .api = UFFD_API,
+                              .features = nvcpus > 0 ? UFFD_FEATURE_THREAD_ID : 0 };
 
     if (!u)
         abort();
+    assert(nvcpus >= 0 && nvcpus <= LM_MAX_VCPUS);
+    u->nvcpus = nvcpus;
+    if (nvcpus)
+        memcpy(u->vcpu_tids, vcpu_tids, (size_t)nvcpus * sizeof(*vcpu_tids));
     u->ram = r;
     u->fd = -1;
     u->stop_fd = -1;
@@ -212,8 +229,19 @@ static int uffd_install(uffd_ram *u, const uint8_t *bounce, lm_stream *s, ramblo
         return -1;
     }
     atomic_fetch_add(zero ? &u->zeroed : &u->copied, 1);
-    if (bitmap_test_atomic(u->requested[uffd_block_index(u, b)], page))
+    if (bitmap_test_atomic(u->requested[uffd_block_index(u, b)], page)) {
+        uint64_t key = uffd_key(uffd_block_index(u, b), page), now = uffd_now_ns();
+
         uffd_latency(u, uffd_block_index(u, b), page);
+        /* every vCPU that waited for this page is free now */
+        for (int v = 0; v < u->nvcpus; v++) {
+            uint64_t k = key;
+            if (atomic_load(&u->vcpu[v].key) == key &&
+                atomic_compare_exchange_strong(&u->vcpu[v].key, &k, 0))
+                atomic_fetch_add(&u->vcpu[v].blocktime_ns,
+                                 now - atomic_load(&u->vcpu[v].since_ns));
+        }
+    }
     return 0;
 }
 
@@ -269,7 +297,19 @@ static ramblock *uffd_find(uffd_ram *u, uint64_t addr, uint64_t *page)
     return NULL;
 }
 
-static void uffd_fault(uffd_ram *u, uint64_t addr)
+/* A vCPU thread waits for this page from now (placement ends the wait). */
+static void uffd_vcpu_waits(uffd_ram *u, uint32_t tid, ptrdiff_t bi, uint64_t page)
+{
+    for (int v = 0; v < u->nvcpus; v++) {
+        if ((uint32_t)u->vcpu_tids[v] != tid)
+            continue;
+        atomic_store(&u->vcpu[v].since_ns, uffd_now_ns());
+        atomic_store(&u->vcpu[v].key, uffd_key(bi, page));
+        return;
+    }
+}
+
+static void uffd_fault(uffd_ram *u, uint64_t addr, uint32_t tid)
 {
     uint64_t page;
     ramblock *b = uffd_find(u, addr, &page);
@@ -279,6 +319,8 @@ static void uffd_fault(uffd_ram *u, uint64_t addr)
     if (!b)
         return;     /* not guest RAM: cannot happen, nothing else is registered */
     i = uffd_block_index(u, b);
+    if (u->nvcpus && !bitmap_test_atomic(b->rmap, page))
+        uffd_vcpu_waits(u, tid, i, page);
     if (bitmap_test_atomic(b->rmap, page)) {
         /* Installed between the fault and now: the COPY woke it already,
          * unless it raced ahead of the fault's queueing; a wake is harmless. */
@@ -322,7 +364,8 @@ static void *uffd_thread(void *arg)
         }
         for (ssize_t k = 0; k < n / (ssize_t)sizeof(msgs[0]); k++)
             if (msgs[k].event == UFFD_EVENT_PAGEFAULT)
-                uffd_fault(u, msgs[k].arg.pagefault.address & RAM_PAGE_MASK);
+                uffd_fault(u, msgs[k].arg.pagefault.address & RAM_PAGE_MASK,
+                           u->nvcpus ? msgs[k].arg.pagefault.feat.ptid : 0);
     }
     return NULL;
 }
@@ -400,4 +443,7 @@ void uffd_get_stats(uffd_ram *u, uffd_stats *st)
     st->lat_max_ns = atomic_load(&u->lat_max_ns);
     for (int k = 0; k < UFFD_LAT_BUCKETS; k++)
         st->lat_dist[k] = atomic_load(&u->lat_dist[k]);
+    st->nvcpus = u->nvcpus;
+    for (int v = 0; v < u->nvcpus; v++)
+        st->vcpu_blocktime_ns[v] = atomic_load(&u->vcpu[v].blocktime_ns);
 }

@@ -52,8 +52,10 @@ typedef struct uffd_ram uffd_ram;
 typedef void (*uffd_request_fn)(void *opaque, const ramblock *b, uint64_t page);
 
 /* Register every block of r in MISSING mode.  Pages already present stay
- * (they fault no more); the caller discards what must arrive again. */
-uffd_ram *uffd_open(ram_state *r, lm_error *err);
+ * (they fault no more); the caller discards what must arrive again.
+ * vcpu_tids[0..nvcpus): the guest's vCPU threads, whose waits are counted
+ * one by one (the kernel then reports each fault's thread). */
+uffd_ram *uffd_open(ram_state *r, const int *vcpu_tids, int nvcpus, lm_error *err);
 /* Start the fault thread. */
 int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_error *err);
 /* Stop the fault thread (if started), unregister, close, free. */
@@ -82,6 +84,8 @@ typedef struct uffd_stats {
     uint64_t copied, zeroed, present, faults, requests;
     uint64_t lat_count, lat_sum_ns, lat_max_ns;
     uint64_t lat_dist[UFFD_LAT_BUCKETS];
+    int nvcpus;
+    uint64_t vcpu_blocktime_ns[LM_MAX_VCPUS];
 } uffd_stats;
 void uffd_get_stats(uffd_ram *u, uffd_stats *st);
 

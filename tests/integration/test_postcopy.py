@@ -157,6 +157,10 @@ def bandwidth_limited(env, preempt):
           "the destination's writers never faulted on a missing page: %r", dinfo)
     check(len(dinfo.get("postcopy-latency-dist") or []) == 24,
           "postcopy-latency-dist is not 24 buckets: %r", dinfo.get("postcopy-latency-dist"))
+    vb = dinfo.get("postcopy-vcpu-blocktime")
+    check(isinstance(vb, list) and len(vb) == 2,
+          "postcopy-vcpu-blocktime is not one figure per writer (2): %r", vb)
+    note("per-vCPU blocktime %s ms, total %s ms" % (vb, dinfo.get("postcopy-blocktime")))
 
 
 @test("postcopy over tcp with a bandwidth limit: writers fault and are served", timeout=240)

@@ -103,7 +103,7 @@ static int setup(void **state)
         pthread_cond_init(&f->cond, &ca);
         pthread_condattr_destroy(&ca);
     }
-    f->u = uffd_open(&f->ram, &err);
+    f->u = uffd_open(&f->ram, NULL, 0, &err);
     if (!f->u) {
         print_message("skipped: %s\n", err.msg);
         munmap(f->mem, NPAGES * RAM_PAGE_SIZE);

@@ -59,6 +59,7 @@ struct writer {
     int64_t refill_ns;
     int64_t slice_ns;             /* start of the current throttle slice */
     _Atomic uint64_t writes;      /* written by this writer only */
+    _Atomic int tid;              /* its kernel thread id, once it runs */
 } __attribute__((aligned(64)));   /* own cache line: `writes` is hot */
 
 struct guest {
@@ -336,6 +337,8 @@ static void *writer_main(void *arg)
     struct writer *w = arg;
     struct guest *g = w->g;
 
+    atomic_store(&w->tid, (int)gettid());
+
     for (;;) {
         if (atomic_load_explicit(&g->park, memory_order_acquire)) {
             if (!writer_park(w))
@@ -459,6 +462,21 @@ int guest_start_writers(struct guest *g, lm_error *err)
         pthread_mutex_unlock(&g->lock);
     }
     return 0;
+}
+
+int guest_writer_tids(struct guest *g, int *tids, int max)
+{
+    unsigned n = g->cfg.vcpus < (unsigned)max ? g->cfg.vcpus : (unsigned)max;
+
+    for (unsigned k = 0; k < n; k++) {
+        /* a thread just created sets it first thing: wait for it, bounded */
+        for (int i = 0; i < 5000 && !atomic_load(&g->writers[k].tid); i++)
+            usleep(1000);
+        tids[k] = atomic_load(&g->writers[k].tid);
+        if (!tids[k])
+            return -1;
+    }
+    return (int)n;
 }
 
 void guest_free(struct guest *g)

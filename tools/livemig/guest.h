@@ -81,6 +81,10 @@ void guest_set_write_hook(struct guest *g, guest_write_hook fn, void *opaque);
 /* Create the writer threads, stopped (they write after guest_vm_start). */
 int guest_start_writers(struct guest *g, lm_error *err);
 
+/* The writers' kernel thread ids (the guest's vCPUs, for postcopy's
+ * per-vCPU blocktime): how many (at most max), or -1. */
+int guest_writer_tids(struct guest *g, int *tids, int max);
+
 /* Stop and join the writers, free RAM and table.  NULL is fine. */
 void guest_free(struct guest *g);
 

@@ -440,6 +440,11 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
     rc = guest_start_writers(gc->g, err);
     if (rc)
         return rc;
+    {
+        int tids[LM_MAX_VCPUS], n = guest_writer_tids(gc->g, tids, LM_MAX_VCPUS);
+        if (n < 0 || lm_set_vcpu_threads(gc->h.m, tids, n, err))
+            return tool_error(err, -EIO, "cannot name the writer threads as vCPUs");
+    }
 
     if (a->qmp) {
         gc->h.q = lm_qmp_new(gc->h.m, a->qmp, err);
