@@ -585,6 +585,9 @@ static void file_round_trip(bool mapped, int channels, bool direct, bool live)
     unlink(path);
     guest_init(&src, true, NULL, MEM);
     atomic_store(&src.nap_us, 2000);    /* a disk is slower than a socket */
+#ifdef TEST_DOWNTIME_LIMIT_MS
+    assert_int_equal(lm_param_set_int(src.m, "downtime-limit", TEST_DOWNTIME_LIMIT_MS, &err), 0);
+#endif
     wait_dirtying(&src);
     if (!live)
         g_stop(&src);
