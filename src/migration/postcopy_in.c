@@ -31,23 +31,8 @@
  * PCI_PACKAGE_MAX, and (on the listen thread) any postcopy command or a
  * device section on the main stream after LISTEN.
  *
- * Threads
- * -------
- * | thread | job | waits on | woken by | owns | told to exit by |
- * |---|---|---|---|---|---|
- * | `lm-incoming` (main) | the stream up to PACKAGED, the package, RUN; then joins lm-listen | socket reads; a fault on a missing page in a device load | data; the page placed by lm-listen; uffd_release | `in->lv`, the package's memory stream, starting the guest | its own RUN / failure |
- * | `lm-listen` | loads the main stream after LISTEN with its copy of the loader (`lv_listen`: the ram handler and PING only) | socket reads; at EOF `pci->cond` until the main thread is out of the package | data or a shutdown (mig_kick); `main_done` | `lv_listen`, `listen_s`, the ram load state, the uffd placer's bounce page | EOF, or an error (then it releases every waiting fault) |
- * | `lm-uffd` (src/uffd) | one REQ_PAGES(_ID) per missing page faulted on, on the shared return-path writer | poll(uffd, stop eventfd) | a fault; uffd_close | the requested bitmaps, `last_req` | uffd_close (incoming thread) |
- * | guest threads, or the main thread in a device load | a missing page | in the kernel | UFFDIO_COPY/ZEROPAGE of it; uffd_release | -- | -- |
- *
- * Exit codes: the main thread's loadvm_run ends with LOADVM_QUIT at RUN
- * (or -1); the listen thread's loop with LOADVM_EOF after the EOF record and
- * the completeness check (every page received, the devices' sections
- * counted from the main loop's flags, merged at EOF), or -1.  Only
- * postcopy_in_finish (main thread) joins the listen thread; it first tells
- * it that the package is done (`main_done`) -- or, when the main load
- * failed, shuts the socket down and releases every waiting fault so that
- * the listen thread's read returns.
+ * The threads, their hand-offs and the exit codes are migration/incoming.h's
+ * table (the contract of this file and incoming.c).
  */
 #include <assert.h>
 #include <errno.h>
