@@ -291,6 +291,110 @@ def _(env):
           "the destination does not say the guest is split:\n%s", dst.stderr_tail())
 
 
+# ------------------------------------------------------------ a cut link
+
+class Proxy:
+    """A TCP relay between source and destination that can be cut: every
+    connection through it is shut down and closed at once (both peers see
+    their sockets end, as when a link dies with a reset)."""
+
+    def __init__(self, target_port):
+        self.target = target_port
+        self.srv = socket.socket()
+        self.srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.srv.bind(("127.0.0.1", 0))
+        self.srv.listen(8)
+        self.port = self.srv.getsockname()[1]
+        self.socks = []
+        self.lock = threading.Lock()
+        self.cut_done = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _pump(self, a, b):
+        try:
+            while True:
+                d = a.recv(1 << 20)
+                if not d:
+                    break
+                b.sendall(d)
+        except OSError:
+            pass
+        for x in (a, b):
+            try:
+                x.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def _accept(self):
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            u = socket.create_connection(("127.0.0.1", self.target))
+            with self.lock:
+                if self.cut_done:
+                    c.close()
+                    u.close()
+                    continue
+                self.socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c), daemon=True).start()
+
+    def cut(self):
+        with self.lock:
+            self.cut_done = True
+            for x in self.socks:
+                try:
+                    x.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                x.close()
+        self.srv.close()
+
+
+def cut_case(env, preempt, after_switch):
+    uri, src, dst = pair(env, tcp=True, preempt=preempt)
+    proxy = Proxy(int(uri.rsplit(":", 1)[1]))
+    via = "tcp:127.0.0.1:%d" % proxy.port
+    src.set_params(max_postcopy_bandwidth=4 << 20)
+    src.cmd("migrate", {"uri": via})
+    wait_until(lambda: ram(src.query_migrate(), "dirty-sync-count") >= 2, 60, "two syncs")
+    if after_switch:
+        src.cmd("migrate-start-postcopy")
+        wait_until(lambda: src.query_migrate().get("status") == "postcopy-active", 30,
+                   "postcopy-active")
+        wait_until(lambda: dst.runstate() == "running", 30, "the destination to run")
+    proxy.cut()
+    sinfo = wait_migration(src, until=("failed",), timeout=60)
+    note("source: %s" % sinfo.get("error-desc"))
+    dst.expect_exit = True
+    rc = wait_incoming_exit(dst, timeout=60)
+    check(rc == 1, "destination exit %s, expected 1", describe_exit(rc))
+    if after_switch:
+        check_runstate(src, "internal-error")
+        check("postcopy failed after the guest started here" in dst.stderr(),
+              "the destination does not say the guest is split:\n%s", dst.stderr_tail())
+    else:
+        check_runstate(src, "running")
+        check_writes_advance(src)
+
+
+@test("the link is cut in precopy with postcopy-ram on: the source runs on", timeout=180)
+def _(env):
+    cut_case(env, False, False)
+
+
+@test("the link is cut in postcopy: both fail, nothing hangs", timeout=180)
+def _(env):
+    cut_case(env, False, True)
+
+
+@test("the link is cut in postcopy with preempt: both fail, nothing hangs", timeout=180)
+def _(env):
+    cut_case(env, True, True)
+
+
 # ------------------------------------------------------------ hostile stream
 
 def _be16(v):
