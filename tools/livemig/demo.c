@@ -330,6 +330,7 @@ struct demo_args {
     const char *tracker;
     int timeout_s;
     const char *postcopy;        /* --postcopy off|auto|TIME */
+    bool postcopy_default;       /* not given: auto on sockets only */
     bool preempt;
 };
 
@@ -396,6 +397,7 @@ static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
             break;
         case 'P':
             a->postcopy = optarg;
+            a->postcopy_default = false;
             break;
         case 'E':
             if (strcmp(optarg, "on") && strcmp(optarg, "off"))
@@ -435,7 +437,7 @@ int cmd_demo(int argc, char **argv)
     struct demo_args a = {
         .mem = 1ull << 30, .rate = 20000, .vcpus = 2, .uri = "tcp:127.0.0.1:0",
         .pattern = "random", .fill = "random", .tracker = "auto", .timeout_s = 600,
-        .postcopy = "auto", .preempt = true,
+        .postcopy = "auto", .postcopy_default = true, .preempt = true,
     };
     struct child src = { .name = "source guest", .pidfd = -1 };
     struct child dst = { .name = "destination guest", .pidfd = -1 };
@@ -459,6 +461,10 @@ int cmd_demo(int argc, char **argv)
         return 2;
     }
     mo.timeout_s = a.timeout_s;
+    /* postcopy needs a socket (its return path); the default stays out of
+     * the way of other URIs */
+    if (a.postcopy_default && strncmp(a.uri, "tcp:", 4) && strncmp(a.uri, "unix:", 5))
+        a.postcopy = "off";
     if (migrate_opt_postcopy(&mo, a.postcopy, &err)) {
         fprintf(stderr, "livemig demo: %s\nTry 'livemig demo --help'.\n", err.msg);
         return 2;
