@@ -79,6 +79,7 @@
 #include "control/qmp_json.h"
 #include "control/qmp_migration.h"
 #include "stream/transport.h"
+#include "util/thread.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -1167,7 +1168,6 @@ static void qmp_free(lm_qmp *q)
 lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
 {
     lm_qmp *q = NULL;
-    sigset_t all, old;
     transport_uri u;
     int rc;
 
@@ -1215,11 +1215,7 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
     if (qmp_register_protocol(q, err) < 0)
         goto fail;
 
-    /* Signals belong to the program's threads, not to the server. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&q->thread, NULL, qmp_thread, q);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    rc = thread_start(&q->thread, qmp_thread, q);
     if (rc != 0) {
         error_set_errno(err, -rc, "QMP: cannot start the server thread");
         goto fail;

@@ -49,6 +49,7 @@
 #include "migration/incoming.h"
 #include "postcopy/postcopy.h"
 #include "uffd/uffd.h"
+#include "util/thread.h"
 #include "util/error.h"
 #include "util/fault.h"
 #include "util/time.h"
@@ -406,7 +407,6 @@ static int pci_open_preempt(incoming *in, const loadvm_cmd *c)
     postcopy_in *pci = in->pci;
     lm_mig *m = in->m;
     lm_error err = { 0 };
-    sigset_t all, old;
     int ret;
 
     ret = transport_accept(&m->listen, &pci->pconn, m->cancel_fd, PCI_PREEMPT_MS, &err);
@@ -417,10 +417,7 @@ static int pci_open_preempt(incoming *in, const loadvm_cmd *c)
     mig_helper_add(m, pci_kick_preempt, pci);
     pci->preempt_helper = true;
     pci->preempt_s = stream_new_reader(pci->pconn.fd, true);
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    ret = pthread_create(&pci->preempt, NULL, pci_preempt_thread, in);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    ret = thread_start(&pci->preempt, pci_preempt_thread, in);
     if (ret)
         return pci_fail(c, -ret, "cannot start the postcopy preempt thread: %s",
                         strerror(ret));
@@ -451,7 +448,6 @@ static int pci_listen(const loadvm_cmd *c, void *opaque)
     postcopy_in *pci = in->pci;
     lm_error err = { 0 };
     loadvm *lv = c->lv, *ll;
-    sigset_t all, old;
     int ret;
 
     if (!pci)
@@ -505,10 +501,7 @@ static int pci_listen(const loadvm_cmd *c, void *opaque)
     atomic_store(&pci->state, PCI_LISTENING);
     mig_set_status(in->m, LM_STATUS_POSTCOPY_ACTIVE);
 
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    ret = pthread_create(&pci->listen, NULL, pci_listen_thread, in);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    ret = thread_start(&pci->listen, pci_listen_thread, in);
     if (ret)
         return pci_fail(c, -ret, "cannot start the postcopy listen thread: %s",
                         strerror(ret));

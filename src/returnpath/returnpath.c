@@ -15,6 +15,7 @@
 
 #include "returnpath/returnpath.h"
 #include "savevm/wire.h"
+#include "util/thread.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -211,7 +212,6 @@ rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_er
 {
     rp_reader *r = calloc(1, sizeof(*r));
     pthread_condattr_t ca;
-    sigset_t all, old;
     int ret;
 
     if (!r)
@@ -231,11 +231,7 @@ rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_er
     pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
     pthread_cond_init(&r->cond, &ca);
     pthread_condattr_destroy(&ca);
-    /* Signals are the program's business, not this thread's. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    ret = pthread_create(&r->thread, NULL, rd_thread, r);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    ret = thread_start(&r->thread, rd_thread, r);
     if (ret) {
         error_set(err, -ret, "cannot start the return-path thread: %s", strerror(ret));
         close(r->stop_fd);

@@ -20,6 +20,7 @@
 #include <unistd.h>
 
 #include "uffd/uffd.h"
+#include "util/thread.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 
@@ -372,7 +373,6 @@ static void *uffd_thread(void *arg)
 
 int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_error *err)
 {
-    sigset_t all, old;
     int ret;
 
     u->request = request;
@@ -380,10 +380,7 @@ int uffd_start_faults(uffd_ram *u, uffd_request_fn request, void *opaque, lm_err
     u->stop_fd = eventfd(0, EFD_CLOEXEC | EFD_NONBLOCK);
     if (u->stop_fd < 0)
         return error_set_errno(err, -errno, "userfaultfd: eventfd");
-    sigfillset(&all);
-    pthread_sigmask(SIG_BLOCK, &all, &old);
-    ret = pthread_create(&u->thread, NULL, uffd_thread, u);
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    ret = thread_start(&u->thread, uffd_thread, u);
     if (ret)
         return error_set(err, -ret, "cannot start the userfaultfd thread: %s", strerror(ret));
     u->thread_started = true;

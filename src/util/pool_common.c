@@ -8,6 +8,7 @@
 #include <stdint.h>
 #include <stdio.h>
 
+#include "util/thread.h"
 #include "util/error.h"
 #include "util/time.h"
 #include "util/pool_common.h"
@@ -66,12 +67,8 @@ int pool_threads_start(void *w0, pool_thread *pt0, size_t stride, unsigned n,
     for (i = 0; i < n; i++) {
         pool_thread *pt = pt_at(pt0, stride, i);
         char tname[32];
-        sigset_t all, old;
 
-        sigfillset(&all);
-        pthread_sigmask(SIG_BLOCK, &all, &old);
-        r = pthread_create(&pt->thread, NULL, fn, (char *)w0 + (size_t)i * stride);
-        pthread_sigmask(SIG_SETMASK, &old, NULL);
+        r = thread_start(&pt->thread, fn, (char *)w0 + (size_t)i * stride);
         if (r)
             return error_set_errno(err, -r, "pool %s: cannot start worker %u", name, i);
         pt->started = true;

@@ -711,6 +711,28 @@ def wait_migration(g, until=("completed",), timeout=120.0, on_sample=None):
         time.sleep(POLL_S)
 
 
+# Big-endian fields and counted strings of QEMU's stream, for tests that
+# write streams by hand.
+def be16(v):
+    return v.to_bytes(2, "big")
+
+
+def be32(v):
+    return v.to_bytes(4, "big")
+
+
+def be64(v):
+    return v.to_bytes(8, "big")
+
+
+def counted(name):
+    return bytes([len(name)]) + name.encode()
+
+
+# A livemig stream's header and configuration section (machine livemig-1).
+STREAM_HEADER = b"QEVM" + be32(3) + b"\x07" + be32(9) + b"livemig-1"
+
+
 def ram(info, key, default=0):
     return (info.get("ram") or {}).get(key, default)
 

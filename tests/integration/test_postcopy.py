@@ -30,6 +30,7 @@ import threading
 import time
 
 import lmtest
+from lmtest import be16 as _be16, be32 as _be32, be64 as _be64, counted as _counted
 from lmtest import (PAGE_SIZE, TestFailure, check, check_destination,
                     check_runstate, check_writes_advance, describe_exit,
                     mem_bytes, note, ram, test, wait_incoming_exit,
@@ -397,27 +398,15 @@ def _(env):
 
 # ------------------------------------------------------------ hostile stream
 
-def _be16(v):
-    return v.to_bytes(2, "big")
 
 
-def _be32(v):
-    return v.to_bytes(4, "big")
-
-
-def _be64(v):
-    return v.to_bytes(8, "big")
-
-
-def _counted(name):
-    return bytes([len(name)]) + name.encode()
 
 
 def cmd(n, data=b""):
     return b"\x08" + _be16(n) + _be16(len(data)) + data
 
 
-HEADER = b"QEVM" + _be32(3) + b"\x07" + _be32(9) + b"livemig-1"
+HEADER = lmtest.STREAM_HEADER
 OPEN_RP = cmd(1)
 ADVISE = cmd(3, _be64(4096) + _be64(4096))
 LISTEN = cmd(4)

@@ -27,6 +27,7 @@ import socket
 import time
 
 import lmtest
+from lmtest import be16 as _be16, be32 as _be32, be64 as _be64, counted as _counted
 import qemustream
 from lmtest import (PAGE_SIZE, TestFailure, check, check_destination,
                     check_runstate, describe_exit, mem_bytes, note, ram,
@@ -312,19 +313,10 @@ for _k in range(RANDOM_FLIPS):
 # not run the guest: the loader names the EOF's byte offset and what is
 # missing, over a file and over a socket alike.
 
-def _be32(v):
-    return v.to_bytes(4, "big")
 
 
-def _be64(v):
-    return v.to_bytes(8, "big")
 
-
-def _counted(name):
-    return bytes([len(name)]) + name.encode()
-
-
-HEADER = b"QEVM" + _be32(3) + b"\x07" + _be32(9) + b"livemig-1"
+HEADER = lmtest.STREAM_HEADER
 EMPTY = HEADER + b"\x00"
 LIST_ONLY = (HEADER + b"\x01" + _be32(1) + _counted("ram") + _be32(0) + _be32(4) +
              _be64(mem_bytes(MEM) | 0x4) + _counted("guest.ram") + _be64(mem_bytes(MEM)) +
