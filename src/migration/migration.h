@@ -54,6 +54,7 @@ enum mig_capability {
     MIG_CAP_MULTIFD,
     MIG_CAP_MAPPED_RAM,
     MIG_CAP_COMPRESS,
+    MIG_CAP_IGNORE_SHARED,             /* x-ignore-shared (src/cpr/cpr.h) */
     MIG_CAP__MAX,
 };
 
@@ -76,6 +77,7 @@ typedef struct mig_paramset {
     int64_t decompress_threads;
     int64_t switchover_confirm_timeout;/* ms the source waits for the destination's answer */
     int64_t link_timeout;              /* ms after which a silent tcp link fails; 0 = kernel's */
+    int64_t mode;                      /* cpr_mode: normal, cpr-reboot, cpr-transfer */
 } mig_paramset;
 
 /* Copied by value under the lock, then called without it. */

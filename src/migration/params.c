@@ -19,6 +19,7 @@ static const char *const cap_names[MIG_CAP__MAX] = {
     [MIG_CAP_MULTIFD] = "multifd",
     [MIG_CAP_MAPPED_RAM] = "mapped-ram",
     [MIG_CAP_COMPRESS] = "compress",
+    [MIG_CAP_IGNORE_SHARED] = "x-ignore-shared",
 };
 
 typedef struct param_def {
@@ -32,6 +33,8 @@ typedef struct param_def {
 
 static const char *const compression_choices[] = { "none", "zlib", "zstd", NULL };
 static const char *const zero_choices[] = { "none", "legacy", "multifd", NULL };
+/* QEMU's MigMode, in cpr_mode's order (src/cpr/cpr.h) */
+static const char *const mode_choices[] = { "normal", "cpr-reboot", "cpr-transfer", NULL };
 
 #define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(mig_paramset, f), lo, hi, d, l, NULL }
 #define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(mig_paramset, f), 0, 0, d, false, c }
@@ -59,6 +62,7 @@ static const param_def param_defs[] = {
     /* livemig's own: a tcp link that drops everything (no reset) fails the
      * migration on both sides after about this long (0: TCP's ~15 min). */
     P("link-timeout", link_timeout, 0, 3600000, 10000, false),
+    S("mode", mode, 0, mode_choices),
 };
 #undef P
 #undef S
