@@ -177,8 +177,8 @@ int cpr_check_peer(int fd, const char *what, lm_error *err)
         return error_set_errno(err, -errno, "cpr-transfer: cannot learn who the %s is "
                                "(SO_PEERCRED)", what);
     if (cr.uid != geteuid() && cr.uid != 0)
-        return error_set(err, -EPERM, "cpr-transfer: the %s (pid %d) runs as uid %u, not as "
-                         "uid %u or root: it may not have the guest's memory", what,
+        return error_set(err, -EPERM, "cpr-transfer: the %s (pid %d) runs as uid %u; only "
+                         "uid %u (ours) or root may have the guest's memory", what,
                          (int)cr.pid, (unsigned)cr.uid, (unsigned)geteuid());
     return 0;
 }
