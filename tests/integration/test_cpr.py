@@ -38,10 +38,12 @@ Run alone: LIVEMIG=build/tools/livemig python3 tests/integration/test_cpr.py
 """
 
 import os
+import socket
 import shutil
 import stat
 import subprocess
 import tempfile
+import time
 
 import lmtest
 from lmtest import (QMPError, check, check_destination, check_runstate,
@@ -194,6 +196,31 @@ def _(env):
         check(st == "setup", "destination status %r after the stranger's attempt", st)
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@lmtest.test("cpr-transfer: a destination that never answers: cancel is quick, the guest runs on")
+def _(env):
+    path = env.path("silent.sock")
+    lst = socket.socket(socket.AF_UNIX)
+    lst.bind(path)
+    lst.listen(1)
+    try:
+        src = env.guest("src", mem="64M", dirty_rate=2000, extra=("--mem-backend", "memfd"))
+        src.set_params(mode="cpr-transfer")
+        src.cmd("migrate", {"uri": "unix:" + path})
+        conn, _ = lst.accept()          # takes the descriptors, never answers
+        t0 = time.monotonic()
+        src.cmd("migrate_cancel")
+        info = wait_migration(src, until=("cancelled",), timeout=5)
+        dt = time.monotonic() - t0
+        check(dt < 3, "cancel took %.1f s", dt)
+        check_runstate(src, "running")
+        check_writes_advance(src)
+        lmtest.check_verified(src, (64 << 20) // PAGE_SIZE, cached=False)
+        conn.close()
+        note("cancelled in %.2f s: %s" % (dt, info.get("error-desc")))
+    finally:
+        lst.close()
 
 
 @lmtest.test("cpr-reboot: save with RAM left in its shared file, quit, restore in a new process")
