@@ -447,6 +447,26 @@ void lm_query(lm_mig *m, lm_stats *st)
 /* ------------------------------------------------------------ start / cancel */
 
 
+/* The mode's checks (src/cpr/): which blocks stay in place, what is refused. */
+static int mig_check_cpr(lm_mig *m, const char *uri, bool incoming, lm_error *err)
+{
+    transport_uri u;
+    cpr_config c = { .mode = (cpr_mode)mig_params(m).mode, .incoming = incoming,
+                     .ignore_shared = mig_cap(m, MIG_CAP_IGNORE_SHARED) };
+    int ret = transport_uri_parse(uri, &u, err);
+
+    if (ret)
+        return ret;
+    c.uri_kind = u.kind;
+    if (mig_cap(m, MIG_CAP_MULTIFD))
+        c.conflict = "multifd";
+    else if (mig_cap(m, MIG_CAP_MAPPED_RAM))
+        c.conflict = "mapped-ram";
+    else if (mig_cap(m, MIG_CAP_COMPRESS))
+        c.conflict = "compress";
+    return cpr_check(&m->ram, &c, err);
+}
+
 static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
 {
     int ret;
@@ -459,6 +479,9 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
             return error_set(err, -EBUSY, "There's a migration process in progress");
     }
     mig_join(m);
+    /* idle and joined: nothing reads the blocks' CPR flags while they are set */
+    if ((ret = mig_check_cpr(m, uri, incoming, err)))
+        return ret;
     if ((ret = mig_claim_runstate(m, incoming, err)))
         return ret;
     if (m->ram.nblocks == 0 && m->ndevices == 0)
@@ -533,32 +556,10 @@ static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
     return 0;
 }
 
-/* The mode's checks (src/cpr/): which blocks stay in place, what is refused. */
-static int mig_check_cpr(lm_mig *m, const char *uri, bool incoming, lm_error *err)
-{
-    transport_uri u;
-    cpr_config c = { .mode = (cpr_mode)mig_params(m).mode, .incoming = incoming,
-                     .ignore_shared = mig_cap(m, MIG_CAP_IGNORE_SHARED) };
-    int ret = transport_uri_parse(uri, &u, err);
-
-    if (ret)
-        return ret;
-    c.uri_kind = u.kind;
-    if (mig_cap(m, MIG_CAP_MULTIFD))
-        c.conflict = "multifd";
-    else if (mig_cap(m, MIG_CAP_MAPPED_RAM))
-        c.conflict = "mapped-ram";
-    else if (mig_cap(m, MIG_CAP_COMPRESS))
-        c.conflict = "compress";
-    return cpr_check(&m->ram, &c, err);
-}
-
 int lm_migrate(lm_mig *m, const char *uri, lm_error *err)
 {
     int ret = mig_check_uri(m, uri, err);
 
-    if (!ret && mig_idle(m))
-        ret = mig_check_cpr(m, uri, false, err);
     if (ret || (ret = mig_begin(m, uri, false, err)))
         return ret;
     mig_set_status(m, LM_STATUS_SETUP);
@@ -582,8 +583,6 @@ int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
 {
     int ret = mig_check_uri(m, uri, err);
 
-    if (!ret && mig_idle(m))
-        ret = mig_check_cpr(m, uri, true, err);
     if (ret || (ret = mig_begin(m, uri, true, err)))
         return ret;
     ret = transport_listen(&m->uri, &m->listen, err);
