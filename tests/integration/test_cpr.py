@@ -32,6 +32,13 @@ QEMU is driven: `migrate-set-parameters {"mode": ...}` on both sides,
                  restores and its arrival check proves every page.  The
                  same save from a memfd guest is refused naming the memfd,
                  and the guest runs on.
+  x-ignore-shared  in mode normal, two processes on one /dev/shm file: a
+                 live migration over unix: sends no page and the arrival
+                 check proves every one; a file saved with the capability
+                 is refused by a destination without it (configuration).
+  cancel         a cpr-transfer destination that takes the descriptors and
+                 never answers: migrate_cancel ends it at once, the guest
+                 runs on with every page intact.
 
 Harness: lmtest.py (every wait bounded, a watchdog per case).
 Run alone: LIVEMIG=build/tools/livemig python3 tests/integration/test_cpr.py
@@ -271,6 +278,43 @@ def _(env):
     check_runstate(src, "running")
     check_writes_advance(src)
     note("refused: %s" % msg)
+
+
+@lmtest.test("x-ignore-shared in mode normal: a shared file stays in place; both sides must agree")
+def _(env):
+    shm = "/dev/shm/lmt-xis-%d" % os.getpid()
+    try:
+        src = env.guest("src", mem="64M", dirty_rate=3000, extra=("--mem-backend", "file:" + shm))
+        src.set_caps(x_ignore_shared=True)
+        # With it: no page on the stream, every page verified on arrival.
+        dst = env.guest("dst", mem="64M", incoming="defer", dirty_rate=1000,
+                        extra=("--mem-backend", "file:" + shm))
+        dst.set_caps(x_ignore_shared=True)
+        uri = "unix:" + env.path("mig.sock")
+        dst.cmd("migrate-incoming", {"uri": uri})
+        wait_listening(uri, dst)
+        src.cmd("migrate", {"uri": uri})
+        info = wait_migration(src, timeout=60)
+        lmtest.check_source_done(src, info)
+        check(ram(info, "normal") == 0, "source sent %d pages", ram(info, "normal"))
+        check_destination(dst, (64 << 20) // PAGE_SIZE, dirtying=True)
+        # The destination saves the same way; a restore without the
+        # capability refuses the file at its configuration.
+        dst.set_caps(x_ignore_shared=True)
+        state = env.path("vm.state")
+        dst.cmd("migrate", {"uri": "file:" + state})
+        wait_migration(dst, timeout=60)
+        bad = env.guest("bad", mem="64M", incoming="defer", extra=("--mem-backend", "file:" + shm))
+        bad.cmd("migrate-incoming", {"uri": "file:" + state})
+        rc = wait_incoming_exit(bad, timeout=30)
+        check(rc == 1, "destination without x-ignore-shared: exit %r", rc)
+        check("x-ignore-shared" in bad.stderr() and "arrival check" not in bad.stderr(),
+              "the refusal does not name the capability:\n%s", bad.stderr_tail())
+    finally:
+        try:
+            os.unlink(shm)
+        except OSError:
+            pass
 
 
 if __name__ == "__main__":
