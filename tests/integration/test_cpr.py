@@ -28,8 +28,9 @@ QEMU is driven: `migrate-set-parameters {"mode": ...}` on both sides,
                  setpriv is missing or we may not change uid.
   cpr-reboot     a source on a shared file under /dev/shm saves with
                  x-ignore-shared to a file that holds no page (a few KiB for
-                 the whole guest), quits; a new process on the same file
-                 restores and its arrival check proves every page.  The
+                 the whole guest; `livemig analyze` finds it complete),
+                 quits; a new process on the same file restores and its
+                 arrival check proves every page.  The
                  same save from a memfd guest is refused naming the memfd,
                  and the guest runs on.
   x-ignore-shared  in mode normal, two processes on one /dev/shm file: a
@@ -247,6 +248,12 @@ def _(env):
         check(size < pages * 4 + STREAM_SLACK, "state file is %d bytes: pages went into it",
               size)
         check(ram(info, "normal") == 0, "source sent %d pages", ram(info, "normal"))
+        # the analyzer reads the state file: complete, the block left in place
+        r = subprocess.run([env.livemig, "analyze", state], capture_output=True, timeout=60)
+        out = r.stdout.decode("utf-8", "replace")
+        check(r.returncode == 0 and "x-ignore-shared" in out,
+              "livemig analyze on the state file: exit %d\n%s%s", r.returncode, out,
+              r.stderr.decode("utf-8", "replace"))
         rc = src.quit()
         check(rc == 0, "source quit with %r", rc)
         dst = env.guest("dst", mem=MEM, incoming="defer", dirty_rate=1000,
