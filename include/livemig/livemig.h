@@ -143,7 +143,8 @@ int lm_ram_register_fd(lm_mig *m, const char *idstr, void *host, uint64_t length
  * The descriptor behind block `idstr` (the registered one, or the one a
  * cpr-transfer source handed over), and its offset; -1 for anonymous
  * memory or a block still waiting.  Owned by the library: dup it to keep
- * it past lm_free.
+ * it past lm_free.  Call it while no migration runs (a cpr-transfer
+ * destination sets it on its incoming thread).
  */
 int lm_ram_fd(lm_mig *m, const char *idstr, uint64_t *offset);
 
