@@ -128,6 +128,40 @@ int lm_ram_register(lm_mig *m, const char *idstr, void *host, uint64_t length,
                     uint64_t page_size, lm_error *err);
 
 /*
+ * Register a RAM block whose memory is a file descriptor's, so that the CPR
+ * modes can hand it over instead of copying it (parameter "mode",
+ * capability "x-ignore-shared"; docs/format.md section 8).
+ *
+ *   fd >= 0   `host` is [offset, offset + length) of `fd` mapped MAP_SHARED
+ *             by the program: a memfd, or a shared file (tmpfs under
+ *             /dev/shm, a DAX device, ...).  The library keeps its own dup
+ *             of fd (closed by lm_free); the program may close its copy.
+ *             A memfd (or an unlinked file) dies with its last holder, so
+ *             cpr-reboot refuses it; cpr-transfer takes either.
+ *   fd == -1  a cpr-transfer destination's block: `host` is address space
+ *             the program reserved (e.g. mmap PROT_NONE, MAP_NORESERVE),
+ *             which costs no memory.  When the source's descriptor arrives,
+ *             the library checks its size and maps it over `host` with
+ *             MAP_FIXED, so `host` stays the block's address; if the load
+ *             fails before the guest runs the reservation is put back.
+ *             Only mode cpr-transfer can give such a block memory (any
+ *             other migration refuses it); offset must be 0.
+ *
+ * offset is page aligned.  Otherwise as lm_ram_register.
+ */
+int lm_ram_register_fd(lm_mig *m, const char *idstr, void *host, uint64_t length,
+                       uint64_t page_size, int fd, uint64_t offset, lm_error *err);
+
+/*
+ * The descriptor behind block `idstr` (the registered one, or the one a
+ * cpr-transfer source handed over), and its offset; -1 for anonymous
+ * memory or a block still waiting.  Owned by the library: dup it to keep
+ * it past lm_free.  Call it while no migration runs (a cpr-transfer
+ * destination sets it on its incoming thread).
+ */
+int lm_ram_fd(lm_mig *m, const char *idstr, uint64_t *offset);
+
+/*
  * Dirty tracking.  "uffd-wp": userfaultfd write-protect in async mode read
  * with PAGEMAP_SCAN; needs no help from the writers but only sees writes made
  * by this process through the registered mapping.  "cooperative": the program

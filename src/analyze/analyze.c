@@ -1273,6 +1273,10 @@ static void an_check_complete(an_ctx *c)
     }
     for (size_t k = 0; k < a->nblocks && !a->mapped_ram; k++) {
         const lm_an_block *b = &a->blocks[k];
+        /* x-ignore-shared: a block with no page at all was left in place
+         * (its memory is the shared file or memfd the restore maps) */
+        if (c->ignore_shared && b->counts.pages_present == 0)
+            continue;
         if (b->counts.pages_present < b->counts.pages)
             error_list_add(miss, msz, "RAM block '%s': %llu of %llu pages not in this stream",
                            b->idstr,

@@ -26,6 +26,7 @@
 
 #include "migration/incoming.h"
 #include "util/bitmap.h"
+#include "cpr/cpr.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -241,6 +242,9 @@ void *incoming_thread(void *arg)
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
+        /* cpr-transfer: map the source's RAM before the stream (src/cpr/) */
+        if (!ret && mig_params(m).mode == CPR_MODE_TRANSFER)
+            ret = cpr_receive(&m->ram, m->conn.fd, m->cancel_fd, &err);
         if (!ret)
             ret = in_setup_placer(&in, chans, n, &err);
     }
@@ -260,6 +264,7 @@ void *incoming_thread(void *arg)
     mig_set_status(m, LM_STATUS_ACTIVE);
     in.s = stream_new_reader(m->conn.fd, m->conn.is_socket);
     lv->mapped_ram = mig_cap(m, MIG_CAP_MAPPED_RAM);
+    lv->ignore_shared = mig_cap(m, MIG_CAP_IGNORE_SHARED);
     loadvm_set_command(lv, WIRE_CMD_OPEN_RETURN_PATH, in_open_rp, &in);
     loadvm_set_command(lv, WIRE_CMD_PING, in_ping, &in);
     loadvm_add_handler(lv, "ram", 0, RAM_SECTION_VERSION, in_load_ram, &in)->check =
@@ -336,6 +341,7 @@ fail:
     if (after_run)
         in_split(&in, &err);
     in_workers_finish(&in, true, NULL);
+    cpr_incoming_failed(&m->ram);      /* the guest never ran: give its memory back */
     if (in.rpw)
         in_rp_send(&in, WIRE_RP_SHUT, 1);
     if (in.s)

@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include "migration/migration.h"
+#include "cpr/cpr.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -74,6 +75,7 @@ void lm_free(lm_mig *m)
         dirty_free(m->dirty);
     ram_save_finish(&m->ram);
     ram_load_finish(&m->ram);
+    cpr_release(&m->ram);
     pthread_mutex_destroy(&m->lock);
     pthread_mutex_destroy(&m->conn_lock);
     pthread_cond_destroy(&m->cond);
@@ -129,6 +131,32 @@ int lm_ram_register(lm_mig *m, const char *idstr, void *host, uint64_t length,
         return error_set(err, -EBUSY, "RAM blocks must be registered before the first "
                          "migration");
     return ram_register(&m->ram, idstr, host, length, page_size, err);
+}
+
+int lm_ram_register_fd(lm_mig *m, const char *idstr, void *host, uint64_t length,
+                       uint64_t page_size, int fd, uint64_t offset, lm_error *err)
+{
+    int ret = lm_ram_register(m, idstr, host, length, page_size, err);
+
+    if (ret)
+        return ret;
+    ret = cpr_register(&m->ram, m->ram.nblocks - 1, fd, offset, err);
+    if (ret) {          /* not registered after all: the last one goes again */
+        m->ram.nblocks--;
+        m->ram.total -= length;
+    }
+    return ret;
+}
+
+int lm_ram_fd(lm_mig *m, const char *idstr, uint64_t *offset)
+{
+    int i = ram_find(&m->ram, idstr);
+
+    if (i < 0 || m->ram.blocks[i].fd < 0)
+        return -1;
+    if (offset)
+        *offset = m->ram.blocks[i].fd_offset;
+    return m->ram.blocks[i].fd;
 }
 
 int lm_ram_find(lm_mig *m, const char *idstr)
@@ -433,6 +461,28 @@ void lm_query(lm_mig *m, lm_stats *st)
 /* ------------------------------------------------------------ start / cancel */
 
 
+/* The mode's checks (src/cpr/): which blocks stay in place, what is refused. */
+static int mig_check_cpr(lm_mig *m, const char *uri, bool incoming, lm_error *err)
+{
+    transport_uri u;
+    cpr_config c = { .mode = (cpr_mode)mig_params(m).mode, .incoming = incoming,
+                     .ignore_shared = mig_cap(m, MIG_CAP_IGNORE_SHARED) };
+    int ret = transport_uri_parse(uri, &u, err);
+
+    if (ret)
+        return ret;
+    c.uri_kind = u.kind;
+    if (mig_cap(m, MIG_CAP_MULTIFD))
+        c.conflict = "multifd";
+    else if (mig_cap(m, MIG_CAP_MAPPED_RAM))
+        c.conflict = "mapped-ram";
+    else if (mig_cap(m, MIG_CAP_COMPRESS))
+        c.conflict = "compress";
+    else if (mig_cap(m, MIG_CAP_POSTCOPY_RAM))
+        c.conflict = "postcopy-ram";    /* QEMU: not compatible with ignore-shared */
+    return cpr_check(&m->ram, &c, err);
+}
+
 static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
 {
     int ret;
@@ -445,6 +495,9 @@ static int mig_begin(lm_mig *m, const char *uri, bool incoming, lm_error *err)
             return error_set(err, -EBUSY, "There's a migration process in progress");
     }
     mig_join(m);
+    /* idle and joined: nothing reads the blocks' CPR flags while they are set */
+    if ((ret = mig_check_cpr(m, uri, incoming, err)))
+        return ret;
     if ((ret = mig_claim_runstate(m, incoming, err)))
         return ret;
     if (m->ram.nblocks == 0 && m->ndevices == 0)

@@ -57,6 +57,7 @@ enum mig_capability {
     MIG_CAP_POSTCOPY_RAM,
     MIG_CAP_RETURN_PATH,      /* accepted for QEMU's scripts: sockets always have one */
     MIG_CAP_POSTCOPY_PREEMPT,
+    MIG_CAP_IGNORE_SHARED,             /* x-ignore-shared (src/cpr/cpr.h) */
     MIG_CAP__MAX,
 };
 
@@ -81,6 +82,7 @@ typedef struct mig_paramset {
     int64_t link_timeout;              /* ms after which a silent tcp link fails; 0 = kernel's */
     int64_t max_postcopy_bandwidth;    /* bytes/s after the postcopy switch, 0 = unlimited */
     int64_t postcopy_after;            /* ms; >0: switch to postcopy by itself (see params.c) */
+    int64_t mode;                      /* cpr_mode: normal, cpr-reboot, cpr-transfer */
 } mig_paramset;
 
 /* Copied by value under the lock, then called without it. */

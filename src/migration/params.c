@@ -22,6 +22,7 @@ static const char *const cap_names[MIG_CAP__MAX] = {
     [MIG_CAP_POSTCOPY_RAM] = "postcopy-ram",
     [MIG_CAP_RETURN_PATH] = "return-path",
     [MIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
+    [MIG_CAP_IGNORE_SHARED] = "x-ignore-shared",
 };
 
 typedef struct param_def {
@@ -35,6 +36,8 @@ typedef struct param_def {
 
 static const char *const compression_choices[] = { "none", "zlib", "zstd", NULL };
 static const char *const zero_choices[] = { "none", "legacy", "multifd", NULL };
+/* QEMU's MigMode, in cpr_mode's order (src/cpr/cpr.h) */
+static const char *const mode_choices[] = { "normal", "cpr-reboot", "cpr-transfer", NULL };
 
 #define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(mig_paramset, f), lo, hi, d, l, NULL }
 #define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(mig_paramset, f), 0, 0, d, false, c }
@@ -69,6 +72,7 @@ static const param_def param_defs[] = {
      * fifth since the pass before -- or when precopy has run this many ms.
      * 0 = only on request, as QEMU. */
     P("x-postcopy-after", postcopy_after, 0, 86400000, 0, true),
+    S("mode", mode, 0, mode_choices),
 };
 #undef P
 #undef S

@@ -149,6 +149,9 @@ static int pci_advise(const loadvm_cmd *c, void *opaque)
     if (!in->rpw)
         return pci_fail(c, -ENOTCONN, "postcopy needs the return path (OPEN_RETURN_PATH "
                         "first)");
+    if (in->m->ram.ignore_shared)
+        return pci_fail(c, -ENOTSUP, "postcopy cannot be combined with x-ignore-shared here "
+                        "(ADVISE would discard the memory left in place)");
     if (in->mapped || in->decomp)
         return pci_fail(c, -ENOTSUP, "postcopy cannot be combined with %s here",
                         in->mapped ? "mapped-ram" : "the compress capability");

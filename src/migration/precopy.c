@@ -40,6 +40,7 @@
 
 #include "migration/migration.h"
 #include "compress/compress.h"
+#include "cpr/cpr.h"
 #include "mappedram/mappedram.h"
 #include "multifd/multifd.h"
 #include "postcopy/postcopy.h"
@@ -370,7 +371,12 @@ static int pc_setup(precopy *pc, lm_error *err)
     lm_mig *m = pc->m;
     int ret;
 
-    savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM));
+    /* cpr-transfer: the descriptors of guest RAM go first (src/cpr/) */
+    if (pc->p.mode == CPR_MODE_TRANSFER &&
+        (ret = cpr_send(pc->ram, m->conn.fd, m->cancel_fd, err)))
+        return ret;
+    savevm_put_header_caps(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM),
+                           mig_cap(m, MIG_CAP_IGNORE_SHARED));
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, WIRE_CMD_OPEN_RETURN_PATH, 0, NULL);
         if (mig_cap(m, MIG_CAP_POSTCOPY_RAM)) {

@@ -36,6 +36,8 @@ int ram_register(ram_state *r, const char *idstr, void *host, uint64_t length,
     b->host = host;
     b->length = length;
     b->npages = length / RAM_PAGE_SIZE;
+    b->fd = -1;
+    b->mr_addr = r->total;
     r->total += length;
     return 0;
 }
@@ -58,8 +60,10 @@ void ram_save_start(ram_state *r, dirty_tracker *arm)
         ramblock *b = &r->blocks[i];
         bitmap_free(b->bmap);
         b->bmap = bitmap_new(b->npages);
+        b->arm_next = arm && !b->ignored ? 0 : b->npages;
+        if (b->ignored)
+            continue;           /* in place: nothing of it is ever sent */
         bitmap_fill(b->bmap, b->npages);
-        b->arm_next = arm ? 0 : b->npages;
         r->dirty += b->npages;
     }
     r->cur_block = 0;
@@ -92,6 +96,8 @@ void ram_save_setup(ram_state *r, const ram_sink *sink, lm_stream *s)
     for (int i = 0; i < r->nblocks; i++) {
         stream_put_counted(s, r->blocks[i].idstr);
         lm_put_be64(s, r->blocks[i].length);
+        if (r->ignore_shared)
+            lm_put_be64(s, r->blocks[i].mr_addr);
         if (sink->ops && sink->ops->block)
             sink->ops->block(sink->impl, r, s, &r->blocks[i]);
     }
@@ -266,6 +272,8 @@ int64_t ram_sync(ram_state *r, dirty_tracker *d, lm_error *err)
     int64_t total = 0;
 
     for (int i = 0; i < r->nblocks; i++) {
+        if (r->blocks[i].ignored)
+            continue;           /* never armed, never sent */
         int64_t n = dirty_sync(d, i, r->blocks[i].bmap, err);
         if (n < 0)
             return n;
@@ -301,7 +309,7 @@ void ram_load_start(ram_state *r)
     r->load_ended = false;
     for (int i = 0; i < r->nblocks; i++) {
         ramblock *b = &r->blocks[i];
-        if (b->rmap)
+        if (b->rmap && !b->ignored)    /* shared memory in place is never wiped */
             ram_load_forget(b);
         bitmap_free(b->rmap);
         b->rmap = bitmap_new(b->npages);
@@ -332,7 +340,7 @@ int ram_load_check(const ram_state *r, char *why, size_t len)
     }
     for (int i = 0; i < r->nblocks; i++) {
         const ramblock *b = &r->blocks[i];
-        uint64_t got = bitmap_count(b->rmap, b->npages);
+        uint64_t got = b->ignored ? b->npages : bitmap_count(b->rmap, b->npages);
 
         if (got == b->npages)
             continue;
@@ -379,6 +387,19 @@ static int ram_load_block_list(ram_state *r, const ram_placer *pl, lm_stream *s,
                                 "the stream but %" PRIu64 " here (byte offset %" PRIu64 ")",
                                 name, len, r->blocks[i].length, where);
             return -1;
+        }
+        if (r->ignore_shared) {
+            uint64_t addr;
+            if (lm_get_be64(s, &addr))
+                return -1;
+            /* QEMU checks the address of the blocks it leaves in place */
+            if (r->blocks[i].ignored && addr != r->blocks[i].mr_addr) {
+                lm_stream_set_error(s, -EINVAL, "ram: RAM block '%s' is at address 0x%"
+                                    PRIx64 " in the stream but 0x%" PRIx64 " here (byte "
+                                    "offset %" PRIu64 ")", name, addr, r->blocks[i].mr_addr,
+                                    where);
+                return -1;
+            }
         }
         if (pl->ops && pl->ops->block && pl->ops->block(pl->impl, r, s, &r->blocks[i]))
             return -1;
@@ -512,6 +533,12 @@ static int ram_load_on(ram_state *r, const ramblock **last, const ram_placer *pl
         b = (ramblock *)ram_load_block(r, last, s, flags, at);
         if (!b)
             return -1;
+        if (b->ignored) {
+            lm_stream_set_error(s, -EINVAL, "ram: page record for RAM block '%s', which "
+                                "stays in place here (x-ignore-shared / cpr mode), at byte "
+                                "offset %" PRIu64, b->idstr, at);
+            return -1;
+        }
         if (offset >= b->length) {
             lm_stream_set_error(s, -ERANGE, "ram: page offset 0x%" PRIx64 " is outside RAM "
                                 "block '%s' (length 0x%" PRIx64 ") at byte offset %" PRIu64,

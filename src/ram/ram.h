@@ -64,12 +64,25 @@ typedef struct ramblock {
      * block list named the block */
     unsigned long *rmap;
     bool listed;
+    /* Where the memory comes from (src/cpr/: lm_ram_register_fd): `fd` is
+     * the library's own descriptor of it (-1: anonymous, or a destination
+     * block waiting for a cpr-transfer source's), mapped from `fd_offset`.
+     * `ignored`: this migration leaves the block in place (x-ignore-shared,
+     * cpr modes) -- no page of it is sent, tracked or loaded.  Both are set
+     * before a migration starts and read-only while it runs. */
+    int fd;
+    uint64_t fd_offset;
+    int backing;                /* cpr_backing */
+    bool ignored;
+    uint64_t mr_addr;           /* x-ignore-shared's address: the bytes of the
+                                   blocks registered before this one */
 } ramblock;
 
 typedef struct ram_state {
     ramblock blocks[RAM_MAX_BLOCKS];
     int nblocks;
     uint64_t total;             /* sum of block lengths */
+    bool ignore_shared;         /* x-ignore-shared: mr_addr in the block list */
 
     /* source save state */
     int cur_block;

@@ -51,12 +51,13 @@ int loadvm_set_command(loadvm *lv, uint16_t cmd, loadvm_cmd_fn fn, void *opaque)
 
 /*
  * Configuration subsections: only configuration/capabilities is known (its
- * data has a length we can parse); the validated capability mapped-ram must
+ * data has a length we can parse); the validated capabilities mapped-ram and
+ * x-ignore-shared must
  * be set identically on both sides, as in QEMU.
  */
 static int loadvm_config_caps(loadvm *lv, lm_stream *s)
 {
-    bool mapped = false;
+    bool mapped = false, ignore_shared = false;
 
     while (stream_peek_u8(s) == WIRE_VM_SUBSECTION) {
         uint64_t at = lm_stream_offset(s);
@@ -84,6 +85,8 @@ static int loadvm_config_caps(loadvm *lv, lm_stream *s)
                 return -1;
             if (!strcmp(cap, "mapped-ram")) {
                 mapped = true;
+            } else if (!strcmp(cap, "x-ignore-shared")) {
+                ignore_shared = true;
             } else {
                 lm_stream_set_error(s, -EINVAL, "configuration: the stream needs capability "
                                     "'%s' (byte offset %" PRIu64 "), unknown here", cap, cat);
@@ -95,6 +98,12 @@ static int loadvm_config_caps(loadvm *lv, lm_stream *s)
         lm_stream_set_error(s, -EINVAL, "configuration: the stream was saved %s mapped-ram "
                             "but this side has the capability %s", mapped ? "with" : "without",
                             lv->mapped_ram ? "on" : "off");
+        return -1;
+    }
+    if (ignore_shared != lv->ignore_shared) {
+        lm_stream_set_error(s, -EINVAL, "configuration: the stream was saved %s "
+                            "x-ignore-shared but this side has the capability %s",
+                            ignore_shared ? "with" : "without", lv->ignore_shared ? "on" : "off");
         return -1;
     }
     return 0;

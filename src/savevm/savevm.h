@@ -52,6 +52,8 @@
 /* Header and configuration; with mapped-ram the configuration carries QEMU's
  * configuration/capabilities subsection listing it (a validated capability). */
 void savevm_put_header(lm_stream *s, bool mapped_ram);
+/* The same with x-ignore-shared, QEMU's other validated capability. */
+void savevm_put_header_caps(lm_stream *s, bool mapped_ram, bool ignore_shared);
 void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *idstr,
                            uint32_t instance, uint32_t version);  /* any type */
 void savevm_section_footer(lm_stream *s, uint32_t id);
@@ -116,6 +118,7 @@ struct loadvm {
      * the package, whose device sections the check counts). */
     int (*at_eof)(loadvm *lv, lm_stream *s, void *opaque);
     void *at_eof_opaque;
+    bool ignore_shared;       /* this side has x-ignore-shared on */
 
     /* parse state, shared by a package's nested loop and the stream around
      * it: sender's section id -> handler, and version in use */

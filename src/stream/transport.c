@@ -732,6 +732,15 @@ static int unix_listen(transport_listener *l, lm_error *err)
         if (ret < 0)
             goto out;
     }
+    /* Owner-only before listen: nobody else can connect, not even in a
+     * window (a bound socket that does not listen yet refuses everyone).
+     * What arrives on it can be guest RAM or, in cpr-transfer, the very
+     * descriptors of guest RAM (src/cpr/). */
+    if (sa.sun_path[0] && chmod(sa.sun_path, 0600) < 0) {
+        ret = error_set_errno(err, -errno, "%s: chmod 0600", name);
+        unlink(sa.sun_path);
+        goto out;
+    }
     if (listen(fd, LISTEN_BACKLOG) < 0) {
         ret = error_set_errno(err, -errno, "%s: listen", name);
         unlink(sa.sun_path);

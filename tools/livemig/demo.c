@@ -314,6 +314,11 @@ static void demo_usage(FILE *f)
         "                       cannot converge; a time (3s): switch then; off\n"
         "  --preempt on|off     postcopy's requested pages on their own connection\n"
         "                       (default on)\n"
+        "  --mode M             normal | cpr-transfer (default normal).  cpr-transfer\n"
+        "                       puts both guests' RAM in a memfd and hands the\n"
+        "                       source's over a unix: socket (default one in the\n"
+        "                       demo's temp dir): no page is copied, the destination\n"
+        "                       allocates no RAM of its own\n"
         "  -h, --help           show this help\n"
         "\n"
         "Exit status: 0 if the migration completed and the guest verified,\n"
@@ -332,6 +337,7 @@ struct demo_args {
     const char *postcopy;        /* --postcopy off|auto|TIME */
     bool postcopy_default;       /* not given: auto on sockets only */
     bool preempt;
+    bool cpr_transfer;           /* --mode cpr-transfer */
 };
 
 static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
@@ -347,6 +353,7 @@ static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
         { "dirty-tracker", required_argument, NULL, 'T' },
         { "postcopy", required_argument, NULL, 'P' },
         { "preempt", required_argument, NULL, 'E' },
+        { "mode", required_argument, NULL, 'M' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -411,6 +418,13 @@ static int demo_parse(int argc, char **argv, struct demo_args *a, lm_error *err)
                                   "or cooperative", optarg);
             a->tracker = optarg;
             break;
+        case 'M':
+            if (strcmp(optarg, "normal") && strcmp(optarg, "cpr-transfer"))
+                return tool_error(err, -EINVAL, "--mode: '%s' is not normal or cpr-transfer "
+                                  "(cpr-reboot restarts one process: see docs/cli.md)",
+                                  optarg);
+            a->cpr_transfer = !strcmp(optarg, "cpr-transfer");
+            break;
         case 'h':
             return 1;
         default:
@@ -445,7 +459,9 @@ int cmd_demo(int argc, char **argv)
     struct migrate_opts mo = { .prefix = "livemig demo" };
     lm_error err = { 0 };
     char dir[] = "/tmp/livemig-demo.XXXXXX";
-    char mem[32], rate[32], vcpus[16], sq[4200], dq[4200], size[64], uri[200];
+    char mem[32], rate[32], vcpus[16], sq[4200], dq[4200], size[64], uri[4200];
+    char cpr_sock[4200] = "", cpr_uri[4300];
+    bool uri_given;
     bool have_dir = false, migrated = false;
     int rc, ret = 1;
 
@@ -461,9 +477,11 @@ int cmd_demo(int argc, char **argv)
         return 2;
     }
     mo.timeout_s = a.timeout_s;
+    uri_given = strcmp(a.uri, "tcp:127.0.0.1:0") != 0;
     /* postcopy needs a socket (its return path); the default stays out of
      * the way of other URIs */
-    if (a.postcopy_default && strncmp(a.uri, "tcp:", 4) && strncmp(a.uri, "unix:", 5))
+    if (a.postcopy_default &&
+        (a.cpr_transfer || (strncmp(a.uri, "tcp:", 4) && strncmp(a.uri, "unix:", 5))))
         a.postcopy = "off";
     if (migrate_opt_postcopy(&mo, a.postcopy, &err)) {
         fprintf(stderr, "livemig demo: %s\nTry 'livemig demo --help'.\n", err.msg);
@@ -485,6 +503,15 @@ int cmd_demo(int argc, char **argv)
     snprintf(dst.sock, sizeof(dst.sock), "%s/destination.qmp", dir);
     snprintf(sq, sizeof(sq), "unix:%s", src.sock);
     snprintf(dq, sizeof(dq), "unix:%s", dst.sock);
+    if (a.cpr_transfer) {
+        if (!uri_given) {   /* in the demo's own 0700 dir */
+            snprintf(cpr_sock, sizeof(cpr_sock), "%s/migrate.sock", dir);
+            snprintf(cpr_uri, sizeof(cpr_uri), "unix:%s", cpr_sock);
+            a.uri = cpr_uri;
+        }
+        if (migrate_opt_param(&mo, "mode=cpr-transfer", &err))
+            goto fail;
+    }
     snprintf(mem, sizeof(mem), "%llu", (unsigned long long)a.mem);
     if (a.rate < 0)
         snprintf(rate, sizeof(rate), "max");
@@ -496,10 +523,19 @@ int cmd_demo(int argc, char **argv)
     char *src_argv[] = { "livemig", "guest", "--mem", mem, "--vcpus", vcpus,
                          "--dirty-rate", rate, "--pattern", (char *)a.pattern,
                          "--fill", (char *)a.fill, "--dirty-tracker", (char *)a.tracker,
-                         "--qmp", sq, NULL };
+                         "--qmp", sq, NULL, NULL, NULL };
     char *dst_argv[] = { "livemig", "guest", "--mem", mem, "--vcpus", vcpus,
                          "--dirty-rate", rate, "--pattern", (char *)a.pattern,
-                         "--incoming", "defer", "--qmp", dq, NULL };
+                         "--incoming", "defer", "--qmp", dq, NULL, NULL, NULL, NULL, NULL };
+    if (a.cpr_transfer) {       /* both in a memfd; the destination maps the source's */
+        src_argv[16] = "--mem-backend";
+        src_argv[17] = "memfd";
+        dst_argv[14] = "--mem-backend";
+        dst_argv[15] = "memfd";
+        dst_argv[16] = "--mode";
+        dst_argv[17] = "cpr-transfer";
+        printf("mode cpr-transfer: guest RAM in a memfd, handed over on a unix socket\n");
+    }
 
     if (a.rate < 0)
         printf("source guest: %s, %u writers as fast as they can (%s pattern, %s fill)\n",
@@ -578,6 +614,8 @@ out:
     if (have_dir) {
         unlink(src.sock);
         unlink(dst.sock);
+        if (cpr_sock[0])
+            unlink(cpr_sock);
         if (rmdir(dir))
             fprintf(stderr, "livemig demo: cannot remove %s: %s\n", dir, strerror(errno));
     }

@@ -33,8 +33,10 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <fcntl.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include "util.h"
@@ -65,6 +67,7 @@ struct writer {
 struct guest {
     struct guest_config cfg;
     uint8_t *ram;
+    int ram_fd;                   /* memfd / file backends; -1 otherwise */
     uint64_t pages;
     uint32_t *versions;
     enum guest_fill fill;         /* changes only while writers are parked */
@@ -362,6 +365,59 @@ static void *writer_main(void *arg)
 
 /* ---------------------------------------------------------------- public */
 
+/* g->ram (and g->ram_fd) by the configured backend; see guest.h. */
+static int guest_map_ram(struct guest *g, lm_error *err)
+{
+    const struct guest_config *cfg = &g->cfg;
+    unsigned long long mem = (unsigned long long)cfg->mem;
+    int prot = PROT_READ | PROT_WRITE, flags = MAP_SHARED;
+    struct stat st;
+
+    switch (cfg->backend) {
+    case GUEST_MEM_ANON:
+        prot = PROT_READ | PROT_WRITE;
+        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+        break;
+    case GUEST_MEM_MEMFD:
+        if (cfg->incoming) {    /* address space only: the source's memfd comes later */
+            prot = PROT_NONE;
+            flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
+            break;
+        }
+        g->ram_fd = memfd_create("livemig-guest-ram", MFD_CLOEXEC);
+        if (g->ram_fd < 0)
+            return tool_error_errno(err, -errno, "memfd_create");
+        if (ftruncate(g->ram_fd, (off_t)cfg->mem) < 0)
+            return tool_error_errno(err, -errno, "cannot size the memfd to %llu bytes", mem);
+        break;
+    case GUEST_MEM_FILE:
+        g->ram_fd = open(cfg->mem_path, O_RDWR | O_CLOEXEC | (cfg->incoming ? 0 : O_CREAT),
+                         0600);
+        if (g->ram_fd < 0)
+            return tool_error_errno(err, -errno, "cannot open %s", cfg->mem_path);
+        if (fstat(g->ram_fd, &st) < 0)
+            return tool_error_errno(err, -errno, "fstat %s", cfg->mem_path);
+        if (cfg->incoming && (uint64_t)st.st_size != cfg->mem)
+            return tool_error(err, -EINVAL, "%s holds %llu bytes, not the %llu of --mem",
+                              cfg->mem_path, (unsigned long long)st.st_size, mem);
+        if (!cfg->incoming && ftruncate(g->ram_fd, (off_t)cfg->mem) < 0)
+            return tool_error_errno(err, -errno, "cannot size %s to %llu bytes",
+                                    cfg->mem_path, mem);
+        break;
+    }
+    g->ram = mmap(NULL, cfg->mem, prot, flags, g->ram_fd, 0);
+    if (g->ram == MAP_FAILED) {
+        g->ram = NULL;
+        return tool_error_errno(err, -errno, "cannot map %llu bytes of guest RAM", mem);
+    }
+    return 0;
+}
+
+int guest_ram_fd(struct guest *g)
+{
+    return g->ram_fd;
+}
+
 int guest_new(struct guest **out, const struct guest_config *cfg, lm_error *err)
 {
     struct guest *g;
@@ -380,6 +436,7 @@ int guest_new(struct guest **out, const struct guest_config *cfg, lm_error *err)
     if (!g)
         return tool_error(err, -ENOMEM, "out of memory");
     g->cfg = *cfg;
+    g->ram_fd = -1;
     g->pages = cfg->mem / GUEST_PAGE_SIZE;
     g->fill = cfg->fill;
     atomic_init(&g->park, true);
@@ -399,18 +456,14 @@ int guest_new(struct guest **out, const struct guest_config *cfg, lm_error *err)
                         (unsigned long long)g->pages);
         goto out;
     }
-    g->ram = mmap(NULL, cfg->mem, PROT_READ | PROT_WRITE,
-                  MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
-    if (g->ram == MAP_FAILED) {
-        g->ram = NULL;
-        rc = tool_error_errno(err, -errno, "cannot map %llu bytes of guest RAM",
-                              (unsigned long long)cfg->mem);
+    if ((rc = guest_map_ram(g, err)))
         goto out;
-    }
 
     struct job jobs[MAX_HELPERS];
     unsigned n = helper_count(g->pages);
-    if (cfg->incoming) {
+    if (cfg->incoming && cfg->backend != GUEST_MEM_ANON) {
+        /* memfd: a reservation, file: its content as it is (guest.h) */
+    } else if (cfg->incoming) {
         run_jobs(g, job_populate, jobs, n);
         for (unsigned i = 0; i < n && !rc; i++)
             if (jobs[i].rc)
@@ -493,6 +546,8 @@ void guest_free(struct guest *g)
     free(g->writers);
     if (g->ram)
         munmap(g->ram, g->cfg.mem);
+    if (g->ram_fd >= 0)
+        close(g->ram_fd);
     free(g->versions);
     pthread_cond_destroy(&g->park_cv);
     pthread_cond_destroy(&g->parked_cv);

@@ -51,6 +51,14 @@ enum guest_pattern {
 int guest_pattern_parse(const char *s);
 const char *guest_pattern_name(enum guest_pattern p);
 
+/* Where guest RAM lives (--mem-backend). */
+enum guest_backend {
+    GUEST_MEM_ANON,             /* private anonymous memory (default) */
+    GUEST_MEM_MEMFD,            /* a memfd, mapped shared: cpr-transfer can hand it over */
+    GUEST_MEM_FILE,             /* a shared file (mem_path), e.g. under /dev/shm: it
+                                   outlives the process, so cpr-reboot can restore from it */
+};
+
 struct guest_config {
     uint64_t mem;                 /* bytes, a non-zero multiple of GUEST_PAGE_SIZE */
     unsigned vcpus;               /* writer threads, 1..pages */
@@ -60,6 +68,8 @@ struct guest_config {
     uint64_t seed;                /* writers' page choice */
     uint64_t working_set;         /* bytes from the start the writers write; 0 = all */
     bool incoming;                /* destination: zeroed RAM, prefaulted, no fill */
+    enum guest_backend backend;
+    const char *mem_path;         /* GUEST_MEM_FILE */
 };
 
 /* Called by a writer after each complete page write. */
@@ -72,6 +82,14 @@ struct guest;
  * page at version 1 (random/text), leave it zero (fill zero), or for an
  * incoming guest prefault zeroed RAM with MADV_POPULATE_WRITE.  Writers are
  * not running yet.
+ *
+ * Backends.  memfd: a new memfd, mapped shared; an incoming memfd guest
+ * allocates nothing: it reserves address space (PROT_NONE, MAP_NORESERVE)
+ * for the cpr-transfer source's memfd to be mapped over (guest_ram_fd -1).
+ * file: PATH is opened (created 0600 and sized if absent) and mapped
+ * shared; an incoming file guest takes the file's content as it is (no
+ * fill, no prefault): cpr-reboot's restore, whose state file says what the
+ * pages hold.
  */
 int guest_new(struct guest **out, const struct guest_config *cfg, lm_error *err);
 
@@ -112,6 +130,8 @@ int64_t guest_last_stop_ns(struct guest *g);
 
 const struct guest_config *guest_config(struct guest *g);
 uint8_t *guest_ram(struct guest *g);
+/* The descriptor behind guest RAM (memfd / file backends), else -1. */
+int guest_ram_fd(struct guest *g);
 uint64_t guest_pages(struct guest *g);
 /* The version table (device state).  Touch only while writers are paused. */
 uint32_t *guest_versions(struct guest *g);

@@ -283,6 +283,13 @@ static void guest_usage(FILE *f)
         "  --dirty-tracker T         auto | uffd-wp | cooperative (default auto)\n"
         "  --incoming URI|defer      be a migration destination; 'defer' waits for\n"
         "                            QMP migrate-incoming\n"
+        "  --mem-backend B           anon | memfd | file:PATH (default anon): where\n"
+        "                            guest RAM lives.  memfd and file RAM can be handed\n"
+        "                            over (mode cpr-transfer); a file outlives the\n"
+        "                            process (mode cpr-reboot).  An incoming memfd\n"
+        "                            guest allocates no RAM: it maps the source's\n"
+        "  --mode M                  the migration parameter 'mode' at start: normal |\n"
+        "                            cpr-reboot | cpr-transfer (for --incoming URI)\n"
         "  --verify-on-arrival on|off  check every page when an incoming migration\n"
         "                            completes, before the guest runs (default on)\n"
         "  -h, --help                show this help\n"
@@ -299,6 +306,7 @@ struct guest_args {
     const char *qmp;
     const char *tracker;
     const char *incoming;
+    const char *mode;
     bool verify_on_arrival;
 };
 
@@ -316,6 +324,8 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
         { "dirty-tracker", required_argument, NULL, 't' },
         { "incoming", required_argument, NULL, 'i' },
         { "verify-on-arrival", required_argument, NULL, 'V' },
+        { "mem-backend", required_argument, NULL, 'b' },
+        { "mode", required_argument, NULL, 'M' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -391,6 +401,26 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
                 return tool_error(err, -EINVAL, "--verify-on-arrival: '%s' is not on or off",
                                   optarg);
             break;
+        case 'b':
+            if (!strcmp(optarg, "anon")) {
+                a->cfg.backend = GUEST_MEM_ANON;
+            } else if (!strcmp(optarg, "memfd")) {
+                a->cfg.backend = GUEST_MEM_MEMFD;
+            } else if (!strncmp(optarg, "file:", 5) && optarg[5]) {
+                a->cfg.backend = GUEST_MEM_FILE;
+                a->cfg.mem_path = optarg + 5;
+            } else {
+                return tool_error(err, -EINVAL, "--mem-backend: '%s' is not anon, memfd or "
+                                  "file:PATH", optarg);
+            }
+            break;
+        case 'M':
+            if (strcmp(optarg, "normal") && strcmp(optarg, "cpr-reboot") &&
+                strcmp(optarg, "cpr-transfer"))
+                return tool_error(err, -EINVAL, "--mode: '%s' is not normal, cpr-reboot or "
+                                  "cpr-transfer", optarg);
+            a->mode = optarg;
+            break;
         case 'h':
             return 1;
         default:
@@ -420,8 +450,15 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
     if (rc)
         return rc;
     gc->h.m = lm_new();
-    rc = lm_ram_register(gc->h.m, RAM_IDSTR, guest_ram(gc->g), a->cfg.mem, GUEST_PAGE_SIZE, err);
+    if (a->cfg.backend == GUEST_MEM_ANON)
+        rc = lm_ram_register(gc->h.m, RAM_IDSTR, guest_ram(gc->g), a->cfg.mem, GUEST_PAGE_SIZE,
+                             err);
+    else    /* fd -1 for an incoming memfd guest: the source's memfd is mapped there */
+        rc = lm_ram_register_fd(gc->h.m, RAM_IDSTR, guest_ram(gc->g), a->cfg.mem,
+                                GUEST_PAGE_SIZE, guest_ram_fd(gc->g), 0, err);
     if (rc)
+        return rc;
+    if (a->mode && (rc = lm_param_set_str(gc->h.m, "mode", a->mode, err)))
         return rc;
     gc->block = lm_ram_find(gc->h.m, RAM_IDSTR);
     rc = lm_device_register(gc->h.m, GUEST_STATE_IDSTR, 0, GUEST_STATE_VERSION, &guest_state_ops,
