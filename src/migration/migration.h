@@ -43,6 +43,7 @@
 #include "stream/transport.h"
 #include "dirty/dirty.h"
 #include "ram/ram.h"
+#include "tls/tls.h"
 
 #define MIG_MAX_LISTENERS 8
 #define MIG_MAX_DEVICES 64
@@ -76,6 +77,10 @@ typedef struct mig_paramset {
     int64_t decompress_threads;
     int64_t switchover_confirm_timeout;/* ms the source waits for the destination's answer */
     int64_t link_timeout;              /* ms after which a silent tcp link fails; 0 = kernel's */
+    /* free strings (params.c: the table's strsize); "" = off */
+    char tls_creds[TLS_ID_MAX];        /* id of a tls-creds-* object */
+    char tls_hostname[TLS_HOSTNAME_MAX];
+    char tls_authz[TLS_ID_MAX];        /* id of an authz-simple object */
 } mig_paramset;
 
 /* Copied by value under the lock, then called without it. */
@@ -122,6 +127,7 @@ struct lm_mig {
     lm_dirty_tracker_ops tracker_ops;
     void *tracker_opaque;
     dirty_tracker *_Atomic dirty;      /* created at first migration, freed by lm_free */
+    tls_registry *tls_objects;         /* object-add's objects (own lock); lm_new..lm_free */
 
     /* --- the running migration --- */
     pthread_t thread;
@@ -132,6 +138,8 @@ struct lm_mig {
     bool user_cancel;                  /* under lock: lm_cancel asked (vs. a failure) */
     int cancel_fd;                     /* eventfd, readable once cancelled */
     transport_uri uri;
+    tls_setup tls;                     /* tls-* parameters resolved by lm_migrate /
+                                          lm_incoming; held until the next one or lm_free */
     transport_conn conn;               /* owned by the thread; shutdown by anyone */
     pthread_mutex_t conn_lock;         /* guards conn.fd against close vs shutdown */
     /* under conn_lock: what mig_kick interrupts besides the connection --

@@ -261,7 +261,7 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
     int n = (int)pc->p.multifd_channels, ret = 0;
     transport_conn conns[MULTIFD_MAX_CHANNELS];
 
-    if ((ret = multifd_send_connect(&m->uri, n, m->cancel_fd, 10000, conns, err)))
+    if ((ret = multifd_send_connect(&m->uri, &m->tls, n, m->cancel_fd, 10000, conns, err)))
         return ret;
     int method = (int)pc->p.multifd_compression;
     int level = (int)(method == MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
@@ -279,10 +279,14 @@ static int pc_setup(precopy *pc, lm_error *err)
     lm_mig *m = pc->m;
     int ret;
 
+    /* TLS (when tls-creds is set) before the first byte of the stream. */
+    if ((ret = tls_wrap(&m->tls, &m->conn, m->cancel_fd, 10000, err)))
+        return ret;
+    stream_set_tls(pc->s, m->conn.tls);
     savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM));
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, WIRE_CMD_OPEN_RETURN_PATH, 0, NULL);
-        pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, m, err);
+        pc->rpr = rp_reader_start_tls(m->conn.fd, m->conn.tls, &pc_rp_ops, m, err);
         if (!pc->rpr)
             return err->code ? err->code : -EIO;
     }

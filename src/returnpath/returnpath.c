@@ -15,6 +15,7 @@
 
 #include "returnpath/returnpath.h"
 #include "savevm/wire.h"
+#include "tls/tls.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -22,16 +23,23 @@
 
 struct rp_writer {
     int fd;
+    struct tls_session *tls;    /* borrowed, like fd; NULL without TLS */
     pthread_mutex_t lock;       /* one whole message at a time */
 };
 
 rp_writer *rp_writer_new(int fd)
+{
+    return rp_writer_new_tls(fd, NULL);
+}
+
+rp_writer *rp_writer_new_tls(int fd, struct tls_session *tls)
 {
     rp_writer *w = calloc(1, sizeof(*w));
 
     if (!w)
         abort();
     w->fd = fd;
+    w->tls = tls;
     pthread_mutex_init(&w->lock, NULL);
     return w;
 }
@@ -55,7 +63,9 @@ int rp_send(rp_writer *w, uint16_t type, const void *data, uint16_t len)
     n = wire_rp_encode(msg, sizeof(msg), type, data, len);
     pthread_mutex_lock(&w->lock);
     while (done < n) {
-        ssize_t r = send(w->fd, msg + done, n - done, MSG_NOSIGNAL);
+        struct iovec v = { msg + done, n - done };
+        ssize_t r = w->tls ? tls_io_writev(w->fd, w->tls, &v, 1)
+                           : send(w->fd, msg + done, n - done, MSG_NOSIGNAL);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0) {
@@ -80,6 +90,7 @@ int rp_send_u32(rp_writer *w, uint16_t type, uint32_t value)
 
 struct rp_reader {
     int fd;
+    struct tls_session *tls;    /* borrowed; NULL without TLS */
     int stop_fd;                /* eventfd: readable = stop */
     rp_reader_ops ops;
     void *opaque;
@@ -173,7 +184,10 @@ static void *rd_thread(void *arg)
                                  { .fd = r->stop_fd, .events = POLLIN } };
         ssize_t n;
 
-        if (poll(pfd, 2, -1) < 0) {
+        /* Bytes GnuTLS already decrypted do not make the socket readable. */
+        if (tls_io_pending(r->tls))
+            pfd[0].revents = POLLIN;
+        else if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             error_set_errno(&err, -errno, "return path poll");
@@ -184,7 +198,12 @@ static void *rd_thread(void *arg)
             break;                          /* rp_reader_stop */
         if (!pfd[0].revents)
             continue;
-        n = recv(r->fd, r->buf + r->len, sizeof(r->buf) - r->len, MSG_DONTWAIT);
+        if (r->tls) {
+            struct iovec v = { r->buf + r->len, sizeof(r->buf) - r->len };
+            n = tls_io_readv(r->fd, r->tls, &v, 1, true);
+        } else {
+            n = recv(r->fd, r->buf + r->len, sizeof(r->buf) - r->len, MSG_DONTWAIT);
+        }
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             continue;
         if (n <= 0) {
@@ -192,7 +211,8 @@ static void *rd_thread(void *arg)
                 error_set(&err, -ECONNRESET, "the destination closed the connection "
                           "without confirming (it failed or was killed)");
             else
-                error_set_errno(&err, -errno, "return path read");
+                error_set(&err, -errno, "return path read: %s",
+                          tls_io_strerror(r->tls, errno));
             rd_fail(r, &err);
             break;
         }
@@ -209,6 +229,12 @@ static void *rd_thread(void *arg)
 
 rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_error *err)
 {
+    return rp_reader_start_tls(fd, NULL, ops, opaque, err);
+}
+
+rp_reader *rp_reader_start_tls(int fd, struct tls_session *tls, const rp_reader_ops *ops,
+                               void *opaque, lm_error *err)
+{
     rp_reader *r = calloc(1, sizeof(*r));
     pthread_condattr_t ca;
     sigset_t all, old;
@@ -217,6 +243,7 @@ rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_er
     if (!r)
         abort();
     r->fd = fd;
+    r->tls = tls;
     r->ops = ops ? *ops : (rp_reader_ops){ 0 };
     r->opaque = opaque;
     r->shut_status = -1;

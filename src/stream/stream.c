@@ -12,6 +12,7 @@
 #include <endian.h>
 
 #include "stream/stream.h"
+#include "tls/tls.h"
 #include "util/error.h"
 
 static lm_stream *stream_alloc(int fd, bool is_socket, bool writer)
@@ -113,8 +114,15 @@ static void stream_close_segment(lm_stream *s)
     }
 }
 
+void stream_set_tls(lm_stream *s, struct tls_session *tls)
+{
+    s->tls = tls;
+}
+
 static ssize_t stream_writev(lm_stream *s, struct iovec *iov, int n)
 {
+    if (s->tls)
+        return tls_io_writev(s->fd, s->tls, iov, n);
     if (s->is_socket) {
         struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
         /* MSG_NOSIGNAL: a dead peer is an error to report, not a SIGPIPE. */
@@ -138,7 +146,8 @@ int stream_flush(lm_stream *s)
             if (errno == EINTR)
                 continue;
             lm_stream_set_error(s, -errno, "write failed at stream offset %llu: %s",
-                                (unsigned long long)s->io_bytes, strerror(errno));
+                                (unsigned long long)s->io_bytes,
+                                tls_io_strerror(s->tls, errno));
             break;
         }
         s->io_bytes += (uint64_t)w;
@@ -246,11 +255,11 @@ static ssize_t stream_readv(lm_stream *s, void *dst, size_t dlen)
     iov[n].iov_len = s->buf_cap;
     n++;
     do {
-        r = readv(s->fd, iov, n);
+        r = s->tls ? tls_io_readv(s->fd, s->tls, iov, n, false) : readv(s->fd, iov, n);
     } while (r < 0 && errno == EINTR);
     if (r < 0)
         lm_stream_set_error(s, -errno, "read failed at byte offset %llu: %s",
-                            (unsigned long long)s->pos, strerror(errno));
+                            (unsigned long long)s->pos, tls_io_strerror(s->tls, errno));
     return r;
 }
 

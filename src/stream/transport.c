@@ -74,6 +74,7 @@
 #include <unistd.h>
 
 #include "stream/transport.h"
+#include "tls/tls.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -1088,11 +1089,13 @@ int conn_close(transport_conn *c, lm_error *err)
     int ret = 0;
 
     if (c->fd >= 0) {
+        tls_session_close(c->tls);
         /* Linux releases the descriptor even when close() fails. */
         if (close(c->fd) < 0 && errno != EINTR)
             ret = error_set_errno(err, -errno, "%s: close", c->peer);
         c->fd = -1;
     }
+    c->tls = NULL;
     /* Our end is closed, so the command sees EOF (or EPIPE) and can finish. */
     if (c->child > 0) {
         int r = exec_reap(c, ret < 0 ? NULL : err);

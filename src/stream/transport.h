@@ -63,8 +63,13 @@ typedef struct transport_uri {
 /* Parse; "bad URI" errors say which part was wrong. */
 int transport_uri_parse(const char *s, transport_uri *u, lm_error *err);
 
+struct tls_session;
+
 typedef struct transport_conn {
     int fd;               /* -1 when closed */
+    struct tls_session *tls;  /* the TLS session on fd (src/tls/tls.h: tls_wrap),
+                             NULL for plaintext; owned with fd: conn_close ends
+                             it, and it means nothing once fd is -1 */
     bool is_socket;       /* a socket with a peer that can answer (tcp, unix,
                              fd: socket): sendmsg(MSG_NOSIGNAL) works, a
                              return path is possible.  false for exec: */
@@ -105,7 +110,7 @@ void transport_unlisten(transport_listener *l);
  * no-op).  Safe from another thread while one is blocked on c. */
 void conn_shutdown(transport_conn *c);
 /*
- * Close; for exec waits for the child and reports a failed exit in err.
+ * Close (ending the TLS session first, if any); for exec waits for the child and reports a failed exit in err.
  * That wait is bounded: after 10 s the command's process group is killed
  * (-ETIMEDOUT).  Idempotent.
  */
