@@ -111,6 +111,8 @@ static uint64_t pc_bytes(precopy *pc)
            pc->mapped_final;
 }
 
+#define PC_TLS_REASON_MS 2000
+
 static int pc_stream_err(precopy *pc, lm_error *err)
 {
     int e = lm_stream_error(pc->s);
@@ -119,6 +121,20 @@ static int pc_stream_err(precopy *pc, lm_error *err)
         return 0;
     if (mig_cancelled(pc->m))
         return error_set(err, -ECANCELED, "migration cancelled");
+    /*
+     * TLS: a destination that refuses us after the handshake (tls-authz)
+     * says why in an alert, which the return path's reader takes; our write
+     * may break first.  The reader ends soon on a broken connection: give
+     * it a moment, and report the destination's reason over our EPIPE.
+     */
+    if (pc->rpr && pc->m->conn.tls) {
+        lm_error rerr = { 0 };
+        uint32_t status;
+        int r = rp_reader_wait_shut(pc->rpr, PC_TLS_REASON_MS, &status, &rerr);
+
+        if (r < 0 && r != -ETIMEDOUT && r != -ECANCELED && rerr.msg[0])
+            return error_set(err, r, "%s", rerr.msg);
+    }
     return error_set(err, e, "%s", lm_stream_error_msg(pc->s));
 }
 

@@ -134,6 +134,13 @@ static int rd_parse(rp_reader *r)
         uint16_t len = (uint16_t)(r->buf[2] << 8 | r->buf[3]);
         const uint8_t *data = r->buf + 4;
 
+        /* A TLS alert record (content type 21, version 3.x) where a message
+         * should be: the destination requires TLS and we do not use it. */
+        if (!r->tls && r->buf[0] == 0x15 && r->buf[1] == 0x03) {
+            error_set(&err, -EPROTO, "the destination answered with a TLS alert: it requires "
+                      "TLS (set tls-creds on the source too)");
+            goto fail;
+        }
         /* Known type, its length, at most WIRE_RP_MAX_LEN: buf always has room. */
         if (wire_rp_check(type, len) != WIRE_OK) {
             error_set(&err, -EPROTO, "return path: bad message type %u length %u", type,

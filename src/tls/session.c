@@ -251,6 +251,10 @@ static int server_peek(transport_conn *c, int cancel_fd, int timeout_ms, lm_erro
             return 0;
         if ((size_t)n < sizeof(b) && b[0] != 'Q' && b[0] != 0x11)
             continue;      /* too few bytes to name what it is */
+        /* Not TLS: answer with a bare TLS alert record (fatal,
+         * unexpected_message), which a livemig source recognises on its
+         * return path; never blocks. */
+        (void)send(c->fd, "\x15\x03\x03\x00\x02\x02\x0a", 7, MSG_NOSIGNAL | MSG_DONTWAIT);
         if (n == 4 && !memcmp(b, "QEVM", 4))
             return error_set(err, -EPROTO, "%s: TLS is required (tls-creds is set), but the "
                              "source sent a plaintext migration stream (QEVM header): set "
@@ -282,6 +286,8 @@ static int handshake_error(tls_session *t, transport_conn *c, int r, int timeout
 
         if (gnutls_certificate_verification_status_print(status, GNUTLS_CRT_X509, &out, 0) < 0)
             out.data = NULL;
+        while (out.data && out.size && out.data[out.size - 1] == ' ')
+            out.data[--out.size] = 0;
         ret = error_set(err, -EACCES, "%s: TLS: the %s's certificate is refused%s%s%s: %s",
                         c->peer, peer, t->client ? " (expected hostname '" : "",
                         t->client ? t->hostname : "", t->client ? "')" : "",
@@ -311,7 +317,8 @@ static int handshake_error(tls_session *t, transport_conn *c, int r, int timeout
     return error_set(err, -EPROTO, "%s: TLS handshake: %s", c->peer, gnutls_strerror(r));
 }
 
-/* The peer's identity: its certificate's DN (RFC 4514) or PSK username. */
+/* The peer's identity: its certificate's DN in RFC 4514 order ("CN=...,O=...",
+ * most specific first, as QEMU's authz examples write it) or PSK username. */
 static void session_identity(tls_session *t)
 {
     const gnutls_datum_t *certs;
@@ -328,7 +335,7 @@ static void session_identity(tls_session *t)
     if (!certs || n == 0 || gnutls_x509_crt_init(&crt) < 0)
         return;
     if (gnutls_x509_crt_import(crt, &certs[0], GNUTLS_X509_FMT_DER) == 0 &&
-        gnutls_x509_crt_get_dn2(crt, &dn) == 0) {
+        gnutls_x509_crt_get_dn3(crt, &dn, 0) == 0) {
         snprintf(t->identity, sizeof(t->identity), "%.*s", (int)dn.size, (const char *)dn.data);
         gnutls_free(dn.data);
     }
@@ -417,7 +424,8 @@ static int record_errno(tls_session *t, int r, bool reading, char *msg, size_t s
 
     t->failed = true;
     if (r == GNUTLS_E_FATAL_ALERT_RECEIVED) {
-        snprintf(msg, size, "the peer ended the TLS session (alert: %s)",
+        snprintf(msg, size, "the %s ended the TLS session (alert: %s)",
+                 t->client ? "destination" : "source",
                  gnutls_alert_get_name(gnutls_alert_get(t->s)));
         return EPROTO;
     }

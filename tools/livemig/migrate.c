@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "tlsopts.h"
 #include "util.h"
 
 #define POLL_MS 100
@@ -191,7 +192,8 @@ void migrate_opts_free(struct migrate_opts *o)
 {
     json_decref(o->caps);
     json_decref(o->params);
-    o->caps = o->params = NULL;
+    json_decref(o->objects);
+    o->caps = o->params = o->objects = NULL;
 }
 
 /* ---------------------------------------------------------------- signals */
@@ -356,6 +358,28 @@ static void print_summary(FILE *f, const struct mig_info *mi)
 
 /* ---------------------------------------------------------------- drive */
 
+/*
+ * object-add each of `objs` on the source; an object of the same id left
+ * by an earlier run is deleted first (object-del's "not found" is fine).
+ */
+static int add_objects(struct qmpc *c, const json_t *objs, lm_error *err)
+{
+    size_t i;
+    json_t *o;
+
+    json_array_foreach((json_t *)objs, i, o) {
+        lm_error ignore = { 0 };
+        int rc;
+
+        qmpc_execute(c, "object-del", json_pack("{s:O}", "id", json_object_get(o, "id")),
+                     NULL, CMD_TIMEOUT_MS, &ignore);
+        rc = qmpc_execute(c, "object-add", json_incref(o), NULL, CMD_TIMEOUT_MS, err);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *o,
                   struct mig_info *final, lm_error *err)
 {
@@ -367,7 +391,9 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
     int rc;
 
     mig_info_parse(NULL, &mi);
-    rc = set_caps(src, o->caps, err);
+    rc = add_objects(src, o->objects, err);
+    if (!rc)
+        rc = set_caps(src, o->caps, err);
     if (!rc && o->params)
         rc = set_params(src, o->params, err);
     if (!rc)
@@ -483,6 +509,7 @@ static void migrate_usage(FILE *f)
         "                        (integers accept K/M/G suffixes)\n"
         "  --timeout S           cancel the migration after S seconds (default 600,\n"
         "                        0 = no limit)\n"
+        TLSOPT_USAGE
         "  -h, --help            show this help\n"
         "\n"
         "Exit status: 0 completed, 1 failed or cancelled (Ctrl-C cancels), 2 usage.\n");
@@ -495,10 +522,12 @@ int cmd_migrate(int argc, char **argv)
         { "cap", required_argument, NULL, 'c' },
         { "param", required_argument, NULL, 'p' },
         { "timeout", required_argument, NULL, 't' },
+        TLSOPT_LONG_OPTIONS,
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     struct migrate_opts mo = { .timeout_s = 600, .prefix = "livemig migrate" };
+    struct tls_opts tls;
     const char *qmp = NULL;
     struct qmpc *c = NULL;
     lm_error err = { 0 };
@@ -506,6 +535,7 @@ int cmd_migrate(int argc, char **argv)
     int64_t v;
 
     optind = 1;
+    tls_opts_init(&tls);
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
         case 'q':
@@ -531,9 +561,14 @@ int cmd_migrate(int argc, char **argv)
             ret = 0;
             goto out;
         default:
-            goto usage_err;          /* getopt said what was wrong */
+            if (tls_opts_take(&tls, opt, optarg, &err) > 0)
+                break;
+            goto usage_err;          /* getopt (or the TLS option) said what was wrong */
         }
     }
+    if (tls_opts_check(&tls, false, &err))
+        goto usage_err;
+    mo.objects = tls_opts_objects(&tls, &mo.params);
     if (!qmp) {
         tool_error(&err, -EINVAL, "--qmp PATH is required");
         goto usage_err;
