@@ -77,7 +77,7 @@ static int cmd_object_add(void *opaque, const char *args_json, char **reply, lm_
     lm_mig *m = opaque;
     json_t *args = qmp_args_parse(args_json, NULL, err), *o, *props;
     const char *type, *id;
-    lm_tls_endpoint ep;
+    lm_tls_endpoint ep = LM_TLS_CLIENT;
     int rc;
 
     if (!args)
