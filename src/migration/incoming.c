@@ -231,7 +231,7 @@ void *incoming_thread(void *arg)
             ret = multifd_accept(&m->listen, &m->tls, n, m->cancel_fd, IN_CHANNELS_MS, &c,
                                  chans, &err);
         else if ((ret = transport_accept(&m->listen, &c, m->cancel_fd, -1, &err)) == 0 &&
-                 (ret = tls_wrap(&m->tls, &c, m->cancel_fd, IN_CHANNELS_MS, &err)) < 0)
+                 (ret = conn_tls_wrap(&m->tls, &c, m->cancel_fd, IN_CHANNELS_MS, &err)) < 0)
             conn_close(&c, NULL);       /* refused before any byte of the stream */
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;

@@ -486,10 +486,13 @@ static int mig_spawn(lm_mig *m, void *(*fn)(void *), lm_error *err)
 static int mig_tls_resolve(lm_mig *m, bool incoming, lm_error *err)
 {
     mig_paramset p = mig_params(m);
+    const char *not_socket = m->uri.kind == URI_EXEC ? "exec:"
+                           : m->uri.kind == URI_FILE ? "file:" : NULL;
 
     tls_setup_release(&m->tls);
     return tls_setup_resolve(m->tls_objects, p.tls_creds, p.tls_hostname, p.tls_authz,
-                             incoming ? LM_TLS_SERVER : LM_TLS_CLIENT, &m->uri, &m->tls, err);
+                             incoming ? LM_TLS_SERVER : LM_TLS_CLIENT, not_socket,
+                             m->uri.kind == URI_TCP ? m->uri.host : NULL, &m->tls, err);
 }
 
 /* Capability / URI combinations refused before anything starts. */

@@ -296,7 +296,7 @@ static int pc_setup(precopy *pc, lm_error *err)
     int ret;
 
     /* TLS (when tls-creds is set) before the first byte of the stream. */
-    if ((ret = tls_wrap(&m->tls, &m->conn, m->cancel_fd, 10000, err)))
+    if ((ret = conn_tls_wrap(&m->tls, &m->conn, m->cancel_fd, 10000, err)))
         return ret;
     stream_set_tls(pc->s, m->conn.tls);
     savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM));

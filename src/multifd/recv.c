@@ -472,7 +472,7 @@ int multifd_accept(transport_listener *l, const tls_setup *tls, int n, int cance
         }
         if (!deadline)
             deadline = time_now_ms() + timeout_ms;
-        ret = tls_wrap(tls, &c, cancel_fd, (int)(deadline - time_now_ms()), err);
+        ret = conn_tls_wrap(tls, &c, cancel_fd, (int)(deadline - time_now_ms()), err);
         if (ret) {
             conn_close(&c, NULL);
             goto fail;

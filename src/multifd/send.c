@@ -268,7 +268,7 @@ int multifd_send_connect(const transport_uri *u, const tls_setup *tls, int n, in
         if (ret)
             goto fail;
         /* TLS first: the handshake below is the first thing inside it. */
-        if ((ret = tls_wrap(tls, &conns[i], cancel_fd, timeout_ms, err)))
+        if ((ret = conn_tls_wrap(tls, &conns[i], cancel_fd, timeout_ms, err)))
             goto fail;
         multifd_put_init(init, (uint8_t)i);
         if (fault_hit("src", "handshake", i))

@@ -25,7 +25,6 @@
 
 #include <gnutls/gnutls.h>
 
-#include "migration/migration.h"
 #include "tls/tls_impl.h"
 #include "util/error.h"
 
@@ -450,8 +449,8 @@ out:
 }
 
 int tls_setup_resolve(tls_registry *r, const char *creds_id, const char *hostname,
-                      const char *authz_id, lm_tls_endpoint endpoint, const transport_uri *u,
-                      tls_setup *out, lm_error *err)
+                      const char *authz_id, lm_tls_endpoint endpoint, const char *not_socket,
+                      const char *uri_host, tls_setup *out, lm_error *err)
 {
     const char *want = endpoint == LM_TLS_SERVER ? "server" : "client";
     tls_object *o;
@@ -487,14 +486,13 @@ out:
                         endpoint == LM_TLS_SERVER ? "an incoming" : "an outgoing", want);
         goto fail;
     }
-    if (u->kind == URI_EXEC || u->kind == URI_FILE) {
+    if (not_socket) {
         ret = error_set(err, -EINVAL, "tls-creds is set, but TLS needs a socket transport "
-                        "(tcp:, unix: or fd: of a socket), not %s",
-                        u->kind == URI_EXEC ? "exec:" : "file:");
+                        "(tcp:, unix: or fd: of a socket), not %s", not_socket);
         goto fail;
     }
     if (endpoint == LM_TLS_CLIENT) {
-        const char *h = hostname && *hostname ? hostname : u->kind == URI_TCP ? u->host : "";
+        const char *h = hostname && *hostname ? hostname : uri_host ? uri_host : "";
         if (!*h && !out->creds->is_psk && out->creds->verify_peer) {
             ret = error_set(err, -EINVAL, "tls-hostname is required to verify the "
                             "destination's certificate on a migration that is not tcp:");
@@ -517,31 +515,34 @@ void tls_setup_release(tls_setup *s)
     s->hostname[0] = 0;
 }
 
-/* ---------------------------------------------------------------- public API */
+/* ---------------------------------------------------------------- adding */
 
-int lm_tls_creds_x509_add(lm_mig *m, const char *id, const char *dir, lm_tls_endpoint endpoint,
-                          bool verify_peer, const char *priority, lm_error *err)
+int tls_registry_add_x509(tls_registry *r, const char *id, const char *dir,
+                          lm_tls_endpoint endpoint, bool verify_peer, const char *priority,
+                          lm_error *err)
 {
     tls_creds *c = creds_make(id, dir, endpoint, false, verify_peer, NULL, priority, err);
 
-    return c ? registry_add(m->tls_objects, id, c, NULL, err) : (err ? err->code : -EINVAL);
+    return c ? registry_add(r, id, c, NULL, err) : (err && err->code ? err->code : -EINVAL);
 }
 
-int lm_tls_creds_psk_add(lm_mig *m, const char *id, const char *dir, lm_tls_endpoint endpoint,
-                         const char *username, const char *priority, lm_error *err)
+int tls_registry_add_psk(tls_registry *r, const char *id, const char *dir,
+                         lm_tls_endpoint endpoint, const char *username, const char *priority,
+                         lm_error *err)
 {
     tls_creds *c = creds_make(id, dir, endpoint, true, true, username, priority, err);
 
-    return c ? registry_add(m->tls_objects, id, c, NULL, err) : (err ? err->code : -EINVAL);
+    return c ? registry_add(r, id, c, NULL, err) : (err && err->code ? err->code : -EINVAL);
 }
 
-int lm_authz_simple_add(lm_mig *m, const char *id, const char *identity, lm_error *err)
+int tls_registry_add_authz(tls_registry *r, const char *id, const char *identity,
+                           lm_error *err)
 {
     tls_authz *a;
-    int r;
+    int ret;
 
-    if ((r = id_check(id, err)) < 0)
-        return r;
+    if ((ret = id_check(id, err)) < 0)
+        return ret;
     if (!identity || !*identity)
         return error_set(err, -EINVAL, "authz-simple '%s': 'identity' is required", id);
     if (strlen(identity) >= TLS_IDENTITY_MAX)
@@ -552,12 +553,11 @@ int lm_authz_simple_add(lm_mig *m, const char *id, const char *identity, lm_erro
     atomic_init(&a->refs, 1);
     snprintf(a->id, sizeof(a->id), "%s", id);
     snprintf(a->identity, sizeof(a->identity), "%s", identity);
-    return registry_add(m->tls_objects, id, NULL, a, err);
+    return registry_add(r, id, NULL, a, err);
 }
 
-int lm_object_del(lm_mig *m, const char *id, lm_error *err)
+int tls_registry_del(tls_registry *r, const char *id, lm_error *err)
 {
-    tls_registry *r = m->tls_objects;
     tls_object **pp, *o = NULL;
 
     pthread_mutex_lock(&r->lock);

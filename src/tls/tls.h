@@ -7,32 +7,39 @@
  * the public face).  A migration resolves its tls-* parameters once, at
  * start, into a tls_setup that holds references for as long as it runs.
  *
- * Sessions (session.c).  One call wraps a connection:
+ * Sessions (session.c).  One call wraps a connection; a migration's
+ * channels use it through src/stream/transport.h:
  *
  *     transport_connect(&u, &c, ...);              or transport_accept(...)
- *     tls_wrap(&setup, &c, cancel_fd, timeout_ms, &err);
+ *     conn_tls_wrap(&setup, &c, cancel_fd, timeout_ms, &err);
  *
- * A setup without credentials makes tls_wrap a no-op, so every place that
- * opens a channel calls it unconditionally.  With credentials it runs the
- * handshake at once (the creds' endpoint says client or server), checks the
- * peer (certificate and hostname, or PSK key; then tls-authz on a server)
- * and hangs the session on c->tls; conn_close() ends and frees it.  That is
- * the whole recipe for a new kind of channel (postcopy's preempt channel:
- * connect + tls_wrap on the source, accept + tls_wrap on the destination,
- * then read and write through conn_readv/conn_writev below).  Nothing else
- * has been read from or written to the socket when tls_wrap runs: the
+ * A setup without credentials makes it a no-op, so every place that opens a
+ * channel calls it unconditionally.  With credentials it runs the handshake
+ * at once (the creds' endpoint says client or server), checks the peer
+ * (certificate and hostname, or PSK key; then tls-authz on a server) and
+ * hangs the session on c->tls; conn_close() ends and frees it.  That is the
+ * whole recipe for a new kind of channel (postcopy's preempt channel:
+ * connect + conn_tls_wrap on the source, accept + conn_tls_wrap on the
+ * destination, then read and write through transport.h's conn_readv /
+ * conn_writev, which go through the session when there is one).  Nothing
+ * else has been read from or written to the socket when the wrap runs: the
  * handshake is the first thing on the wire, before QEMU's QEVM header or
- * multifd handshake, as QEMU places it.
+ * multifd handshake, as QEMU places it.  This module knows no transport:
+ * it works on a descriptor (tls_wrap) so the stream layer can sit on it.
  *
- * I/O.  conn_writev / conn_readv (transport.h style: bytes or -1 with
- * errno) go to the socket directly without TLS and through GnuTLS records
- * with it.  Kernel TLS is not available on this machine's kernel (TCP_ULP
- * "tls" fails with ENOENT), so records are made in user space: writes
- * gather iovecs (guest pages) into one 16 KiB record buffer -- one copy, then
- * GnuTLS encrypts -- and a piece of at least a record's size goes to GnuTLS
- * straight from guest RAM; reads decrypt straight into the caller's iovecs
- * (guest RAM for multifd).  A failed TLS operation leaves its reason in
- * tls_error() (the alert the peer sent, say), so messages name it.
+ * I/O.  tls_io_writev / tls_io_readv (bytes or -1 with errno, like
+ * sendmsg / readv) make and take GnuTLS records.  Kernel TLS, which would
+ * keep the zero-copy paths (the kernel encrypting straight from guest RAM),
+ * is not available on this machine's kernel: setsockopt(TCP_ULP, "tls")
+ * fails with ENOENT (no tls module, and no modprobe), so GnuTLS's kTLS
+ * support cannot engage either.  Records are therefore made in user space:
+ * writes gather iovecs (guest pages) into one 16 KiB record buffer -- one
+ * copy, then GnuTLS encrypts into its own record -- and a piece of at least
+ * a record's size goes to GnuTLS straight from guest RAM; reads hand the
+ * caller's iovecs (guest RAM for multifd) to gnutls_record_recv, which
+ * copies each decrypted record out once.  A failed TLS operation leaves its
+ * reason in tls_error() (the alert the peer sent, say), so messages name
+ * it.
  *
  * Threads.  A session may be written by one thread while another reads it
  * (the source's migration thread writes the main stream while the return
@@ -51,7 +58,6 @@
 
 #include "livemig/livemig.h"
 #include "livemig/tls.h"
-#include "stream/transport.h"
 
 #define TLS_ID_MAX 128
 #define TLS_HOSTNAME_MAX 256
@@ -97,14 +103,28 @@ typedef struct tls_setup {
 
 /*
  * Resolve the tls-creds / tls-hostname / tls-authz parameters for a
- * migration in direction `endpoint` over `u`.  Empty creds = no TLS (the
- * other two are then ignored, as in QEMU).
- * Errors name the parameter: no such object, an object of the wrong kind or
- * endpoint, a transport that cannot carry TLS, no hostname to verify.
+ * migration in direction `endpoint`.  Empty creds = no TLS (the other two
+ * are then ignored, as in QEMU).  not_socket: NULL for a transport that can
+ * carry TLS, else its name for the message ("exec:"); uri_host: the host of
+ * a tcp: URI (the default hostname), NULL otherwise.  Errors name the
+ * parameter: no such object, an object of the wrong kind or endpoint, a
+ * transport that cannot carry TLS, no hostname to verify.
  */
 int tls_setup_resolve(tls_registry *r, const char *creds_id, const char *hostname,
-                      const char *authz_id, lm_tls_endpoint endpoint, const transport_uri *u,
-                      tls_setup *out, lm_error *err);
+                      const char *authz_id, lm_tls_endpoint endpoint, const char *not_socket,
+                      const char *uri_host, tls_setup *out, lm_error *err);
+
+/* The registry's side of include/livemig/tls.h (same arguments and errors;
+ * src/migration/ holds the lm_* calls, which pass their context's registry). */
+int tls_registry_add_x509(tls_registry *r, const char *id, const char *dir,
+                          lm_tls_endpoint endpoint, bool verify_peer, const char *priority,
+                          lm_error *err);
+int tls_registry_add_psk(tls_registry *r, const char *id, const char *dir,
+                         lm_tls_endpoint endpoint, const char *username, const char *priority,
+                         lm_error *err);
+int tls_registry_add_authz(tls_registry *r, const char *id, const char *identity,
+                           lm_error *err);
+int tls_registry_del(tls_registry *r, const char *id, lm_error *err);
 void tls_setup_release(tls_setup *s);   /* idempotent */
 static inline bool tls_setup_on(const tls_setup *s) { return s && s->creds; }
 
@@ -112,10 +132,12 @@ static inline bool tls_setup_on(const tls_setup *s) { return s && s->creds; }
 
 typedef struct tls_session tls_session;
 
-/* See the top of this file.  0, or a negative errno with err naming the peer
- * and the cause; c is left as it was (the caller still closes it). */
-int tls_wrap(const tls_setup *s, transport_conn *c, int cancel_fd, int timeout_ms,
-             lm_error *err);
+/* Handshake on the socket fd (the creds' endpoint says which side), then
+ * the peer checks; see the top of this file.  0 with *out the session (NULL
+ * when s has no creds), or a negative errno with err naming `peer` and the
+ * cause.  fd is the caller's before and after. */
+int tls_wrap(const tls_setup *s, int fd, const char *peer, int cancel_fd, int timeout_ms,
+             tls_session **out, lm_error *err);
 /* End the session: a close_notify when it is healthy (without waiting for
  * room in the socket: never blocks), then free.  NULL is a no-op. */
 void tls_session_close(tls_session *t);
@@ -124,26 +146,22 @@ const char *tls_peer_identity(const tls_session *t);
 /* The reason of the last failed read or write, or NULL. */
 const char *tls_error(const tls_session *t);
 
-/* Whole-connection I/O, TLS or not (c->tls).  Like sendmsg(MSG_NOSIGNAL) /
- * readv: bytes, or -1 with errno (0 from readv: the peer closed). */
-ssize_t conn_writev(transport_conn *c, const struct iovec *iov, int n);
-ssize_t conn_readv(transport_conn *c, const struct iovec *iov, int n);
-ssize_t conn_read(transport_conn *c, void *buf, size_t len);
-/* Non-blocking read: -1/EAGAIN when nothing is there yet. */
-ssize_t conn_read_nb(transport_conn *c, void *buf, size_t len);
-/* Decrypted bytes waiting in the session: a poll() on the socket would not
- * see them, so check this first. */
-bool conn_pending(const transport_conn *c);
-/* Put back up to 64 bytes just read (the destination reads a connection's
- * first bytes to classify it: TLS has no MSG_PEEK). */
-void conn_unread(transport_conn *c, const void *buf, size_t len);
-/* Text for a failure of the calls above: tls_error() or strerror(errnum). */
-const char *conn_strerror(const transport_conn *c, int errnum);
-
-/* Same for users that only keep (fd, session): the stream, the return path. */
+/*
+ * Record I/O on a session (fd is its socket).  writev: every byte, or -1
+ * with errno; readv: bytes (as soon as some arrived and no more are
+ * decrypted), 0 when the peer closed, -1 with errno (EAGAIN when nonblock
+ * and nothing is there).
+ */
 ssize_t tls_io_writev(int fd, tls_session *t, const struct iovec *iov, int n);
 ssize_t tls_io_readv(int fd, tls_session *t, const struct iovec *iov, int n, bool nonblock);
+/* Decrypted (or put back) bytes waiting: a poll() on the socket would not
+ * see them, so check this first.  NULL: false. */
 bool tls_io_pending(const tls_session *t);
+/* Put back up to 64 bytes just read, right after the session's first read
+ * (the destination classifies a connection by its first bytes, and TLS has
+ * no MSG_PEEK). */
+void tls_io_unread(tls_session *t, const void *buf, size_t len);
+/* tls_error(t), or strerror(errnum) when t is NULL or has none. */
 const char *tls_io_strerror(const tls_session *t, int errnum);
 
 #endif

@@ -83,18 +83,22 @@ static void test_psk_file(void **state)
     assert_non_null(strstr(err.msg, "none.psk"));
 }
 
+/* tls_setup_resolve without tls-authz, on m's registry. */
+static int resolve(lm_mig *m, const char *creds, const char *hostname, lm_tls_endpoint ep,
+                   const char *not_socket, const char *uri_host, tls_setup *st, lm_error *err)
+{
+    return tls_setup_resolve(m->tls_objects, creds, hostname, "", ep, not_socket, uri_host, st,
+                             err);
+}
+
 static void test_objects(void **state)
 {
     lm_mig *m = lm_new();
     lm_error err = { 0 };
-    transport_uri tcp, unx, ex;
     tls_setup st;
 
     (void)state;
     write_file("keys.psk", "qemu:00112233445566778899aabbccddeeff\n");
-    assert_int_equal(transport_uri_parse("tcp:127.0.0.1:1", &tcp, &err), 0);
-    assert_int_equal(transport_uri_parse("unix:/tmp/x", &unx, &err), 0);
-    assert_int_equal(transport_uri_parse("exec:cat", &ex, &err), 0);
 
     assert_int_equal(lm_tls_creds_psk_add(m, "c0", dir, LM_TLS_CLIENT, NULL, NULL, &err), 0);
     assert_int_equal(lm_tls_creds_psk_add(m, "c0", dir, LM_TLS_CLIENT, NULL, NULL, &err),
@@ -111,33 +115,25 @@ static void test_objects(void **state)
     assert_non_null(strstr(err.msg, "priority"));
 
     /* resolving */
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "", "", "", LM_TLS_CLIENT, &tcp, &st,
-                                       &err), 0);
+    assert_int_equal(resolve(m, "", "", LM_TLS_CLIENT, NULL, "127.0.0.1", &st, &err), 0);
     assert_false(tls_setup_on(&st));
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "c0", "", "", LM_TLS_CLIENT, &tcp, &st,
-                                       &err), 0);
+    assert_int_equal(resolve(m, "c0", "", LM_TLS_CLIENT, NULL, "127.0.0.1", &st, &err), 0);
     assert_true(tls_setup_on(&st));
     assert_string_equal(st.hostname, "127.0.0.1");
     tls_setup_release(&st);
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "c0", "", "", LM_TLS_SERVER, &tcp, &st,
-                                       &err), -EINVAL);
+    assert_int_equal(resolve(m, "c0", "", LM_TLS_SERVER, NULL, "127.0.0.1", &st, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "endpoint 'client'"));
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "nope", "", "", LM_TLS_CLIENT, &tcp,
-                                       &st, &err), -ENOENT);
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "a0", "", "", LM_TLS_CLIENT, &tcp, &st,
-                                       &err), -ENOENT);
+    assert_int_equal(resolve(m, "nope", "", LM_TLS_CLIENT, NULL, "127.0.0.1", &st, &err), -ENOENT);
+    assert_int_equal(resolve(m, "a0", "", LM_TLS_CLIENT, NULL, "127.0.0.1", &st, &err), -ENOENT);
     assert_non_null(strstr(err.msg, "authz object"));
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "c0", "", "", LM_TLS_CLIENT, &ex, &st,
-                                       &err), -EINVAL);
+    assert_int_equal(resolve(m, "c0", "", LM_TLS_CLIENT, "exec:", NULL, &st, &err), -EINVAL);
     assert_non_null(strstr(err.msg, "exec:"));
     /* PSK needs no hostname, over unix: too */
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "c0", "", "", LM_TLS_CLIENT, &unx, &st,
-                                       &err), 0);
+    assert_int_equal(resolve(m, "c0", "", LM_TLS_CLIENT, NULL, NULL, &st, &err), 0);
     tls_setup_release(&st);
 
     /* del: gone for new lookups, alive for a setup that holds it */
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "c0", "h", "", LM_TLS_CLIENT, &tcp, &st,
-                                       &err), 0);
+    assert_int_equal(resolve(m, "c0", "h", LM_TLS_CLIENT, NULL, "127.0.0.1", &st, &err), 0);
     assert_int_equal(lm_object_del(m, "c0", &err), 0);
     assert_int_equal(lm_object_del(m, "c0", &err), -ENOENT);
     assert_string_equal(tls_creds_id(st.creds), "c0");
@@ -186,18 +182,16 @@ static void *wrap_thread(void *arg)
 {
     end *e = arg;
 
-    e->ret = tls_wrap(&e->st, &e->c, -1, T_MS, &e->err);
+    e->ret = conn_tls_wrap(&e->st, &e->c, -1, T_MS, &e->err);
     return NULL;
 }
 
 static void session_pair(lm_mig *m, const char *authz, end *cl, end *sv)
 {
     int fds[2];
-    transport_uri u;
     pthread_t th;
     lm_error err = { 0 };
 
-    assert_int_equal(transport_uri_parse("unix:/tmp/unused", &u, &err), 0);
     assert_int_equal(socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, fds), 0);
     memset(cl, 0, sizeof(*cl));
     memset(sv, 0, sizeof(*sv));
@@ -207,9 +201,9 @@ static void session_pair(lm_mig *m, const char *authz, end *cl, end *sv)
     sv->c.fd = fds[1];
     sv->c.is_socket = true;
     snprintf(sv->c.peer, sizeof(sv->c.peer), "unix:client");
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "cli", "", "", LM_TLS_CLIENT, &u,
+    assert_int_equal(tls_setup_resolve(m->tls_objects, "cli", "", "", LM_TLS_CLIENT, NULL, NULL,
                                        &cl->st, &err), 0);
-    assert_int_equal(tls_setup_resolve(m->tls_objects, "srv", "", authz, LM_TLS_SERVER, &u,
+    assert_int_equal(tls_setup_resolve(m->tls_objects, "srv", "", authz, LM_TLS_SERVER, NULL, NULL,
                                        &sv->st, &err), 0);
     assert_int_equal(pthread_create(&th, NULL, wrap_thread, sv), 0);
     wrap_thread(cl);
