@@ -33,6 +33,7 @@ PACKAGES=(
     libzstd-dev
     zlib1g-dev
     libgnutls28-dev
+    libunistring-dev
     python3
 )
 
