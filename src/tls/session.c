@@ -45,6 +45,7 @@
 #include <string.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
+#include <time.h>
 #include <unistd.h>
 
 #include <gnutls/gnutls.h>
@@ -260,8 +261,13 @@ static int server_peek(const tls_peer *c, int cancel_fd, int timeout_ms, lm_erro
                              "before its handshake", c->peer);
         if (b[0] == 0x16)
             return 0;
-        if ((size_t)n < sizeof(b) && b[0] != 'Q' && b[0] != 0x11)
-            continue;      /* too few bytes to name what it is */
+        if ((size_t)n < sizeof(b) && (b[0] == 'Q' || b[0] == 0x11)) {
+            /* Maybe QEMU's magic, not all here yet: wait for the rest
+             * without spinning on a socket that stays readable. */
+            const struct timespec nap = { 0, 1000000 };
+            nanosleep(&nap, NULL);
+            continue;
+        }
         /* Not TLS: answer with a bare TLS alert record (fatal,
          * unexpected_message), which a livemig source recognises on its
          * return path; never blocks. */
