@@ -111,7 +111,7 @@ static uint64_t pc_bytes(precopy *pc)
            pc->mapped_final;
 }
 
-#define PC_TLS_REASON_MS 2000
+#define PC_PEER_REASON_MS 2000
 
 static int pc_stream_err(precopy *pc, lm_error *err)
 {
@@ -122,17 +122,20 @@ static int pc_stream_err(precopy *pc, lm_error *err)
     if (mig_cancelled(pc->m))
         return error_set(err, -ECANCELED, "migration cancelled");
     /*
-     * TLS: a destination that refuses us after the handshake (tls-authz)
-     * says why in an alert, which the return path's reader takes; our write
-     * may break first.  The reader ends soon on a broken connection: give
-     * it a moment, and report the destination's reason over our EPIPE.
+     * A destination that refuses us says why on the return path, which its
+     * reader takes, while our write may break first: with TLS an alert
+     * after the handshake (tls-authz), without it the bare TLS alert of a
+     * destination that requires TLS (an -EPROTO from the reader).  The
+     * reader ends soon on a broken connection: give it a moment, and report
+     * the destination's reason over our EPIPE / reset.
      */
-    if (pc->rpr && pc->m->conn.tls) {
+    if (pc->rpr && (pc->m->conn.tls || e == -EPIPE || e == -ECONNRESET)) {
         lm_error rerr = { 0 };
         uint32_t status;
-        int r = rp_reader_wait_shut(pc->rpr, PC_TLS_REASON_MS, &status, &rerr);
+        int r = rp_reader_wait_shut(pc->rpr, PC_PEER_REASON_MS, &status, &rerr);
 
-        if (r < 0 && r != -ETIMEDOUT && r != -ECANCELED && rerr.msg[0])
+        if (r < 0 && r != -ETIMEDOUT && r != -ECANCELED && rerr.msg[0] &&
+            (pc->m->conn.tls || r == -EPROTO))
             return error_set(err, r, "%s", rerr.msg);
     }
     return error_set(err, e, "%s", lm_stream_error_msg(pc->s));
