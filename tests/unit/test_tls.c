@@ -165,7 +165,6 @@ static void test_params(void **state)
     big[sizeof(big) - 1] = 0;
     assert_int_equal(lm_param_set_str(m, "tls-hostname", big, &err), -EINVAL);
     assert_int_equal(lm_param_set_int(m, "tls-creds", 1, &err), -EINVAL);
-    /* a migration whose tls-creds names nothing is refused at once */
     lm_free(m);
 }
 
