@@ -32,16 +32,20 @@ PACKAGES=(
     libcmocka-dev
     libzstd-dev
     zlib1g-dev
+    libgnutls28-dev
+    libunistring-dev
     python3
 )
 
 # Only the test suite needs these (scripts/test.sh asks for them with
 # --test-deps): the analyzer's tests run a real QEMU 7.2 and compare its
 # stream with its own memory dump; the silent-link test drops a connection's
-# packets with nftables.
+# packets with nftables; the TLS test makes its CAs and certificates with
+# gnutls-bin's certtool at test time.
 TEST_PACKAGES=(
     qemu-system-x86
     nftables
+    gnutls-bin
 )
 
 deps_only=0

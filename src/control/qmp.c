@@ -78,6 +78,7 @@
 #include "livemig/qmp.h"
 #include "control/qmp_json.h"
 #include "control/qmp_migration.h"
+#include "control/qmp_object.h"
 #include "stream/transport.h"
 #include "util/thread.h"
 #include "util/error.h"
@@ -1211,6 +1212,8 @@ lm_qmp *lm_qmp_new(lm_mig *m, const char *uri, lm_error *err)
      */
     q->mig = qmp_migration_new(q, m, err);
     if (!q->mig)
+        goto fail;
+    if (qmp_object_register(q, m, err) < 0)
         goto fail;
     if (qmp_register_protocol(q, err) < 0)
         goto fail;

@@ -130,7 +130,7 @@ static int in_open_rp(const loadvm_cmd *c, void *opaque)
     if (!in->m->conn.is_socket)
         return -ENOTSUP;    /* a return path needs a bidirectional channel */
     if (!in->rpw)
-        in->rpw = rp_writer_new(in->m->conn.fd);
+        in->rpw = rp_writer_new_tls(in->m->conn.fd, in->m->conn.tls);
     return 0;
 }
 
@@ -185,10 +185,11 @@ static void in_drain(incoming *in)
 
     while (time_now_ms() < deadline) {
         struct pollfd pfd = { .fd = in->m->conn.fd, .events = POLLIN };
-        if (poll(&pfd, 1, (int)(deadline - time_now_ms())) <= 0)
+        if (!conn_pending(&in->m->conn) &&
+            poll(&pfd, 1, (int)(deadline - time_now_ms())) <= 0)
             return;
-        ssize_t r = read(in->m->conn.fd, buf, sizeof(buf));
-        if (r <= 0 && !(r < 0 && errno == EINTR))
+        ssize_t r = conn_read_nb(&in->m->conn, buf, sizeof(buf));
+        if (r <= 0 && !(r < 0 && (errno == EINTR || errno == EAGAIN)))
             return;
     }
 }
@@ -236,9 +237,11 @@ void *incoming_thread(void *arg)
         int n = (int)mig_params(m).multifd_channels;
 
         if (mig_cap(m, MIG_CAP_MULTIFD) && !mig_cap(m, MIG_CAP_MAPPED_RAM))
-            ret = multifd_accept(&m->listen, n, m->cancel_fd, IN_CHANNELS_MS, &c, chans, &err);
-        else
-            ret = transport_accept(&m->listen, &c, m->cancel_fd, -1, &err);
+            ret = multifd_accept(&m->listen, &m->tls, n, m->cancel_fd, IN_CHANNELS_MS, &c,
+                                 chans, &err);
+        else if ((ret = transport_accept(&m->listen, &c, m->cancel_fd, -1, &err)) == 0 &&
+                 (ret = conn_tls_wrap(&m->tls, &c, m->cancel_fd, IN_CHANNELS_MS, &err)) < 0)
+            conn_close(&c, NULL);       /* refused before any byte of the stream */
         pthread_mutex_lock(&m->conn_lock);
         m->conn = c;
         pthread_mutex_unlock(&m->conn_lock);
@@ -263,6 +266,7 @@ void *incoming_thread(void *arg)
     }
     mig_set_status(m, LM_STATUS_ACTIVE);
     in.s = stream_new_reader(m->conn.fd, m->conn.is_socket);
+    stream_set_tls(in.s, m->conn.tls);
     lv->mapped_ram = mig_cap(m, MIG_CAP_MAPPED_RAM);
     lv->ignore_shared = mig_cap(m, MIG_CAP_IGNORE_SHARED);
     loadvm_set_command(lv, WIRE_CMD_OPEN_RETURN_PATH, in_open_rp, &in);

@@ -42,6 +42,7 @@ lm_mig *lm_new(void)
     m->listen.fd = -1;
     m->cancel_fd = -1;
     snprintf(m->tracker_req, sizeof(m->tracker_req), "auto");
+    m->tls_objects = tls_registry_new();
     return m;
 }
 
@@ -76,6 +77,8 @@ void lm_free(lm_mig *m)
     ram_save_finish(&m->ram);
     ram_load_finish(&m->ram);
     cpr_release(&m->ram);
+    tls_setup_release(&m->tls);
+    tls_registry_free(m->tls_objects);
     pthread_mutex_destroy(&m->lock);
     pthread_mutex_destroy(&m->conn_lock);
     pthread_cond_destroy(&m->cond);
@@ -547,6 +550,19 @@ static int mig_spawn(lm_mig *m, void *(*fn)(void *), lm_error *err)
     return 0;
 }
 
+/* The tls-* parameters, resolved once for this migration (src/tls/tls.h). */
+static int mig_tls_resolve(lm_mig *m, bool incoming, lm_error *err)
+{
+    mig_paramset p = mig_params(m);
+    const char *not_socket = m->uri.kind == URI_EXEC ? "exec:"
+                           : m->uri.kind == URI_FILE ? "file:" : NULL;
+
+    tls_setup_release(&m->tls);
+    return tls_setup_resolve(m->tls_objects, p.tls_creds, p.tls_hostname, p.tls_authz,
+                             incoming ? LM_TLS_SERVER : LM_TLS_CLIENT, not_socket,
+                             m->uri.kind == URI_TCP ? m->uri.host : NULL, &m->tls, err);
+}
+
 /* Capability / URI combinations refused before anything starts. */
 static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
 {
@@ -610,8 +626,11 @@ int lm_migrate(lm_mig *m, const char *uri, lm_error *err)
     if (ret || (ret = mig_begin(m, uri, false, err)))
         return ret;
     mig_set_status(m, LM_STATUS_SETUP);
-    /* Connect here so "refused" / "bad address" reach the caller directly. */
-    ret = transport_connect(&m->uri, &m->conn, m->cancel_fd, 10000, err);
+    /* Connect here so "refused" / "bad address" reach the caller directly;
+     * the TLS handshake is the migration thread's (it may take a while). */
+    ret = mig_tls_resolve(m, false, err);
+    if (!ret)
+        ret = transport_connect(&m->uri, &m->conn, m->cancel_fd, 10000, err);
     if (ret) {
         mig_set_error(m, err);
         mig_set_status(m, LM_STATUS_FAILED);
@@ -631,6 +650,8 @@ int lm_incoming(lm_mig *m, const char *uri, lm_error *err)
     int ret = mig_check_uri(m, uri, err);
 
     if (ret || (ret = mig_begin(m, uri, true, err)))
+        return ret;
+    if ((ret = mig_tls_resolve(m, true, err)))
         return ret;
     ret = transport_listen(&m->uri, &m->listen, err);
     if (ret)

@@ -43,6 +43,7 @@
 #include "stream/transport.h"
 #include "dirty/dirty.h"
 #include "ram/ram.h"
+#include "tls/tls.h"
 
 #define MIG_MAX_LISTENERS 8
 #define MIG_MAX_DEVICES 64
@@ -83,6 +84,10 @@ typedef struct mig_paramset {
     int64_t max_postcopy_bandwidth;    /* bytes/s after the postcopy switch, 0 = unlimited */
     int64_t postcopy_after;            /* ms; >0: switch to postcopy by itself (see params.c) */
     int64_t mode;                      /* cpr_mode: normal, cpr-reboot, cpr-transfer */
+    /* free strings (params.c: the table's strsize); "" = off */
+    char tls_creds[TLS_ID_MAX];        /* id of a tls-creds-* object */
+    char tls_hostname[TLS_HOSTNAME_MAX];
+    char tls_authz[TLS_ID_MAX];        /* id of an authz-simple object */
 } mig_paramset;
 
 /* Copied by value under the lock, then called without it. */
@@ -131,6 +136,7 @@ struct lm_mig {
     lm_dirty_tracker_ops tracker_ops;
     void *tracker_opaque;
     dirty_tracker *_Atomic dirty;      /* created at first migration, freed by lm_free */
+    tls_registry *tls_objects;         /* object-add's objects (own lock); lm_new..lm_free */
 
     /* --- the running migration --- */
     pthread_t thread;
@@ -142,6 +148,8 @@ struct lm_mig {
     bool user_cancel;                  /* under lock: lm_cancel asked (vs. a failure) */
     int cancel_fd;                     /* eventfd, readable once cancelled */
     transport_uri uri;
+    tls_setup tls;                     /* tls-* parameters resolved by lm_migrate /
+                                          lm_incoming; held until the next one or lm_free */
     transport_conn conn;               /* owned by the thread; shutdown by anyone */
     pthread_mutex_t conn_lock;         /* guards conn.fd against close vs shutdown */
     /* under conn_lock: what mig_kick interrupts besides the connection --

@@ -32,6 +32,7 @@ typedef struct param_def {
     int64_t min, max, def;
     bool live;              /* may change while a migration runs */
     const char *const *choices;   /* LM_PARAM_STR: the value is the index */
+    size_t strsize;         /* LM_PARAM_STR without choices: a char[strsize] at offset */
 } param_def;
 
 static const char *const compression_choices[] = { "none", "zlib", "zstd", NULL };
@@ -39,9 +40,12 @@ static const char *const zero_choices[] = { "none", "legacy", "multifd", NULL };
 /* QEMU's MigMode, in cpr_mode's order (src/cpr/cpr.h) */
 static const char *const mode_choices[] = { "normal", "cpr-reboot", "cpr-transfer", NULL };
 
-#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(mig_paramset, f), lo, hi, d, l, NULL }
-#define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(mig_paramset, f), 0, 0, d, false, c }
-#define B(n, f, d) { n, LM_PARAM_BOOL, offsetof(mig_paramset, f), 0, 1, d, false, NULL }
+#define P(n, f, lo, hi, d, l) { n, LM_PARAM_INT, offsetof(mig_paramset, f), lo, hi, d, l, NULL, 0 }
+#define S(n, f, d, c) { n, LM_PARAM_STR, offsetof(mig_paramset, f), 0, 0, d, false, c, 0 }
+#define B(n, f, d) { n, LM_PARAM_BOOL, offsetof(mig_paramset, f), 0, 1, d, false, NULL, 0 }
+/* A free string, "" by default (QEMU's tls-* parameters). */
+#define T(n, f) { n, LM_PARAM_STR, offsetof(mig_paramset, f), 0, 0, 0, false, NULL, \
+                  sizeof(((mig_paramset *)0)->f) }
 static const param_def param_defs[] = {
     P("downtime-limit", downtime_limit, 0, 2000000, 300, true),
     P("max-bandwidth", max_bandwidth, 0, INT64_MAX, 0, true),
@@ -73,7 +77,12 @@ static const param_def param_defs[] = {
      * 0 = only on request, as QEMU. */
     P("x-postcopy-after", postcopy_after, 0, 86400000, 0, true),
     S("mode", mode, 0, mode_choices),
+    /* TLS (src/tls/): ids of objects made with object-add / lm_tls_*_add. */
+    T("tls-creds", tls_creds),
+    T("tls-hostname", tls_hostname),
+    T("tls-authz", tls_authz),
 };
+#undef T
 #undef P
 #undef S
 #undef B
@@ -81,8 +90,12 @@ static const param_def param_defs[] = {
 
 void params_init(mig_paramset *p)
 {
-    for (int i = 0; i < NPARAMS; i++)
-        *(int64_t *)((char *)p + param_defs[i].offset) = param_defs[i].def;
+    for (int i = 0; i < NPARAMS; i++) {
+        if (param_defs[i].strsize)
+            *((char *)p + param_defs[i].offset) = 0;
+        else
+            *(int64_t *)((char *)p + param_defs[i].offset) = param_defs[i].def;
+    }
 }
 
 const char *lm_cap_name(int i)
@@ -206,6 +219,21 @@ int lm_param_set_str(lm_mig *m, const char *name, const char *v, lm_error *err)
 
     if (!d)
         return err && err->code ? err->code : -EINVAL;
+    if (d->strsize) {
+        int ret = 0;
+
+        if (strlen(v) >= d->strsize)
+            return error_set(err, -EINVAL, "Parameter '%s': value too long (at most %zu bytes)",
+                             name, d->strsize - 1);
+        pthread_mutex_lock(&m->lock);
+        if (mig_busy(m))
+            ret = error_set(err, -EBUSY, "Parameter '%s' cannot change during a migration",
+                            name);
+        else
+            snprintf((char *)&m->params + d->offset, d->strsize, "%s", v);
+        pthread_mutex_unlock(&m->lock);
+        return ret;
+    }
     for (int i = 0; d->choices[i]; i++) {
         if (!strcmp(d->choices[i], v))
             return param_store(m, d, i, err);
@@ -225,6 +253,12 @@ int lm_param_get(lm_mig *m, const char *name, int64_t *iv, bool *bv, char *sv, s
     if (!d)
         return -ENOENT;
     pthread_mutex_lock(&m->lock);
+    if (d->strsize) {
+        if (sv && svlen)
+            snprintf(sv, svlen, "%s", (const char *)&m->params + d->offset);
+        pthread_mutex_unlock(&m->lock);
+        return 0;
+    }
     v = *(const int64_t *)((const char *)&m->params + d->offset);
     pthread_mutex_unlock(&m->lock);
     if (d->type == LM_PARAM_STR) {

@@ -419,7 +419,10 @@ static int pci_open_preempt(incoming *in, const loadvm_cmd *c)
                         "(is postcopy-preempt on there too?): %s", err.msg);
     mig_helper_add(m, pci_kick_preempt, pci);
     pci->preempt_helper = true;
+    if ((ret = conn_tls_wrap(&m->tls, &pci->pconn, m->cancel_fd, PCI_PREEMPT_MS, &err)))
+        return pci_fail(c, ret, "postcopy-preempt: %s", err.msg);
     pci->preempt_s = stream_new_reader(pci->pconn.fd, true);
+    stream_set_tls(pci->preempt_s, pci->pconn.tls);
     ret = thread_start(&pci->preempt, pci_preempt_thread, in);
     if (ret)
         return pci_fail(c, -ret, "cannot start the postcopy preempt thread: %s",

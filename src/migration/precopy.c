@@ -46,6 +46,7 @@
 #include "postcopy/postcopy.h"
 #include "returnpath/returnpath.h"
 #include "savevm/savevm.h"
+#include "util/bitmap.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -109,7 +110,8 @@ typedef struct precopy {
      * (its own stream and CONTINUE context); the migration thread only
      * opens and closes it */
     transport_conn pconn;
-    lm_stream *ps;
+    lm_stream *ps;                      /* under ps_lock once the reader runs */
+    unsigned long *psent[RAM_MAX_BLOCKS]; /* pages the reader sent on it (atomic) */
     const ramblock *ps_last;
     uint64_t ps_pages;
     _Atomic uint64_t ps_bytes;          /* written on it (the reader stores, we read) */
@@ -135,6 +137,8 @@ static uint64_t pc_bytes(precopy *pc)
            pc->mapped_final + atomic_load(&pc->ps_bytes);
 }
 
+#define PC_PEER_REASON_MS 2000
+
 static int pc_stream_err(precopy *pc, lm_error *err)
 {
     int e = lm_stream_error(pc->s);
@@ -143,6 +147,23 @@ static int pc_stream_err(precopy *pc, lm_error *err)
         return 0;
     if (mig_cancelled(pc->m))
         return error_set(err, -ECANCELED, "migration cancelled");
+    /*
+     * A destination that refuses us says why on the return path, which its
+     * reader takes, while our write may break first: with TLS an alert
+     * after the handshake (tls-authz), without it the bare TLS alert of a
+     * destination that requires TLS (an -EPROTO from the reader).  The
+     * reader ends soon on a broken connection: give it a moment, and report
+     * the destination's reason over our EPIPE / reset.
+     */
+    if (pc->rpr && (pc->m->conn.tls || e == -EPIPE || e == -ECONNRESET)) {
+        lm_error rerr = { 0 };
+        uint32_t status;
+        int r = rp_reader_wait_shut(pc->rpr, PC_PEER_REASON_MS, &status, &rerr);
+
+        if (r < 0 && r != -ETIMEDOUT && r != -ECANCELED && rerr.msg[0] &&
+            (pc->m->conn.tls || r == -EPROTO))
+            return error_set(err, r, "%s", rerr.msg);
+    }
     return error_set(err, e, "%s", lm_stream_error_msg(pc->s));
 }
 
@@ -249,17 +270,19 @@ static int pc_rp_message(void *opaque, uint16_t type, const uint8_t *data, uint1
         ret = postcopy_requests_add(pc->req, type, data, len, &rq, err);
         if (ret)
             return ret;
-        if (pc->ps) {
+        if (pc->psent[0]) {
             /* preempt: the page leaves now, on its own channel, whatever
              * the migration thread is busy with (the guest is stopped: its
              * memory does not change under the send).  After the closing
              * EOS every page is out anyway. */
             pthread_mutex_lock(&pc->ps_lock);
-            if (!pc->ps_closed) {
+            if (pc->ps && !pc->ps_closed) {
                 ram_put_urgent(pc->ps, &pc->ps_last, rq.block, rq.page);
                 ret = stream_flush(pc->ps);
                 pc->ps_pages++;
                 atomic_store(&pc->ps_bytes, stream_bytes(pc->ps));
+                /* told before the wake: the migration thread takes only the bit */
+                bitmap_test_and_set_atomic(pc->psent[rq.block - pc->ram->blocks], rq.page);
             }
             pthread_mutex_unlock(&pc->ps_lock);
             if (ret)
@@ -353,7 +376,7 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
     int n = (int)pc->p.multifd_channels, ret = 0;
     transport_conn conns[MULTIFD_MAX_CHANNELS];
 
-    if ((ret = multifd_send_connect(&m->uri, n, m->cancel_fd, 10000, conns, err)))
+    if ((ret = multifd_send_connect(&m->uri, &m->tls, n, m->cancel_fd, 10000, conns, err)))
         return ret;
     int method = (int)pc->p.multifd_compression;
     int level = (int)(method == MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
@@ -371,7 +394,15 @@ static int pc_setup(precopy *pc, lm_error *err)
     lm_mig *m = pc->m;
     int ret;
 
-    /* cpr-transfer: the descriptors of guest RAM go first (src/cpr/) */
+    /* TLS (when tls-creds is set) before the first byte of the stream. */
+    if ((ret = conn_tls_wrap(&m->tls, &m->conn, m->cancel_fd, 10000, err)))
+        return ret;
+    stream_set_tls(pc->s, m->conn.tls);
+    /* cpr-transfer: the descriptors of guest RAM go first (src/cpr/); they
+     * travel as SCM_RIGHTS, which a TLS session cannot carry */
+    if (pc->p.mode == CPR_MODE_TRANSFER && m->conn.tls)
+        return error_set(err, -EINVAL, "mode cpr-transfer cannot be combined with TLS "
+                         "(tls-creds): the descriptors are passed by the kernel");
     if (pc->p.mode == CPR_MODE_TRANSFER &&
         (ret = cpr_send(pc->ram, m->conn.fd, m->cancel_fd, err)))
         return ret;
@@ -385,7 +416,7 @@ static int pc_setup(precopy *pc, lm_error *err)
             if (pc->wake_fd < 0)
                 return error_set_errno(err, -errno, "eventfd");
         }
-        pc->rpr = rp_reader_start(m->conn.fd, &pc_rp_ops, pc, err);
+        pc->rpr = rp_reader_start_tls(m->conn.fd, m->conn.tls, &pc_rp_ops, pc, err);
         if (!pc->rpr)
             return err->code ? err->code : -EIO;
     }
@@ -814,7 +845,10 @@ static int pc_serve_requests(precopy *pc)
 
     while (postcopy_requests_pop(pc->req, &rq)) {
         pc->st.postcopy_requests++;
-        if (pc->ps)     /* sent already, by the reader, on the preempt channel */
+        /* sent already by the reader on the preempt channel -- or not, if
+         * it came before the channel was open: then here */
+        if (pc->psent[0] &&
+            bitmap_test_and_clear_atomic(pc->psent[rq.block - pc->ram->blocks], rq.page))
             ram_take_requested(pc->ram, rq.block, rq.page);
         /* A clear bit: sent after the switch, ahead of us in this stream. */
         else if (ram_save_requested(pc->ram, &pc->sink, pc->s, rq.block, rq.page))
@@ -878,6 +912,7 @@ static void pc_kick_preempt(void *opaque)
 static int pc_open_preempt(precopy *pc, lm_error *err)
 {
     lm_mig *m = pc->m;
+    lm_stream *s;
     int ret = transport_connect(&m->uri, &pc->pconn, m->cancel_fd, 10000, err);
 
     if (ret) {
@@ -885,7 +920,16 @@ static int pc_open_preempt(precopy *pc, lm_error *err)
         return ret;
     }
     mig_helper_add(m, pc_kick_preempt, pc);
-    pc->ps = stream_new_writer(pc->pconn.fd, true);
+    /* TLS: its own session, as every channel (QEMU's placement too) */
+    if ((ret = conn_tls_wrap(&m->tls, &pc->pconn, m->cancel_fd, 10000, err))) {
+        error_prefix(err, "postcopy-preempt");
+        return ret;
+    }
+    s = stream_new_writer(pc->pconn.fd, true);
+    stream_set_tls(s, pc->pconn.tls);
+    pthread_mutex_lock(&pc->ps_lock);
+    pc->ps = s;                 /* the reader sends on it from now on */
+    pthread_mutex_unlock(&pc->ps_lock);
     return 0;
 }
 
@@ -912,12 +956,24 @@ static int pc_end_preempt(precopy *pc, lm_error *err)
 
 static void pc_close_preempt(precopy *pc)
 {
-    if (!pc->ps)
+    if (pc->pconn.fd >= 0 && !pc->ps)       /* connected, TLS failed */
+        mig_helper_remove(pc->m, pc);
+    if (!pc->ps) {
+        conn_close(&pc->pconn, NULL);
         return;
+    }
     mig_helper_remove(pc->m, pc);
     conn_close(&pc->pconn, NULL);
     stream_free(pc->ps);
     pc->ps = NULL;
+}
+
+static void pc_free_psent(precopy *pc)
+{
+    for (int i = 0; i < RAM_MAX_BLOCKS; i++) {
+        bitmap_free(pc->psent[i]);
+        pc->psent[i] = NULL;
+    }
 }
 
 static int pc_postcopy_switch(precopy *pc, lm_error *err)
@@ -927,8 +983,6 @@ static int pc_postcopy_switch(precopy *pc, lm_error *err)
     int ret;
 
     pc_stop_guest(pc);
-    if (mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT) && (ret = pc_open_preempt(pc, err)))
-        return ret;
     /* The channels stay connected but idle until the end: the destination
      * ends them itself at the first postcopy command (a channel closed
      * first would look like a source gone). */
@@ -949,12 +1003,20 @@ static int pc_postcopy_switch(precopy *pc, lm_error *err)
         savevm_section_footer(pc->s, d->section_id);
     }
     postcopy_put_discards(pc->ram, pc->s);
+    if (mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT))
+        for (int i = 0; i < pc->ram->nblocks; i++)
+            pc->psent[i] = bitmap_new(pc->ram->blocks[i].npages);
     /* From here the destination may fault (its device loads read RAM). */
     atomic_store(&pc->in_postcopy, true);
     if ((ret = pc_put_package(pc, err)))
         return ret;
     if (stream_flush(pc->s))
         return pc_stream_err(pc, err);
+    /* The preempt channel after the package: the destination takes it at
+     * LISTEN (its TLS handshake needs the destination there).  Requests
+     * before it is open go on the main stream. */
+    if (mig_cap(m, MIG_CAP_POSTCOPY_PREEMPT) && (ret = pc_open_preempt(pc, err)))
+        return ret;
     pc->switch_bytes = pc_bytes(pc);
     mig_set_status(m, LM_STATUS_POSTCOPY_DEVICE);
     util_log("postcopy: switched with %" PRIu64 " MiB left to send", pc->ram->dirty >> 8);
@@ -1136,6 +1198,7 @@ static void pc_finish(precopy *pc, int ret, lm_error *err)
     rp_reader_stop(pc->rpr);
     pc->rpr = NULL;
     pc_close_preempt(pc);
+    pc_free_psent(pc);
     if (ret) {
         /* the socket shut (the peer sees the end), every helper interrupted */
         mig_kick(m);

@@ -66,6 +66,7 @@
 #include "livemig/livemig.h"
 #include "ram/ram.h"
 #include "stream/transport.h"
+#include "tls/tls.h"
 #include "util/sem.h"
 
 #define MULTIFD_MAGIC 0x11223344U
@@ -150,11 +151,13 @@ typedef struct multifd_sender multifd_sender;
 /*
  * Migration thread: connect the `n` channels to `u` one after the other,
  * each sending its handshake right after its connect (a destination reads
- * every connection's first bytes before it accepts the next).  On failure
- * every connection made is closed and the error names the channel.
+ * every connection's first bytes before it accepts the next).  With TLS
+ * (tls on) each connection's TLS handshake comes first, and the multifd
+ * handshake travels inside it.  On failure every connection made is closed
+ * and the error names the channel.
  */
-int multifd_send_connect(const transport_uri *u, int n, int cancel_fd, int timeout_ms,
-                         transport_conn *conns, lm_error *err);
+int multifd_send_connect(const transport_uri *u, const tls_setup *tls, int n, int cancel_fd,
+                         int timeout_ms, transport_conn *conns, lm_error *err);
 /*
  * Start one thread per channel connected by multifd_send_connect (ownership
  * of the descriptors passes to the multifd state).  `abort` is the
@@ -206,10 +209,13 @@ multifd_receiver *multifd_recv_start(transport_conn *conns, int n, const ram_sta
  * ("QEVM" = main, 0x11223344 = a channel, anything else is refused); a
  * channel's handshake is read and checked (magic, version, UUID, id in
  * range, no duplicate).  The first accept waits for a source (cancel_fd
- * interrupts it); everything after it is bounded by timeout_ms.
+ * interrupts it); everything after it is bounded by timeout_ms.  With TLS
+ * (tls on) every connection's TLS handshake comes first and the 4 bytes are
+ * read inside it (TLS has no peek: they are put back with conn_unread).
  */
-int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
-                   transport_conn *main_conn, transport_conn *chans, lm_error *err);
+int multifd_accept(transport_listener *l, const tls_setup *tls, int n, int cancel_fd,
+                   int timeout_ms, transport_conn *main_conn, transport_conn *chans,
+                   lm_error *err);
 /* Incoming thread, at every ram EOS: the barrier described above. */
 int multifd_recv_sync(multifd_receiver *mr);
 /* The placer (ram.h): main-stream records (legacy ZERO) placed directly,

@@ -65,12 +65,12 @@ static void mr_fail(mf_recv_chan *c, const lm_error *why)
 }
 
 /* Read all of iov; 0, 1 at a clean EOF before the first byte, or -errno. */
-static int mr_readv_all(int fd, struct iovec *iov, int n, uint64_t *count)
+static int mr_readv_all(transport_conn *conn, struct iovec *iov, int n, uint64_t *count)
 {
     bool any = false;
 
     while (n > 0) {
-        ssize_t r = readv(fd, iov, n);
+        ssize_t r = conn_readv(conn, iov, n);
         if (r < 0) {
             if (errno == EINTR)
                 continue;
@@ -106,7 +106,7 @@ static int mr_decompress(mf_recv_chan *c, const mf_header *h, const ramblock *b,
         return error_set(err, -EPROTO, "packet %" PRIu64 ": compressed size %u out of "
                          "range (1..%zu)", h->packet_num, h->next_size,
                          mf_codec_bound(c->mr->method));
-    ret = mr_readv_all(c->conn.fd, &iov, 1, &got);
+    ret = mr_readv_all(&c->conn, &iov, 1, &got);
     atomic_fetch_add(&c->bytes, got);
     if (ret)
         return error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64 ": the "
@@ -127,14 +127,14 @@ static int mr_packet(mf_recv_chan *c, mf_header *h, lm_error *err)
     uint64_t got = 0;
     int niov = 0, ret;
 
-    ret = mr_readv_all(c->conn.fd, &hiov, 1, &got);
+    ret = mr_readv_all(&c->conn, &hiov, 1, &got);
     atomic_fetch_add(&c->bytes, got);
     if (ret == 1)
         return 1;
     if (ret)
         return error_set(err, ret, "reading a packet header: %s",
                          ret == -EPIPE ? "the channel ended in the middle of a packet"
-                         : strerror(-ret));
+                         : conn_strerror(&c->conn, -ret));
     if ((ret = multifd_get_header(c->hdr, h, c->mr->ram, mf_comp_flags(c->mr->method), &b, err)))
         return ret;
     /* Counted before any byte of them is placed: a packet torn after the
@@ -159,7 +159,7 @@ static int mr_packet(mf_recv_chan *c, mf_header *h, lm_error *err)
     }
     if (niov) {
         got = 0;
-        ret = mr_readv_all(c->conn.fd, c->iov, niov, &got);
+        ret = mr_readv_all(&c->conn, c->iov, niov, &got);
         atomic_fetch_add(&c->bytes, got);
         if (ret)
             return error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64
@@ -247,6 +247,7 @@ multifd_receiver *multifd_recv_start(transport_conn *conns, int n, const ram_sta
         mr->chans[i].id = i;
         mr->chans[i].conn = conns[i];
         conns[i].fd = -1;
+        conns[i].tls = NULL;
         fsem_init(&mr->chans[i].release, 0, n + 1);
     }
     for (int i = 0; i < n && method != MF_NONE; i++) {
@@ -377,28 +378,46 @@ uint64_t multifd_recv_bytes(multifd_receiver *mr)
     return sum;
 }
 
-/* Read exactly len bytes (peek: leave them queued) before deadline. */
-static int mr_read_deadline(int fd, void *buf, size_t len, bool peek, int64_t deadline,
-                            int cancel_fd)
+/*
+ * Read exactly len bytes (peek: leave them queued) before deadline.  With
+ * TLS a peek is a read followed by conn_unread, and bytes GnuTLS already
+ * holds are taken before the socket is polled.
+ */
+static int mr_read_deadline(transport_conn *c, void *buf, size_t len, bool peek,
+                            int64_t deadline, int cancel_fd)
 {
     size_t got = 0;
 
     while (got < len) {
-        struct pollfd pfd[2] = { { .fd = fd, .events = POLLIN },
+        struct pollfd pfd[2] = { { .fd = c->fd, .events = POLLIN },
                                  { .fd = cancel_fd, .events = POLLIN } };
         int64_t left = deadline - time_now_ms();
         ssize_t r;
 
         if (left <= 0)
             return -ETIMEDOUT;
-        if (poll(pfd, cancel_fd >= 0 ? 2 : 1, (int)left) < 0 && errno != EINTR)
-            return -errno;
-        if (cancel_fd >= 0 && pfd[1].revents)
-            return -ECANCELED;
+        if (conn_pending(c)) {
+            pfd[0].revents = POLLIN;
+        } else {
+            if (poll(pfd, cancel_fd >= 0 ? 2 : 1, (int)left) < 0 && errno != EINTR)
+                return -errno;
+            if (cancel_fd >= 0 && pfd[1].revents)
+                return -ECANCELED;
+        }
         if (!pfd[0].revents)
             continue;
-        if (peek) {
-            r = recv(fd, buf, len, MSG_PEEK | MSG_DONTWAIT);
+        if (c->tls) {
+            r = conn_read_nb(c, (uint8_t *)buf + got, len - got);
+            if (r == 0)
+                return -EPIPE;
+            if (r > 0) {
+                got += (size_t)r;
+                if (got == len && peek)
+                    conn_unread(c, buf, len);
+                continue;
+            }
+        } else if (peek) {
+            r = recv(c->fd, buf, len, MSG_PEEK | MSG_DONTWAIT);
             if (r == (ssize_t)len)
                 return 0;
             if (r == 0)
@@ -409,7 +428,7 @@ static int mr_read_deadline(int fd, void *buf, size_t len, bool peek, int64_t de
                 continue;
             }
         } else {
-            r = read(fd, (uint8_t *)buf + got, len - got);
+            r = read(c->fd, (uint8_t *)buf + got, len - got);
             if (r == 0)
                 return -EPIPE;
             if (r > 0) {
@@ -423,16 +442,20 @@ static int mr_read_deadline(int fd, void *buf, size_t len, bool peek, int64_t de
     return 0;
 }
 
-int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
-                   transport_conn *main_conn, transport_conn *chans, lm_error *err)
+int multifd_accept(transport_listener *l, const tls_setup *tls, int n, int cancel_fd,
+                   int timeout_ms, transport_conn *main_conn, transport_conn *chans,
+                   lm_error *err)
 {
     bool have_main = false;
     int have = 0, ret = 0;
     int64_t deadline = 0;
 
-    for (int i = 0; i < n; i++)
+    for (int i = 0; i < n; i++) {
         chans[i].fd = -1;
+        chans[i].tls = NULL;
+    }
     main_conn->fd = -1;
+    main_conn->tls = NULL;
     while (!have_main || have < n) {
         transport_conn c = { .fd = -1 };
         uint8_t magic[4], init[MULTIFD_INIT_SIZE];
@@ -449,10 +472,15 @@ int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
         }
         if (!deadline)
             deadline = time_now_ms() + timeout_ms;
-        ret = mr_read_deadline(c.fd, magic, 4, true, deadline, cancel_fd);
+        ret = conn_tls_wrap(tls, &c, cancel_fd, (int)(deadline - time_now_ms()), err);
+        if (ret) {
+            conn_close(&c, NULL);
+            goto fail;
+        }
+        ret = mr_read_deadline(&c, magic, 4, true, deadline, cancel_fd);
         if (ret) {
             error_set(err, ret, "multifd: a connection from %s sent nothing usable: %s",
-                      c.peer, strerror(-ret));
+                      c.peer, conn_strerror(&c, -ret));
             conn_close(&c, NULL);
             goto fail;
         }
@@ -467,6 +495,13 @@ int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
             have_main = true;
             continue;
         }
+        if (magic[0] == 0x16 && magic[1] == 0x03 && !c.tls) {
+            ret = error_set(err, -EPROTO, "multifd: the connection from %s starts a TLS "
+                            "handshake: the source uses TLS, but tls-creds is not set here",
+                            c.peer);
+            conn_close(&c, NULL);
+            goto fail;
+        }
         if (memcmp(magic, "\x11\x22\x33\x44", 4)) {
             ret = error_set(err, -EPROTO, "multifd: a connection from %s is neither the "
                             "main stream nor a channel (first bytes %02x %02x %02x %02x)",
@@ -474,7 +509,7 @@ int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
             conn_close(&c, NULL);
             goto fail;
         }
-        ret = mr_read_deadline(c.fd, init, sizeof(init), false, deadline, cancel_fd);
+        ret = mr_read_deadline(&c, init, sizeof(init), false, deadline, cancel_fd);
         if (!ret && (ret = multifd_check_init(init, n, &id, err)) == 0 &&
             fault_hit("dst", "handshake", id))
             ret = error_set(err, -EPROTO, "multifd channel %u: injected handshake fault",
@@ -482,7 +517,7 @@ int multifd_accept(transport_listener *l, int n, int cancel_fd, int timeout_ms,
         if (ret) {
             if (!err || !err->msg[0] || ret != -EPROTO)
                 error_set(err, ret, "multifd: channel handshake from %s failed: %s",
-                          c.peer, strerror(-ret));
+                          c.peer, conn_strerror(&c, -ret));
             conn_close(&c, NULL);
             goto fail;
         }

@@ -71,11 +71,10 @@ static void mf_fail(mf_send_chan *c, int code, const char *what)
 }
 
 /* Write every byte of iov[0..n), advancing it in place. */
-static int mf_writev_all(int fd, struct iovec *iov, int n)
+static int mf_writev_all(transport_conn *conn, struct iovec *iov, int n)
 {
     while (n > 0) {
-        struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
-        ssize_t w = sendmsg(fd, &msg, MSG_NOSIGNAL);
+        ssize_t w = conn_writev(conn, iov, n);
 
         if (w < 0) {
             if (errno == EINTR)
@@ -179,10 +178,10 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
     if (fault_hit("src", "packet", c->id)) {
         /* Half a header, then the failure: the peer sees a torn packet. */
         c->iov[0].iov_len = MULTIFD_HDR_SIZE / 2;
-        mf_writev_all(c->conn.fd, c->iov, 1);
+        mf_writev_all(&c->conn, c->iov, 1);
         return -EIO;
     }
-    ret = mf_writev_all(c->conn.fd, c->iov, niov);
+    ret = mf_writev_all(&c->conn, c->iov, niov);
     if (ret)
         return ret;
     atomic_fetch_add(&c->bytes, MULTIFD_HDR_SIZE + (uint64_t)h.next_size);
@@ -249,13 +248,15 @@ static void *mf_send_thread(void *arg)
  * would hold up every connection queued behind it (with 32 or more channels
  * the listen backlog fills and the later connects time out).
  */
-int multifd_send_connect(const transport_uri *u, int n, int cancel_fd, int timeout_ms,
-                         transport_conn *conns, lm_error *err)
+int multifd_send_connect(const transport_uri *u, const tls_setup *tls, int n, int cancel_fd,
+                         int timeout_ms, transport_conn *conns, lm_error *err)
 {
     int ret = 0, i;
 
-    for (i = 0; i < n; i++)
+    for (i = 0; i < n; i++) {
         conns[i].fd = -1;
+        conns[i].tls = NULL;
+    }
     for (i = 0; i < n; i++) {
         uint8_t init[MULTIFD_INIT_SIZE];
         struct iovec iov = { init, sizeof(init) };
@@ -266,11 +267,15 @@ int multifd_send_connect(const transport_uri *u, int n, int cancel_fd, int timeo
             ret = transport_connect(u, &conns[i], cancel_fd, timeout_ms, err);
         if (ret)
             goto fail;
+        /* TLS first: the handshake below is the first thing inside it. */
+        if ((ret = conn_tls_wrap(tls, &conns[i], cancel_fd, timeout_ms, err)))
+            goto fail;
         multifd_put_init(init, (uint8_t)i);
         if (fault_hit("src", "handshake", i))
             init[0] ^= 0xff;
-        if ((ret = mf_writev_all(conns[i].fd, &iov, 1))) {
-            error_set(err, ret, "sending the handshake failed: %s", strerror(-ret));
+        if ((ret = mf_writev_all(&conns[i], &iov, 1))) {
+            error_set(err, ret, "sending the handshake failed: %s",
+                      conn_strerror(&conns[i], -ret));
             goto fail;
         }
     }
@@ -310,6 +315,7 @@ multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
         c->conn = conns[i];
         c->bytes = MULTIFD_INIT_SIZE;        /* its handshake, sent at connect */
         conns[i].fd = -1;
+        conns[i].tls = NULL;
         fsem_init(&c->sem, 0, n + 1);
         fsem_init(&c->sem_sync, 0, n + 1);
         c->batch = calloc(1, sizeof(*c->batch));

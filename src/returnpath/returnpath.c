@@ -16,6 +16,7 @@
 #include "returnpath/returnpath.h"
 #include "savevm/wire.h"
 #include "util/thread.h"
+#include "tls/tls.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -23,16 +24,23 @@
 
 struct rp_writer {
     int fd;
+    struct tls_session *tls;    /* borrowed, like fd; NULL without TLS */
     pthread_mutex_t lock;       /* one whole message at a time */
 };
 
 rp_writer *rp_writer_new(int fd)
+{
+    return rp_writer_new_tls(fd, NULL);
+}
+
+rp_writer *rp_writer_new_tls(int fd, struct tls_session *tls)
 {
     rp_writer *w = calloc(1, sizeof(*w));
 
     if (!w)
         abort();
     w->fd = fd;
+    w->tls = tls;
     pthread_mutex_init(&w->lock, NULL);
     return w;
 }
@@ -56,7 +64,9 @@ int rp_send(rp_writer *w, uint16_t type, const void *data, uint16_t len)
     n = wire_rp_encode(msg, sizeof(msg), type, data, len);
     pthread_mutex_lock(&w->lock);
     while (done < n) {
-        ssize_t r = send(w->fd, msg + done, n - done, MSG_NOSIGNAL);
+        struct iovec v = { msg + done, n - done };
+        ssize_t r = w->tls ? tls_io_writev(w->fd, w->tls, &v, 1)
+                           : send(w->fd, msg + done, n - done, MSG_NOSIGNAL);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0) {
@@ -81,6 +91,7 @@ int rp_send_u32(rp_writer *w, uint16_t type, uint32_t value)
 
 struct rp_reader {
     int fd;
+    struct tls_session *tls;    /* borrowed; NULL without TLS */
     int stop_fd;                /* eventfd: readable = stop */
     rp_reader_ops ops;
     void *opaque;
@@ -124,6 +135,13 @@ static int rd_parse(rp_reader *r)
         uint16_t len = (uint16_t)(r->buf[2] << 8 | r->buf[3]);
         const uint8_t *data = r->buf + 4;
 
+        /* A TLS alert record (content type 21, version 3.x) where a message
+         * should be: the destination requires TLS and we do not use it. */
+        if (!r->tls && r->buf[0] == 0x15 && r->buf[1] == 0x03) {
+            error_set(&err, -EPROTO, "the destination answered with a TLS alert: it requires "
+                      "TLS (set tls-creds on the source too)");
+            goto fail;
+        }
         /* Known type, its length, at most WIRE_RP_MAX_LEN: buf always has room. */
         if (wire_rp_check(type, len) != WIRE_OK) {
             error_set(&err, -EPROTO, "return path: bad message type %u length %u", type,
@@ -174,7 +192,10 @@ static void *rd_thread(void *arg)
                                  { .fd = r->stop_fd, .events = POLLIN } };
         ssize_t n;
 
-        if (poll(pfd, 2, -1) < 0) {
+        /* Bytes GnuTLS already decrypted do not make the socket readable. */
+        if (tls_io_pending(r->tls))
+            pfd[0].revents = POLLIN;
+        else if (poll(pfd, 2, -1) < 0) {
             if (errno == EINTR)
                 continue;
             error_set_errno(&err, -errno, "return path poll");
@@ -185,7 +206,12 @@ static void *rd_thread(void *arg)
             break;                          /* rp_reader_stop */
         if (!pfd[0].revents)
             continue;
-        n = recv(r->fd, r->buf + r->len, sizeof(r->buf) - r->len, MSG_DONTWAIT);
+        if (r->tls) {
+            struct iovec v = { r->buf + r->len, sizeof(r->buf) - r->len };
+            n = tls_io_readv(r->fd, r->tls, &v, 1, true);
+        } else {
+            n = recv(r->fd, r->buf + r->len, sizeof(r->buf) - r->len, MSG_DONTWAIT);
+        }
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             continue;
         if (n <= 0) {
@@ -193,7 +219,8 @@ static void *rd_thread(void *arg)
                 error_set(&err, -ECONNRESET, "the destination closed the connection "
                           "without confirming (it failed or was killed)");
             else
-                error_set_errno(&err, -errno, "return path read");
+                error_set(&err, -errno, "return path read: %s",
+                          tls_io_strerror(r->tls, errno));
             rd_fail(r, &err);
             break;
         }
@@ -210,6 +237,12 @@ static void *rd_thread(void *arg)
 
 rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_error *err)
 {
+    return rp_reader_start_tls(fd, NULL, ops, opaque, err);
+}
+
+rp_reader *rp_reader_start_tls(int fd, struct tls_session *tls, const rp_reader_ops *ops,
+                               void *opaque, lm_error *err)
+{
     rp_reader *r = calloc(1, sizeof(*r));
     pthread_condattr_t ca;
     int ret;
@@ -217,6 +250,7 @@ rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_er
     if (!r)
         abort();
     r->fd = fd;
+    r->tls = tls;
     r->ops = ops ? *ops : (rp_reader_ops){ 0 };
     r->opaque = opaque;
     r->shut_status = -1;

@@ -48,7 +48,12 @@
 
 typedef struct rp_writer rp_writer;
 
+struct tls_session;
+
 rp_writer *rp_writer_new(int fd);
+/* Through the connection's TLS session (borrowed like fd; tls.h: one
+ * writer at a time, which the writer's lock gives). */
+rp_writer *rp_writer_new_tls(int fd, struct tls_session *tls);
 void rp_writer_free(rp_writer *w);           /* NULL is a no-op */
 /* Send one message, whole or not at all (a short write is an error).  Any
  * thread.  0, -EINVAL (not a valid message per the table), or -errno. */
@@ -72,6 +77,10 @@ typedef struct rp_reader_ops {
 } rp_reader_ops;
 
 rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_error *err);
+/* The same over the connection's TLS session: the reader thread is the
+ * session's only reader while the migration thread writes it. */
+rp_reader *rp_reader_start_tls(int fd, struct tls_session *tls, const rp_reader_ops *ops,
+                               void *opaque, lm_error *err);
 /* Stop the thread (if it still runs), join it, free.  NULL is a no-op. */
 void rp_reader_stop(rp_reader *r);
 

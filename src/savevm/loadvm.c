@@ -116,6 +116,12 @@ static int loadvm_header(loadvm *lv, lm_stream *s)
 
     if (lm_get_be32(s, &magic))
         return -1;
+    /* A TLS record header: content type 22 (handshake), version 3.x. */
+    if ((magic >> 16) == 0x1603) {
+        lm_stream_set_error(s, -EPROTO, "the stream starts with a TLS handshake (0x%08x): "
+                            "the source uses TLS, but tls-creds is not set here", magic);
+        return -1;
+    }
     if (magic != WIRE_QEVM_MAGIC) {
         lm_stream_set_error(s, -EINVAL, "bad magic 0x%08x at byte offset 0 (expected "
                             "0x%08x, \"QEVM\"): not a migration stream", magic, WIRE_QEVM_MAGIC);

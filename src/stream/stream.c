@@ -13,6 +13,7 @@
 #include <endian.h>
 
 #include "stream/stream.h"
+#include "tls/tls.h"
 #include "util/error.h"
 
 static lm_stream *stream_alloc(int fd, bool is_socket, bool writer)
@@ -83,8 +84,10 @@ lm_stream *stream_hand_over(lm_stream *s)
     n->rlen = left;
     n->pos = s->pos;
     n->io_bytes = s->io_bytes;
+    n->tls = s->tls;            /* the session goes with the descriptor */
     s->rpos = s->rlen = 0;
     s->fd = -1;
+    s->tls = NULL;
     return n;
 }
 
@@ -144,8 +147,15 @@ static void stream_close_segment(lm_stream *s)
     }
 }
 
+void stream_set_tls(lm_stream *s, struct tls_session *tls)
+{
+    s->tls = tls;
+}
+
 static ssize_t stream_writev(lm_stream *s, struct iovec *iov, int n)
 {
+    if (s->tls)
+        return tls_io_writev(s->fd, s->tls, iov, n);
     if (s->is_socket) {
         struct msghdr msg = { .msg_iov = iov, .msg_iovlen = (size_t)n };
         /* MSG_NOSIGNAL: a dead peer is an error to report, not a SIGPIPE. */
@@ -171,7 +181,8 @@ int stream_flush(lm_stream *s)
             if (errno == EINTR)
                 continue;
             lm_stream_set_error(s, -errno, "write failed at stream offset %llu: %s",
-                                (unsigned long long)s->io_bytes, strerror(errno));
+                                (unsigned long long)s->io_bytes,
+                                tls_io_strerror(s->tls, errno));
             break;
         }
         s->io_bytes += (uint64_t)w;
@@ -300,11 +311,11 @@ static ssize_t stream_readv(lm_stream *s, void *dst, size_t dlen)
     iov[n].iov_len = s->buf_cap;
     n++;
     do {
-        r = readv(s->fd, iov, n);
+        r = s->tls ? tls_io_readv(s->fd, s->tls, iov, n, false) : readv(s->fd, iov, n);
     } while (r < 0 && errno == EINTR);
     if (r < 0)
         lm_stream_set_error(s, -errno, "read failed at byte offset %llu: %s",
-                            (unsigned long long)s->pos, strerror(errno));
+                            (unsigned long long)s->pos, tls_io_strerror(s->tls, errno));
     return r;
 }
 

@@ -39,9 +39,12 @@
 #define STREAM_BUF_SIZE (256 * 1024)
 #define STREAM_IOV_MAX 1024        /* kernel IOV_MAX */
 
+struct tls_session;
+
 struct lm_stream {
     int fd;
     bool is_socket;
+    struct tls_session *tls; /* records on fd go through it (src/tls); borrowed */
     bool writer;
     /* Memory reader: data/len is the whole stream, fd is -1. */
     const uint8_t *mem;
@@ -68,6 +71,9 @@ struct lm_stream {
 
 lm_stream *stream_new_writer(int fd, bool is_socket);
 lm_stream *stream_new_reader(int fd, bool is_socket);
+/* Read/write fd through a TLS session (the connection's c->tls), which
+ * the stream borrows like fd.  Before the first operation. */
+void stream_set_tls(lm_stream *s, struct tls_session *tls);
 /* A reader over bytes in memory (tests, fuzzing).  `data` must outlive it. */
 lm_stream *stream_new_mem(const void *data, size_t len);
 /* A writer into memory (postcopy's package is built whole before it is

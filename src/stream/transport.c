@@ -52,6 +52,7 @@
  *  - file: opened with O_NONBLOCK and then switched back to blocking, so a
  *    FIFO without a reader fails (ENXIO) instead of hanging in open().
  */
+#include <assert.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
@@ -68,12 +69,14 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
+#include <sys/uio.h>
 #include <sys/un.h>
 #include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
 #include "stream/transport.h"
+#include "tls/tls.h"
 #include "util/error.h"
 #include "util/time.h"
 
@@ -1097,11 +1100,13 @@ int conn_close(transport_conn *c, lm_error *err)
     int ret = 0;
 
     if (c->fd >= 0) {
+        tls_session_close(c->tls);
         /* Linux releases the descriptor even when close() fails. */
         if (close(c->fd) < 0 && errno != EINTR)
             ret = error_set_errno(err, -errno, "%s: close", c->peer);
         c->fd = -1;
     }
+    c->tls = NULL;
     /* Our end is closed, so the command sees EOF (or EPIPE) and can finish. */
     if (c->child > 0) {
         int r = exec_reap(c, ret < 0 ? NULL : err);
@@ -1109,4 +1114,64 @@ int conn_close(transport_conn *c, lm_error *err)
             ret = r;
     }
     return ret;
+}
+
+/* ---------------------------------------------------------------- I/O */
+
+int conn_tls_wrap(const tls_setup *s, transport_conn *c, int cancel_fd, int timeout_ms,
+                  lm_error *err)
+{
+    if (!tls_setup_on(s))
+        return 0;
+    if (!c->is_socket)
+        return error_set(err, -EINVAL, "%s: TLS needs a socket", c->peer);
+    return tls_wrap(s, c->fd, c->peer, cancel_fd, timeout_ms, &c->tls, err);
+}
+
+ssize_t conn_writev(transport_conn *c, const struct iovec *iov, int n)
+{
+    struct msghdr m = { .msg_iov = (struct iovec *)iov, .msg_iovlen = (size_t)n };
+
+    if (c->tls)
+        return tls_io_writev(c->fd, c->tls, iov, n);
+    if (c->is_socket)
+        return sendmsg(c->fd, &m, MSG_NOSIGNAL);
+    return writev(c->fd, iov, n);
+}
+
+ssize_t conn_readv(transport_conn *c, const struct iovec *iov, int n)
+{
+    return c->tls ? tls_io_readv(c->fd, c->tls, iov, n, false) : readv(c->fd, iov, n);
+}
+
+ssize_t conn_read(transport_conn *c, void *buf, size_t len)
+{
+    struct iovec v = { buf, len };
+
+    return conn_readv(c, &v, 1);
+}
+
+ssize_t conn_read_nb(transport_conn *c, void *buf, size_t len)
+{
+    struct iovec v = { buf, len };
+
+    if (c->tls)
+        return tls_io_readv(c->fd, c->tls, &v, 1, true);
+    return recv(c->fd, buf, len, MSG_DONTWAIT);
+}
+
+bool conn_pending(const transport_conn *c)
+{
+    return c->tls && tls_io_pending(c->tls);
+}
+
+void conn_unread(transport_conn *c, const void *buf, size_t len)
+{
+    assert(c->tls);
+    tls_io_unread(c->tls, buf, len);
+}
+
+const char *conn_strerror(const transport_conn *c, int errnum)
+{
+    return tls_io_strerror(c->tls, errnum);
 }

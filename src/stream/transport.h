@@ -38,7 +38,9 @@
 #include <stdbool.h>
 #include <stdint.h>
 #include <sys/types.h>
+#include <sys/uio.h>
 #include "livemig/livemig.h"
+#include "tls/tls.h"
 
 typedef enum transport_uri_kind {
     URI_TCP, URI_UNIX, URI_FD, URI_EXEC, URI_FILE,
@@ -65,6 +67,9 @@ int transport_uri_parse(const char *s, transport_uri *u, lm_error *err);
 
 typedef struct transport_conn {
     int fd;               /* -1 when closed */
+    tls_session *tls;     /* the TLS session on fd (conn_tls_wrap below),
+                             NULL for plaintext; owned with fd: conn_close ends
+                             it, and it means nothing once fd is -1 */
     bool is_socket;       /* a socket with a peer that can answer (tcp, unix,
                              fd: socket): sendmsg(MSG_NOSIGNAL) works, a
                              return path is possible.  false for exec: */
@@ -105,10 +110,35 @@ void transport_unlisten(transport_listener *l);
  * no-op).  Safe from another thread while one is blocked on c. */
 void conn_shutdown(transport_conn *c);
 /*
- * Close; for exec waits for the child and reports a failed exit in err.
- * That wait is bounded: after 10 s the command's process group is killed
+ * Close (ending the TLS session first, if any); for exec waits for the
+ * child and reports a failed exit in err.  That wait is bounded: after 10 s the command's process group is killed
  * (-ETIMEDOUT).  Idempotent.
  */
 int conn_close(transport_conn *c, lm_error *err);
+
+/*
+ * TLS: wrap c in a session made from s (src/tls/tls.h); a no-op when s has
+ * no credentials, so every place that opens a channel calls it.  Right
+ * after connect or accept, before any byte; c must be a socket.  On failure
+ * c is as it was (the caller closes it) and err names the peer and cause.
+ */
+int conn_tls_wrap(const tls_setup *s, transport_conn *c, int cancel_fd, int timeout_ms,
+                  lm_error *err);
+/*
+ * I/O on a connection, TLS or not (c->tls): like sendmsg(MSG_NOSIGNAL) or
+ * writev (not a socket) / readv: bytes, or -1 with errno; 0 from a read:
+ * the peer closed.  One thread may write while another reads.
+ */
+ssize_t conn_writev(transport_conn *c, const struct iovec *iov, int n);
+ssize_t conn_readv(transport_conn *c, const struct iovec *iov, int n);
+ssize_t conn_read(transport_conn *c, void *buf, size_t len);
+/* Non-blocking read: -1/EAGAIN when nothing is there yet. */
+ssize_t conn_read_nb(transport_conn *c, void *buf, size_t len);
+/* Bytes already in the TLS session: poll() on fd would not see them. */
+bool conn_pending(const transport_conn *c);
+/* TLS only: put back the first bytes read (tls_io_unread). */
+void conn_unread(transport_conn *c, const void *buf, size_t len);
+/* The text for a failure of the calls above: TLS's reason or strerror. */
+const char *conn_strerror(const transport_conn *c, int errnum);
 
 #endif

@@ -58,6 +58,13 @@ static inline bool bitmap_test_and_set_atomic(unsigned long *map, uint64_t i)
 
     return !(__atomic_fetch_or(&map[i / BITMAP_BITS_PER_LONG], bit, __ATOMIC_ACQ_REL) & bit);
 }
+/* Clear bit i; true if it was set (atomic). */
+static inline bool bitmap_test_and_clear_atomic(unsigned long *map, uint64_t i)
+{
+    unsigned long bit = 1UL << (i % BITMAP_BITS_PER_LONG);
+
+    return __atomic_fetch_and(&map[i / BITMAP_BITS_PER_LONG], ~bit, __ATOMIC_ACQ_REL) & bit;
+}
 /*
  * Move every set bit of `src` into `dst` (dst |= src; src = 0), word by word
  * with an atomic exchange on src so no concurrently set bit is lost.

@@ -99,7 +99,7 @@ fi
 # 4. the exported symbols are exactly the lm_* functions the installed
 # headers declare: none missing, no internal one leaking.  The headers are
 # preprocessed first so that names in comments do not count.
-printf '#include <livemig/livemig.h>\n#include <livemig/qmp.h>\n#include <livemig/analyze.h>\n' |
+printf '#include <livemig/livemig.h>\n#include <livemig/qmp.h>\n#include <livemig/analyze.h>\n#include <livemig/tls.h>\n' |
     "${cc[@]}" -E -P -I"$incdir" -x c - 2>"$tmp/cpp.err" |
     grep -oE '\blm_[a-z0-9_]+[[:space:]]*\(' | sed 's/[[:space:]]*($//' | sort -u >"$tmp/declared"
 nm -D --defined-only "$libdir/liblivemig.so.$LM_VERSION" | awk '{print $NF}' |
@@ -136,7 +136,7 @@ export PKG_CONFIG_SYSROOT_DIR=$dest
 ver=$(pkg-config --modversion livemig 2>&1)
 reqs=$(pkg-config --print-requires-private livemig 2>&1 | awk '{print $1}' | sort | tr '\n' ' ')
 slibs=$(pkg-config --static --libs livemig 2>&1)
-if [[ $ver == "$LM_VERSION" && $reqs == "jansson libzstd zlib " && $slibs == *pthread* ]]; then
+if [[ $ver == "$LM_VERSION" && $reqs == "gnutls jansson libzstd zlib " && $slibs == *pthread* ]]; then
     ok "livemig.pc: version $ver, Requires.private $reqs, threads in Libs.private"
 else
     not_ok "livemig.pc" "version: $ver" "Requires.private: $reqs" "static libs: $slibs"
@@ -194,7 +194,7 @@ fi
 # (the option tables' rows and the lines that show a livemig command line;
 # not, e.g., meson's options in its Tests section)
 opts=$(grep -E '^\| `--|livemig ' "$src/docs/cli.md" |
-       grep -oE -- '--[a-z][a-z-]*[a-z]' | sort -u)
+       grep -oE -- '--[a-z][a-z0-9-]*[a-z0-9]' | sort -u)
 page=$(sed 's/\\-/-/g' "$mandir/man1/livemig.1" 2>/dev/null)
 absent=()
 for o in $opts; do

@@ -43,6 +43,7 @@
 #include "guest.h"
 #include "guest_state.h"
 #include "host.h"
+#include "tlsopts.h"
 #include "util.h"
 #include "verify.h"
 
@@ -292,6 +293,9 @@ static void guest_usage(FILE *f)
         "                            cpr-reboot | cpr-transfer (for --incoming URI)\n"
         "  --verify-on-arrival on|off  check every page when an incoming migration\n"
         "                            completes, before the guest runs (default on)\n"
+        TLSOPT_USAGE
+        "                            (with --incoming they are the destination's;\n"
+        "                            without, they are used when QMP migrate runs)\n"
         "  -h, --help                show this help\n"
         "\n"
         "QMP commands besides the migration ones: quit, x-guest-verify\n"
@@ -308,6 +312,7 @@ struct guest_args {
     const char *incoming;
     const char *mode;
     bool verify_on_arrival;
+    struct tls_opts tls;
 };
 
 static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *err)
@@ -326,6 +331,7 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
         { "verify-on-arrival", required_argument, NULL, 'V' },
         { "mem-backend", required_argument, NULL, 'b' },
         { "mode", required_argument, NULL, 'M' },
+        TLSOPT_LONG_OPTIONS,
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -333,6 +339,7 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
     int64_t v;
 
     optind = 1;
+    tls_opts_init(&a->tls);
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
         case 'm':
@@ -424,11 +431,17 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
         case 'h':
             return 1;
         default:
-            return -EINVAL;          /* getopt said what was wrong */
+            x = tls_opts_take(&a->tls, opt, optarg, err);
+            if (x < 0)
+                return x;
+            if (x == 0)
+                return -EINVAL;      /* getopt said what was wrong */
         }
     }
     if (optind < argc)
         return tool_error(err, -EINVAL, "unexpected argument '%s'", argv[optind]);
+    if ((x = tls_opts_check(&a->tls, a->incoming != NULL, err)) < 0)
+        return x;
     if (a->incoming && !strcmp(a->incoming, "defer") && !a->qmp)
         return tool_error(err, -EINVAL, "--incoming defer needs --qmp (migrate-incoming "
                           "comes over QMP)");
@@ -466,6 +479,9 @@ static int guest_setup(struct gctx *gc, const struct guest_args *a, lm_error *er
     if (rc)
         return rc;
     lm_set_vm_ops(gc->h.m, &vm_ops, gc);
+    rc = tls_opts_apply(&a->tls, gc->h.m, a->incoming != NULL, err);
+    if (rc)
+        return rc;
     rc = lm_set_dirty_tracker(gc->h.m, a->tracker, err);
     if (rc)
         return rc;

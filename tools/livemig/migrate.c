@@ -32,6 +32,7 @@
 #include <unistd.h>
 
 #include "commands.h"
+#include "tlsopts.h"
 #include "util.h"
 
 #define POLL_MS 100
@@ -193,7 +194,8 @@ void migrate_opts_free(struct migrate_opts *o)
 {
     json_decref(o->caps);
     json_decref(o->params);
-    o->caps = o->params = NULL;
+    json_decref(o->objects);
+    o->caps = o->params = o->objects = NULL;
 }
 
 /* ---------------------------------------------------------------- signals */
@@ -406,6 +408,28 @@ static int set_postcopy(struct qmpc *src, const struct migrate_opts *o, lm_error
 
 /* ---------------------------------------------------------------- drive */
 
+/*
+ * object-add each of `objs` on the source; an object of the same id left
+ * by an earlier run is deleted first (object-del's "not found" is fine).
+ */
+static int add_objects(struct qmpc *c, const json_t *objs, lm_error *err)
+{
+    size_t i;
+    json_t *o;
+
+    json_array_foreach((json_t *)objs, i, o) {
+        lm_error ignore = { 0 };
+        int rc;
+
+        qmpc_execute(c, "object-del", json_pack("{s:O}", "id", json_object_get(o, "id")),
+                     NULL, CMD_TIMEOUT_MS, &ignore);
+        rc = qmpc_execute(c, "object-add", json_incref(o), NULL, CMD_TIMEOUT_MS, err);
+        if (rc)
+            return rc;
+    }
+    return 0;
+}
+
 int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *o,
                   struct mig_info *final, lm_error *err)
 {
@@ -417,7 +441,9 @@ int migrate_drive(struct qmpc *src, const char *uri, const struct migrate_opts *
     int rc;
 
     mig_info_parse(NULL, &mi);
-    rc = set_postcopy(src, o, err);
+    rc = add_objects(src, o->objects, err);
+    if (!rc)
+        rc = set_postcopy(src, o, err);
     if (!rc)
         rc = set_caps(src, o->caps, err);
     if (!rc && o->params)
@@ -551,6 +577,7 @@ static void migrate_usage(FILE *f)
         "                        cannot converge (x-postcopy-after), or after a\n"
         "                        time (3000, 3s) with migrate-start-postcopy;\n"
         "                        'off' (default) leaves it to --cap/--param\n"
+        TLSOPT_USAGE
         "  -h, --help            show this help\n"
         "\n"
         "Exit status: 0 completed, 1 failed or cancelled (Ctrl-C cancels), 2 usage.\n");
@@ -564,10 +591,12 @@ int cmd_migrate(int argc, char **argv)
         { "param", required_argument, NULL, 'p' },
         { "timeout", required_argument, NULL, 't' },
         { "postcopy", required_argument, NULL, 'P' },
+        TLSOPT_LONG_OPTIONS,
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
     struct migrate_opts mo = { .timeout_s = 600, .prefix = "livemig migrate" };
+    struct tls_opts tls;
     const char *qmp = NULL;
     struct qmpc *c = NULL;
     lm_error err = { 0 };
@@ -575,6 +604,7 @@ int cmd_migrate(int argc, char **argv)
     int64_t v;
 
     optind = 1;
+    tls_opts_init(&tls);
     while ((opt = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
         switch (opt) {
         case 'q':
@@ -604,9 +634,14 @@ int cmd_migrate(int argc, char **argv)
             ret = 0;
             goto out;
         default:
-            goto usage_err;          /* getopt said what was wrong */
+            if (tls_opts_take(&tls, opt, optarg, &err) > 0)
+                break;
+            goto usage_err;          /* getopt (or the TLS option) said what was wrong */
         }
     }
+    if (tls_opts_check(&tls, false, &err))
+        goto usage_err;
+    mo.objects = tls_opts_objects(&tls, &mo.params);
     if (!qmp) {
         tool_error(&err, -EINVAL, "--qmp PATH is required");
         goto usage_err;

@@ -48,6 +48,7 @@ bool migrate_status_final(const char *status);
 struct migrate_opts {
     json_t *caps;        /* object NAME -> true/false; NULL for none */
     json_t *params;      /* object NAME -> string value as given; NULL for none */
+    json_t *objects;     /* object-add arguments, sent first; NULL for none */
     int timeout_s;       /* cancel after this long; <= 0: no limit */
     const char *prefix;  /* for messages: "livemig migrate" */
     FILE *out;           /* progress and summary; NULL = stdout.  Progress is
