@@ -71,10 +71,11 @@ static const param_def param_defs[] = {
     P("link-timeout", link_timeout, 0, 3600000, 10000, false),
     P("max-postcopy-bandwidth", max_postcopy_bandwidth, 0, INT64_MAX, 0, true),
     /* livemig's own (postcopy-ram on): switch to postcopy without
-     * migrate-start-postcopy when precopy cannot converge -- a pass ended
-     * with a remainder over the downtime limit that did not shrink by a
-     * fifth since the pass before -- or when precopy has run this many ms.
-     * 0 = only on request, as QEMU. */
+     * migrate-start-postcopy when precopy cannot converge -- inside a pass,
+     * most of what was sent in two 250 ms windows in a row was written
+     * again; or a pass ended with a remainder over the downtime limit that
+     * did not shrink by a fifth since the pass before -- or when precopy
+     * has run this many ms.  0 = only on request, as QEMU. */
     P("x-postcopy-after", postcopy_after, 0, 86400000, 0, true),
     S("mode", mode, 0, mode_choices),
     /* TLS (src/tls/): ids of objects made with object-add / lm_tls_*_add. */

@@ -235,6 +235,12 @@ static int pci_packaged(const loadvm_cmd *c, void *opaque)
     if (ret == LOADVM_END)
         ret = pci_fail(c, -EINVAL, "the package (%u bytes from byte offset %" PRIu64 ") "
                        "ended without POSTCOPY_RUN", len, start);
+    else if (ret < 0 && atomic_load(&pci->listen_failed))
+        /* the cause: a device load that read guest RAM found what the
+         * released faults left there, zeros */
+        ret = pci_fail(c, pci->listen_err.code ? pci->listen_err.code : -EIO,
+                       "the page stream failed while the package loaded: %s",
+                       pci->listen_err.msg);
     else if (ret < 0)
         ret = pci_fail(c, lm_stream_error(pkg) ? lm_stream_error(pkg) : -EIO,
                        "in the package that starts at byte offset %" PRIu64 " (offsets "

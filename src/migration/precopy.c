@@ -106,6 +106,9 @@ typedef struct precopy {
     uint64_t switch_bytes;              /* pc_bytes at the switch */
     uint64_t prev_remaining;            /* dirty bytes at the previous pass's end */
     int passes;
+    int64_t fc_ms;                      /* pc_forecast's window: start, pages sent */
+    uint64_t fc_sent;
+    int fc_hot;                         /* windows in a row that were re-dirtied */
     /* postcopy-preempt: the reader thread writes each requested page here
      * (its own stream and CONTINUE context); the migration thread only
      * opens and closes it */
@@ -602,6 +605,53 @@ static int pc_pass_done(precopy *pc, bool *switchover, lm_error *err)
     return 0;
 }
 
+/*
+ * x-postcopy-after's early forecast, inside a pass: every 250 ms, a bitmap
+ * sync says how many of the pages sent in that window the guest has
+ * written again already.  When that is most of them (4 in 5) in two
+ * windows in a row, the guest dirties what is sent as fast as it is sent:
+ * no pass will ever leave less behind than it started with, so waiting for
+ * the pass's end only sends pages twice.  (A sync in the middle of a pass
+ * is an ordinary one: the bits join the bitmap, the walk sends them when it
+ * gets there or next pass.)
+ */
+#define PC_FORECAST_MS 250
+
+static int pc_forecast(precopy *pc, lm_error *err)
+{
+    int64_t now = time_now_ms();
+    uint64_t sent = pc->ram->zero_pages + pc->ram->normal_pages, window;
+    int64_t newly;
+
+    if (!pc->req || pc->p.postcopy_after <= 0 || atomic_load(&pc->m->postcopy_start))
+        return 0;
+    if (!pc->fc_ms) {
+        pc->fc_ms = now;
+        pc->fc_sent = sent;
+        return 0;
+    }
+    if (now - pc->fc_ms < PC_FORECAST_MS)
+        return 0;
+    window = sent - pc->fc_sent;
+    newly = ram_sync(pc->ram, pc->dirty, err);
+    if (newly < 0)
+        return (int)newly;
+    pc->st.dirty_sync_count++;
+    if (window > 1024 && (uint64_t)newly * 5 >= window * 4)
+        pc->fc_hot++;
+    else
+        pc->fc_hot = 0;
+    if (pc->fc_hot >= 2) {
+        util_log("precopy cannot converge: of %" PRIu64 " pages sent in the last %lld ms the "
+                 "guest wrote %" PRId64 " again: switching to postcopy (x-postcopy-after)",
+                 window, (long long)(now - pc->fc_ms), newly);
+        atomic_store(&pc->m->postcopy_start, true);
+    }
+    pc->fc_ms = now;
+    pc->fc_sent = sent;
+    return 0;
+}
+
 static bool pc_postcopy_wanted(precopy *pc)
 {
     return pc->req && atomic_load(&pc->m->postcopy_start);
@@ -626,6 +676,8 @@ static int pc_iterate(precopy *pc, bool *postcopy, lm_error *err)
         if ((ret = pc_stream_err(pc, err)))
             return ret;
         if (wrapped && (ret = pc_pass_done(pc, &switchover, err)))
+            return ret;
+        if (!wrapped && (ret = pc_forecast(pc, err)))
             return ret;
         /* Asked for, postcopy wins even over a switch-over that is due:
          * migrate-start-postcopy is an order, as in QEMU. */
