@@ -114,6 +114,11 @@ static inline uint64_t stream_bytes(const lm_stream *s) { return s->pos - s->ski
 /* Writer: the logical offset up to which bytes were handed to the
  * descriptor -- what a peer may have received.  Bytes past it never left. */
 static inline uint64_t stream_written(const lm_stream *s) { return s->io_bytes; }
+/* Reader: bytes that can be read without waiting for the descriptor. */
+static inline size_t stream_buffered(const lm_stream *s)
+{
+    return s->mem ? s->mem_len - (size_t)s->pos : s->rlen - s->rpos;
+}
 /* True at a clean end of stream (nothing buffered, the peer closed). */
 bool stream_at_eof(lm_stream *s);
 

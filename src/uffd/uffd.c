@@ -36,7 +36,12 @@ struct uffd_ram {
      * preempt channel's): its own bounce page */
     struct uffd_placer_ctx {
         uffd_ram *u;
-        uint8_t *bounce;
+        uint8_t *bounce;        /* UFFD_BATCH pages */
+        /* the run being gathered: pages [off, off + n pages) of block b,
+         * claimed, their bytes in bounce; `at` the first record's offset */
+        ramblock *b;
+        uint64_t off, at;
+        uint32_t n;
     } placers[UFFD_PLACERS];
 
     pthread_t thread;
@@ -136,7 +141,7 @@ uffd_ram *uffd_open(ram_state *r, const int *vcpu_tids, int nvcpus, lm_error *er
     u->stop_fd = -1;
     for (int i = 0; i < UFFD_PLACERS; i++) {
         u->placers[i].u = u;
-        u->placers[i].bounce = aligned_alloc(RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+        u->placers[i].bounce = aligned_alloc(RAM_PAGE_SIZE, UFFD_BATCH * RAM_PAGE_SIZE);
         if (!u->placers[i].bounce)
             abort();
     }
@@ -184,56 +189,43 @@ fail:
 
 /* ------------------------------------------------------------ the placer */
 
-/* Install one page at `dst`: the bounce copy, or zeros.  EEXIST: it is there
- * already (requested and placed first), so this older copy is dropped. */
 /*
- * Install one page at `dst`: the bounce copy, or zeros.  Two placers may
- * carry the same page (the background stream and the preempt channel), so
- * each first claims it by setting its received bit: the one that finds it
- * set drops its copy -- the page is there or being installed, and the
- * first copy to land is as new as any (the source is stopped).  A page
- * that the kernel says is present although nobody claimed it was never
- * discarded: an error.  A claimed page counts as received before its
- * ioctl returns; nobody reads the bit as "installed" before the stream
- * that carried it is drained (the completeness check runs after both).
+ * Pages are claimed before they are installed.  Two placers may carry the
+ * same page (the background stream and the preempt channel), so each first
+ * claims it by setting its received bit: the one that finds it set drops
+ * its copy -- the page is there or being installed, and the first copy to
+ * land is as new as any (the source is stopped).  A page that the kernel
+ * says is present although nobody claimed it was never discarded: an
+ * error.  A claimed page counts as received before its ioctl returns;
+ * nobody reads the bit as "installed" before the stream that carried it is
+ * drained (the completeness check runs after both), and a fault on it in
+ * between only wakes and faults again until the ioctl is done.
+ *
+ * Runs: adjacent page records of one block are gathered (at most
+ * UFFD_BATCH) and installed with one UFFDIO_COPY -- a system call per page
+ * was a fifth of the listen thread's time.  A run is installed as soon as
+ * the next record would have to wait for the socket, the next one is not
+ * adjacent, a page in it is being waited for, or at the section's EOS, so
+ * a page never waits for pages that have not arrived.
  */
-static int uffd_install(uffd_ram *u, const uint8_t *bounce, lm_stream *s, ramblock *b,
-                        uint64_t offset, bool zero, uint64_t at)
+static bool uffd_claim(ramblock *b, uint64_t page)
 {
-    uintptr_t dst = (uintptr_t)(b->host + offset);
-    uint64_t page = offset / RAM_PAGE_SIZE;
-    int ret;
-
     assert(page < b->npages);
-    if (!bitmap_test_and_set_atomic(b->rmap, page)) {
-        atomic_fetch_add(&u->present, 1);
-        return 0;       /* there already, or the other placer is installing it */
-    }
-    if (zero) {
-        struct uffdio_zeropage z = { .range = { .start = dst, .len = RAM_PAGE_SIZE } };
-        ret = ioctl(u->fd, UFFDIO_ZEROPAGE, &z);
-    } else {
-        struct uffdio_copy c = { .dst = dst, .src = (uintptr_t)bounce,
-                                 .len = RAM_PAGE_SIZE };
-        ret = ioctl(u->fd, UFFDIO_COPY, &c);
-    }
-    if (ret < 0 && errno == EEXIST) {
-        lm_stream_set_error(s, -EEXIST, "postcopy: page 0x%" PRIx64 " of RAM block '%s' "
-                            "(record at byte offset %" PRIu64 ") was present before it "
-                            "arrived: its memory was not discarded", offset, b->idstr, at);
-        return -1;
-    }
-    if (ret < 0) {
-        lm_stream_set_error(s, -errno, "postcopy: installing page 0x%" PRIx64 " of RAM block "
-                            "'%s' (record at byte offset %" PRIu64 ") failed: %s", offset,
-                            b->idstr, at, strerror(errno));
-        return -1;
-    }
-    atomic_fetch_add(zero ? &u->zeroed : &u->copied, 1);
-    if (bitmap_test_atomic(u->requested[uffd_block_index(u, b)], page)) {
-        uint64_t key = uffd_key(uffd_block_index(u, b), page), now = uffd_now_ns();
+    return bitmap_test_and_set_atomic(b->rmap, page);
+}
 
-        uffd_latency(u, uffd_block_index(u, b), page);
+/* Installed pages [page, page + n) of b: counters, and end the waits. */
+static void uffd_installed(uffd_ram *u, ramblock *b, uint64_t page, uint32_t n, bool zero)
+{
+    ptrdiff_t bi = uffd_block_index(u, b);
+
+    atomic_fetch_add(zero ? &u->zeroed : &u->copied, n);
+    for (uint64_t p = page; p < page + n; p++) {
+        if (!bitmap_test_atomic(u->requested[bi], p))
+            continue;
+        uint64_t key = uffd_key(bi, p), now = uffd_now_ns();
+
+        uffd_latency(u, bi, p);
         /* every vCPU that waited for this page is free now */
         for (int v = 0; v < u->nvcpus; v++) {
             uint64_t k = key;
@@ -243,6 +235,63 @@ static int uffd_install(uffd_ram *u, const uint8_t *bounce, lm_stream *s, ramblo
                                  now - atomic_load(&u->vcpu[v].since_ns));
         }
     }
+}
+
+static int uffd_fail(lm_stream *s, int err, ramblock *b, uint64_t offset, uint64_t at)
+{
+    if (err == EEXIST)
+        lm_stream_set_error(s, -EEXIST, "postcopy: page 0x%" PRIx64 " of RAM block '%s' "
+                            "(record at byte offset %" PRIu64 ") was present before it "
+                            "arrived: its memory was not discarded", offset, b->idstr, at);
+    else
+        lm_stream_set_error(s, -err, "postcopy: installing page 0x%" PRIx64 " of RAM block "
+                            "'%s' (record at byte offset %" PRIu64 ") failed: %s", offset,
+                            b->idstr, at, strerror(err));
+    return -1;
+}
+
+/* Install the gathered run with one UFFDIO_COPY. */
+static int uffd_flush(struct uffd_placer_ctx *pc, lm_stream *s)
+{
+    uint32_t n = pc->n;
+
+    if (!n)
+        return 0;
+    pc->n = 0;
+    struct uffdio_copy c = { .dst = (uintptr_t)(pc->b->host + pc->off),
+                             .src = (uintptr_t)pc->bounce, .len = n * RAM_PAGE_SIZE };
+    if (ioctl(pc->u->fd, UFFDIO_COPY, &c) < 0) {
+        int e = errno;
+        /* c.copy: bytes installed before the page that failed */
+        uint64_t done = c.copy > 0 ? (uint64_t)c.copy : 0;
+        return uffd_fail(s, e, pc->b, pc->off + done, pc->at);
+    }
+    uffd_installed(pc->u, pc->b, pc->off / RAM_PAGE_SIZE, n, false);
+    return 0;
+}
+
+static int uffd_place_zero(struct uffd_placer_ctx *pc, lm_stream *s, ramblock *b,
+                           uint64_t offset, uint8_t fill, uint64_t at)
+{
+    uintptr_t dst = (uintptr_t)(b->host + offset);
+    int ret;
+
+    if (!uffd_claim(b, offset / RAM_PAGE_SIZE)) {
+        atomic_fetch_add(&pc->u->present, 1);
+        return 0;
+    }
+    if (fill == 0) {
+        struct uffdio_zeropage z = { .range = { .start = dst, .len = RAM_PAGE_SIZE } };
+        ret = ioctl(pc->u->fd, UFFDIO_ZEROPAGE, &z);
+    } else {
+        struct uffdio_copy c = { .dst = dst, .src = (uintptr_t)pc->bounce,
+                                 .len = RAM_PAGE_SIZE };
+        memset(pc->bounce, fill, RAM_PAGE_SIZE);
+        ret = ioctl(pc->u->fd, UFFDIO_COPY, &c);
+    }
+    if (ret < 0)
+        return uffd_fail(s, errno, b, offset, at);
+    uffd_installed(pc->u, b, offset / RAM_PAGE_SIZE, 1, fill == 0);
     return 0;
 }
 
@@ -250,20 +299,39 @@ static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b
                              uint64_t offset, uint64_t flags, uint64_t at)
 {
     struct uffd_placer_ctx *pc = impl;
+    uint64_t page = offset / RAM_PAGE_SIZE;
     uint8_t fill;
 
     (void)r;
     switch (flags) {
     case RAM_PAGE:
-        if (lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE))
+        if (pc->n && (b != pc->b || offset != pc->off + pc->n * RAM_PAGE_SIZE ||
+                      pc->n == UFFD_BATCH) && uffd_flush(pc, s))
             return -1;
-        return uffd_install(pc->u, pc->bounce, s, b, offset, false, at);
+        if (!uffd_claim(b, page)) {
+            /* there, or coming on the other channel: read it past */
+            atomic_fetch_add(&pc->u->present, 1);
+            if (pc->n && uffd_flush(pc, s))
+                return -1;
+            return lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE);
+        }
+        if (!pc->n) {
+            pc->b = b;
+            pc->off = offset;
+            pc->at = at;
+        }
+        if (lm_get_buffer(s, pc->bounce + pc->n * RAM_PAGE_SIZE, RAM_PAGE_SIZE))
+            return -1;
+        pc->n++;
+        /* no page waits for one that is not here yet, nor a fault for a run */
+        if (pc->n == UFFD_BATCH || stream_buffered(s) < RAM_PAGE_SIZE + 300 ||
+            bitmap_test_atomic(pc->u->requested[uffd_block_index(pc->u, b)], page))
+            return uffd_flush(pc, s);
+        return 0;
     case RAM_ZERO:
-        if (lm_get_u8(s, &fill))
+        if (uffd_flush(pc, s) || lm_get_u8(s, &fill))
             return -1;
-        if (fill)
-            memset(pc->bounce, fill, RAM_PAGE_SIZE);
-        return uffd_install(pc->u, pc->bounce, s, b, offset, fill == 0, at);
+        return uffd_place_zero(pc, s, b, offset, fill, at);
     default:
         lm_stream_set_error(s, -EINVAL, "postcopy: compressed page at byte offset %" PRIu64
                             " (only ZERO and PAGE records are placed in postcopy)", at);
@@ -271,9 +339,18 @@ static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b
     }
 }
 
+/* EOS: the run goes in before the section ends. */
+static int uffd_place_sync(void *impl, ram_state *r, lm_stream *s, uint64_t at)
+{
+    (void)r;
+    (void)at;
+    return uffd_flush(impl, s);
+}
+
 static const ram_placer_ops uffd_placer_ops = {
     .name = "postcopy",
     .record = uffd_place_record,
+    .sync = uffd_place_sync,
 };
 
 ram_placer uffd_placer(uffd_ram *u, int i)

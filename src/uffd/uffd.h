@@ -65,6 +65,7 @@ void uffd_close(uffd_ram *u);
  * (the main stream's) or 1 (the preempt channel's); each has its own
  * bounce page, and both may run at once. */
 #define UFFD_PLACERS 2
+#define UFFD_BATCH 64       /* pages installed by one UFFDIO_COPY at most */
 ram_placer uffd_placer(uffd_ram *u, int i);
 
 /*
