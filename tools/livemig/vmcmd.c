@@ -68,17 +68,41 @@ static void vm_stop(void *opaque)
         fprintf(stderr, VM_NAME ": %s\n", err.msg);
 }
 
+/* The test guest's pattern, checked; a broken one must not run. */
+static void vm_check(struct vmctx *vc)
+{
+    struct vmcheck_report r;
+
+    vmcheck_run(kvm_vm_ram(vc->vm), kvm_vm_ram_size(vc->vm), &r);
+    fprintf(stderr, VM_NAME ": arrival check: %s\n", r.msg);
+    if (!r.ok)
+        _exit(3);
+}
+
 static void vm_start(void *opaque)
 {
     struct vmctx *vc = opaque;
 
-    if (tool_host_arriving(&vc->h) && vc->check_on_arrival) {
-        struct vmcheck_report r;
-        vmcheck_run(kvm_vm_ram(vc->vm), kvm_vm_ram_size(vc->vm), &r);
-        fprintf(stderr, VM_NAME ": arrival check: %s\n", r.msg);
-        if (!r.ok)
-            _exit(3);   /* a corrupt guest must not run */
+    /* In postcopy the vCPU runs (and faults) before the last page: the
+     * check then waits for the end (vm_late_arrival). */
+    if (tool_host_arriving(&vc->h) && vc->check_on_arrival &&
+        !tool_host_defer_arrival(&vc->h))
+        vm_check(vc);
+    kvm_vm_run(vc->vm);
+}
+
+/* Postcopy's arrival check, on the main thread once every page is here:
+ * the vCPU paused for a consistent snapshot, then it runs on. */
+static void vm_late_arrival(struct tool_host *h)
+{
+    struct vmctx *vc = (struct vmctx *)h;      /* h is its first member */
+    lm_error err = { 0 };
+
+    if (kvm_vm_pause(vc->vm, &err)) {
+        fprintf(stderr, VM_NAME ": arrival check: cannot pause the vCPU: %s\n", err.msg);
+        return;
     }
+    vm_check(vc);
     kvm_vm_run(vc->vm);
 }
 
@@ -345,7 +369,8 @@ static int vm_setup(struct vmctx *vc, const struct vm_args *a, lm_error *err)
 int cmd_vm(int argc, char **argv)
 {
     struct vm_args a = { .mem = 16ULL << 20 };
-    struct vmctx vc = { .h.name = VM_NAME, .serial_fd = STDOUT_FILENO };
+    struct vmctx vc = { .h.name = VM_NAME, .h.late_arrival = vm_late_arrival,
+                        .serial_fd = STDOUT_FILENO };
     lm_error err = { 0 };
     int rc, ret = 1;
 
