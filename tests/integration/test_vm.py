@@ -72,7 +72,7 @@ class VM(Guest):
     """One `livemig vm` process: QMP socket, stdout/stderr and serial files."""
 
     def __init__(self, env, name, mem=MEM, incoming=None, check_arrival=True,
-                 connect=True):
+                 connect=True, extra=()):
         self.env = env
         self.name = name
         self.mem = mem
@@ -88,6 +88,7 @@ class VM(Guest):
             argv += ["--boot", VM_GUEST]
         if check_arrival:
             argv += ["--check"]
+        argv += list(extra)
         self.argv = argv
         self.expect_exit = False
         self.quit_seconds = 0.0
@@ -170,13 +171,14 @@ def check_arrived(src, dst, env):
     note("%s: source stopped at pass %d, destination checked at %d" % (dst.name, si["pass"], p))
 
 
-def live_migration(env, caps=None, params=None, postcopy=False):
+def live_migration(env, caps=None, params=None, postcopy=False, cpr=False):
     need_kvm()
-    src = VM(env, "src", check_arrival=False)
+    extra = ["--mem-backend", "memfd"] if cpr else []
+    src = VM(env, "src", check_arrival=False, extra=extra)
     wait_pass(src, 3, "guest running")
     port = free_tcp_port("127.0.0.1")
-    uri = "tcp:127.0.0.1:%d" % port
-    dst = VM(env, "dst", incoming="defer")
+    uri = "unix:" + env.path("cpr.sock") if cpr else "tcp:127.0.0.1:%d" % port
+    dst = VM(env, "dst", incoming="defer", extra=extra)
     for vm in (src, dst):
         if caps:
             vm.set_caps(**caps)
@@ -193,8 +195,18 @@ def live_migration(env, caps=None, params=None, postcopy=False):
     dinfo = wait_migration(dst, timeout=WAIT_S)
     check(info.get("x-dirty-tracker") == "kvm-dirty-log", "tracker %r",
           info.get("x-dirty-tracker"))
-    check(lmtest.ram(info, "dirty-sync-count") >= (1 if postcopy else 2), "dirty-sync-count %r",
-          lmtest.ram(info, "dirty-sync-count"))
+    check(lmtest.ram(info, "dirty-sync-count") >= (1 if postcopy or cpr else 2),
+          "dirty-sync-count %r", lmtest.ram(info, "dirty-sync-count"))
+    if cpr:
+        check(lmtest.ram(info, "normal") == 0 and lmtest.ram(info, "duplicate") == 0,
+              "cpr-transfer sent pages: %r", info.get("ram"))
+        with open("/proc/%d/status" % dst.pid) as f:
+            st = dict(l.split(":", 1) for l in f.read().splitlines() if ":" in l)
+        anon_kib = int(st["RssAnon"].split()[0])
+        check(anon_kib < lmtest.mem_bytes(dst.mem) // 1024 // 4,
+              "the destination VM has %d KiB of anonymous memory: a copy of its RAM?", anon_kib)
+        note("cpr-transfer: the destination maps the source's memfd (RssAnon %d KiB, RssShmem "
+             "%s)" % (anon_kib, st["RssShmem"].strip()))
     if postcopy:
         check(lmtest.ram(info, "postcopy-bytes") > 0, "no postcopy phase: %r", info.get("ram"))
         check((dinfo.get("x-postcopy-requests") or 0) > 0,
@@ -202,7 +214,7 @@ def live_migration(env, caps=None, params=None, postcopy=False):
         note("postcopy: the vCPU faulted on %d pages through KVM and userfaultfd, fault p50 "
              "%s us" % (dinfo.get("x-postcopy-requests"), dinfo.get("x-postcopy-latency-p50-us")))
     note("%s: %d ms, downtime %s ms, %d syncs, %d pages sent" % (
-        "postcopy" if postcopy else "multifd" if caps else "precopy",
+        "postcopy" if postcopy else "cpr-transfer" if cpr else "multifd" if caps else "precopy",
         info.get("total-time", -1), info.get("downtime"),
         lmtest.ram(info, "dirty-sync-count"), lmtest.ram(info, "normal") +
         lmtest.ram(info, "duplicate")))
@@ -219,6 +231,11 @@ def t_postcopy(env):
     # precopy cannot finish at 16 MiB/s with a 1 ms limit: postcopy does
     live_migration(env, caps={"postcopy-ram": True, "postcopy-preempt": True},
                    params={"max-bandwidth": 16 << 20, "downtime-limit": 1}, postcopy=True)
+
+
+@test("cpr-transfer: a KVM guest's memfd is handed over, not copied; it runs on")
+def t_cpr_transfer(env):
+    live_migration(env, params={"mode": "cpr-transfer"}, cpr=True)
 
 
 @test("multifd 2 channels: a running KVM guest migrates and runs on, pattern intact")

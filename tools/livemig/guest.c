@@ -365,52 +365,11 @@ static void *writer_main(void *arg)
 
 /* ---------------------------------------------------------------- public */
 
-/* g->ram (and g->ram_fd) by the configured backend; see guest.h. */
+/* g->ram (and g->ram_fd) by the configured backend; see rambackend.h. */
 static int guest_map_ram(struct guest *g, lm_error *err)
 {
-    const struct guest_config *cfg = &g->cfg;
-    unsigned long long mem = (unsigned long long)cfg->mem;
-    int prot = PROT_READ | PROT_WRITE, flags = MAP_SHARED;
-    struct stat st;
-
-    switch (cfg->backend) {
-    case GUEST_MEM_ANON:
-        prot = PROT_READ | PROT_WRITE;
-        flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-        break;
-    case GUEST_MEM_MEMFD:
-        if (cfg->incoming) {    /* address space only: the source's memfd comes later */
-            prot = PROT_NONE;
-            flags = MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE;
-            break;
-        }
-        g->ram_fd = memfd_create("livemig-guest-ram", MFD_CLOEXEC);
-        if (g->ram_fd < 0)
-            return tool_error_errno(err, -errno, "memfd_create");
-        if (ftruncate(g->ram_fd, (off_t)cfg->mem) < 0)
-            return tool_error_errno(err, -errno, "cannot size the memfd to %llu bytes", mem);
-        break;
-    case GUEST_MEM_FILE:
-        g->ram_fd = open(cfg->mem_path, O_RDWR | O_CLOEXEC | (cfg->incoming ? 0 : O_CREAT),
-                         0600);
-        if (g->ram_fd < 0)
-            return tool_error_errno(err, -errno, "cannot open %s", cfg->mem_path);
-        if (fstat(g->ram_fd, &st) < 0)
-            return tool_error_errno(err, -errno, "fstat %s", cfg->mem_path);
-        if (cfg->incoming && (uint64_t)st.st_size != cfg->mem)
-            return tool_error(err, -EINVAL, "%s holds %llu bytes, not the %llu of --mem",
-                              cfg->mem_path, (unsigned long long)st.st_size, mem);
-        if (!cfg->incoming && ftruncate(g->ram_fd, (off_t)cfg->mem) < 0)
-            return tool_error_errno(err, -errno, "cannot size %s to %llu bytes",
-                                    cfg->mem_path, mem);
-        break;
-    }
-    g->ram = mmap(NULL, cfg->mem, prot, flags, g->ram_fd, 0);
-    if (g->ram == MAP_FAILED) {
-        g->ram = NULL;
-        return tool_error_errno(err, -errno, "cannot map %llu bytes of guest RAM", mem);
-    }
-    return 0;
+    return tool_ram_map(g->cfg.backend, g->cfg.mem_path, g->cfg.mem, g->cfg.incoming,
+                        &g->ram, &g->ram_fd, err);
 }
 
 int guest_ram_fd(struct guest *g)

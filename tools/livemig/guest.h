@@ -37,6 +37,7 @@
 #include <stdint.h>
 
 #include "livemig/livemig.h"
+#include "rambackend.h"
 #include "verify.h"
 
 #define GUEST_RATE_MAX (-1)
@@ -50,14 +51,6 @@ enum guest_pattern {
 
 int guest_pattern_parse(const char *s);
 const char *guest_pattern_name(enum guest_pattern p);
-
-/* Where guest RAM lives (--mem-backend). */
-enum guest_backend {
-    GUEST_MEM_ANON,             /* private anonymous memory (default) */
-    GUEST_MEM_MEMFD,            /* a memfd, mapped shared: cpr-transfer can hand it over */
-    GUEST_MEM_FILE,             /* a shared file (mem_path), e.g. under /dev/shm: it
-                                   outlives the process, so cpr-reboot can restore from it */
-};
 
 struct guest_config {
     uint64_t mem;                 /* bytes, a non-zero multiple of GUEST_PAGE_SIZE */

@@ -409,17 +409,8 @@ static int guest_parse(int argc, char **argv, struct guest_args *a, lm_error *er
                                   optarg);
             break;
         case 'b':
-            if (!strcmp(optarg, "anon")) {
-                a->cfg.backend = GUEST_MEM_ANON;
-            } else if (!strcmp(optarg, "memfd")) {
-                a->cfg.backend = GUEST_MEM_MEMFD;
-            } else if (!strncmp(optarg, "file:", 5) && optarg[5]) {
-                a->cfg.backend = GUEST_MEM_FILE;
-                a->cfg.mem_path = optarg + 5;
-            } else {
-                return tool_error(err, -EINVAL, "--mem-backend: '%s' is not anon, memfd or "
-                                  "file:PATH", optarg);
-            }
+            if (tool_mem_backend_parse(optarg, &a->cfg.backend, &a->cfg.mem_path, err))
+                return err->code;
             break;
         case 'M':
             if (strcmp(optarg, "normal") && strcmp(optarg, "cpr-reboot") &&

@@ -50,6 +50,7 @@ struct kvm_vm {
     size_t run_size;
     uint8_t *ram;
     uint64_t ram_size;
+    bool ram_owned;             /* mapped here (no RAM given to kvm_vm_new) */
     struct kvm_userspace_memory_region slot;
     int serial_fd;
 
@@ -102,7 +103,7 @@ static int set_cpuid(kvm_vm *v, lm_error *err)
     return rc;
 }
 
-kvm_vm *kvm_vm_new(uint64_t ram_size, int serial_fd, lm_error *err)
+kvm_vm *kvm_vm_new(uint8_t *ram, uint64_t ram_size, int serial_fd, lm_error *err)
 {
     struct sigaction sa = { .sa_handler = kick_handler };
     kvm_vm *v;
@@ -139,8 +140,9 @@ kvm_vm *kvm_vm_new(uint64_t ram_size, int serial_fd, lm_error *err)
         tool_error(err, -ENODEV, "kvm: KVM_CREATE_VM: %s", strerror(errno));
         goto fail;
     }
-    v->ram = mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS |
-                  MAP_NORESERVE, -1, 0);
+    v->ram_owned = !ram;
+    v->ram = ram ? ram : mmap(NULL, ram_size, PROT_READ | PROT_WRITE, MAP_PRIVATE |
+                              MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
     if (v->ram == MAP_FAILED) {
         v->ram = NULL;
         tool_error_errno(err, -errno, "kvm: mapping %llu bytes of guest RAM",
@@ -221,7 +223,7 @@ void kvm_vm_free(kvm_vm *v)
         close(v->fd);
     if (v->kvm >= 0)
         close(v->kvm);
-    if (v->ram)
+    if (v->ram && v->ram_owned)
         munmap(v->ram, v->ram_size);
     pthread_cond_destroy(&v->cond);
     pthread_mutex_destroy(&v->lock);

@@ -47,11 +47,15 @@ typedef struct kvm_vm kvm_vm;
 
 /*
  * Open /dev/kvm, create the VM with `ram_size` bytes of RAM (a multiple of
- * 4096, zeroed, anonymous) in slot 0 and one vCPU.  `serial_fd` receives
- * COM1's output (not closed by kvm_vm_free; -1 drops it).  NULL with a message in err;
- * code -ENODEV when /dev/kvm or a VM cannot be had at all.
+ * 4096) in slot 0 and one vCPU.  The RAM is `ram` when given (the caller's:
+ * a memfd or a file mapped shared, or a reservation a cpr-transfer will
+ * map over -- KVM follows the mapping that is there when the vCPU touches
+ * it; the caller unmaps it after kvm_vm_free), else zeroed anonymous memory
+ * of its own.  `serial_fd` receives COM1's output (not closed by
+ * kvm_vm_free; -1 drops it).  NULL with a message in err; code -ENODEV
+ * when /dev/kvm or a VM cannot be had at all.
  */
-kvm_vm *kvm_vm_new(uint64_t ram_size, int serial_fd, lm_error *err);
+kvm_vm *kvm_vm_new(uint8_t *ram, uint64_t ram_size, int serial_fd, lm_error *err);
 void kvm_vm_free(kvm_vm *v);
 
 int kvm_vm_kvm_fd(const kvm_vm *v);

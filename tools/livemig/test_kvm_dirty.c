@@ -72,7 +72,7 @@ static void vm_open(struct vm *v, uint32_t slot_flags)
     lm_error err = { 0 };
 
     memset(v, 0, sizeof(*v));
-    v->kv = kvm_vm_new(GUEST_PAGES * PAGE, -1, &err);
+    v->kv = kvm_vm_new(NULL, GUEST_PAGES * PAGE, -1, &err);
     if (!v->kv) {
         if (err.code == -ENODEV)
             vm_skip(v, "%s", err.msg);

@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <unistd.h>
 
 #include <jansson.h>
@@ -40,6 +41,7 @@
 
 #include "commands.h"
 #include "host.h"
+#include "rambackend.h"
 #include "kvm_dirty.h"
 #include "kvm_state.h"
 #include "kvm_vm.h"
@@ -55,6 +57,9 @@ struct vmctx {
     kvm_dirty *dirty;
     int serial_fd;
     bool check_on_arrival;
+    uint8_t *ram;               /* --mem-backend's mapping (NULL: the VM's own) */
+    int ram_fd;                 /* its descriptor, -1 for none */
+    uint64_t ram_size;
 };
 
 /* ---------------------------------------------------------------- vm ops */
@@ -223,6 +228,9 @@ static void vm_usage(FILE *f)
         "                         QMP migrate-incoming\n"
         "  --check                on arrival, check the test guest's page pattern before\n"
         "                         the guest runs (exit 3 if it is broken)\n"
+        "  --mem-backend B        anon | memfd | file:PATH (default anon); memfd and\n"
+        "                         file are what the CPR modes hand over (mode\n"
+        "                         cpr-transfer / cpr-reboot), as for livemig guest\n"
         "  -h, --help             show this help\n"
         "\n"
         "QMP commands besides the migration ones: quit, pmemsave {val, size,\n"
@@ -236,6 +244,8 @@ struct vm_args {
     uint64_t mem;
     const char *boot, *serial, *qmp, *incoming;
     bool check;
+    enum guest_backend backend;
+    const char *mem_path;
 };
 
 static int vm_parse(int argc, char **argv, struct vm_args *a, lm_error *err)
@@ -247,6 +257,7 @@ static int vm_parse(int argc, char **argv, struct vm_args *a, lm_error *err)
         { "qmp", required_argument, NULL, 'q' },
         { "incoming", required_argument, NULL, 'i' },
         { "check", no_argument, NULL, 'c' },
+        { "mem-backend", required_argument, NULL, 'B' },
         { "help", no_argument, NULL, 'h' },
         { NULL, 0, NULL, 0 },
     };
@@ -280,6 +291,10 @@ static int vm_parse(int argc, char **argv, struct vm_args *a, lm_error *err)
         case 'c':
             a->check = true;
             break;
+        case 'B':
+            if (tool_mem_backend_parse(optarg, &a->backend, &a->mem_path, err))
+                return err->code;
+            break;
         case 'h':
             return 1;
         default:
@@ -308,7 +323,14 @@ static int vm_setup(struct vmctx *vc, const struct vm_args *a, lm_error *err)
         if (vc->serial_fd < 0)
             return tool_error_errno(err, -errno, "--serial: cannot open '%s'", a->serial);
     }
-    vc->vm = kvm_vm_new(a->mem, vc->serial_fd, err);
+    if (a->backend != GUEST_MEM_ANON) {
+        rc = tool_ram_map(a->backend, a->mem_path, a->mem, a->incoming != NULL, &vc->ram,
+                          &vc->ram_fd, err);
+        if (rc)
+            return rc;
+        vc->ram_size = a->mem;
+    }
+    vc->vm = kvm_vm_new(vc->ram, a->mem, vc->serial_fd, err);
     if (!vc->vm)
         return err->code ? err->code : -EIO;
     if (a->boot && !a->incoming) {
@@ -327,7 +349,12 @@ static int vm_setup(struct vmctx *vc, const struct vm_args *a, lm_error *err)
         return err->code ? err->code : -EIO;
 
     vc->h.m = lm_new();
-    rc = lm_ram_register(vc->h.m, KVM_VM_RAM_IDSTR, kvm_vm_ram(vc->vm), a->mem, 4096, err);
+    /* an incoming memfd VM: fd -1, the source's memfd comes (cpr-transfer) */
+    if (a->backend == GUEST_MEM_ANON)
+        rc = lm_ram_register(vc->h.m, KVM_VM_RAM_IDSTR, kvm_vm_ram(vc->vm), a->mem, 4096, err);
+    else
+        rc = lm_ram_register_fd(vc->h.m, KVM_VM_RAM_IDSTR, kvm_vm_ram(vc->vm), a->mem, 4096,
+                                vc->ram_fd, 0, err);
     if (rc)
         return rc;
     rc = kvm_state_register(vc->state, vc->h.m, err);
@@ -370,7 +397,7 @@ int cmd_vm(int argc, char **argv)
 {
     struct vm_args a = { .mem = 16ULL << 20 };
     struct vmctx vc = { .h.name = VM_NAME, .h.late_arrival = vm_late_arrival,
-                        .serial_fd = STDOUT_FILENO };
+                        .serial_fd = STDOUT_FILENO, .ram_fd = -1 };
     lm_error err = { 0 };
     int rc, ret = 1;
 
@@ -404,6 +431,10 @@ out:
     kvm_dirty_free(vc.dirty);
     kvm_state_free(vc.state);
     kvm_vm_free(vc.vm);
+    if (vc.ram)
+        munmap(vc.ram, vc.ram_size);
+    if (vc.ram_fd >= 0)
+        close(vc.ram_fd);
     if (vc.serial_fd != STDOUT_FILENO)
         close(vc.serial_fd);
     return ret;
