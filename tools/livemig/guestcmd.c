@@ -149,8 +149,7 @@ static void vm_start(void *opaque)
     /* The first start of a destination once an incoming migration began is
      * the arrival; in postcopy the writers run (and fault) before the last
      * page, and the check waits for the end. */
-    if (tool_host_arriving(&gc->h) && gc->verify_on_arrival &&
-        !tool_host_defer_arrival(&gc->h))
+    if (tool_host_check_at_start(&gc->h, gc->verify_on_arrival))
         arrival_check(gc);
     guest_vm_start(gc->g);
 }

@@ -60,6 +60,11 @@ bool tool_host_defer_arrival(struct tool_host *h)
     return true;
 }
 
+bool tool_host_check_at_start(struct tool_host *h, bool wanted)
+{
+    return tool_host_arriving(h) && wanted && !tool_host_defer_arrival(h);
+}
+
 int tool_host_reply(json_t *o, char **reply_json, lm_error *err)
 {
     *reply_json = o ? json_dumps(o, JSON_COMPACT) : NULL;

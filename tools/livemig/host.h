@@ -59,6 +59,10 @@ bool tool_host_arriving(struct tool_host *h);
 /* In start() after tool_host_arriving(): true when this arrival is a
  * postcopy one (the check is then late_arrival's, at the end). */
 bool tool_host_defer_arrival(struct tool_host *h);
+/* start()'s question, whole: is this the arrival, and is its check (when
+ * `wanted`) to run now, before the guest runs?  A postcopy arrival answers
+ * no and leaves the check to late_arrival. */
+bool tool_host_check_at_start(struct tool_host *h, bool wanted);
 
 /* QMP helpers: a reply from a JSON value (consumed; NULL = {}), and the
  * arguments as an object (NULL with a message when they are not one). */

@@ -90,8 +90,7 @@ static void vm_start(void *opaque)
 
     /* In postcopy the vCPU runs (and faults) before the last page: the
      * check then waits for the end (vm_late_arrival). */
-    if (tool_host_arriving(&vc->h) && vc->check_on_arrival &&
-        !tool_host_defer_arrival(&vc->h))
+    if (tool_host_check_at_start(&vc->h, vc->check_on_arrival))
         vm_check(vc);
     kvm_vm_run(vc->vm);
 }
