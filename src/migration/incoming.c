@@ -76,6 +76,8 @@ static int in_setup_placer(incoming *in, transport_conn *chans, int n, lm_error 
     lm_mig *m = in->m;
     mig_paramset p = mig_params(m);
 
+    /* x-integrity: every placer checks each page's checksum (ram.h) */
+    m->ram.integrity = mig_cap(m, MIG_CAP_INTEGRITY);
     if (mig_cap(m, MIG_CAP_MAPPED_RAM)) {
         int nch = mig_cap(m, MIG_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
 
@@ -260,6 +262,7 @@ void *incoming_thread(void *arg)
     mig_set_status(m, LM_STATUS_ACTIVE);
     in.s = stream_new_reader(m->conn.fd, m->conn.is_socket);
     lv->mapped_ram = mig_cap(m, MIG_CAP_MAPPED_RAM);
+    lv->integrity = mig_cap(m, MIG_CAP_INTEGRITY);
     loadvm_set_command(lv, WIRE_CMD_OPEN_RETURN_PATH, in_open_rp, &in);
     loadvm_set_command(lv, WIRE_CMD_PING, in_ping, &in);
     loadvm_add_handler(lv, "ram", 0, RAM_SECTION_VERSION, in_load_ram, &in)->check =

@@ -3,21 +3,25 @@
  */
 #include <string.h>
 
+#include "integrity/integrity.h"
 #include "savevm/savevm.h"
 
-void savevm_put_header(lm_stream *s, bool mapped_ram)
+void savevm_put_header(lm_stream *s, bool mapped_ram, bool integrity)
 {
     lm_put_be32(s, WIRE_QEVM_MAGIC);
     lm_put_be32(s, WIRE_QEVM_VERSION);
     lm_put_u8(s, WIRE_VM_CONFIGURATION);
     lm_put_be32(s, (uint32_t)strlen(SAVEVM_MACHINE_NAME));
     lm_put_buffer(s, SAVEVM_MACHINE_NAME, strlen(SAVEVM_MACHINE_NAME));
-    if (mapped_ram) {
+    if (mapped_ram || integrity) {
         lm_put_u8(s, WIRE_VM_SUBSECTION);
         stream_put_counted(s, "configuration/capabilities");
         lm_put_be32(s, 1);          /* subsection version */
-        lm_put_be32(s, 1);          /* one capability */
-        stream_put_counted(s, "mapped-ram");
+        lm_put_be32(s, (uint32_t)mapped_ram + (uint32_t)integrity);
+        if (mapped_ram)
+            stream_put_counted(s, "mapped-ram");
+        if (integrity)
+            stream_put_counted(s, INTEGRITY_CAP);
     }
 }
 

@@ -250,16 +250,20 @@ static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b
                              uint64_t offset, uint64_t flags, uint64_t at)
 {
     struct uffd_placer_ctx *pc = impl;
+    /* placer 0 is the main stream's, 1 the preempt channel's (uffd.h) */
+    const char *channel = pc == &pc->u->placers[0] ? "main stream" : "preempt channel";
     uint8_t fill;
 
-    (void)r;
+    /* With x-integrity the page is checked in its bounce page, before the
+     * ioctl: a corrupt page is never installed, so no guest thread reads it. */
     switch (flags) {
     case RAM_PAGE:
-        if (lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE))
+        if (lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE) ||
+            ram_verify_page(r, s, b, offset, pc->bounce, channel, at))
             return -1;
         return uffd_install(pc->u, pc->bounce, s, b, offset, false, at);
     case RAM_ZERO:
-        if (lm_get_u8(s, &fill))
+        if (lm_get_u8(s, &fill) || ram_verify_fill(r, s, b, offset, fill, channel, at))
             return -1;
         if (fill)
             memset(pc->bounce, fill, RAM_PAGE_SIZE);

@@ -159,7 +159,7 @@ static void write_good(lm_stream *s, void *arg)
 {
     src *sr = arg;
 
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_put_command(s, 1, 0, NULL);                 /* OPEN_RETURN_PATH */
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, &SINK, s);
@@ -285,7 +285,7 @@ static void test_bad_version(void **state)
 
 static void w_unknown_section(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "nosuch", 0, 1);
     savevm_section_footer(s, 7);
     savevm_put_eof(s);
@@ -300,7 +300,7 @@ static void test_unknown_section(void **state)
 
 static void w_unknown_instance(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "dev", 3, 1);
     savevm_put_eof(s);
 }
@@ -314,7 +314,7 @@ static void test_unknown_instance(void **state)
 
 static void w_new_version(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "dev", 0, 3);
     savevm_put_eof(s);
 }
@@ -333,7 +333,7 @@ static void w_ram(lm_stream *s, void *arg)
 {
     extra_fn extra = (extra_fn)arg;
 
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     lm_put_be64(s, BLOCK_LEN | RAM_MEM_SIZE);
     stream_put_counted(s, "pc.ram");
@@ -440,7 +440,7 @@ static void test_ram_rejections(void **state)
 
 static void w_wrong_total(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     lm_put_be64(s, (uint64_t)arg | RAM_MEM_SIZE);
     stream_put_counted(s, "pc.ram");
@@ -478,7 +478,7 @@ static void test_wrong_machine(void **state)
 
 static void w_empty(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_put_eof(s);
 }
 
@@ -518,7 +518,7 @@ static void x_pages_missing(lm_stream *s)
 /* Header, the ram START, all of RAM in one END: a stream without devices. */
 static void w_ram_whole(lm_stream *s, src *sr)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
@@ -652,7 +652,7 @@ static void w_raw(lm_stream *s, void *arg)
 {
     const raw *r = arg;
 
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false);
     lm_put_buffer(s, r->p, r->len);
     savevm_put_eof(s);
 }
