@@ -1,0 +1,330 @@
+#!/usr/bin/env python3
+"""x-integrity: every page checksummed on the wire and in files, checked by
+the library on arrival (docs/format.md section 9).
+
+Every case starts real `livemig guest` processes and sets `x-integrity` on
+both sides unless it says otherwise.
+
+  complete   precopy (unix, dirtying), multifd with 2 channels (tcp,
+             dirtying; and zstd on text), postcopy without and with the
+             preempt channel, and a plain file: save and restore: each
+             completes and the destination verifies every page (the arrival
+             check and a fresh x-guest-verify), runs and writes.
+  corrupt    LIVEMIG_FAULT flips one byte of a page after the source hashed
+             it: on the main stream (src:corrupt-page:0:N), on a multifd
+             channel (src:corrupt-mfpage:CH:N), on postcopy's preempt
+             channel (src:corrupt-page:1:1): the destination exits 1 naming
+             the block, the page, the channel and the byte offset, and never
+             runs its arrival check; in precopy the source ends failed and
+             runs its guest again.  A byte flipped in a page of a saved file
+             is refused the same way, by the loader and by `livemig analyze`.
+  mismatch   x-integrity on one side only, either way: the destination
+             refuses the stream at its configuration and says so.
+  refused    x-integrity with mapped-ram or compress: migrate is refused.
+
+Harness: lmtest.py (every wait bounded, watchdog per case).
+"""
+
+import os
+import re
+import subprocess
+
+import lmtest
+from lmtest import (PAGE_SIZE, be64, check, check_destination, check_runstate,
+                    check_source_done, check_writes_advance, counted, describe_exit,
+                    free_tcp_port, mem_bytes, note, ram, test, wait_incoming_exit,
+                    wait_listening, wait_migration, wait_until)
+
+MEM = "64M"
+PAGES = mem_bytes(MEM) // PAGE_SIZE
+BLOCK = "guest.ram"
+DIRTY_RATE = 2000
+
+
+def tcp_uri():
+    return "tcp:127.0.0.1:%d" % free_tcp_port("127.0.0.1")
+
+
+def pair(env, uri, caps=None, params=None, src_on=True, dst_on=True, dirty_rate=DIRTY_RATE,
+         src_environ=None, fill=None, pattern=None):
+    """A destination listening on uri and a source, both configured."""
+    dst = env.guest("dst", mem=MEM, incoming="defer", dirty_rate=dirty_rate, pattern=pattern)
+    src = env.guest("src", mem=MEM, dirty_rate=dirty_rate, environ=src_environ, fill=fill,
+                    pattern=pattern)
+    for g, on in ((dst, dst_on), (src, src_on)):
+        c = dict(caps or {})
+        c["x-integrity"] = on
+        g.set_caps(**c)
+        if params:
+            g.set_params(**params)
+        got = {x["capability"]: x["state"] for x in g.cmd("query-migrate-capabilities")}
+        check(got.get("x-integrity") is on, "%s: x-integrity %r after set %r", g.name,
+              got.get("x-integrity"), on)
+    dst.cmd("migrate-incoming", {"uri": uri})
+    wait_listening(uri, dst)
+    if dirty_rate:
+        wait_until(lambda: src.info()["writes"] >= 500, 30, "the source's writers to start")
+    return src, dst
+
+
+def summary(what, info):
+    note("%s: total-time %s ms, downtime %s ms, transferred %d KiB, multifd-bytes %d KiB"
+         % (what, info.get("total-time"), info.get("downtime"),
+            ram(info, "transferred") >> 10, ram(info, "multifd-bytes") >> 10))
+
+
+def check_dst_refused(dst, pattern, timeout=60):
+    """The destination exits 1 saying why (matching pattern); it never ran
+    its guest (no arrival check).  Returns the reason."""
+    rc = wait_incoming_exit(dst, timeout)
+    err = dst.stderr()
+    check(rc == 1, "destination: %s, expected exit status 1; stderr:\n%s", describe_exit(rc),
+          dst.stderr_tail())
+    check(not re.search(r"Sanitizer|runtime error:", err), "destination: sanitizer report:\n%s",
+          dst.stderr_tail(60))
+    m = re.search(r"incoming migration failed: *(\S.*)", err)
+    check(m is not None, "destination stderr lacks 'incoming migration failed: <reason>':\n%s",
+          dst.stderr_tail())
+    check(re.search(pattern, m.group(1)) is not None,
+          "destination's reason %r does not match %r", m.group(1), pattern)
+    check("arrival check" not in err, "a refusing destination ran its arrival check:\n%s",
+          dst.stderr_tail())
+    note("destination: %s" % m.group(1))
+    return m.group(1)
+
+
+def check_src_resumed(src):
+    info = wait_migration(src, until=("failed",), timeout=60)
+    note("source: %s" % info.get("error-desc"))
+    check_runstate(src, "running")
+    check_writes_advance(src)
+    return info
+
+
+# The error a checksum mismatch must give: block, page, channel, offset.
+def corrupt_pattern(channel):
+    return (r"integrity: page 0x[0-9a-f]+ of RAM block '%s' does not match its checksum "
+            r"\(%s" % (BLOCK, channel))
+
+
+# ------------------------------------------------------------ complete
+
+@test("precopy over unix, dirtying: completes, every page verified")
+def _(env):
+    uri = "unix:" + env.path("mig.sock")
+    src, dst = pair(env, uri)
+    src.cmd("migrate", {"uri": uri})
+    info = wait_migration(src, timeout=120)
+    summary("precopy", info)
+    check_source_done(src, info)
+    check_destination(dst, PAGES, dirtying=True)
+
+
+@test("multifd, 2 channels over tcp, dirtying: completes, every page verified")
+def _(env):
+    uri = tcp_uri()
+    src, dst = pair(env, uri, caps={"multifd": True}, params={"multifd_channels": 2})
+    src.cmd("migrate", {"uri": uri})
+    info = wait_migration(src, timeout=120)
+    summary("multifd", info)
+    check_source_done(src, info)
+    check(ram(info, "multifd-bytes") > 0, "multifd carried nothing: %r", info.get("ram"))
+    check_destination(dst, PAGES, dirtying=True)
+
+
+@test("multifd, 2 channels, zstd on text: completes, every page verified")
+def _(env):
+    uri = tcp_uri()
+    src, dst = pair(env, uri, caps={"multifd": True},
+                    params={"multifd_channels": 2, "multifd_compression": "zstd"}, fill="text")
+    src.cmd("migrate", {"uri": uri})
+    info = wait_migration(src, timeout=120)
+    summary("multifd zstd", info)
+    check_source_done(src, info)
+    check_destination(dst, PAGES, dirtying=True)
+
+
+def postcopy_case(env, preempt):
+    uri = "unix:" + env.path("mig.sock")
+    caps = {"postcopy-ram": True}
+    if preempt:
+        caps["postcopy-preempt"] = True
+    src, dst = pair(env, uri, caps=caps, dirty_rate="max", pattern="sequential")
+    # precopy cannot converge against writers at full speed: postcopy must
+    src.set_params(downtime_limit=1, max_bandwidth=64 << 20)
+    src.cmd("migrate", {"uri": uri})
+    wait_until(lambda: ram(src.query_migrate(), "dirty-sync-count") >= 2, 60,
+               "two dirty syncs before the switch")
+    src.cmd("migrate-start-postcopy")
+    return src, dst
+
+
+@test("postcopy: completes, every page verified", timeout=240)
+def _(env):
+    src, dst = postcopy_case(env, preempt=False)
+    info = wait_migration(src, timeout=120)
+    summary("postcopy", info)
+    check(ram(info, "postcopy-bytes") > 0, "no postcopy phase: %r", info.get("ram"))
+    check_runstate(src, "postmigrate")
+    check_destination(dst, PAGES, dirtying=True)
+
+
+@test("postcopy-preempt: completes, every page verified", timeout=240)
+def _(env):
+    src, dst = postcopy_case(env, preempt=True)
+    info = wait_migration(src, timeout=120)
+    summary("postcopy-preempt", info)
+    check(ram(info, "postcopy-bytes") > 0, "no postcopy phase: %r", info.get("ram"))
+    check_runstate(src, "postmigrate")
+    check_destination(dst, PAGES, dirtying=True)
+
+
+def save_file(env, path):
+    src = env.guest("src", mem=MEM, fill="random", seed=5)
+    src.set_caps(**{"x-integrity": True})
+    src.cmd("stop")
+    src.cmd("migrate", {"uri": "file:" + path})
+    wait_migration(src, timeout=60)
+    return src
+
+
+def restore(env, path, name="dst"):
+    dst = env.guest(name, mem=MEM, incoming="defer")
+    dst.set_caps(**{"x-integrity": True})
+    dst.cmd("migrate-incoming", {"uri": "file:" + path})
+    return dst
+
+
+def analyze(env, path):
+    return subprocess.run([env.livemig, "analyze", path], capture_output=True, text=True,
+                          timeout=60)
+
+
+@test("a plain file: save and restore: completes, every page verified; analyze agrees")
+def _(env):
+    path = env.path("guest.mig")
+    save_file(env, path)
+    r = analyze(env, path)
+    check(r.returncode == 0, "livemig analyze: exit %d\n%s%s", r.returncode, r.stdout, r.stderr)
+    dst = restore(env, path)
+    check_destination(dst, PAGES)
+
+
+# ------------------------------------------------------------ corrupt
+
+@test("a byte flipped in a page on the main stream: refused, the source resumes")
+def _(env):
+    uri = "unix:" + env.path("mig.sock")
+    src, dst = pair(env, uri, src_environ={"LIVEMIG_FAULT": "src:corrupt-page:0:200"})
+    src.cmd("migrate", {"uri": uri})
+    check_dst_refused(dst, corrupt_pattern("main stream") + r", record at byte offset \d+")
+    check_src_resumed(src)
+    check("injected fault: src corrupt-page on channel 0" in src.stderr(),
+          "the source does not log the injection:\n%s",
+          src.stderr_tail())
+
+
+@test("a byte flipped in a page on a multifd channel: refused, the source resumes")
+def _(env):
+    uri = tcp_uri()
+    src, dst = pair(env, uri, caps={"multifd": True}, params={"multifd_channels": 2},
+                    src_environ={"LIVEMIG_FAULT": "src:corrupt-mfpage:1:5"})
+    src.cmd("migrate", {"uri": uri})
+    check_dst_refused(dst, r"multifd channel 1: " + corrupt_pattern("packet \\d+ at byte "
+                      "offset \\d+ of the channel"))
+    check_src_resumed(src)
+
+
+@test("a byte flipped in a page on the preempt channel: refused before it is installed",
+      timeout=240)
+def _(env):
+    src, dst = postcopy_case_fault(env)
+    check_dst_refused(dst, corrupt_pattern("preempt channel"))
+    info = wait_migration(src, until=("failed",), timeout=60)
+    note("source: %s" % info.get("error-desc"))
+
+
+def postcopy_case_fault(env):
+    uri = "unix:" + env.path("mig.sock")
+    src, dst = pair(env, uri, caps={"postcopy-ram": True, "postcopy-preempt": True},
+                    dirty_rate="max", pattern="sequential",
+                    src_environ={"LIVEMIG_FAULT": "src:corrupt-page:1:1"})
+    # the source's writers never let precopy finish; the destination faults
+    # pages at once when it runs (the preempt channel carries them)
+    src.set_params(downtime_limit=1, max_bandwidth=64 << 20)
+    dst.expect_exit = True
+    src.cmd("migrate", {"uri": uri})
+    wait_until(lambda: ram(src.query_migrate(), "dirty-sync-count") >= 1, 60,
+               "a dirty sync before the switch")
+    src.cmd("migrate-start-postcopy")
+    return src, dst
+
+
+def first_page_payload(data):
+    """File offset of the first PAGE record's payload: be64(0 | PAGE) then
+    the block's counted name (the first record of a pass names it)."""
+    head = be64(0x08) + counted(BLOCK)
+    i = data.find(head)
+    check(i > 0, "no PAGE record for page 0 of %s in the file", BLOCK)
+    return i + len(head)
+
+
+@test("a byte flipped in a page of a saved file: the restore and analyze refuse it")
+def _(env):
+    path = env.path("guest.mig")
+    save_file(env, path)
+    with open(path, "rb") as f:
+        data = bytearray(f.read())
+    at = first_page_payload(data) + 1000
+    data[at] ^= 0x01
+    with open(path, "wb") as f:
+        f.write(data)
+    r = analyze(env, path)
+    check(r.returncode != 0 and "does not match its checksum" in r.stdout + r.stderr,
+          "livemig analyze accepted a corrupt page: exit %d\n%s%s", r.returncode, r.stdout,
+          r.stderr)
+    dst = restore(env, path)
+    check_dst_refused(dst, corrupt_pattern("main stream") + r", record at byte offset %d"
+                      % (at - 1000 - 8 - len(counted(BLOCK))))
+
+
+# ------------------------------------------------------------ mismatch
+
+@test("x-integrity on the source only: the destination refuses the configuration")
+def _(env):
+    uri = "unix:" + env.path("mig.sock")
+    src, dst = pair(env, uri, dst_on=False)
+    src.cmd("migrate", {"uri": uri})
+    check_dst_refused(dst, r"configuration: the stream was saved with x-integrity .* this "
+                      r"side has the capability off")
+    check_src_resumed(src)
+
+
+@test("x-integrity on the destination only: the destination refuses the configuration")
+def _(env):
+    uri = "unix:" + env.path("mig.sock")
+    src, dst = pair(env, uri, src_on=False)
+    src.cmd("migrate", {"uri": uri})
+    check_dst_refused(dst, r"configuration: the stream was saved without x-integrity .* "
+                      r"this side has the capability on")
+    check_src_resumed(src)
+
+
+@test("x-integrity with mapped-ram or compress: migrate is refused")
+def _(env):
+    g = env.guest("src", mem=MEM)
+    for caps, uri, what in (({"mapped-ram": True}, "file:" + env.path("x.mig"), "mapped-ram"),
+                            ({"compress": True}, "unix:" + env.path("x.sock"), "compress")):
+        g.set_caps(**dict(caps, **{"x-integrity": True}))
+        try:
+            g.cmd("migrate", {"uri": uri})
+            raise lmtest.TestFailure("migrate with x-integrity and %s was accepted" % what)
+        except lmtest.QMPError as e:
+            check("x-integrity cannot be combined with" in str(e), "refusal: %s", e)
+            note("refused: %s" % e)
+        g.set_caps(**dict({k: False for k in caps}, **{"x-integrity": False}))
+    check_runstate(g, "running")
+
+
+if __name__ == "__main__":
+    lmtest.main()
