@@ -6,7 +6,8 @@
  * "src:packet:1:100" or "dst:sync:0".  SIDE is src or dst; POINT is one of
  * connect, handshake, packet (in the middle of a packet), sync (just before
  * the SYNC packet / while waiting at the SYNC barrier), corrupt-page,
- * corrupt-mfpage (x-integrity, below); CHANNEL is the multifd channel id.  N (default 1) picks the hit that fails: the fault
+ * corrupt-mfpage (x-integrity, below); CHANNEL is the multifd channel id.
+ * N (default 1) picks the hit that fails: the fault
  * fires on the N-th time fault_hit() is reached for that side, point and
  * channel, and never again, so each listed fault fires at most once per
  * process.  Hits are counted per process, across migrations: a source that
