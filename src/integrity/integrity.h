@@ -56,5 +56,10 @@ static inline uint64_t integrity_fill(uint64_t block_seed, uint64_t offset, uint
 }
 /* A hash of any buffer (mapped-ram's bitmap and checksum table). */
 uint64_t integrity_buf(const void *buf, size_t len, uint64_t seed);
+/* Which XXH3 build hashes pages here: "avx2" or "libxxhash". */
+const char *integrity_impl(void);
+/* XXH3_64bits_withSeed built for AVX2 (xxh3_avx2.c); only where the CPU
+ * has it.  Exposed for the test that compares it with libxxhash. */
+uint64_t integrity_xxh3_avx2(const void *p, size_t len, uint64_t seed);
 
 #endif

@@ -121,22 +121,22 @@ void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offs
 }
 
 /*
- * A PAGE payload with its checksum (x-integrity): the page is copied once
- * and the copy is both hashed and sent, so the sum always matches what
+ * A PAGE payload with its checksum (x-integrity): the page is copied once,
+ * into the stream's buffer, and that copy is both hashed and sent, so the sum always matches what
  * travels even while the guest writes the page (it is dirty again then and
  * goes again).  The fault point "corrupt-page" (channel 0: the main stream,
  * 1: the preempt channel) flips one byte of the copy after hashing.
  */
 static void ram_put_checked(lm_stream *s, const ramblock *b, uint64_t page, int channel)
 {
-    _Alignas(64) uint8_t copy[RAM_PAGE_SIZE];
+    uint8_t *copy = stream_put_copy(s, b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE);
     uint64_t sum;
 
-    memcpy(copy, b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+    if (!copy)
+        return;     /* the stream failed: nothing more goes out */
     sum = integrity_page(b->seed, page * RAM_PAGE_SIZE, copy);
     if (fault_hit("src", "corrupt-page", channel))
         copy[RAM_PAGE_SIZE / 2] ^= 0x20;
-    lm_put_buffer(s, copy, RAM_PAGE_SIZE);
     lm_put_be64(s, sum);
 }
 

@@ -16,6 +16,8 @@
 #include <string.h>
 #include <cmocka.h>
 
+#include <xxhash.h>
+
 #include "integrity/integrity.h"
 #include "multifd/multifd.h"
 #include "ram/ram.h"
@@ -78,6 +80,32 @@ static void test_buf(void **state)
     assert_true(integrity_buf(bits, sizeof(bits), 10) != h);
 }
 
+/* The AVX2 build of XXH3 gives libxxhash's results, on every length the
+ * module hashes (pages, bitmaps, tables) and odd ones. */
+static void test_avx2_is_xxh3(void **state)
+{
+    static const size_t lens[] = { 0, 1, 17, 240, 241, 1000, 4096, 8 * 4096 + 8, 65537 };
+    uint8_t *buf = malloc(65537);
+
+    assert_non_null(buf);
+    for (size_t i = 0; i < 65537; i++)
+        buf[i] = (uint8_t)(i * 131 + (i >> 8));
+#if defined(__x86_64__)
+    __builtin_cpu_init();
+    if (!__builtin_cpu_supports("avx2")) {
+        free(buf);
+        skip();
+    }
+    assert_string_equal(integrity_impl(), "avx2");
+    for (size_t i = 0; i < sizeof(lens) / sizeof(lens[0]); i++)
+        for (uint64_t seed = 0; seed < 3; seed++)
+            assert_true(integrity_xxh3_avx2(buf, lens[i], seed * 0x9e3779b97f4a7c15ULL) ==
+                        XXH3_64bits_withSeed(buf, lens[i], seed * 0x9e3779b97f4a7c15ULL));
+    assert_true(integrity_content(buf) == XXH3_64bits(buf, PAGE));
+#endif
+    free(buf);
+}
+
 static void test_multifd_flag(void **state)
 {
     static uint8_t mem[4 * PAGE] __attribute__((aligned(PAGE)));
@@ -115,6 +143,7 @@ int main(void)
         cmocka_unit_test(test_every_byte_counts),
         cmocka_unit_test(test_place_counts),
         cmocka_unit_test(test_buf),
+        cmocka_unit_test(test_avx2_is_xxh3),
         cmocka_unit_test(test_multifd_flag),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
