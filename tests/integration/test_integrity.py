@@ -6,7 +6,8 @@ Every case starts real `livemig guest` processes and sets `x-integrity` on
 both sides unless it says otherwise.
 
   complete   precopy (unix, dirtying), multifd with 2 channels (tcp,
-             dirtying; and zstd on text), postcopy without and with the
+             dirtying; zstd on text; legacy zero pages, i.e. ZERO records on
+             the main stream), postcopy without and with the
              preempt channel, and a plain file: save and restore: each
              completes and the destination verifies every page (the arrival
              check and a fresh x-guest-verify), runs and writes.
@@ -146,6 +147,19 @@ def _(env):
     info = wait_migration(src, timeout=120)
     summary("multifd zstd", info)
     check_source_done(src, info)
+    check_destination(dst, PAGES, dirtying=True)
+
+
+@test("multifd, 2 channels, legacy zero pages: ZERO records on the main stream, verified")
+def _(env):
+    uri = tcp_uri()
+    src, dst = pair(env, uri, caps={"multifd": True}, fill="zero",
+                    params={"multifd_channels": 2, "zero_page_detection": "legacy"})
+    src.cmd("migrate", {"uri": uri})
+    info = wait_migration(src, timeout=120)
+    summary("multifd legacy zero", info)
+    check_source_done(src, info)
+    check(ram(info, "duplicate") > PAGES // 2, "few zero pages: %r", info.get("ram"))
     check_destination(dst, PAGES, dirtying=True)
 
 
@@ -295,8 +309,8 @@ def _(env):
 
 # ------------------------------------------------------------ mapped-ram
 
-def save_mapped(env, path, channels=None, live=False, name="src"):
-    src = env.guest(name, mem=MEM, fill="random", seed=5, dirty_rate=2000 if live else None)
+def save_mapped(env, path, channels=None, live=False, name="src", fill="random"):
+    src = env.guest(name, mem=MEM, fill=fill, seed=5, dirty_rate=2000 if live else None)
     caps = {"x-integrity": True, "mapped-ram": True}
     if channels:
         caps["multifd"] = True
@@ -357,9 +371,12 @@ def flip(path, at, mask=0x01):
 
 @test("mapped-ram: a saved file restores, every page verified (1 worker, multifd 2, live)")
 def _(env):
+    # the live save starts from zero pages that its writers fill at random:
+    # the file has absent (zero) pages and present ones
     for i, (channels, live) in enumerate(((None, False), (2, False), (None, True))):
         path = env.path("guest%d.mig" % i)
-        src = save_mapped(env, path, channels, live, name="src%d" % i)
+        src = save_mapped(env, path, channels, live, name="src%d" % i,
+                          fill="zero" if live else "random")
         if i == 0:
             # the table between bitmap and pages leaves QEMU's layout readable
             r = analyze(env, path)
