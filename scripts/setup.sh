@@ -31,6 +31,7 @@ PACKAGES=(
     libjansson-dev
     libcmocka-dev
     libzstd-dev
+    libxxhash-dev
     zlib1g-dev
     libgnutls28-dev
     libunistring-dev

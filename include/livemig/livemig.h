@@ -308,7 +308,10 @@ uint64_t lm_stream_offset(lm_stream *s);
  * "downtime-limit", ...).  lm_cap_name(i) / lm_param_name(i) enumerate them
  * (NULL past the end).  Setting one while a migration runs is refused for
  * capabilities and allowed for parameters that QEMU lets change live
- * (max-bandwidth, downtime-limit, cpu-throttle-*).
+ * (max-bandwidth, downtime-limit, cpu-throttle-*).  livemig's own
+ * capability "x-integrity" (off by default, set on both sides) makes the
+ * library checksum every page on the wire and in files and check each one
+ * on arrival, failing the load on a mismatch (docs/format.md section 9).
  */
 const char *lm_cap_name(int i);
 int lm_cap_set(lm_mig *m, const char *name, bool on, lm_error *err);

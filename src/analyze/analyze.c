@@ -52,6 +52,7 @@
 #include <jansson.h>
 #include <zlib.h>
 
+#include "integrity/integrity.h"
 #include "livemig/analyze.h"
 #include "ram/ram.h"
 #include "savevm/wire.h"
@@ -103,6 +104,7 @@ typedef struct an_ctx {
     bool postcopy_ram;          /* POSTCOPY_ADVISE with sizes was seen */
     uint64_t pagesize_summary;
     bool ignore_shared;         /* x-ignore-shared: blocks carry mr_addr */
+    bool integrity;             /* x-integrity: page records carry checksums */
     char where[LM_AN_NAME_MAX + 96];   /* what is being parsed, for errors */
 } an_ctx;
 
@@ -479,6 +481,8 @@ static int an_parse_capabilities(an_ctx *c)
             a->mapped_ram = true;
         else if (!strcmp(a->capabilities[i], "x-ignore-shared"))
             c->ignore_shared = true;
+        else if (!strcmp(a->capabilities[i], INTEGRITY_CAP))
+            c->integrity = true;
     }
     return 0;
 }
@@ -866,6 +870,25 @@ static int an_get_page(an_ctx *c, size_t bi, uint64_t idx, uint64_t err_off)
     return 0;
 }
 
+/* x-integrity: the be64 checksum after a ZERO or PAGE payload, checked
+ * against the page's content hash (src/integrity/integrity.h). */
+static int an_check_sum(an_ctx *c, const char *idstr, uint64_t addr, uint64_t content)
+{
+    uint64_t off = an_pos(c), got;
+
+    if (!c->integrity)
+        return 0;
+    if (c->ps != INTEGRITY_PAGE_SIZE)
+        return an_fail(c, -EINVAL, off, "x-integrity with %llu-byte pages (only 4096)",
+                       (unsigned long long)c->ps);
+    if (rd_be64(c, &got))
+        return -1;
+    if (got != integrity_sum(integrity_block_seed(idstr), addr, content))
+        return an_fail(c, -EBADMSG, off, "page 0x%llx of block '%s' does not match its "
+                       "checksum", (unsigned long long)addr, idstr);
+    return 0;
+}
+
 static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
 {
     lm_analysis *a = c->a;
@@ -903,13 +926,15 @@ static int an_page_record(an_ctx *c, uint64_t word, uint64_t roff)
 
     if (kind == RAM_ZERO) {
         uint8_t fill;
-        if (rd_u8(c, &fill))
+        if (rd_u8(c, &fill) ||
+            an_check_sum(c, b->idstr, addr, integrity_fill_content(fill)))
             return -1;
         b->counts.zero_pages++;
         return an_put_fill(c, bi, idx, fill, doff);
     }
     if (kind == RAM_PAGE) {
-        if (rd_buf(c, c->page, c->ps))
+        if (rd_buf(c, c->page, c->ps) ||
+            (c->integrity && an_check_sum(c, b->idstr, addr, integrity_content(c->page))))
             return -1;
         b->counts.normal_pages++;
         return an_put_page(c, bi, idx, doff);

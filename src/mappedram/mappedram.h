@@ -12,6 +12,14 @@
  * the same spot, so the file never holds two copies of a page.  The bitmaps
  * are written last, after the final sync.
  *
+ * x-integrity (ram_state.integrity, docs/format.md section 9): each block's
+ * checksum table (be64 per page) and a seal over bitmap and table follow the
+ * bitmap, and the pages region starts after them.  The workers hash every
+ * page of a run right after its pwrite (source: the table entry) or pread
+ * (destination: checked, -EBADMSG naming the page and file offset); the
+ * destination checks the seal and absent pages' entries at START, before
+ * any read is queued.
+ *
  * The page I/O runs on an worker_pool (src/util/pool.h) of `channels` workers,
  * each with its own descriptor on the file (O_DIRECT with direct-io): one
  * worker without multifd, multifd-channels with it.  A request is one

@@ -77,6 +77,8 @@ static int in_setup_placer(incoming *in, transport_conn *chans, int n, lm_error 
     lm_mig *m = in->m;
     mig_paramset p = mig_params(m);
 
+    /* x-integrity: every placer checks each page's checksum (ram.h) */
+    m->ram.integrity = mig_cap(m, MIG_CAP_INTEGRITY);
     if (mig_cap(m, MIG_CAP_MAPPED_RAM)) {
         int nch = mig_cap(m, MIG_CAP_MULTIFD) ? (int)p.multifd_channels : 1;
 
@@ -269,6 +271,7 @@ void *incoming_thread(void *arg)
     stream_set_tls(in.s, m->conn.tls);
     lv->mapped_ram = mig_cap(m, MIG_CAP_MAPPED_RAM);
     lv->ignore_shared = mig_cap(m, MIG_CAP_IGNORE_SHARED);
+    lv->integrity = mig_cap(m, MIG_CAP_INTEGRITY);
     loadvm_set_command(lv, WIRE_CMD_OPEN_RETURN_PATH, in_open_rp, &in);
     loadvm_set_command(lv, WIRE_CMD_PING, in_ping, &in);
     loadvm_add_handler(lv, "ram", 0, RAM_SECTION_VERSION, in_load_ram, &in)->check =

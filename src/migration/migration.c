@@ -586,6 +586,11 @@ static int mig_check_uri(lm_mig *m, const char *uri, lm_error *err)
                          "multifd or mapped-ram (use multifd-compression)");
     if (p.direct_io && !mapped)
         return error_set(err, -EINVAL, "direct-io needs the mapped-ram capability");
+    /* Page checksums travel in page records, multifd packets, postcopy's
+     * channels and mapped-ram's tables; COMPRESS_PAGE records carry none. */
+    if (mig_cap(m, MIG_CAP_INTEGRITY) && mig_cap(m, MIG_CAP_COMPRESS))
+        return error_set(err, -EINVAL, "x-integrity cannot be combined with the compress "
+                         "capability yet");
     if (mig_cap(m, MIG_CAP_POSTCOPY_RAM) &&
         (mapped || mig_cap(m, MIG_CAP_COMPRESS)))
         return error_set(err, -EINVAL, "postcopy-ram cannot be combined with %s",

@@ -59,6 +59,7 @@ enum mig_capability {
     MIG_CAP_RETURN_PATH,      /* accepted for QEMU's scripts: sockets always have one */
     MIG_CAP_POSTCOPY_PREEMPT,
     MIG_CAP_IGNORE_SHARED,             /* x-ignore-shared (src/cpr/cpr.h) */
+    MIG_CAP_INTEGRITY,        /* livemig's own: page checksums (src/integrity/) */
     MIG_CAP__MAX,
 };
 

@@ -23,6 +23,9 @@ static const char *const cap_names[MIG_CAP__MAX] = {
     [MIG_CAP_RETURN_PATH] = "return-path",
     [MIG_CAP_POSTCOPY_PREEMPT] = "postcopy-preempt",
     [MIG_CAP_IGNORE_SHARED] = "x-ignore-shared",
+    /* livemig's own, off by default: every page checksummed (XXH3) on the
+     * wire and in files, checked on arrival; both sides must set it. */
+    [MIG_CAP_INTEGRITY] = "x-integrity",
 };
 
 typedef struct param_def {

@@ -281,7 +281,7 @@ static int pc_rp_message(void *opaque, uint16_t type, const uint8_t *data, uint1
              * EOS every page is out anyway. */
             pthread_mutex_lock(&pc->ps_lock);
             if (pc->ps && !pc->ps_closed) {
-                ram_put_urgent(pc->ps, &pc->ps_last, rq.block, rq.page);
+                ram_put_urgent(pc->ram, pc->ps, &pc->ps_last, rq.block, rq.page);
                 ret = stream_flush(pc->ps);
                 pc->ps_pages++;
                 atomic_store(&pc->ps_bytes, stream_bytes(pc->ps));
@@ -385,7 +385,7 @@ static int pc_multifd_start(precopy *pc, lm_error *err)
     int method = (int)pc->p.multifd_compression;
     int level = (int)(method == MF_ZLIB ? pc->p.multifd_zlib_level : pc->p.multifd_zstd_level);
     pc->mfs = multifd_send_start(conns, n, (zero_detect)pc->p.zero_page_detection, method,
-                                 level, &m->cancel, mig_fail, m, err);
+                                 level, pc->ram->integrity, &m->cancel, mig_fail, m, err);
     if (!pc->mfs)
         return err->code ? err->code : -EIO;
     mig_helper_add(m, pc_kick_multifd, pc->mfs);
@@ -398,6 +398,9 @@ static int pc_setup(precopy *pc, lm_error *err)
     lm_mig *m = pc->m;
     int ret;
 
+    /* x-integrity: announced in the configuration (a peer without it
+     * refuses the stream there), then a checksum with every page. */
+    pc->ram->integrity = mig_cap(m, MIG_CAP_INTEGRITY);
     /* TLS (when tls-creds is set) before the first byte of the stream. */
     if ((ret = conn_tls_wrap(&m->tls, &m->conn, m->cancel_fd, 10000, err)))
         return ret;
@@ -410,8 +413,8 @@ static int pc_setup(precopy *pc, lm_error *err)
     if (pc->p.mode == CPR_MODE_TRANSFER &&
         (ret = cpr_send(pc->ram, m->conn.fd, m->cancel_fd, err)))
         return ret;
-    savevm_put_header_caps(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM),
-                           mig_cap(m, MIG_CAP_IGNORE_SHARED));
+    savevm_put_header(pc->s, mig_cap(m, MIG_CAP_MAPPED_RAM), mig_cap(m, MIG_CAP_IGNORE_SHARED),
+                      pc->ram->integrity);
     if (m->conn.is_socket) {
         savevm_put_command(pc->s, WIRE_CMD_OPEN_RETURN_PATH, 0, NULL);
         if (mig_cap(m, MIG_CAP_POSTCOPY_RAM)) {

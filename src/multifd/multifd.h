@@ -38,6 +38,11 @@
  *   c->sem_sync; the migration thread waits for all of them before it writes
  *   EOS on the main stream.
  *
+ * With x-integrity a channel copies its packet's normal pages into its own
+ * buffer, hashes the copy and sends it (the guest may write a page after
+ * the hash), then the checksums; the receiving channel hashes each page in
+ * place right after its readv (or inflate), before ram_received().
+ *
  * Destination threads
  * -------------------
  *   channel thread i  reads packets and writes their pages straight into guest
@@ -81,6 +86,10 @@ enum {
     MULTIFD_FLAG_COMP_MASK = 0x0e,
     MULTIFD_FLAG_ZLIB = 0x02,
     MULTIFD_FLAG_ZSTD = 0x04,
+    /* livemig's own (x-integrity, never towards QEMU): after the payload,
+     * one be64 checksum per listed page, normal ones then zero ones,
+     * not counted in next_packet_size (docs/format.md section 9) */
+    MULTIFD_FLAG_INTEGRITY = 0x100,
 };
 
 /* multifd-compression, in the order of its parameter choices */
@@ -137,7 +146,7 @@ int multifd_check_init(const uint8_t in[MULTIFD_INIT_SIZE], int nchannels, uint8
 void multifd_put_header(uint8_t out[MULTIFD_HDR_SIZE], const mf_header *h);
 /*
  * Decode and validate a header against the destination's RAM: magic,
- * version, compression method, counts, block name, every offset inside the
+ * version, compression method, the integrity flag (ram->integrity), counts, block name, every offset inside the
  * block and page aligned.  *block is NULL only when the packet has no pages.
  */
 int multifd_get_header(const uint8_t in[MULTIFD_HDR_SIZE], mf_header *h,
@@ -164,7 +173,7 @@ int multifd_send_connect(const transport_uri *u, const tls_setup *tls, int n, in
  * migration's cancel flag.
  */
 multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
-                                   int method, int level,
+                                   int method, int level, bool integrity,
                                    atomic_bool *stop, multifd_fail_fn fail,
                                    void *fail_opaque, lm_error *err);
 /* Migration thread: queue one dirty page (not checked for zeros by caller

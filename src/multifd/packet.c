@@ -90,7 +90,12 @@ int multifd_get_header(const uint8_t in[MULTIFD_HDR_SIZE], mf_header *h,
         return error_set(err, -EPROTO, "packet compression flags 0x%x, this side expects "
                          "0x%x (multifd-compression must match on both sides)",
                          h->flags & MULTIFD_FLAG_COMP_MASK, comp_flags);
-    if (h->flags & ~(uint32_t)(MULTIFD_FLAG_SYNC | MULTIFD_FLAG_COMP_MASK))
+    if ((h->flags & MULTIFD_FLAG_INTEGRITY) != (ram->integrity ? MULTIFD_FLAG_INTEGRITY : 0))
+        return error_set(err, -EPROTO, "packet %s page checksums (flag 0x%x) but this side "
+                         "has x-integrity %s", h->flags & MULTIFD_FLAG_INTEGRITY ? "has" :
+                         "lacks", MULTIFD_FLAG_INTEGRITY, ram->integrity ? "on" : "off");
+    if (h->flags & ~(uint32_t)(MULTIFD_FLAG_SYNC | MULTIFD_FLAG_COMP_MASK |
+                               MULTIFD_FLAG_INTEGRITY))
         return error_set(err, -EPROTO, "unknown packet flags 0x%x", h->flags);
     if (h->pages_alloc > MULTIFD_PAGES || h->normal > MULTIFD_PAGES ||
         h->zero > MULTIFD_PAGES - h->normal)

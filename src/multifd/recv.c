@@ -3,6 +3,7 @@
  * into guest RAM; the incoming thread's multifd_recv_sync() is the barrier
  * at every `ram` EOS.  See multifd.h.
  */
+#include <endian.h>
 #include <errno.h>
 #include <inttypes.h>
 #include <poll.h>
@@ -13,6 +14,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "integrity/integrity.h"
 #include "multifd/multifd.h"
 #include "util/error.h"
 #include "util/fault.h"
@@ -120,11 +122,46 @@ static int mr_decompress(mf_recv_chan *c, const mf_header *h, const ramblock *b,
     return 0;
 }
 
+/*
+ * x-integrity: read the packet's checksum trailer and check every page it
+ * listed as placed (normal pages hashed in guest RAM, right after their
+ * readv or inflate, still in cache; zero pages are known content).  Before
+ * ram_received(): a page that fails never counts.  `start` is the byte
+ * offset of the packet's header on this channel.
+ */
+static int mr_verify(mf_recv_chan *c, const mf_header *h, const ramblock *b, uint64_t start,
+                     lm_error *err)
+{
+    uint64_t sums[MULTIFD_PAGES], got = 0;
+    uint32_t n = h->normal + h->zero;
+    struct iovec iov = { sums, 8 * (size_t)n };
+    int ret = mr_readv_all(&c->conn, &iov, 1, &got);
+
+    atomic_fetch_add(&c->bytes, got);
+    if (ret)
+        return error_set(err, ret < 0 ? ret : -EPIPE, "reading packet %" PRIu64
+                         " checksums: the channel ended in the middle of a packet",
+                         h->packet_num);
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t off = h->offsets[i];
+        uint64_t want = i < h->normal ? integrity_page(b->seed, off, b->host + off)
+                                      : integrity_fill(b->seed, off, 0);
+
+        if (be64toh(sums[i]) != want)
+            return error_set(err, -EBADMSG, "integrity: page 0x%" PRIx64 " of RAM block "
+                             "'%s' does not match its checksum (packet %" PRIu64 " at byte "
+                             "offset %" PRIu64 " of the channel, %s page %u): the page was "
+                             "corrupted on the way", off, b->idstr, h->packet_num, start,
+                             i < h->normal ? "normal" : "zero", i);
+    }
+    return 0;
+}
+
 static int mr_packet(mf_recv_chan *c, mf_header *h, lm_error *err)
 {
     const ramblock *b;
     struct iovec hiov = { c->hdr, sizeof(c->hdr) };
-    uint64_t got = 0;
+    uint64_t got = 0, start = atomic_load(&c->bytes);
     int niov = 0, ret;
 
     ret = mr_readv_all(&c->conn, &hiov, 1, &got);
@@ -172,6 +209,9 @@ zeros:
         if (!buf_is_zero(p, RAM_PAGE_SIZE))
             memset(p, 0, RAM_PAGE_SIZE);
     }
+    if ((h->flags & MULTIFD_FLAG_INTEGRITY) && h->normal + h->zero &&
+        (ret = mr_verify(c, h, b, start, err)))
+        return ret;
     for (uint32_t i = 0; i < h->normal + h->zero; i++)
         ram_received(b, h->offsets[i] / RAM_PAGE_SIZE, 1);
     return 0;

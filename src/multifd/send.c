@@ -4,6 +4,7 @@
  * pages with one vectored write.  Ownership, barriers and the sync protocol
  * are described in multifd.h.
  */
+#include <endian.h>
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -12,6 +13,7 @@
 #include <sys/uio.h>
 #include <unistd.h>
 
+#include "integrity/integrity.h"
 #include "multifd/multifd.h"
 #include "util/error.h"
 #include "util/fault.h"
@@ -30,11 +32,15 @@ typedef struct mf_send_chan {
     mf_batch *batch;            /* the packet being sent; this thread's */
     mf_batch *next;             /* the hand-off slot, see multifd.h */
     uint8_t hdr[MULTIFD_HDR_SIZE];
-    struct iovec iov[1 + MULTIFD_PAGES];
+    struct iovec iov[2 + MULTIFD_PAGES];   /* header, pages, checksums */
     _Atomic uint64_t bytes, packets, normal, zero, comp_bytes;
     mf_codec *codec;            /* NULL without compression */
     uint8_t *cbuf;              /* compressed payload, mf_codec_bound bytes */
     uint8_t *bounce;            /* one page: the guest keeps writing */
+    /* x-integrity: the packet's normal pages, copied and hashed, and the
+     * be64 checksums of all its pages (the trailer) */
+    uint8_t *icopy;
+    uint64_t isums[MULTIFD_PAGES];
 } mf_send_chan;
 
 struct multifd_sender {
@@ -48,6 +54,7 @@ struct multifd_sender {
     _Atomic uint64_t packet_num;
     zero_detect zd;
     int method;
+    bool integrity;
     multifd_fail_fn fail;
     void *fail_opaque;
     uint64_t queued;            /* pages handed in (migration thread only) */
@@ -107,8 +114,14 @@ static int mf_compress(mf_send_chan *c, mf_header *h, int *niov)
     for (uint32_t i = 0; i < h->normal; i++) {
         size_t part;
 
-        memcpy(c->bounce, b->host + h->offsets[i], RAM_PAGE_SIZE);
-        if (mf_codec_compress(c->codec, c->bounce, i + 1 == h->normal, c->cbuf + len,
+        const uint8_t *page = c->bounce;
+
+        /* with integrity the pages were copied (and hashed) already */
+        if (c->icopy)
+            page = c->icopy + i * RAM_PAGE_SIZE;
+        else
+            memcpy(c->bounce, b->host + h->offsets[i], RAM_PAGE_SIZE);
+        if (mf_codec_compress(c->codec, page, i + 1 == h->normal, c->cbuf + len,
                               mf_codec_bound(c->ms->method) - len, &part, &err)) {
             util_log("multifd channel %d: %s", c->id, err.msg);
             return -EIO;
@@ -130,6 +143,40 @@ static inline void mf_prefetch_head(const uint8_t *p)
 {
     for (int l = 0; l < 256; l += 64)
         __builtin_prefetch(p + l);
+}
+
+/*
+ * x-integrity: copy the packet's normal pages into c->icopy and hash the
+ * copy, which replaces the page iovecs (one iovec: the copy is contiguous);
+ * the zero pages' sums are of the zero page.  The trailer c->isums is
+ * big-endian, in the header's offset order.  The fault point
+ * "corrupt-mfpage" (channel = this channel) flips a byte of the first
+ * copied page after hashing.  Returns the iovec count.
+ */
+static int mf_checksum(mf_send_chan *c, const mf_header *h)
+{
+    const ramblock *b = c->batch->block;
+
+    for (uint32_t i = 0; i < h->normal + h->zero; i++) {
+        uint64_t sum;
+
+        if (i < h->normal) {
+            uint8_t *copy = c->icopy + i * RAM_PAGE_SIZE;
+
+            memcpy(copy, b->host + h->offsets[i], RAM_PAGE_SIZE);
+            sum = integrity_page(b->seed, h->offsets[i], copy);
+        } else {
+            sum = integrity_fill(b->seed, h->offsets[i], 0);
+        }
+        c->isums[i] = htobe64(sum);
+    }
+    if (h->normal && fault_hit("src", "corrupt-mfpage", c->id))
+        c->icopy[RAM_PAGE_SIZE / 2] ^= 0x20;
+    if (!h->normal)
+        return 1;
+    c->iov[1].iov_base = c->icopy;
+    c->iov[1].iov_len = h->normal * RAM_PAGE_SIZE;
+    return 2;
 }
 
 /* Build and write one packet for c->batch (may be empty: a SYNC packet). */
@@ -169,8 +216,18 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
         }
         memcpy(h.offsets + h.normal, zeros, h.zero * sizeof(zeros[0]));
         h.next_size = h.normal * (uint32_t)RAM_PAGE_SIZE;
+        if (ms->integrity)
+            niov = mf_checksum(c, &h);
         if (c->codec && h.normal && (ret = mf_compress(c, &h, &niov)))
             return ret;
+    }
+    if (ms->integrity) {
+        h.flags |= MULTIFD_FLAG_INTEGRITY;
+        if (h.normal + h.zero) {
+            c->iov[niov].iov_base = c->isums;
+            c->iov[niov].iov_len = 8 * (h.normal + h.zero);
+            niov++;
+        }
     }
     multifd_put_header(c->hdr, &h);
     c->iov[0].iov_base = c->hdr;
@@ -184,7 +241,8 @@ static int mf_send_packet(mf_send_chan *c, uint32_t flags)
     ret = mf_writev_all(&c->conn, c->iov, niov);
     if (ret)
         return ret;
-    atomic_fetch_add(&c->bytes, MULTIFD_HDR_SIZE + (uint64_t)h.next_size);
+    atomic_fetch_add(&c->bytes, MULTIFD_HDR_SIZE + (uint64_t)h.next_size +
+                     (ms->integrity ? 8 * (uint64_t)(h.normal + h.zero) : 0));
     atomic_fetch_add(&c->packets, 1);
     atomic_fetch_add(&c->normal, h.normal);
     atomic_fetch_add(&c->zero, h.zero);
@@ -288,7 +346,7 @@ fail:
 }
 
 multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
-                                   int method, int level,
+                                   int method, int level, bool integrity,
                                    atomic_bool *stop, multifd_fail_fn fail,
                                    void *fail_opaque, lm_error *err)
 {
@@ -299,6 +357,7 @@ multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
     ms->n = n;
     ms->zd = zd;
     ms->method = method;
+    ms->integrity = integrity;
     ms->abort = stop;
     ms->fail = fail;
     ms->fail_opaque = fail_opaque;
@@ -321,6 +380,9 @@ multifd_sender *multifd_send_start(transport_conn *conns, int n, zero_detect zd,
         c->batch = calloc(1, sizeof(*c->batch));
         c->next = calloc(1, sizeof(*c->next));
         if (!c->batch || !c->next)
+            abort();
+        if (integrity && !(c->icopy = aligned_alloc(RAM_PAGE_SIZE,
+                                                    MULTIFD_PAGES * RAM_PAGE_SIZE)))
             abort();
     }
     for (int i = 0; i < n && method != MF_NONE; i++) {
@@ -439,6 +501,7 @@ void multifd_send_finish(multifd_sender *ms)
         mf_codec_free(c->codec);
         free(c->cbuf);
         free(c->bounce);
+        free(c->icopy);
     }
     free(ms->chans);
     free(ms->batch);

@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <string.h>
 
+#include "integrity/integrity.h"
 #include "ram/ram.h"
+#include "util/fault.h"
 #include "util/bitmap.h"
 #include "util/error.h"
 #include "util/zero.h"
@@ -38,6 +40,7 @@ int ram_register(ram_state *r, const char *idstr, void *host, uint64_t length,
     b->npages = length / RAM_PAGE_SIZE;
     b->fd = -1;
     b->mr_addr = r->total;
+    b->seed = integrity_block_seed(b->idstr);
     r->total += length;
     return 0;
 }
@@ -123,29 +126,62 @@ void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offs
     ram_put_record_on(s, &r->last_sent, b, offset, flags);
 }
 
-void ram_put_urgent(lm_stream *s, const ramblock **last, const ramblock *b, uint64_t page)
+/*
+ * A PAGE payload with its checksum (x-integrity): the page is copied once,
+ * into the stream's buffer, and that copy is both hashed and sent, so the sum always matches what
+ * travels even while the guest writes the page (it is dirty again then and
+ * goes again).  The fault point "corrupt-page" (channel 0: the main stream,
+ * 1: the preempt channel) flips one byte of the copy after hashing.
+ */
+static void ram_put_checked(lm_stream *s, const ramblock *b, uint64_t page, int channel)
 {
-    const uint8_t *p = b->host + page * RAM_PAGE_SIZE;
+    uint8_t *copy = stream_put_copy(s, b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+    uint64_t sum;
 
-    if (buf_is_zero(p, RAM_PAGE_SIZE)) {
-        ram_put_record_on(s, last, b, page * RAM_PAGE_SIZE, RAM_ZERO);
-        lm_put_u8(s, 0);
-        return;
-    }
+    if (!copy)
+        return;     /* the stream failed: nothing more goes out */
+    sum = integrity_page(b->seed, page * RAM_PAGE_SIZE, copy);
+    if (fault_hit("src", "corrupt-page", channel))
+        copy[RAM_PAGE_SIZE / 2] ^= 0x20;
+    lm_put_be64(s, sum);
+}
+
+static void ram_put_zero_on(const ram_state *r, lm_stream *s, const ramblock **last,
+                            const ramblock *b, uint64_t page)
+{
+    ram_put_record_on(s, last, b, page * RAM_PAGE_SIZE, RAM_ZERO);
+    lm_put_u8(s, 0);
+    if (r->integrity)
+        lm_put_be64(s, integrity_fill(b->seed, page * RAM_PAGE_SIZE, 0));
+}
+
+static void ram_put_page_on(const ram_state *r, lm_stream *s, const ramblock **last,
+                            const ramblock *b, uint64_t page, int channel)
+{
     ram_put_record_on(s, last, b, page * RAM_PAGE_SIZE, RAM_PAGE);
-    stream_put_page(s, p, RAM_PAGE_SIZE);
+    if (r->integrity)
+        ram_put_checked(s, b, page, channel);
+    else
+        stream_put_page(s, b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+}
+
+void ram_put_urgent(const ram_state *r, lm_stream *s, const ramblock **last, const ramblock *b,
+                    uint64_t page)
+{
+    if (buf_is_zero(b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE))
+        ram_put_zero_on(r, s, last, b, page);
+    else
+        ram_put_page_on(r, s, last, b, page, 1);
 }
 
 void ram_put_zero(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page)
 {
-    ram_put_record(r, s, b, page * RAM_PAGE_SIZE, RAM_ZERO);
-    lm_put_u8(s, 0);
+    ram_put_zero_on(r, s, &r->last_sent, b, page);
 }
 
 void ram_put_page(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page)
 {
-    ram_put_record(r, s, b, page * RAM_PAGE_SIZE, RAM_PAGE);
-    stream_put_page(s, b->host + page * RAM_PAGE_SIZE, RAM_PAGE_SIZE);
+    ram_put_page_on(r, s, &r->last_sent, b, page, 0);
 }
 
 /* The default sink: this thread checks for zeros and writes records. */
@@ -443,19 +479,51 @@ static const ramblock *ram_load_block(ram_state *r, const ramblock **last, lm_st
     return *last;
 }
 
+static int ram_verify(const ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
+                      uint64_t content, const char *channel, uint64_t at)
+{
+    uint64_t got, want = integrity_sum(b->seed, offset, content);
+
+    if (lm_get_be64(s, &got))
+        return -1;
+    if (got == want)
+        return 0;
+    lm_stream_set_error(s, -EBADMSG, "integrity: page 0x%" PRIx64 " of RAM block '%s' "
+                        "does not match its checksum (%s, record at byte offset %" PRIu64
+                        ", checksum at byte offset %" PRIu64 "): the page was corrupted "
+                        "on the way", offset, b->idstr, channel, at, lm_stream_offset(s) - 8);
+    return -1;
+}
+
+int ram_verify_page(const ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
+                    const void *page, const char *channel, uint64_t at)
+{
+    if (!r->integrity)
+        return 0;
+    return ram_verify(r, s, b, offset, integrity_content(page), channel, at);
+}
+
+int ram_verify_fill(const ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
+                    uint8_t fill, const char *channel, uint64_t at)
+{
+    if (!r->integrity)
+        return 0;
+    return ram_verify(r, s, b, offset, integrity_fill_content(fill), channel, at);
+}
+
 int ram_place_direct(ram_state *r, lm_stream *s, ramblock *b, uint64_t offset, uint64_t flags,
                      uint64_t at)
 {
     uint8_t fill;
 
-    (void)r;
     switch (flags) {
     case RAM_PAGE:
-        if (lm_get_buffer(s, b->host + offset, RAM_PAGE_SIZE))
+        if (lm_get_buffer(s, b->host + offset, RAM_PAGE_SIZE) ||
+            ram_verify_page(r, s, b, offset, b->host + offset, "main stream", at))
             return -1;
         break;
     case RAM_ZERO:
-        if (lm_get_u8(s, &fill))
+        if (lm_get_u8(s, &fill) || ram_verify_fill(r, s, b, offset, fill, "main stream", at))
             return -1;
         /* A zero page that is already zero is not written: that keeps fresh
          * destination memory untouched (QEMU 7.2 also accepts a fill byte). */

@@ -16,6 +16,13 @@
  * walk wraps (one full pass).  The default sink turns zero pages into ZERO
  * records (vectorised check) and queues the others by reference (zero-copy).
  *
+ * Integrity (x-integrity, `integrity` set on both sides): every ZERO and
+ * PAGE record carries a be64 checksum after its payload (integrity.h), made
+ * by the sender from the bytes it sends (a PAGE is then copied into the
+ * stream, not referenced: a page the guest writes after it was hashed
+ * would otherwise go out with a stale sum) and checked by the placer
+ * (ram_verify_page / ram_verify_fill) before the page counts as received.
+ *
  * Destination (the incoming thread): ram_load() parses one section's payload,
  * checking every name, length and offset before it hands a record to the
  * placer (the default one reads each page straight into its place).  Nothing
@@ -76,6 +83,7 @@ typedef struct ramblock {
     bool ignored;
     uint64_t mr_addr;           /* x-ignore-shared's address: the bytes of the
                                    blocks registered before this one */
+    uint64_t seed;              /* integrity_block_seed(idstr) */
 } ramblock;
 
 typedef struct ram_state {
@@ -83,6 +91,7 @@ typedef struct ram_state {
     int nblocks;
     uint64_t total;             /* sum of block lengths */
     bool ignore_shared;         /* x-ignore-shared: mr_addr in the block list */
+    bool integrity;             /* x-integrity: records carry checksums; set at setup */
 
     /* source save state */
     int cur_block;
@@ -185,6 +194,19 @@ void ram_put_zero(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page);
 void ram_put_page(ram_state *r, lm_stream *s, const ramblock *b, uint64_t page);
 void ram_put_record(ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
                     uint64_t flags);
+/*
+ * With r->integrity: read the be64 checksum that follows a record's payload
+ * and compare it with the page as placed (`page`: its bytes, wherever the
+ * placer put them -- guest RAM or a bounce page) or as described (a ZERO
+ * record's `fill`).  A mismatch latches an error on s naming the block,
+ * the page's offset, `channel` and the record's byte offset `at`, and
+ * returns -1: the caller must not count (or, in postcopy, install) the
+ * page.  Without integrity: 0 at once, nothing read.
+ */
+int ram_verify_page(const ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
+                    const void *page, const char *channel, uint64_t at);
+int ram_verify_fill(const ram_state *r, lm_stream *s, const ramblock *b, uint64_t offset,
+                    uint8_t fill, const char *channel, uint64_t at);
 /* The default placement of one record (see ram_placer_ops.record). */
 int ram_place_direct(ram_state *r, lm_stream *s, ramblock *b, uint64_t offset, uint64_t flags,
                      uint64_t at);
@@ -227,7 +249,8 @@ bool ram_save_requested(ram_state *r, const ram_sink *sink, lm_stream *s, ramblo
 bool ram_take_requested(ram_state *r, ramblock *b, uint64_t page);
 /* A requested page as a record on its own stream (postcopy's preempt
  * channel: bare records, CONTINUE relative to *last, that stream's). */
-void ram_put_urgent(lm_stream *s, const ramblock **last, const ramblock *b, uint64_t page);
+void ram_put_urgent(const ram_state *r, lm_stream *s, const ramblock **last, const ramblock *b,
+                    uint64_t page);
 /* End a ram payload: the sink's flush (its barrier), then EOS. */
 void ram_put_eos(ram_state *r, const ram_sink *sink, lm_stream *s);
 /* Sync every block from the tracker; returns pages newly dirtied or -errno. */

@@ -11,6 +11,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "integrity/integrity.h"
 #include "savevm/savevm.h"
 #include "util/error.h"
 
@@ -52,12 +53,13 @@ int loadvm_set_command(loadvm *lv, uint16_t cmd, loadvm_cmd_fn fn, void *opaque)
 /*
  * Configuration subsections: only configuration/capabilities is known (its
  * data has a length we can parse); the validated capabilities mapped-ram and
- * x-ignore-shared must
- * be set identically on both sides, as in QEMU.
+ * x-ignore-shared must be set identically on both sides, as in QEMU; so must
+ * livemig's own x-integrity, which only a livemig source announces (a QEMU
+ * destination refuses the unknown capability right here).
  */
 static int loadvm_config_caps(loadvm *lv, lm_stream *s)
 {
-    bool mapped = false, ignore_shared = false;
+    bool mapped = false, ignore_shared = false, integrity = false;
 
     while (stream_peek_u8(s) == WIRE_VM_SUBSECTION) {
         uint64_t at = lm_stream_offset(s);
@@ -87,6 +89,8 @@ static int loadvm_config_caps(loadvm *lv, lm_stream *s)
                 mapped = true;
             } else if (!strcmp(cap, "x-ignore-shared")) {
                 ignore_shared = true;
+            } else if (!strcmp(cap, INTEGRITY_CAP)) {
+                integrity = true;
             } else {
                 lm_stream_set_error(s, -EINVAL, "configuration: the stream needs capability "
                                     "'%s' (byte offset %" PRIu64 "), unknown here", cap, cat);
@@ -104,6 +108,13 @@ static int loadvm_config_caps(loadvm *lv, lm_stream *s)
         lm_stream_set_error(s, -EINVAL, "configuration: the stream was saved %s "
                             "x-ignore-shared but this side has the capability %s",
                             ignore_shared ? "with" : "without", lv->ignore_shared ? "on" : "off");
+        return -1;
+    }
+    if (integrity != lv->integrity) {
+        lm_stream_set_error(s, -EINVAL, "configuration: the stream was saved %s "
+                            INTEGRITY_CAP " (page checksums) but this side has the "
+                            "capability %s: set it on both sides or on neither",
+                            integrity ? "with" : "without", lv->integrity ? "on" : "off");
         return -1;
     }
     return 0;

@@ -3,30 +3,28 @@
  */
 #include <string.h>
 
+#include "integrity/integrity.h"
 #include "savevm/savevm.h"
 
-void savevm_put_header(lm_stream *s, bool mapped_ram)
-{
-    savevm_put_header_caps(s, mapped_ram, false);
-}
-
-void savevm_put_header_caps(lm_stream *s, bool mapped_ram, bool ignore_shared)
+void savevm_put_header(lm_stream *s, bool mapped_ram, bool ignore_shared, bool integrity)
 {
     lm_put_be32(s, WIRE_QEVM_MAGIC);
     lm_put_be32(s, WIRE_QEVM_VERSION);
     lm_put_u8(s, WIRE_VM_CONFIGURATION);
     lm_put_be32(s, (uint32_t)strlen(SAVEVM_MACHINE_NAME));
     lm_put_buffer(s, SAVEVM_MACHINE_NAME, strlen(SAVEVM_MACHINE_NAME));
-    if (mapped_ram || ignore_shared) {
+    if (mapped_ram || ignore_shared || integrity) {
         lm_put_u8(s, WIRE_VM_SUBSECTION);
         stream_put_counted(s, "configuration/capabilities");
         lm_put_be32(s, 1);          /* subsection version */
-        lm_put_be32(s, (uint32_t)mapped_ram + (uint32_t)ignore_shared);
+        lm_put_be32(s, (uint32_t)mapped_ram + (uint32_t)ignore_shared + (uint32_t)integrity);
         /* QEMU lists the validated capabilities in its table's order */
         if (ignore_shared)
             stream_put_counted(s, "x-ignore-shared");
         if (mapped_ram)
             stream_put_counted(s, "mapped-ram");
+        if (integrity)
+            stream_put_counted(s, INTEGRITY_CAP);
     }
 }
 

@@ -50,10 +50,10 @@
 
 /* ---- writing ---- */
 /* Header and configuration; with mapped-ram the configuration carries QEMU's
- * configuration/capabilities subsection listing it (a validated capability). */
-void savevm_put_header(lm_stream *s, bool mapped_ram);
-/* The same with x-ignore-shared, QEMU's other validated capability. */
-void savevm_put_header_caps(lm_stream *s, bool mapped_ram, bool ignore_shared);
+ * configuration/capabilities subsection listing it (a validated capability),
+ * and so do x-ignore-shared (QEMU's other one) and x-integrity (livemig's
+ * own), in the same list. */
+void savevm_put_header(lm_stream *s, bool mapped_ram, bool ignore_shared, bool integrity);
 void savevm_section_header(lm_stream *s, uint8_t type, uint32_t id, const char *idstr,
                            uint32_t instance, uint32_t version);  /* any type */
 void savevm_section_footer(lm_stream *s, uint32_t id);
@@ -112,6 +112,7 @@ struct loadvm {
     /* The commands this side handles, by number; fn NULL = refused. */
     struct { loadvm_cmd_fn fn; void *opaque; } cmds[WIRE_CMD__MAX];
     bool mapped_ram;          /* this side loads a mapped-ram file */
+    bool integrity;           /* this side has x-integrity (page checksums) */
     /* Optional, at the EOF record of a LOADVM_MAIN loop, before the
      * completeness check: 0 to go on, or -1 with the error latched on s
      * (postcopy's listen thread waits there for the main thread to finish

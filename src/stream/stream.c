@@ -247,6 +247,27 @@ void lm_put_buffer(lm_stream *s, const void *buf, size_t len)
     }
 }
 
+uint8_t *stream_put_copy(lm_stream *s, const void *p, size_t len)
+{
+    uint8_t *copy;
+
+    assert(len <= s->buf_cap);
+    if (s->err)
+        return NULL;
+    if (s->buf_cap - s->len < len && s->mem_writer)
+        stream_mem_grow(s, len);
+    /* lm_put_buffer's rule for the iovec list, and room for all of it */
+    if (s->buf_cap - s->len < len || s->niov >= STREAM_IOV_MAX - 1)
+        stream_flush(s);
+    if (s->err)
+        return NULL;
+    copy = s->buf + s->len;
+    memcpy(s->buf + s->len, p, len);
+    s->len += len;
+    s->pos += len;
+    return copy;
+}
+
 void stream_put_page(lm_stream *s, const void *p, size_t len)
 {
     if (s->err)

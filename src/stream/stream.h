@@ -92,6 +92,12 @@ void stream_free(lm_stream *s);
 
 /* Queue a reference to `len` bytes at `p` (a guest page). See invariant above. */
 void stream_put_page(lm_stream *s, const void *p, size_t len);
+/* Copy `len` bytes (at most the buffer's size) into the buffer in one
+ * piece and return where the copy is -- valid until the next put or flush
+ * -- so a caller can read back exactly what will be sent (x-integrity
+ * hashes a page's copy; a test fault changes it).  NULL when the stream
+ * has failed. */
+uint8_t *stream_put_copy(lm_stream *s, const void *p, size_t len);
 /* Put a counted string: u8 length then the bytes (no NUL); len <= 255. */
 void stream_put_counted(lm_stream *s, const char *str);
 /* Write out everything queued.  Returns 0 or the latched error. */

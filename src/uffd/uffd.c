@@ -300,9 +300,10 @@ static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b
 {
     struct uffd_placer_ctx *pc = impl;
     uint64_t page = offset / RAM_PAGE_SIZE;
+    /* placer 0 is the main stream's, 1 the preempt channel's (uffd.h) */
+    const char *channel = pc == &pc->u->placers[0] ? "main stream" : "preempt channel";
     uint8_t fill;
 
-    (void)r;
     switch (flags) {
     case RAM_PAGE:
         if (pc->n && (b != pc->b || offset != pc->off + pc->n * RAM_PAGE_SIZE ||
@@ -313,14 +314,18 @@ static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b
             atomic_fetch_add(&pc->u->present, 1);
             if (pc->n && uffd_flush(pc, s))
                 return -1;
-            return lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE);
+            return lm_get_buffer(s, pc->bounce, RAM_PAGE_SIZE) ||
+                   ram_verify_page(r, s, b, offset, pc->bounce, channel, at) ? -1 : 0;
         }
         if (!pc->n) {
             pc->b = b;
             pc->off = offset;
             pc->at = at;
         }
-        if (lm_get_buffer(s, pc->bounce + pc->n * RAM_PAGE_SIZE, RAM_PAGE_SIZE))
+        /* x-integrity: checked in the bounce buffer, before the ioctl, so a
+         * corrupt page is never installed and no guest thread reads it */
+        if (lm_get_buffer(s, pc->bounce + pc->n * RAM_PAGE_SIZE, RAM_PAGE_SIZE) ||
+            ram_verify_page(r, s, b, offset, pc->bounce + pc->n * RAM_PAGE_SIZE, channel, at))
             return -1;
         pc->n++;
         /* no page waits for one that is not here yet, nor a fault for a run */
@@ -329,7 +334,8 @@ static int uffd_place_record(void *impl, ram_state *r, lm_stream *s, ramblock *b
             return uffd_flush(pc, s);
         return 0;
     case RAM_ZERO:
-        if (uffd_flush(pc, s) || lm_get_u8(s, &fill))
+        if (uffd_flush(pc, s) || lm_get_u8(s, &fill) ||
+            ram_verify_fill(r, s, b, offset, fill, channel, at))
             return -1;
         return uffd_place_zero(pc, s, b, offset, fill, at);
     default:

@@ -5,8 +5,9 @@
  * LIVEMIG_FAULT="SIDE:POINT:CHANNEL[:N][,...]", e.g. "src:packet:1",
  * "src:packet:1:100" or "dst:sync:0".  SIDE is src or dst; POINT is one of
  * connect, handshake, packet (in the middle of a packet), sync (just before
- * the SYNC packet / while waiting at the SYNC barrier); CHANNEL is the
- * multifd channel id.  N (default 1) picks the hit that fails: the fault
+ * the SYNC packet / while waiting at the SYNC barrier), corrupt-page,
+ * corrupt-mfpage (x-integrity, below); CHANNEL is the multifd channel id.
+ * N (default 1) picks the hit that fails: the fault
  * fires on the N-th time fault_hit() is reached for that side, point and
  * channel, and never again, so each listed fault fires at most once per
  * process.  Hits are counted per process, across migrations: a source that
@@ -22,6 +23,12 @@
  *   dst handshake   one per accepted channel and migration
  *   dst packet      every packet the channel has read, data and SYNC alike
  *   dst sync        every SYNC packet read, before the barrier
+ *   src corrupt-page    every PAGE record with x-integrity, after its
+ *                   checksum was taken: one byte of the copy sent is
+ *                   flipped; channel 0 is the main stream, 1 postcopy's
+ *                   preempt channel (src/ram/ram.c)
+ *   src corrupt-mfpage  every multifd packet with pages, x-integrity on:
+ *                   its first page's copy gets a flipped byte after hashing
  *   dst package     postcopy's PACKAGED, read whole, before it is loaded:
  *                   channel 0 fails the load, channel 1 ends the process
  *                   (_exit(1)), both before the confirmation PONG

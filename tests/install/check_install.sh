@@ -136,7 +136,7 @@ export PKG_CONFIG_SYSROOT_DIR=$dest
 ver=$(pkg-config --modversion livemig 2>&1)
 reqs=$(pkg-config --print-requires-private livemig 2>&1 | awk '{print $1}' | sort | tr '\n' ' ')
 slibs=$(pkg-config --static --libs livemig 2>&1)
-if [[ $ver == "$LM_VERSION" && $reqs == "gnutls jansson libzstd zlib " && $slibs == *pthread* ]]; then
+if [[ $ver == "$LM_VERSION" && $reqs == "gnutls jansson libxxhash libzstd zlib " && $slibs == *pthread* ]]; then
     ok "livemig.pc: version $ver, Requires.private $reqs, threads in Libs.private"
 else
     not_ok "livemig.pc" "version: $ver" "Requires.private: $reqs" "static libs: $slibs"

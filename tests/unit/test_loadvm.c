@@ -111,6 +111,7 @@ static loadvm *dest_loader(dest *d)
     loadvm *lv = calloc(1, sizeof(*lv));
 
     assert_non_null(lv);
+    lv->integrity = d->ram.integrity;
     loadvm_add_handler(lv, "ram", 0, RAM_SECTION_VERSION, ram_handler, d)->check =
         ram_check;
     loadvm_add_handler(lv, "dev", 0, 2, dev_load, d);
@@ -159,7 +160,7 @@ static void write_good(lm_stream *s, void *arg)
 {
     src *sr = arg;
 
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, sr->ram.integrity);
     savevm_put_command(s, 1, 0, NULL);                 /* OPEN_RETURN_PATH */
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, &SINK, s);
@@ -285,7 +286,7 @@ static void test_bad_version(void **state)
 
 static void w_unknown_section(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "nosuch", 0, 1);
     savevm_section_footer(s, 7);
     savevm_put_eof(s);
@@ -300,7 +301,7 @@ static void test_unknown_section(void **state)
 
 static void w_unknown_instance(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "dev", 3, 1);
     savevm_put_eof(s);
 }
@@ -314,7 +315,7 @@ static void test_unknown_instance(void **state)
 
 static void w_new_version(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_FULL, 7, "dev", 0, 3);
     savevm_put_eof(s);
 }
@@ -333,7 +334,7 @@ static void w_ram(lm_stream *s, void *arg)
 {
     extra_fn extra = (extra_fn)arg;
 
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     lm_put_be64(s, BLOCK_LEN | RAM_MEM_SIZE);
     stream_put_counted(s, "pc.ram");
@@ -440,7 +441,7 @@ static void test_ram_rejections(void **state)
 
 static void w_wrong_total(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     lm_put_be64(s, (uint64_t)arg | RAM_MEM_SIZE);
     stream_put_counted(s, "pc.ram");
@@ -478,7 +479,7 @@ static void test_wrong_machine(void **state)
 
 static void w_empty(lm_stream *s, void *arg)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_put_eof(s);
 }
 
@@ -518,7 +519,7 @@ static void x_pages_missing(lm_stream *s)
 /* Header, the ram START, all of RAM in one END: a stream without devices. */
 static void w_ram_whole(lm_stream *s, src *sr)
 {
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     savevm_section_header(s, WIRE_VM_SECTION_START, 1, "ram", 0, 4);
     ram_save_setup(&sr->ram, &SINK, s);
     savevm_section_footer(s, 1);
@@ -615,6 +616,107 @@ static void test_corrupted_everywhere(void **state)
     free(b.data);
 }
 
+/* ---- x-integrity: a checksum after every ZERO and PAGE payload ---- */
+
+/*
+ * The encoding, byte for byte: the configuration lists x-integrity, and a
+ * stream with checksums is exactly one be64 per page record longer; it
+ * loads into an integrity destination, and each side refuses the other's
+ * setting at the configuration.
+ */
+static void test_integrity_round_trip(void **state)
+{
+    src plain, sr;
+    buf b0 = good_stream(&plain), b;
+    dest d;
+    char msg[512];
+    static const char caps[] = "\x05\x1a" "configuration/capabilities" "\0\0\0\1" "\0\0\0\1"
+                               "\x0b" "x-integrity";
+
+    src_init(&sr);
+    sr.ram.integrity = true;
+    b = build(write_good, &sr);
+    assert_int_equal(b.len, b0.len + (sizeof(caps) - 1) + 8 * NPAGES);
+    assert_memory_equal(b.data + 22, caps, sizeof(caps) - 1);
+
+    dest_init(&d);
+    d.ram.integrity = true;
+    assert_int_equal(load(&b, &d, msg, sizeof(msg)), 0);
+    assert_memory_equal(d.mem, sr.mem, BLOCK_LEN);
+    dest_fini(&d);
+
+    dest_init(&d);
+    assert_int_not_equal(load(&b, &d, msg, sizeof(msg)), 0);
+    assert_non_null(strstr(msg, "saved with x-integrity"));
+    assert_non_null(strstr(msg, "capability off"));
+    dest_fini(&d);
+
+    dest_init(&d);
+    d.ram.integrity = true;
+    assert_int_not_equal(load(&b0, &d, msg, sizeof(msg)), 0);
+    assert_non_null(strstr(msg, "saved without x-integrity"));
+    dest_fini(&d);
+    free(b.data);
+    free(b0.data);
+}
+
+/*
+ * Every byte of every page record's payload and checksum matters: a flip
+ * anywhere in them fails the load with the page named (a flip in a
+ * record's header or idstr is caught by the other checks or the sum).  The
+ * record offsets come from a walk of the stream as the encoding says.
+ */
+static void test_integrity_every_flip(void **state)
+{
+    src sr;
+    buf b;
+    int records = 0;
+    size_t pos;
+
+    src_init(&sr);
+    sr.ram.integrity = true;
+    b = build(write_good, &sr);
+    /* the PART section's first record: be64 word, counted idstr */
+    {
+        static const uint8_t part[] = { WIRE_VM_SECTION_PART, 0, 0, 0, 1 };
+        uint8_t *p = memmem(b.data + 40, b.len - 40, part, sizeof(part));
+        assert_non_null(p);
+        pos = (size_t)(p - b.data) + sizeof(part);
+    }
+    for (;;) {
+        uint64_t word = 0, flags;
+        size_t payload, len;
+
+        for (int i = 0; i < 8; i++)
+            word = word << 8 | b.data[pos + i];
+        flags = word & ~RAM_PAGE_MASK;
+        if (flags == RAM_EOS)
+            break;
+        payload = pos + 8 + ((flags & RAM_CONTINUE) ? 0 : 1 + b.data[pos + 8]);
+        len = ((flags & ~(uint64_t)RAM_CONTINUE) == RAM_PAGE ? RAM_PAGE_SIZE : 1) + 8;
+        for (size_t i = payload; i < payload + len; i += (len > 9 ? 509 : 1)) {
+            dest d;
+            char msg[512], want[64];
+
+            b.data[i] ^= 0x04;
+            dest_init(&d);
+            d.ram.integrity = true;
+            assert_int_not_equal(load(&b, &d, msg, sizeof(msg)), 0);
+            snprintf(want, sizeof(want), "integrity: page 0x%" PRIx64 " of RAM block 'pc.ram'",
+                     (uint64_t)(word & RAM_PAGE_MASK));
+            if (!strstr(msg, want) || !strstr(msg, "main stream, record at byte offset"))
+                fail_msg("flip at %zu: '%s'", i, msg);
+            dest_fini(&d);
+            b.data[i] ^= 0x04;
+        }
+        pos = payload + len;
+        records++;
+    }
+    assert_int_equal(records, NPAGES);
+    free(b.data);
+    ram_save_finish(&sr.ram);
+}
+
 /* ---- commands: the dispatch table ---- */
 
 /* What a command handler saw. */
@@ -652,7 +754,7 @@ static void w_raw(lm_stream *s, void *arg)
 {
     const raw *r = arg;
 
-    savevm_put_header(s, false);
+    savevm_put_header(s, false, false, false);
     lm_put_buffer(s, r->p, r->len);
     savevm_put_eof(s);
 }
@@ -984,6 +1086,8 @@ int main(void)
         cmocka_unit_test(test_incomplete_streams),
         cmocka_unit_test(test_truncated_everywhere),
         cmocka_unit_test(test_corrupted_everywhere),
+        cmocka_unit_test(test_integrity_round_trip),
+        cmocka_unit_test(test_integrity_every_flip),
         cmocka_unit_test(test_command_dispatch),
         cmocka_unit_test(test_package_records),
         cmocka_unit_test(test_packaged_stream),
