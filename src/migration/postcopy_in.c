@@ -236,11 +236,14 @@ static int pci_packaged(const loadvm_cmd *c, void *opaque)
         ret = pci_fail(c, -EINVAL, "the package (%u bytes from byte offset %" PRIu64 ") "
                        "ended without POSTCOPY_RUN", len, start);
     else if (ret < 0 && atomic_load(&pci->listen_failed))
-        /* the cause: a device load that read guest RAM found what the
-         * released faults left there, zeros */
-        ret = pci_fail(c, pci->listen_err.code ? pci->listen_err.code : -EIO,
-                       "the page stream failed while the package loaded: %s",
-                       pci->listen_err.msg);
+        /* Both, since either may be the cause: a device load that read
+         * guest RAM finds zeros once the page stream failed and released
+         * the faults; or the package failed on its own and the stream just
+         * ended with it. */
+        ret = pci_fail(c, lm_stream_error(pkg) ? lm_stream_error(pkg) : -EIO,
+                       "in the package that starts at byte offset %" PRIu64 " (offsets "
+                       "from there): %s; and the page stream failed meanwhile: %s", start,
+                       lm_stream_error_msg(pkg), pci->listen_err.msg);
     else if (ret < 0)
         ret = pci_fail(c, lm_stream_error(pkg) ? lm_stream_error(pkg) : -EIO,
                        "in the package that starts at byte offset %" PRIu64 " (offsets "
