@@ -48,6 +48,10 @@
 #include "util.h"
 #include "vmcheck.h"
 
+#ifndef MADV_POPULATE_WRITE
+#define MADV_POPULATE_WRITE 23
+#endif
+
 #define VM_NAME "livemig vm"
 
 struct vmctx {
@@ -332,6 +336,11 @@ static int vm_setup(struct vmctx *vc, const struct vm_args *a, lm_error *err)
     vc->vm = kvm_vm_new(vc->ram, a->mem, vc->serial_fd, err);
     if (!vc->vm)
         return err->code ? err->code : -EIO;
+    /* a destination's RAM is prefaulted (as livemig guest's, and QEMU's prealloc=on), so
+     * loading does not pay first-touch faults; postcopy discards it anyway */
+    if (a->incoming && a->backend == GUEST_MEM_ANON &&
+        madvise(kvm_vm_ram(vc->vm), a->mem, MADV_POPULATE_WRITE) < 0 && errno != EINVAL)
+        return tool_error_errno(err, -errno, "cannot prefault the VM's RAM");
     if (a->boot && !a->incoming) {
         rc = kvm_vm_load(vc->vm, a->boot, err);
         if (rc)
