@@ -831,6 +831,28 @@ def wait_incoming_exit(g, timeout=60.0):
         time.sleep(POLL_S)
 
 
+def check_dst_failed(dst, pattern, timeout=60):
+    """The destination exits 1 saying why (its reason matches pattern) and
+    never ran its guest (no arrival check).  Returns the reason."""
+    rc = wait_incoming_exit(dst, timeout)
+    err = dst.stderr()
+    # 1 is the status of a failed incoming migration; under ASan a leak
+    # report would turn it into 23, hence the exact value.
+    check(rc == 1, "destination: %s, expected exit status 1; stderr:\n%s",
+          describe_exit(rc), dst.stderr_tail())
+    check(not re.search(r"Sanitizer|runtime error:", err), "destination: sanitizer report:\n%s",
+          dst.stderr_tail(60))
+    m = re.search(r"incoming migration failed: *(\S.*)", err)
+    check(m is not None, "destination stderr lacks 'incoming migration failed: <reason>':\n%s",
+          dst.stderr_tail())
+    check(re.search(pattern, m.group(1)) is not None,
+          "destination's reason %r does not match %r", m.group(1), pattern)
+    check("arrival check" not in err, "a failed destination ran its arrival check:\n%s",
+          dst.stderr_tail())
+    note("destination: %s" % m.group(1))
+    return m.group(1)
+
+
 def check_source_done(src, info):
     check(info.get("status") == "completed", "source status %r", info.get("status"))
     check_runstate(src, "postmigrate")

@@ -36,6 +36,7 @@ import struct
 import subprocess
 
 import lmtest
+from lmtest import check_dst_failed
 from lmtest import (PAGE_SIZE, be64, check, check_destination, check_runstate,
                     check_source_done, check_writes_advance, counted, describe_exit,
                     free_tcp_port, mem_bytes, note, ram, test, wait_incoming_exit,
@@ -79,24 +80,6 @@ def summary(what, info):
             ram(info, "transferred") >> 10, ram(info, "multifd-bytes") >> 10))
 
 
-def check_dst_refused(dst, pattern, timeout=60):
-    """The destination exits 1 saying why (matching pattern); it never ran
-    its guest (no arrival check).  Returns the reason."""
-    rc = wait_incoming_exit(dst, timeout)
-    err = dst.stderr()
-    check(rc == 1, "destination: %s, expected exit status 1; stderr:\n%s", describe_exit(rc),
-          dst.stderr_tail())
-    check(not re.search(r"Sanitizer|runtime error:", err), "destination: sanitizer report:\n%s",
-          dst.stderr_tail(60))
-    m = re.search(r"incoming migration failed: *(\S.*)", err)
-    check(m is not None, "destination stderr lacks 'incoming migration failed: <reason>':\n%s",
-          dst.stderr_tail())
-    check(re.search(pattern, m.group(1)) is not None,
-          "destination's reason %r does not match %r", m.group(1), pattern)
-    check("arrival check" not in err, "a refusing destination ran its arrival check:\n%s",
-          dst.stderr_tail())
-    note("destination: %s" % m.group(1))
-    return m.group(1)
 
 
 def check_src_resumed(src):
@@ -236,7 +219,7 @@ def _(env):
     uri = "unix:" + env.path("mig.sock")
     src, dst = pair(env, uri, src_environ={"LIVEMIG_FAULT": "src:corrupt-page:0:200"})
     src.cmd("migrate", {"uri": uri})
-    check_dst_refused(dst, corrupt_pattern("main stream") + r", record at byte offset \d+")
+    check_dst_failed(dst, corrupt_pattern("main stream") + r", record at byte offset \d+")
     check_src_resumed(src)
     check("injected fault: src corrupt-page on channel 0" in src.stderr(),
           "the source does not log the injection:\n%s",
@@ -249,7 +232,7 @@ def _(env):
     src, dst = pair(env, uri, caps={"multifd": True}, params={"multifd_channels": 2},
                     src_environ={"LIVEMIG_FAULT": "src:corrupt-mfpage:1:5"})
     src.cmd("migrate", {"uri": uri})
-    check_dst_refused(dst, r"multifd channel 1: " + corrupt_pattern("packet \\d+ at byte "
+    check_dst_failed(dst, r"multifd channel 1: " + corrupt_pattern("packet \\d+ at byte "
                       "offset \\d+ of the channel"))
     check_src_resumed(src)
 
@@ -258,7 +241,7 @@ def _(env):
       timeout=240)
 def _(env):
     src, dst = postcopy_case_fault(env)
-    check_dst_refused(dst, corrupt_pattern("preempt channel"))
+    check_dst_failed(dst, corrupt_pattern("preempt channel"))
     info = wait_migration(src, until=("failed",), timeout=60)
     note("source: %s" % info.get("error-desc"))
 
@@ -303,7 +286,7 @@ def _(env):
           "livemig analyze accepted a corrupt page: exit %d\n%s%s", r.returncode, r.stdout,
           r.stderr)
     dst = restore(env, path)
-    check_dst_refused(dst, corrupt_pattern("main stream") + r", record at byte offset %d"
+    check_dst_failed(dst, corrupt_pattern("main stream") + r", record at byte offset %d"
                       % (at - 1000 - 8 - len(counted(BLOCK))))
 
 
@@ -400,7 +383,7 @@ def _(env):
     at = pages + page * PAGE_SIZE + 123
     flip(path, at)
     dst = restore_mapped(env, path)
-    check_dst_refused(dst, r"integrity: page 0x%x of RAM block '%s' does not match its "
+    check_dst_failed(dst, r"integrity: page 0x%x of RAM block '%s' does not match its "
                       r"checksum \(file offset %d\)" % (page * PAGE_SIZE, BLOCK, at - 123))
 
 
@@ -411,7 +394,7 @@ def _(env):
     bitmap, _ = mapped_layout(path)
     flip(path, bitmap + 3, 0x10)
     dst = restore_mapped(env, path)
-    check_dst_refused(dst, r"integrity: the bitmap or checksum table of RAM block '%s' "
+    check_dst_failed(dst, r"integrity: the bitmap or checksum table of RAM block '%s' "
                       r"\(bitmap at file offset %d" % (BLOCK, bitmap))
 
 
@@ -422,7 +405,7 @@ def _(env):
     uri = "unix:" + env.path("mig.sock")
     src, dst = pair(env, uri, dst_on=False)
     src.cmd("migrate", {"uri": uri})
-    check_dst_refused(dst, r"configuration: the stream was saved with x-integrity .* this "
+    check_dst_failed(dst, r"configuration: the stream was saved with x-integrity .* this "
                       r"side has the capability off")
     check_src_resumed(src)
 
@@ -432,7 +415,7 @@ def _(env):
     uri = "unix:" + env.path("mig.sock")
     src, dst = pair(env, uri, src_on=False)
     src.cmd("migrate", {"uri": uri})
-    check_dst_refused(dst, r"configuration: the stream was saved without x-integrity .* "
+    check_dst_failed(dst, r"configuration: the stream was saved without x-integrity .* "
                       r"this side has the capability on")
     check_src_resumed(src)
 

@@ -67,6 +67,7 @@ import threading
 import time
 
 import lmtest
+from lmtest import check_dst_failed
 from lmtest import (PAGE_SIZE, TestFailure, check, check_destination,
                     check_runstate, check_source_done, check_verified,
                     check_writes_advance, describe_exit, free_tcp_port,
@@ -532,26 +533,6 @@ def raw_connect(uri):
     return s
 
 
-def check_dst_failed(dst, pattern, timeout=30):
-    """The destination exits non-zero, its stderr says why (matching
-    pattern) and it never ran."""
-    rc = wait_incoming_exit(dst, timeout)
-    err = dst.stderr()
-    # 1 is `livemig guest`'s status for a failed incoming migration; under
-    # ASan a leak report would turn it into 23, hence the exact value.
-    check(rc == 1, "destination: %s, expected exit status 1; stderr:\n%s",
-          describe_exit(rc), dst.stderr_tail())
-    check(not re.search(r"Sanitizer|runtime error:", err), "destination: sanitizer report:\n%s",
-          dst.stderr_tail(60))
-    m = re.search(r"incoming migration failed: *(\S.*)", err)
-    check(m is not None, "destination stderr lacks 'incoming migration failed: <reason>':\n%s",
-          dst.stderr_tail())
-    check(re.search(pattern, m.group(1)) is not None,
-          "destination's reason %r does not match %r", m.group(1), pattern)
-    check("arrival check" not in err, "a failed destination ran its arrival check:\n%s",
-          dst.stderr_tail())
-    note("destination: %s: %s" % (describe_exit(rc), m.group(1)))
-    return m.group(1)
 
 
 def refusal_case(env, n, conns, pattern, transport="tcp"):

@@ -32,6 +32,7 @@ import subprocess
 import time
 
 import lmtest
+from lmtest import check_dst_failed
 from lmtest import (PAGE_SIZE, check, check_destination, check_runstate, check_source_done,
                     check_verified, check_writes_advance, describe_exit, free_tcp_port,
                     mem_bytes, note, test, wait_incoming_exit, wait_listening,
@@ -182,22 +183,6 @@ def migrate_ok(src, dst, uri):
     return info
 
 
-def check_dst_failed(dst, pattern, timeout=30):
-    """The destination exits 1 naming the cause and never ran."""
-    rc = wait_incoming_exit(dst, timeout)
-    err = dst.stderr()
-    check(rc == 1, "destination: %s, expected exit status 1; stderr:\n%s",
-          describe_exit(rc), dst.stderr_tail())
-    check(not re.search(r"Sanitizer|runtime error:", err), "destination: sanitizer report:\n%s",
-          dst.stderr_tail(60))
-    m = re.search(r"incoming migration failed: *(\S.*)", err)
-    check(m is not None, "destination stderr lacks 'incoming migration failed: <reason>':\n%s",
-          dst.stderr_tail())
-    check(re.search(pattern, m.group(1)) is not None,
-          "destination's reason %r does not match %r", m.group(1), pattern)
-    check("arrival check" not in err, "a failed destination ran its arrival check:\n%s",
-          dst.stderr_tail())
-    note("destination: %s" % m.group(1))
 
 
 def check_src_failed(src, pattern):
