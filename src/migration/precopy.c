@@ -117,7 +117,6 @@ typedef struct precopy {
     lm_stream *ps;                      /* under ps_lock once the reader runs */
     unsigned long *psent[RAM_MAX_BLOCKS]; /* pages the reader sent on it (atomic) */
     const ramblock *ps_last;
-    uint64_t ps_pages;
     _Atomic uint64_t ps_bytes;          /* written on it (the reader stores, we read) */
     pthread_mutex_t ps_lock;            /* the reader's sends vs. the closing EOS */
     bool ps_closed;                     /* under ps_lock: EOS written, no more pages */
@@ -283,7 +282,6 @@ static int pc_rp_message(void *opaque, uint16_t type, const uint8_t *data, uint1
             if (pc->ps && !pc->ps_closed) {
                 ram_put_urgent(pc->ram, pc->ps, &pc->ps_last, rq.block, rq.page);
                 ret = stream_flush(pc->ps);
-                pc->ps_pages++;
                 atomic_store(&pc->ps_bytes, stream_bytes(pc->ps));
                 /* told before the wake: the migration thread takes only the bit */
                 bitmap_test_and_set_atomic(pc->psent[rq.block - pc->ram->blocks], rq.page);
