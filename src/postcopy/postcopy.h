@@ -2,8 +2,8 @@
  * Postcopy: the destination runs the guest before all of its RAM arrived
  * and pulls what is missing.  This module holds postcopy's commands as the
  * destination applies them; src/uffd/ holds the memory side (MISSING-mode
- * registration, the atomic placer, the fault thread).  Not wired into a
- * migration yet (the postcopy issue does that).
+ * registration, the atomic placer, the fault thread); src/migration/ drives
+ * both (precopy.c the source, postcopy_in.c the destination).
  *
  * What is here, destination: the two commands that make destination RAM
  * "missing" again, parsed as a hostile peer could send them (wire layouts in
@@ -97,5 +97,30 @@ int postcopy_requests_add(postcopy_requests *pr, uint16_t type, const uint8_t *d
 /* Migration thread: the oldest request, without waiting; false if none. */
 bool postcopy_requests_pop(postcopy_requests *pr, postcopy_request *rq);
 uint64_t postcopy_requests_total(postcopy_requests *pr);   /* ever queued */
+
+/* ---------------------------------------------------------------- recovery */
+
+/*
+ * RECV_BITMAP (recvbitmap.c): after a broken link the destination sends,
+ * for each block the source names, which pages it placed; the source then
+ * sends exactly the others.  The trailer follows the return-path message
+ * (u8 n, name): be64 size, size bytes of little-endian 64-bit words, be64
+ * POSTCOPY_RECV_BITMAP_END.  Destination: encode from the block's rmap
+ * while no placer runs (recovery holds them).  Source: apply on the
+ * return-path reader's thread while the migration thread waits for it.
+ */
+#define POSTCOPY_RECV_BITMAP_END 0x0123456789abcdefULL
+
+uint64_t postcopy_recv_bitmap_bytes(uint64_t npages);          /* the size field */
+uint64_t postcopy_recv_bitmap_trailer_bytes(uint64_t npages);  /* 16 + that */
+/* Destination: the whole trailer into out (trailer_bytes of it). */
+void postcopy_recv_bitmap_encode(const ramblock *b, uint8_t *out);
+/* Source: check a trailer of len bytes (size, end mark, no page past the
+ * block's end) and, only if it is right, make b->bmap "not received";
+ * *resend = pages to send again.  0, or -EPROTO with err filled. */
+int postcopy_recv_bitmap_apply(ramblock *b, const uint8_t *trailer, uint64_t len,
+                               uint64_t *resend, lm_error *err);
+/* RESUME_ACK's payload: be32 1, nothing else.  0 or -EPROTO. */
+int postcopy_check_resume_ack(const uint8_t *data, uint16_t len, lm_error *err);
 
 #endif

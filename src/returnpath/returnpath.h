@@ -58,6 +58,11 @@ void rp_writer_free(rp_writer *w);           /* NULL is a no-op */
 /* Send one message, whole or not at all (a short write is an error).  Any
  * thread.  0, -EINVAL (not a valid message per the table), or -errno. */
 int rp_send(rp_writer *w, uint16_t type, const void *data, uint16_t len);
+/* The same followed by tail_len bytes under the same lock, for the one
+ * message that has bytes after it, RECV_BITMAP (its trailer: size, bitmap,
+ * end mark; postcopy.h).  -EINVAL for a tail on any other type. */
+int rp_send_tail(rp_writer *w, uint16_t type, const void *data, uint16_t len,
+                 const void *tail, size_t tail_len);
 /* SHUT, PONG, RESUME_ACK: a be32 payload. */
 int rp_send_u32(rp_writer *w, uint16_t type, uint32_t value);
 
@@ -74,6 +79,17 @@ typedef struct rp_reader_ops {
     /* Reader thread, once: it stopped with an error (not after SHUT, not
      * when rp_reader_stop asked). */
     void (*failed)(void *opaque, const lm_error *err);
+    /* Reader thread, postcopy recovery.  RECV_BITMAP (u8 n, name) is
+     * followed by a trailer whose length only the owner knows from the
+     * block it names: bitmap_bytes returns it (the whole trailer, >= 16)
+     * or refuses the name; the reader refuses a size field that disagrees
+     * before it waits for that many bytes, then hands the whole trailer to
+     * bitmap.  Both 0 or a negative errno with err filled.  NULL bitmap:
+     * RECV_BITMAP is a protocol error. */
+    int (*bitmap_bytes)(void *opaque, const uint8_t *msg, uint16_t len, uint64_t *bytes,
+                        lm_error *err);
+    int (*bitmap)(void *opaque, const uint8_t *msg, uint16_t len, const uint8_t *trailer,
+                  uint64_t bytes, lm_error *err);
 } rp_reader_ops;
 
 rp_reader *rp_reader_start(int fd, const rp_reader_ops *ops, void *opaque, lm_error *err);

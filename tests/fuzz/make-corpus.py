@@ -98,6 +98,12 @@ def qemu_seeds(qdir, out):
         put(out, "returnpath", "qemu72-postcopy-msg%02d-type%d" % (i, typ), d2s[pos:pos + 4 + ln])
         pos += 4 + ln
         i += 1
+    # postcopy recovery: RECV_BITMAP for the target's 100-page "pc.ram"
+    # (16 bytes of little-endian words, end mark), then RESUME_ACK(1)
+    bits = bytes([0xff] * 12) + bytes([0x0f, 0, 0, 0])
+    rb = (struct.pack(">HHB", 5, 7, 6) + b"pc.ram" + struct.pack(">Q", 16) + bits +
+          struct.pack(">Q", 0x0123456789abcdef) + struct.pack(">HHI", 6, 4, 1))
+    put(out, "returnpath", "recover-recv-bitmap-resume-ack", rb)
 
 
 # ---- livemig's own streams -------------------------------------------------

@@ -234,12 +234,94 @@ static void test_requests(void **state)
     dest_fini(&d);
 }
 
+/* RECV_BITMAP: the destination's received map as the source reads it back
+ * (little-endian words, size, end mark), and every malformed trailer
+ * refused with the source's map left as it was. */
+static void test_recv_bitmap(void **state)
+{
+    uint8_t t[24], bad[24];
+    lm_error err = { 0 };
+    uint64_t resend = 99;
+    ramblock *b;
+    dest d;
+
+    (void)state;
+    dest_init(&d);
+    b = &d.ram.blocks[0];
+    bitmap_clear(b->rmap, 1);
+    bitmap_clear(b->rmap, 5);
+    bitmap_clear(b->rmap, 15);
+    assert_int_equal(postcopy_recv_bitmap_bytes(NPAGES), 8);
+    assert_int_equal(postcopy_recv_bitmap_bytes(64), 8);
+    assert_int_equal(postcopy_recv_bitmap_bytes(65), 16);
+    assert_int_equal(postcopy_recv_bitmap_trailer_bytes(NPAGES), sizeof(t));
+    postcopy_recv_bitmap_encode(b, t);
+    assert_int_equal(wire_be64(t), 8);
+    assert_int_equal(t[8], 0xdd);           /* pages 0-7 but 1 and 5, LSB first */
+    assert_int_equal(t[9], 0x7f);           /* pages 8-14 */
+    for (int i = 10; i < 16; i++)
+        assert_int_equal(t[i], 0);
+    assert_int_equal(wire_be64(t + 16), POSTCOPY_RECV_BITMAP_END);
+
+    /* the source's side: to send = not received */
+    b->bmap = bitmap_new(NPAGES);
+    assert_int_equal(postcopy_recv_bitmap_apply(b, t, sizeof(t), &resend, &err), 0);
+    assert_int_equal(resend, 3);
+    assert_int_equal(bitmap_count(b->bmap, NPAGES), 3);
+    assert_true(bitmap_test(b->bmap, 1) && bitmap_test(b->bmap, 5) && bitmap_test(b->bmap, 15));
+
+    /* malformed: refused, bmap unchanged */
+    memcpy(bad, t, sizeof(t));
+    be64(bad, 16);
+    assert_int_equal(postcopy_recv_bitmap_apply(b, bad, sizeof(bad), &resend, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "a bitmap of 16 bytes, this block's is 8"));
+    memcpy(bad, t, sizeof(t));
+    bad[23] ^= 1;
+    assert_int_equal(postcopy_recv_bitmap_apply(b, bad, sizeof(bad), &resend, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "end mark"));
+    memcpy(bad, t, sizeof(t));
+    bad[10] = 1;                            /* page 16 of a 16-page block */
+    assert_int_equal(postcopy_recv_bitmap_apply(b, bad, sizeof(bad), &resend, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "past the block's last"));
+    assert_int_equal(postcopy_recv_bitmap_apply(b, t, 20, &resend, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "20 bytes after the message, expected 24"));
+    assert_int_equal(postcopy_recv_bitmap_apply(b, t, 4, &resend, &err), -EPROTO);
+    assert_int_equal(bitmap_count(b->bmap, NPAGES), 3);
+
+    /* everything received: nothing to send */
+    bitmap_fill(b->rmap, NPAGES);
+    postcopy_recv_bitmap_encode(b, t);
+    assert_int_equal(postcopy_recv_bitmap_apply(b, t, sizeof(t), &resend, &err), 0);
+    assert_int_equal(resend, 0);
+    assert_int_equal(bitmap_count(b->bmap, NPAGES), 0);
+    bitmap_free(b->bmap);
+    b->bmap = NULL;
+    dest_fini(&d);
+}
+
+static void test_resume_ack(void **state)
+{
+    uint8_t v[4] = { 0, 0, 0, 1 };
+    lm_error err = { 0 };
+
+    (void)state;
+    assert_int_equal(postcopy_check_resume_ack(v, 4, &err), 0);
+    v[3] = 2;
+    assert_int_equal(postcopy_check_resume_ack(v, 4, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "value 2"));
+    v[3] = 0;
+    assert_int_equal(postcopy_check_resume_ack(v, 4, &err), -EPROTO);
+    assert_int_equal(postcopy_check_resume_ack(v, 3, &err), -EPROTO);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_advise),
         cmocka_unit_test(test_discard),
         cmocka_unit_test(test_requests),
+        cmocka_unit_test(test_recv_bitmap),
+        cmocka_unit_test(test_resume_ack),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }

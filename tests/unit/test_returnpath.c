@@ -22,6 +22,7 @@
 
 #include "returnpath/returnpath.h"
 #include "savevm/wire.h"
+#include "util/error.h"
 
 #define T_MS 10000
 
@@ -272,6 +273,125 @@ static void test_writer_threads(void **state)
     peer_close(&p);
 }
 
+/* RECV_BITMAP: the trailer after the message, whole or in single bytes,
+ * handed to the bitmap callback once; a size that is not the block's, an
+ * unknown block, or no recovery at all (no bitmap op) stop the reader. */
+static uint64_t bm_got;
+static uint8_t bm_last[64];
+
+static int on_bitmap_bytes(void *opaque, const uint8_t *msg, uint16_t len, uint64_t *bytes,
+                           lm_error *err)
+{
+    (void)opaque;
+    if (len != 7 || msg[0] != 6 || memcmp(msg + 1, "pc.ram", 6))
+        return error_set(err, -EPROTO, "RECV_BITMAP for an unknown block");
+    *bytes = 24;
+    return 0;
+}
+
+static int on_bitmap(void *opaque, const uint8_t *msg, uint16_t len, const uint8_t *trailer,
+                     uint64_t bytes, lm_error *err)
+{
+    peer *p = opaque;
+
+    (void)msg;
+    (void)len;
+    (void)err;
+    memcpy(bm_last, trailer, bytes);
+    bm_got = bytes;
+    return on_message(p, WIRE_RP_RECV_BITMAP, NULL, 0, err);
+}
+
+static const rp_reader_ops ops_recover = { .message = on_message, .failed = on_failed,
+                                           .bitmap_bytes = on_bitmap_bytes,
+                                           .bitmap = on_bitmap };
+
+static void trailer24(uint8_t *t, uint64_t size)
+{
+    memset(t, 0, 24);
+    for (int i = 0; i < 8; i++) {
+        t[i] = (uint8_t)(size >> (56 - 8 * i));
+        t[16 + i] = (uint8_t)(0x0123456789abcdefULL >> (56 - 8 * i));
+    }
+    t[8] = 0x5a;
+}
+
+static void test_recv_bitmap_trailer(void **state)
+{
+    static const uint8_t name[] = { 6, 'p', 'c', '.', 'r', 'a', 'm' };
+    uint8_t t[24], wire[4 + 7 + 24];
+    lm_error err = { 0 };
+    uint32_t status;
+    peer p;
+
+    (void)state;
+    trailer24(t, 8);
+    /* whole, then a PONG after it: both taken, in order */
+    peer_open(&p);
+    rp_reader *r = rp_reader_start(p.fds[0], &ops_recover, &p, &err);
+    rp_writer *w = rp_writer_new(p.fds[1]);
+    assert_int_equal(rp_send_tail(w, WIRE_RP_PONG, "\0\0\0\1", 4, t, 24), -EINVAL);
+    assert_int_equal(rp_send_tail(w, WIRE_RP_RECV_BITMAP, name, 7, NULL, 0), -EINVAL);
+    assert_int_equal(rp_send_tail(w, WIRE_RP_RECV_BITMAP, name, 7, t, 24), 0);
+    assert_int_equal(rp_send_u32(w, WIRE_RP_PONG, 3), 0);
+    assert_int_equal(wait_messages(&p, 2), 2);
+    assert_int_equal(bm_got, 24);
+    assert_memory_equal(bm_last, t, 24);
+    assert_int_equal(p.last_type, WIRE_RP_PONG);
+    assert_int_equal(p.failed, 0);
+    rp_reader_stop(r);
+    peer_close(&p);
+    rp_writer_free(w);
+
+    /* one byte at a time */
+    peer_open(&p);
+    bm_got = 0;
+    r = rp_reader_start(p.fds[0], &ops_recover, &p, &err);
+    wire[0] = 0;
+    wire[1] = WIRE_RP_RECV_BITMAP;
+    wire[2] = 0;
+    wire[3] = 7;
+    memcpy(wire + 4, name, 7);
+    memcpy(wire + 11, t, 24);
+    for (size_t i = 0; i < sizeof(wire); i++)
+        raw(p.fds[1], wire + i, 1);
+    assert_int_equal(wait_messages(&p, 1), 1);
+    assert_int_equal(bm_got, 24);
+    rp_reader_stop(r);
+    peer_close(&p);
+
+    /* a size that is not the block's: refused before the rest is awaited */
+    peer_open(&p);
+    r = rp_reader_start(p.fds[0], &ops_recover, &p, &err);
+    trailer24(t, 1u << 30);
+    memcpy(wire + 11, t, 24);
+    raw(p.fds[1], wire, 4 + 7 + 8);
+    assert_int_equal(rp_reader_wait_shut(r, T_MS, &status, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "announces a bitmap of 1073741824 bytes, the block's is 8"));
+    rp_reader_stop(r);
+    assert_int_equal(p.failed, 1);
+    peer_close(&p);
+
+    /* an unknown block */
+    peer_open(&p);
+    r = rp_reader_start(p.fds[0], &ops_recover, &p, &err);
+    wire[5] = 'x';
+    raw(p.fds[1], wire, 4 + 7);
+    assert_int_equal(rp_reader_wait_shut(r, T_MS, &status, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "unknown block"));
+    rp_reader_stop(r);
+    peer_close(&p);
+
+    /* no recovery going on: RECV_BITMAP is unexpected */
+    peer_open(&p);
+    r = rp_reader_start(p.fds[0], &ops_all, &p, &err);
+    raw(p.fds[1], wire, 4 + 7);
+    assert_int_equal(rp_reader_wait_shut(r, T_MS, &status, &err), -EPROTO);
+    assert_non_null(strstr(err.msg, "unexpected message type 5 (RECV_BITMAP)"));
+    rp_reader_stop(r);
+    peer_close(&p);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -279,6 +399,7 @@ int main(void)
         cmocka_unit_test(test_silence_and_close),
         cmocka_unit_test(test_bad_messages),
         cmocka_unit_test(test_writer_threads),
+        cmocka_unit_test(test_recv_bitmap_trailer),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
