@@ -37,18 +37,8 @@ uint64_t postcopy_recv_bitmap_trailer_bytes(uint64_t npages)
     return 8 + postcopy_recv_bitmap_bytes(npages) + 8;
 }
 
-/* Bit i of the block's map, whatever an unsigned long's width. */
-static uint64_t map_word64(const unsigned long *map, uint64_t w)
-{
-    uint64_t v = 0;
-
-    if (sizeof(unsigned long) == 8)
-        return map[w];
-    for (int k = 0; k < 64 / (int)(8 * sizeof(unsigned long)); k++)
-        v |= (uint64_t)map[w * (8 / sizeof(unsigned long)) + (uint64_t)k]
-             << (k * 8 * sizeof(unsigned long));
-    return v;
-}
+/* The maps are arrays of 64-bit words here, as the wire's. */
+_Static_assert(sizeof(unsigned long) == 8, "bitmap words must be 64-bit");
 
 void postcopy_recv_bitmap_encode(const ramblock *b, uint8_t *out)
 {
@@ -60,7 +50,7 @@ void postcopy_recv_bitmap_encode(const ramblock *b, uint8_t *out)
     for (uint64_t w = 0; w < size / 8; w++) {
         /* the tail of the last word is clear: bitmap_new zeroes it and
          * only pages < npages are ever set */
-        le = htole64(map_word64(b->rmap, w));
+        le = htole64(b->rmap[w]);
         memcpy(out + 8 + w * 8, &le, 8);
     }
     be = htobe64(POSTCOPY_RECV_BITMAP_END);
@@ -97,16 +87,13 @@ int postcopy_recv_bitmap_apply(ramblock *b, const uint8_t *trailer, uint64_t len
             return error_set(err, -EPROTO, "RECV_BITMAP for '%s': pages past the block's "
                              "last (%" PRIu64 ") marked received", b->idstr, b->npages);
     }
-    /* To send = not received. */
-    for (uint64_t p = 0; p < b->npages; p++) {
-        uint8_t byte = trailer[8 + p / 8];
+    /* To send = not received (the tail past npages was checked clear). */
+    for (uint64_t w = 0; w < size / 8; w++) {
+        uint64_t le, rest = b->npages - w * 64;
 
-        if (byte >> (p % 8) & 1) {
-            bitmap_clear(b->bmap, p);
-        } else {
-            bitmap_set(b->bmap, p);
-            n++;
-        }
+        memcpy(&le, trailer + 8 + w * 8, 8);
+        b->bmap[w] = ~le64toh(le) & (rest >= 64 ? ~0ULL : (1ULL << rest) - 1);
+        n += (uint64_t)__builtin_popcountll(b->bmap[w]);
     }
     *resend = n;
     return 0;
